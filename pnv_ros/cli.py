@@ -1,0 +1,284 @@
+"""The ``pnv`` command: parsing and printing only; the library does the work.
+
+User errors print one ``error: ...`` line and exit 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from pnv_ros import __version__
+from pnv_ros.errors import PnvError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _say(msg: str) -> None:
+    print(f"pnv: {msg}", file=sys.stderr)
+
+
+def _preset(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from pnv_ros.config import load_preset
+
+    return load_preset(args.preset, args.config)
+
+
+def _extractor(args: argparse.Namespace, preset):  # type: ignore[no-untyped-def]
+    from pnv_ros.extract import FeatureExtractor
+    from pnv_ros.model.checkpoint import load_checkpoint
+    from pnv_ros.model.registry import resolve_checkpoint
+
+    path = resolve_checkpoint(args.checkpoint, announce=_say)
+    model, info = load_checkpoint(path, device=args.device or "cpu")
+    return FeatureExtractor(model, info, preset, device=args.device)
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from pnv_ros.images import list_images
+
+    preset = _preset(args)
+    paths = list_images(args.images)
+    ex = _extractor(args, preset)
+    t0 = time.perf_counter()
+    fs = ex.extract_set(paths, progress=not args.quiet)
+    dt = time.perf_counter() - t0
+    fs.save(args.out)
+    print(f"wrote {args.out}: {len(fs)} images, {fs.dim}-d, preset {preset.name}, {dt / len(fs):.2f} s/image")
+    return 0
+
+
+def cmd_match(args: argparse.Namespace) -> int:
+    from pnv_ros.config import load_preset
+    from pnv_ros.eval.ground_truth import N_VALUES, load_ground_truth, recall_at_n
+    from pnv_ros.features import FeatureSet
+    from pnv_ros.retrieval import two_stage
+
+    db = FeatureSet.load(args.db)
+    qs = FeatureSet.load(args.queries)
+    preset = load_preset(args.preset or "speed", args.config) if (args.preset or args.config) else db.preset
+    gt = load_ground_truth(args.gt, qs.names, db.names, args.gt_radius) if args.gt else None
+    t0 = time.perf_counter()
+    results = two_stage(db, qs, preset, top_n=args.top_n, matcher=args.matcher, progress=not args.quiet)
+    dt = time.perf_counter() - t0
+    out: dict = {
+        "db": str(args.db),
+        "queries_file": str(args.queries),
+        "preset": preset.to_dict(),
+        "matcher": args.matcher or preset.matcher.value,
+        "top_n": args.top_n or preset.top_n,
+        "model_id": db.model_id,
+        "seconds_per_query": dt / max(1, len(qs)),
+        "queries": [
+            {
+                "query": qs.names[i],
+                "global": [db.names[j] for j in r.global_ids],
+                "global_distances": [round(float(d), 6) for d in r.global_dists],
+                "reranked": [db.names[j] for j in r.reranked_ids],
+                "scores": [round(float(s), 6) for s in r.scores],
+            }
+            for i, r in enumerate(results)
+        ],
+    }
+    if gt is not None:
+        out["recall"] = {
+            "global": {str(k): v for k, v in recall_at_n([r.global_ids for r in results], gt, N_VALUES).items()},
+            "reranked": {str(k): v for k, v in recall_at_n([r.reranked_ids for r in results], gt, N_VALUES).items()},
+            "queries_with_positives": int(gt.has_positive().sum()),
+        }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(str(args.out) + ".tmp")
+    tmp.write_text(json.dumps(out, indent=1))
+    tmp.replace(args.out)
+    print(f"wrote {args.out}: {len(qs)} queries against {len(db)} images, {dt / max(1, len(qs)):.3f} s/query")
+    if gt is not None:
+        for stage in ("global", "reranked"):
+            r = out["recall"][stage]
+            print(f"  {stage:9s} " + "  ".join(f"R@{k}={v:.3f}" for k, v in r.items()))
+    return 0
+
+
+def cmd_match_two(args: argparse.Namespace) -> int:
+    from pnv_ros.images import load_image
+    from pnv_ros.matching import PatchMatcher
+    from pnv_ros.viz import match_image, save_png
+
+    preset = _preset(args)
+    ex = _extractor(args, preset)
+    a, b = ex.extract([args.image_a, args.image_b])
+    pm = PatchMatcher(preset, args.matcher)
+    sc = pm.score(a, [b], details=True)
+    absolute = float(pm.absolute(sc.raw)[0])
+    weighted = float(sc.raw[0] @ preset.patch_weights)
+    print(f"score {absolute:.4f} (0..1, higher is better); raw weighted {weighted:.4f} (lower is better)")
+    for s, size in enumerate(preset.patch_sizes):
+        print(
+            f"  patch {size}: raw {sc.raw[0, s]:.4f}, mutual matches {sc.num_matches[0, s]}, "
+            f"inliers {sc.num_inliers[0, s]}"
+        )
+    if args.out:
+        pic = match_image(load_image(args.image_a), load_image(args.image_b), preset, sc.details[0], absolute,
+                          title=f"{Path(args.image_a).name} | {Path(args.image_b).name}")  # fmt: skip
+        save_png(pic, args.out)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from pnv_ros.model import registry
+
+    if args.models_cmd == "list":
+        print(f"cache: {registry.models_dir()}")
+        d = registry.default_checkpoint_path()
+        print(
+            f"  {'default (offline-built)':24s} 512-d  "
+            + ("present" if d.is_file() else "not built: pnv models build-default")
+        )
+        for m in registry.OFFICIAL_MODELS.values():
+            have = (registry.models_dir() / m.filename).is_file()
+            print(
+                f"  {m.name:24s} {m.dim:4d}-d  {m.trained_on:15s} ~{m.approx_mb} MB  "
+                + ("present" if have else "not downloaded")
+            )
+        return 0
+    if args.models_cmd == "download":
+        names = list(registry.OFFICIAL_MODELS) if args.all else [args.name]
+        if not args.all and not args.name:
+            raise PnvError("give a model name or --all (see 'pnv models list')")
+        for n in names:
+            print(f"downloaded {registry.download(n, progress=not args.quiet)}")
+        return 0
+    if args.models_cmd == "build-default":
+        from pnv_ros.images import list_images
+        from pnv_ros.model.default_model import build_default_model
+
+        out = registry.default_checkpoint_path()
+        if out.is_file() and not args.force:
+            print(f"default model present: {out} (--force rebuilds)")
+            return 0
+        fit = (
+            [Path(p) for p in args.fit]
+            if args.fit
+            else [REPO_ROOT / "data/corridor_vprbench/ref", REPO_ROOT / "data/corridor_vprbench/query"]
+        )
+        images = list_images(fit)
+        bars: dict = {}
+
+        def progress(stage: str, i: int, n: int) -> None:
+            if args.quiet:
+                return
+            from tqdm import tqdm
+
+            if stage not in bars:
+                bars[stage] = tqdm(total=n, desc=stage, unit="img" if n > 1 else "step")
+            bars[stage].n = i
+            bars[stage].refresh()
+
+        t0 = time.perf_counter()
+        path = build_default_model(images, out, fit_set_name=", ".join(str(p) for p in fit), progress=progress)
+        for b in bars.values():
+            b.close()
+        print(f"built {path} in {time.perf_counter() - t0:.0f} s from {len(images)} fitting images")
+        return 0
+    raise PnvError("usage: pnv models {list,download,build-default}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pnv",
+        description="Patch-NetVLAD place recognition and loop closure (compatible with the authors' checkpoints).",
+    )
+    p.add_argument("--version", action="version", version=f"pnv_ros {__version__}")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    def common(sp: argparse.ArgumentParser, model: bool = True) -> None:
+        sp.add_argument(
+            "--preset", default=None, help="performance | speed | storage (default: speed, or the features file's)"
+        )
+        sp.add_argument("--config", default=None, help="override file (.toml, .json, or the reference's .ini)")
+        sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+        if model:
+            sp.add_argument("--checkpoint", default=None,
+                            help="checkpoint path or official model name (default: the offline default)")  # fmt: skip
+            sp.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
+
+    sp = sub.add_parser("extract", help="images to a features .npz", description=(
+        "Extract global and patch descriptors. Writes an .npz (never pickled) with names, global (N x D), "
+        "patches_pS (N x P x D), keypoints_pS (P x 2, x y in network-input pixels; scale by image_sizes / "
+        "input size for original pixels), image_sizes (N x 2) and meta (JSON: preset, model id)."))  # fmt: skip
+    common(sp)
+    sp.add_argument("--out", required=True, help="output features file (.npz)")
+    sp.add_argument(
+        "images", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders (numeric names in frame order)"
+    )
+    sp.set_defaults(func=cmd_extract)
+
+    sp = sub.add_parser("match", help="two-stage retrieval of queries against a database", description=(
+        "Global FAISS search (flat L2), then patch re-ranking of the top N. Writes JSON with per-query "
+        "stage-1 and re-ranked database names and scores, and Recall@N with --gt."))  # fmt: skip
+    common(sp, model=False)
+    sp.add_argument("--db", required=True, help="database features (.npz from pnv extract)")
+    sp.add_argument("--queries", required=True, help="query features (.npz from pnv extract)")
+    sp.add_argument("--top-n", type=int, default=None, help="candidates to re-rank (default: preset's, 100)")
+    sp.add_argument("--matcher", choices=["ransac", "rapid"], default=None, help="override the preset's matcher")
+    sp.add_argument(
+        "--gt", default=None, help="ground truth: matrix (.npy/.bmp/.png), CSV of positives, or CSV of positions"
+    )
+    sp.add_argument("--gt-radius", type=float, default=None, help="positive radius for a positions CSV")
+    sp.add_argument("--out", required=True, help="result JSON")
+    sp.set_defaults(func=cmd_match)
+
+    sp = sub.add_parser("match-two", help="score two images and draw their matches")
+    common(sp)
+    sp.add_argument("image_a", metavar="IMAGE_A")
+    sp.add_argument("image_b", metavar="IMAGE_B")
+    sp.add_argument("--matcher", choices=["ransac", "rapid"], default=None, help="override the preset's matcher")
+    sp.add_argument("--out", default=None, help="side-by-side picture (.png) with matched patches joined")
+    sp.set_defaults(func=cmd_match_two)
+
+    sp = sub.add_parser("models", help="list, download or build checkpoints")
+    msub = sp.add_subparsers(dest="models_cmd", required=True, metavar="ACTION")
+    m = msub.add_parser("list", help="official checkpoints and the default model, and which are present")
+    m.set_defaults(func=cmd_models, quiet=False)
+    m = msub.add_parser("download", help="download official checkpoints (resumable, checksum-checked)")
+    m.add_argument("name", nargs="?", help="model name (see list)")
+    m.add_argument("--all", action="store_true", help="all six")
+    m.add_argument("-q", "--quiet", action="store_true")
+    m.set_defaults(func=cmd_models)
+    m = msub.add_parser("build-default", help="build the offline default model from registry weights (~5 min)")
+    m.add_argument("--fit", nargs="+", default=None, help="fitting image folders (default: the repo's corridor set)")
+    m.add_argument("--force", action="store_true", help="rebuild even if present")
+    m.add_argument("-q", "--quiet", action="store_true")
+    m.set_defaults(func=cmd_models)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "preset", "x") is None and args.cmd != "match":
+        args.preset = "speed"
+    try:
+        return int(args.func(args))
+    except PnvError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # output piped into head and closed
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115
+        return 0
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("error: out of memory (try fewer images per run or a smaller preset)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

@@ -1,0 +1,268 @@
+"""Presets: the reference's performance / speed / storage settings.
+
+A :class:`Preset` holds everything that shapes extraction and matching except
+the descriptor dimension, which always comes from the checkpoint (any preset
+runs with any checkpoint, as in the reference). Presets are frozen; derive a
+variant with :func:`dataclasses.replace` or :func:`load_preset` with an
+override file (TOML, JSON, or the reference's own ``.ini``).
+"""
+
+from __future__ import annotations
+
+import configparser
+import dataclasses
+import json
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from pnv_ros.errors import ConfigError
+
+#: VGG-16 conv5_3 has four 2x2 max-pools before it: one feature per 16 pixels.
+BACKBONE_STRIDE = 16
+
+
+class Matcher(str, Enum):
+    """How two images' patch sets are scored."""
+
+    RANSAC = "ransac"  # homography inliers over mutual matches (performance)
+    RAPID = "rapid"  # rapid spatial scoring (speed, storage)
+
+    @classmethod
+    def parse(cls, value: str | Matcher) -> Matcher:
+        """Accept our names and the reference's (``RANSAC``, ``spatialApproximator``)."""
+        if isinstance(value, Matcher):
+            return value
+        key = str(value).strip().lower()
+        aliases = {"ransac": cls.RANSAC, "rapid": cls.RAPID, "spatialapproximator": cls.RAPID}
+        if key not in aliases:
+            raise ConfigError(f"unknown matcher {value!r}: use 'ransac' or 'rapid'")
+        return aliases[key]
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Extraction and matching settings.
+
+    Attributes:
+        name: preset name, for logs and features files.
+        patch_sizes: square patch sizes in feature-map cells (one per scale).
+        strides: patch strides in feature-map cells, one per patch size.
+        patch_weights: weight of each scale in multi-scale fusion.
+        matcher: ransac (performance) or rapid spatial scoring.
+        image_height: network input height in pixels (images are resized).
+        image_width: network input width in pixels.
+        top_n: candidates retrieved by the global stage and re-ranked.
+    """
+
+    name: str
+    patch_sizes: tuple[int, ...]
+    strides: tuple[int, ...]
+    patch_weights: tuple[float, ...]
+    matcher: Matcher
+    image_height: int = 480
+    image_width: int = 640
+    top_n: int = 100
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    @property
+    def feature_shape(self) -> tuple[int, int]:
+        """(h, w) of the conv5_3 feature map for this input size."""
+        return self.image_height // BACKBONE_STRIDE, self.image_width // BACKBONE_STRIDE
+
+    def grid_shape(self, scale: int) -> tuple[int, int]:
+        """(rows, cols) of the patch grid of scale index ``scale``."""
+        h, w = self.feature_shape
+        p, s = self.patch_sizes[scale], self.strides[scale]
+        return (h - p) // s + 1, (w - p) // s + 1
+
+    def num_patches(self, scale: int) -> int:
+        """Number of patches of scale index ``scale`` per image."""
+        rows, cols = self.grid_shape(scale)
+        return rows * cols
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able form (for features files, maps and run folders)."""
+        d = dataclasses.asdict(self)
+        d["matcher"] = self.matcher.value
+        d["patch_sizes"] = list(self.patch_sizes)
+        d["strides"] = list(self.strides)
+        d["patch_weights"] = list(self.patch_weights)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Preset:
+        """Inverse of :meth:`to_dict`; unknown keys are an error."""
+        return _build(d.get("name", "custom"), d)
+
+
+def validate(p: Preset) -> None:
+    """Cross-field checks, with messages that say what to change."""
+    if not p.patch_sizes:
+        raise ConfigError("patch_sizes is empty: give at least one patch size, e.g. [5]")
+    if len(p.strides) != len(p.patch_sizes):
+        raise ConfigError(
+            f"{len(p.patch_sizes)} patch sizes {list(p.patch_sizes)} but {len(p.strides)} strides "
+            f"{list(p.strides)}: give one stride per patch size"
+        )
+    if len(p.patch_weights) != len(p.patch_sizes):
+        raise ConfigError(
+            f"{len(p.patch_sizes)} patch sizes but {len(p.patch_weights)} patch weights "
+            f"{list(p.patch_weights)}: give one weight per patch size"
+        )
+    if len(set(p.patch_sizes)) != len(p.patch_sizes):
+        raise ConfigError(f"patch sizes {list(p.patch_sizes)} repeat a size: each scale needs its own size")
+    if any(s < 1 for s in p.strides):
+        raise ConfigError(f"strides {list(p.strides)} must all be >= 1")
+    if any(w < 0 for w in p.patch_weights) or sum(p.patch_weights) <= 0:
+        raise ConfigError(f"patch weights {list(p.patch_weights)} must be >= 0 with a positive sum")
+    if p.image_height < BACKBONE_STRIDE or p.image_width < BACKBONE_STRIDE:
+        raise ConfigError(
+            f"image size {p.image_width}x{p.image_height} is below one backbone cell "
+            f"({BACKBONE_STRIDE} px): use at least 160x120"
+        )
+    if p.top_n < 1:
+        raise ConfigError(f"top_n is {p.top_n}: it must be at least 1")
+    h, w = p.feature_shape
+    for size in p.patch_sizes:
+        if size < 1 or size > min(h, w):
+            raise ConfigError(
+                f"patch size {size} does not fit the {h}x{w} feature map of a "
+                f"{p.image_width}x{p.image_height} input: use patch sizes from 1 to {min(h, w)} "
+                f"or a larger image size"
+            )
+
+
+PRESETS: dict[str, Preset] = {
+    "performance": Preset(
+        name="performance",
+        patch_sizes=(2, 5, 8),
+        strides=(1, 1, 1),
+        patch_weights=(0.45, 0.15, 0.40),
+        matcher=Matcher.RANSAC,
+    ),
+    "speed": Preset(name="speed", patch_sizes=(5,), strides=(1,), patch_weights=(1.0,), matcher=Matcher.RAPID),
+    "storage": Preset(name="storage", patch_sizes=(5,), strides=(1,), patch_weights=(1.0,), matcher=Matcher.RAPID),
+}
+
+#: Descriptor dimension of the authors' checkpoint that goes with each preset.
+PRESET_CHECKPOINT_DIM = {"performance": 4096, "speed": 512, "storage": 128}
+
+_FIELDS = {f.name for f in dataclasses.fields(Preset)}
+
+
+def get_preset(name: str) -> Preset:
+    """The named built-in preset; an unknown name lists the valid ones."""
+    try:
+        return PRESETS[name.strip().lower()]
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}") from None
+
+
+def _ints(v: Any) -> tuple[int, ...]:
+    if isinstance(v, str):
+        v = [x for x in v.replace(" ", "").split(",") if x]
+    if isinstance(v, (int, float)):
+        v = [v]
+    return tuple(int(x) for x in v)
+
+
+def _floats(v: Any) -> tuple[float, ...]:
+    if isinstance(v, str):
+        v = [x for x in v.replace(" ", "").split(",") if x]
+    if isinstance(v, (int, float)):
+        v = [v]
+    return tuple(float(x) for x in v)
+
+
+def _build(name: str, values: dict[str, Any], base: Preset | None = None) -> Preset:
+    unknown = set(values) - _FIELDS
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {sorted(unknown)}: valid settings are {sorted(_FIELDS)}")
+    merged: dict[str, Any] = dataclasses.asdict(base) if base else {}
+    merged.update(values)
+    merged["name"] = str(merged.get("name", name))
+    try:
+        merged["patch_sizes"] = _ints(merged["patch_sizes"])
+        merged["strides"] = _ints(merged.get("strides", (1,) * len(merged["patch_sizes"])))
+        merged["patch_weights"] = _floats(merged.get("patch_weights", (1.0,) * len(merged["patch_sizes"])))
+        merged["matcher"] = Matcher.parse(merged["matcher"])
+        for key in ("image_height", "image_width", "top_n"):
+            if key in merged:
+                merged[key] = int(merged[key])
+    except KeyError as e:
+        raise ConfigError(f"setting {e.args[0]!r} is missing") from None
+    except (TypeError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"bad value in settings: {e}") from None
+    return Preset(**merged)
+
+
+def _read_ini(path: Path) -> dict[str, Any]:
+    """Map the reference's .ini keys onto ours."""
+    cp = configparser.ConfigParser()
+    cp.read(path)
+    out: dict[str, Any] = {}
+    g, fm, fe = "global_params", "feature_match", "feature_extract"
+    if cp.has_option(g, "patch_sizes"):
+        out["patch_sizes"] = cp.get(g, "patch_sizes")
+    if cp.has_option(g, "strides"):
+        out["strides"] = cp.get(g, "strides")
+    if cp.has_option(fm, "patchweights2use"):
+        out["patch_weights"] = cp.get(fm, "patchweights2use")
+    if cp.has_option(fm, "matcher"):
+        out["matcher"] = cp.get(fm, "matcher")
+    for sec in (fe, fm):
+        if cp.has_option(sec, "imageresizeh"):
+            out["image_height"] = cp.getint(sec, "imageresizeh")
+        if cp.has_option(sec, "imageresizew"):
+            out["image_width"] = cp.getint(sec, "imageresizew")
+    return out
+
+
+def read_override_file(path: str | Path) -> dict[str, Any]:
+    """Read an override file (.toml, .json or the reference's .ini) into a dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".ini":
+            return _read_ini(path)
+        if suffix == ".json":
+            data = json.loads(path.read_text())
+        elif suffix == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib  # type: ignore[no-redef]
+            data = tomllib.loads(path.read_text())
+        else:
+            raise ConfigError(f"config file {path}: use a .toml, .json or .ini file")
+    except (ValueError, OSError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"config file {path} cannot be parsed: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a table of settings")
+    return data
+
+
+def load_preset(name: str = "speed", override: str | Path | dict[str, Any] | None = None) -> Preset:
+    """A built-in preset with optional overrides from a file or a dict.
+
+    An override file may name its own base with ``preset = "performance"``.
+    """
+    values: dict[str, Any] = {}
+    if override is not None:
+        values = dict(override) if isinstance(override, dict) else read_override_file(override)
+    name = str(values.pop("preset", name))
+    base = get_preset(name)
+    if not values:
+        return base
+    values.setdefault("name", f"{base.name}+override")
+    return _build(base.name, values, base)

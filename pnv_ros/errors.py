@@ -1,0 +1,47 @@
+"""The project's exception hierarchy.
+
+Every error the library raises on purpose derives from :class:`PnvError`, so a
+caller (the CLI, the node) can catch one type, print its message and go on.
+Messages say what is wrong and, where possible, what to change.
+"""
+
+from __future__ import annotations
+
+
+class PnvError(Exception):
+    """Base class of every error raised on purpose by pnv_ros."""
+
+
+class ConfigError(PnvError, ValueError):
+    """A preset, override file or option is invalid or contradicts another."""
+
+
+class ImageError(PnvError, ValueError):
+    """An image cannot be read or used (corrupt, empty, wrong shape or type)."""
+
+
+class CheckpointError(PnvError):
+    """A checkpoint file is missing, corrupt, or not in the expected format."""
+
+
+class FeaturesError(PnvError):
+    """A features file is corrupt or does not fit the preset or the other file."""
+
+
+class GroundTruthError(PnvError):
+    """Ground truth cannot be read or does not fit the data it describes."""
+
+
+class MapError(PnvError):
+    """A place map file is corrupt, of another version, or does not fit."""
+
+
+class DownloadError(PnvError):
+    """A model download failed (offline, bad checksum, server error)."""
+
+
+class UnknownPlaceError(PnvError, KeyError):
+    """A keyframe id or stamp that the map does not hold."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""

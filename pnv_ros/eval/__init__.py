@@ -1,0 +1,1 @@
+"""Evaluation: ground truth, metrics (Recall@N, precision/recall), reports."""

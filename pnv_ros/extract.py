@@ -1,0 +1,129 @@
+"""Extraction: images to global and multi-scale patch descriptors.
+
+Preprocessing is the reference's exactly (PIL bilinear resize to the preset's
+input size, ImageNet normalisation), so the same checkpoint and image give the
+same descriptors as ``patchnetvlad==0.1.8``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision import transforms
+
+from pnv_ros.config import BACKBONE_STRIDE, Preset
+from pnv_ros.errors import ImageError
+from pnv_ros.features import FeatureSet, PlaceFeatures
+from pnv_ros.images import ImageSource, load_image
+from pnv_ros.model.checkpoint import ModelInfo
+from pnv_ros.model.netvlad import PatchNetVLADModel
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def input_transform(height: int, width: int) -> transforms.Compose:
+    """The reference's preprocessing: PIL bilinear resize, [0, 1], ImageNet normalisation."""
+    return transforms.Compose(
+        [
+            transforms.Resize((height, width)),
+            transforms.ToTensor(),
+            transforms.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
+        ]
+    )
+
+
+def default_device() -> torch.device:
+    """CUDA when present, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class FeatureExtractor:
+    """Turns images into :class:`PlaceFeatures` with one model and preset.
+
+    Args:
+        model: a loaded :class:`PatchNetVLADModel` (see ``load_checkpoint``).
+        info: the model's identity.
+        preset: patch sizes, strides and input size.
+        device: where to run; default CUDA if present, else CPU.
+        batch_size: images per forward pass; default 1 on CPU (measured faster
+            per image than 4 on a 2-core machine), 8 on CUDA.
+    """
+
+    def __init__(
+        self,
+        model: PatchNetVLADModel,
+        info: ModelInfo,
+        preset: Preset,
+        *,
+        device: str | torch.device | None = None,
+        batch_size: int | None = None,
+    ) -> None:
+        self.device = torch.device(device) if device is not None else default_device()
+        self.model = model.to(self.device).eval()
+        self.info = info
+        self.preset = preset
+        self.batch_size = max(1, int(batch_size)) if batch_size else (8 if self.device.type == "cuda" else 1)
+        self._transform = input_transform(preset.image_height, preset.image_width)
+        self._min_side = BACKBONE_STRIDE * max(preset.patch_sizes)
+
+    @property
+    def dim(self) -> int:
+        return self.model.dim
+
+    def preprocess(self, image: ImageSource) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Image to a (3, H, W) normalised tensor and its original (width, height)."""
+        pil: Image.Image = load_image(image)
+        if min(pil.size) < self._min_side:
+            raise ImageError(
+                f"image of {pil.width}x{pil.height} px is smaller than one {max(self.preset.patch_sizes)}-cell "
+                f"patch ({self._min_side} px); give images of at least {self._min_side} px a side"
+            )
+        return self._transform(pil), (pil.width, pil.height)
+
+    @torch.inference_mode()
+    def extract_tensors(self, batch: torch.Tensor) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Run the network on a preprocessed batch.
+
+        batch: (B, 3, H, W). Returns global (B, D) and per scale (B, P_s, D), float32.
+        """
+        glob, patches = self.model(batch.to(self.device), self.preset.patch_sizes, self.preset.strides)
+        return glob.float().cpu().numpy(), [p.float().cpu().numpy() for p in patches]
+
+    def extract(self, images: Sequence[ImageSource]) -> list[PlaceFeatures]:
+        """Features of every image, batched. Raises ImageError naming a bad one."""
+        return list(self.iter_extract(images))
+
+    def extract_one(self, image: ImageSource) -> PlaceFeatures:
+        """Features of one image."""
+        return self.extract([image])[0]
+
+    def iter_extract(self, images: Iterable[ImageSource]) -> Iterator[PlaceFeatures]:
+        """Yield features image by image, running the network in batches."""
+        pending: list[tuple[torch.Tensor, tuple[int, int]]] = []
+        for image in images:
+            pending.append(self.preprocess(image))
+            if len(pending) == self.batch_size:
+                yield from self._run(pending)
+                pending = []
+        if pending:
+            yield from self._run(pending)
+
+    def _run(self, pending: list[tuple[torch.Tensor, tuple[int, int]]]) -> Iterator[PlaceFeatures]:
+        glob, patches = self.extract_tensors(torch.stack([t for t, _ in pending]))
+        for i, (_, size) in enumerate(pending):
+            yield PlaceFeatures(glob[i], [p[i] for p in patches], size)
+
+    def extract_set(self, paths: Sequence[Path], progress: bool = False) -> FeatureSet:
+        """Features of image files as a FeatureSet named by file stem."""
+        it: Iterable[PlaceFeatures] = self.iter_extract(paths)
+        if progress:
+            from tqdm import tqdm
+
+            it = tqdm(it, total=len(paths), desc="extract", unit="img")
+        places = list(it)
+        return FeatureSet.from_places([p.stem for p in paths], places, self.preset, self.info.identity)

@@ -1,0 +1,237 @@
+"""Place features: what extraction produces and matching consumes.
+
+:class:`PlaceFeatures` is one image's global descriptor and per-scale patch
+descriptors; :class:`FeatureSet` is many images' worth, stored as an ``.npz``
+(never pickled) with the preset and model identity, so that files made with
+another preset or model are refused rather than silently mis-matched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pnv_ros.config import BACKBONE_STRIDE, Preset
+from pnv_ros.errors import FeaturesError
+
+FORMAT = "pnv_ros.features"
+FORMAT_VERSION = 1
+
+# VGG-16 conv5_3 receptive field: size 196, stride 16, padding 90.
+_RF_SIZE, _RF_PADDING = 196, 90
+
+
+def patch_grid(preset: Preset, scale: int) -> np.ndarray:
+    """Feature-space index (col, row) of every patch of one scale.
+
+    Returns (P, 2) int64, row-major over the patch grid, as the reference's
+    ``indices`` used by rapid spatial scoring.
+    """
+    rows, cols = preset.grid_shape(scale)
+    r, c = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+    return np.stack([c.ravel(), r.ravel()], axis=1).astype(np.int64)
+
+
+def patch_keypoints(preset: Preset, scale: int) -> np.ndarray:
+    """Patch centres in network-input pixels, as the reference computes them.
+
+    Returns (P, 2) int64 (x, y): the middle of the receptive-field boxes of
+    the patch's first and last cell, truncated (x = 16c + 39 for p = 5).
+    """
+    p, s = preset.patch_sizes[scale], preset.strides[scale]
+    grid = patch_grid(preset, scale) * s  # top-left cell of each patch
+    lo = BACKBONE_STRIDE * grid - _RF_PADDING
+    hi = BACKBONE_STRIDE * (grid + p - 1) - _RF_PADDING + _RF_SIZE - 1
+    return np.trunc((lo + hi) / 2.0).astype(np.int64)
+
+
+def to_image_pixels(keypoints: np.ndarray, preset: Preset, image_size: tuple[int, int]) -> np.ndarray:
+    """Network-input keypoints (P, 2) to the original image's pixels (P, 2) float32.
+
+    image_size: (width, height) of the original image.
+    """
+    sx = image_size[0] / preset.image_width
+    sy = image_size[1] / preset.image_height
+    return (keypoints.astype(np.float32) + 0.5) * np.array([sx, sy], np.float32) - 0.5
+
+
+@dataclass
+class PlaceFeatures:
+    """One image's descriptors.
+
+    Attributes:
+        global_desc: (D,) float32, unit length.
+        patches: per scale, (P_s, D) float32 unit rows, row-major patch order.
+        image_size: (width, height) of the original image.
+    """
+
+    global_desc: np.ndarray
+    patches: list[np.ndarray]
+    image_size: tuple[int, int]
+
+    def keypoints(self, preset: Preset) -> list[np.ndarray]:
+        """Per scale, patch centres (P_s, 2) in this image's original pixels."""
+        return [to_image_pixels(patch_keypoints(preset, i), preset, self.image_size) for i in range(len(self.patches))]
+
+
+@dataclass
+class FeatureSet:
+    """Features of many images, as written by ``pnv extract``.
+
+    Attributes:
+        names: image names (file stems), in input order.
+        global_descs: (N, D) float32.
+        patches: per scale, (N, P_s, D) float32 (or float16).
+        image_sizes: (N, 2) int (width, height) of the original images.
+        preset: the preset the patches were extracted with.
+        model_id: identity of the checkpoint (name:dim:sha256 prefix).
+    """
+
+    names: list[str]
+    global_descs: np.ndarray
+    patches: list[np.ndarray]
+    image_sizes: np.ndarray
+    preset: Preset
+    model_id: str
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    @property
+    def dim(self) -> int:
+        return int(self.global_descs.shape[1])
+
+    def item(self, i: int) -> PlaceFeatures:
+        """Image i as PlaceFeatures."""
+        w, h = (int(v) for v in self.image_sizes[i])
+        return PlaceFeatures(self.global_descs[i], [p[i] for p in self.patches], (w, h))
+
+    @classmethod
+    def from_places(cls, names: list[str], places: list[PlaceFeatures], preset: Preset, model_id: str) -> FeatureSet:
+        if not places:
+            raise FeaturesError("no features to collect")
+        return cls(
+            names=list(names),
+            global_descs=np.stack([p.global_desc for p in places]).astype(np.float32),
+            patches=[np.stack([p.patches[s] for p in places]) for s in range(len(preset.patch_sizes))],
+            image_sizes=np.array([p.image_size for p in places], dtype=np.int64),
+            preset=preset,
+            model_id=model_id,
+        )
+
+    def save(self, path: str | Path) -> None:
+        """Write the .npz atomically (temp file, then rename)."""
+        path = Path(path)
+        meta = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "preset": self.preset.to_dict(),
+            "model_id": self.model_id,
+            "dim": self.dim,
+        }
+        arrays: dict[str, Any] = {
+            "names": np.array(self.names, dtype=np.str_),
+            "global": self.global_descs.astype(np.float32),
+            "image_sizes": self.image_sizes.astype(np.int64),
+            "meta": np.array(json.dumps(meta)),
+        }
+        for s, size in enumerate(self.preset.patch_sizes):
+            arrays[f"patches_p{size}"] = self.patches[s]
+            arrays[f"keypoints_p{size}"] = patch_keypoints(self.preset, s)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **arrays)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path: str | Path) -> FeatureSet:
+        """Read a features file, checking its format and internal consistency."""
+        path = Path(path)
+        if not path.is_file():
+            raise FeaturesError(f"features file {path} does not exist")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                data = {k: z[k] for k in z.files}
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+            raise FeaturesError(f"features file {path} cannot be read: {e}") from None
+        try:
+            meta = json.loads(str(data["meta"]))
+            if meta.get("format") != FORMAT:
+                raise FeaturesError(f"features file {path} is not a pnv_ros features file")
+            if meta.get("version") != FORMAT_VERSION:
+                raise FeaturesError(
+                    f"features file {path} has format version {meta.get('version')}, this pnv_ros reads "
+                    f"version {FORMAT_VERSION}: extract the features again"
+                )
+            preset = Preset.from_dict(meta["preset"])
+            names = [str(n) for n in data["names"]]
+            glob = data["global"]
+            patches = [data[f"patches_p{s}"] for s in preset.patch_sizes]
+            sizes = data["image_sizes"]
+        except KeyError as e:
+            raise FeaturesError(f"features file {path} lacks entry {e.args[0]!r}") from None
+        except (ValueError, TypeError) as e:
+            if isinstance(e, FeaturesError):
+                raise
+            raise FeaturesError(f"features file {path} has a bad 'meta' entry: {e}") from None
+        n, d = len(names), glob.shape[1] if glob.ndim == 2 else -1
+        if glob.shape != (n, d) or d != meta.get("dim") or sizes.shape != (n, 2):
+            raise FeaturesError(f"features file {path}: global descriptors {glob.shape} do not fit {n} names")
+        for s, arr in enumerate(patches):
+            want = (n, preset.num_patches(s), d)
+            if arr.shape != want:
+                raise FeaturesError(
+                    f"features file {path}: patches_p{preset.patch_sizes[s]} has shape {arr.shape}, expected {want}"
+                )
+        return cls(names, glob.astype(np.float32), patches, sizes, preset, str(meta.get("model_id", "")))
+
+    def check_compatible(self, other: FeatureSet, what: str = "database", other_what: str = "queries") -> None:
+        """Refuse to match files from different presets or models."""
+        if (
+            self.preset.patch_sizes != other.preset.patch_sizes
+            or self.preset.strides != other.preset.strides
+            or (
+                self.preset.image_height,
+                self.preset.image_width,
+            )
+            != (other.preset.image_height, other.preset.image_width)
+        ):
+            raise FeaturesError(
+                f"{what} features were extracted with preset {self.preset.name!r} (patch sizes "
+                f"{list(self.preset.patch_sizes)}, strides {list(self.preset.strides)}) but {other_what} with "
+                f"{other.preset.name!r} (patch sizes {list(other.preset.patch_sizes)}, strides "
+                f"{list(other.preset.strides)}): extract both with the same preset"
+            )
+        if self.dim != other.dim or (self.model_id and other.model_id and self.model_id != other.model_id):
+            raise FeaturesError(
+                f"{what} features come from model {self.model_id!r} ({self.dim}-d) but {other_what} from "
+                f"{other.model_id!r} ({other.dim}-d): extract both with the same checkpoint"
+            )
+
+    def check_preset(self, preset: Preset, what: str = "features") -> None:
+        """Refuse a preset whose patch layout differs from the file's."""
+        if (preset.patch_sizes, preset.strides, preset.image_height, preset.image_width) != (
+            self.preset.patch_sizes,
+            self.preset.strides,
+            self.preset.image_height,
+            self.preset.image_width,
+        ):
+            raise FeaturesError(
+                f"{what} were extracted with preset {self.preset.name!r} (patch sizes "
+                f"{list(self.preset.patch_sizes)}, strides {list(self.preset.strides)}, "
+                f"{self.preset.image_width}x{self.preset.image_height}) and cannot be matched with preset "
+                f"{preset.name!r} (patch sizes {list(preset.patch_sizes)}, strides {list(preset.strides)}): "
+                f"extract again with --preset {preset.name} or match with --preset {self.preset.name}"
+            )

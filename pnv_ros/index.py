@@ -1,0 +1,66 @@
+"""Global descriptor index: FAISS behind one small interface, chosen by name.
+
+``flat`` (exact L2, the reference's ``IndexFlatL2``) is the default;
+``hnsw`` is an approximate graph index for large maps. Ids are the positions
+in insertion order (0, 1, 2, ...).
+"""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+
+from pnv_ros.errors import ConfigError
+
+INDEX_KINDS = ("flat", "hnsw")
+
+
+class GlobalIndex:
+    """Incremental nearest-neighbour search over (N, D) unit descriptors.
+
+    Args:
+        dim: descriptor dimension D.
+        kind: 'flat' (exact) or 'hnsw' (approximate, M=32, efSearch=128).
+    """
+
+    def __init__(self, dim: int, kind: str = "flat") -> None:
+        if kind not in INDEX_KINDS:
+            raise ConfigError(f"unknown index kind {kind!r}: choose one of {', '.join(INDEX_KINDS)}")
+        self.dim, self.kind = int(dim), kind
+        if kind == "flat":
+            self._index = faiss.IndexFlatL2(self.dim)
+        else:
+            self._index = faiss.IndexHNSWFlat(self.dim, 32)
+            self._index.hnsw.efSearch = 128
+
+    def __len__(self) -> int:
+        return int(self._index.ntotal)
+
+    def add(self, descs: np.ndarray) -> None:
+        """Append descriptors (N, D) or (D,); they get the next ids."""
+        descs = np.ascontiguousarray(np.atleast_2d(descs), dtype=np.float32)
+        if descs.shape[1] != self.dim:
+            raise ConfigError(f"descriptors of dimension {descs.shape[1]} do not fit a {self.dim}-d index")
+        self._index.add(descs)
+
+    def search(self, queries: np.ndarray, k: int, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k by L2 distance among ids < limit (all when None).
+
+        queries: (Q, D) or (D,). Returns distances (Q, k') (not squared) and
+        ids (Q, k'), nearest first, k' = min(k, number searchable).
+        """
+        q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        n = len(self) if limit is None else max(0, min(limit, len(self)))
+        k = min(int(k), n)
+        if k <= 0:
+            return np.zeros((q.shape[0], 0), np.float32), np.zeros((q.shape[0], 0), np.int64)
+        params = None
+        if n < len(self):
+            params = faiss.SearchParameters(sel=faiss.IDSelectorRange(0, n))
+            if self.kind == "hnsw":
+                params = faiss.SearchParametersHNSW(sel=faiss.IDSelectorRange(0, n), efSearch=max(128, k))
+        d2, ids = self._index.search(q, k, params=params)
+        return np.sqrt(np.maximum(d2, 0.0)), ids.astype(np.int64)
+
+    def reconstruct(self, i: int) -> np.ndarray:
+        return self._index.reconstruct(int(i))

@@ -1,0 +1,226 @@
+"""Patch matching: mutual nearest neighbours, RANSAC and rapid spatial scoring,
+multi-scale fusion and re-ranking.
+
+Scores follow the reference (``patchnetvlad.tools.patch_matcher``): lower
+(more negative) is better, normalised by the query's patch count. Matching is
+batched over candidates: one (n, Pq, Pb) similarity product per chunk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+import torch
+
+from pnv_ros.config import BACKBONE_STRIDE, Matcher, Preset
+from pnv_ros.features import PlaceFeatures, patch_grid, patch_keypoints
+
+#: Candidates per similarity product; bounds memory at chunk x Pq x Pb floats.
+CHUNK = 16
+
+
+@dataclass
+class ScaleMatch:
+    """One scale's matching of a query against one candidate.
+
+    Attributes:
+        score: the raw per-scale score (<= 0, lower is better).
+        db_idx: (M,) indices of mutually matched database patches, ascending.
+        query_idx: (M,) their query patches.
+        inliers: (M,) bool RANSAC inlier mask (all True for rapid scoring).
+        homography: 3x3 db->query homography in network-input pixels, or None.
+    """
+
+    score: float
+    db_idx: np.ndarray
+    query_idx: np.ndarray
+    inliers: np.ndarray
+    homography: np.ndarray | None = None
+
+    @property
+    def num_matches(self) -> int:
+        return int(self.db_idx.size)
+
+    @property
+    def num_inliers(self) -> int:
+        return int(self.inliers.sum())
+
+
+@dataclass
+class Scores:
+    """Raw scores of a query against N candidates.
+
+    Attributes:
+        raw: (N, S) per-scale scores.
+        num_matches: (N, S) mutual matches.
+        num_inliers: (N, S) RANSAC inliers (0 for rapid scoring).
+        details: per candidate, per scale ScaleMatch, when requested.
+    """
+
+    raw: np.ndarray
+    num_matches: np.ndarray
+    num_inliers: np.ndarray
+    details: list[list[ScaleMatch]] = field(default_factory=list)
+
+
+def fuse_scores(raw: np.ndarray, weights: Sequence[float]) -> np.ndarray:
+    """Multi-scale fusion: z-score each scale across candidates, weight and sum.
+
+    raw: (N, S) -> (N,). A scale whose scores are all equal (std 0) carries no
+    ranking information and contributes 0, where the reference gives NaN.
+    """
+    raw = np.asarray(raw, dtype=np.float64)
+    if raw.ndim != 2 or raw.shape[1] != len(weights):
+        raise ValueError(f"scores of shape {raw.shape} do not fit {len(weights)} patch weights")
+    mean = raw.mean(axis=0)
+    std = raw.std(axis=0)
+    safe = np.where(std > 0, std, 1.0)
+    z = np.where(std > 0, (raw - mean) / safe, 0.0)
+    return z @ np.asarray(weights, dtype=np.float64)
+
+
+def rerank_order(fused: np.ndarray) -> np.ndarray:
+    """Candidate order, best (lowest) first; ties keep the global order."""
+    return np.argsort(fused, kind="stable")
+
+
+class PatchMatcher:
+    """Scores candidates against a query with one preset's scales and matcher.
+
+    Args:
+        preset: patch sizes, strides, weights, input size.
+        matcher: override of the preset's matcher.
+        device: where the similarity products run (default CPU).
+    """
+
+    def __init__(self, preset: Preset, matcher: Matcher | str | None = None, device: str | torch.device = "cpu"):
+        self.preset = preset
+        self.matcher = Matcher.parse(matcher) if matcher is not None else preset.matcher
+        self.device = torch.device(device)
+        n = len(preset.patch_sizes)
+        self.grids = [patch_grid(preset, s) for s in range(n)]
+        self.keypoints = [patch_keypoints(preset, s) for s in range(n)]
+        self._grid_t = [torch.as_tensor(g, dtype=torch.float64) for g in self.grids]
+
+    # -- mutual nearest neighbours ---------------------------------------------------------
+    def _mutual(self, q: torch.Tensor, dbs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q: (Pq, D), dbs: (n, Pb, D) -> fw (n, Pb) nearest query patch of each
+        database patch, and mask (n, Pb) of mutual matches.
+
+        Distances are the reference's float32 sqrt(2 - 2 q.b + 1e-9): its
+        rounding merges near-equal similarities, and argmin then takes the
+        first, so computing the same values keeps the same matches.
+        """
+        dist = torch.matmul(q, dbs.transpose(1, 2))  # (n, Pq, Pb) similarities
+        dist.mul_(-2.0).add_(2.0 + 1e-9).sqrt_()
+        fw = dist.argmin(dim=1)  # (n, Pb): nearest query patch of each db patch
+        bw = dist.argmin(dim=2)  # (n, Pq): nearest db patch of each query patch
+        mutual = bw.gather(1, fw) == torch.arange(dbs.shape[1], device=dbs.device)
+        return fw, mutual
+
+    def _rapid(self, fw: torch.Tensor, mutual: torch.Tensor, scale: int, pq: int) -> torch.Tensor:
+        """Rapid spatial scoring, vectorised over candidates. -> (n,) float64."""
+        grid = self._grid_t[scale]
+        fw, mutual = fw.cpu(), mutual.cpu()
+        d = grid.unsqueeze(0) - grid[fw]  # (n, Pb, 2): db index - query index
+        m = mutual.to(torch.float64).unsqueeze(-1)
+        count = m.sum(dim=1)  # (n, 1)
+        mean = (d * m).sum(dim=1) / count.clamp(min=1)
+        e = (d - mean.unsqueeze(1)).abs()
+        xmax, ymax = grid[:, 0].max(), grid[:, 1].max()
+        s = ((xmax - e[..., 0]) ** 2 + (ymax - e[..., 1]) ** 2) * m[..., 0]
+        score = -s.sum(dim=1) / pq
+        return torch.where(count[:, 0] > 0, score, torch.zeros_like(score))
+
+    def _ransac(
+        self, db_idx: np.ndarray, q_idx: np.ndarray, scale: int, pq: int
+    ) -> tuple[float, np.ndarray, np.ndarray | None]:
+        """Homography RANSAC over mutual matches, as the reference calls it."""
+        if db_idx.size <= 3:
+            return 0.0, np.zeros(db_idx.size, bool), None
+        kp = self.keypoints[scale]
+        thr = BACKBONE_STRIDE * self.preset.strides[scale] * 1.5
+        h, mask = cv2.findHomography(kp[db_idx], kp[q_idx], cv2.RANSAC, ransacReprojThreshold=thr)
+        if mask is None:
+            return 0.0, np.zeros(db_idx.size, bool), None
+        inl = mask.ravel() == 1
+        return -float(inl.sum()) / pq, inl, h
+
+    # -- public API --------------------------------------------------------------------------
+    def score(
+        self,
+        query: PlaceFeatures,
+        candidates: Sequence[PlaceFeatures],
+        *,
+        details: bool = False,
+    ) -> Scores:
+        """Raw per-scale scores of ``query`` against each candidate.
+
+        query.patches[s]: (Pq_s, D); each candidate's: (Pb_s, D).
+        Returns Scores with raw (N, S).
+        """
+        n, n_scales = len(candidates), len(self.preset.patch_sizes)
+        raw = np.zeros((n, n_scales))
+        nm = np.zeros((n, n_scales), dtype=np.int64)
+        ni = np.zeros((n, n_scales), dtype=np.int64)
+        det: list[list[ScaleMatch]] = [[] for _ in range(n)] if details else []
+        for s in range(n_scales):
+            q = torch.as_tensor(np.asarray(query.patches[s], dtype=np.float32), device=self.device)
+            pq = q.shape[0]
+            for start in range(0, n, CHUNK):
+                chunk = candidates[start : start + CHUNK]
+                dbs = torch.as_tensor(
+                    np.stack([np.asarray(c.patches[s], dtype=np.float32) for c in chunk]), device=self.device
+                )
+                fw, mutual = self._mutual(q, dbs)
+                if self.matcher is Matcher.RAPID and not details:
+                    raw[start : start + len(chunk), s] = self._rapid(fw, mutual, s, pq).numpy()
+                    nm[start : start + len(chunk), s] = mutual.sum(dim=1).cpu().numpy()
+                    continue
+                fw_np, mutual_np = fw.cpu().numpy(), mutual.cpu().numpy()
+                rapid = self._rapid(fw, mutual, s, pq).numpy() if self.matcher is Matcher.RAPID else None
+                for j in range(len(chunk)):
+                    i = start + j
+                    db_idx = np.flatnonzero(mutual_np[j])
+                    q_idx = fw_np[j][db_idx]
+                    nm[i, s] = db_idx.size
+                    if rapid is not None:
+                        raw[i, s] = rapid[j]
+                        inl, hom = np.ones(db_idx.size, bool), None
+                    else:
+                        raw[i, s], inl, hom = self._ransac(db_idx, q_idx, s, pq)
+                        ni[i, s] = int(inl.sum())
+                    if details:
+                        det[i].append(ScaleMatch(float(raw[i, s]), db_idx, q_idx, inl, hom))
+        return Scores(raw, nm, ni, det)
+
+    def absolute(self, raw: np.ndarray) -> np.ndarray:
+        """Absolute similarity in [0, 1], higher is better, comparable across pairs.
+
+        raw: (N, S) -> (N,). Per scale, RANSAC's -raw is the fraction of query
+        patches that are homography inliers; rapid scoring's -raw is divided by
+        its best possible value (every patch a perfectly consistent match).
+        Scales are averaged with the patch weights.
+        """
+        raw = np.atleast_2d(np.asarray(raw, dtype=np.float64))
+        per = -raw
+        if self.matcher is Matcher.RAPID:
+            best = np.array([float(g[:, 0].max() ** 2 + g[:, 1].max() ** 2) for g in self.grids])
+            per = per / np.maximum(best, 1.0)
+        w = np.asarray(self.preset.patch_weights, dtype=np.float64)
+        return np.clip(per @ w / w.sum(), 0.0, 1.0)
+
+    def fuse(self, raw: np.ndarray) -> np.ndarray:
+        """Fused score per candidate (N,), lower is better."""
+        return fuse_scores(raw, self.preset.patch_weights)
+
+    def rerank(
+        self, query: PlaceFeatures, candidates: Sequence[PlaceFeatures]
+    ) -> tuple[np.ndarray, np.ndarray, Scores]:
+        """Re-rank candidates: (order (N,), fused scores (N,), raw Scores)."""
+        sc = self.score(query, candidates)
+        fused = self.fuse(sc.raw)
+        return rerank_order(fused), fused, sc

@@ -1,0 +1,176 @@
+"""Checkpoints in the authors' format: load safely, check every key, save.
+
+The authors' PCA step saves ``{'num_pcs': int, 'state_dict': {...}}`` with
+``torch.save``; their training step adds epoch, recalls and optimizer state,
+which are ignored here. Files load with ``torch.load(weights_only=True)``:
+nothing but tensors and plain containers is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pnv_ros.errors import CheckpointError
+from pnv_ros.model.backbone import CONV_INDICES, ENCODER_DIM
+from pnv_ros.model.netvlad import PatchNetVLADModel
+
+#: (in, out) channels of each VGG-16 convolution, in CONV_INDICES order.
+_VGG_CHANNELS = (
+    (3, 64), (64, 64), (64, 128), (128, 128), (128, 256), (256, 256), (256, 256),
+    (256, 512), (512, 512), (512, 512), (512, 512), (512, 512), (512, 512),
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a checkpoint is: enough to tell two models apart in files and logs."""
+
+    path: str
+    sha256: str
+    num_clusters: int
+    dim: int
+    vladv2: bool
+
+    @property
+    def identity(self) -> str:
+        """Short id stored in features and map files: name, dimension, hash prefix."""
+        return f"{Path(self.path).name}:{self.dim}:{self.sha256[:12]}"
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _strip_wrappers(state: dict[str, Any]) -> dict[str, Any]:
+    """Rename DataParallel keys (``encoder.module.0.weight``) to plain ones."""
+    out = {}
+    for key, value in state.items():
+        key = key.replace(".module.", ".")
+        if key.startswith("module."):
+            key = key[len("module.") :]
+        out[key] = value
+    return out
+
+
+def expected_shapes(num_clusters: int, num_pcs: int, vladv2: bool) -> dict[str, tuple[int, ...]]:
+    """Every key a checkpoint must hold, with its shape."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for idx, (cin, cout) in zip(CONV_INDICES, _VGG_CHANNELS):
+        shapes[f"encoder.{idx}.weight"] = (cout, cin, 3, 3)
+        shapes[f"encoder.{idx}.bias"] = (cout,)
+    shapes["pool.centroids"] = (num_clusters, ENCODER_DIM)
+    shapes["pool.conv.weight"] = (num_clusters, ENCODER_DIM, 1, 1)
+    if vladv2:
+        shapes["pool.conv.bias"] = (num_clusters,)
+    if num_pcs > 0:
+        shapes["WPCA.0.weight"] = (num_pcs, num_clusters * ENCODER_DIM, 1, 1)
+        shapes["WPCA.0.bias"] = (num_pcs,)
+    return shapes
+
+
+def _read(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise CheckpointError(
+            f"checkpoint {path} does not exist: run 'pnv models list' for the official ones "
+            f"or 'pnv models build-default' for the offline default"
+        )
+    # Training checkpoints may hold numpy scalars (best_score); allow just those.
+    safe = [np.dtype, np.float64, np.float32, np.int64]
+    try:
+        safe.append(np._core.multiarray.scalar)  # numpy >= 2
+    except AttributeError:  # pragma: no cover
+        safe.append(np.core.multiarray.scalar)
+    for dt in ("Float64DType", "Float32DType", "Int64DType"):
+        if hasattr(np.dtypes, dt):
+            safe.append(getattr(np.dtypes, dt))
+    try:
+        with torch.serialization.safe_globals(safe):
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for bad files
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"checkpoint {path} cannot be read safely: {msg}") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(raw).__name__}, not a dict with 'state_dict'")
+    return raw
+
+
+def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], int, int, bool]:
+    """Read and check a checkpoint's state dict.
+
+    Returns (state_dict, num_clusters, num_pcs, vladv2); num_pcs is 0 when the
+    file has no WPCA layer. Raises CheckpointError naming the first bad key.
+    """
+    path = Path(path)
+    raw = _read(path)
+    state = raw.get("state_dict", raw if "pool.centroids" in raw else None)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} has no 'state_dict' entry (keys: {sorted(raw)[:8]})")
+    state = _strip_wrappers(state)
+    for key in ("pool.centroids",):
+        if key not in state:
+            raise CheckpointError(f"checkpoint {path}: missing key {key!r}")
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"checkpoint {path}: key {key!r} is a {type(value).__name__}, not a tensor")
+    num_clusters = int(state["pool.centroids"].shape[0])
+    num_pcs = int(state["WPCA.0.bias"].shape[0]) if "WPCA.0.bias" in state else 0
+    vladv2 = "pool.conv.bias" in state
+    if "num_pcs" in raw and num_pcs and int(raw["num_pcs"]) != num_pcs:
+        raise CheckpointError(
+            f"checkpoint {path}: 'num_pcs' says {int(raw['num_pcs'])} but WPCA.0.bias has {num_pcs} values"
+        )
+    shapes = expected_shapes(num_clusters, num_pcs, vladv2)
+    for key, shape in shapes.items():
+        if key not in state:
+            raise CheckpointError(f"checkpoint {path}: missing key {key!r} (expected shape {list(shape)})")
+        if tuple(state[key].shape) != shape:
+            raise CheckpointError(
+                f"checkpoint {path}: key {key!r} has shape {list(state[key].shape)}, expected {list(shape)}"
+            )
+        if not torch.isfinite(state[key]).all():
+            raise CheckpointError(f"checkpoint {path}: key {key!r} holds NaN or infinite values")
+    unexpected = sorted(set(state) - set(shapes))
+    if unexpected:
+        raise CheckpointError(f"checkpoint {path}: unexpected key {unexpected[0]!r} ({len(unexpected)} in all)")
+    return {k: state[k].float() for k in shapes}, num_clusters, num_pcs, vladv2
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[PatchNetVLADModel, ModelInfo]:
+    """Build the model from a checkpoint in the authors' format.
+
+    Clusters and dimension come from the tensors. The model is in eval mode
+    on ``device``.
+    """
+    state, k, d, v2 = read_state_dict(path)
+    model = PatchNetVLADModel(num_clusters=k, num_pcs=d, vladv2=v2)
+    model.load_state_dict(state, strict=True)
+    model.eval().to(device)
+    info = ModelInfo(path=str(path), sha256=file_sha256(path), num_clusters=k, dim=model.dim, vladv2=v2)
+    return model, info
+
+
+def save_checkpoint(state_dict: dict[str, torch.Tensor], path: str | Path, num_pcs: int) -> None:
+    """Write ``{'num_pcs', 'state_dict'}`` as the authors' PCA step does, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save({"num_pcs": int(num_pcs), "state_dict": {k: v.contiguous() for k, v in state_dict.items()}}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

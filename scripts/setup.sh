@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# One command on a fresh machine: venv, dependencies, default model, then the demo.
+#   scripts/setup.sh            set up and run the demo
+#   scripts/setup.sh --no-demo  set up only (CI)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "== creating .venv"
+  "$PY" -m venv .venv
+fi
+echo "== installing dependencies (torch pinned; a minute or two)"
+.venv/bin/python -m pip install -q --upgrade pip setuptools wheel 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -m pip install -q -r requirements.txt 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -m pip install -q --no-build-isolation -e . 2>&1 | grep -v "^WARNING: Location" || true
+# Test-only oracle: the authors' package, without its pinned dependencies.
+.venv/bin/python -m pip install -q --no-deps patchnetvlad==0.1.8 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -m pip check >/dev/null || { .venv/bin/python -m pip check; exit 1; }
+test -x .venv/bin/pnv || { echo "error: .venv/bin/pnv was not installed"; exit 1; }
+echo "== default model (built once, cached in ${PNV_CACHE_DIR:-~/.cache/pnv_ros})"
+.venv/bin/pnv models build-default
+if [ "${1:-}" != "--no-demo" ]; then
+  scripts/demo.sh
+fi

@@ -1,0 +1,62 @@
+"""Shared fixtures. Sets the loopback-only DDS profile before anything can
+import rclpy (every rclpy process started here must use it), and builds
+small real test data: random-weight checkpoints, images from the repo's sets."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# Network safety first: loopback-only Fast DDS, a domain of our own, logs in tmp.
+_HERE = Path(__file__).resolve().parent
+os.environ["FASTDDS_DEFAULT_PROFILES_FILE"] = str(_HERE / "fastdds_loopback.xml")
+os.environ.setdefault("ROS_DOMAIN_ID", str(100 + os.getpid() % 100))
+os.environ.setdefault("ROS_LOG_DIR", "/tmp/pnv_ros_test_logs")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+REPO = _HERE.parent
+RTAB = REPO / "data" / "rtabmap_samples_loop84" / "images"
+CORRIDOR = REPO / "data" / "corridor_vprbench"
+
+
+def rtab_frame(i: int) -> Path:
+    return RTAB / f"{i}.jpg"
+
+
+def make_random_checkpoint(path: Path, num_clusters: int = 16, num_pcs: int = 64, seed: int = 0) -> Path:
+    """A checkpoint in the official format with random weights (small K and D)."""
+    from pnv_ros.model.checkpoint import save_checkpoint
+    from pnv_ros.model.netvlad import PatchNetVLADModel
+
+    torch.manual_seed(seed)
+    m = PatchNetVLADModel(num_clusters=num_clusters, num_pcs=num_pcs)
+    with torch.no_grad():
+        m.pool.centroids.normal_()
+        m.pool.conv.weight.normal_()
+        if num_pcs:
+            m.WPCA[0].weight.normal_(std=0.01)
+    save_checkpoint(m.state_dict(), path, num_pcs)
+    return path
+
+
+@pytest.fixture(scope="session")
+def random_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "rand_WPCA64.pth.tar")
+
+
+@pytest.fixture(scope="session")
+def default_ckpt() -> Path:
+    """The offline default model; the README's set-up builds it. Missing = failure, not skip."""
+    from pnv_ros.model.registry import default_checkpoint_path
+
+    p = default_checkpoint_path()
+    assert p.is_file(), f"default model missing at {p}: run scripts/setup.sh (pnv models build-default)"
+    return p
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)

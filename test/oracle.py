@@ -1,0 +1,68 @@
+"""The reference implementation (patchnetvlad==0.1.8) as a test oracle."""
+
+from __future__ import annotations
+
+import configparser
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def reference_model(ckpt: Path, patch_sizes, strides):
+    from patchnetvlad.models.models_generic import get_model
+    from torch import nn
+    from torchvision.models import vgg16
+
+    st = torch.load(ckpt, weights_only=True)["state_dict"]
+    k, d = st["pool.centroids"].shape[0], st["WPCA.0.bias"].shape[0]
+    enc = nn.Sequential(*list(vgg16(weights=None).features.children())[:-2])
+    cfg = configparser.ConfigParser()
+    cfg["global_params"] = {
+        "pooling": "patchnetvlad", "num_clusters": str(k), "vladv2": "False", "num_pcs": str(d),
+        "patch_sizes": ",".join(map(str, patch_sizes)), "strides": ",".join(map(str, strides)),
+    }  # fmt: skip
+    m = get_model(enc, 512, cfg["global_params"], append_pca_layer=True)
+    m.load_state_dict(st)
+    return m.eval(), d
+
+
+@torch.no_grad()
+def reference_extract(model, dim: int, image_path: Path):
+    """Global (D,) and per-scale patch descriptors (D, P) as the reference's
+    feature_extract.py computes and saves them."""
+    from patchnetvlad.models.models_generic import get_pca_encoding
+    from patchnetvlad.tools.datasets import input_transform
+    from PIL import Image
+
+    x = input_transform((480, 640))(Image.open(image_path)).unsqueeze(0)
+    loc, glob = model.pool(model.encoder(x))
+    g = get_pca_encoding(model, glob).numpy()[0]
+    patches = []
+    for t in loc:
+        pca = get_pca_encoding(model, t.permute(2, 0, 1).reshape(-1, t.size(1)))
+        patches.append(pca.reshape(t.size(2), t.size(0), dim).permute(1, 2, 0).numpy()[0])
+    return g, patches
+
+
+def reference_raw_scores(matcher: str, preset, query_patches, db_patches_list) -> np.ndarray:
+    """(N, S) raw scores from the reference PatchMatcher; patches as (D, P) arrays."""
+    from patchnetvlad.models.local_matcher import calc_keypoint_centers_from_patches
+    from patchnetvlad.tools.patch_matcher import PatchMatcher
+
+    cfg = {"imageresizeH": str(preset.image_height), "imageresizeW": str(preset.image_width)}
+    kps, idx = [], []
+    for p, s in zip(preset.patch_sizes, preset.strides):
+        k, i = calc_keypoint_centers_from_patches(cfg, p, p, s, s)
+        kps.append(k)
+        idx.append(i)
+    name = {"ransac": "RANSAC", "rapid": "spatialApproximator"}[matcher]
+    pm = PatchMatcher(name, list(preset.patch_sizes), list(preset.strides), kps, idx)
+    q = [torch.tensor(a).T for a in query_patches]
+    return np.array([pm.match(q, [torch.tensor(a) for a in db])[0] for db in db_patches_list], dtype=np.float64)
+
+
+def reference_order(raw: np.ndarray, weights) -> np.ndarray:
+    from patchnetvlad.models.local_matcher import normalise_func
+
+    return np.argsort(normalise_func(raw, raw.shape[1], np.asarray(weights, float)))

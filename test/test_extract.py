@@ -1,0 +1,108 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import rtab_frame
+from PIL import Image
+
+from pnv_ros.config import get_preset
+from pnv_ros.errors import FeaturesError, ImageError
+from pnv_ros.extract import FeatureExtractor
+from pnv_ros.features import FeatureSet, patch_keypoints
+from pnv_ros.images import list_images, load_image
+from pnv_ros.model.checkpoint import load_checkpoint
+
+
+@pytest.fixture(scope="module")
+def extractor(random_ckpt: Path) -> FeatureExtractor:
+    model, info = load_checkpoint(random_ckpt)
+    return FeatureExtractor(model, info, get_preset("speed"), device="cpu")
+
+
+def test_shapes_and_unit_norm(extractor: FeatureExtractor) -> None:
+    f = extractor.extract_one(rtab_frame(1))
+    assert f.global_desc.shape == (64,) and f.patches[0].shape == (936, 64)
+    assert np.allclose(np.linalg.norm(f.patches[0], axis=1), 1, atol=1e-5)
+    assert f.image_size == (512, 384)
+
+
+def test_keypoints_in_original_pixels(extractor: FeatureExtractor) -> None:
+    kp_in = patch_keypoints(extractor.preset, 0)
+    assert tuple(kp_in[0]) == (39, 39) and tuple(kp_in[1]) == (55, 39)  # x = 16c + 39
+    f = extractor.extract_one(rtab_frame(1))
+    kp = f.keypoints(extractor.preset)[0]
+    assert kp.shape == (936, 2)
+    assert 0 < kp[:, 0].min() and kp[:, 0].max() < 512 and kp[:, 1].max() < 384
+    np.testing.assert_allclose(kp[0], ((39.5 * 0.8) - 0.5, (39.5 * 0.8) - 0.5), atol=1e-4)
+
+
+def test_image_modes_agree(extractor: FeatureExtractor, tmp_path: Path) -> None:
+    rgb = np.asarray(Image.open(rtab_frame(5)).convert("RGB"))
+    base = extractor.extract_one(rgb)
+    rgba = np.concatenate([rgb, np.full(rgb.shape[:2] + (1,), 255, np.uint8)], axis=2)
+    u16 = rgb.astype(np.uint16) * 257
+    f32 = rgb.astype(np.float32) / 255.0
+    for variant in (rgba, u16, f32, Image.fromarray(rgb), rtab_frame(5)):
+        f = extractor.extract_one(variant)
+        assert np.abs(f.global_desc - base.global_desc).max() < 1e-5
+    grey = extractor.extract_one(rgb.mean(axis=2).astype(np.uint8))
+    assert grey.patches[0].shape == (936, 64)
+    p16 = tmp_path / "grey16.png"
+    Image.fromarray(rgb[:, :, 0].astype(np.uint16) * 257).save(p16)
+    assert load_image(p16).mode == "RGB"
+
+
+def test_batched_equals_single(random_ckpt: Path) -> None:
+    model, info = load_checkpoint(random_ckpt)
+    ex = FeatureExtractor(model, info, get_preset("speed"), device="cpu", batch_size=3)
+    frames = [rtab_frame(i) for i in (1, 2, 3, 4)]
+    batched = ex.extract(frames)
+    single = FeatureExtractor(model, info, get_preset("speed"), device="cpu", batch_size=1).extract(frames)
+    for a, b in zip(batched, single):
+        assert np.abs(a.patches[0] - b.patches[0]).max() < 1e-4
+
+
+def test_bad_images(extractor: FeatureExtractor, tmp_path: Path) -> None:
+    bad = tmp_path / "corrupt.jpg"
+    bad.write_bytes(rtab_frame(1).read_bytes()[:200])
+    with pytest.raises(ImageError, match="corrupt.jpg: cannot decode image"):
+        extractor.extract([bad])
+    with pytest.raises(ImageError, match="smaller than one 5-cell patch"):
+        extractor.extract_one(np.zeros((40, 60, 3), np.uint8))
+    with pytest.raises(ImageError, match="not an image"):
+        extractor.extract_one(np.zeros((0, 10, 3), np.uint8))
+    with pytest.raises(ImageError, match="channels"):
+        extractor.extract_one(np.zeros((200, 200, 2), np.uint8))
+    with pytest.raises(ImageError, match="NaN"):
+        extractor.extract_one(np.full((200, 200), np.nan, np.float32))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ImageError, match="folder holds no images"):
+        list_images([empty])
+
+
+def test_folder_order_is_numeric(tmp_path: Path) -> None:
+    for n in (10, 2, 1):
+        (tmp_path / f"{n}.jpg").write_bytes(b"x")
+    assert [p.stem for p in list_images([tmp_path])] == ["1", "2", "10"]
+
+
+def test_features_file_roundtrip_and_checks(extractor: FeatureExtractor, tmp_path: Path) -> None:
+    fs = extractor.extract_set([rtab_frame(1), rtab_frame(2)])
+    path = tmp_path / "f.npz"
+    fs.save(path)
+    back = FeatureSet.load(path)
+    assert back.names == ["1", "2"] and back.dim == 64 and back.model_id == fs.model_id
+    np.testing.assert_array_equal(back.patches[0], fs.patches[0])
+    with np.load(path, allow_pickle=False) as z:  # loads without pickle
+        assert z["keypoints_p5"].shape == (936, 2) and z["patches_p5"].shape == (2, 936, 64)
+    with pytest.raises(FeaturesError, match="cannot be matched with preset 'performance'.*--preset performance"):
+        back.check_preset(get_preset("performance"))
+    other = FeatureSet(fs.names, fs.global_descs, fs.patches, fs.image_sizes, fs.preset, "other:64:abc")
+    with pytest.raises(FeaturesError, match="same checkpoint"):
+        back.check_compatible(other)
+    broken = tmp_path / "broken.npz"
+    broken.write_bytes(path.read_bytes()[:500])
+    with pytest.raises(FeaturesError, match="cannot be read"):
+        FeatureSet.load(broken)
+    assert not list(tmp_path.glob("*.tmp"))

@@ -1,0 +1,67 @@
+import numpy as np
+import pytest
+
+from pnv_ros.config import get_preset
+from pnv_ros.features import PlaceFeatures
+from pnv_ros.index import GlobalIndex
+from pnv_ros.matching import PatchMatcher, fuse_scores
+
+
+def _unit(rng, *shape):
+    x = rng.standard_normal(shape).astype(np.float32)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def test_fusion_handles_equal_scores() -> None:
+    raw = np.array([[-1.0, -2.0], [-1.0, -3.0], [-1.0, -1.0]])
+    fused = fuse_scores(raw, [0.5, 0.5])
+    assert np.isfinite(fused).all()
+    assert list(np.argsort(fused)) == [1, 0, 2]  # the constant scale carries no information
+    assert np.all(fuse_scores(np.zeros((4, 1)), [1.0]) == 0)
+
+
+def test_identical_image_scores_best(rng) -> None:
+    preset = get_preset("speed")
+    imgs = [PlaceFeatures(_unit(rng, 64), [_unit(rng, 936, 32)], (640, 480)) for _ in range(5)]
+    for matcher in ("rapid", "ransac"):
+        pm = PatchMatcher(preset, matcher)
+        order, fused, sc = pm.rerank(imgs[2], imgs)
+        assert order[0] == 2
+        assert sc.num_matches[2, 0] == 936  # every patch matches itself
+        assert pm.absolute(sc.raw)[2] == pytest.approx(1.0)
+        assert pm.absolute(sc.raw).max() <= 1.0
+
+
+def test_chunked_equals_unchunked(rng, monkeypatch) -> None:
+    import pnv_ros.matching as m
+
+    preset = get_preset("performance")
+    imgs = [
+        PlaceFeatures(_unit(rng, 8), [_unit(rng, preset.num_patches(s), 16) for s in range(3)], (640, 480))
+        for _ in range(7)
+    ]
+    pm = PatchMatcher(preset, "rapid")
+    a = pm.score(imgs[0], imgs).raw
+    monkeypatch.setattr(m, "CHUNK", 3)
+    b = pm.score(imgs[0], imgs).raw
+    d = pm.score(imgs[0], imgs, details=True)
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(d.raw, a)
+    assert d.details[3][1].num_matches == d.num_matches[3, 1]
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_index_against_brute_force(rng, kind: str) -> None:
+    db = _unit(rng, 500, 32)
+    q = _unit(rng, 20, 32)
+    idx = GlobalIndex(32, kind)
+    idx.add(db[:250])
+    idx.add(db[250:])
+    d, ids = idx.search(q, 10)
+    brute = np.argsort(np.linalg.norm(db[None] - q[:, None], axis=2), axis=1)[:, :10]
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, brute)])
+    assert recall >= (1.0 if kind == "flat" else 0.99)
+    np.testing.assert_allclose(d[:, 0], np.linalg.norm(db[ids[:, 0]] - q, axis=1), rtol=1e-4)
+    _, lim = idx.search(q, 5, limit=100)
+    assert lim.max() < 100
+    assert idx.search(q, 5, limit=0)[1].shape == (20, 0)
