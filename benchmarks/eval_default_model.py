@@ -45,12 +45,15 @@ def main() -> None:
     ap.add_argument("--checkpoint", default=None)
     ap.add_argument("--data", default=str(Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
     ap.add_argument("--out", default="eval_default_model.json")
+    ap.add_argument("--sets", default="", help="comma-separated name prefixes to run (default: all)")
     a = ap.parse_args()
     model, info = load_checkpoint(resolve_checkpoint(a.checkpoint))
     perf = get_preset("performance")
     ex = FeatureExtractor(model, info, perf, device="cpu")
     results = []
     for name, db_imgs, q_imgs, gt_path, role in sets(Path(a.data)):
+        if a.sets and not any(name.startswith(p) for p in a.sets.split(",")):
+            continue
         t = time.perf_counter()
         db = ex.extract_set(db_imgs, progress=True)
         q = ex.extract_set(q_imgs, progress=True)

@@ -69,7 +69,7 @@ class FeatureExtractor:
         self.preset = preset
         self.batch_size = max(1, int(batch_size)) if batch_size else (8 if self.device.type == "cuda" else 1)
         self._transform = input_transform(preset.image_height, preset.image_width)
-        self._min_side = BACKBONE_STRIDE * max(preset.patch_sizes)
+        self._min_side = BACKBONE_STRIDE * min(preset.patch_sizes)
 
     @property
     def dim(self) -> int:
@@ -80,7 +80,7 @@ class FeatureExtractor:
         pil: Image.Image = load_image(image)
         if min(pil.size) < self._min_side:
             raise ImageError(
-                f"image of {pil.width}x{pil.height} px is smaller than one {max(self.preset.patch_sizes)}-cell "
+                f"image of {pil.width}x{pil.height} px is smaller than one {min(self.preset.patch_sizes)}-cell "
                 f"patch ({self._min_side} px); give images of at least {self._min_side} px a side"
             )
         return self._transform(pil), (pil.width, pil.height)

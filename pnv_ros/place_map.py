@@ -1,0 +1,147 @@
+"""PlaceMap: the keyframes a loop closer has seen, searchable.
+
+Holds the global FAISS index, every keyframe's patch descriptors (float32 in
+memory), ids and stamps. Saves to one ``.npz`` (never pickled), written to a
+temp file and renamed, so a crash during a save leaves the previous map.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pnv_ros.config import Preset
+from pnv_ros.errors import MapError, UnknownPlaceError
+from pnv_ros.features import PlaceFeatures
+from pnv_ros.index import GlobalIndex
+
+FORMAT = "pnv_ros.place_map"
+VERSION = 1
+
+
+@dataclass
+class Keyframe:
+    """One stored keyframe. stamp_ns: ROS time in nanoseconds; position: (3,) or None."""
+
+    id: int
+    stamp_ns: int
+    features: PlaceFeatures
+    position: np.ndarray | None = None
+
+
+class PlaceMap:
+    """Incremental keyframe map. Ids are 0, 1, 2, ... in insertion order."""
+
+    def __init__(self, dim: int, preset: Preset, model_id: str, index_kind: str = "flat") -> None:
+        self.dim, self.preset, self.model_id, self.index_kind = dim, preset, model_id, index_kind
+        self.index = GlobalIndex(dim, index_kind)
+        self.keyframes: list[Keyframe] = []
+
+    def __len__(self) -> int:
+        return len(self.keyframes)
+
+    def add(self, features: PlaceFeatures, stamp_ns: int, position: np.ndarray | None = None) -> int:
+        kf = Keyframe(len(self.keyframes), int(stamp_ns), features, position)
+        self.index.add(features.global_desc)
+        self.keyframes.append(kf)
+        return kf.id
+
+    def get(self, kf_id: int) -> Keyframe:
+        if not 0 <= int(kf_id) < len(self.keyframes):
+            raise UnknownPlaceError(f"unknown keyframe id {kf_id}: the map holds ids 0..{len(self.keyframes) - 1}")
+        return self.keyframes[int(kf_id)]
+
+    def by_stamp(self, stamp_ns: int, tolerance_ns: int = 1_000_000) -> Keyframe:
+        """The keyframe with this stamp (within tolerance, default 1 ms)."""
+        if self.keyframes:
+            stamps = np.array([k.stamp_ns for k in self.keyframes])
+            i = int(np.argmin(np.abs(stamps - stamp_ns)))
+            if abs(int(stamps[i]) - stamp_ns) <= tolerance_ns:
+                return self.keyframes[i]
+        raise UnknownPlaceError(f"no keyframe with stamp {stamp_ns / 1e9:.6f} s (within {tolerance_ns / 1e6:g} ms)")
+
+    def nbytes_per_keyframe(self) -> float:
+        if not self.keyframes:
+            return 0.0
+        f = self.keyframes[0].features
+        return float(f.global_desc.nbytes + sum(p.nbytes for p in f.patches) + 8)
+
+    # -- persistence ----------------------------------------------------------------------
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"format": FORMAT, "version": VERSION, "dim": self.dim, "preset": self.preset.to_dict(),
+                "model_id": self.model_id, "index_kind": self.index_kind, "count": len(self)}  # fmt: skip
+        n = len(self)
+        arrays = {
+            "meta": np.array(json.dumps(meta)),
+            "stamps": np.array([k.stamp_ns for k in self.keyframes], dtype=np.int64),
+            "global": np.stack([k.features.global_desc for k in self.keyframes])
+            if n
+            else np.zeros((0, self.dim), np.float32),
+            "image_sizes": np.array([k.features.image_size for k in self.keyframes], dtype=np.int64).reshape(n, 2),
+            "positions": np.array(
+                [k.position if k.position is not None else [np.nan] * 3 for k in self.keyframes], dtype=np.float64
+            ).reshape(n, 3),
+        }
+        for s, size in enumerate(self.preset.patch_sizes):
+            arrays[f"patches_p{size}"] = (
+                np.stack([k.features.patches[s] for k in self.keyframes])
+                if n
+                else np.zeros((0, self.preset.num_patches(s), self.dim), np.float32)
+            )
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **arrays)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path: str | Path, expect_dim: int | None = None, expect_preset: Preset | None = None) -> PlaceMap:
+        path = Path(path)
+        if not path.is_file():
+            raise MapError(f"map file {path} does not exist")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                data = {k: z[k] for k in z.files}
+            meta = json.loads(str(data["meta"]))
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
+            raise MapError(f"map file {path} is corrupt or not a map: {e}") from None
+        if meta.get("format") != FORMAT:
+            raise MapError(f"map file {path} is not a pnv_ros map")
+        if meta.get("version") != VERSION:
+            raise MapError(f"map file {path} has version {meta.get('version')}; this pnv_ros reads {VERSION}")
+        preset = Preset.from_dict(meta["preset"])
+        if expect_dim is not None and meta["dim"] != expect_dim:
+            raise MapError(f"map file {path} holds {meta['dim']}-d descriptors, the loaded model makes {expect_dim}-d")
+        if expect_preset is not None and (preset.patch_sizes, preset.strides) != (
+            expect_preset.patch_sizes,
+            expect_preset.strides,
+        ):
+            raise MapError(
+                f"map file {path} was made with patch sizes {list(preset.patch_sizes)}, the node runs "
+                f"{list(expect_preset.patch_sizes)}: use the same preset"
+            )
+        m = cls(meta["dim"], expect_preset or preset, meta.get("model_id", ""), meta.get("index_kind", "flat"))
+        try:
+            patches = [data[f"patches_p{s}"] for s in preset.patch_sizes]
+            for i in range(int(meta["count"])):
+                pos = data["positions"][i]
+                f = PlaceFeatures(
+                    data["global"][i], [p[i] for p in patches], tuple(int(v) for v in data["image_sizes"][i])
+                )
+                m.add(f, int(data["stamps"][i]), None if np.isnan(pos).any() else pos)
+        except (KeyError, IndexError, ValueError) as e:
+            raise MapError(f"map file {path} is inconsistent: {e}") from None
+        return m

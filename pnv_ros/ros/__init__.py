@@ -1,0 +1,1 @@
+"""ROS 2 plumbing around the LoopClosureDetector (imports rclpy)."""

@@ -1,0 +1,185 @@
+"""The loop-closure node as a user runs it: its installed executable in a
+separate process, real frames published over (loopback-only) DDS."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import RTAB, rtab_frame
+from PIL import Image as PILImage
+
+rclpy = pytest.importorskip("rclpy")  # installed by scripts/setup.sh; CI fails loudly below if absent
+from pnv_ros.msg import LoopClosure  # noqa: E402
+from pnv_ros.srv import MapCommand, QueryPlace, VerifyPair  # noqa: E402
+from sensor_msgs.msg import Image  # noqa: E402
+from std_msgs.msg import UInt32  # noqa: E402
+
+NODE = str(Path(sys.executable).parent / "loop_closure_node")
+G = np.load(RTAB.parent / "gt_matrix.npy")
+
+
+def test_rclpy_is_installed_in_ci() -> None:
+    assert "rclpy" in sys.modules  # the importorskip above must never skip in CI
+
+
+def start_node(map_dir: Path, *params: str) -> subprocess.Popen:
+    args = [NODE, "--ros-args", "-p", f"map_dir:={map_dir}", "-p", "exclude_recent_s:=10.0", *params]
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
+
+
+def stop_node(p: subprocess.Popen) -> str:
+    p.send_signal(signal.SIGINT)
+    try:
+        out, _ = p.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        out, _ = p.communicate()
+    return out
+
+
+def image_msg(arr: np.ndarray, sec: int) -> Image:
+    m = Image()
+    m.header.stamp.sec = sec
+    m.header.frame_id = "camera"
+    m.height, m.width = arr.shape[:2]
+    m.encoding, m.step = "rgb8", arr.shape[1] * 3
+    m.data = arr.tobytes()
+    return m
+
+
+class Client:
+    def __init__(self) -> None:
+        self.node = rclpy.create_node("pnv_test_client")
+        self.pub = self.node.create_publisher(Image, "image", 10)
+        self.loops: list[LoopClosure] = []
+        self.keyframes: list[int] = []
+        self.node.create_subscription(LoopClosure, "loop_closures", self.loops.append, 100)
+        self.node.create_subscription(UInt32, "loop_closure/keyframes", lambda m: self.keyframes.append(m.data), 100)
+        self.clients = {
+            n: self.node.create_client(t, f"loop_closure/{n}")
+            for n, t in (("query_place", QueryPlace), ("verify_pair", VerifyPair), ("save_map", MapCommand),
+                         ("load_map", MapCommand), ("reset_map", MapCommand))
+        }  # fmt: skip
+
+    def spin_until(self, cond, timeout: float) -> bool:
+        end = time.time() + timeout
+        while time.time() < end:
+            rclpy.spin_once(self.node, timeout_sec=0.05)
+            if cond():
+                return True
+        return False
+
+    def call(self, name: str, req, timeout: float = 30.0):  # type: ignore[no-untyped-def]
+        c = self.clients[name]
+        assert c.wait_for_service(timeout_sec=30), f"service {name} not available"
+        fut = c.call_async(req)
+        assert self.spin_until(fut.done, timeout), f"service {name} timed out"
+        return fut.result()
+
+    def wait_ready(self) -> None:
+        assert self.clients["reset_map"].wait_for_service(timeout_sec=120), "node did not come up"
+        assert self.spin_until(lambda: self.pub.get_subscription_count() > 0, 30)
+
+
+@pytest.fixture(scope="module")
+def ros():
+    rclpy.init()
+    c = Client()
+    yield c
+    c.node.destroy_node()
+    rclpy.shutdown()
+
+
+@pytest.mark.slow
+def test_node_end_to_end(ros: Client, tmp_path_factory: pytest.TempPathFactory) -> None:
+    map_dir = tmp_path_factory.mktemp("maps")
+    node = start_node(map_dir)
+    try:
+        ros.wait_ready()
+        # -- the real RTAB-Map loop, one frame a simulated second --------------------------
+        for i in range(1, 85):
+            arr = np.asarray(PILImage.open(rtab_frame(i)).convert("RGB"))
+            ros.pub.publish(image_msg(arr, i))
+            assert ros.spin_until(lambda i=i: len(ros.keyframes) >= i, 60), f"frame {i} not processed"
+        ros.spin_until(lambda: False, 1.0)
+        pairs = [(lc.query_id + 1, lc.match_id + 1) for lc in ros.loops]
+        correct = sum(G[q - 1, m - 1] for q, m in pairs)
+        revisits = int(G.any(axis=1).sum())
+        precision, recall = correct / max(1, len(pairs)), correct / revisits
+        print(f"\nnode loop closures: {len(pairs)}, precision {precision:.3f}, recall {recall:.3f}")
+        assert precision >= 0.9 and recall >= 0.5
+        assert all(q > 40 for q, _ in pairs), "no loop may be reported on the first lap"
+        lc = ros.loops[0]
+        assert 0.0 <= lc.score <= 1.0 and lc.method == "rapid" and lc.header.frame_id == "camera"
+        assert lc.query_stamp.sec == lc.query_id + 1 and lc.match_stamp.sec == lc.match_id + 1
+
+        # -- services ---------------------------------------------------------------
+        r = ros.call("query_place", QueryPlace.Request(mode=QueryPlace.Request.BY_ID, keyframe_id=61, top_n=5))
+        assert r.success and len(r.ids) == 5 and 61 not in r.ids
+        assert G[61, r.ids[0]] == 1  # frame 62 revisits frames 20-24
+        before = list(r.ids)
+        st = QueryPlace.Request(mode=QueryPlace.Request.BY_STAMP, top_n=5)
+        st.stamp.sec = 62
+        assert list(ros.call("query_place", st).ids) == before
+        img = QueryPlace.Request(mode=QueryPlace.Request.BY_IMAGE, top_n=3, matcher="ransac")
+        img.image = image_msg(np.asarray(PILImage.open(rtab_frame(62)).convert("RGB")), 0)
+        r = ros.call("query_place", img)
+        assert r.success and r.ids[0] == 61  # the stored copy of the same frame
+        r = ros.call("query_place", QueryPlace.Request(mode=QueryPlace.Request.BY_ID, keyframe_id=999))
+        assert not r.success and "unknown keyframe id 999" in r.message
+        st.stamp.sec = 5000
+        r = ros.call("query_place", st)
+        assert not r.success and "no keyframe with stamp" in r.message
+        v = ros.call("verify_pair", VerifyPair.Request(id_a=61, id_b=before[0], matcher="ransac"))
+        assert v.success and v.score > 0.05 and v.num_inliers > 0
+        assert not ros.call("verify_pair", VerifyPair.Request(id_a=61, id_b=500)).success
+
+        # -- robustness: the node logs, skips and keeps answering ---------------------
+        bad = []
+        m = image_msg(np.zeros((200, 200, 3), np.uint8), 200)
+        m.encoding = "yuv422_weird"
+        bad.append(m)
+        m = image_msg(np.zeros((200, 200, 3), np.uint8), 201)
+        m.height = m.width = 0
+        bad.append(m)
+        m = image_msg(np.zeros((200, 200, 3), np.uint8), 202)
+        m.data = m.data[:1000]
+        bad.append(m)
+        m = image_msg(np.zeros((10, 10, 3), np.uint8), 203)
+        m.height, m.width, m.step = 20000, 20000, 60000
+        bad.append(m)
+        for m in bad:
+            ros.pub.publish(m)
+            ros.spin_until(lambda: False, 0.5)
+        for name in ("../evil", "a/b", ""):
+            r = ros.call("save_map", MapCommand.Request(name=name))
+            assert not r.success and "bad map name" in r.message
+        (map_dir / "corrupt.npz").write_bytes(b"PK\x03\x04 not really a map")
+        r = ros.call("load_map", MapCommand.Request(name="corrupt"))
+        assert not r.success and "corrupt" in r.message and r.keyframes == 84
+        r = ros.call("save_map", MapCommand.Request(name="run1"))
+        assert r.success and r.keyframes == 84 and (map_dir / "run1.npz").is_file()
+    finally:
+        out = stop_node(node)
+    assert node.returncode == 0, out[-3000:]
+    for needle in ("unsupported image encoding", "zero size", "bytes, height x step needs", "exceeds"):
+        assert needle in out, f"no log line for {needle!r}"
+
+    # -- restart, load the saved map, same answers -------------------------------------
+    node = start_node(map_dir, "-p", "load_map:=run1")
+    try:
+        ros.wait_ready()
+        r = ros.call("query_place", QueryPlace.Request(mode=QueryPlace.Request.BY_ID, keyframe_id=61, top_n=5))
+        assert r.success and list(r.ids) == before
+        assert ros.call("reset_map", MapCommand.Request()).keyframes == 0
+        assert not ros.call("query_place", QueryPlace.Request(mode=QueryPlace.Request.BY_ID, keyframe_id=61)).success
+    finally:
+        out = stop_node(node)
+    assert "loaded 84 keyframes" in out
