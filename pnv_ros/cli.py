@@ -188,6 +188,101 @@ def cmd_models(args: argparse.Namespace) -> int:
     raise PnvError("usage: pnv models {list,download,build-default}")
 
 
+def cmd_bag(args: argparse.Namespace) -> int:
+    from pnv_ros.bags import make_bag
+
+    if args.bag_cmd == "make":
+        n = make_bag(Path(args.images), Path(args.out), fmt=args.format, rate=args.rate, compressed=args.compressed,
+                     topic=args.topic, poses=Path(args.poses) if args.poses else None)  # fmt: skip
+        print(f"wrote {args.out}: {n} messages ({args.format}, {args.rate:g} Hz, topic {args.topic})")
+        return 0
+    import rclpy
+
+    from pnv_ros.ros.player import BagPlayer
+
+    remap = {}
+    for r in args.remap:
+        if ":=" not in r:
+            raise PnvError(f"bad --remap {r!r}: use FROM:=TO")
+        a, b = r.split(":=", 1)
+        remap[a] = b
+    rclpy.init()
+    try:
+        player = BagPlayer(Path(args.bag), remap)
+        player.wait_for_subscribers(args.wait)
+        n = player.play(rate=args.rate)
+        player.close()
+    finally:
+        rclpy.try_shutdown()
+    print(f"published {n} messages")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import shutil
+    import tempfile
+
+    from pnv_ros.bags import BagReader
+    from pnv_ros.detector import DetectorParams
+    from pnv_ros.eval.ground_truth import load_sequence_gt
+    from pnv_ros.eval.replay import replay_in_process, replay_through_node
+    from pnv_ros.eval.report import write_run
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise PnvError(f"{out} exists: choose a new run folder or pass --force")
+    preset = _preset(args)
+    with BagReader(Path(args.bag), args.topic) as r:  # fail early: topic, count
+        n_frames, topic = r.count, r.topic
+        stamps = [f for f in range(n_frames)]
+    positives = load_sequence_gt(args.gt, n_frames, radius=args.gt_radius, min_gap_s=args.gt_min_gap)
+    params = DetectorParams(top_n=args.top_n, matcher=args.matcher or "", min_score=args.threshold,
+                            exclude_recent_s=args.exclude_recent, min_interval_s=args.min_interval)  # fmt: skip
+    bar = None
+    if not args.quiet:
+        from tqdm import tqdm
+
+        bar = tqdm(total=n_frames, desc="replay", unit="frame")
+
+    def progress(i: int, n: int) -> None:
+        if bar is not None:
+            bar.n = i
+            bar.refresh()
+
+    from pnv_ros.model.checkpoint import ModelInfo, file_sha256
+    from pnv_ros.model.registry import resolve_checkpoint
+
+    ckpt = resolve_checkpoint(args.checkpoint, announce=_say)
+    if args.node:
+        result = replay_through_node(Path(args.bag), preset.name, str(ckpt), params, topic, args.config, progress)
+        model_id = ModelInfo(str(ckpt), file_sha256(ckpt), 0, 0, False).identity
+    else:
+        ex = _extractor(args, preset)
+        result = replay_in_process(Path(args.bag), ex, params, topic, progress)
+        model_id = ex.info.identity
+    if bar is not None:
+        bar.close()
+    del stamps
+    info = {"mode": "node" if args.node else "in-process", "bag": str(args.bag), "topic": topic, "gt": str(args.gt),
+            "model": model_id, "checkpoint": str(ckpt), "preset": preset.to_dict(), "params": params.__dict__,
+            "args": {k: v for k, v in vars(args).items() if k != "func"}}  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        m = write_run(tmp, result, positives, args.threshold, info, title=Path(args.bag).name)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing partial looks like a finished run
+        raise
+    at = m["at_threshold"]
+    print(f"wrote {out}: {m['keyframes']} keyframes, precision {at['precision']:.3f}, recall {at['recall']:.3f}, "
+          f"F1 {at['f1']:.3f} at {args.threshold:.2f}; AP {m['average_precision']:.3f}, "
+          f"R@100%P {m['recall_at_100_precision']:.3f}")  # fmt: skip
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pnv",
@@ -240,6 +335,47 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--matcher", choices=["ransac", "rapid"], default=None, help="override the preset's matcher")
     sp.add_argument("--out", default=None, help="side-by-side picture (.png) with matched patches joined")
     sp.set_defaults(func=cmd_match_two)
+
+    sp = sub.add_parser("bag", help="make ROS 2 bags from image folders, or play them")
+    bsub = sp.add_subparsers(dest="bag_cmd", required=True, metavar="ACTION")
+    b = bsub.add_parser("make", help="an image folder to a ROS 2 bag (mcap or sqlite3)")
+    b.add_argument("images", metavar="IMAGES_DIR", help="images in frame order (numeric names sort numerically)")
+    b.add_argument("--out", required=True, help="bag folder to create")
+    b.add_argument("--format", choices=["mcap", "sqlite3"], default="mcap")
+    b.add_argument("--rate", type=float, default=1.0, help="frames per second of the timestamps (default 1)")
+    b.add_argument("--compressed", action="store_true", help="sensor_msgs/CompressedImage (jpeg) instead of Image")
+    b.add_argument("--topic", default="/camera/image", help="image topic (default /camera/image)")
+    b.add_argument(
+        "--poses", default=None, help="CSV name,x,y[,z] (name = image stem): adds nav_msgs/Odometry on /odom"
+    )
+    b.set_defaults(func=cmd_bag)
+    b = bsub.add_parser("play", help="publish a bag over ROS 2 with its timing (where ros2 bag play is missing)")
+    b.add_argument("bag", metavar="BAG")
+    b.add_argument("--rate", type=float, default=1.0, help="speed factor")
+    b.add_argument("--remap", action="append", default=[], metavar="FROM:=TO", help="topic remapping (repeatable)")
+    b.add_argument("--wait", type=float, default=5.0, help="seconds to wait for subscribers before playing")
+    b.set_defaults(func=cmd_bag)
+
+    sp = sub.add_parser("eval", help="replay a bag through the loop-closure detector and report", description=(
+        "Runs the detector over a bag (in-process, or through a live node with --node) and writes RUN_DIR with "
+        "metrics.json, loop_closures.csv, pr_curve.png, latency.png, report.md and example pictures."))  # fmt: skip
+    common(sp)
+    sp.add_argument("bag", metavar="BAG")
+    sp.add_argument(
+        "--gt", required=True, help="GT matrix (.npy/.bmp/.png, frames x frames), CSV of positives, or positions CSV"
+    )
+    sp.add_argument("--gt-radius", type=float, default=None, help="distance threshold for a positions GT")
+    sp.add_argument("--gt-min-gap", type=float, default=0.0, help="minimum time gap (s) for a positions GT")
+    sp.add_argument("--out", required=True, metavar="RUN_DIR")
+    sp.add_argument("--force", action="store_true", help="replace an existing RUN_DIR")
+    sp.add_argument("--node", action="store_true", help="through a live loop_closure_node (bag played in lockstep)")
+    sp.add_argument("--topic", default=None, help="image topic (default: the bag's only image topic)")
+    sp.add_argument("--threshold", type=float, default=0.12, help="acceptance threshold on the absolute score")
+    sp.add_argument("--top-n", type=int, default=20)
+    sp.add_argument("--matcher", choices=["ransac", "rapid"], default=None)
+    sp.add_argument("--exclude-recent", type=float, default=10.0, help="seconds of recent keyframes excluded")
+    sp.add_argument("--min-interval", type=float, default=0.0, help="seconds between keyframes")
+    sp.set_defaults(func=cmd_eval)
 
     sp = sub.add_parser("models", help="list, download or build checkpoints")
     msub = sp.add_subparsers(dest="models_cmd", required=True, metavar="ACTION")

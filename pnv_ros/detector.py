@@ -111,6 +111,8 @@ class LoopClosureDetector:
         if not self.map.keyframes:
             return True
         last = self.map.keyframes[-1]
+        if stamp_ns <= last.stamp_ns:  # a repeated or out-of-order frame (re-sent, or a looping bag)
+            return False
         if (stamp_ns - last.stamp_ns) / 1e9 < self.params.min_interval_s:
             return False
         if self.params.min_travel_m > 0 and position is not None and last.position is not None:

@@ -12,7 +12,7 @@ fi
 echo "== installing dependencies (torch pinned; a minute or two)"
 .venv/bin/python -m pip install -q --upgrade pip setuptools wheel 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -m pip install -q -r requirements.txt 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -m pip install -q --no-build-isolation -e . 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -m pip install -q --no-build-isolation -e . --config-settings editable_mode=compat 2>&1 | grep -v "^WARNING: Location" || true
 # Test-only oracle: the authors' package, without its pinned dependencies.
 .venv/bin/python -m pip install -q --no-deps patchnetvlad==0.1.8 2>&1 | grep -v "^WARNING: Location" || true
 scripts/build_interfaces.sh

@@ -173,3 +173,94 @@ def recall_at_n(
         )
         out[int(n)] = hits / total if total else float("nan")
     return out
+
+
+def load_sequence_gt(
+    path: str | Path,
+    n_frames: int,
+    *,
+    stamps_ns: Sequence[int] | None = None,
+    radius: float | None = None,
+    min_gap_s: float = 0.0,
+) -> list[set[int]]:
+    """Loop-closure ground truth of one sequence: for each frame i, the earlier
+    frames j < i it closes a loop with (0-based frame order in the bag).
+
+    - a square matrix (.npy/.bmp/.png) G[i, j] over all frames;
+    - a CSV of positives (rtabmap style, 1-based frame numbers when they run 1..N);
+    - a positions CSV (x,y[,z] per frame, in frame order) with ``radius``: j is
+      positive when within the radius and at least ``min_gap_s`` older.
+    Only j < i is kept (online detection cannot match the future).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise GroundTruthError(f"ground truth file {path} does not exist")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".npy", ".bmp", ".png"):
+            if suffix == ".npy":
+                try:
+                    m = np.load(path, allow_pickle=False)
+                except ValueError:
+                    raise GroundTruthError(
+                        f"ground truth {path} holds Python objects (pickle), which are never loaded"
+                    ) from None
+            else:
+                from PIL import Image
+
+                with Image.open(path) as im:
+                    m = np.asarray(im.convert("L"))
+            if m.ndim != 2 or m.shape != (n_frames, n_frames):
+                raise GroundTruthError(
+                    f"ground truth {path} is a {m.shape} matrix but the sequence has {n_frames} frames: "
+                    f"give an {n_frames}x{n_frames} matrix"
+                )
+            return [set(np.flatnonzero(m[i, :i]).tolist()) for i in range(n_frames)]
+        if suffix == ".csv":
+            with open(path, newline="") as f:
+                rows = list(csv.DictReader(f))
+            if not rows:
+                raise GroundTruthError(f"ground truth {path} has no rows")
+            header = list(rows[0])
+            pos_col = next((c for c in header if c.lower().startswith("positive")), None)
+            if pos_col is not None:
+                keys = [int(r[header[0]]) for r in rows]
+                base = 1 if min(keys) == 1 and max(keys) == len(rows) else 0
+                if max(keys) - base >= n_frames or len(rows) != n_frames:
+                    raise GroundTruthError(
+                        f"ground truth {path} has {len(rows)} rows (frames {min(keys)}..{max(keys)}) but the "
+                        f"sequence has {n_frames} frames"
+                    )
+                out: list[set[int]] = [set() for _ in range(n_frames)]
+                for k, r in zip(keys, rows):
+                    i = k - base
+                    vals = [int(t) - base for t in (r[pos_col] or "").split()]
+                    if any(not 0 <= v < n_frames for v in vals):
+                        raise GroundTruthError(
+                            f"ground truth {path}: frame {k} names a positive outside 0..{n_frames - 1 + base}"
+                        )
+                    out[i] = {v for v in vals if v < i}
+                return out
+            if "x" in rows[0] and "y" in rows[0]:
+                if radius is None:
+                    raise GroundTruthError(
+                        f"ground truth {path} holds positions: give a distance threshold (--gt-radius)"
+                    )
+                if len(rows) != n_frames:
+                    raise GroundTruthError(
+                        f"ground truth {path} has {len(rows)} positions but the sequence has {n_frames} frames"
+                    )
+                xyz = np.array([[float(r["x"]), float(r["y"]), float(r.get("z") or 0.0)] for r in rows])
+                st = np.asarray(stamps_ns if stamps_ns is not None else np.arange(n_frames) * 1e9, dtype=np.float64)
+                out = []
+                for i in range(n_frames):
+                    d = np.linalg.norm(xyz[:i] - xyz[i], axis=1)
+                    old = (st[i] - st[:i]) / 1e9 >= min_gap_s
+                    out.append(set(np.flatnonzero((d <= radius) & old).tolist()))
+                return out
+            raise GroundTruthError(f"ground truth {path}: CSV needs a 'positive...' column or x,y columns")
+    except (OSError, ValueError, KeyError) as e:
+        if isinstance(e, GroundTruthError):
+            raise
+        raise GroundTruthError(f"ground truth {path} cannot be read: {e}") from None
+    raise GroundTruthError(f"ground truth {path}: use .npy, .bmp, .png or .csv")

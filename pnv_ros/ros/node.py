@@ -25,12 +25,12 @@ from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallb
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
-from std_msgs.msg import UInt32
+from std_msgs.msg import Header, UInt32
 from visualization_msgs.msg import Marker, MarkerArray
 
 from pnv_ros.config import load_preset
 from pnv_ros.detector import DetectorParams, LoopClosureDetector
-from pnv_ros.errors import PnvError
+from pnv_ros.errors import ImageError, PnvError
 from pnv_ros.extract import FeatureExtractor
 from pnv_ros.model.checkpoint import load_checkpoint
 from pnv_ros.model.registry import resolve_checkpoint
@@ -121,6 +121,9 @@ class LoopClosureNode(Node):
         self.create_subscription(Odometry, "odom", self._on_odom, 50, callback_group=sensors)
         self.pub_loop = self.create_publisher(LoopClosureMsg, "loop_closures", 10)
         self.pub_kf = self.create_publisher(UInt32, "~/keyframes", 10)
+        # One acknowledgement per frame taken from the slot (stamp = the frame's;
+        # frame_id = keyframe | skipped | error): lets replays run in lockstep.
+        self.pub_done = self.create_publisher(Header, "~/processed", 100)
         self.pub_img = self.create_publisher(Image, "~/match_image", 2)
         self.pub_markers = self.create_publisher(MarkerArray, "~/loop_markers", 2)
         self.pub_diag = self.create_publisher(DiagnosticArray, "/diagnostics", 5)
@@ -205,10 +208,12 @@ class LoopClosureNode(Node):
             rate = self.get_parameter("max_rate_hz").value
             if rate > 0 and time.monotonic() - self._last_processed < 1.0 / rate:
                 self.stats["dropped"] += 1
+                self.pub_done.publish(Header(stamp=msg.header.stamp, frame_id="dropped"))
                 continue
             self._last_processed = time.monotonic()
+            status = "error"
             try:
-                self._process(kind, msg)
+                status = "keyframe" if self._process(kind, msg) else "skipped"
             except PnvError as e:
                 self.stats["bad"] += 1
                 self.get_logger().warning(
@@ -217,20 +222,22 @@ class LoopClosureNode(Node):
             except Exception as e:  # keep running whatever one frame does
                 self.stats["bad"] += 1
                 self.get_logger().error(f"frame skipped: {type(e).__name__}: {e}")
+            self.pub_done.publish(Header(stamp=msg.header.stamp, frame_id=status))
 
-    def _process(self, kind: str, msg) -> None:  # type: ignore[no-untyped-def]
+    def _process(self, kind: str, msg) -> bool:  # type: ignore[no-untyped-def]
+        """One frame; True when it became a keyframe."""
         stamp = stamp_to_ns(msg.header.stamp)
         pos = self._position_at(stamp)
         if not self.detector.is_keyframe(stamp, pos):
-            return
-        arr = image_to_array(msg) if kind == "raw" else compressed_to_array(msg)
+            return False
+        arr = _decode(kind, msg)
         t0 = time.perf_counter()
         feats = self.detector.extractor.extract_one(arr)  # off the executor, outside the lock
         t_extract = time.perf_counter() - t0
         with self.lock:
             res = self.detector.process(feats, stamp, pos, self._intrinsics)
         if res.keyframe_id is None:
-            return
+            return False
         self.stats["keyframes"] += 1
         self.latency["extract"].append(t_extract)
         self.latency["rerank"].append(res.timings.get("rerank", 0.0))
@@ -238,7 +245,7 @@ class LoopClosureNode(Node):
         self._thumbs[res.keyframe_id] = _thumbnail(arr)
         self.pub_kf.publish(UInt32(data=res.keyframe_id))
         if res.loop is None:
-            return
+            return True
         lc = res.loop
         self.stats["loops"] += 1
         out = LoopClosureMsg()
@@ -257,6 +264,7 @@ class LoopClosureNode(Node):
         if pos is not None:
             self._edges.append((lc.query_id, lc.match_id))
             self._publish_markers(msg.header.frame_id)
+        return True
 
     def _publish_match_image(self, query_rgb: np.ndarray, lc, header) -> None:  # type: ignore[no-untyped-def]
         import io
@@ -397,6 +405,29 @@ class LoopClosureNode(Node):
         if name:
             ok, msg, _ = self._save(name)
             (self.get_logger().info if ok else self.get_logger().error)(msg)
+
+
+try:  # on robots: cv_bridge widens the accepted encodings (bayer, yuv, ...)
+    from cv_bridge import CvBridge
+
+    _BRIDGE = CvBridge()
+except Exception:  # noqa: BLE001 - absent here, or the ROS 1 PyPI build that breaks on numpy 2
+    _BRIDGE = None
+
+
+def _decode(kind: str, msg) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """Our checked decoding first (clear errors); cv_bridge for other encodings where present."""
+    if kind == "compressed":
+        return compressed_to_array(msg)
+    try:
+        return image_to_array(msg)
+    except ImageError as e:
+        if _BRIDGE is None or "unsupported image encoding" not in str(e):
+            raise
+        try:
+            return np.asarray(_BRIDGE.imgmsg_to_cv2(msg, desired_encoding="rgb8"))
+        except Exception as e2:  # noqa: BLE001
+            raise ImageError(f"{e}; cv_bridge could not convert it either: {e2}") from None
 
 
 def _thumbnail(arr: np.ndarray, width: int = 320) -> bytes:

@@ -1,0 +1,221 @@
+"""ROS 2 bags through ``rosbags`` (pure Python; no rosbag2 needed).
+
+Writes image sequences as real ROS 2 bags (mcap or sqlite3) with
+sensor_msgs/Image or CompressedImage and, with poses, nav_msgs/Odometry, and
+reads them back as frames. Its CDR bytes equal rclpy's, so a bag can be
+replayed by publishing the raw bytes.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pnv_ros.errors import PnvError
+from pnv_ros.images import list_images, load_image
+
+
+class BagError(PnvError):
+    """A bag cannot be written or read, or lacks what is asked of it."""
+
+
+IMAGE_TYPES = ("sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage")
+ODOM_TYPE = "nav_msgs/msg/Odometry"
+#: Bags start at this wall-clock time (2023-11-14) so stamps look like a robot's.
+T0_NS = 1_700_000_000_000_000_000
+
+
+def _typestore():  # type: ignore[no-untyped-def]
+    from rosbags.typesys import Stores, get_typestore
+
+    return get_typestore(Stores.ROS2_HUMBLE)
+
+
+@dataclass
+class Frame:
+    """One image from a bag. rgb: (H, W, 3) uint8; position: (3,) or None."""
+
+    index: int
+    stamp_ns: int
+    rgb: np.ndarray
+    frame_id: str
+    position: np.ndarray | None = None
+
+
+def read_poses(path: Path) -> dict[str, np.ndarray]:
+    """Poses CSV ``name,x,y[,z]`` (name = image file stem) to positions."""
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        return {r["name"]: np.array([float(r["x"]), float(r["y"]), float(r.get("z") or 0.0)]) for r in rows}
+    except (OSError, KeyError, ValueError) as e:
+        raise BagError(f"poses file {path}: need columns name,x,y[,z] ({e})") from None
+
+
+def make_bag(
+    images_dir: Path | list[Path],
+    out: Path,
+    *,
+    fmt: str = "mcap",
+    rate: float = 1.0,
+    compressed: bool = False,
+    topic: str = "/camera/image",
+    poses: Path | None = None,
+    frame_id: str = "camera",
+    odom_topic: str = "/odom",
+) -> int:
+    """Write images (in frame order) as a ROS 2 bag; returns the message count."""
+    from rosbags.rosbag2 import StoragePlugin, Writer
+
+    if rate <= 0:
+        raise BagError(f"rate {rate} must be positive")
+    if fmt not in ("mcap", "sqlite3"):
+        raise BagError(f"format {fmt!r}: use mcap or sqlite3")
+    paths = list_images(images_dir if isinstance(images_dir, list) else [images_dir])
+    pos = read_poses(poses) if poses else None
+    if pos is not None:
+        missing = [p.stem for p in paths if p.stem not in pos]
+        if missing:
+            raise BagError(f"poses file {poses} has no pose for {len(missing)} image(s), e.g. {missing[:3]}")
+    if out.exists():
+        raise BagError(f"{out} exists: choose a new bag path")
+    ts = _typestore()
+    T = ts.types  # noqa: N806
+    Time, Header = T["builtin_interfaces/msg/Time"], T["std_msgs/msg/Header"]  # noqa: N806
+    plugin = StoragePlugin.MCAP if fmt == "mcap" else StoragePlugin.SQLITE3
+    count = 0
+    with Writer(out, version=8, storage_plugin=plugin) as w:
+        itype = IMAGE_TYPES[1] if compressed else IMAGE_TYPES[0]
+        conn = w.add_connection(topic, itype, typestore=ts)
+        oconn = w.add_connection(odom_topic, ODOM_TYPE, typestore=ts) if pos is not None else None
+        for i, p in enumerate(paths):
+            t = T0_NS + int(round(i * 1e9 / rate))
+            stamp = Time(sec=t // 1_000_000_000, nanosec=t % 1_000_000_000)
+            header = Header(stamp=stamp, frame_id=frame_id)
+            if compressed:
+                data = p.read_bytes() if p.suffix.lower() in (".jpg", ".jpeg") else _jpeg(p)
+                msg = T[itype](header=header, format="jpeg", data=np.frombuffer(data, np.uint8))
+            else:
+                rgb = np.asarray(load_image(p))
+                msg = T[itype](header=header, height=rgb.shape[0], width=rgb.shape[1], encoding="rgb8",
+                               is_bigendian=0, step=rgb.shape[1] * 3, data=rgb.reshape(-1))  # fmt: skip
+            w.write(conn, t, ts.serialize_cdr(msg, itype))
+            count += 1
+            if oconn is not None and pos is not None:
+                w.write(oconn, t, ts.serialize_cdr(_odom(T, header, pos[p.stem]), ODOM_TYPE))
+                count += 1
+    return count
+
+
+def _jpeg(p: Path) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    load_image(p).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def _odom(T, header, xyz: np.ndarray):  # type: ignore[no-untyped-def]  # noqa: N803
+    P = T["geometry_msgs/msg/Point"]  # noqa: N806
+    Q = T["geometry_msgs/msg/Quaternion"]  # noqa: N806
+    pose = T["geometry_msgs/msg/Pose"](position=P(x=float(xyz[0]), y=float(xyz[1]), z=float(xyz[2])),
+                                       orientation=Q(x=0.0, y=0.0, z=0.0, w=1.0))  # fmt: skip
+    pwc = T["geometry_msgs/msg/PoseWithCovariance"](pose=pose, covariance=np.zeros(36))
+    V = T["geometry_msgs/msg/Vector3"]  # noqa: N806
+    tw = T["geometry_msgs/msg/Twist"](linear=V(x=0.0, y=0.0, z=0.0), angular=V(x=0.0, y=0.0, z=0.0))
+    twc = T["geometry_msgs/msg/TwistWithCovariance"](twist=tw, covariance=np.zeros(36))
+    return T[ODOM_TYPE](header=T["std_msgs/msg/Header"](stamp=header.stamp, frame_id="odom"),
+                        child_frame_id="base_link", pose=pwc, twist=twc)  # fmt: skip
+
+
+class BagReader:
+    """Frames (and odometry) of one image topic; a context manager."""
+
+    def __init__(self, path: Path, topic: str | None = None) -> None:
+        from rosbags.rosbag2 import Reader
+
+        self.path = Path(path)
+        if not self.path.exists():
+            raise BagError(f"bag {self.path} does not exist")
+        try:
+            self._reader = Reader(self.path)
+            self._reader.open()
+        except Exception as e:  # rosbags raises its own types for every kind of bad file
+            raise BagError(f"bag {self.path} cannot be read: {type(e).__name__}: {e}") from None
+        self.ts = _typestore()
+        topics = {c.topic: c.msgtype for c in self._reader.connections}
+        images = [t for t, ty in topics.items() if ty in IMAGE_TYPES]
+        if topic is None:
+            if len(images) != 1:
+                self.close()
+                raise BagError(
+                    f"bag {self.path}: give --topic, image topics are {images or 'none'}; all topics: {_fmt(topics)}"
+                )
+            topic = images[0]
+        if topic not in topics or topics[topic] not in IMAGE_TYPES:
+            self.close()
+            raise BagError(f"bag {self.path} has no image topic {topic!r}; its topics: {_fmt(topics)}")
+        self.topic, self.msgtype = topic, topics[topic]
+        self._conns = [c for c in self._reader.connections if c.topic == topic]
+        self._odom = [c for c in self._reader.connections if c.msgtype == ODOM_TYPE]
+        self.count = sum(c.msgcount for c in self._conns)
+
+    def __enter__(self) -> BagReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        try:
+            self._reader.close()
+        except Exception:  # noqa: BLE001, S110 - closing a half-open reader
+            pass
+
+    def odometry(self) -> list[tuple[int, np.ndarray]]:
+        out: list[tuple[int, np.ndarray]] = []
+        if not self._odom:  # an empty selection would mean every connection
+            return out
+        for c, _, raw in self._reader.messages(connections=self._odom):
+            m = self.ts.deserialize_cdr(raw, c.msgtype)
+            p = m.pose.pose.position
+            out.append((m.header.stamp.sec * 1_000_000_000 + m.header.stamp.nanosec, np.array([p.x, p.y, p.z])))
+        return out
+
+    def frames(self) -> Iterator[Frame]:
+        from pnv_ros.image_msgs import decode_image
+
+        odom = self.odometry()
+        ostamps = np.array([s for s, _ in odom]) if odom else None
+        for i, (c, _, raw) in enumerate(self._reader.messages(connections=self._conns)):
+            try:
+                m = self.ts.deserialize_cdr(raw, c.msgtype)
+            except Exception as e:  # noqa: BLE001
+                raise BagError(f"bag {self.path}: message {i} on {self.topic} cannot be decoded: {e}") from None
+            stamp = m.header.stamp.sec * 1_000_000_000 + m.header.stamp.nanosec
+            rgb = decode_image(m, compressed=c.msgtype == IMAGE_TYPES[1])
+            pos = None
+            if ostamps is not None:
+                j = int(np.argmin(np.abs(ostamps - stamp)))
+                if abs(int(ostamps[j]) - stamp) <= 100_000_000:
+                    pos = odom[j][1]
+            yield Frame(i, stamp, rgb, m.header.frame_id, pos)
+
+    def raw_messages(self, topics: list[str] | None = None) -> Iterator[tuple[str, str, int, bytes]]:
+        """(topic, msgtype, bag time ns, CDR bytes) of every message, in time order."""
+        conns = [c for c in self._reader.connections if topics is None or c.topic in topics]
+        if not conns:
+            return
+        for c, t, raw in self._reader.messages(connections=conns):
+            yield c.topic, c.msgtype, t, bytes(raw)
+
+    def topics(self) -> dict[str, str]:
+        return {c.topic: c.msgtype for c in self._reader.connections}
+
+
+def _fmt(topics: dict[str, str]) -> str:
+    return ", ".join(f"{t} ({ty})" for t, ty in topics.items()) or "none"

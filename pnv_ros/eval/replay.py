@@ -1,0 +1,180 @@
+"""A bag through the loop-closure detector: in-process, or through a live node.
+
+Both modes use the same detector code and record, per keyframe, its best
+re-ranked candidate with its absolute score (acceptance threshold applied
+afterwards), so the precision-recall curve covers every threshold and the two
+modes can be compared loop by loop.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pnv_ros.bags import BagError, BagReader
+from pnv_ros.detector import DetectorParams, LoopClosureDetector
+from pnv_ros.extract import FeatureExtractor
+
+
+@dataclass
+class KeyframeRecord:
+    """One keyframe's outcome. frame: index in the bag; match_frame -1 = no candidate."""
+
+    frame: int
+    stamp_ns: int
+    match_frame: int
+    score: float
+    global_distance: float
+    num_matches: int
+    num_inliers: int
+    top_frames: list[int] = field(default_factory=list)
+    t_extract: float = float("nan")
+    t_rerank: float = float("nan")
+    t_total: float = float("nan")
+
+
+@dataclass
+class ReplayResult:
+    records: list[KeyframeRecord]
+    n_frames: int
+    stamps_ns: list[int]
+    wall_s: float
+    peak_rss_mb: float
+    map_bytes_per_keyframe: float
+    thumbnails: dict[int, np.ndarray]
+
+
+def _thumb(rgb: np.ndarray, width: int = 320) -> np.ndarray:
+    from PIL import Image
+
+    im = Image.fromarray(rgb if rgb.ndim == 3 else np.stack([rgb] * 3, -1))
+    return np.asarray(im.resize((width, max(1, round(im.height * width / im.width)))))
+
+
+def replay_in_process(
+    bag: Path,
+    extractor: FeatureExtractor,
+    params: DetectorParams,
+    topic: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> ReplayResult:
+    """Every image of the bag through a LoopClosureDetector in this process."""
+    det = LoopClosureDetector(extractor, DetectorParams(**{**params.__dict__, "min_score": 0.0}))
+    records: list[KeyframeRecord] = []
+    kf_frame: list[int] = []
+    stamps: list[int] = []
+    thumbs: dict[int, np.ndarray] = {}
+    t0 = time.perf_counter()
+    with BagReader(bag, topic) as r:
+        total = r.count
+        for fr in r.frames():
+            stamps.append(fr.stamp_ns)
+            res = det.process(fr.rgb, fr.stamp_ns, fr.position)
+            if res.keyframe_id is not None:
+                kf_frame.append(fr.index)
+                thumbs[fr.index] = _thumb(fr.rgb)
+                c = res.candidates[0] if res.candidates else None
+                records.append(KeyframeRecord(
+                    fr.index, fr.stamp_ns, kf_frame[c.id] if c else -1, c.score if c else 0.0,
+                    c.global_distance if c else float("nan"), c.num_matches if c else 0, c.num_inliers if c else 0,
+                    [kf_frame[x.id] for x in res.candidates], res.timings.get("extract", np.nan),
+                    res.timings.get("rerank", np.nan), res.timings.get("total", np.nan),
+                ))  # fmt: skip
+            if progress:
+                progress(fr.index + 1, total)
+    wall = time.perf_counter() - t0
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return ReplayResult(records, len(stamps), stamps, wall, rss, det.map.nbytes_per_keyframe(), thumbs)
+
+
+def replay_through_node(
+    bag: Path,
+    preset_name: str,
+    checkpoint: str | None,
+    params: DetectorParams,
+    topic: str | None = None,
+    config_file: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    node_timeout_s: float = 180.0,
+) -> ReplayResult:
+    """Play the bag into a live loop_closure_node (lockstep) and record its output.
+
+    The node runs with min_score 0 so that every keyframe's best candidate is
+    published; thresholds are applied afterwards, as in-process.
+    """
+    import rclpy
+
+    from pnv_ros.msg import LoopClosure
+    from pnv_ros.ros.conversions import stamp_to_ns
+    from pnv_ros.ros.player import BagPlayer
+
+    with BagReader(bag, topic) as r:
+        image_topic, total = r.topic, r.count
+        frames = list(r.frames())
+    stamps = [f.stamp_ns for f in frames]
+    frame_of = {s: i for i, s in enumerate(stamps)}
+    exe = str(Path(sys.executable).parent / "loop_closure_node")
+    args = [exe, "--ros-args", "-r", f"image:={image_topic}", "-p", f"preset:={preset_name}",
+            "-p", "min_score:=0.0", "-p", f"top_n:={params.top_n}",
+            "-p", f"exclude_recent_s:={float(params.exclude_recent_s)}",
+            "-p", f"min_interval_s:={float(params.min_interval_s)}",
+            "-p", f"min_travel_m:={float(params.min_travel_m)}",
+            "-p", f"temporal_k:={params.temporal_k}"]  # fmt: skip
+    if params.matcher:
+        args += ["-p", f"matcher:={params.matcher}"]
+    if checkpoint:
+        args += ["-p", f"checkpoint:={checkpoint}"]
+    if config_file:
+        args += ["-p", f"config_file:={config_file}"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
+    rclpy.init()
+    loops: list = []
+    player = None
+    t0 = time.perf_counter()
+    try:
+        player = BagPlayer(bag)
+        player.node.create_subscription(LoopClosure, "loop_closures", loops.append, 1000)
+        if not player.wait_for_subscribers(node_timeout_s, alive=lambda: proc.poll() is None):
+            out = proc.communicate(timeout=10)[0] if proc.poll() is not None else ""
+            raise BagError(
+                f"loop_closure_node did not subscribe to {image_topic}: " + (out.strip()[-600:] or "timed out")
+            )
+        player.lockstep(image_topic, progress=(lambda n: progress(n, total)) if progress else None)
+        keyframes = {stamp_to_ns(a.stamp) for a in player.acks if a.frame_id == "keyframe"}  # first ack per stamp wins
+        end = time.time() + 5
+        while time.time() < end:
+            rclpy.spin_once(player.node, timeout_sec=0.05)
+        wall = time.perf_counter() - t0
+    finally:
+        if player is not None:
+            player.close()
+        rclpy.try_shutdown()
+        proc.terminate()
+        try:
+            out, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+    best: dict[int, object] = {}
+    for lc in loops:
+        best[stamp_to_ns(lc.query_stamp)] = lc
+    records = []
+    for i, s in enumerate(stamps):
+        if s not in keyframes:
+            continue
+        lc = best.get(s)
+        m = frame_of.get(stamp_to_ns(lc.match_stamp), -1) if lc is not None else -1
+        records.append(KeyframeRecord(i, s, m, float(lc.score) if lc else 0.0,
+                                      float(lc.global_distance) if lc else float("nan"),
+                                      int(lc.num_matches) if lc else 0, int(lc.num_inliers) if lc else 0,
+                                      [m] if m >= 0 else []))  # fmt: skip
+    thumbs = {f.index: _thumb(f.rgb) for f in frames}
+    return ReplayResult(records, len(stamps), stamps, wall, float("nan"), float("nan"), thumbs)
