@@ -283,6 +283,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from pnv_ros.bench import run_bench
+    from pnv_ros.images import list_images
+
+    preset = _preset(args)
+    ex = _extractor(args, preset)
+    res = run_bench(ex, list_images(args.images), top_n=args.top_n, repeats=args.repeats)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=1))
+    print(f"{preset.name} on {res['device']}: {res['seconds_per_image']:.3f} s/image, "
+          f"{res['ms_per_candidate']:.2f} ms/candidate ({res['matcher']}, top {args.top_n} batched), "
+          f"global search {', '.join(f'{v:.2f} ms @ {k}' for k, v in res['global_search_ms_by_map_size'].items())}, "
+          f"{res['bytes_per_keyframe'] / 1e6:.2f} MB/keyframe ({res['patch_dtype']}); wrote {args.out}")  # fmt: skip
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pnv",
@@ -376,6 +392,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--exclude-recent", type=float, default=10.0, help="seconds of recent keyframes excluded")
     sp.add_argument("--min-interval", type=float, default=0.0, help="seconds between keyframes")
     sp.set_defaults(func=cmd_eval)
+
+    sp = sub.add_parser("bench", help="this project's in-process costs (medians)")
+    common(sp)
+    sp.add_argument("--out", required=True, help="BENCH.json")
+    sp.add_argument("--top-n", type=int, default=100, help="candidates re-ranked per query (batched)")
+    sp.add_argument("--repeats", type=int, default=3)
+    sp.add_argument("images", nargs="+", metavar="IMAGE")
+    sp.set_defaults(func=cmd_bench)
 
     sp = sub.add_parser("models", help="list, download or build checkpoints")
     msub = sp.add_subparsers(dest="models_cmd", required=True, metavar="ACTION")

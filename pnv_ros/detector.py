@@ -90,11 +90,19 @@ class FrameResult:
 class LoopClosureDetector:
     """Keyframe map plus loop detection with one extractor and preset."""
 
-    def __init__(self, extractor: FeatureExtractor, params: DetectorParams | None = None, index_kind: str = "flat"):
+    def __init__(
+        self,
+        extractor: FeatureExtractor,
+        params: DetectorParams | None = None,
+        index_kind: str = "flat",
+        patch_dtype: str = "float16",
+    ):
         self.extractor = extractor
         self.preset: Preset = extractor.preset
         self.params = params or DetectorParams()
-        self.map = PlaceMap(extractor.dim, self.preset, extractor.info.identity if extractor.info else "", index_kind)
+        self.map = PlaceMap(
+            extractor.dim, self.preset, extractor.info.identity if extractor.info else "", index_kind, patch_dtype
+        )
         self._history: list[int | None] = []  # best candidate id of recent keyframes (None: no candidate)
 
     # -- configuration ------------------------------------------------------------------
@@ -103,7 +111,9 @@ class LoopClosureDetector:
         return PatchMatcher(self.preset, Matcher.parse(m) if m else None, device=self.extractor.device)
 
     def reset(self) -> None:
-        self.map = PlaceMap(self.map.dim, self.preset, self.map.model_id, self.map.index_kind)
+        self.map = PlaceMap(
+            self.map.dim, self.preset, self.map.model_id, self.map.index_kind, self.map.patch_dtype.name
+        )
         self._history.clear()
 
     # -- keyframe policy ------------------------------------------------------------------

@@ -103,7 +103,7 @@ class PatchMatcher:
         n = len(preset.patch_sizes)
         self.grids = [patch_grid(preset, s) for s in range(n)]
         self.keypoints = [patch_keypoints(preset, s) for s in range(n)]
-        self._grid_t = [torch.as_tensor(g, dtype=torch.float64) for g in self.grids]
+        self._grid_t = [torch.as_tensor(g, dtype=torch.float64, device=self.device) for g in self.grids]
 
     # -- mutual nearest neighbours ---------------------------------------------------------
     def _mutual(self, q: torch.Tensor, dbs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,7 +124,6 @@ class PatchMatcher:
     def _rapid(self, fw: torch.Tensor, mutual: torch.Tensor, scale: int, pq: int) -> torch.Tensor:
         """Rapid spatial scoring, vectorised over candidates. -> (n,) float64."""
         grid = self._grid_t[scale]
-        fw, mutual = fw.cpu(), mutual.cpu()
         d = grid.unsqueeze(0) - grid[fw]  # (n, Pb, 2): db index - query index
         m = mutual.to(torch.float64).unsqueeze(-1)
         count = m.sum(dim=1)  # (n, 1)
@@ -133,7 +132,7 @@ class PatchMatcher:
         xmax, ymax = grid[:, 0].max(), grid[:, 1].max()
         s = ((xmax - e[..., 0]) ** 2 + (ymax - e[..., 1]) ** 2) * m[..., 0]
         score = -s.sum(dim=1) / pq
-        return torch.where(count[:, 0] > 0, score, torch.zeros_like(score))
+        return torch.where(count[:, 0] > 0, score, torch.zeros_like(score)).cpu()
 
     def _ransac(
         self, db_idx: np.ndarray, q_idx: np.ndarray, scale: int, pq: int
@@ -162,27 +161,51 @@ class PatchMatcher:
         query.patches[s]: (Pq_s, D); each candidate's: (Pb_s, D).
         Returns Scores with raw (N, S).
         """
-        n, n_scales = len(candidates), len(self.preset.patch_sizes)
+        n_scales = len(self.preset.patch_sizes)
+        qs = [
+            torch.as_tensor(np.asarray(query.patches[s], dtype=np.float32), device=self.device) for s in range(n_scales)
+        ]
+
+        def chunks(s: int):  # type: ignore[no-untyped-def]
+            for start in range(0, len(candidates), CHUNK):
+                chunk = candidates[start : start + CHUNK]
+                yield torch.as_tensor(np.stack([np.asarray(c.patches[s], dtype=np.float32) for c in chunk]),
+                                      device=self.device)  # fmt: skip
+
+        return self._score(qs, [chunks(s) for s in range(n_scales)], len(candidates), details)
+
+    def score_stacked(
+        self, query: Sequence[torch.Tensor], dbs: Sequence[torch.Tensor], details: bool = False
+    ) -> Scores:
+        """Raw scores against candidates already stacked (on the device).
+
+        query[s]: (Pq_s, D); dbs[s]: (N, Pb_s, D) float32 on ``self.device``.
+        Nothing is copied to the device: for maps held there (GPU).
+        """
+        n = int(dbs[0].shape[0])
+        return self._score(list(query), [iter(d.split(CHUNK)) for d in dbs], n, details)
+
+    def _score(self, qs: list[torch.Tensor], chunk_iters: list, n: int, details: bool) -> Scores:
+        n_scales = len(qs)
         raw = np.zeros((n, n_scales))
         nm = np.zeros((n, n_scales), dtype=np.int64)
         ni = np.zeros((n, n_scales), dtype=np.int64)
         det: list[list[ScaleMatch]] = [[] for _ in range(n)] if details else []
         for s in range(n_scales):
-            q = torch.as_tensor(np.asarray(query.patches[s], dtype=np.float32), device=self.device)
+            q = qs[s]
             pq = q.shape[0]
-            for start in range(0, n, CHUNK):
-                chunk = candidates[start : start + CHUNK]
-                dbs = torch.as_tensor(
-                    np.stack([np.asarray(c.patches[s], dtype=np.float32) for c in chunk]), device=self.device
-                )
+            start = 0
+            for dbs in chunk_iters[s]:
+                size = int(dbs.shape[0])
                 fw, mutual = self._mutual(q, dbs)
                 if self.matcher is Matcher.RAPID and not details:
-                    raw[start : start + len(chunk), s] = self._rapid(fw, mutual, s, pq).numpy()
-                    nm[start : start + len(chunk), s] = mutual.sum(dim=1).cpu().numpy()
+                    raw[start : start + size, s] = self._rapid(fw, mutual, s, pq).numpy()
+                    nm[start : start + size, s] = mutual.sum(dim=1).cpu().numpy()
+                    start += size
                     continue
                 fw_np, mutual_np = fw.cpu().numpy(), mutual.cpu().numpy()
                 rapid = self._rapid(fw, mutual, s, pq).numpy() if self.matcher is Matcher.RAPID else None
-                for j in range(len(chunk)):
+                for j in range(size):
                     i = start + j
                     db_idx = np.flatnonzero(mutual_np[j])
                     q_idx = fw_np[j][db_idx]
@@ -195,6 +218,7 @@ class PatchMatcher:
                         ni[i, s] = int(inl.sum())
                     if details:
                         det[i].append(ScaleMatch(float(raw[i, s]), db_idx, q_idx, inl, hom))
+                start += size
         return Scores(raw, nm, ni, det)
 
     def absolute(self, raw: np.ndarray) -> np.ndarray:

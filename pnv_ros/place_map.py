@@ -36,10 +36,20 @@ class Keyframe:
 
 
 class PlaceMap:
-    """Incremental keyframe map. Ids are 0, 1, 2, ... in insertion order."""
+    """Incremental keyframe map. Ids are 0, 1, 2, ... in insertion order.
 
-    def __init__(self, dim: int, preset: Preset, model_id: str, index_kind: str = "flat") -> None:
+    Patch descriptors are stored as ``patch_dtype`` (float16 by default: half
+    the memory; re-ranking decisions on the RTAB-Map loop are unchanged, see
+    test/test_place_map.py); global descriptors stay float32 in FAISS.
+    """
+
+    def __init__(
+        self, dim: int, preset: Preset, model_id: str, index_kind: str = "flat", patch_dtype: str = "float16"
+    ) -> None:
+        if patch_dtype not in ("float16", "float32"):
+            raise MapError(f"patch_dtype {patch_dtype!r}: use float16 or float32")
         self.dim, self.preset, self.model_id, self.index_kind = dim, preset, model_id, index_kind
+        self.patch_dtype = np.dtype(patch_dtype)
         self.index = GlobalIndex(dim, index_kind)
         self.keyframes: list[Keyframe] = []
 
@@ -47,7 +57,12 @@ class PlaceMap:
         return len(self.keyframes)
 
     def add(self, features: PlaceFeatures, stamp_ns: int, position: np.ndarray | None = None) -> int:
-        kf = Keyframe(len(self.keyframes), int(stamp_ns), features, position)
+        stored = PlaceFeatures(
+            np.asarray(features.global_desc, np.float32),
+            [np.ascontiguousarray(p, dtype=self.patch_dtype) for p in features.patches],
+            features.image_size,
+        )
+        kf = Keyframe(len(self.keyframes), int(stamp_ns), stored, position)
         self.index.add(features.global_desc)
         self.keyframes.append(kf)
         return kf.id
@@ -77,7 +92,8 @@ class PlaceMap:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"format": FORMAT, "version": VERSION, "dim": self.dim, "preset": self.preset.to_dict(),
-                "model_id": self.model_id, "index_kind": self.index_kind, "count": len(self)}  # fmt: skip
+                "model_id": self.model_id, "index_kind": self.index_kind, "count": len(self),
+                "patch_dtype": self.patch_dtype.name}  # fmt: skip
         n = len(self)
         arrays = {
             "meta": np.array(json.dumps(meta)),
@@ -94,7 +110,7 @@ class PlaceMap:
             arrays[f"patches_p{size}"] = (
                 np.stack([k.features.patches[s] for k in self.keyframes])
                 if n
-                else np.zeros((0, self.preset.num_patches(s), self.dim), np.float32)
+                else np.zeros((0, self.preset.num_patches(s), self.dim), self.patch_dtype)
             )
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
@@ -133,7 +149,8 @@ class PlaceMap:
                 f"map file {path} was made with patch sizes {list(preset.patch_sizes)}, the node runs "
                 f"{list(expect_preset.patch_sizes)}: use the same preset"
             )
-        m = cls(meta["dim"], expect_preset or preset, meta.get("model_id", ""), meta.get("index_kind", "flat"))
+        m = cls(meta["dim"], expect_preset or preset, meta.get("model_id", ""), meta.get("index_kind", "flat"),
+                meta.get("patch_dtype", "float32"))  # fmt: skip
         try:
             patches = [data[f"patches_p{s}"] for s in preset.patch_sizes]
             for i in range(int(meta["count"])):

@@ -83,9 +83,10 @@ class Client:
         assert self.spin_until(fut.done, timeout), f"service {name} timed out"
         return fut.result()
 
-    def wait_ready(self) -> None:
+    def wait_ready(self, pub=None) -> None:  # type: ignore[no-untyped-def]
         assert self.clients["reset_map"].wait_for_service(timeout_sec=120), "node did not come up"
-        assert self.spin_until(lambda: self.pub.get_subscription_count() > 0, 30)
+        pub = pub or self.pub
+        assert self.spin_until(lambda: pub.get_subscription_count() > 0, 30)
 
 
 @pytest.fixture(scope="module")
@@ -183,3 +184,62 @@ def test_node_end_to_end(ros: Client, tmp_path_factory: pytest.TempPathFactory) 
     finally:
         out = stop_node(node)
     assert "loaded 84 keyframes" in out
+
+
+@pytest.mark.slow
+def test_node_compressed_odometry_pose_markers(ros: Client, tmp_path: Path) -> None:
+    """Compressed input (corrupt bytes survive), odometry markers, relative pose, match image."""
+    from nav_msgs.msg import Odometry
+    from sensor_msgs.msg import CameraInfo, CompressedImage
+    from std_msgs.msg import Header
+    from visualization_msgs.msg import MarkerArray
+
+    node = start_node(tmp_path, "-p", "compressed:=true", "-p", "matcher:=ransac")
+    n = ros.node
+    pub = n.create_publisher(CompressedImage, "image/compressed", 10)
+    pub_info = n.create_publisher(CameraInfo, "camera_info", 10)
+    pub_odom = n.create_publisher(Odometry, "odom", 50)
+    acks: list[Header] = []
+    markers: list[MarkerArray] = []
+    pictures: list[Image] = []
+    n.create_subscription(Header, "loop_closure/processed", acks.append, 100)
+    n.create_subscription(MarkerArray, "loop_closure/loop_markers", markers.append, 10)
+    n.create_subscription(Image, "loop_closure/match_image", pictures.append, 10)
+    ros.loops.clear()
+    try:
+        ros.wait_ready(pub)
+        assert ros.spin_until(lambda: pub_odom.get_subscription_count() > 0, 30)
+        info = CameraInfo(width=512, height=384)
+        info.k = [400.0, 0.0, 256.0, 0.0, 400.0, 192.0, 0.0, 0.0, 1.0]
+        pub_info.publish(info)
+
+        def send(sec: int, data: bytes, x: float) -> str:
+            o = Odometry()
+            o.header.stamp.sec = sec
+            o.pose.pose.position.x = x
+            pub_odom.publish(o)
+            ros.spin_until(lambda: False, 0.2)
+            m = CompressedImage(format="jpeg", data=data)
+            m.header.stamp.sec = sec
+            m.header.frame_id = "odom"
+            pub.publish(m)
+            assert ros.spin_until(lambda: any(a.stamp.sec == sec for a in acks), 60), f"no ack for {sec}"
+            return next(a.frame_id for a in acks if a.stamp.sec == sec)
+
+        assert send(1, b"\xff\xd8\xff\xe0 definitely not a jpeg", 0.0) == "error"
+        assert send(2, rtab_frame(22).read_bytes(), 0.0) == "keyframe"
+        assert send(3, rtab_frame(3).read_bytes(), 5.0) == "keyframe"
+        assert send(30, rtab_frame(62).read_bytes(), 0.5) == "keyframe"  # revisits frame 22
+        assert ros.spin_until(lambda: len(ros.loops) >= 1 and markers and pictures, 30)
+    finally:
+        out = stop_node(node)
+    lc = ros.loops[-1]
+    assert lc.query_stamp.sec == 30 and lc.match_stamp.sec == 2 and lc.method == "ransac" and lc.num_inliers > 0
+    if lc.has_relative_pose:  # monocular: unit translation, huge translation variance
+        t = lc.relative_pose.pose.position
+        assert abs(np.linalg.norm([t.x, t.y, t.z]) - 1.0) < 1e-3
+        assert lc.relative_pose.covariance[0] >= 1e5
+    m = markers[-1].markers[0]
+    assert len(m.points) == 2 and {m.points[0].x, m.points[1].x} == {0.5, 0.0}
+    assert pictures[-1].width > 512 and pictures[-1].encoding == "rgb8"
+    assert "cannot be decoded" in out

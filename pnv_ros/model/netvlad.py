@@ -8,6 +8,8 @@ patch VLAD as a box sum of its integral image.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -88,6 +90,19 @@ class PatchNetVLADModel(nn.Module):
         self.num_pcs = num_pcs
         if num_pcs > 0:
             self.WPCA = nn.Sequential(nn.Conv2d(num_clusters * ENCODER_DIM, num_pcs, kernel_size=(1, 1)))
+        # Large work buffers (~160 MB at 640x480), kept per thread: allocating
+        # them afresh costs more in page faults than the arithmetic on them.
+        self._scratch = threading.local()
+
+    def _buffer(self, name: str, shape: tuple[int, ...], like: torch.Tensor, zero: bool = False) -> torch.Tensor:
+        """A reusable tensor of this shape (zeroed when first made if ``zero``); not cached under autograd."""
+        cache = self._scratch.__dict__.setdefault("cache", {})
+        t = cache.get(name)
+        if t is None or t.shape != shape or t.dtype != like.dtype or t.device != like.device or torch.is_grad_enabled():
+            t = like.new_zeros(shape) if zero else like.new_empty(shape)
+            if not torch.is_grad_enabled():
+                cache[name] = t
+        return t
 
     @property
     def dim(self) -> int:
@@ -110,20 +125,61 @@ class PatchNetVLADModel(nn.Module):
         images: (B, 3, H, W) normalised RGB.
         Returns global (B, D) and, per patch size, (B, P, D) with patches in
         row-major order over the (row, col) patch grid.
+
+        The residual map r_k(i) is written once, straight into a zero-padded
+        buffer that two in-place cumulative sums turn into its integral image;
+        the global VLAD is the integral's last cell, every patch VLAD a box
+        sum of it. Patch vectors stay in (K*C, P) layout, so WPCA is one
+        (D, K*C) x (K*C, P) product per image with no large transpose.
         """
         feats = self.encoder(images)
-        res = self.pool.residuals(feats)  # (B, K, C, h, w)
-        b, k, c, h, w = res.shape
-        global_desc = self.project(vlad_normalise(res.sum(dim=(-2, -1))))
+        b, c, h, w = feats.shape
+        k = self.pool.num_clusters
+        x = F.normalize(feats, p=2, dim=1)
+        assign = F.softmax(self.pool.conv(x), dim=1)  # (B, K, h, w)
+        # The pad row and column are zeroed once and stay zero: cumsums of zeros.
+        integral = self._buffer("integral", (b, k, c, h + 1, w + 1), x, zero=True)
+        inner = integral[..., 1:, 1:]
+        torch.sub(x.unsqueeze(1), self.pool.centroids.view(1, k, c, 1, 1), out=inner)
+        inner.mul_(assign.unsqueeze(2))
+        integral.cumsum_(dim=-1).cumsum_(dim=-2)
+        global_desc = self.project(vlad_normalise(integral[..., -1, -1].clone()))
         patches: list[torch.Tensor] = []
-        if patch_sizes:
-            flat = res.view(b, k * c, h, w)
-            integral = flat.cumsum(dim=-1).cumsum(dim=-2)
-            integral = F.pad(integral, (1, 0, 1, 0))
-            del res, flat
-            for size, stride in zip(patch_sizes, strides):
-                sums = box_sums(integral, size, stride) / float(size * size)  # (B, K*C, r, c)
-                sums = sums.flatten(2).transpose(1, 2).reshape(b, -1, k, c)  # (B, P, K, C)
-                vlad = vlad_normalise(sums)  # (B, P, K*C)
-                patches.append(self.project(vlad.reshape(-1, k * c)).view(b, -1, self.dim))
+        flat = integral.view(b, k * c, h + 1, w + 1)
+        for size, stride in zip(patch_sizes, strides):
+            patches.append(self._patch_descriptors(flat, size, stride, k, c))
         return global_desc, patches
+
+    def _patch_descriptors(self, integral: torch.Tensor, size: int, stride: int, k: int, c: int) -> torch.Tensor:
+        """integral: (B, K*C, h+1, w+1) -> (B, P, D) normalised, projected patch descriptors."""
+        b = integral.shape[0]
+        h1, w1 = integral.shape[-2:]
+        rows, cols = (h1 - 1 - size) // stride + 1, (w1 - 1 - size) // stride + 1
+        r_end, c_end = (rows - 1) * stride + 1, (cols - 1) * stride + 1
+        v = self._buffer(f"box{size}_{stride}", (b, k * c, rows, cols), integral)
+        # Corners in the reference's order (tl - tr - bl + br): for a cluster
+        # with little mass in a window the box sum is a small difference of
+        # large integral values, so rounding decides its direction and the
+        # order must be the same to reproduce the reference's descriptors.
+        torch.sub(integral[..., 0:r_end:stride, 0:c_end:stride],
+                  integral[..., 0:r_end:stride, size : size + c_end : stride], out=v)  # fmt: skip
+        v -= integral[..., size : size + r_end : stride, 0:c_end:stride]
+        v += integral[..., size : size + r_end : stride, size : size + c_end : stride]
+        v = v.view(b, k, c, rows * cols)  # (B, K, C, P): box sums, not yet divided by p^2
+        # Intra-normalisation then L2 over K*C, in one pass: after the first,
+        # cluster k has norm n_k / max(n_k, eps), so the total norm follows
+        # from the (B, K, P) cluster norms alone. The reference normalises the
+        # mean (sum / p^2) with eps = 1e-12; clamping the sum's norm at
+        # 1e-12 * p^2 is the same, and it matters: a trained model's sharp
+        # assignments leave clusters with norms near 1e-11.
+        norms = v.norm(dim=2)  # (B, K, P)
+        inv = 1.0 / norms.clamp(min=1e-12 * size * size)
+        total = (norms * inv).square_().sum(dim=1, keepdim=True).sqrt_().clamp_(min=1e-12)  # (B, 1, P)
+        v.mul_((inv / total).unsqueeze(2))
+        v = v.view(b, k * c, -1)
+        if self.num_pcs <= 0:
+            return v.transpose(1, 2)
+        conv = self.WPCA[0]
+        out = torch.matmul(conv.weight.view(self.num_pcs, k * c), v)  # (B, D, P)
+        out += conv.bias.view(1, -1, 1)
+        return F.normalize(out, p=2, dim=1).transpose(1, 2)

@@ -69,6 +69,7 @@ class LoopClosureNode(Node):
         P("device", "", _desc("cpu | cuda; '' = cuda when present", read_only=True))
         P("compressed", False, _desc("subscribe to image/compressed instead of image", read_only=True))
         P("index_kind", "flat", _desc("FAISS index: flat | hnsw", read_only=True))
+        P("patch_dtype", "float16", _desc("patch storage: float16 (half the memory) | float32", read_only=True))
         P("top_n", dp.top_n, _desc("candidates re-ranked per keyframe", irange=(1, 1000)))
         P("matcher", "", _desc("'' (preset's), ransac or rapid"))
         P("min_score", dp.min_score, _desc("accept loops with absolute score >= this (0..1)", frange=(0.0, 1.0)))
@@ -92,7 +93,10 @@ class LoopClosureNode(Node):
         device = g("device").value or None
         model, info = load_checkpoint(ckpt, device=device or "cpu")
         self.detector = LoopClosureDetector(
-            FeatureExtractor(model, info, preset, device=device), self._params(), index_kind=g("index_kind").value
+            FeatureExtractor(model, info, preset, device=device),
+            self._params(),
+            index_kind=g("index_kind").value,
+            patch_dtype=g("patch_dtype").value,
         )
         self.map_dir = Path(g("map_dir").value)
         self.lock = threading.Lock()

@@ -1,0 +1,67 @@
+"""In-process cost of this project's pipeline (``pnv bench``): medians only.
+
+Side-by-side comparisons with the reference live in benchmarks/.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from pnv_ros.extract import FeatureExtractor
+from pnv_ros.index import GlobalIndex
+from pnv_ros.matching import PatchMatcher
+from pnv_ros.place_map import PlaceMap
+
+
+def _median(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
+    fn()
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts))
+
+
+def run_bench(
+    extractor: FeatureExtractor,
+    images: Sequence[Path],
+    *,
+    top_n: int = 100,
+    repeats: int = 3,
+    map_sizes: Sequence[int] = (1_000, 10_000),
+    progress: bool = False,
+) -> dict:
+    """Seconds per extracted image, ms per re-ranked candidate (top-N batched),
+    global search time at a few map sizes, bytes per keyframe."""
+    feats = extractor.extract(list(images))
+    extract_s = [_median(lambda p=p: extractor.extract_one(p), repeats) for p in images[: min(3, len(images))]]
+    cands = (feats * (top_n // len(feats) + 1))[:top_n]
+    pm = PatchMatcher(extractor.preset, device=extractor.device)
+    rerank = _median(lambda: pm.rerank(feats[0], cands), repeats)
+    pmap = PlaceMap(extractor.dim, extractor.preset, extractor.info.identity)
+    pmap.add(feats[0], 0)
+    rng = np.random.default_rng(0)
+    search = {}
+    for n in map_sizes:
+        gi = GlobalIndex(extractor.dim)
+        x = rng.standard_normal((n, extractor.dim)).astype(np.float32)
+        gi.add(x / np.linalg.norm(x, axis=1, keepdims=True))
+        search[str(n)] = 1000 * _median(lambda gi=gi: gi.search(feats[0].global_desc, top_n), repeats)
+    return {
+        "model": extractor.info.identity,
+        "preset": extractor.preset.to_dict(),
+        "device": str(extractor.device),
+        "images": [str(p) for p in images],
+        "seconds_per_image": float(np.median(extract_s)),
+        "ms_per_candidate": 1000 * rerank / top_n,
+        "top_n": top_n,
+        "matcher": pm.matcher.value,
+        "global_search_ms_by_map_size": search,
+        "bytes_per_keyframe": pmap.nbytes_per_keyframe(),
+        "patch_dtype": pmap.patch_dtype.name,
+    }
