@@ -22,25 +22,16 @@ import os
 import platform
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from pnv_ros.bench import median_time
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO / "test"))
-
-
-def _median_time(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
-    fn()  # warm-up
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts))
 
 
 def measure(side: str, preset_name: str, ckpt: str, images: list[str], repeats: int, n_cand: int) -> dict:
@@ -58,37 +49,37 @@ def measure(side: str, preset_name: str, ckpt: str, images: list[str], repeats: 
     if side == "reference":
         ref, dim = reference_model(Path(ckpt), preset.patch_sizes, preset.strides)
         feats = [reference_extract(ref, dim, Path(p)) for p in images]
-        out["extract_s"] = float(np.median([_median_time(lambda p=p: reference_extract(ref, dim, Path(p)), repeats)
+        out["extract_s"] = float(np.median([median_time(lambda p=p: reference_extract(ref, dim, Path(p)), repeats)
                                             for p in images[:2]]))  # fmt: skip
         cands = [f[1] for f in (feats * (n_cand // len(feats) + 1))[:n_cand]]
         matcher = "ransac" if preset.matcher.value == "ransac" else "rapid"
-        t = _median_time(lambda: reference_raw_scores(matcher, preset, feats[0][1], cands), repeats)
+        t = median_time(lambda: reference_raw_scores(matcher, preset, feats[0][1], cands), repeats)
         out["rerank_ms_per_candidate"] = 1000 * t / n_cand
         out["raw"] = reference_raw_scores(matcher, preset, feats[0][1], cands).tolist()
         out["global"] = [f[0].tolist() for f in feats]
     elif side == "ours":
         ex = FeatureExtractor(model, info, preset, device="cpu")
         feats = ex.extract(images)
-        out["extract_s"] = float(np.median([_median_time(lambda p=p: ex.extract_one(p), repeats) for p in images[:2]]))
+        out["extract_s"] = float(np.median([median_time(lambda p=p: ex.extract_one(p), repeats) for p in images[:2]]))
         cands = (feats * (n_cand // len(feats) + 1))[:n_cand]
         pm = PatchMatcher(preset)
-        t = _median_time(lambda: pm.score(feats[0], cands), repeats)
+        t = median_time(lambda: pm.score(feats[0], cands), repeats)
         out["rerank_ms_per_candidate"] = 1000 * t / n_cand
         out["raw"] = pm.score(feats[0], cands).raw.tolist()
         out["global"] = [f.global_desc.tolist() for f in feats]
     else:  # floors
         x = torch.stack(_inputs(preset, images[:1]))
         with torch.inference_mode():
-            out["backbone_s"] = _median_time(lambda: model.encoder(x), repeats)
+            out["backbone_s"] = median_time(lambda: model.encoder(x), repeats)
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                out["backbone_bf16_s"] = _median_time(lambda: model.encoder(x), repeats)
+                out["backbone_bf16_s"] = median_time(lambda: model.encoder(x), repeats)
             d = model.dim
             t_total = 0.0
             for s in range(len(preset.patch_sizes)):
                 p = preset.num_patches(s)
                 q = torch.nn.functional.normalize(torch.randn(p, d), dim=1)
                 db = torch.nn.functional.normalize(torch.randn(n_cand, p, d), dim=2)
-                t_total += _median_time(lambda q=q, db=db: torch.matmul(q, db.transpose(1, 2)), repeats)
+                t_total += median_time(lambda q=q, db=db: torch.matmul(q, db.transpose(1, 2)), repeats)
             out["matmul_floor_ms_per_candidate"] = 1000 * t_total / n_cand
     import resource
 

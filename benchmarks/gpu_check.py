@@ -79,14 +79,22 @@ def main() -> None:
                     torch.cuda.empty_cache()
     with torch.inference_mode():
         g_dev, p_dev = model(x_cpu.to(dev), (5,), (1,))
-    report["max_abs_diff_vs_cpu"] = float(max((g_dev.cpu() - g_cpu).abs().max(), (p_dev[0].cpu() - p_cpu[0]).abs().max()))
+    report["max_abs_diff_vs_cpu"] = float(
+        max((g_dev.cpu() - g_cpu).abs().max(), (p_dev[0].cpu() - p_cpu[0]).abs().max())
+    )
     print(f"descriptors vs CPU: max |diff| {report['max_abs_diff_vs_cpu']:.2e}")
     report["rerank_ms_per_query_top100"] = {}
     for preset_name in ("speed", "performance"):
         preset = get_preset(preset_name)
         pm = PatchMatcher(preset, device=dev)
-        q = [torch.nn.functional.normalize(torch.randn(preset.num_patches(s), 512, device=dev), dim=1) for s in range(len(preset.patch_sizes))]
-        dbs = [torch.nn.functional.normalize(torch.randn(100, preset.num_patches(s), 512, device=dev), dim=2) for s in range(len(preset.patch_sizes))]
+        q = [
+            torch.nn.functional.normalize(torch.randn(preset.num_patches(s), 512, device=dev), dim=1)
+            for s in range(len(preset.patch_sizes))
+        ]
+        dbs = [
+            torch.nn.functional.normalize(torch.randn(100, preset.num_patches(s), 512, device=dev), dim=2)
+            for s in range(len(preset.patch_sizes))
+        ]
         pm.score_stacked(q, dbs)
         _sync(dev)
         ts = []

@@ -17,7 +17,8 @@ from pnv_ros.matching import PatchMatcher
 from pnv_ros.place_map import PlaceMap
 
 
-def _median(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
+def median_time(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
+    """Median seconds of ``repeats`` calls after one warm-up call."""
     fn()
     ts = []
     for _ in range(repeats):
@@ -39,10 +40,10 @@ def run_bench(
     """Seconds per extracted image, ms per re-ranked candidate (top-N batched),
     global search time at a few map sizes, bytes per keyframe."""
     feats = extractor.extract(list(images))
-    extract_s = [_median(lambda p=p: extractor.extract_one(p), repeats) for p in images[: min(3, len(images))]]
+    extract_s = [median_time(lambda p=p: extractor.extract_one(p), repeats) for p in images[: min(3, len(images))]]
     cands = (feats * (top_n // len(feats) + 1))[:top_n]
     pm = PatchMatcher(extractor.preset, device=extractor.device)
-    rerank = _median(lambda: pm.rerank(feats[0], cands), repeats)
+    rerank = median_time(lambda: pm.rerank(feats[0], cands), repeats)
     pmap = PlaceMap(extractor.dim, extractor.preset, extractor.info.identity)
     pmap.add(feats[0], 0)
     rng = np.random.default_rng(0)
@@ -51,7 +52,7 @@ def run_bench(
         gi = GlobalIndex(extractor.dim)
         x = rng.standard_normal((n, extractor.dim)).astype(np.float32)
         gi.add(x / np.linalg.norm(x, axis=1, keepdims=True))
-        search[str(n)] = 1000 * _median(lambda gi=gi: gi.search(feats[0].global_desc, top_n), repeats)
+        search[str(n)] = 1000 * median_time(lambda gi=gi: gi.search(feats[0].global_desc, top_n), repeats)
     return {
         "model": extractor.info.identity,
         "preset": extractor.preset.to_dict(),

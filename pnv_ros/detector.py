@@ -96,19 +96,29 @@ class LoopClosureDetector:
         params: DetectorParams | None = None,
         index_kind: str = "flat",
         patch_dtype: str = "float16",
+        memory_budget_mb: float = 0.0,
     ):
         self.extractor = extractor
         self.preset: Preset = extractor.preset
         self.params = params or DetectorParams()
-        self.map = PlaceMap(
-            extractor.dim, self.preset, extractor.info.identity if extractor.info else "", index_kind, patch_dtype
-        )
+        self._matchers: dict[Matcher, PatchMatcher] = {}
+        self.map_options = {"index_kind": index_kind, "patch_dtype": patch_dtype, "memory_budget_mb": memory_budget_mb}
+        self.map = self.new_map()
         self._history: list[int | None] = []  # best candidate id of recent keyframes (None: no candidate)
+
+    def new_map(self) -> PlaceMap:
+        """An empty map with this detector's model, preset and storage options."""
+        model_id = self.extractor.info.identity if self.extractor.info else ""
+        return PlaceMap(self.extractor.dim, self.preset, model_id, **self.map_options)  # type: ignore[arg-type]
 
     # -- configuration ------------------------------------------------------------------
     def matcher_for(self, name: str | None = None) -> PatchMatcher:
-        m = name or self.params.matcher or None
-        return PatchMatcher(self.preset, Matcher.parse(m) if m else None, device=self.extractor.device)
+        """The (cached) matcher for a name, '' or None = the params' or preset's.
+        Matchers hold work buffers: use one from one thread at a time."""
+        m = Matcher.parse(name or self.params.matcher or self.preset.matcher)
+        if m not in self._matchers:
+            self._matchers[m] = PatchMatcher(self.preset, m, device=self.extractor.device)
+        return self._matchers[m]
 
     def reset(self) -> None:
         self.map = PlaceMap(

@@ -52,6 +52,9 @@ class FeatureExtractor:
         device: where to run; default CUDA if present, else CPU.
         batch_size: images per forward pass; default 1 on CPU (measured faster
             per image than 4 on a 2-core machine), 8 on CUDA.
+        bf16: run the network under bfloat16 autocast (faster on CPUs with
+            AVX-512 BF16 / AMX and on GPUs; descriptors differ slightly from
+            float32, so off by default: see benchmarks/reduced_cost.py).
     """
 
     def __init__(
@@ -62,11 +65,13 @@ class FeatureExtractor:
         *,
         device: str | torch.device | None = None,
         batch_size: int | None = None,
+        bf16: bool = False,
     ) -> None:
         self.device = torch.device(device) if device is not None else default_device()
         self.model = model.to(self.device).eval()
         self.info = info
         self.preset = preset
+        self.bf16 = bool(bf16)
         self.batch_size = max(1, int(batch_size)) if batch_size else (8 if self.device.type == "cuda" else 1)
         self._transform = input_transform(preset.image_height, preset.image_width)
         self._min_side = BACKBONE_STRIDE * min(preset.patch_sizes)
@@ -91,7 +96,8 @@ class FeatureExtractor:
 
         batch: (B, 3, H, W). Returns global (B, D) and per scale (B, P_s, D), float32.
         """
-        glob, patches = self.model(batch.to(self.device), self.preset.patch_sizes, self.preset.strides)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            glob, patches = self.model(batch.to(self.device), self.preset.patch_sizes, self.preset.strides)
         return glob.float().cpu().numpy(), [p.float().cpu().numpy() for p in patches]
 
     def extract(self, images: Sequence[ImageSource]) -> list[PlaceFeatures]:

@@ -9,9 +9,6 @@ another preset or model are refused rather than silently mis-matched.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +17,7 @@ import numpy as np
 
 from pnv_ros.config import BACKBONE_STRIDE, Preset
 from pnv_ros.errors import FeaturesError
+from pnv_ros.storage import read_npz, write_npz_atomic
 
 FORMAT = "pnv_ros.features"
 FORMAT_VERSION = 1
@@ -145,29 +143,14 @@ class FeatureSet:
         for s, size in enumerate(self.preset.patch_sizes):
             arrays[f"patches_p{size}"] = self.patches[s]
             arrays[f"keypoints_p{size}"] = patch_keypoints(self.preset, s)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_npz_atomic(path, arrays)
 
     @classmethod
     def load(cls, path: str | Path) -> FeatureSet:
         """Read a features file, checking its format and internal consistency."""
         path = Path(path)
-        if not path.is_file():
-            raise FeaturesError(f"features file {path} does not exist")
+        data, meta = read_npz(path, FeaturesError, "features file")
         try:
-            with np.load(path, allow_pickle=False) as z:
-                data = {k: z[k] for k in z.files}
-        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-            raise FeaturesError(f"features file {path} cannot be read: {e}") from None
-        try:
-            meta = json.loads(str(data["meta"]))
             if meta.get("format") != FORMAT:
                 raise FeaturesError(f"features file {path} is not a pnv_ros features file")
             if meta.get("version") != FORMAT_VERSION:

@@ -8,9 +8,7 @@ temp file and renamed, so a crash during a save leaves the previous map.
 from __future__ import annotations
 
 import json
-import os
 import tempfile
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +18,7 @@ from pnv_ros.config import Preset
 from pnv_ros.errors import MapError, UnknownPlaceError
 from pnv_ros.features import PlaceFeatures
 from pnv_ros.index import GlobalIndex
+from pnv_ros.storage import read_npz, write_npz_atomic
 
 FORMAT = "pnv_ros.place_map"
 VERSION = 1
@@ -44,12 +43,29 @@ class PlaceMap:
     """
 
     def __init__(
-        self, dim: int, preset: Preset, model_id: str, index_kind: str = "flat", patch_dtype: str = "float16"
+        self,
+        dim: int,
+        preset: Preset,
+        model_id: str,
+        index_kind: str = "flat",
+        patch_dtype: str = "float16",
+        memory_budget_mb: float = 0.0,
+        spill_dir: str | Path | None = None,
     ) -> None:
+        """memory_budget_mb: patch bytes kept in RAM (0 = no limit); beyond it the
+        oldest keyframes' patches move to ``spill_dir`` (a temp folder by default)
+        as memory-mapped files, read on demand when they are candidates."""
         if patch_dtype not in ("float16", "float32"):
             raise MapError(f"patch_dtype {patch_dtype!r}: use float16 or float32")
+        if memory_budget_mb < 0:
+            raise MapError(f"memory_budget_mb {memory_budget_mb} must be >= 0")
         self.dim, self.preset, self.model_id, self.index_kind = dim, preset, model_id, index_kind
         self.patch_dtype = np.dtype(patch_dtype)
+        self.memory_budget = int(memory_budget_mb * 2**20)
+        self._spill_dir = Path(spill_dir) if spill_dir else None
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        self.ram_patch_bytes = 0
+        self.spilled = 0  # keyframes [0, spilled) have their patches on disk
         self.index = GlobalIndex(dim, index_kind)
         self.keyframes: list[Keyframe] = []
 
@@ -65,7 +81,27 @@ class PlaceMap:
         kf = Keyframe(len(self.keyframes), int(stamp_ns), stored, position)
         self.index.add(features.global_desc)
         self.keyframes.append(kf)
+        self.ram_patch_bytes += sum(p.nbytes for p in stored.patches)
+        if self.memory_budget:
+            self._enforce_budget()
         return kf.id
+
+    def _enforce_budget(self) -> None:
+        """Move the oldest in-RAM keyframes' patches to memory-mapped files."""
+        while self.ram_patch_bytes > self.memory_budget and self.spilled < len(self.keyframes) - 1:
+            if self._spill_dir is None:
+                self._tmp = tempfile.TemporaryDirectory(prefix="pnv_map_spill_")
+                self._spill_dir = Path(self._tmp.name)
+            self._spill_dir.mkdir(parents=True, exist_ok=True)
+            kf = self.keyframes[self.spilled]
+            mapped = []
+            for s, p in enumerate(kf.features.patches):
+                f = self._spill_dir / f"kf{kf.id:08d}_s{s}.npy"
+                np.save(f, p, allow_pickle=False)
+                mapped.append(np.load(f, mmap_mode="r"))
+                self.ram_patch_bytes -= p.nbytes
+            kf.features = PlaceFeatures(kf.features.global_desc, mapped, kf.features.image_size)
+            self.spilled += 1
 
     def get(self, kf_id: int) -> Keyframe:
         if not 0 <= int(kf_id) < len(self.keyframes):
@@ -90,7 +126,6 @@ class PlaceMap:
     # -- persistence ----------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"format": FORMAT, "version": VERSION, "dim": self.dim, "preset": self.preset.to_dict(),
                 "model_id": self.model_id, "index_kind": self.index_kind, "count": len(self),
                 "patch_dtype": self.patch_dtype.name}  # fmt: skip
@@ -112,28 +147,19 @@ class PlaceMap:
                 if n
                 else np.zeros((0, self.preset.num_patches(s), self.dim), self.patch_dtype)
             )
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_npz_atomic(path, arrays, sync=True)
 
     @classmethod
-    def load(cls, path: str | Path, expect_dim: int | None = None, expect_preset: Preset | None = None) -> PlaceMap:
+    def load(
+        cls,
+        path: str | Path,
+        expect_dim: int | None = None,
+        expect_preset: Preset | None = None,
+        memory_budget_mb: float = 0.0,
+        spill_dir: str | Path | None = None,
+    ) -> PlaceMap:
         path = Path(path)
-        if not path.is_file():
-            raise MapError(f"map file {path} does not exist")
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                data = {k: z[k] for k in z.files}
-            meta = json.loads(str(data["meta"]))
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
-            raise MapError(f"map file {path} is corrupt or not a map: {e}") from None
+        data, meta = read_npz(path, MapError, "map file")
         if meta.get("format") != FORMAT:
             raise MapError(f"map file {path} is not a pnv_ros map")
         if meta.get("version") != VERSION:
@@ -150,7 +176,7 @@ class PlaceMap:
                 f"{list(expect_preset.patch_sizes)}: use the same preset"
             )
         m = cls(meta["dim"], expect_preset or preset, meta.get("model_id", ""), meta.get("index_kind", "flat"),
-                meta.get("patch_dtype", "float32"))  # fmt: skip
+                meta.get("patch_dtype", "float32"), memory_budget_mb, spill_dir)  # fmt: skip
         try:
             patches = [data[f"patches_p{s}"] for s in preset.patch_sizes]
             for i in range(int(meta["count"])):

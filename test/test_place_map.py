@@ -70,7 +70,7 @@ def test_failed_save_keeps_previous_map(pmap: PlaceMap, tmp_path: Path, monkeypa
 def test_corrupt_and_foreign_files(pmap: PlaceMap, tmp_path: Path) -> None:
     bad = tmp_path / "bad.npz"
     bad.write_bytes(b"PK\x03\x04garbage")
-    with pytest.raises(MapError, match="corrupt or not a map"):
+    with pytest.raises(MapError, match="is corrupt or cannot be read"):
         PlaceMap.load(bad)
     other = tmp_path / "other.npz"
     np.savez(other, meta=np.array('{"format": "something", "version": 1}'))
@@ -80,3 +80,26 @@ def test_corrupt_and_foreign_files(pmap: PlaceMap, tmp_path: Path) -> None:
     np.savez(newer, meta=np.array('{"format": "pnv_ros.place_map", "version": 99}'))
     with pytest.raises(MapError, match="version 99"):
         PlaceMap.load(newer)
+
+
+def test_memory_budget_spills_to_disk_with_same_answers(rng, tmp_path: Path) -> None:
+    from pnv_ros.matching import PatchMatcher
+
+    preset = get_preset("speed")
+    feats = [_feat(rng) for _ in range(12)]
+    full = PlaceMap(16, preset, "m")
+    small = PlaceMap(16, preset, "m", memory_budget_mb=0.1, spill_dir=tmp_path / "spill")  # ~3 keyframes of patches
+    for i, f in enumerate(feats):
+        full.add(f, i)
+        small.add(f, i)
+    assert small.ram_patch_bytes <= 0.1 * 2**20 and small.spilled == 12 - small.ram_patch_bytes // (936 * 16 * 2)
+    assert isinstance(small.get(0).features.patches[0], np.memmap)
+    assert len(list((tmp_path / "spill").glob("*.npy"))) == small.spilled
+    pm = PatchMatcher(preset)
+    a = pm.score(feats[5], [k.features for k in full.keyframes]).raw
+    b = pm.score(feats[5], [k.features for k in small.keyframes]).raw
+    np.testing.assert_array_equal(a, b)
+    small.save(tmp_path / "m.npz")
+    np.testing.assert_array_equal(
+        PlaceMap.load(tmp_path / "m.npz").get(0).features.patches[0], full.get(0).features.patches[0]
+    )

@@ -108,6 +108,22 @@ def _positions_csv(
     return GroundTruth([set(np.flatnonzero(np.linalg.norm(db - pos[q], axis=1) <= radius).tolist()) for q in qn])
 
 
+def _read_matrix(path: Path) -> np.ndarray:
+    """A 0/1 matrix from .npy (never unpickled) or an 8-bit image (.bmp/.png)."""
+    if path.suffix.lower() == ".npy":
+        try:
+            return np.load(path, allow_pickle=False)
+        except ValueError:
+            raise GroundTruthError(
+                f"ground truth {path} holds Python objects (pickle), which are never loaded: "
+                f"give a 0/1 matrix or a CSV of positives"
+            ) from None
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("L"))
+
+
 def load_ground_truth(
     path: str | Path, query_names: Sequence[str], db_names: Sequence[str], radius: float | None = None
 ) -> GroundTruth:
@@ -117,20 +133,8 @@ def load_ground_truth(
         raise GroundTruthError(f"ground truth file {path} does not exist")
     suffix = path.suffix.lower()
     try:
-        if suffix == ".npy":
-            try:
-                m = np.load(path, allow_pickle=False)
-            except ValueError:
-                raise GroundTruthError(
-                    f"ground truth {path} holds Python objects (pickle), which are never loaded: "
-                    f"give a 0/1 matrix or a CSV of positives"
-                ) from None
-            return _matrix(m, path, query_names, db_names)
-        if suffix in (".bmp", ".png"):
-            from PIL import Image
-
-            with Image.open(path) as im:
-                return _matrix(np.asarray(im.convert("L")), path, query_names, db_names)
+        if suffix in (".npy", ".bmp", ".png"):
+            return _matrix(_read_matrix(path), path, query_names, db_names)
         if suffix == ".csv":
             with open(path, newline="") as f:
                 rows = list(csv.DictReader(f))
@@ -198,18 +202,7 @@ def load_sequence_gt(
     suffix = path.suffix.lower()
     try:
         if suffix in (".npy", ".bmp", ".png"):
-            if suffix == ".npy":
-                try:
-                    m = np.load(path, allow_pickle=False)
-                except ValueError:
-                    raise GroundTruthError(
-                        f"ground truth {path} holds Python objects (pickle), which are never loaded"
-                    ) from None
-            else:
-                from PIL import Image
-
-                with Image.open(path) as im:
-                    m = np.asarray(im.convert("L"))
+            m = _read_matrix(path)
             if m.ndim != 2 or m.shape != (n_frames, n_frames):
                 raise GroundTruthError(
                     f"ground truth {path} is a {m.shape} matrix but the sequence has {n_frames} frames: "

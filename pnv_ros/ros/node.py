@@ -70,6 +70,8 @@ class LoopClosureNode(Node):
         P("compressed", False, _desc("subscribe to image/compressed instead of image", read_only=True))
         P("index_kind", "flat", _desc("FAISS index: flat | hnsw", read_only=True))
         P("patch_dtype", "float16", _desc("patch storage: float16 (half the memory) | float32", read_only=True))
+        budget_text = "patch MB kept in RAM; beyond it older keyframes' patches are memory-mapped files (0 = no limit)"
+        P("memory_budget_mb", 0.0, _desc(budget_text, read_only=True, frange=(0.0, 1e7)))
         P("top_n", dp.top_n, _desc("candidates re-ranked per keyframe", irange=(1, 1000)))
         P("matcher", "", _desc("'' (preset's), ransac or rapid"))
         P("min_score", dp.min_score, _desc("accept loops with absolute score >= this (0..1)", frange=(0.0, 1.0)))
@@ -97,6 +99,7 @@ class LoopClosureNode(Node):
             self._params(),
             index_kind=g("index_kind").value,
             patch_dtype=g("patch_dtype").value,
+            memory_budget_mb=g("memory_budget_mb").value,
         )
         self.map_dir = Path(g("map_dir").value)
         self.lock = threading.Lock()
@@ -281,7 +284,8 @@ class LoopClosureNode(Node):
         m = self.detector.map.get(lc.match_id).features
         if lc.match_id not in self._thumbs:
             return  # keyframe from a loaded map: no pixels kept
-        sc = self.detector.matcher_for().score(q, [m], details=True)
+        with self.lock:
+            sc = self.detector.matcher_for().score(q, [m], details=True)
         qi = PILImage.open(io.BytesIO(self._thumbs[lc.query_id])).resize(q.image_size)
         mi = PILImage.open(io.BytesIO(self._thumbs[lc.match_id])).resize(m.image_size)
         canvas = match_image(qi, mi, self.detector.preset, sc.details[0], lc.score,
@@ -309,7 +313,9 @@ class LoopClosureNode(Node):
         st.message = f"{len(self.detector.map)} keyframes, {self.stats['loops']} loops"
         vals = {**{k: str(v) for k, v in self.stats.items()},
                 "map_keyframes": str(len(self.detector.map)),
-                "bytes_per_keyframe": f"{self.detector.map.nbytes_per_keyframe():.0f}"}  # fmt: skip
+                "bytes_per_keyframe": f"{self.detector.map.nbytes_per_keyframe():.0f}",
+                "ram_patch_bytes": str(self.detector.map.ram_patch_bytes),
+                "keyframes_on_disk": str(self.detector.map.spilled)}  # fmt: skip
         for k, d in self.latency.items():
             if d:
                 vals[f"latency_{k}_p50_ms"] = f"{1000 * float(np.median(d)):.1f}"
@@ -378,7 +384,8 @@ class LoopClosureNode(Node):
     def _load(self, name: str) -> tuple[bool, str, int]:
         try:
             path = self._map_path(name)
-            m = PlaceMap.load(path, self.detector.extractor.dim, self.detector.preset)
+            budget = self.detector.map_options["memory_budget_mb"]
+            m = PlaceMap.load(path, self.detector.extractor.dim, self.detector.preset, memory_budget_mb=budget)
             with self.lock:
                 self.detector.map = m
                 self.detector._history.clear()

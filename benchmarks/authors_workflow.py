@@ -1,0 +1,194 @@
+"""End to end against the authors' own workflow, same checkpoint and images:
+their feature_extract.py (features to one .npy per image and patch size) and
+feature_match.py (reads them back per candidate, re-ranks the top 100), versus
+`pnv extract` + `pnv match`. Time per query = query extraction + matching,
+divided by the number of queries (the database is extracted beforehand by
+both, and timed separately). Also compares the re-ranked orders.
+
+    .venv/bin/python benchmarks/authors_workflow.py --db data/corridor_vprbench/ref --queries data/corridor_vprbench/query \
+        --n-db 100 --n-queries 10 --preset speed --out out/bench/authors_workflow.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+def _run(cmd: list[str], cwd: Path | None = None) -> float:
+    t = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd)
+    if r.returncode != 0:
+        sys.exit(f"failed: {' '.join(cmd)}\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--db", required=True)
+    ap.add_argument("--queries", required=True)
+    ap.add_argument("--n-db", type=int, default=100)
+    ap.add_argument("--n-queries", type=int, default=10)
+    ap.add_argument("--preset", default="speed", choices=["speed", "performance"])
+    ap.add_argument("--checkpoint", default=None)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    import patchnetvlad
+
+    from pnv_ros.images import list_images
+    from pnv_ros.model.registry import resolve_checkpoint
+
+    ckpt = resolve_checkpoint(a.checkpoint)
+    db = list_images([a.db])[: a.n_db]
+    qs = list_images([a.queries])[: a.n_queries]
+    work = Path(tempfile.mkdtemp(prefix="pnv_authors_"))
+    try:
+        # Their scripts want "<resumepath><num_pcs>.pth.tar" and image list files.
+        (work / "model512.pth.tar").symlink_to(ckpt.resolve())
+        ini = (Path(patchnetvlad.__file__).parent / "configs" / f"{a.preset}.ini").read_text()
+        ini = ini.replace("resumepath = ./pretrained_models/mapillary_WPCA", f"resumepath = {work}/model")
+        ini = ini.replace("num_pcs = 4096", "num_pcs = 512")
+        ini = ini.replace("n_values_all = 1,5,10,20,50,100", f"n_values_all = 1,5,10,20,50,{min(100, len(db))}")
+        (work / "cfg.ini").write_text(ini)
+        (work / "db.txt").write_text("\n".join(str(p.resolve()) for p in db) + "\n")
+        (work / "q.txt").write_text("\n".join(str(p.resolve()) for p in qs) + "\n")
+        ref = {}
+        ref["db_extract_s"] = _run(
+            [
+                str(BIN / "python"),
+                str(BIN / "feature_extract.py"),
+                "--config_path",
+                str(work / "cfg.ini"),
+                "--dataset_file_path",
+                str(work / "db.txt"),
+                "--output_features_dir",
+                str(work / "ref_db"),
+                "--nocuda",
+            ]
+        )
+        ref["query_extract_s"] = _run(
+            [
+                str(BIN / "python"),
+                str(BIN / "feature_extract.py"),
+                "--config_path",
+                str(work / "cfg.ini"),
+                "--dataset_file_path",
+                str(work / "q.txt"),
+                "--output_features_dir",
+                str(work / "ref_q"),
+                "--nocuda",
+            ]
+        )
+        ref["match_s"] = _run(
+            [
+                str(BIN / "python"),
+                str(BIN / "feature_match.py"),
+                "--config_path",
+                str(work / "cfg.ini"),
+                "--query_file_path",
+                str(work / "q.txt"),
+                "--index_file_path",
+                str(work / "db.txt"),
+                "--query_input_features_dir",
+                str(work / "ref_q"),
+                "--index_input_features_dir",
+                str(work / "ref_db"),
+                "--result_save_folder",
+                str(work / "ref_res"),
+                "--nocuda",
+            ],
+            cwd=work,
+        )
+        ref["disk_bytes_db"] = sum(f.stat().st_size for f in (work / "ref_db").iterdir())
+        ours = {}
+        (work / "dbdir").mkdir()
+        (work / "qdir").mkdir()
+        for p in db:
+            (work / "dbdir" / p.name).symlink_to(p.resolve())
+        for p in qs:
+            (work / "qdir" / p.name).symlink_to(p.resolve())
+        pnv = str(BIN / "pnv")
+        ours["db_extract_s"] = _run(
+            [
+                pnv,
+                "extract",
+                "-q",
+                "--checkpoint",
+                str(ckpt),
+                "--preset",
+                a.preset,
+                "--out",
+                str(work / "db.npz"),
+                str(work / "dbdir"),
+            ]
+        )
+        ours["query_extract_s"] = _run(
+            [
+                pnv,
+                "extract",
+                "-q",
+                "--checkpoint",
+                str(ckpt),
+                "--preset",
+                a.preset,
+                "--out",
+                str(work / "q.npz"),
+                str(work / "qdir"),
+            ]
+        )
+        ours["match_s"] = _run(
+            [
+                pnv,
+                "match",
+                "-q",
+                "--db",
+                str(work / "db.npz"),
+                "--queries",
+                str(work / "q.npz"),
+                "--top-n",
+                str(min(100, len(db))),
+                "--out",
+                str(work / "r.json"),
+            ]
+        )
+        ours["disk_bytes_db"] = (work / "db.npz").stat().st_size
+        # Same re-ranked orders?
+        lines = [
+            ln.strip()
+            for ln in (work / "ref_res" / "PatchNetVLAD_predictions.txt").read_text().splitlines()
+            if not ln.startswith("#")
+        ]
+        ref_order: dict[str, list[str]] = {}
+        for ln in lines:
+            q, d = (s.strip() for s in ln.split(","))
+            ref_order.setdefault(Path(q).stem, []).append(Path(d).stem)
+        res = json.loads((work / "r.json").read_text())["queries"]
+        same_top1 = sum(r["reranked"][0] == ref_order[r["query"]][0] for r in res)
+        same_all = sum(r["reranked"] == ref_order[r["query"]] for r in res)
+        per_q = {k: (v["query_extract_s"] + v["match_s"]) / len(qs) for k, v in (("reference", ref), ("ours", ours))}
+        report = {"preset": a.preset, "n_db": len(db), "n_queries": len(qs), "reference": ref, "ours": ours,
+                  "per_query_s": per_q, "speedup_per_query": per_q["reference"] / per_q["ours"],
+                  "db_extract_speedup": ref["db_extract_s"] / ours["db_extract_s"],
+                  "same_top1": same_top1, "same_full_order": same_all}  # fmt: skip
+        print(
+            f"[{a.preset}] per query (extract + re-rank top {min(100, len(db))}): authors' scripts {per_q['reference']:.2f} s, "
+            f"pnv {per_q['ours']:.2f} s -> {report['speedup_per_query']:.2f}x; database extraction "
+            f"{ref['db_extract_s']:.0f} s vs {ours['db_extract_s']:.0f} s; disk {ref['disk_bytes_db'] / 1e6:.0f} MB vs "
+            f"{ours['disk_bytes_db'] / 1e6:.0f} MB; same top-1 {same_top1}/{len(qs)}, same full order {same_all}/{len(qs)}"
+        )
+        if a.out:
+            Path(a.out).write_text(json.dumps(report, indent=1))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Every measurement quoted in the README, in one go (about 40 minutes on 2 cores).
+# Run on a quiet machine: timings are compared side by side within each script.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA=${DATA:-../shared/data}
+OUT=${OUT:-out/bench}
+mkdir -p "$OUT"
+PY=.venv/bin/python
+STEPS=${STEPS:-123456}  # e.g. STEPS=345 to skip the timing steps
+step() { [[ $STEPS == *$1* ]]; }
+if step 1; then
+echo "== 1. side by side with the reference (extraction, re-ranking, floors, memory)"
+$PY benchmarks/compare_reference.py --out "$OUT/compare_reference.json"
+$PY benchmarks/authors_workflow.py --db data/corridor_vprbench/ref --queries data/corridor_vprbench/query \
+  --n-db 100 --n-queries 5 --preset speed --out "$OUT/authors_workflow.json"
+fi
+if step 2; then
+echo "== 2. pnv bench"
+for p in speed performance; do
+  .venv/bin/pnv bench -q --preset $p --top-n 100 --out "$OUT/bench_$p.json" data/rtabmap_samples_loop84/images/{1,20,41,60}.jpg
+done
+fi
+if step 3; then
+echo "== 3. sequences through the detector (pnv bag make + pnv eval)"
+$PY benchmarks/sequence_sets.py --data "$DATA" --out "$OUT/sequences"
+for s in rtabmap_loop84 corridor gardenspoint10; do
+  [ -d "$OUT/sequences/$s" ] || continue
+  rm -rf "$OUT/sequences/$s/bag" "$OUT/runs/$s"
+  .venv/bin/pnv bag make "$OUT/sequences/$s/images" --out "$OUT/sequences/$s/bag"
+  .venv/bin/pnv eval -q "$OUT/sequences/$s/bag" --gt "$OUT/sequences/$s/gt.npy" --out "$OUT/runs/$s"
+done
+fi
+if step 4; then
+echo "== 4. default model recall on the shared sets"
+$PY benchmarks/eval_default_model.py --data "$DATA" --out "$OUT/default_model_recall.json"
+fi
+if step 5; then
+echo "== 5. map scale"
+$PY benchmarks/scale_index.py --sizes 10000,100000,1000000 --out "$OUT/scale"
+fi
+if step 6; then
+echo "== 6. reduced-cost modes"
+$PY benchmarks/reduced_cost.py --data "$DATA" --out "$OUT/reduced_cost.json"
+fi
