@@ -21,6 +21,13 @@ import time
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
+# Their get_backend() asks torchvision for ImageNet VGG-16 weights (a download);
+# the checkpoint then overwrites every encoder weight, so build it without them.
+OFFLINE = (
+    "import sys, runpy, torchvision.models as m; _v = m.vgg16; "
+    "m.vgg16 = lambda *a, **k: _v(weights=None); "
+    "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+)
 
 
 def _run(cmd: list[str], cwd: Path | None = None) -> float:
@@ -64,6 +71,8 @@ def main() -> None:
         ref["db_extract_s"] = _run(
             [
                 str(BIN / "python"),
+                "-c",
+                OFFLINE,
                 str(BIN / "feature_extract.py"),
                 "--config_path",
                 str(work / "cfg.ini"),
@@ -77,6 +86,8 @@ def main() -> None:
         ref["query_extract_s"] = _run(
             [
                 str(BIN / "python"),
+                "-c",
+                OFFLINE,
                 str(BIN / "feature_extract.py"),
                 "--config_path",
                 str(work / "cfg.ini"),
@@ -90,6 +101,8 @@ def main() -> None:
         ref["match_s"] = _run(
             [
                 str(BIN / "python"),
+                "-c",
+                OFFLINE,
                 str(BIN / "feature_match.py"),
                 "--config_path",
                 str(work / "cfg.ini"),

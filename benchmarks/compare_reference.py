@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO / "test"))
 
 def measure(side: str, preset_name: str, ckpt: str, images: list[str], repeats: int, n_cand: int) -> dict:
     """One side's numbers (run in a subprocess so that max RSS is its own)."""
-    from oracle import reference_extract, reference_model, reference_raw_scores
+    from oracle import reference_extract, reference_matcher, reference_model, reference_raw_scores
 
     from pnv_ros.config import get_preset
     from pnv_ros.extract import FeatureExtractor
@@ -53,7 +53,10 @@ def measure(side: str, preset_name: str, ckpt: str, images: list[str], repeats: 
                                             for p in images[:2]]))  # fmt: skip
         cands = [f[1] for f in (feats * (n_cand // len(feats) + 1))[:n_cand]]
         matcher = "ransac" if preset.matcher.value == "ransac" else "rapid"
-        t = median_time(lambda: reference_raw_scores(matcher, preset, feats[0][1], cands), repeats)
+        rpm = reference_matcher(matcher, preset)  # keypoints computed once, as local_matcher.py does
+        q_t = [torch.tensor(a).T for a in feats[0][1]]
+        db_t = [[torch.tensor(a) for a in c] for c in cands]  # features in memory (its script reads .npy files)
+        t = median_time(lambda: [rpm.match(q_t, db) for db in db_t], repeats)
         out["rerank_ms_per_candidate"] = 1000 * t / n_cand
         out["raw"] = reference_raw_scores(matcher, preset, feats[0][1], cands).tolist()
         out["global"] = [f[0].tolist() for f in feats]

@@ -234,7 +234,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     preset = _preset(args)
     with BagReader(Path(args.bag), args.topic) as r:  # fail early: topic, count
         n_frames, topic = r.count, r.topic
-        stamps = [f for f in range(n_frames)]
     positives = load_sequence_gt(args.gt, n_frames, radius=args.gt_radius, min_gap_s=args.gt_min_gap)
     params = DetectorParams(top_n=args.top_n, matcher=args.matcher or "", min_score=args.threshold,
                             exclude_recent_s=args.exclude_recent, min_interval_s=args.min_interval)  # fmt: skip
@@ -262,7 +261,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model_id = ex.info.identity
     if bar is not None:
         bar.close()
-    del stamps
     info = {"mode": "node" if args.node else "in-process", "bag": str(args.bag), "topic": topic, "gt": str(args.gt),
             "model": model_id, "checkpoint": str(ckpt), "preset": preset.to_dict(), "params": params.__dict__,
             "args": {k: v for k, v in vars(args).items() if k != "func"}}  # fmt: skip

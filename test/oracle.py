@@ -45,8 +45,8 @@ def reference_extract(model, dim: int, image_path: Path):
     return g, patches
 
 
-def reference_raw_scores(matcher: str, preset, query_patches, db_patches_list) -> np.ndarray:
-    """(N, S) raw scores from the reference PatchMatcher; patches as (D, P) arrays."""
+def reference_matcher(matcher: str, preset):  # type: ignore[no-untyped-def]
+    """The reference PatchMatcher with its keypoints, built once as local_matcher.py does."""
     from patchnetvlad.models.local_matcher import calc_keypoint_centers_from_patches
     from patchnetvlad.tools.patch_matcher import PatchMatcher
 
@@ -57,7 +57,12 @@ def reference_raw_scores(matcher: str, preset, query_patches, db_patches_list) -
         kps.append(k)
         idx.append(i)
     name = {"ransac": "RANSAC", "rapid": "spatialApproximator"}[matcher]
-    pm = PatchMatcher(name, list(preset.patch_sizes), list(preset.strides), kps, idx)
+    return PatchMatcher(name, list(preset.patch_sizes), list(preset.strides), kps, idx)
+
+
+def reference_raw_scores(matcher: str, preset, query_patches, db_patches_list, pm=None) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """(N, S) raw scores from the reference PatchMatcher; patches as (D, P) arrays."""
+    pm = pm or reference_matcher(matcher, preset)
     q = [torch.tensor(a).T for a in query_patches]
     return np.array([pm.match(q, [torch.tensor(a) for a in db])[0] for db in db_patches_list], dtype=np.float64)
 

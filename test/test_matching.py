@@ -42,7 +42,7 @@ def test_chunked_equals_unchunked(rng, monkeypatch) -> None:
     ]
     pm = PatchMatcher(preset, "rapid")
     a = pm.score(imgs[0], imgs).raw
-    monkeypatch.setattr(m, "CHUNK", 3)
+    monkeypatch.setattr(m, "CPU_CHUNK", 3)  # 7 candidates: chunks of 3, 3, 1
     b = pm.score(imgs[0], imgs).raw
     d = pm.score(imgs[0], imgs, details=True)
     np.testing.assert_array_equal(a, b)
