@@ -248,13 +248,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
             bar.n = i
             bar.refresh()
 
-    from pnv_ros.model.checkpoint import ModelInfo, file_sha256
+    from pnv_ros.model.checkpoint import checkpoint_info
     from pnv_ros.model.registry import resolve_checkpoint
 
     ckpt = resolve_checkpoint(args.checkpoint, announce=_say)
     if args.node:
         result = replay_through_node(Path(args.bag), preset.name, str(ckpt), params, topic, args.config, progress)
-        model_id = ModelInfo(str(ckpt), file_sha256(ckpt), 0, 0, False).identity
+        model_id = checkpoint_info(ckpt).identity
     else:
         ex = _extractor(args, preset)
         result = replay_in_process(Path(args.bag), ex, params, topic, progress)

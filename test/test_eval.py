@@ -63,6 +63,8 @@ def test_eval_in_process_and_node_agree(short_bag: tuple[Path, Path], tmp_path: 
         m = json.loads((out / "metrics.json").read_text())
         assert m["mode"] == mode and m["keyframes"] == len(FRAMES)
         assert m["at_threshold"]["precision"] >= 0.9 and m["at_threshold"]["recall"] >= 0.5
+    ids = {mode: json.loads((tmp_path / mode / "metrics.json").read_text())["model"] for mode in runs}
+    assert ids["in-process"] == ids["node"] and ":512:" in ids["node"]
     a, b = runs["in-process"], runs["node"]
     assert [(f, m) for f, m, _ in a] == [(f, m) for f, m, _ in b]
     np.testing.assert_allclose([s for *_, s in a], [s for *_, s in b], atol=1e-5)

@@ -158,8 +158,17 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     model = PatchNetVLADModel(num_clusters=k, num_pcs=d, vladv2=v2)
     model.load_state_dict(state, strict=True)
     model.eval().to(device)
-    info = ModelInfo(path=str(path), sha256=file_sha256(path), num_clusters=k, dim=model.dim, vladv2=v2)
-    return model, info
+    return model, _info(path, k, model.dim, v2)
+
+
+def _info(path: str | Path, num_clusters: int, dim: int, vladv2: bool) -> ModelInfo:
+    return ModelInfo(path=str(path), sha256=file_sha256(path), num_clusters=num_clusters, dim=dim, vladv2=vladv2)
+
+
+def checkpoint_info(path: str | Path) -> ModelInfo:
+    """A checkpoint's identity without building the model (checked like load_checkpoint)."""
+    _, k, d, v2 = read_state_dict(path)
+    return _info(path, k, d if d > 0 else k * ENCODER_DIM, v2)
 
 
 def save_checkpoint(state_dict: dict[str, torch.Tensor], path: str | Path, num_pcs: int) -> None:
