@@ -2,12 +2,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import rtab_frame
+import torch
+from conftest import make_random_checkpoint, rtab_frame
 from PIL import Image
 
 from pnv_ros.config import get_preset
 from pnv_ros.errors import FeaturesError, ImageError
-from pnv_ros.extract import FeatureExtractor
+from pnv_ros.extract import FeatureExtractor, input_transform
 from pnv_ros.features import FeatureSet, patch_keypoints
 from pnv_ros.images import list_images, load_image
 from pnv_ros.model.checkpoint import load_checkpoint
@@ -106,3 +107,20 @@ def test_features_file_roundtrip_and_checks(extractor: FeatureExtractor, tmp_pat
     with pytest.raises(FeaturesError, match="cannot be read"):
         FeatureSet.load(broken)
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_blocked_backbone_is_bit_identical(random_ckpt: Path, tmp_path: Path) -> None:
+    """The CPU fast path (activations kept in oneDNN's blocked layout) gives exactly the plain modules' values,
+    for odd sizes and batches, and follows weights loaded after its first use."""
+    model, _ = load_checkpoint(random_ckpt)
+    frames = [Image.open(rtab_frame(i)).convert("RGB") for i in (1, 2)]
+    with torch.inference_mode():
+        for h, w in ((480, 640), (243, 331)):
+            x = torch.stack([input_transform(h, w)(f) for f in frames])
+            assert torch.equal(model.backbone(x), model.encoder(x))
+        before = model.backbone(x)
+        other, _ = load_checkpoint(make_random_checkpoint(tmp_path / "other.pth.tar", seed=7))
+        model.load_state_dict(other.state_dict())
+        after = model.backbone(x)
+        assert not torch.equal(after, before)
+        assert torch.equal(after, model.encoder(x))

@@ -65,3 +65,46 @@ def test_index_against_brute_force(rng, kind: str) -> None:
     _, lim = idx.search(q, 5, limit=100)
     assert lim.max() < 100
     assert idx.search(q, 5, limit=0)[1].shape == (20, 0)
+
+
+@pytest.fixture(scope="module")
+def real_perf_features(random_ckpt):
+    """Performance-preset features of five RTAB-Map frames (two revisits of the first three)."""
+    from conftest import rtab_frame
+
+    from pnv_ros.extract import FeatureExtractor
+    from pnv_ros.model.checkpoint import load_checkpoint
+
+    model, info = load_checkpoint(random_ckpt)
+    ex = FeatureExtractor(model, info, get_preset("performance"), device="cpu")
+    return ex.extract([rtab_frame(i) for i in (1, 2, 3, 42, 43)])
+
+
+def test_parallel_ransac_equals_serial(real_perf_features, monkeypatch) -> None:
+    import pnv_ros.matching as m
+
+    pm = PatchMatcher(get_preset("performance"), "ransac")
+    par = pm.score(real_perf_features[0], real_perf_features, details=True)
+    monkeypatch.setattr(m, "_map_threads", lambda fn, jobs: [fn(j) for j in jobs])
+    ser = pm.score(real_perf_features[0], real_perf_features, details=True)
+    np.testing.assert_array_equal(par.raw, ser.raw)
+    np.testing.assert_array_equal(par.num_inliers, ser.num_inliers)
+    assert par.num_inliers[1:].sum() > 0  # real RANSAC work, not only the self-match
+    for a, b in zip(par.details, ser.details):
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(x.inliers, y.inliers)
+            assert (x.homography is None) == (y.homography is None)
+            if x.homography is not None:
+                np.testing.assert_array_equal(x.homography, y.homography)
+
+
+@pytest.mark.parametrize("matcher", ["ransac", "rapid"])
+def test_fast_products_close_to_exact(real_perf_features, matcher: str) -> None:
+    """oneDNN products differ from the exact ones only by float32 rounding: nearly all mutual matches agree."""
+    preset = get_preset("performance")
+    q, cands = real_perf_features[0], real_perf_features
+    exact = PatchMatcher(preset, matcher).score(q, cands)
+    fast = PatchMatcher(preset, matcher, exact=False).score(q, cands)
+    assert np.abs(fast.num_matches - exact.num_matches).max() <= max(2, 0.01 * exact.num_matches.max())
+    np.testing.assert_allclose(fast.raw, exact.raw, rtol=0.05, atol=2.0 / preset.num_patches(2))
+    assert fast.raw[0].sum() == exact.raw[0].sum()  # the self-match: every patch, no near-ties

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.models import vgg16
 
@@ -21,3 +25,65 @@ def make_backbone() -> nn.Sequential:
     """
     layers = list(vgg16(weights=None).features.children())[:-2]
     return nn.Sequential(*layers)
+
+
+def _weights_key(seq: nn.Sequential) -> tuple[tuple[int, int], ...]:
+    """Identity of the current weights: storage and in-place version of each."""
+    return tuple((p.data_ptr(), p._version) for p in seq.parameters())
+
+
+class BlockedBackbone:
+    """The backbone on CPU with activations kept in oneDNN's blocked layout.
+
+    ``nn.Conv2d`` on a plain NCHW tensor already runs oneDNN's blocked-layout
+    kernel, but reorders the weights and converts the activations to and from
+    the blocked layout around every convolution. Here the weights are
+    reordered once and the activations stay blocked from the first
+    convolution to the last, so the same kernel does the same arithmetic:
+    outputs are bit-identical to ``seq(x)`` (tested), about 1.4x sooner on a
+    2-core AVX-512 machine (benchmarks/compare_reference.py).
+
+    Build with :meth:`for_module`, which rebuilds when the weights change
+    (a checkpoint loaded into the module). float32 only.
+    """
+
+    def __init__(self, seq: nn.Sequential) -> None:
+        self.key = _weights_key(seq)
+        self.layers: list[tuple[str, Any]] = []
+        for m in seq:
+            if isinstance(m, nn.Conv2d):
+                geometry = (list(m.padding), list(m.stride), list(m.dilation), m.groups)
+                weight = torch._C._nn.mkldnn_reorder_conv2d_weight(m.weight.detach().float().to_mkldnn(), *geometry)
+                bias = m.bias.detach().float().to_mkldnn() if m.bias is not None else None
+                self.layers.append(("conv", (weight, bias, *geometry)))
+            elif isinstance(m, nn.ReLU):
+                self.layers.append(("relu", None))
+            elif isinstance(m, nn.MaxPool2d):
+                self.layers.append(("pool", (m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)))
+            else:
+                raise TypeError(f"no blocked-layout form for {type(m).__name__}")
+
+    @staticmethod
+    def available() -> bool:
+        """oneDNN is built into this torch."""
+        return bool(torch.backends.mkldnn.is_available())
+
+    @classmethod
+    def for_module(cls, seq: nn.Sequential, cached: BlockedBackbone | None) -> BlockedBackbone:
+        """``cached`` if it was built from the module's current weights, else a new one."""
+        if cached is not None and cached.key == _weights_key(seq):
+            return cached
+        return cls(seq)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """images: (B, 3, H, W) float32 on CPU -> (B, 512, H//16, W//16) dense, as ``seq(images)``."""
+        x = images.contiguous().to_mkldnn()
+        for kind, args in self.layers:
+            if kind == "conv":
+                x = torch.mkldnn_convolution(x, *args)
+            elif kind == "relu":
+                x = torch.relu_(x)
+            else:
+                kernel, stride, padding, dilation, ceil_mode = args
+                x = F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode)
+        return x.to_dense()

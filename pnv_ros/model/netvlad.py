@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pnv_ros.model.backbone import ENCODER_DIM, make_backbone
+from pnv_ros.model.backbone import ENCODER_DIM, BlockedBackbone, make_backbone
 
 
 def vlad_normalise(v: torch.Tensor) -> torch.Tensor:
@@ -93,6 +93,25 @@ class PatchNetVLADModel(nn.Module):
         # Large work buffers (~160 MB at 640x480), kept per thread: allocating
         # them afresh costs more in page faults than the arithmetic on them.
         self._scratch = threading.local()
+        self._blocked: BlockedBackbone | None = None
+
+    def backbone(self, images: torch.Tensor) -> torch.Tensor:
+        """conv5_3 features. images: (B, 3, H, W) -> (B, 512, H//16, W//16).
+
+        Float32 inference on CPU takes the blocked-layout path (same values,
+        sooner); anything else (GPU, autocast, gradients) the plain modules.
+        """
+        fast = (
+            images.device.type == "cpu"
+            and images.dtype == torch.float32
+            and not torch.is_grad_enabled()
+            and not torch.is_autocast_enabled("cpu")
+            and BlockedBackbone.available()
+        )
+        if not fast:
+            return self.encoder(images)
+        self._blocked = BlockedBackbone.for_module(self.encoder, self._blocked)
+        return self._blocked(images)
 
     def _buffer(self, name: str, shape: tuple[int, ...], like: torch.Tensor, zero: bool = False) -> torch.Tensor:
         """A reusable tensor of this shape (zeroed when first made if ``zero``); not cached under autograd."""
@@ -132,7 +151,7 @@ class PatchNetVLADModel(nn.Module):
         sum of it. Patch vectors stay in (K*C, P) layout, so WPCA is one
         (D, K*C) x (K*C, P) product per image with no large transpose.
         """
-        feats = self.encoder(images)
+        feats = self.backbone(images)
         b, c, h, w = feats.shape
         k = self.pool.num_clusters
         x = F.normalize(feats, p=2, dim=1)
