@@ -186,17 +186,32 @@ def main() -> None:
         res = json.loads((work / "r.json").read_text())["queries"]
         same_top1 = sum(r["reranked"][0] == ref_order[r["query"]][0] for r in res)
         same_all = sum(r["reranked"] == ref_order[r["query"]] for r in res)
+        same_top10 = sum(r["reranked"][:10] == ref_order[r["query"]][:10] for r in res)
+        # Where the orders part: rank of the first difference and our fused scores there (near-equal = a tie).
+        partings = []
+        for r in res:
+            o, t = r["reranked"], ref_order[r["query"]]
+            k = next((i for i, (x, y) in enumerate(zip(o, t)) if x != y), None)
+            if k is not None:
+                sc = r.get("scores") or []
+                partings.append({"query": r["query"], "rank": k, "ours": o[k : k + 2], "reference": t[k : k + 2],
+                                 "our_scores": sc[k : k + 2]})  # fmt: skip
         per_q = {k: (v["query_extract_s"] + v["match_s"]) / len(qs) for k, v in (("reference", ref), ("ours", ours))}
         report = {"preset": a.preset, "n_db": len(db), "n_queries": len(qs), "reference": ref, "ours": ours,
                   "per_query_s": per_q, "speedup_per_query": per_q["reference"] / per_q["ours"],
                   "db_extract_speedup": ref["db_extract_s"] / ours["db_extract_s"],
-                  "same_top1": same_top1, "same_full_order": same_all}  # fmt: skip
+                  "same_top1": same_top1, "same_top10": same_top10, "same_full_order": same_all,
+                  "order_partings": partings}  # fmt: skip
         print(
             f"[{a.preset}] per query (extract + re-rank top {min(100, len(db))}): authors' scripts {per_q['reference']:.2f} s, "
             f"pnv {per_q['ours']:.2f} s -> {report['speedup_per_query']:.2f}x; database extraction "
             f"{ref['db_extract_s']:.0f} s vs {ours['db_extract_s']:.0f} s; disk {ref['disk_bytes_db'] / 1e6:.0f} MB vs "
-            f"{ours['disk_bytes_db'] / 1e6:.0f} MB; same top-1 {same_top1}/{len(qs)}, same full order {same_all}/{len(qs)}"
+            f"{ours['disk_bytes_db'] / 1e6:.0f} MB; same top-1 {same_top1}/{len(qs)}, same top-10 {same_top10}/{len(qs)}, "
+            f"same full order {same_all}/{len(qs)}"
         )
+        for p in partings:
+            print(f"  query {p['query']}: orders part at rank {p['rank']}: ours {p['ours']} (fused {p['our_scores']}), "
+                  f"reference {p['reference']}")  # fmt: skip
         if a.out:
             Path(a.out).write_text(json.dumps(report, indent=1))
     finally:

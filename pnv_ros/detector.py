@@ -36,6 +36,8 @@ class DetectorParams:
         min_travel_m: minimum travel between keyframes when positions are given.
         temporal_k: accept only when k consecutive keyframes match consistently (1 = off).
         temporal_tolerance: how many ids a consistent match may move between keyframes.
+        fast_products: re-rank with oneDNN's similarity products on a CPU (faster; float32-rounding
+            differences from the reference can flip near-tied matches; see PatchMatcher).
     """
 
     top_n: int = 20
@@ -46,6 +48,7 @@ class DetectorParams:
     min_travel_m: float = 0.0
     temporal_k: int = 1
     temporal_tolerance: int = 3
+    fast_products: bool = False
 
 
 @dataclass
@@ -101,7 +104,7 @@ class LoopClosureDetector:
         self.extractor = extractor
         self.preset: Preset = extractor.preset
         self.params = params or DetectorParams()
-        self._matchers: dict[Matcher, PatchMatcher] = {}
+        self._matchers: dict[tuple[Matcher, bool], PatchMatcher] = {}
         self.map_options = {"index_kind": index_kind, "patch_dtype": patch_dtype, "memory_budget_mb": memory_budget_mb}
         self.map = self.new_map()
         self._history: list[int | None] = []  # best candidate id of recent keyframes (None: no candidate)
@@ -116,9 +119,10 @@ class LoopClosureDetector:
         """The (cached) matcher for a name, '' or None = the params' or preset's.
         Matchers hold work buffers: use one from one thread at a time."""
         m = Matcher.parse(name or self.params.matcher or self.preset.matcher)
-        if m not in self._matchers:
-            self._matchers[m] = PatchMatcher(self.preset, m, device=self.extractor.device)
-        return self._matchers[m]
+        exact = not self.params.fast_products
+        if (m, exact) not in self._matchers:
+            self._matchers[(m, exact)] = PatchMatcher(self.preset, m, device=self.extractor.device, exact=exact)
+        return self._matchers[(m, exact)]
 
     def reset(self) -> None:
         self.map = PlaceMap(

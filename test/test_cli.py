@@ -110,6 +110,14 @@ def test_default_model_rtabmap_loop(tmp_path: Path, default_ckpt: Path) -> None:
     rec = json.loads(out.read_text())["recall"]
     assert rec["reranked"]["1"] >= 0.95
     assert rec["reranked"]["1"] >= rec["global"]["1"]
+    fast = tmp_path / "fast.json"
+    args = ["match", "-q", "--db", str(tmp_path / "db.npz"), "--queries", str(tmp_path / "q.npz"), "--top-n", "40"]
+    r = run(*args, "--gt", str(gt), "--fast-products", "--out", str(fast))
+    assert r.returncode == 0, r.stderr
+    exact_q, fast_q = json.loads(out.read_text())["queries"], json.loads(fast.read_text())["queries"]
+    same_top1 = sum(a["reranked"][0] == b["reranked"][0] for a, b in zip(exact_q, fast_q))
+    assert same_top1 >= len(exact_q) - 1  # rounding-level differences: at most one near-tie flips a top-1
+    assert json.loads(fast.read_text())["recall"]["reranked"]["1"] >= 0.95
     pic = tmp_path / "m.png"
     r = run("match-two", str(rtab_frame(62)), str(rtab_frame(21)), "--out", str(pic))
     assert r.returncode == 0 and pic.stat().st_size > 10_000 and "score" in r.stdout

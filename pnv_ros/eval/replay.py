@@ -127,7 +127,8 @@ def replay_through_node(
             "-p", f"exclude_recent_s:={float(params.exclude_recent_s)}",
             "-p", f"min_interval_s:={float(params.min_interval_s)}",
             "-p", f"min_travel_m:={float(params.min_travel_m)}",
-            "-p", f"temporal_k:={params.temporal_k}"]  # fmt: skip
+            "-p", f"temporal_k:={params.temporal_k}",
+            "-p", f"fast_products:={str(params.fast_products).lower()}"]  # fmt: skip
     if params.matcher:
         args += ["-p", f"matcher:={params.matcher}"]
     if checkpoint:

@@ -199,6 +199,11 @@ class PatchNetVLADModel(nn.Module):
         if self.num_pcs <= 0:
             return v.transpose(1, 2)
         conv = self.WPCA[0]
-        out = torch.matmul(conv.weight.view(self.num_pcs, k * c), v)  # (B, D, P)
-        out += conv.bias.view(1, -1, 1)
+        if v.device.type == "cpu" and v.dtype == torch.float32:
+            # The WPCA as the 1x1 convolution it is, over P "pixels": oneDNN's
+            # product, ~20% sooner than MKL's matmul on the AMD EPYC we measure on.
+            out = F.conv2d(v.unsqueeze(-1), conv.weight, conv.bias).squeeze(-1)  # (B, D, P)
+        else:
+            out = torch.matmul(conv.weight.view(self.num_pcs, k * c), v)  # (B, D, P)
+            out += conv.bias.view(1, -1, 1)
         return F.normalize(out, p=2, dim=1).transpose(1, 2)

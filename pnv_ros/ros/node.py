@@ -84,6 +84,8 @@ class LoopClosureNode(Node):
         P("min_travel_m", dp.min_travel_m, _desc("minimum travel between keyframes (odometry)", frange=(0.0, 1e4)))
         P("max_rate_hz", 0.0, _desc("at most this many frames per second processed; 0 = no cap", frange=(0.0, 1000.0)))
         P("temporal_k", dp.temporal_k, _desc("consecutive consistent keyframes required (1 = off)", irange=(1, 20)))
+        fast_text = "oneDNN similarity products on CPU: faster re-ranking, float32 rounding differs from the reference"
+        P("fast_products", dp.fast_products, _desc(fast_text))
         P("map_dir", str(Path.home() / ".ros" / "pnv_maps"), _desc("folder for saved maps", read_only=True))
         P("load_map", "", _desc("map name to load at start", read_only=True))
         P("save_map_on_shutdown", "", _desc("map name to save at shutdown ('' = don't)"))
@@ -153,7 +155,8 @@ class LoopClosureNode(Node):
     # -- parameters ---------------------------------------------------------------------------
     def _params(self, override: dict | None = None) -> DetectorParams:
         v = {n: self.get_parameter(n).value for n in ("top_n", "matcher", "min_score", "exclude_recent_s",
-                                                      "min_interval_s", "min_travel_m", "temporal_k")}  # fmt: skip
+                                                      "min_interval_s", "min_travel_m", "temporal_k",
+                                                      "fast_products")}  # fmt: skip
         v.update(override or {})
         return DetectorParams(**v)
 
