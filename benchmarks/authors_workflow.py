@@ -47,6 +47,7 @@ def main() -> None:
     ap.add_argument("--preset", default="speed", choices=["speed", "performance"])
     ap.add_argument("--checkpoint", default=None)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--keep", action="store_true", help="keep the work folder (both sides' features and results)")
     a = ap.parse_args()
     import patchnetvlad
 
@@ -215,7 +216,10 @@ def main() -> None:
         if a.out:
             Path(a.out).write_text(json.dumps(report, indent=1))
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if a.keep:
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

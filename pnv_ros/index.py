@@ -13,6 +13,8 @@ import numpy as np
 from pnv_ros.errors import ConfigError
 
 INDEX_KINDS = ("flat", "hnsw")
+#: HNSW graph degree, build and search breadth (see GlobalIndex).
+HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 64, 200, 2048
 
 
 class GlobalIndex:
@@ -20,10 +22,11 @@ class GlobalIndex:
 
     Args:
         dim: descriptor dimension D.
-        kind: 'flat' (exact) or 'hnsw' (approximate: M=32, efConstruction=200,
-            efSearch=1024, from benchmarks/scale_index.py: flat's nearest neighbour
-            found for 0.995 / 1.000 / 0.960 of queries at 10k / 100k / 1M keyframes
-            added in batches; efConstruction=40, efSearch=128 gave 0.62 at 1M).
+        kind: 'flat' (exact) or 'hnsw' (approximate: M=64, efConstruction=200,
+            efSearch=2048, chosen with benchmarks/scale_index.py at 1M keyframes:
+            flat's nearest neighbour found for 0.935 / 0.955 of queries with M=32 and
+            efSearch 1024 / 8192 (more search does not reach the unlinked ones),
+            0.985 / 1.000 with M=64 and efSearch 1024 / 2048).
     """
 
     def __init__(self, dim: int, kind: str = "flat") -> None:
@@ -33,9 +36,9 @@ class GlobalIndex:
         if kind == "flat":
             self._index = faiss.IndexFlatL2(self.dim)
         else:
-            self._index = faiss.IndexHNSWFlat(self.dim, 32)
-            self._index.hnsw.efConstruction = 200
-            self._index.hnsw.efSearch = 1024
+            self._index = faiss.IndexHNSWFlat(self.dim, HNSW_M)
+            self._index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+            self._index.hnsw.efSearch = HNSW_EF_SEARCH
 
     def __len__(self) -> int:
         return int(self._index.ntotal)
@@ -62,7 +65,7 @@ class GlobalIndex:
         if n < len(self):
             params = faiss.SearchParameters(sel=faiss.IDSelectorRange(0, n))
             if self.kind == "hnsw":
-                params = faiss.SearchParametersHNSW(sel=faiss.IDSelectorRange(0, n), efSearch=max(1024, k))
+                params = faiss.SearchParametersHNSW(sel=faiss.IDSelectorRange(0, n), efSearch=max(HNSW_EF_SEARCH, k))
         d2, ids = self._index.search(q, k, params=params)
         return np.sqrt(np.maximum(d2, 0.0)), ids.astype(np.int64)
 

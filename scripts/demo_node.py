@@ -64,7 +64,7 @@ def main() -> int:
         if not player.wait_for_subscribers(120):
             print("error: the node did not come up", file=sys.stderr)
             return 1
-        print("replaying 84 frames through loop_closure_node (one at a time; ~1.5 s each on 2 CPU cores)")
+        print("replaying 84 frames through loop_closure_node (one at a time; ~1 s each on 2 CPU cores)")
         player.lockstep("/camera/image")
         end = time.time() + 5
         while time.time() < end:
