@@ -36,13 +36,15 @@ def run_bench(
     repeats: int = 3,
     map_sizes: Sequence[int] = (1_000, 10_000),
     progress: bool = False,
+    exact: bool = True,
 ) -> dict:
-    """Seconds per extracted image, ms per re-ranked candidate (top-N batched),
-    global search time at a few map sizes, bytes per keyframe."""
+    """Seconds per extracted image, ms per re-ranked candidate (top-N batched;
+    ``exact=False``: oneDNN similarity products), global search time at a few
+    map sizes, bytes per keyframe."""
     feats = extractor.extract(list(images))
     extract_s = [median_time(lambda p=p: extractor.extract_one(p), repeats) for p in images[: min(3, len(images))]]
     cands = (feats * (top_n // len(feats) + 1))[:top_n]
-    pm = PatchMatcher(extractor.preset, device=extractor.device)
+    pm = PatchMatcher(extractor.preset, device=extractor.device, exact=exact)
     rerank = median_time(lambda: pm.rerank(feats[0], cands), repeats)
     pmap = PlaceMap(extractor.dim, extractor.preset, extractor.info.identity)
     pmap.add(feats[0], 0)
@@ -62,6 +64,7 @@ def run_bench(
         "ms_per_candidate": 1000 * rerank / top_n,
         "top_n": top_n,
         "matcher": pm.matcher.value,
+        "products": "exact" if exact else "onednn",
         "global_search_ms_by_map_size": search,
         "bytes_per_keyframe": pmap.nbytes_per_keyframe(),
         "patch_dtype": pmap.patch_dtype.name,

@@ -293,11 +293,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     preset = _preset(args)
     ex = _extractor(args, preset)
-    res = run_bench(ex, list_images(args.images), top_n=args.top_n, repeats=args.repeats)
+    res = run_bench(ex, list_images(args.images), top_n=args.top_n, repeats=args.repeats, exact=not args.fast_products)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1))
     print(f"{preset.name} on {res['device']}: {res['seconds_per_image']:.3f} s/image, "
-          f"{res['ms_per_candidate']:.2f} ms/candidate ({res['matcher']}, top {args.top_n} batched), "
+          f"{res['ms_per_candidate']:.2f} ms/candidate ({res['matcher']}, {res['products']} products, "
+          f"top {args.top_n} batched), "
           f"global search {', '.join(f'{v:.2f} ms @ {k}' for k, v in res['global_search_ms_by_map_size'].items())}, "
           f"{res['bytes_per_keyframe'] / 1e6:.2f} MB/keyframe ({res['patch_dtype']}); wrote {args.out}")  # fmt: skip
     return 0
@@ -404,6 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True, help="BENCH.json")
     sp.add_argument("--top-n", type=int, default=100, help="candidates re-ranked per query (batched)")
     sp.add_argument("--repeats", type=int, default=3)
+    sp.add_argument("--fast-products", action="store_true", help=FAST_PRODUCTS_HELP)
     sp.add_argument("images", nargs="+", metavar="IMAGE")
     sp.set_defaults(func=cmd_bench)
 
