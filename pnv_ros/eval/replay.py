@@ -116,10 +116,13 @@ def replay_through_node(
     from pnv_ros.ros.conversions import stamp_to_ns
     from pnv_ros.ros.player import BagPlayer
 
-    with BagReader(bag, topic) as r:
+    stamps: list[int] = []
+    thumbs: dict[int, np.ndarray] = {}
+    with BagReader(bag, topic) as r:  # stamps and small pictures only: decoded frames are not kept
         image_topic, total = r.topic, r.count
-        frames = list(r.frames())
-    stamps = [f.stamp_ns for f in frames]
+        for f in r.frames():
+            stamps.append(f.stamp_ns)
+            thumbs[f.index] = _thumb(f.rgb)
     frame_of = {s: i for i, s in enumerate(stamps)}
     exe = str(Path(sys.executable).parent / "loop_closure_node")
     args = [exe, "--ros-args", "-r", f"image:={image_topic}", "-p", f"preset:={preset_name}",
@@ -177,5 +180,4 @@ def replay_through_node(
                                       float(lc.global_distance) if lc else float("nan"),
                                       int(lc.num_matches) if lc else 0, int(lc.num_inliers) if lc else 0,
                                       [m] if m >= 0 else []))  # fmt: skip
-    thumbs = {f.index: _thumb(f.rgb) for f in frames}
     return ReplayResult(records, len(stamps), stamps, wall, float("nan"), float("nan"), thumbs)
