@@ -14,7 +14,7 @@ from pnv_ros.errors import ConfigError
 
 INDEX_KINDS = ("flat", "hnsw")
 #: HNSW graph degree, build and search breadth (see GlobalIndex).
-HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 64, 200, 2048
+HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 64, 400, 2048
 
 
 class GlobalIndex:
@@ -22,11 +22,12 @@ class GlobalIndex:
 
     Args:
         dim: descriptor dimension D.
-        kind: 'flat' (exact) or 'hnsw' (approximate: M=64, efConstruction=200,
-            efSearch=2048, chosen with benchmarks/scale_index.py at 1M keyframes:
-            flat's nearest neighbour found for 0.935 / 0.955 of queries with M=32 and
-            efSearch 1024 / 8192 (more search does not reach the unlinked ones),
-            0.985 / 1.000 with M=64 and efSearch 1024 / 2048).
+        kind: 'flat' (exact) or 'hnsw' (approximate: M=64, efConstruction=400,
+            efSearch=2048, chosen with benchmarks/scale_index.py at 1M keyframes on
+            its hard (between-places) queries: flat's nearest neighbour found for
+            0.955 with M=32 however wide the search (efSearch up to 8192: poorly
+            linked entries), 0.965 with M=64 / efConstruction 200, 0.985 with M=96,
+            0.995 with M=64 / efConstruction 400 (insertion ~0.14 ms a keyframe at 1M).
     """
 
     def __init__(self, dim: int, kind: str = "flat") -> None:
