@@ -59,6 +59,7 @@ def main() -> None:
     ap.add_argument("--checkpoint", default=None)
     ap.add_argument("--out", default=None)
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
+    ap.add_argument("--modes", default=None, help="comma-separated substrings of mode names to run (baseline always)")
     a = ap.parse_args()
     model, info = load_checkpoint(resolve_checkpoint(a.checkpoint))
     base = get_preset("speed")
@@ -70,6 +71,9 @@ def main() -> None:
         "patch stride 2": Mode(dataclasses.replace(base, name="speed-s2", strides=(2,))),
         "top 10 candidates": Mode(base, top_n=10, reuse_baseline_features=True),
     }
+    if a.modes:
+        keep = [m.strip() for m in a.modes.split(",")]
+        modes = {k: v for i, (k, v) in enumerate(modes.items()) if i == 0 or any(m in k for m in keep)}
     set_list = list(sets(Path(a.data)))
     baseline_feats: dict[str, tuple] = {}
     report: dict[str, dict] = {}

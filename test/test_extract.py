@@ -124,3 +124,20 @@ def test_blocked_backbone_is_bit_identical(random_ckpt: Path, tmp_path: Path) ->
         after = model.backbone(x)
         assert not torch.equal(after, before)
         assert torch.equal(after, model.encoder(x))
+
+
+def test_blocked_backbone_bf16_matches_autocast(random_ckpt: Path) -> None:
+    """Under bfloat16 autocast the blocked path computes in bfloat16 as autocast does (rounding-level differences)."""
+    from pnv_ros.model.backbone import BlockedBackbone
+
+    if not BlockedBackbone.available(torch.bfloat16):
+        pytest.skip("this CPU has no oneDNN bfloat16 support")  # the plain autocast path serves it instead
+    model, _ = load_checkpoint(random_ckpt)
+    x = torch.stack([input_transform(480, 640)(Image.open(rtab_frame(i)).convert("RGB")) for i in (1, 2)])
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fast, plain = model.backbone(x), model.encoder(x)
+    assert fast.dtype == plain.dtype == torch.bfloat16
+    rel = ((fast.float() - plain.float()).norm() / plain.float().norm()).item()
+    assert 0 <= rel < 1e-2
+    with torch.inference_mode():
+        assert model.backbone(x).dtype == torch.float32  # float32 again outside autocast

@@ -93,25 +93,29 @@ class PatchNetVLADModel(nn.Module):
         # Large work buffers (~160 MB at 640x480), kept per thread: allocating
         # them afresh costs more in page faults than the arithmetic on them.
         self._scratch = threading.local()
-        self._blocked: BlockedBackbone | None = None
+        self._blocked: dict[torch.dtype, BlockedBackbone] = {}
 
     def backbone(self, images: torch.Tensor) -> torch.Tensor:
         """conv5_3 features. images: (B, 3, H, W) -> (B, 512, H//16, W//16).
 
-        Float32 inference on CPU takes the blocked-layout path (same values,
-        sooner); anything else (GPU, autocast, gradients) the plain modules.
+        Inference on CPU takes the blocked-layout path: float32 (same values,
+        sooner), or bfloat16 under bfloat16 autocast (autocast's arithmetic,
+        sooner). Anything else (GPU, gradients, other autocast) the plain modules.
         """
+        dtype = torch.float32
+        if torch.is_autocast_enabled("cpu"):
+            dtype = torch.get_autocast_dtype("cpu")
         fast = (
             images.device.type == "cpu"
             and images.dtype == torch.float32
             and not torch.is_grad_enabled()
-            and not torch.is_autocast_enabled("cpu")
-            and BlockedBackbone.available()
+            and dtype in (torch.float32, torch.bfloat16)
+            and BlockedBackbone.available(dtype)
         )
         if not fast:
             return self.encoder(images)
-        self._blocked = BlockedBackbone.for_module(self.encoder, self._blocked)
-        return self._blocked(images)
+        blocked = self._blocked[dtype] = BlockedBackbone.for_module(self.encoder, self._blocked.get(dtype), dtype)
+        return blocked(images)
 
     def _buffer(self, name: str, shape: tuple[int, ...], like: torch.Tensor, zero: bool = False) -> torch.Tensor:
         """A reusable tensor of this shape (zeroed when first made if ``zero``); not cached under autograd."""
