@@ -68,111 +68,32 @@ def main() -> None:
         (work / "cfg.ini").write_text(ini)
         (work / "db.txt").write_text("\n".join(str(p.resolve()) for p in db) + "\n")
         (work / "q.txt").write_text("\n".join(str(p.resolve()) for p in qs) + "\n")
+        cfg = str(work / "cfg.ini")
+
+        def authors(script: str, *args: str, cwd: Path | None = None) -> float:
+            return _run([str(BIN / "python"), "-c", OFFLINE, str(BIN / script), "--config_path", cfg, *args, "--nocuda"],
+                        cwd=cwd)  # fmt: skip
+
         ref = {}
-        ref["db_extract_s"] = _run(
-            [
-                str(BIN / "python"),
-                "-c",
-                OFFLINE,
-                str(BIN / "feature_extract.py"),
-                "--config_path",
-                str(work / "cfg.ini"),
-                "--dataset_file_path",
-                str(work / "db.txt"),
-                "--output_features_dir",
-                str(work / "ref_db"),
-                "--nocuda",
-            ]
-        )
-        ref["query_extract_s"] = _run(
-            [
-                str(BIN / "python"),
-                "-c",
-                OFFLINE,
-                str(BIN / "feature_extract.py"),
-                "--config_path",
-                str(work / "cfg.ini"),
-                "--dataset_file_path",
-                str(work / "q.txt"),
-                "--output_features_dir",
-                str(work / "ref_q"),
-                "--nocuda",
-            ]
-        )
-        ref["match_s"] = _run(
-            [
-                str(BIN / "python"),
-                "-c",
-                OFFLINE,
-                str(BIN / "feature_match.py"),
-                "--config_path",
-                str(work / "cfg.ini"),
-                "--query_file_path",
-                str(work / "q.txt"),
-                "--index_file_path",
-                str(work / "db.txt"),
-                "--query_input_features_dir",
-                str(work / "ref_q"),
-                "--index_input_features_dir",
-                str(work / "ref_db"),
-                "--result_save_folder",
-                str(work / "ref_res"),
-                "--nocuda",
-            ],
-            cwd=work,
-        )
+        for side, listing, feats in (("db", "db.txt", "ref_db"), ("query", "q.txt", "ref_q")):
+            ref[f"{side}_extract_s"] = authors("feature_extract.py", "--dataset_file_path", str(work / listing),
+                                               "--output_features_dir", str(work / feats))  # fmt: skip
+        ref["match_s"] = authors("feature_match.py", "--query_file_path", str(work / "q.txt"),
+                                 "--index_file_path", str(work / "db.txt"),
+                                 "--query_input_features_dir", str(work / "ref_q"),
+                                 "--index_input_features_dir", str(work / "ref_db"),
+                                 "--result_save_folder", str(work / "ref_res"), cwd=work)  # fmt: skip
         ref["disk_bytes_db"] = sum(f.stat().st_size for f in (work / "ref_db").iterdir())
         ours = {}
-        (work / "dbdir").mkdir()
-        (work / "qdir").mkdir()
-        for p in db:
-            (work / "dbdir" / p.name).symlink_to(p.resolve())
-        for p in qs:
-            (work / "qdir" / p.name).symlink_to(p.resolve())
         pnv = str(BIN / "pnv")
-        ours["db_extract_s"] = _run(
-            [
-                pnv,
-                "extract",
-                "-q",
-                "--checkpoint",
-                str(ckpt),
-                "--preset",
-                a.preset,
-                "--out",
-                str(work / "db.npz"),
-                str(work / "dbdir"),
-            ]
-        )
-        ours["query_extract_s"] = _run(
-            [
-                pnv,
-                "extract",
-                "-q",
-                "--checkpoint",
-                str(ckpt),
-                "--preset",
-                a.preset,
-                "--out",
-                str(work / "q.npz"),
-                str(work / "qdir"),
-            ]
-        )
-        ours["match_s"] = _run(
-            [
-                pnv,
-                "match",
-                "-q",
-                "--db",
-                str(work / "db.npz"),
-                "--queries",
-                str(work / "q.npz"),
-                "--top-n",
-                str(min(100, len(db))),
-                "--out",
-                str(work / "r.json"),
-            ]
-        )
+        for side, images, folder, out in (("db", db, "dbdir", "db.npz"), ("query", qs, "qdir", "q.npz")):
+            (work / folder).mkdir()
+            for p in images:
+                (work / folder / p.name).symlink_to(p.resolve())
+            ours[f"{side}_extract_s"] = _run([pnv, "extract", "-q", "--checkpoint", str(ckpt), "--preset", a.preset,
+                                              "--out", str(work / out), str(work / folder)])  # fmt: skip
+        ours["match_s"] = _run([pnv, "match", "-q", "--db", str(work / "db.npz"), "--queries", str(work / "q.npz"),
+                                "--top-n", str(min(100, len(db))), "--out", str(work / "r.json")])  # fmt: skip
         ours["disk_bytes_db"] = (work / "db.npz").stat().st_size
         # Same re-ranked orders?
         lines = [
