@@ -125,9 +125,9 @@ class LoopClosureDetector:
         return self._matchers[(m, exact)]
 
     def reset(self) -> None:
-        self.map = PlaceMap(
-            self.map.dim, self.preset, self.map.model_id, self.map.index_kind, self.map.patch_dtype.name
-        )
+        """Empty the map, keeping its index kind, patch storage and memory budget."""
+        m = self.map
+        self.map = PlaceMap(m.dim, self.preset, m.model_id, m.index_kind, m.patch_dtype.name, m.memory_budget / 2**20)
         self._history.clear()
 
     # -- keyframe policy ------------------------------------------------------------------

@@ -62,3 +62,10 @@ def test_temporal_consistency(extractor: FeatureExtractor, rng) -> None:
     second = det.process(_place(rng, places[2], 0.01), 21 * 10**9)
     assert first.loop is None and first.candidates[0].id == 1  # one match is not yet consistent
     assert second.loop is not None and second.loop.match_id == 2
+
+
+def test_reset_keeps_storage_options(extractor: FeatureExtractor) -> None:
+    det = LoopClosureDetector(extractor, index_kind="hnsw", patch_dtype="float32", memory_budget_mb=1.5)
+    det.reset()
+    m = det.map
+    assert (m.index_kind, m.patch_dtype.name, m.memory_budget) == ("hnsw", "float32", int(1.5 * 2**20))
