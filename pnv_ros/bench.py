@@ -35,7 +35,6 @@ def run_bench(
     top_n: int = 100,
     repeats: int = 3,
     map_sizes: Sequence[int] = (1_000, 10_000),
-    progress: bool = False,
     exact: bool = True,
 ) -> dict:
     """Seconds per extracted image, ms per re-ranked candidate (top-N batched;
