@@ -88,11 +88,11 @@ def main() -> None:
         preset = get_preset(preset_name)
         pm = PatchMatcher(preset, device=dev)
         q = [
-            torch.nn.functional.normalize(torch.randn(preset.num_patches(s), 512, device=dev), dim=1)
+            torch.nn.functional.normalize(torch.randn(preset.num_patches(s), model.dim, device=dev), dim=1)
             for s in range(len(preset.patch_sizes))
         ]
         dbs = [
-            torch.nn.functional.normalize(torch.randn(100, preset.num_patches(s), 512, device=dev), dim=2)
+            torch.nn.functional.normalize(torch.randn(100, preset.num_patches(s), model.dim, device=dev), dim=2)
             for s in range(len(preset.patch_sizes))
         ]
         pm.score_stacked(q, dbs)

@@ -12,7 +12,10 @@ Two query sets of 200 each, from random map entries:
 For each size: build time, index memory, single-query latency (median, p95;
 one query at a time, as a loop closer asks; revisit queries), and Recall@1 /
 Recall@20 of HNSW against flat for both sets; for the hard set also how much
-farther HNSW's first answer is than flat's when they differ.
+farther HNSW's first answer is than flat's when they differ. Build time is
+one add per 50k keyframes, as ``PlaceMap.load`` adds a saved map (one add);
+for HNSW also the node's way, one keyframe at a time, timed over the first
+``--one-at-a-time`` keyframes (a map loaded like that would take this times n).
 
     .venv/bin/python benchmarks/scale_index.py --sizes 10000,100000,1000000 --out out/scale
 """
@@ -52,6 +55,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="10000,100000,1000000")
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--queries", type=int, default=200)
+    ap.add_argument("--one-at-a-time", type=int, default=10000, help="HNSW keyframes added singly to time (0: skip)")
     ap.add_argument("--out", default="out/scale")
     a = ap.parse_args()
     out = Path(a.out)
@@ -86,7 +90,18 @@ def main() -> None:
             res[kind] = {"build_s": build, "bytes": index_bytes(gi), "found": found,
                          "p50_ms": 1000 * float(np.median(lat)), "p95_ms": 1000 * float(np.percentile(lat, 95))}  # fmt: skip
             del gi
+        single = min(n, a.one_at_a_time)
+        if single:
+            gi = GlobalIndex(a.dim, "hnsw")
+            t = time.perf_counter()
+            for v in data[:single]:
+                gi.add(v)
+            res["hnsw"]["single_add_ms"] = 1000 * (time.perf_counter() - t) / single
+            del gi
         row = {"n": n, **{f"{k}_{m}": res[k][m] for k in res for m in ("build_s", "bytes", "p50_ms", "p95_ms")}}
+        if single:
+            row["hnsw_single_add_ms"] = res["hnsw"]["single_add_ms"]
+            row["hnsw_single_add_first"] = single
         for name in sets:
             (flat, fd), (hnsw, hd) = res["flat"]["found"][name], res["hnsw"]["found"][name]
             miss = flat[:, 0] != hnsw[:, 0]
@@ -100,7 +115,10 @@ def main() -> None:
         rows.append(row)
         print(f"n={n:>8}: flat {row['flat_p50_ms']:.2f} ms/query ({row['flat_bytes'] / 2**20:.0f} MiB, "
               f"add {row['flat_build_s']:.1f} s); hnsw {row['hnsw_p50_ms']:.3f} ms/query "
-              f"({row['hnsw_bytes'] / 2**20:.0f} MiB, build {row['hnsw_build_s']:.0f} s); hnsw recall vs flat "
+              f"({row['hnsw_bytes'] / 2**20:.0f} MiB, build {row['hnsw_build_s']:.0f} s"
+              + (f"; singly {row['hnsw_single_add_ms']:.2f} ms/keyframe over the first {single}, batched "
+                 f"{1000 * row['hnsw_build_s'] / n:.2f}" if single else "")
+              + f"); hnsw recall vs flat "
               f"R@1 / R@20: revisits {row['hnsw_recall_at_1_vs_flat_revisit']:.3f} / "
               f"{row['hnsw_recall_at_20_vs_flat_revisit']:.3f}, hard {row['hnsw_recall_at_1_vs_flat_hard']:.3f} / "
               f"{row['hnsw_recall_at_20_vs_flat_hard']:.3f} (a missed first answer at most "

