@@ -37,16 +37,18 @@ def run_bench(
     map_sizes: Sequence[int] = (1_000, 10_000),
     exact: bool = True,
 ) -> dict:
-    """Seconds per extracted image, ms per re-ranked candidate (top-N batched;
-    ``exact=False``: oneDNN similarity products), global search time at a few
-    map sizes, bytes per keyframe."""
+    """Seconds per extracted image, ms per re-ranked candidate (top-N batched,
+    candidates as the map stores them, float16; ``exact=False``: oneDNN
+    similarity products), global search time at a few map sizes, bytes per
+    keyframe."""
     feats = extractor.extract(list(images))
     extract_s = [median_time(lambda p=p: extractor.extract_one(p), repeats) for p in images[: min(3, len(images))]]
-    cands = (feats * (top_n // len(feats) + 1))[:top_n]
+    pmap = PlaceMap(extractor.dim, extractor.preset, extractor.info.identity)
+    for i, f in enumerate(feats):
+        pmap.add(f, i)
+    cands = [pmap.get(i % len(pmap)).features for i in range(top_n)]
     pm = PatchMatcher(extractor.preset, device=extractor.device, exact=exact)
     rerank = median_time(lambda: pm.rerank(feats[0], cands), repeats)
-    pmap = PlaceMap(extractor.dim, extractor.preset, extractor.info.identity)
-    pmap.add(feats[0], 0)
     rng = np.random.default_rng(0)
     search = {}
     for n in map_sizes:

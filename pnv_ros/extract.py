@@ -94,11 +94,13 @@ class FeatureExtractor:
     def extract_tensors(self, batch: torch.Tensor) -> tuple[np.ndarray, list[np.ndarray]]:
         """Run the network on a preprocessed batch.
 
-        batch: (B, 3, H, W). Returns global (B, D) and per scale (B, P_s, D), float32.
+        batch: (B, 3, H, W). Returns global (B, D) and per scale (B, P_s, D), float32,
+        C-contiguous (the model's patches are a transposed view; each keyframe's
+        (P_s, D) rows in order make re-ranking's stacking a plain copy).
         """
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             glob, patches = self.model(batch.to(self.device), self.preset.patch_sizes, self.preset.strides)
-        return glob.float().cpu().numpy(), [p.float().cpu().numpy() for p in patches]
+        return glob.float().cpu().numpy(), [p.float().cpu().contiguous().numpy() for p in patches]
 
     def extract(self, images: Sequence[ImageSource]) -> list[PlaceFeatures]:
         """Features of every image, batched. Raises ImageError naming a bad one."""

@@ -243,13 +243,12 @@ class PatchMatcher:
             for start in range(0, len(candidates), self.chunk):
                 chunk = candidates[start : start + self.chunk]
                 buf = self._stack_buffer(s, len(chunk), qs[s].shape[1])
-                if buf.device.type == "cpu":  # numpy assignment converts float16 storage, reads memmaps
-                    dst = buf.numpy()
-                    for j, c in enumerate(chunk):
-                        dst[j] = c.patches[s]
-                else:
-                    for j, c in enumerate(chunk):
-                        buf[j].copy_(torch.as_tensor(np.ascontiguousarray(c.patches[s])))
+                for j, c in enumerate(chunk):
+                    p = c.patches[s]
+                    if p.flags.writeable and p.flags.c_contiguous:  # torch converts float16 ~30x sooner than numpy
+                        buf[j].copy_(torch.from_numpy(p))
+                    else:  # spilled keyframes: read-only memory maps
+                        buf[j].copy_(torch.from_numpy(np.array(p)))
                 yield buf
 
         return self._score(qs, [chunks(s) for s in range(n_scales)], len(candidates), details)

@@ -23,6 +23,7 @@ def extractor(random_ckpt: Path) -> FeatureExtractor:
 def test_shapes_and_unit_norm(extractor: FeatureExtractor) -> None:
     f = extractor.extract_one(rtab_frame(1))
     assert f.global_desc.shape == (64,) and f.patches[0].shape == (936, 64)
+    assert f.patches[0].flags.c_contiguous  # rows in order: re-ranking copies them as they are
     assert np.allclose(np.linalg.norm(f.patches[0], axis=1), 1, atol=1e-5)
     assert f.image_size == (512, 384)
 
