@@ -66,6 +66,7 @@ def run_bench(
         "top_n": top_n,
         "matcher": pm.matcher.value,
         "products": "exact" if exact else "onednn",
+        "bf16": extractor.bf16,
         "global_search_ms_by_map_size": search,
         "bytes_per_keyframe": pmap.nbytes_per_keyframe(),
         "patch_dtype": pmap.patch_dtype.name,

@@ -17,6 +17,10 @@ from pnv_ros import __version__
 from pnv_ros.errors import PnvError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+BF16_HELP = (
+    "run the backbone in bfloat16 (pooling and WPCA stay float32): ~1.5x faster extraction on CPUs with "
+    "AVX-512 BF16 or AMX, and on GPUs; descriptors differ slightly from float32 (default: float32)"
+)
 FAST_PRODUCTS_HELP = (
     "re-rank with oneDNN's similarity products on CPU: ~1.6x faster re-ranking; float32-rounding differences "
     "from the reference can flip near-tied matches (default: the reference's exact products)"
@@ -40,7 +44,7 @@ def _extractor(args: argparse.Namespace, preset):  # type: ignore[no-untyped-def
 
     path = resolve_checkpoint(args.checkpoint, announce=_say)
     model, info = load_checkpoint(path, device=args.device or "cpu")
-    return FeatureExtractor(model, info, preset, device=args.device)
+    return FeatureExtractor(model, info, preset, device=args.device, bf16=args.bf16)
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
@@ -259,7 +263,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     ckpt = resolve_checkpoint(args.checkpoint, announce=_say)
     if args.node:
-        result = replay_through_node(Path(args.bag), preset.name, str(ckpt), params, topic, args.config, progress)
+        result = replay_through_node(
+            Path(args.bag), preset.name, str(ckpt), params, topic, args.config, progress, bf16=args.bf16
+        )
         model_id = checkpoint_info(ckpt).identity
     else:
         ex = _extractor(args, preset)
@@ -322,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--checkpoint", default=None,
                             help="checkpoint path or official model name (default: the offline default)")  # fmt: skip
             sp.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
+            sp.add_argument("--bf16", action="store_true", help=BF16_HELP)
 
     sp = sub.add_parser("extract", help="images to a features .npz", description=(
         "Extract global and patch descriptors. Writes an .npz (never pickled) with names, global (N x D), "

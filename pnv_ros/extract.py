@@ -52,9 +52,10 @@ class FeatureExtractor:
         device: where to run; default CUDA if present, else CPU.
         batch_size: images per forward pass; default 1 on CPU (measured faster
             per image than 4 on a 2-core machine), 8 on CUDA.
-        bf16: run the network under bfloat16 autocast (faster on CPUs with
-            AVX-512 BF16 / AMX and on GPUs; descriptors differ slightly from
-            float32, so off by default: see benchmarks/reduced_cost.py).
+        bf16: run the backbone in bfloat16 (faster on CPUs with AVX-512
+            BF16 / AMX and on GPUs); pooling and WPCA stay float32.
+            Descriptors differ slightly from float32 (patch cosine ~0.9997),
+            so off by default: see benchmarks/reduced_cost.py.
     """
 
     def __init__(

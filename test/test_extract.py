@@ -142,3 +142,17 @@ def test_blocked_backbone_bf16_matches_autocast(random_ckpt: Path) -> None:
     assert 0 <= rel < 1e-2
     with torch.inference_mode():
         assert model.backbone(x).dtype == torch.float32  # float32 again outside autocast
+
+
+def test_bfloat16_mode_keeps_pooling_in_float32(default_ckpt: Path) -> None:
+    """bf16=True runs the backbone in bfloat16 only: patch VLADs are box sums of an
+    integral image, which a bfloat16 integral turned to noise (median cosine 0.73)."""
+    model, info = load_checkpoint(default_ckpt)
+    preset = get_preset("performance")
+    full, half = (FeatureExtractor(model, info, preset, bf16=b).extract_one(rtab_frame(41)) for b in (False, True))
+    assert full.global_desc.dtype == half.global_desc.dtype == np.float32
+    assert float(full.global_desc @ half.global_desc) > 0.999
+    for s, size in enumerate(preset.patch_sizes):
+        cos = (full.patches[s] * half.patches[s]).sum(axis=1)
+        assert np.median(cos) > 0.99, (size, np.median(cos))
+        assert np.mean(cos > 0.95) > 0.95, (size, np.mean(cos > 0.95))

@@ -194,7 +194,7 @@ def test_node_compressed_odometry_pose_markers(ros: Client, tmp_path: Path) -> N
     from std_msgs.msg import Header
     from visualization_msgs.msg import MarkerArray
 
-    node = start_node(tmp_path, "-p", "compressed:=true", "-p", "matcher:=ransac")
+    node = start_node(tmp_path, "-p", "compressed:=true", "-p", "matcher:=ransac", "-p", "bfloat16:=true")
     n = ros.node
     pub = n.create_publisher(CompressedImage, "image/compressed", 10)
     pub_info = n.create_publisher(CameraInfo, "camera_info", 10)
@@ -243,3 +243,4 @@ def test_node_compressed_odometry_pose_markers(ros: Client, tmp_path: Path) -> N
     assert len(m.points) == 2 and {m.points[0].x, m.points[1].x} == {0.5, 0.0}
     assert pictures[-1].width > 512 and pictures[-1].encoding == "rgb8"
     assert "cannot be decoded" in out
+    assert "bfloat16 backbone" in out  # the revisit above was found with the bfloat16 backbone

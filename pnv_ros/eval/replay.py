@@ -104,6 +104,7 @@ def replay_through_node(
     config_file: str | None = None,
     progress: Callable[[int, int], None] | None = None,
     node_timeout_s: float = 180.0,
+    bf16: bool = False,
 ) -> ReplayResult:
     """Play the bag into a live loop_closure_node (lockstep) and record its output.
 
@@ -131,7 +132,8 @@ def replay_through_node(
             "-p", f"min_interval_s:={float(params.min_interval_s)}",
             "-p", f"min_travel_m:={float(params.min_travel_m)}",
             "-p", f"temporal_k:={params.temporal_k}",
-            "-p", f"fast_products:={str(params.fast_products).lower()}"]  # fmt: skip
+            "-p", f"fast_products:={str(params.fast_products).lower()}",
+            "-p", f"bfloat16:={str(bf16).lower()}"]  # fmt: skip
     if params.matcher:
         args += ["-p", f"matcher:={params.matcher}"]
     if checkpoint:

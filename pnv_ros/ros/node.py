@@ -67,6 +67,8 @@ class LoopClosureNode(Node):
         P("config_file", "", _desc("override file (.toml/.json/.ini) for the preset", read_only=True))
         P("checkpoint", "", _desc("checkpoint path or official model name; '' = offline default", read_only=True))
         P("device", "", _desc("cpu | cuda; '' = cuda when present", read_only=True))
+        bf16_text = "backbone in bfloat16 (pooling float32): faster extraction on AVX-512 BF16/AMX CPUs and GPUs"
+        P("bfloat16", False, _desc(bf16_text, read_only=True))
         P("compressed", False, _desc("subscribe to image/compressed instead of image", read_only=True))
         P("index_kind", "flat", _desc("FAISS index: flat | hnsw", read_only=True))
         P("patch_dtype", "float16", _desc("patch storage: float16 (half the memory) | float32", read_only=True))
@@ -97,7 +99,7 @@ class LoopClosureNode(Node):
         device = g("device").value or None
         model, info = load_checkpoint(ckpt, device=device or "cpu")
         self.detector = LoopClosureDetector(
-            FeatureExtractor(model, info, preset, device=device),
+            FeatureExtractor(model, info, preset, device=device, bf16=g("bfloat16").value),
             self._params(),
             index_kind=g("index_kind").value,
             patch_dtype=g("patch_dtype").value,
@@ -150,6 +152,7 @@ class LoopClosureNode(Node):
             f"loop_closure ready: preset {preset.name}, model {info.identity}, "
             + ("compressed" if g("compressed").value else "raw")
             + " images"
+            + (", bfloat16 backbone" if g("bfloat16").value else "")
         )
 
     # -- parameters ---------------------------------------------------------------------------
