@@ -7,6 +7,7 @@ same descriptors as ``patchnetvlad==0.1.8``.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from pnv_ros.config import BACKBONE_STRIDE, Preset
 from pnv_ros.errors import ImageError
 from pnv_ros.features import FeatureSet, PlaceFeatures
 from pnv_ros.images import ImageSource, load_image
+from pnv_ros.model.backbone import BlockedBackbone
 from pnv_ros.model.checkpoint import ModelInfo
 from pnv_ros.model.netvlad import PatchNetVLADModel
 
@@ -73,6 +75,12 @@ class FeatureExtractor:
         self.info = info
         self.preset = preset
         self.bf16 = bool(bf16)
+        if self.bf16 and self.device.type == "cpu" and not BlockedBackbone.available(torch.bfloat16):
+            warnings.warn(
+                "bf16 requested, but this CPU has no bfloat16 instructions for oneDNN (AVX-512 BF16 or AMX): "
+                "extraction will be slower than float32, not faster",
+                stacklevel=2,
+            )
         self.batch_size = max(1, int(batch_size)) if batch_size else (8 if self.device.type == "cuda" else 1)
         self._transform = input_transform(preset.image_height, preset.image_width)
         self._min_side = BACKBONE_STRIDE * min(preset.patch_sizes)

@@ -156,3 +156,13 @@ def test_bfloat16_mode_keeps_pooling_in_float32(default_ckpt: Path) -> None:
         cos = (full.patches[s] * half.patches[s]).sum(axis=1)
         assert np.median(cos) > 0.99, (size, np.median(cos))
         assert np.mean(cos > 0.95) > 0.95, (size, np.mean(cos > 0.95))
+
+
+def test_bfloat16_without_cpu_support_warns(random_ckpt: Path, monkeypatch) -> None:
+    """On a CPU without oneDNN bfloat16 (simulated: this one has it) bf16 would be slower: say so."""
+    from pnv_ros.model.backbone import BlockedBackbone
+
+    model, info = load_checkpoint(random_ckpt)
+    monkeypatch.setattr(BlockedBackbone, "available", staticmethod(lambda dtype: dtype == torch.float32))
+    with pytest.warns(UserWarning, match="slower than float32"):
+        FeatureExtractor(model, info, get_preset("speed"), device="cpu", bf16=True)
