@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pnv_ros.bench import median_time
+from pnv_ros.bench import median_time, stored_candidates
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -52,7 +52,6 @@ def measure(side: str, preset_name: str, ckpt: str, images: list[str], repeats: 
     from pnv_ros.extract import FeatureExtractor
     from pnv_ros.matching import PatchMatcher
     from pnv_ros.model.checkpoint import load_checkpoint
-    from pnv_ros.place_map import PlaceMap
 
     preset = get_preset(preset_name)
     out: dict = {"side": side, "preset": preset_name}
@@ -82,10 +81,8 @@ def measure(side: str, preset_name: str, ckpt: str, images: list[str], repeats: 
         out["rerank_ms_per_candidate"] = 1000 * t / n_cand
         t = median_time(lambda: fast.score(feats[0], cands), repeats)
         out["rerank_fast_ms_per_candidate"] = 1000 * t / n_cand
-        pmap = PlaceMap(model.dim, preset, info.identity)  # float16 patches, as the node's map keeps them
-        for i, f in enumerate(feats):
-            pmap.add(f, i)
-        stored = [pmap.get(i % len(pmap)).features for i in range(n_cand)]
+        # the same candidates as the node's map keeps them (float16 patches)
+        _, stored = stored_candidates(feats, model.dim, preset, info.identity, n_cand)
         t = median_time(lambda: pm.score(feats[0], stored), repeats)
         out["rerank_map_ms_per_candidate"] = 1000 * t / n_cand
         out["raw"] = pm.score(feats[0], cands).raw.tolist()

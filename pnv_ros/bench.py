@@ -11,7 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
+from pnv_ros.config import Preset
 from pnv_ros.extract import FeatureExtractor
+from pnv_ros.features import PlaceFeatures
 from pnv_ros.index import GlobalIndex
 from pnv_ros.matching import PatchMatcher
 from pnv_ros.place_map import PlaceMap
@@ -26,6 +28,17 @@ def median_time(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
         fn()
         ts.append(time.perf_counter() - t)
     return float(np.median(ts))
+
+
+def stored_candidates(
+    feats: Sequence[PlaceFeatures], dim: int, preset: Preset, model_id: str, n: int
+) -> tuple[PlaceMap, list[PlaceFeatures]]:
+    """A map holding ``feats`` as the node stores them (float16 patches) and
+    ``n`` candidates cycling through its keyframes."""
+    pmap = PlaceMap(dim, preset, model_id)
+    for i, f in enumerate(feats):
+        pmap.add(f, i)
+    return pmap, [pmap.get(i % len(pmap)).features for i in range(n)]
 
 
 def run_bench(
@@ -43,10 +56,7 @@ def run_bench(
     keyframe."""
     feats = extractor.extract(list(images))
     extract_s = [median_time(lambda p=p: extractor.extract_one(p), repeats) for p in images[: min(3, len(images))]]
-    pmap = PlaceMap(extractor.dim, extractor.preset, extractor.info.identity)
-    for i, f in enumerate(feats):
-        pmap.add(f, i)
-    cands = [pmap.get(i % len(pmap)).features for i in range(top_n)]
+    pmap, cands = stored_candidates(feats, extractor.dim, extractor.preset, extractor.info.identity, top_n)
     pm = PatchMatcher(extractor.preset, device=extractor.device, exact=exact)
     rerank = median_time(lambda: pm.rerank(feats[0], cands), repeats)
     rng = np.random.default_rng(0)
