@@ -1,40 +1,65 @@
-"""ros2 launch pnv_ros loop_closure.launch.py image:=/camera/image_raw preset:=speed"""
+"""ros2 launch pnv_ros loop_closure.launch.py image:=/camera/image_raw preset:=speed
 
-import os
+The same arguments as loop_closure.launch.xml. ``compressed``, ``use_sim_time``, ``preset`` and
+``checkpoint`` override the parameters file. The inputs' QoS is set in the parameters file
+(``image_qos``, ``camera_info_qos``, ``odom_qos``: sensor_data | reliable | best_effort |
+system_default, and their ``*_qos_depth``).
+"""
 
-from ament_index_python.packages import get_package_share_directory
 from launch.actions import DeclareLaunchArgument
-from launch.substitutions import LaunchConfiguration, PythonExpression
+from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
+from launch_ros.parameter_descriptions import ParameterValue
+from launch_ros.substitutions import FindPackageShare
 
 from launch import LaunchDescription
 
+# name, default, description (params_file's default is the preset's file, below)
+ARGUMENTS = (
+    ("namespace", "", "namespace of the node and its topics"),
+    ("image", "image", "image topic (sensor_msgs/Image), with compressed:=false"),
+    ("compressed_image", "image/compressed", "compressed image topic (sensor_msgs/CompressedImage)"),
+    ("camera_info", "camera_info", "camera info topic"),
+    ("odom", "odom", "odometry topic (nav_msgs/Odometry)"),
+    ("compressed", "false", "subscribe to compressed_image instead of image"),
+    ("use_sim_time", "false", "use /clock (bag replay, simulation)"),
+    ("preset", "speed", "performance | speed | storage"),
+    ("checkpoint", "", "checkpoint path or official model name; '' = the offline default model"),
+)
+REMAPS = (  # the node's topic name -> the argument that names the real topic
+    ("image", "image"),
+    ("image/compressed", "compressed_image"),
+    ("camera_info", "camera_info"),
+    ("odom", "odom"),
+)
+
 
 def generate_launch_description() -> LaunchDescription:
-    share = get_package_share_directory("pnv_ros")
-    preset = LaunchConfiguration("preset")
-    return LaunchDescription(
-        [
-            DeclareLaunchArgument("image", default_value="image", description="image topic"),
-            DeclareLaunchArgument("preset", default_value="speed", description="performance | speed | storage"),
-            DeclareLaunchArgument("checkpoint", default_value="", description="checkpoint path or official name"),
-            DeclareLaunchArgument(
-                "params_file",
-                default_value=PythonExpression(
-                    ["'", os.path.join(share, "config", ""), "' + '", preset, "' + '.yaml'"]
-                ),
-                description="parameters file",
-            ),
-            Node(
-                package="pnv_ros",
-                executable="loop_closure_node",
-                name="loop_closure",
-                output="screen",
-                parameters=[
-                    LaunchConfiguration("params_file"),
-                    {"preset": preset, "checkpoint": LaunchConfiguration("checkpoint")},
-                ],
-                remappings=[("image", LaunchConfiguration("image"))],
-            ),
-        ]
+    arg = LaunchConfiguration
+    declared = [DeclareLaunchArgument(n, default_value=d, description=text) for n, d, text in ARGUMENTS]
+    declared.append(
+        DeclareLaunchArgument(
+            "params_file",
+            default_value=[FindPackageShare("pnv_ros"), "/config/", arg("preset"), ".yaml"],
+            description="parameters file (default: the preset's, in share/pnv_ros/config)",
+        )
     )
+    node = Node(
+        package="pnv_ros",
+        executable="loop_closure_node",
+        name="loop_closure",
+        namespace=arg("namespace"),
+        output="screen",
+        parameters=[
+            arg("params_file"),
+            {
+                # Typed: an empty checkpoint stays '' (untyped, YAML would read it as null).
+                "preset": ParameterValue(arg("preset"), value_type=str),
+                "checkpoint": ParameterValue(arg("checkpoint"), value_type=str),
+                "compressed": ParameterValue(arg("compressed"), value_type=bool),
+                "use_sim_time": ParameterValue(arg("use_sim_time"), value_type=bool),
+            },
+        ],
+        remappings=[(topic, arg(name)) for topic, name in REMAPS],
+    )
+    return LaunchDescription([*declared, node])

@@ -1,9 +1,10 @@
-"""ROS 2 bags through ``rosbags`` (pure Python; no rosbag2 needed).
+"""ROS bags through ``rosbags`` (pure Python; no rosbag2 needed).
 
 Writes image sequences as real ROS 2 bags (mcap or sqlite3) with
 sensor_msgs/Image or CompressedImage and, with poses, nav_msgs/Odometry, and
-reads them back as frames. Its CDR bytes equal rclpy's, so a bag can be
-replayed by publishing the raw bytes.
+reads ROS 1 and ROS 2 bags back as frames, with the message definitions the
+bag carries. ROS 2 CDR bytes equal rclpy's, so a bag can be replayed by
+publishing the raw bytes; a ROS 1 bag's are converted to CDR first.
 """
 
 from __future__ import annotations
@@ -132,22 +133,83 @@ def _odom(T, header, xyz: np.ndarray):  # type: ignore[no-untyped-def]  # noqa: 
                         child_frame_id="base_link", pose=pwc, twist=twc)  # fmt: skip
 
 
+def open_bag(path: Path):  # type: ignore[no-untyped-def]
+    """An opened rosbags ``AnyReader`` on a ROS 1 bag (a ``.bag`` file) or a
+    ROS 2 bag (a folder with metadata.yaml, or an ``.mcap`` / ``.db3`` file).
+    Messages decode with the definitions stored in the bag; bags without any
+    (older rosbags writers) with Humble's. BagError says why a bag cannot be read."""
+    from rosbags.highlevel import AnyReader
+
+    path = Path(path)
+    if not path.exists():
+        raise BagError(f"bag {path} does not exist")
+    if path.is_dir() and not (path / "metadata.yaml").is_file():
+        raise BagError(f"bag {path} cannot be read: a ROS 2 bag folder needs metadata.yaml (or give its .mcap/.db3)")
+    if path.is_file() and path.suffix != ".bag":
+        with open(path, "rb") as f:
+            if f.read(8) == b"#ROSBAG ":
+                raise BagError(f"bag {path} cannot be read: it is a ROS 1 bag, which must be named *.bag")
+    try:
+        reader = AnyReader([path], default_typestore=_typestore())
+        if path.is_dir() and not reader.is2:  # a ROS 2 bag folder named *.bag: AnyReader goes by the suffix
+            from rosbags.rosbag2 import Reader
+
+            reader.is2, reader.readers = True, [Reader(path)]
+        reader.open()
+    except Exception as e:  # noqa: BLE001 - AnyReaderError, rosbag1/2 ReaderError, sqlite, yaml ... for bad files
+        raise BagError(f"bag {path} cannot be read: {type(e).__name__}: {e}") from None
+    return reader
+
+
+def read_messages(reader, connections: list, path: Path) -> Iterator[tuple]:  # type: ignore[no-untyped-def]
+    """(connection, bag time ns, raw bytes) of ``reader`` in time order; a file
+    that breaks part-way raises BagError, not rosbags' own error."""
+    if not connections:  # an empty selection would mean every connection
+        return
+    it = reader.messages(connections=connections)
+    while True:
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        except Exception as e:  # noqa: BLE001 - as in open_bag
+            raise BagError(f"bag {path} cannot be read: {type(e).__name__}: {e}") from None
+        yield item
+
+
+def cdr_converter(reader, path: Path):  # type: ignore[no-untyped-def]
+    """(typestore, convert) for ROS 2 CDR: ``convert(raw, msgtype) -> bytes``
+    copies a ROS 2 bag's bytes and turns a ROS 1 bag's into CDR (the bag's own
+    definitions with ROS 2's std_msgs/Header, which has no ``seq``); the
+    typestore decodes the result."""
+    if reader.is2:
+        return reader.typestore, lambda raw, msgtype: bytes(raw)
+    from rosbags.typesys import Stores, get_typestore
+
+    header = "std_msgs/msg/Header"
+    ts = get_typestore(Stores.EMPTY)
+    ts.register({**reader.typestore.fielddefs, header: _typestore().fielddefs[header]})
+
+    def convert(raw: bytes, msgtype: str) -> bytes:
+        try:
+            return bytes(ts.ros1_to_cdr(raw, msgtype))
+        except Exception as e:  # noqa: BLE001 - SerdeError, struct.error on a bad message
+            raise BagError(f"bag {path}: a ROS 1 {msgtype} message cannot be converted to ROS 2: {e}") from None
+
+    return ts, convert
+
+
 class BagReader:
-    """Frames (and odometry) of one image topic; a context manager."""
+    """Frames (and odometry) of one image topic of a ROS 1 or ROS 2 bag (see
+    ``open_bag``); a context manager. BagError for unreadable bags, a missing
+    or ambiguous image topic, and messages that cannot be decoded."""
 
     def __init__(self, path: Path, topic: str | None = None) -> None:
-        from rosbags.rosbag2 import Reader
-
         self.path = Path(path)
-        if not self.path.exists():
-            raise BagError(f"bag {self.path} does not exist")
-        try:
-            self._reader = Reader(self.path)
-            self._reader.open()
-        except Exception as e:  # rosbags raises its own types for every kind of bad file
-            raise BagError(f"bag {self.path} cannot be read: {type(e).__name__}: {e}") from None
-        self.ts = _typestore()
-        topics = {c.topic: c.msgtype for c in self._reader.connections}
+        self._reader = open_bag(self.path)
+        #: decodes the CDR bytes of raw_messages (for ROS 1 bags: after conversion)
+        self.ts, self._to_cdr = cdr_converter(self._reader, self.path)
+        topics = self.topics()
         images = [t for t, ty in topics.items() if ty in IMAGE_TYPES]
         if topic is None:
             if len(images) != 1:
@@ -173,29 +235,32 @@ class BagReader:
     def close(self) -> None:
         try:
             self._reader.close()
-        except Exception:  # noqa: BLE001, S110 - closing a half-open reader
+        except Exception:  # noqa: BLE001, S110 - closing a closed reader
             pass
 
+    def _decode(self, raw: bytes, msgtype: str, what: str):  # type: ignore[no-untyped-def]
+        try:
+            return self._reader.deserialize(raw, msgtype)
+        except Exception as e:  # noqa: BLE001 - AnyReaderError, struct.error on a bad message
+            raise BagError(f"bag {self.path}: {what} cannot be decoded: {e}") from None
+
     def odometry(self) -> list[tuple[int, np.ndarray]]:
+        """(header stamp ns, position (3,) m) of every nav_msgs/Odometry message."""
         out: list[tuple[int, np.ndarray]] = []
-        if not self._odom:  # an empty selection would mean every connection
-            return out
-        for c, _, raw in self._reader.messages(connections=self._odom):
-            m = self.ts.deserialize_cdr(raw, c.msgtype)
+        for i, (c, _, raw) in enumerate(read_messages(self._reader, self._odom, self.path)):
+            m = self._decode(raw, c.msgtype, f"odometry message {i} on {c.topic}")
             p = m.pose.pose.position
             out.append((m.header.stamp.sec * 1_000_000_000 + m.header.stamp.nanosec, np.array([p.x, p.y, p.z])))
         return out
 
     def frames(self) -> Iterator[Frame]:
+        """Every image in bag order, with the odometry position within 0.1 s of its stamp."""
         from pnv_ros.image_msgs import decode_image
 
         odom = self.odometry()
         ostamps = np.array([s for s, _ in odom]) if odom else None
-        for i, (c, _, raw) in enumerate(self._reader.messages(connections=self._conns)):
-            try:
-                m = self.ts.deserialize_cdr(raw, c.msgtype)
-            except Exception as e:  # noqa: BLE001
-                raise BagError(f"bag {self.path}: message {i} on {self.topic} cannot be decoded: {e}") from None
+        for i, (c, _, raw) in enumerate(read_messages(self._reader, self._conns, self.path)):
+            m = self._decode(raw, c.msgtype, f"message {i} on {self.topic}")
             stamp = m.header.stamp.sec * 1_000_000_000 + m.header.stamp.nanosec
             rgb = decode_image(m, compressed=c.msgtype == IMAGE_TYPES[1])
             pos = None
@@ -206,14 +271,13 @@ class BagReader:
             yield Frame(i, stamp, rgb, m.header.frame_id, pos)
 
     def raw_messages(self, topics: list[str] | None = None) -> Iterator[tuple[str, str, int, bytes]]:
-        """(topic, msgtype, bag time ns, CDR bytes) of every message, in time order."""
+        """(topic, msgtype, bag time ns, ROS 2 CDR bytes) of every message, in time order."""
         conns = [c for c in self._reader.connections if topics is None or c.topic in topics]
-        if not conns:
-            return
-        for c, t, raw in self._reader.messages(connections=conns):
-            yield c.topic, c.msgtype, t, bytes(raw)
+        for c, t, raw in read_messages(self._reader, conns, self.path):
+            yield c.topic, c.msgtype, t, self._to_cdr(raw, c.msgtype)
 
     def topics(self) -> dict[str, str]:
+        """Topic -> message type (``pkg/msg/Name``, also for ROS 1 bags)."""
         return {c.topic: c.msgtype for c in self._reader.connections}
 
 

@@ -164,17 +164,14 @@ def cmd_models(args: argparse.Namespace) -> int:
         return 0
     if args.models_cmd == "build-default":
         from pnv_ros.images import list_images
-        from pnv_ros.model.default_model import build_default_model
+        from pnv_ros.model.default_model import build_default_model, find_fitting_set
 
         out = registry.default_checkpoint_path()
         if out.is_file() and not args.force:
             print(f"default model present: {out} (--force rebuilds)")
             return 0
-        fit = (
-            [Path(p) for p in args.fit]
-            if args.fit
-            else [REPO_ROOT / "data/corridor_vprbench/ref", REPO_ROOT / "data/corridor_vprbench/query"]
-        )
+        # --fit, else the corridor set: source tree, pip's share/, then the ament index (colcon).
+        fit = [Path(p) for p in args.fit] if args.fit else find_fitting_set()
         images = list_images(fit)
         bars: dict = {}
 
@@ -244,9 +241,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     with BagReader(Path(args.bag), args.topic) as r:  # fail early: topic, count
         n_frames, topic = r.count, r.topic
     positives = load_sequence_gt(args.gt, n_frames, radius=args.gt_radius, min_gap_s=args.gt_min_gap)
+    optional = {"exclude_recent_keyframes": args.exclude_recent_keyframes, "min_travel_m": args.min_travel,
+                "min_visual_change": args.min_visual_change}  # fmt: skip
     params = DetectorParams(top_n=args.top_n, matcher=args.matcher or "", min_score=args.threshold,
                             exclude_recent_s=args.exclude_recent, min_interval_s=args.min_interval,
-                            fast_products=args.fast_products)  # fmt: skip
+                            fast_products=args.fast_products,
+                            **{k: v for k, v in optional.items() if v is not None})  # fmt: skip
     bar = None
     if not args.quiet:
         from tqdm import tqdm
@@ -403,7 +403,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--top-n", type=int, default=20)
     sp.add_argument("--matcher", choices=["ransac", "rapid"], default=None)
     sp.add_argument("--exclude-recent", type=float, default=10.0, help="seconds of recent keyframes excluded")
+    sp.add_argument("--exclude-recent-keyframes", type=int, default=None,
+                    help="the last N keyframes are never candidates (default: the node's, 10)")  # fmt: skip
     sp.add_argument("--min-interval", type=float, default=0.0, help="seconds between keyframes")
+    sp.add_argument("--min-travel", type=float, default=None,
+                    help="with odometry in the bag: metres between keyframes (default: the node's, 0.5)")  # fmt: skip
+    sp.add_argument("--min-visual-change", type=float, default=None,
+                    help="without odometry: picture change (0..1) between keyframes; 0 = every frame "
+                    "(default: the node's, 0.2)")  # fmt: skip
     sp.add_argument("--fast-products", action="store_true", help=FAST_PRODUCTS_HELP)
     sp.set_defaults(func=cmd_eval)
 

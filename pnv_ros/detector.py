@@ -1,41 +1,84 @@
-"""LoopClosureDetector: keyframes in, loop closures out. No ROS.
+"""LoopClosureDetector: frames in, loop closures out. No ROS.
 
-The one object the ROS node, the CLI and the bag evaluator share. Per frame:
-keyframe policy (minimum interval, minimum travel with odometry), extraction,
-retrieval of the top N among keyframes older than a recent-time exclusion
-window, re-ranking, acceptance by an absolute score threshold, optional
-temporal consistency over k keyframes, then the keyframe joins the map.
+The one object the ROS node, the CLI and the bag evaluator share. It owns a
+lock: every method may be called from any thread; extraction runs outside the
+lock, so queries are answered while a keyframe is being extracted.
+
+Per frame (:meth:`LoopClosureDetector.process`, or :meth:`admit` +
+extraction + :meth:`commit` where the caller extracts):
+
+1. **Time.** A stamp equal to the previous frame's is a duplicate; one up to
+   ``OUT_OF_ORDER_S`` older is out of order; both are skipped and counted. A
+   stamp further back (a clock reset, ``use_sim_time`` restarting at 0, a
+   looping bag) is a *time jump*: logged once by the caller, counted, and the
+   session clock carries on from where it was, so nothing freezes.
+2. **Keyframe policy.** With a pose (odometry): a keyframe when the robot
+   moved ``min_travel_m`` or turned ``min_rotation_rad`` since the last one
+   (RTAB-Map's ``RGBD/LinearUpdate`` / ``RGBD/AngularUpdate``). Without: a
+   keyframe when the picture changed by at least ``min_visual_change``
+   (:func:`visual_change`, before any extraction) since the last keyframe, so
+   a camera that does not move adds nothing and costs no extraction.
+   ``min_interval_s`` applies to both.
+3. **Retrieval.** The top ``top_n`` among keyframes that are neither within
+   ``exclude_recent_s`` (session clock) nor among the last
+   ``exclude_recent_keyframes`` keyframes of this run; keyframes of earlier
+   runs (a loaded map) are always candidates.
+4. **Re-ranking and acceptance.** Candidates are re-ranked by the fused
+   patch score (the reference's order); the loop is the candidate with the
+   highest absolute score (0..1, the number that is thresholded and
+   published), accepted when it is at least ``min_score`` and, with
+   ``temporal_k`` > 1, consistent over k keyframes.
+5. The keyframe joins the map (transactional: see :class:`PlaceMap`).
 """
 
 from __future__ import annotations
 
-import bisect
+import threading
 import time
-from dataclasses import dataclass, field
+from collections import deque
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 
 import numpy as np
 
 from pnv_ros.config import Matcher, Preset
+from pnv_ros.errors import ConfigError
 from pnv_ros.extract import FeatureExtractor
 from pnv_ros.features import PlaceFeatures, patch_keypoints, to_image_pixels
-from pnv_ros.images import ImageSource
-from pnv_ros.matching import PatchMatcher, rerank_order
+from pnv_ros.geometry import RelativePose, relative_pose
+from pnv_ros.images import ImageSource, load_image
+from pnv_ros.matching import PatchMatcher, ScaleMatch, rerank_order
 from pnv_ros.place_map import PlaceMap
+
+#: A stamp at most this much older than the previous frame's is out of order (skipped);
+#: further back it is a clock jump (new session segment). 1 s: well above the reordering
+#: of multi-threaded camera drivers, well below any clock reset or bag loop.
+OUT_OF_ORDER_S = 1.0
 
 
 @dataclass(frozen=True)
 class DetectorParams:
-    """Loop-closure settings (the node's parameters of the same names).
+    """Loop-closure settings (the node's parameters of the same names). Validated on creation.
 
     Attributes:
-        top_n: candidates retrieved and re-ranked per keyframe.
-        matcher: override of the preset's matcher ('' keeps the preset's).
-        min_score: accept when the absolute score (0..1) is at least this.
-        exclude_recent_s: keyframes newer than this are never candidates.
+        top_n: candidates retrieved and re-ranked per keyframe (1..1000).
+        matcher: override of the preset's matcher ('' keeps the preset's; 'ransac' or 'rapid').
+        min_score: accept when the absolute score (0..1) is at least this. 0.12: precision 1.0 on
+            the RTAB-Map loop with the default model (README), a starting point for other data.
+        exclude_recent_s: keyframes newer than this (seconds, session clock) are never candidates.
+        exclude_recent_keyframes: the last this-many keyframes of this run are never candidates
+            (sparse keyframes: time alone would let the previous one or two in).
         min_interval_s: minimum time between keyframes.
-        min_travel_m: minimum travel between keyframes when positions are given.
+        min_travel_m: with odometry, minimum travel since the last keyframe (or min_rotation_rad).
+        min_rotation_rad: with odometry, minimum turn since the last keyframe (or min_travel_m).
+        min_visual_change: without odometry, minimum :func:`visual_change` (0..1) since the last
+            keyframe; 0 = every frame is a keyframe. 0.2: on the RTAB-Map loop, consecutive frames
+            of a walk 1 s apart change by 0.36 or more; the same view with pixel noise of
+            sigma 20, a 6 px shake or a 30 % exposure change by 0.12 at most
+            (benchmarks/visual_change.py).
         temporal_k: accept only when k consecutive keyframes match consistently (1 = off).
-        temporal_tolerance: how many ids a consistent match may move between keyframes.
+        temporal_tolerance: how many keyframe ids consecutive best matches may move and still
+            count as consistent.
         fast_products: re-rank with oneDNN's similarity products on a CPU (faster; float32-rounding
             differences from the reference can flip near-tied matches; see PatchMatcher).
     """
@@ -44,16 +87,46 @@ class DetectorParams:
     matcher: str = ""
     min_score: float = 0.12
     exclude_recent_s: float = 10.0
+    exclude_recent_keyframes: int = 10
     min_interval_s: float = 0.0
-    min_travel_m: float = 0.0
+    min_travel_m: float = 0.5
+    min_rotation_rad: float = 0.35
+    min_visual_change: float = 0.2
     temporal_k: int = 1
     temporal_tolerance: int = 3
     fast_products: bool = False
 
+    #: (low, high) of each numeric field, inclusive: the node's parameter ranges too.
+    RANGES = {
+        "top_n": (1, 1000), "min_score": (0.0, 1.0), "exclude_recent_s": (0.0, 1e7),
+        "exclude_recent_keyframes": (0, 100000), "min_interval_s": (0.0, 3600.0), "min_travel_m": (0.0, 1e4),
+        "min_rotation_rad": (0.0, 7.0), "min_visual_change": (0.0, 1.0), "temporal_k": (1, 20),
+        "temporal_tolerance": (0, 1000),
+    }  # fmt: skip
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name in self.RANGES:
+                lo, hi = self.RANGES[f.name]
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
+                    raise ConfigError(f"{f.name} = {v!r}: must be a number from {lo} to {hi}")
+                if isinstance(lo, int) and not isinstance(v, int):
+                    raise ConfigError(f"{f.name} = {v!r}: must be a whole number")
+        if self.matcher:
+            Matcher.parse(self.matcher)
+
+    def replace(self, **changes: object) -> DetectorParams:
+        """A validated copy with some fields changed; unknown names are a ConfigError."""
+        unknown = set(changes) - {f.name for f in fields(self)}
+        if unknown:
+            raise ConfigError(f"unknown detector parameter(s) {sorted(unknown)}")
+        return replace(self, **changes)  # type: ignore[arg-type]
+
 
 @dataclass
 class Candidate:
-    """A re-ranked candidate. score: absolute 0..1, higher better."""
+    """A re-ranked candidate. score: absolute 0..1, higher better; counts from ``patch_size``'s scale."""
 
     id: int
     stamp_ns: int
@@ -62,11 +135,17 @@ class Candidate:
     global_distance: float
     num_matches: int
     num_inliers: int
+    patch_size: int
+    details: list[ScaleMatch] | None = None
 
 
 @dataclass
 class LoopClosure:
-    """An accepted loop closure between the query keyframe and an older one."""
+    """An accepted loop closure between the query keyframe and an older one.
+
+    relative_pose: the match camera in the query camera (rotation + unit direction with
+    covariances, see :mod:`pnv_ros.geometry`), or None without intrinsics or evidence.
+    """
 
     query_id: int
     query_stamp_ns: int
@@ -76,22 +155,131 @@ class LoopClosure:
     global_distance: float
     num_matches: int
     num_inliers: int
+    patch_size: int
     method: str
-    relative_pose: tuple[np.ndarray, np.ndarray] | None = None  # (R 3x3, unit t 3) match camera in query camera
+    relative_pose: RelativePose | None = None
+    details: list[ScaleMatch] | None = None  # per scale, the patch matches behind the score
 
 
 @dataclass
 class FrameResult:
-    """What happened to one frame."""
+    """What happened to one frame.
+
+    status: 'keyframe', or why it was skipped: 'duplicate', 'out_of_order', 'too_soon',
+    'no_motion', 'no_visual_change', 'map_changed' (reset/load while it was extracted).
+    time_jump: this frame's stamp went back in time (new session segment).
+    """
 
     keyframe_id: int | None
+    status: str = "keyframe"
     candidates: list[Candidate] = field(default_factory=list)
     loop: LoopClosure | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    time_jump: bool = False
+
+
+@dataclass
+class Admission:
+    """:meth:`LoopClosureDetector.admit`'s answer: extract this frame, or why not."""
+
+    extract: bool
+    status: str
+    stamp_ns: int
+    session_ns: int = 0
+    generation: int = 0
+    position: np.ndarray | None = None
+    orientation: np.ndarray | None = None
+    time_jump: bool = False
+    thumb: np.ndarray | None = None  # (24, 32) grey thumbnail when the picture was looked at
+
+
+@dataclass
+class _LastKeyframe:
+    session_ns: int
+    thumb: np.ndarray | None
+    position: np.ndarray | None
+    orientation: np.ndarray | None
+
+
+#: Thumbnail size (width, height) of the visual-change test: 16x16-pixel block means of a
+#: 512x384 frame, which average sensor noise away (sigma 20 -> 1.3 grey levels).
+THUMB_SIZE = (32, 24)
+
+
+def thumbnail(image: np.ndarray) -> np.ndarray:
+    """(24, 32) float64 grey thumbnail (box-filtered) of an RGB or grey image (H, W[, C])."""
+    from PIL import Image
+
+    a = np.asarray(image)
+    if a.dtype != np.uint8:
+        a = (a.astype(np.float64) * (255.0 / max(float(a.max()), 1e-12))).astype(np.uint8)
+    return np.asarray(Image.fromarray(a).convert("L").resize(THUMB_SIZE, Image.BOX), np.float64)
+
+
+def visual_change(a: np.ndarray, b: np.ndarray) -> float:
+    """How much a picture changed between two thumbnails: 1 - their normalised cross-correlation.
+
+    0 = the same picture (whatever the exposure), 1 = unrelated, up to 2 = inverted. Two flat
+    (textureless) thumbnails count as unchanged; one flat and one textured as changed (1).
+    """
+    a, b = a - a.mean(), b - b.mean()
+    na, nb = float(np.sqrt((a * a).sum())), float(np.sqrt((b * b).sum()))
+    flat = 1e-6 * a.size
+    if na < flat or nb < flat:
+        return 0.0 if (na < flat and nb < flat) else 1.0
+    return 1.0 - float((a * b).sum()) / (na * nb)
+
+
+class Session:
+    """Per-run state, apart from the map: cleared on reset and load.
+
+    run_start: first keyframe id of this run; the map's keyframes before it come from
+    earlier runs (a loaded map). times: session clock (ns, never decreasing) of this
+    run's keyframes, sorted, for the recent-time exclusion.
+    """
+
+    def __init__(self, run_start: int = 0, history: int = 20) -> None:
+        self.run_start = run_start
+        self.times = np.zeros(0, np.int64)
+        self.n = 0
+        self.last_stamp: int | None = None
+        self.last_session: int = 0
+        self.offset = 0
+        self.last_wall = 0.0
+        self.last_kf: _LastKeyframe | None = None
+        self.history: deque[int | None] = deque(maxlen=history)
+
+    def clock(self, stamp_ns: int) -> tuple[int, bool]:
+        """Session time of a new (not duplicate) stamp, and whether it jumped back."""
+        if self.last_stamp is None or stamp_ns > self.last_stamp:
+            return stamp_ns + self.offset, False
+        elapsed = max(1, int((time.monotonic() - self.last_wall) * 1e9))
+        return self.last_session + elapsed, True
+
+    def see(self, stamp_ns: int, session_ns: int) -> None:
+        self.offset = session_ns - stamp_ns
+        self.last_stamp, self.last_session, self.last_wall = stamp_ns, session_ns, time.monotonic()
+
+    def add(self, session_ns: int) -> None:
+        if self.n == len(self.times):
+            grown = np.zeros(max(64, 2 * self.n), np.int64)
+            grown[: self.n] = self.times[: self.n]
+            self.times = grown
+        self.times[self.n] = session_ns
+        self.n += 1
+
+
+def _rotation_angle(q1: np.ndarray, q2: np.ndarray) -> float:
+    """Angle (rad) between two orientations given as quaternions (x, y, z, w)."""
+    d = abs(float(np.dot(q1 / np.linalg.norm(q1), q2 / np.linalg.norm(q2))))
+    return 2.0 * float(np.arccos(min(1.0, d)))
 
 
 class LoopClosureDetector:
-    """Keyframe map plus loop detection with one extractor and preset."""
+    """Keyframe map plus loop detection with one extractor and preset; thread-safe."""
+
+    COUNTERS = ("frames", "keyframes", "loops", "duplicate", "out_of_order", "time_jumps", "too_soon", "no_motion",
+                "no_visual_change", "map_changed")  # fmt: skip
 
     def __init__(
         self,
@@ -100,146 +288,282 @@ class LoopClosureDetector:
         index_kind: str = "flat",
         patch_dtype: str = "float16",
         memory_budget_mb: float = 0.0,
+        spill_dir: str | Path | None = None,
     ):
         self.extractor = extractor
         self.preset: Preset = extractor.preset
-        self.params = params or DetectorParams()
+        self._params = params or DetectorParams()
+        self.lock = threading.RLock()
         self._matchers: dict[tuple[Matcher, bool], PatchMatcher] = {}
-        self.map_options = {"index_kind": index_kind, "patch_dtype": patch_dtype, "memory_budget_mb": memory_budget_mb}
+        self.map_options = {"index_kind": index_kind, "patch_dtype": patch_dtype, "memory_budget_mb": memory_budget_mb,
+                            "spill_dir": spill_dir}  # fmt: skip
         self.map = self.new_map()
-        self._history: list[int | None] = []  # best candidate id of recent keyframes (None: no candidate)
+        self.session = Session()
+        self.generation = 0  # bumped by reset and load: frames admitted before are dropped
+        self.counts = dict.fromkeys(self.COUNTERS, 0)
+
+    @property
+    def model_id(self) -> str:
+        return self.extractor.info.identity if self.extractor.info else ""
 
     def new_map(self) -> PlaceMap:
         """An empty map with this detector's model, preset and storage options."""
-        model_id = self.extractor.info.identity if self.extractor.info else ""
-        return PlaceMap(self.extractor.dim, self.preset, model_id, **self.map_options)  # type: ignore[arg-type]
+        return PlaceMap(self.extractor.dim, self.preset, self.model_id, **self.map_options)  # type: ignore[arg-type]
 
     # -- configuration ------------------------------------------------------------------
+    @property
+    def params(self) -> DetectorParams:
+        return self._params
+
+    @params.setter
+    def params(self, value: DetectorParams) -> None:
+        with self.lock:  # a frame in progress keeps the params it started with
+            self._params = value
+
     def matcher_for(self, name: str | None = None) -> PatchMatcher:
         """The (cached) matcher for a name, '' or None = the params' or preset's.
-        Matchers hold work buffers: use one from one thread at a time."""
-        m = Matcher.parse(name or self.params.matcher or self.preset.matcher)
-        exact = not self.params.fast_products
+        Matchers hold work buffers: use under the lock."""
+        m = Matcher.parse(name or self._params.matcher or self.preset.matcher)
+        exact = not self._params.fast_products
         if (m, exact) not in self._matchers:
             self._matchers[(m, exact)] = PatchMatcher(self.preset, m, device=self.extractor.device, exact=exact)
         return self._matchers[(m, exact)]
 
     def reset(self) -> None:
-        """Empty the map, keeping its index kind, patch storage and memory budget."""
-        m = self.map
-        self.map = PlaceMap(m.dim, self.preset, m.model_id, m.index_kind, m.patch_dtype.name, m.memory_budget / 2**20)
-        self._history.clear()
+        """Empty the map (same storage options) and start a new session."""
+        with self.lock:
+            self.map = self.new_map()
+            self._new_session(0)
 
-    # -- keyframe policy ------------------------------------------------------------------
-    def is_keyframe(self, stamp_ns: int, position: np.ndarray | None = None) -> bool:
-        if not self.map.keyframes:
-            return True
-        last = self.map.keyframes[-1]
-        if stamp_ns <= last.stamp_ns:  # a repeated or out-of-order frame (re-sent, or a looping bag)
-            return False
-        if (stamp_ns - last.stamp_ns) / 1e9 < self.params.min_interval_s:
-            return False
-        if self.params.min_travel_m > 0 and position is not None and last.position is not None:
-            return float(np.linalg.norm(np.asarray(position) - last.position)) >= self.params.min_travel_m
-        return True
+    def load_map(self, path: str | Path) -> int:
+        """Replace the map by a saved one (checked against this model and preset); a new run
+        starts after its keyframes. Returns the keyframe count. Raises MapError; the current map
+        stays on any error."""
+        o = self.map_options
+        m = PlaceMap.load(path, self.extractor.dim, self.preset, o["memory_budget_mb"], o["spill_dir"],  # type: ignore[arg-type]
+                          expect_model_id=self.model_id, index_kind=o["index_kind"], patch_dtype=o["patch_dtype"])  # type: ignore[arg-type]  # fmt: skip
+        with self.lock:
+            self.map = m
+            self._new_session(len(m))
+        return len(m)
 
-    # -- retrieval and re-ranking -----------------------------------------------------------
-    def candidates(
-        self,
-        features: PlaceFeatures,
-        before_ns: int | None,
-        top_n: int | None = None,
-        matcher: str | None = None,
-        exclude_id: int | None = None,
-    ) -> list[Candidate]:
-        """Re-ranked candidates among keyframes with stamp <= before_ns (all when None)."""
-        stamps = [k.stamp_ns for k in self.map.keyframes]
-        limit = len(stamps) if before_ns is None else bisect.bisect_right(stamps, before_ns)
-        n = top_n or self.params.top_n
-        dists, ids = self.map.index.search(features.global_desc, n + (1 if exclude_id is not None else 0), limit)
-        pairs = [(int(i), float(d)) for i, d in zip(ids[0], dists[0]) if i != exclude_id][:n]
-        if not pairs:
-            return []
-        pm = self.matcher_for(matcher)
-        kfs = [self.map.get(i) for i, _ in pairs]
-        sc = pm.score(features, [k.features for k in kfs])
-        fused = pm.fuse(sc.raw)
-        absolute = pm.absolute(sc.raw)
-        best_scale = sc.num_matches.argmax(axis=1)
-        out = [
-            Candidate(kf.id, kf.stamp_ns, float(absolute[j]), float(fused[j]), pairs[j][1],
-                      int(sc.num_matches[j, best_scale[j]]), int(sc.num_inliers[j].max()))
-            for j, kf in enumerate(kfs)
-        ]  # fmt: skip
-        return [out[j] for j in rerank_order(fused)]
+    def save_map(self, path: str | Path) -> int:
+        """Save the map atomically; the lock is held only to take a snapshot. Returns the count.
+        Raises OSError (the previous file stays)."""
+        with self.lock:
+            snap = self.map.snapshot()
+        snap.write(path)
+        return len(snap.stamps)
 
-    def verify(
-        self, a: PlaceFeatures, b: PlaceFeatures, matcher: str | None = None, intrinsics: np.ndarray | None = None
-    ):
-        """Score one pair: (absolute score, matches, inliers, relative pose or None)."""
-        pm = self.matcher_for(matcher)
-        sc = pm.score(a, [b], details=True)
-        best = int(np.argmax([d.num_matches for d in sc.details[0]]))
-        pose = self.relative_pose(a, b, sc.details[0], intrinsics) if intrinsics is not None else None
-        return float(pm.absolute(sc.raw)[0]), int(sc.num_matches[0, best]), int(sc.num_inliers[0].max()), pose
+    def _new_session(self, run_start: int) -> None:
+        self.session = Session(run_start)
+        self.generation += 1
 
-    def relative_pose(self, query: PlaceFeatures, match: PlaceFeatures, details, intrinsics: np.ndarray):
-        """Rotation and unit translation of the match camera in the query camera,
-        from the essential matrix of the patch correspondences, or None."""
-        import cv2
+    # -- per frame ------------------------------------------------------------------------
+    def admit(
+        self, stamp_ns: int, position: np.ndarray | None = None, orientation: np.ndarray | None = None
+    ) -> Admission:
+        """Time checks and the odometry keyframe policy, before any extraction.
 
-        s = int(np.argmax([d.num_inliers for d in details]))
-        d = details[s]
-        sel = d.inliers if d.inliers.any() else np.ones(d.num_matches, bool)
-        if sel.sum() < 8:
-            return None
-        kp = patch_keypoints(self.preset, s)
-        pq = to_image_pixels(kp, self.preset, query.image_size)[d.query_idx[sel]].astype(np.float64)
-        pm = to_image_pixels(kp, self.preset, match.image_size)[d.db_idx[sel]].astype(np.float64)
-        e, mask = cv2.findEssentialMat(pm, pq, intrinsics, method=cv2.RANSAC, prob=0.999, threshold=8.0)
-        if e is None or e.shape != (3, 3):
-            return None
-        n, r, t, _ = cv2.recoverPose(e, pm, pq, intrinsics, mask=mask)
-        if n < 8:
-            return None
-        return r, t.ravel() / max(np.linalg.norm(t), 1e-12)
+        position: (3,) metres, orientation: quaternion (x, y, z, w), both in the odometry frame
+        (or None). Frames not admitted are counted; admitted ones must go to :meth:`commit`.
+        """
+        stamp_ns = int(stamp_ns)
+        with self.lock:
+            s, p = self.session, self._params
+            self.counts["frames"] += 1
+            if s.last_stamp is not None and stamp_ns == s.last_stamp:
+                return self._skip("duplicate", stamp_ns)
+            if s.last_stamp is not None and 0 < s.last_stamp - stamp_ns <= OUT_OF_ORDER_S * 1e9:
+                return self._skip("out_of_order", stamp_ns)
+            now, jump = s.clock(stamp_ns)
+            s.see(stamp_ns, now)
+            self.counts["time_jumps"] += int(jump)
+            pos = None if position is None else np.asarray(position, np.float64).reshape(3)
+            ori = None if orientation is None else np.asarray(orientation, np.float64).reshape(4)
+            last = s.last_kf
+            if last is not None:
+                if (now - last.session_ns) / 1e9 < p.min_interval_s:
+                    return self._skip("too_soon", stamp_ns, jump)
+                if pos is not None and last.position is not None:
+                    moved = float(np.linalg.norm(pos - last.position)) >= p.min_travel_m
+                    turned = (ori is not None and last.orientation is not None
+                              and _rotation_angle(ori, last.orientation) >= p.min_rotation_rad)  # fmt: skip
+                    if not (moved or turned):
+                        return self._skip("no_motion", stamp_ns, jump)
+            return Admission(True, "extract", stamp_ns, now, self.generation, pos, ori, jump)
 
-    # -- the per-frame step ----------------------------------------------------------------
+    def look(self, adm: Admission, image: np.ndarray) -> Admission:
+        """The visual-change test of an admitted frame (decoded image (H, W[, C])), before extraction.
+
+        Applies when the pose did not decide (no odometry for this frame or the last keyframe);
+        returns the admission to extract, or one with status 'no_visual_change'.
+        """
+        if not adm.extract:
+            return adm
+        thumb = thumbnail(image)
+        with self.lock:
+            last, p = self.session.last_kf, self._params
+            adm = replace(adm, thumb=thumb)
+            pose_decided = adm.position is not None and last is not None and last.position is not None
+            if last is None or pose_decided or last.thumb is None or p.min_visual_change <= 0:
+                return adm
+            if visual_change(thumb, last.thumb) < p.min_visual_change:
+                return self._skip("no_visual_change", adm.stamp_ns, adm.time_jump)
+            return adm
+
+    def _skip(self, status: str, stamp_ns: int, jump: bool = False) -> Admission:
+        self.counts[status] += 1
+        return Admission(False, status, stamp_ns, time_jump=jump)
+
+    def commit(self, adm: Admission, features: PlaceFeatures, intrinsics: np.ndarray | None = None) -> FrameResult:
+        """An admitted frame's features: visual-change test, retrieval, acceptance, map add.
+
+        intrinsics: (3, 3) camera matrix for the relative pose, or None. Raises MapError when
+        the features do not fit the map (nothing is then changed).
+        """
+        t0 = time.perf_counter()
+        with self.lock:
+            s, p = self.session, self._params
+            if adm.generation != self.generation:
+                self.counts["map_changed"] += 1
+                return FrameResult(None, "map_changed", time_jump=adm.time_jump)
+            cands = self._candidates(features, self._limit(adm.session_ns, p), p.top_n, None, None, details=True)
+            t1 = time.perf_counter()
+            kf_id = self.map.add(features, adm.stamp_ns, adm.position)
+            s.add(adm.session_ns)
+            s.last_kf = _LastKeyframe(adm.session_ns, adm.thumb, adm.position, adm.orientation)
+            self.counts["keyframes"] += 1
+            best = max(cands, key=lambda c: c.score) if cands else None  # ties: the re-ranked order
+            best = best if best is not None and best.score >= p.min_score else None
+            s.history.append(best.id if best else None)
+            result = FrameResult(kf_id, "keyframe", cands, timings={"rerank": t1 - t0}, time_jump=adm.time_jump)
+            if best is not None and self._consistent(p):
+                self.counts["loops"] += 1
+                result.loop = LoopClosure(
+                    kf_id, adm.stamp_ns, best.id, best.stamp_ns, best.score, best.global_distance, best.num_matches,
+                    best.num_inliers, best.patch_size, (p.matcher or self.preset.matcher.value), None, best.details,
+                )  # fmt: skip
+                match_size = self.map.get(best.id).features.image_size
+        if result.loop is not None and intrinsics is not None and best is not None and best.details:
+            result.loop.relative_pose = self._pose(features.image_size, match_size, best.details, intrinsics)
+        result.timings["commit"] = time.perf_counter() - t0
+        return result
+
     def process(
         self,
         image: ImageSource | PlaceFeatures,
         stamp_ns: int,
         position: np.ndarray | None = None,
         intrinsics: np.ndarray | None = None,
+        orientation: np.ndarray | None = None,
     ) -> FrameResult:
-        """One frame: maybe a keyframe, maybe a loop closure."""
-        if not self.is_keyframe(stamp_ns, position):
-            return FrameResult(None)
+        """One frame: :meth:`admit`, :meth:`look` (images only), extraction (outside the lock), :meth:`commit`.
+
+        image: a path, array or PIL image, or features already extracted (no visual-change test then).
+        """
+        adm = self.admit(stamp_ns, position, orientation)
+        if adm.extract and not isinstance(image, PlaceFeatures):
+            image = np.asarray(load_image(image))
+            adm = self.look(adm, image)
+        if not adm.extract:
+            return FrameResult(None, adm.status, time_jump=adm.time_jump)
         t0 = time.perf_counter()
         feats = image if isinstance(image, PlaceFeatures) else self.extractor.extract_one(image)
-        t1 = time.perf_counter()
-        before = stamp_ns - int(self.params.exclude_recent_s * 1e9)
-        cands = self.candidates(feats, before)
-        t2 = time.perf_counter()
-        kf_id = self.map.add(feats, stamp_ns, None if position is None else np.asarray(position, float))
-        result = FrameResult(kf_id, cands, timings={"extract": t1 - t0, "rerank": t2 - t1})
-        best = cands[0] if cands and cands[0].score >= self.params.min_score else None
-        self._history.append(best.id if best else None)
-        if best is not None and self._consistent():
-            pose = None
-            if intrinsics is not None:
-                _, _, _, pose = self.verify(feats, self.map.get(best.id).features, intrinsics=intrinsics)
-            result.loop = LoopClosure(
-                kf_id, stamp_ns, best.id, best.stamp_ns, best.score, best.global_distance,
-                best.num_matches, best.num_inliers, (self.params.matcher or self.preset.matcher.value), pose,
-            )  # fmt: skip
-        result.timings["total"] = time.perf_counter() - t0
+        t_extract = time.perf_counter() - t0
+        result = self.commit(adm, feats, intrinsics)
+        result.timings["extract"] = t_extract
+        result.timings["total"] = t_extract + result.timings["commit"]
         return result
 
-    def _consistent(self) -> bool:
-        k = max(1, self.params.temporal_k)
-        recent = self._history[-k:]
+    def _limit(self, session_ns: int, p: DetectorParams) -> int:
+        """Keyframe ids below this are candidates: older than the time and count windows of this run."""
+        s, n = self.session, len(self.map)
+        by_time = s.run_start + int(
+            np.searchsorted(s.times[: s.n], session_ns - int(p.exclude_recent_s * 1e9), "right")
+        )
+        by_count = max(s.run_start, n - p.exclude_recent_keyframes)
+        return min(by_time, by_count)
+
+    def _consistent(self, p: DetectorParams) -> bool:
+        k = p.temporal_k
+        recent = list(self.session.history)[-k:]
         if len(recent) < k or any(r is None for r in recent):
             return False
-        tol = self.params.temporal_tolerance
-        return all(abs(a - b) <= tol * 2 for a, b in zip(recent, recent[1:]))  # type: ignore[operator]
+        return all(abs(a - b) <= p.temporal_tolerance for a, b in zip(recent, recent[1:]))  # type: ignore[operator]
+
+    # -- retrieval and verification -------------------------------------------------------
+    def query(
+        self,
+        features: PlaceFeatures,
+        top_n: int | None = None,
+        matcher: str | None = None,
+        exclude_id: int | None = None,
+        limit: int | None = None,
+    ) -> list[Candidate]:
+        """Re-ranked candidates (best first by fused score) among keyframe ids < limit (all when None)."""
+        with self.lock:
+            n = len(self.map) if limit is None else limit
+            return self._candidates(features, n, top_n or self._params.top_n, matcher, exclude_id)
+
+    def features_of(self, kf_id: int) -> PlaceFeatures:
+        """A stored keyframe's features (copies: safe to use outside the lock). Raises UnknownPlaceError."""
+        with self.lock:
+            f = self.map.get(kf_id).features
+            return PlaceFeatures(f.global_desc.copy(), [np.array(p, np.float32) for p in f.patches], f.image_size)
+
+    def _candidates(self, features: PlaceFeatures, limit: int, n: int, matcher: str | None, exclude_id: int | None,
+                    details: bool = False) -> list[Candidate]:  # fmt: skip
+        if limit <= 0 or len(self.map) == 0:
+            return []
+        k = n + (1 if exclude_id is not None else 0)
+        dists, ids = self.map.index.search(features.global_desc, k, limit)
+        pairs = [(int(i), float(d)) for i, d in zip(ids[0], dists[0]) if 0 <= i < limit and i != exclude_id][:n]
+        if not pairs:
+            return []
+        pm = self.matcher_for(matcher)
+        sc = pm.score(features, [PlaceFeatures(np.empty(0), self.map.patches(i), (0, 0)) for i, _ in pairs],
+                      details=details)  # fmt: skip
+        fused, absolute, dom = pm.fuse(sc.raw), pm.absolute(sc.raw), pm.dominant_scale(sc.raw)
+        stamps = self.map.stamps
+        out = [
+            Candidate(i, int(stamps[i]), float(absolute[j]), float(fused[j]), d, int(sc.num_matches[j, dom[j]]),
+                      int(sc.num_inliers[j, dom[j]]), int(self.preset.patch_sizes[dom[j]]),
+                      sc.details[j] if details else None)
+            for j, (i, d) in enumerate(pairs)
+        ]  # fmt: skip
+        return [out[j] for j in rerank_order(fused)]
+
+    def verify(
+        self, a: PlaceFeatures, b: PlaceFeatures, matcher: str | None = None, intrinsics: np.ndarray | None = None
+    ) -> tuple[float, int, int, RelativePose | None]:
+        """Score one pair: (absolute score, matches, inliers (dominant scale), relative pose or None)."""
+        with self.lock:
+            pm = self.matcher_for(matcher)
+            sc = pm.score(a, [b], details=True)
+            s = int(pm.dominant_scale(sc.raw)[0])
+            score = float(pm.absolute(sc.raw)[0])
+        pose = self._pose(a.image_size, b.image_size, sc.details[0], intrinsics) if intrinsics is not None else None
+        return score, int(sc.num_matches[0, s]), int(sc.num_inliers[0, s]), pose
+
+    def _pose(self, query_size: tuple[int, int], match_size: tuple[int, int], details: list[ScaleMatch],
+              intrinsics: np.ndarray) -> RelativePose | None:  # fmt: skip
+        """Relative pose from the patch correspondences of the scale with the most inliers."""
+        s = int(np.argmax([d.num_inliers for d in details]))
+        d = details[s]
+        sel = d.inliers if d.inliers.any() else np.ones(d.num_matches, bool)
+        if sel.sum() < 8:
+            return None
+        kp = patch_keypoints(self.preset, s)
+        pq = to_image_pixels(kp, self.preset, query_size)[d.query_idx[sel]].astype(np.float64)
+        pm = to_image_pixels(kp, self.preset, match_size)[d.db_idx[sel]].astype(np.float64)
+        return relative_pose(pq, pm, np.asarray(intrinsics, np.float64))
+
+    def stats(self) -> dict[str, int | str]:
+        """Counters since start (frames, keyframes, loops, skips by reason, time jumps) and map state."""
+        with self.lock:
+            return {**self.counts, "map_keyframes": len(self.map), "run_start": self.session.run_start,
+                    "spill_failures": self.map.spill_failures, "keyframes_on_disk": self.map.keyframes_on_disk,
+                    "ram_patch_bytes": self.map.ram_patch_bytes,
+                    "bytes_per_keyframe": int(self.map.nbytes_per_keyframe()),
+                    "store_trouble": self.map.trouble or ""}  # fmt: skip

@@ -60,6 +60,53 @@ def to_image_pixels(keypoints: np.ndarray, preset: Preset, image_size: tuple[int
     return (keypoints.astype(np.float32) + 0.5) * np.array([sx, sy], np.float32) - 0.5
 
 
+def same_model(a: str, b: str) -> bool:
+    """Whether two model identities (``name:dim:sha256-prefix``) name the same weights.
+
+    The file name does not count (a renamed copy is the same model); an empty
+    identity (unknown) matches anything.
+    """
+    if not a or not b:
+        return True
+    return a.split(":")[-2:] == b.split(":")[-2:]
+
+
+def layout(preset: Preset) -> tuple:
+    """What of a preset shapes stored descriptors: patch sizes, strides, input size."""
+    return (tuple(preset.patch_sizes), tuple(preset.strides), preset.image_width, preset.image_height)
+
+
+def describe_layout(preset: Preset) -> str:
+    return (
+        f"preset {preset.name!r} (patch sizes {list(preset.patch_sizes)}, strides {list(preset.strides)}, "
+        f"{preset.image_width}x{preset.image_height})"
+    )
+
+
+def check_fits(
+    error: type[FeaturesError] | type,
+    what: str,
+    model_id: str,
+    dim: int,
+    preset: Preset,
+    want_model_id: str,
+    want_dim: int,
+    want_preset: Preset,
+    advice: str,
+) -> None:
+    """Raise ``error`` naming both sides when stored descriptors come from another model or layout."""
+    if dim != want_dim or not same_model(model_id, want_model_id):
+        raise error(
+            f"{what} comes from model {model_id or '?'} ({dim}-d), but this one runs {want_model_id or '?'} "
+            f"({want_dim}-d): {advice}"
+        )
+    if layout(preset) != layout(want_preset):
+        raise error(
+            f"{what} was made with {describe_layout(preset)}, but this one runs {describe_layout(want_preset)}: "
+            + advice
+        )
+
+
 @dataclass
 class PlaceFeatures:
     """One image's descriptors.

@@ -55,7 +55,8 @@ class GlobalIndex:
         """Top-k by L2 distance among ids < limit (all when None).
 
         queries: (Q, D) or (D,). Returns distances (Q, k') (not squared) and
-        ids (Q, k'), nearest first, k' = min(k, number searchable).
+        ids (Q, k'), nearest first, k' = min(k, number searchable). HNSW may
+        find fewer than k': the rest of its row is id -1 (callers filter it).
         """
         q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         n = len(self) if limit is None else max(0, min(limit, len(self)))
@@ -71,4 +72,11 @@ class GlobalIndex:
         return np.sqrt(np.maximum(d2, 0.0)), ids.astype(np.int64)
 
     def reconstruct(self, i: int) -> np.ndarray:
+        """The stored descriptor (D,) float32 of id i."""
         return self._index.reconstruct(int(i))
+
+    def reconstruct_n(self, start: int, n: int) -> np.ndarray:
+        """Stored descriptors (n, D) float32 of ids start .. start + n - 1."""
+        if n <= 0:
+            return np.zeros((0, self.dim), np.float32)
+        return self._index.reconstruct_n(int(start), int(n))

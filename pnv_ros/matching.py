@@ -314,21 +314,32 @@ class PatchMatcher:
                 det[i][s] = ScaleMatch(float(score), db_idx, q_idx, inl, hom)
         return Scores(raw, nm, ni, det)
 
-    def absolute(self, raw: np.ndarray) -> np.ndarray:
-        """Absolute similarity in [0, 1], higher is better, comparable across pairs.
+    def absolute_per_scale(self, raw: np.ndarray) -> np.ndarray:
+        """Per-scale absolute similarity in [0, 1], higher is better: raw (N, S) -> (N, S).
 
-        raw: (N, S) -> (N,). Per scale, RANSAC's -raw is the fraction of query
-        patches that are homography inliers; rapid scoring's -raw is divided by
-        its best possible value (every patch a perfectly consistent match).
-        Scales are averaged with the patch weights.
+        RANSAC's -raw is the fraction of query patches that are homography
+        inliers; rapid scoring's -raw is divided by its best possible value
+        (every patch a perfectly consistent match).
         """
-        raw = np.atleast_2d(np.asarray(raw, dtype=np.float64))
-        per = -raw
+        per = -np.atleast_2d(np.asarray(raw, dtype=np.float64))
         if self.matcher is Matcher.RAPID:
             best = np.array([float(g[:, 0].max() ** 2 + g[:, 1].max() ** 2) for g in self.grids])
             per = per / np.maximum(best, 1.0)
+        return np.clip(per, 0.0, 1.0)
+
+    def absolute(self, raw: np.ndarray) -> np.ndarray:
+        """Absolute similarity in [0, 1], higher is better, comparable across pairs.
+
+        raw: (N, S) -> (N,): :meth:`absolute_per_scale` averaged with the patch weights.
+        """
         w = np.asarray(self.preset.patch_weights, dtype=np.float64)
-        return np.clip(per @ w / w.sum(), 0.0, 1.0)
+        return np.clip(self.absolute_per_scale(raw) @ w / w.sum(), 0.0, 1.0)
+
+    def dominant_scale(self, raw: np.ndarray) -> np.ndarray:
+        """(N,) index of the scale contributing most to each candidate's absolute score
+        (weight x per-scale score): the scale whose matches and inliers a loop reports."""
+        w = np.asarray(self.preset.patch_weights, dtype=np.float64)
+        return np.argmax(self.absolute_per_scale(raw) * w, axis=1)
 
     def fuse(self, raw: np.ndarray) -> np.ndarray:
         """Fused score per candidate (N,), lower is better."""

@@ -1,27 +1,54 @@
-"""PlaceMap: the keyframes a loop closer has seen, searchable.
+"""PlaceMap: the keyframes a loop closer has seen, searchable, that cannot disagree with itself.
 
-Holds the global FAISS index, every keyframe's patch descriptors (float32 in
-memory), ids and stamps. Saves to one ``.npz`` (never pickled), written to a
-temp file and renamed, so a crash during a save leaves the previous map.
+One store holds, per keyframe id (0, 1, 2, ... in insertion order): the
+global descriptor (in the FAISS index only, not twice), the per-scale patch
+descriptors, the ROS stamp, the image size and an optional position.
+
+- **Transactional adds.** :meth:`PlaceMap.add` checks and converts
+  everything first, adds to FAISS last of what can fail, then commits the
+  rest together; an exception leaves the map exactly as it was, so ids in the
+  index, the stamp array and the patch store never drift apart.
+  :meth:`check` asserts that invariant (run after every change when
+  ``PNV_CHECK_INVARIANTS=1``, as the tests do).
+- **Patches per scale in a handful of arrays**: the loaded map's arrays
+  (memory-mapped from its file), one append-only spill file per scale
+  (memory-mapped), and RAM for the newest keyframes. With a memory budget the
+  oldest RAM keyframes move to the spill files; a failed spill (disk full, no
+  file descriptors) keeps them in RAM, is counted and reported by
+  :attr:`trouble`, and loses nothing.
+- **Files** (``.npz``, uncompressed, never pickled; see :mod:`pnv_ros.storage`)
+  record the model identity (checkpoint hash), the full preset and input
+  size; :meth:`load` memory-maps the patches, so the budget holds after a
+  load, and refuses a map from another model or layout naming both.
+  :meth:`snapshot` takes what a save needs in O(keyframes) small copies (for
+  use under a lock) and :meth:`MapSnapshot.write` streams the patches to disk
+  afterwards, so a save never stacks the map in RAM nor holds a lock for it.
 """
 
 from __future__ import annotations
 
-import json
+import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from pnv_ros.config import Preset
 from pnv_ros.errors import MapError, UnknownPlaceError
-from pnv_ros.features import PlaceFeatures
+from pnv_ros.features import PlaceFeatures, check_fits
 from pnv_ros.index import GlobalIndex
-from pnv_ros.storage import read_npz, write_npz_atomic
+from pnv_ros.storage import NpzWriter, read_npz
 
 FORMAT = "pnv_ros.place_map"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
+#: Spill at least this many keyframes at once when over budget (one re-map per batch, not per keyframe).
+SPILL_BATCH = 8
+
+
+def check_invariants_enabled() -> bool:
+    return os.environ.get("PNV_CHECK_INVARIANTS", "") not in ("", "0")
 
 
 @dataclass
@@ -34,12 +61,68 @@ class Keyframe:
     position: np.ndarray | None = None
 
 
+class _Column:
+    """Patches (N, P, D) of one scale: [loaded file | spill file | RAM], in id order."""
+
+    def __init__(self, num_patches: int, dim: int, dtype: np.dtype) -> None:
+        self.p, self.d, self.dtype = num_patches, dim, dtype
+        self.base: np.ndarray = np.empty((0, num_patches, dim), dtype)  # loaded map (memory-mapped)
+        self.spill: np.ndarray = np.empty((0, num_patches, dim), dtype)  # spill file (memory-mapped)
+        self.spill_path: Path | None = None
+        self.ram: list[np.ndarray] = []
+
+    def __len__(self) -> int:
+        return len(self.base) + len(self.spill) + len(self.ram)
+
+    def row(self, i: int) -> np.ndarray:
+        nb, ns = len(self.base), len(self.spill)
+        if i < nb:
+            return self.base[i]
+        if i < nb + ns:
+            return self.spill[i - nb]
+        return self.ram[i - nb - ns]
+
+    def segments(self) -> list[np.ndarray]:
+        """The stored rows as arrays (N_k, P, D) in id order (references, not copies)."""
+        return [a for a in (self.base, self.spill) if len(a)] + [r[None] for r in self.ram]
+
+    def spill_oldest(self, k: int, folder: Path) -> None:
+        """Append the k oldest RAM rows to this scale's spill file and map it; on error nothing changes."""
+        rows = self.ram[:k]
+        if self.spill_path is None:
+            self.spill_path = folder / f"patches_{self.p}x{self.d}_{id(self):x}.bin"
+        size = self.spill_path.stat().st_size if self.spill_path.exists() else 0
+        n = len(self.spill) + len(rows)
+        try:
+            with open(self.spill_path, "ab") as f:
+                for r in rows:
+                    f.write(memoryview(np.ascontiguousarray(r).reshape(-1)).cast("B"))
+            mapped = np.memmap(self.spill_path, dtype=self.dtype, mode="r", shape=(n, self.p, self.d))
+        except BaseException:
+            try:
+                os.truncate(self.spill_path, size)
+            except OSError:
+                pass
+            raise
+        self.spill = mapped
+        del self.ram[:k]
+
+
 class PlaceMap:
     """Incremental keyframe map. Ids are 0, 1, 2, ... in insertion order.
 
-    Patch descriptors are stored as ``patch_dtype`` (float16 by default: half
-    the memory; re-ranking decisions on the RTAB-Map loop are unchanged, see
-    test/test_place_map.py); global descriptors stay float32 in FAISS.
+    Args:
+        dim: descriptor dimension D.
+        preset: the layout (patch sizes, strides, input size) of the stored patches.
+        model_id: identity of the checkpoint (``name:dim:sha256-prefix``).
+        index_kind: 'flat' (exact) or 'hnsw' (see :class:`GlobalIndex`).
+        patch_dtype: float16 (default: half the memory; re-ranking decisions on
+            the RTAB-Map loop unchanged, see test/test_place_map.py) or float32.
+        memory_budget_mb: patch MB kept in RAM (0 = no limit); beyond it the
+            oldest keyframes' patches go to memory-mapped spill files in
+            ``spill_dir`` (a temp folder by default), one per scale.
+
+    Not thread-safe: one owner (the detector) serialises calls.
     """
 
     def __init__(
@@ -52,107 +135,185 @@ class PlaceMap:
         memory_budget_mb: float = 0.0,
         spill_dir: str | Path | None = None,
     ) -> None:
-        """memory_budget_mb: patch bytes kept in RAM (0 = no limit); beyond it the
-        oldest keyframes' patches move to ``spill_dir`` (a temp folder by default)
-        as memory-mapped files, read on demand when they are candidates."""
         if patch_dtype not in ("float16", "float32"):
             raise MapError(f"patch_dtype {patch_dtype!r}: use float16 or float32")
-        if memory_budget_mb < 0:
+        if not memory_budget_mb >= 0:
             raise MapError(f"memory_budget_mb {memory_budget_mb} must be >= 0")
-        self.dim, self.preset, self.model_id, self.index_kind = dim, preset, model_id, index_kind
+        self.dim, self.preset, self.model_id, self.index_kind = int(dim), preset, model_id, index_kind
         self.patch_dtype = np.dtype(patch_dtype)
         self.memory_budget = int(memory_budget_mb * 2**20)
         self._spill_dir = Path(spill_dir) if spill_dir else None
         self._tmp: tempfile.TemporaryDirectory | None = None
-        self.ram_patch_bytes = 0
-        self.spilled = 0  # keyframes [0, spilled) have their patches on disk
         self.index = GlobalIndex(dim, index_kind)
-        self.keyframes: list[Keyframe] = []
+        self._cols = [
+            _Column(preset.num_patches(s), self.dim, self.patch_dtype) for s in range(len(preset.patch_sizes))
+        ]
+        self._n = 0
+        self._stamps = np.zeros(0, np.int64)
+        self._positions = np.zeros((0, 3), np.float64)
+        self._sizes = np.zeros((0, 2), np.int64)
+        self.ram_patch_bytes = 0
+        self.spill_failures = 0
+        self.trouble: str | None = None  # the last store problem (a failed spill), for diagnostics
 
     def __len__(self) -> int:
-        return len(self.keyframes)
+        return self._n
 
+    @property
+    def stamps(self) -> np.ndarray:
+        """(N,) int64 ROS stamps in id order (a read-only view)."""
+        v = self._stamps[: self._n]
+        v.flags.writeable = False
+        return v
+
+    @property
+    def positions(self) -> np.ndarray:
+        """(N, 3) float64 positions in id order, NaN where unknown (a read-only view)."""
+        v = self._positions[: self._n]
+        v.flags.writeable = False
+        return v
+
+    @property
+    def keyframes_on_disk(self) -> int:
+        """Keyframes whose patches are memory-mapped (loaded or spilled), not in RAM."""
+        c = self._cols[0]
+        return len(c.base) + len(c.spill)
+
+    # -- changes --------------------------------------------------------------------------
     def add(self, features: PlaceFeatures, stamp_ns: int, position: np.ndarray | None = None) -> int:
-        kf_id = self._store(features, stamp_ns, position)
-        self.index.add(features.global_desc)
-        return kf_id
+        """Store a keyframe; returns its id. All or nothing: on any error the map is unchanged.
 
-    def _store(self, features: PlaceFeatures, stamp_ns: int, position: np.ndarray | None) -> int:
-        """Keep a keyframe (patches as ``patch_dtype``, within the budget); the caller indexes its global descriptor."""
-        stored = PlaceFeatures(
-            np.asarray(features.global_desc, np.float32),
-            [np.ascontiguousarray(p, dtype=self.patch_dtype) for p in features.patches],
-            features.image_size,
-        )
-        kf = Keyframe(len(self.keyframes), int(stamp_ns), stored, position)
-        self.keyframes.append(kf)
-        self.ram_patch_bytes += sum(p.nbytes for p in stored.patches)
-        if self.memory_budget:
-            self._enforce_budget()
-        return kf.id
+        features: global (D,), patches per scale (P_s, D); position: (3,) or None.
+        Raises MapError when the features do not fit this map.
+        """
+        glob = np.asarray(features.global_desc, np.float32).reshape(-1)
+        if glob.shape != (self.dim,) or not np.isfinite(glob).all():
+            raise MapError(f"global descriptor of shape {glob.shape} (finite: {np.isfinite(glob).all()}) "
+                           f"does not fit this {self.dim}-d map")  # fmt: skip
+        if len(features.patches) != len(self._cols):
+            raise MapError(f"{len(features.patches)} patch scales for a map of {len(self._cols)}")
+        patches = []
+        for c, p in zip(self._cols, features.patches):
+            if tuple(p.shape) != (c.p, c.d):
+                raise MapError(f"patches of shape {tuple(p.shape)} do not fit this map's ({c.p}, {c.d})")
+            patches.append(np.array(p, dtype=self.patch_dtype, order="C", copy=True))
+        pos = np.full(3, np.nan) if position is None else np.asarray(position, np.float64).reshape(3)
+        size = np.asarray(features.image_size, np.int64).reshape(2)
+        self._reserve(self._n + 1)
+        self.index.add(glob)  # the last step that can fail; everything after it cannot
+        for c, p in zip(self._cols, patches):
+            c.ram.append(p)
+        i = self._n
+        self._stamps[i], self._positions[i], self._sizes[i] = int(stamp_ns), pos, size
+        self._n = i + 1
+        self.ram_patch_bytes += sum(p.nbytes for p in patches)
+        self._enforce_budget()
+        if check_invariants_enabled():
+            self.check()
+        return i
+
+    def _reserve(self, n: int) -> None:
+        cap = len(self._stamps)
+        if n <= cap:
+            return
+        cap = max(n, 2 * cap, 64)
+        stamps, pos, sizes = np.zeros(cap, np.int64), np.full((cap, 3), np.nan), np.zeros((cap, 2), np.int64)
+        stamps[: self._n], pos[: self._n], sizes[: self._n] = self._stamps[: self._n], self._positions[: self._n], \
+            self._sizes[: self._n]  # fmt: skip
+        self._stamps, self._positions, self._sizes = stamps, pos, sizes
 
     def _enforce_budget(self) -> None:
-        """Move the oldest in-RAM keyframes' patches to memory-mapped files."""
-        while self.ram_patch_bytes > self.memory_budget and self.spilled < len(self.keyframes) - 1:
-            if self._spill_dir is None:
-                self._tmp = tempfile.TemporaryDirectory(prefix="pnv_map_spill_")
-                self._spill_dir = Path(self._tmp.name)
-            self._spill_dir.mkdir(parents=True, exist_ok=True)
-            kf = self.keyframes[self.spilled]
-            mapped = []
-            for s, p in enumerate(kf.features.patches):
-                f = self._spill_dir / f"kf{kf.id:08d}_s{s}.npy"
-                np.save(f, p, allow_pickle=False)
-                mapped.append(np.load(f, mmap_mode="r"))
-                self.ram_patch_bytes -= p.nbytes
-            kf.features = PlaceFeatures(kf.features.global_desc, mapped, kf.features.image_size)
-            self.spilled += 1
+        """Move the oldest RAM keyframes' patches to the spill files; a failure keeps them in RAM."""
+        if not self.memory_budget or self.ram_patch_bytes <= self.memory_budget:
+            return
+        per_kf = sum(c.ram[-1].nbytes for c in self._cols)
+        ram_rows = min(len(c.ram) for c in self._cols)
+        keep = ram_rows - min(ram_rows - 1, max(SPILL_BATCH, -(-(self.ram_patch_bytes - self.memory_budget) // per_kf)))
+        if keep >= ram_rows:
+            return
+        try:
+            folder = self._spill_folder()
+            for c in self._cols:  # a column left longer by an earlier failed try catches up here
+                if len(c.ram) > keep:
+                    c.spill_oldest(len(c.ram) - keep, folder)
+        except (OSError, ValueError, MemoryError) as e:
+            self.spill_failures += 1
+            self.trouble = f"patch spill to disk failed ({type(e).__name__}: {e}); keeping them in RAM"
+        finally:
+            self.ram_patch_bytes = sum(r.nbytes for c in self._cols for r in c.ram)
+
+    def _spill_folder(self) -> Path:
+        if self._spill_dir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="pnv_map_spill_")
+            self._spill_dir = Path(self._tmp.name)
+        self._spill_dir.mkdir(parents=True, exist_ok=True)
+        return self._spill_dir
+
+    def check(self) -> None:
+        """Assert the store's invariant: every part holds exactly N keyframes. Raises MapError."""
+        n = self._n
+        lens = {
+            "faiss": len(self.index),
+            **{f"patches_p{s}": len(c) for s, c in zip(self.preset.patch_sizes, self._cols)},
+        }
+        bad = {k: v for k, v in lens.items() if v != n}
+        if bad or len(self._stamps) < n:
+            raise MapError(f"map store out of step: {n} keyframes but {bad}")
+
+    # -- reads ----------------------------------------------------------------------------
+    def _check_id(self, kf_id: int) -> int:
+        i = int(kf_id)
+        if not 0 <= i < self._n:
+            held = f"ids 0..{self._n - 1}" if self._n else "no keyframes"
+            raise UnknownPlaceError(f"unknown keyframe id {kf_id}: the map holds {held}")
+        return i
+
+    def patches(self, kf_id: int) -> list[np.ndarray]:
+        """Per scale (P_s, D) patch descriptors of one keyframe (views; memory-mapped ones read-only)."""
+        i = self._check_id(kf_id)
+        return [c.row(i) for c in self._cols]
 
     def get(self, kf_id: int) -> Keyframe:
-        if not 0 <= int(kf_id) < len(self.keyframes):
-            raise UnknownPlaceError(f"unknown keyframe id {kf_id}: the map holds ids 0..{len(self.keyframes) - 1}")
-        return self.keyframes[int(kf_id)]
+        """One keyframe (global descriptor from the index). Raises UnknownPlaceError."""
+        i = self._check_id(kf_id)
+        pos = self._positions[i]
+        f = PlaceFeatures(self.index.reconstruct(i), [c.row(i) for c in self._cols],
+                          (int(self._sizes[i, 0]), int(self._sizes[i, 1])))  # fmt: skip
+        return Keyframe(i, int(self._stamps[i]), f, None if np.isnan(pos).any() else pos.copy())
 
     def by_stamp(self, stamp_ns: int, tolerance_ns: int = 1_000_000) -> Keyframe:
-        """The keyframe with this stamp (within tolerance, default 1 ms)."""
-        if self.keyframes:
-            stamps = np.array([k.stamp_ns for k in self.keyframes])
-            i = int(np.argmin(np.abs(stamps - stamp_ns)))
-            if abs(int(stamps[i]) - stamp_ns) <= tolerance_ns:
-                return self.keyframes[i]
+        """The keyframe with this stamp (within tolerance, default 1 ms); the newest when a reset
+        clock made stamps repeat. Raises UnknownPlaceError."""
+        if self._n:
+            d = np.abs(self._stamps[: self._n] - int(stamp_ns))
+            best = d.min()
+            if best <= tolerance_ns:
+                return self.get(int(np.flatnonzero(d == best)[-1]))
         raise UnknownPlaceError(f"no keyframe with stamp {stamp_ns / 1e9:.6f} s (within {tolerance_ns / 1e6:g} ms)")
 
     def nbytes_per_keyframe(self) -> float:
-        if not self.keyframes:
+        """Bytes one keyframe takes: global float32 + patches at patch_dtype + stamp."""
+        if not self._n:
             return 0.0
-        f = self.keyframes[0].features
-        return float(f.global_desc.nbytes + sum(p.nbytes for p in f.patches) + 8)
+        return float(self.dim * 4 + sum(c.p * c.d for c in self._cols) * self.patch_dtype.itemsize + 8)
 
     # -- persistence ----------------------------------------------------------------------
-    def save(self, path: str | Path) -> None:
-        path = Path(path)
+    def snapshot(self) -> MapSnapshot:
+        """What a save needs, taken now (small copies and references to immutable patch rows)."""
+        n = self._n
+        glob = np.zeros((n, self.dim), np.float32)
+        for a in range(0, n, 65536):
+            glob[a : min(n, a + 65536)] = self.index.reconstruct_n(a, min(n, a + 65536) - a)
         meta = {"format": FORMAT, "version": VERSION, "dim": self.dim, "preset": self.preset.to_dict(),
-                "model_id": self.model_id, "index_kind": self.index_kind, "count": len(self),
+                "model_id": self.model_id, "index_kind": self.index_kind, "count": n,
                 "patch_dtype": self.patch_dtype.name}  # fmt: skip
-        n = len(self)
-        arrays = {
-            "meta": np.array(json.dumps(meta)),
-            "stamps": np.array([k.stamp_ns for k in self.keyframes], dtype=np.int64),
-            "global": np.stack([k.features.global_desc for k in self.keyframes])
-            if n
-            else np.zeros((0, self.dim), np.float32),
-            "image_sizes": np.array([k.features.image_size for k in self.keyframes], dtype=np.int64).reshape(n, 2),
-            "positions": np.array(
-                [k.position if k.position is not None else [np.nan] * 3 for k in self.keyframes], dtype=np.float64
-            ).reshape(n, 3),
-        }
-        for s, size in enumerate(self.preset.patch_sizes):
-            arrays[f"patches_p{size}"] = (
-                np.stack([k.features.patches[s] for k in self.keyframes])
-                if n
-                else np.zeros((0, self.preset.num_patches(s), self.dim), self.patch_dtype)
-            )
-        write_npz_atomic(path, arrays, sync=True)
+        return MapSnapshot(meta, self._stamps[:n].copy(), self._positions[:n].copy(), self._sizes[:n].copy(), glob,
+                           [c.segments() for c in self._cols], list(self.preset.patch_sizes),
+                           [(c.p, c.d) for c in self._cols], self.patch_dtype)  # fmt: skip
+
+    def save(self, path: str | Path) -> None:
+        """Write the map atomically to ``path`` (.npz). Raises OSError (the old file stays)."""
+        self.snapshot().write(path)
 
     @classmethod
     def load(
@@ -162,43 +323,122 @@ class PlaceMap:
         expect_preset: Preset | None = None,
         memory_budget_mb: float = 0.0,
         spill_dir: str | Path | None = None,
+        *,
+        expect_model_id: str = "",
+        index_kind: str | None = None,
+        patch_dtype: str | None = None,
     ) -> PlaceMap:
+        """Read a map, its patches memory-mapped. Raises MapError for anything wrong with the file
+        or when it comes from another model (``expect_model_id``, ``expect_dim``) or patch layout
+        (``expect_preset``). index_kind / patch_dtype: the caller's choice (default: the file's)."""
         path = Path(path)
-        data, meta = read_npz(path, MapError, "map file")
+        data, meta = read_npz(path, MapError, "map file", mmap_keys=[k for k in _patch_keys(path)])
+        try:
+            return cls._from_arrays(path, data, meta, expect_dim, expect_preset, memory_budget_mb, spill_dir,
+                                    expect_model_id, index_kind, patch_dtype)  # fmt: skip
+        except MapError:
+            raise
+        except Exception as e:  # noqa: BLE001 - whatever a malformed file makes go wrong is a MapError
+            raise MapError(f"map file {path} is inconsistent: {type(e).__name__}: {e}") from None
+
+    @classmethod
+    def _from_arrays(cls, path, data, meta, expect_dim, expect_preset, budget, spill_dir, expect_model_id, index_kind,
+                     patch_dtype) -> PlaceMap:  # type: ignore[no-untyped-def]  # fmt: skip
         if meta.get("format") != FORMAT:
             raise MapError(f"map file {path} is not a pnv_ros map")
-        if meta.get("version") != VERSION:
-            raise MapError(f"map file {path} has version {meta.get('version')}; this pnv_ros reads {VERSION}")
+        if meta.get("version") not in READABLE_VERSIONS:
+            raise MapError(f"map file {path} has version {meta.get('version')}; this pnv_ros reads "
+                           f"{', '.join(map(str, READABLE_VERSIONS))}")  # fmt: skip
+        for key in ("dim", "preset", "count"):
+            if key not in meta:
+                raise MapError(f"map file {path} lacks '{key}' in its metadata")
         preset = Preset.from_dict(meta["preset"])
-        if expect_dim is not None and meta["dim"] != expect_dim:
-            raise MapError(f"map file {path} holds {meta['dim']}-d descriptors, the loaded model makes {expect_dim}-d")
-        if expect_preset is not None and (preset.patch_sizes, preset.strides) != (
-            expect_preset.patch_sizes,
-            expect_preset.strides,
-        ):
-            raise MapError(
-                f"map file {path} was made with patch sizes {list(preset.patch_sizes)}, the node runs "
-                f"{list(expect_preset.patch_sizes)}: use the same preset"
-            )
-        m = cls(meta["dim"], expect_preset or preset, meta.get("model_id", ""), meta.get("index_kind", "flat"),
-                meta.get("patch_dtype", "float32"), memory_budget_mb, spill_dir)  # fmt: skip
-        try:
-            count = int(meta["count"])
-            patches = [data[f"patches_p{s}"] for s in preset.patch_sizes]
-            global_descs = np.asarray(data["global"], np.float32)
-            if global_descs.shape != (count, m.dim):
-                raise ValueError(f"global descriptors of shape {global_descs.shape} for {count} keyframes")
-            for i in range(count):
-                pos = data["positions"][i]
-                f = PlaceFeatures(
-                    global_descs[i], [p[i] for p in patches], tuple(int(v) for v in data["image_sizes"][i])
-                )
-                m._store(f, int(data["stamps"][i]), None if np.isnan(pos).any() else pos)
-        except (KeyError, IndexError, ValueError) as e:
-            raise MapError(f"map file {path} is inconsistent: {e}") from None
-        # One add for all, after the file has been read whole and checked. An
-        # HNSW graph is rebuilt, not stored: about its build time (0.14 ms a
-        # keyframe at 100k; one at a time measured the same, 0.13 ms:
-        # benchmarks/scale_index.py --one-at-a-time).
-        m.index.add(global_descs)
+        dim, count, model_id = int(meta["dim"]), int(meta["count"]), str(meta.get("model_id", ""))
+        if expect_dim is not None and dim != expect_dim:
+            raise MapError(f"map file {path} holds {dim}-d descriptors, the loaded model makes {expect_dim}-d "
+                           f"(map model {model_id or '?'}, running {expect_model_id or '?'})")  # fmt: skip
+        check_fits(MapError, f"map file {path}", model_id, dim, preset, expect_model_id or model_id,
+                   expect_dim if expect_dim is not None else dim, expect_preset or preset,
+                   "load a map made with the same checkpoint and preset")  # fmt: skip
+        want = {"stamps": (count,), "global": (count, dim), "image_sizes": (count, 2), "positions": (count, 3)}
+        for s, size in enumerate(preset.patch_sizes):
+            want[f"patches_p{size}"] = (count, preset.num_patches(s), dim)
+        for k, shape in want.items():
+            if k not in data:
+                raise MapError(f"map file {path} lacks its '{k}' array")
+            if tuple(data[k].shape) != shape:
+                raise MapError(f"map file {path}: '{k}' has shape {tuple(data[k].shape)}, expected {shape} "
+                               f"for {count} keyframes")  # fmt: skip
+        dtypes = {str(data[f"patches_p{s}"].dtype) for s in preset.patch_sizes}
+        if not dtypes <= {"float16", "float32"}:
+            raise MapError(f"map file {path}: patches of dtype {sorted(dtypes)}; expected float16 or float32")
+        glob = np.asarray(data["global"], np.float32)
+        if not np.isfinite(glob).all():
+            raise MapError(f"map file {path}: global descriptors hold NaN or infinity")
+        m = cls(dim, expect_preset or preset, model_id, index_kind or str(meta.get("index_kind", "flat")),
+                patch_dtype or str(meta.get("patch_dtype", "float32")), budget, spill_dir)  # fmt: skip
+        m._reserve(count)
+        m._stamps[:count] = np.asarray(data["stamps"], np.int64)
+        m._positions[:count] = np.asarray(data["positions"], np.float64)
+        m._sizes[:count] = np.asarray(data["image_sizes"], np.int64)
+        for c, size in zip(m._cols, preset.patch_sizes):
+            c.base = data[f"patches_p{size}"]
+        # One add for all: an HNSW graph is rebuilt, not stored (0.14 ms a keyframe at 100k;
+        # benchmarks/scale_index.py --one-at-a-time measured the same one by one).
+        m.index.add(glob)
+        m._n = count
+        m.check()
         return m
+
+
+def _patch_keys(path: Path) -> list[str]:
+    """Names of the patch arrays in a map file, to memory-map (unknown names are harmless)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            return [n[:-4] for n in z.namelist() if n.startswith("patches_p")]
+    except (OSError, zipfile.BadZipFile):
+        return []
+
+
+@dataclass
+class MapSnapshot:
+    """A map as of :meth:`PlaceMap.snapshot`; :meth:`write` streams it to a file."""
+
+    meta: dict
+    stamps: np.ndarray
+    positions: np.ndarray
+    image_sizes: np.ndarray
+    global_descs: np.ndarray
+    segments: list[list[np.ndarray]]  # per scale, arrays (N_k, P, D) in id order
+    patch_sizes: list[int]
+    shapes: list[tuple[int, int]] = field(default_factory=list)
+    patch_dtype: np.dtype = field(default_factory=lambda: np.dtype("float16"))
+
+    def write(self, path: str | Path) -> None:
+        """Write atomically (temp file, fsync, rename); patches streamed segment by segment.
+        Raises OSError / IsADirectoryError; the previous file at ``path`` then stays as it was."""
+        import json
+
+        n = len(self.stamps)
+        with NpzWriter(Path(path), sync=True) as w:
+            w.add("meta", np.array(json.dumps(self.meta)))
+            w.add("stamps", self.stamps)
+            w.add("global", self.global_descs)
+            w.add("image_sizes", self.image_sizes)
+            w.add("positions", self.positions)
+            for size, (p, d), segs in zip(self.patch_sizes, self.shapes, self.segments):
+                w.add_blocks(f"patches_p{size}", (n, p, d), self.patch_dtype, _rows(segs, n))
+
+
+def _rows(segments: list[np.ndarray], n: int, block: int = 16):
+    """The first n rows of the segments, in blocks of at most ``block`` rows."""
+    left = n
+    for seg in segments:
+        for a in range(0, len(seg), block):
+            if left <= 0:
+                return
+            b = seg[a : a + min(block, left)]
+            left -= len(b)
+            yield b

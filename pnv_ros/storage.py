@@ -1,11 +1,22 @@
-"""The project's files on disk: ``.npz`` written atomically, read without pickle."""
+"""The project's files on disk: one container for feature files and maps.
+
+Both are uncompressed ``.npz`` archives (readable by ``numpy.load`` with
+``allow_pickle=False``) holding a JSON ``meta`` entry and plain arrays; never
+pickled. Writes stream array blocks into a temp file beside the target, fsync
+it and rename it over the target, so a crash (or ``kill -9``) at any moment
+leaves either the old file or the new one, and a large map is never stacked
+in RAM to be saved. Reads can memory-map the large arrays in place (members
+are stored, not deflated), so a loaded map costs page cache, not RAM.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import struct
 import tempfile
 import zipfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -13,37 +24,152 @@ import numpy as np
 
 from pnv_ros.errors import PnvError
 
+#: Arrays smaller than this are read into RAM even when memory-mapping is
+#: asked for: each memory map holds a file descriptor.
+MMAP_MIN_BYTES = 1 << 20
+
+
+class NpzWriter:
+    """Atomic, streaming writer of an uncompressed ``.npz``; a context manager.
+
+    ``with NpzWriter(path) as w: w.add("a", arr); w.add_blocks("p", shape, dtype, blocks)``.
+    Nothing appears at ``path`` unless the block exits without an exception;
+    the temp file is removed on any error (``OSError`` from a full disk included).
+    """
+
+    def __init__(self, path: str | Path, sync: bool = True) -> None:
+        self.path = Path(path)
+        if self.path.is_dir():
+            raise IsADirectoryError(f"{self.path} is a folder: give a file name")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.sync = sync
+        fd, self._tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        self._file = os.fdopen(fd, "wb")
+        self._zip = zipfile.ZipFile(self._file, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
+
+    def __enter__(self) -> NpzWriter:
+        return self
+
+    def add(self, name: str, array: Any) -> None:
+        """One whole array (small ones: metadata, stamps, global descriptors)."""
+        a = np.asarray(array)
+        if a.dtype.hasobject:
+            raise TypeError(f"array {name!r} holds Python objects; only plain arrays are written")
+        self.add_blocks(name, a.shape, a.dtype, [a])
+
+    def add_blocks(self, name: str, shape: tuple[int, ...], dtype: Any, blocks: Iterable[np.ndarray]) -> None:
+        """An array of ``shape`` written from ``blocks`` (its rows in order, any split), converted to ``dtype``."""
+        dtype = np.dtype(dtype)
+        header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(shape)}
+        want = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        written = 0
+        with self._zip.open(name + ".npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array_header_2_0(f, header)
+            for b in blocks:
+                b = np.ascontiguousarray(b, dtype=dtype)
+                f.write(memoryview(b.reshape(-1)).cast("B") if b.size else b"")
+                written += b.nbytes
+        if written != want:
+            raise ValueError(f"array {name!r}: {written} bytes written for shape {tuple(shape)} ({want} bytes)")
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        try:
+            self._zip.close()
+            if exc_type is None:
+                self._file.flush()
+                if self.sync:
+                    os.fsync(self._file.fileno())
+            self._file.close()
+            if exc_type is None:
+                os.replace(self._tmp, self.path)
+                if self.sync:
+                    _fsync_dir(self.path.parent)
+        finally:
+            Path(self._tmp).unlink(missing_ok=True)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover - some file systems refuse
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
 
 def write_npz_atomic(path: Path, arrays: dict[str, Any], sync: bool = False) -> None:
-    """Write to a temp file beside ``path``, then rename: a crash leaves the old file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            if sync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write whole arrays to ``path`` atomically (see :class:`NpzWriter`)."""
+    with NpzWriter(path, sync=sync) as w:
+        for name, a in arrays.items():
+            w.add(name, a)
 
 
-def read_npz(path: Path, error: type[PnvError], what: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+_LOCAL_HEADER = struct.Struct("<4s5H3L2H")  # zip local file header: 30 bytes
+
+
+def _member(f: Any, path: Path, info: zipfile.ZipInfo, mmap_it: bool) -> np.ndarray:
+    """One stored ``.npy`` member, memory-mapped in place or read into RAM."""
+    f.seek(info.header_offset)
+    sig, *_, name_len, extra_len = _LOCAL_HEADER.unpack(f.read(_LOCAL_HEADER.size))
+    if sig != b"PK\x03\x04":
+        raise ValueError(f"entry {info.filename!r} has a bad local header")
+    start = info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
+    f.seek(start)
+    version = np.lib.format.read_magic(f)
+    read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    if version not in read_header:
+        raise ValueError(f"entry {info.filename!r} has .npy version {version}")
+    shape, fortran, dtype = read_header[version](f, max_header_size=100_000)
+    if dtype.hasobject:
+        raise ValueError(f"entry {info.filename!r} holds Python objects (pickled data is never read)")
+    offset = f.tell()
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if offset - start + nbytes != info.file_size:
+        raise ValueError(f"entry {info.filename!r} is truncated or padded ({info.file_size} bytes for shape {shape})")
+    order = "F" if fortran else "C"
+    if nbytes == 0:
+        return np.empty(shape, dtype, order=order)
+    if mmap_it and nbytes >= MMAP_MIN_BYTES:
+        return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order=order)
+    buf = np.empty(shape, dtype, order=order)
+    view = memoryview(buf.reshape(-1, order="A")).cast("B")
+    if f.readinto(view) != nbytes:
+        raise ValueError(f"entry {info.filename!r} ends early")
+    return buf
+
+
+def read_npz(
+    path: Path, error: type[PnvError], what: str, mmap_keys: Iterable[str] = ()
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """All arrays of an ``.npz`` and its JSON ``meta`` entry; never unpickles.
 
-    Raises ``error`` naming ``what`` and the file when it is missing or unreadable.
+    mmap_keys: arrays to memory-map read-only (when stored uncompressed and
+    at least ``MMAP_MIN_BYTES``); the rest are read into RAM.
+    Raises ``error`` naming ``what`` and the file when it is missing,
+    unreadable, truncated, holds objects, or lacks a valid ``meta``.
     """
+    path = Path(path)
     if not path.is_file():
-        raise error(f"{what} {path} does not exist")
+        raise error(f"{what} {path} does not exist" + (" (it is a folder)" if path.is_dir() else ""))
+    mmap_keys = set(mmap_keys)
+    data: dict[str, np.ndarray] = {}
     try:
-        with np.load(path, allow_pickle=False) as z:
-            data = {k: z[k] for k in z.files}
+        with open(path, "rb") as f, zipfile.ZipFile(f) as z:
+            for info in z.infolist():
+                name = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+                if info.compress_type != zipfile.ZIP_STORED:  # e.g. np.savez_compressed: read whole
+                    with z.open(info) as m:
+                        data[name] = np.lib.format.read_array(m, allow_pickle=False)
+                else:
+                    data[name] = _member(f, path, info, name in mmap_keys)
         meta = json.loads(str(data["meta"]))
     except KeyError:
         raise error(f"{what} {path} lacks its 'meta' entry: not a pnv_ros file") from None
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, struct.error) as e:
         raise error(f"{what} {path} is corrupt or cannot be read: {e}") from None
     if not isinstance(meta, dict):
         raise error(f"{what} {path} has a bad 'meta' entry")

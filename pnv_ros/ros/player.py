@@ -1,6 +1,9 @@
 """Publish a bag's messages over ROS 2 (for machines without ``ros2 bag play``).
 
-Raw CDR bytes from the bag are published as they are. ``play`` keeps the
+A ROS 2 bag's raw CDR bytes are published as they are; a ROS 1 bag's
+messages are converted to CDR on the way (``pnv_ros.bags.cdr_converter``).
+Topics whose types this ROS installation lacks (ROS 1's rosgraph_msgs/Log,
+custom types) are skipped with a warning. ``play`` keeps the
 bag's timing (scaled by ``rate``); ``lockstep`` publishes each image only
 after the loop-closure node acknowledged the previous one on
 ``<node>/processed``, so no frame is dropped however slow the machine.
@@ -18,7 +21,7 @@ from rclpy.node import Node
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 from std_msgs.msg import Header
 
-from pnv_ros.bags import BagError
+from pnv_ros.bags import BagError, cdr_converter, open_bag, read_messages
 
 
 def _msg_class(msgtype: str):  # type: ignore[no-untyped-def]
@@ -33,25 +36,37 @@ class BagPlayer:
     """Publishers for a bag's topics on one rclpy node (rclpy must be initialised)."""
 
     def __init__(self, bag: Path, remap: dict[str, str] | None = None, topics: list[str] | None = None) -> None:
-        from rosbags.rosbag2 import Reader
-
-        if not Path(bag).exists():
-            raise BagError(f"bag {bag} does not exist")
-        try:
-            self._reader = Reader(bag)
-            self._reader.open()
-        except Exception as e:  # noqa: BLE001
-            raise BagError(f"bag {bag} cannot be read: {type(e).__name__}: {e}") from None
+        """All topics of a ROS 1 or ROS 2 ``bag``, or only ``topics`` (then a
+        type that is not installed is a BagError); ``remap`` renames topics."""
+        self.path = Path(bag)
+        self._reader = open_bag(self.path)
+        _, self._to_cdr = cdr_converter(self._reader, self.path)
         self.remap = remap or {}
         self.node: Node = rclpy.create_node("pnv_bag_player")
         qos = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
-        self.conns = [c for c in self._reader.connections if topics is None or c.topic in topics]
-        self.pubs = {c.topic: self.node.create_publisher(_msg_class(c.msgtype), self.remap.get(c.topic, c.topic), qos)
-                     for c in self.conns}  # fmt: skip
+        self.conns: list = []
+        self.pubs: dict = {}
+        self.skipped: dict[str, str] = {}  # topic -> message type not installed here
+        for c in self._reader.connections:
+            if topics is not None and c.topic not in topics:
+                continue
+            if c.topic not in self.pubs:
+                try:
+                    cls = _msg_class(c.msgtype)
+                except BagError as e:
+                    if topics is not None:
+                        self.close()
+                        raise
+                    self.skipped[c.topic] = c.msgtype
+                    self.node.get_logger().warning(f"not publishing {c.topic}: {e}")
+                    continue
+                self.pubs[c.topic] = self.node.create_publisher(cls, self.remap.get(c.topic, c.topic), qos)
+            self.conns.append(c)
 
     def messages(self):  # type: ignore[no-untyped-def]
-        for c, t, raw in self._reader.messages(connections=self.conns):
-            yield c.topic, c.msgtype, t, bytes(raw)
+        """(topic, msgtype, bag time ns, ROS 2 CDR bytes) of the published topics, in time order."""
+        for c, t, raw in read_messages(self._reader, self.conns, self.path):
+            yield c.topic, c.msgtype, t, self._to_cdr(raw, c.msgtype)
 
     def wait_for_subscribers(self, timeout: float = 30.0, alive: Callable[[], bool] = lambda: True) -> bool:
         """True once every topic has a subscriber; False on timeout or when ``alive()`` turns False."""
@@ -117,4 +132,7 @@ class BagPlayer:
 
     def close(self) -> None:
         self.node.destroy_node()
-        self._reader.close()
+        try:
+            self._reader.close()
+        except Exception:  # noqa: BLE001, S110 - closing a closed reader
+            pass

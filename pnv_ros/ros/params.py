@@ -1,0 +1,124 @@
+"""The node's parameters as one table: name, default, description, range, and where it goes.
+
+Detector parameters map one to one onto :class:`DetectorParams` (their
+defaults and ranges come from it), so the node, the CLI and the evaluator
+validate the same way. No rclpy here: the node turns the table into
+``ParameterDescriptor`` s, and the tests read it directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from pnv_ros.detector import DetectorParams
+from pnv_ros.errors import ConfigError
+
+#: QoS choices for the inputs. sensor_data = best effort, volatile, keep last (what camera drivers
+#: publish with); reliable / best_effort = that reliability with the given depth.
+QOS_CHOICES = ("sensor_data", "reliable", "best_effort", "system_default")
+
+
+@dataclass(frozen=True)
+class Param:
+    """One node parameter. kind: 'detector' (DetectorParams field), 'node' (changeable), 'startup' (read-only)."""
+
+    name: str
+    default: Any
+    description: str
+    kind: str = "startup"
+    range: tuple[float, float] | None = None
+    choices: tuple[str, ...] | None = None
+
+    @property
+    def read_only(self) -> bool:
+        return self.kind == "startup"
+
+
+_DP = DetectorParams()
+_DETECTOR_TEXT = {
+    "top_n": "candidates retrieved and re-ranked per keyframe",
+    "matcher": "'' (the preset's), ransac or rapid",
+    "min_score": "accept a loop when its absolute score (0..1) is at least this",
+    "exclude_recent_s": "keyframes newer than this (s, session clock) are never candidates",
+    "exclude_recent_keyframes": "the last this-many keyframes of this run are never candidates",
+    "min_interval_s": "minimum time between keyframes (s)",
+    "min_travel_m": "with odometry: a keyframe after this much travel (m) ...",
+    "min_rotation_rad": "... or this much rotation (rad) since the last keyframe",
+    "min_visual_change": "without odometry: a keyframe when the picture changed this much (1 - normalised "
+    "cross-correlation of 32x24 grey thumbnails, 0..1) since the last keyframe; 0 = every frame",
+    "temporal_k": "consecutive consistent keyframes required before a loop is published (1 = off)",
+    "temporal_tolerance": "keyframe ids consecutive best matches may move and still be consistent",
+    "fast_products": "oneDNN similarity products on CPU: faster re-ranking, float32 rounding differs from the "
+    "reference",
+}
+
+TABLE: tuple[Param, ...] = (
+    Param("preset", "speed", "performance | speed | storage", choices=("performance", "speed", "storage")),
+    Param("config_file", "", "override file (.toml/.json/.ini) for the preset"),
+    Param("checkpoint", "", "checkpoint path or official model name; '' = offline default"),
+    Param("device", "", "cpu | cuda | cuda:N; '' = cuda when present"),
+    Param("bfloat16", False, "backbone in bfloat16 (pooling float32): faster extraction on AVX-512 BF16/AMX CPUs "
+          "and GPUs"),
+    Param("compressed", False, "subscribe to image/compressed instead of image"),
+    Param("image_qos", "sensor_data", "image QoS: sensor_data (best effort, what drivers publish) | reliable | "
+          "best_effort | system_default; a best-effort subscription also receives reliable publishers",
+          choices=QOS_CHOICES),
+    Param("image_qos_depth", 1, "image queue depth (latest wins: 1 is enough)", range=(1, 1000)),
+    Param("camera_info_qos", "sensor_data", "camera_info QoS (as image_qos)", choices=QOS_CHOICES),
+    Param("camera_info_qos_depth", 1, "camera_info queue depth", range=(1, 1000)),
+    Param("odom_qos", "reliable", "odometry QoS (as image_qos)", choices=QOS_CHOICES),
+    Param("odom_qos_depth", 50, "odometry queue depth", range=(1, 10000)),
+    Param("odom_tolerance_s", 0.1, "an image takes the odometry pose nearest its stamp within this (s)",
+          range=(0.0, 10.0)),
+    Param("index_kind", "flat", "FAISS index: flat (exact) | hnsw (maps of 100k+ keyframes)", choices=("flat", "hnsw")),
+    Param("patch_dtype", "float16", "patch storage: float16 (half the memory) | float32",
+          choices=("float16", "float32")),
+    Param("memory_budget_mb", 0.0, "patch MB kept in RAM; beyond it older keyframes' patches go to memory-mapped "
+          "files (0 = no limit)", range=(0.0, 1e7)),
+    Param("map_dir", str(Path.home() / ".ros" / "pnv_maps"), "folder for saved maps"),
+    Param("load_map", "", "map name (in map_dir) to load at start"),
+    *(
+        Param(f.name, getattr(_DP, f.name), _DETECTOR_TEXT[f.name], "detector", DetectorParams.RANGES.get(f.name),
+              ("", "ransac", "rapid") if f.name == "matcher" else None)
+        for f in fields(DetectorParams)
+    ),
+    Param("max_rate_hz", 0.0, "process at most this many frames per second (0 = as fast as extraction goes)",
+          "node", (0.0, 1000.0)),
+    Param("save_map_on_shutdown", "", "map name to save at shutdown ('' = don't)", "node"),
+    Param("thumbnail_cache", 500, "keyframe thumbnails kept for match images (oldest dropped)", "node", (0, 100000)),
+)  # fmt: skip
+
+BY_NAME = {p.name: p for p in TABLE}
+DETECTOR_NAMES = tuple(p.name for p in TABLE if p.kind == "detector")
+
+
+def check(name: str, value: Any) -> None:
+    """Raise ConfigError when a value is outside its parameter's range or choices."""
+    p = BY_NAME.get(name)
+    if p is None:
+        return  # parameters of ROS itself (use_sim_time, ...)
+    if p.choices is not None and value not in p.choices:
+        raise ConfigError(f"{name} = {value!r}: choose one of {', '.join(repr(c) for c in p.choices)}")
+    if p.range is not None and not (p.range[0] <= value <= p.range[1]):
+        raise ConfigError(f"{name} = {value!r}: must be from {p.range[0]} to {p.range[1]}")
+    if name in ("save_map_on_shutdown", "load_map") and value:
+        map_file_name(value)
+
+
+def detector_params(values: dict[str, Any], base: DetectorParams | None = None) -> DetectorParams:
+    """DetectorParams from parameter values (only the detector's names are taken). Raises ConfigError."""
+    changes = {k: v for k, v in values.items() if k in DETECTOR_NAMES}
+    for k, v in changes.items():
+        check(k, v)
+    return (base or DetectorParams()).replace(**changes)
+
+
+def map_file_name(name: str) -> str:
+    """A map name as a file name inside map_dir; refuses paths. Raises ConfigError."""
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}", name or "") or ".." in name:
+        raise ConfigError(f"bad map name {name!r}: use letters, digits, '_', '-', '.' (no '/' or '..')")
+    return name if name.endswith(".npz") else name + ".npz"
