@@ -33,6 +33,7 @@ extraction + :meth:`commit` where the caller extracts):
 
 from __future__ import annotations
 
+import numbers
 import threading
 import time
 from collections import deque
@@ -109,10 +110,11 @@ class DetectorParams:
             v = getattr(self, f.name)
             if f.name in self.RANGES:
                 lo, hi = self.RANGES[f.name]
-                if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
+                if isinstance(v, bool) or not isinstance(v, numbers.Real) or not lo <= v <= hi:
                     raise ConfigError(f"{f.name} = {v!r}: must be a number from {lo} to {hi}")
-                if isinstance(lo, int) and not isinstance(v, int):
+                if isinstance(lo, int) and not isinstance(v, numbers.Integral):
                     raise ConfigError(f"{f.name} = {v!r}: must be a whole number")
+                object.__setattr__(self, f.name, int(v) if isinstance(lo, int) else float(v))  # numpy scalars too
         if self.matcher:
             Matcher.parse(self.matcher)
 
@@ -427,7 +429,9 @@ class LoopClosureDetector:
             s, p = self.session, self._params
             if adm.generation != self.generation:
                 self.counts["map_changed"] += 1
-                return FrameResult(None, "map_changed", time_jump=adm.time_jump)
+                return FrameResult(None, "map_changed", timings={"commit": time.perf_counter() - t0},
+                                   time_jump=adm.time_jump)  # fmt: skip
+            self.map.check_fits(features)  # a MapError before anything is matched or changed
             cands = self._candidates(features, self._limit(adm.session_ns, p), p.top_n, None, None, details=True)
             t1 = time.perf_counter()
             kf_id = self.map.add(features, adm.stamp_ns, adm.position)
@@ -442,7 +446,8 @@ class LoopClosureDetector:
                 self.counts["loops"] += 1
                 result.loop = LoopClosure(
                     kf_id, adm.stamp_ns, best.id, best.stamp_ns, best.score, best.global_distance, best.num_matches,
-                    best.num_inliers, best.patch_size, (p.matcher or self.preset.matcher.value), None, best.details,
+                    best.num_inliers, best.patch_size, Matcher.parse(p.matcher or self.preset.matcher).value, None,
+                    best.details,
                 )  # fmt: skip
                 match_size = self.map.get(best.id).features.image_size
         if result.loop is not None and intrinsics is not None and best is not None and best.details:

@@ -244,7 +244,7 @@ class FeatureSet:
                 f"{other.preset.name!r} (patch sizes {list(other.preset.patch_sizes)}, strides "
                 f"{list(other.preset.strides)}): extract both with the same preset"
             )
-        if self.dim != other.dim or (self.model_id and other.model_id and self.model_id != other.model_id):
+        if self.dim != other.dim or not same_model(self.model_id, other.model_id):
             raise FeaturesError(
                 f"{what} features come from model {self.model_id!r} ({self.dim}-d) but {other_what} from "
                 f"{other.model_id!r} ({other.dim}-d): extract both with the same checkpoint"

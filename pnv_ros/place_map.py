@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,6 +62,13 @@ class Keyframe:
     position: np.ndarray | None = None
 
 
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError:  # pragma: no cover - already gone; a memory map may still hold the inode
+        pass
+
+
 class _Column:
     """Patches (N, P, D) of one scale: [loaded file | spill file | RAM], in id order."""
 
@@ -89,9 +97,12 @@ class _Column:
     def spill_oldest(self, k: int, folder: Path) -> None:
         """Append the k oldest RAM rows to this scale's spill file and map it; on error nothing changes."""
         rows = self.ram[:k]
-        if self.spill_path is None:
-            self.spill_path = folder / f"patches_{self.p}x{self.d}_{id(self):x}.bin"
-        size = self.spill_path.stat().st_size if self.spill_path.exists() else 0
+        if self.spill_path is None:  # a file of its own (ids of dead objects are reused), removed with the column
+            fd, name = tempfile.mkstemp(dir=folder, prefix=f"patches_{self.p}x{self.d}_", suffix=".bin")
+            os.close(fd)
+            self.spill_path = Path(name)
+            weakref.finalize(self, _unlink, self.spill_path)
+        size = self.spill_path.stat().st_size
         n = len(self.spill) + len(rows)
         try:
             with open(self.spill_path, "ab") as f:
@@ -154,7 +165,7 @@ class PlaceMap:
         self._sizes = np.zeros((0, 2), np.int64)
         self.ram_patch_bytes = 0
         self.spill_failures = 0
-        self.trouble: str | None = None  # the last store problem (a failed spill), for diagnostics
+        self.trouble: str | None = None  # the store's problem now (a spill failing), for diagnostics
 
     def __len__(self) -> int:
         return self._n
@@ -186,17 +197,8 @@ class PlaceMap:
         features: global (D,), patches per scale (P_s, D); position: (3,) or None.
         Raises MapError when the features do not fit this map.
         """
-        glob = np.asarray(features.global_desc, np.float32).reshape(-1)
-        if glob.shape != (self.dim,) or not np.isfinite(glob).all():
-            raise MapError(f"global descriptor of shape {glob.shape} (finite: {np.isfinite(glob).all()}) "
-                           f"does not fit this {self.dim}-d map")  # fmt: skip
-        if len(features.patches) != len(self._cols):
-            raise MapError(f"{len(features.patches)} patch scales for a map of {len(self._cols)}")
-        patches = []
-        for c, p in zip(self._cols, features.patches):
-            if tuple(p.shape) != (c.p, c.d):
-                raise MapError(f"patches of shape {tuple(p.shape)} do not fit this map's ({c.p}, {c.d})")
-            patches.append(np.array(p, dtype=self.patch_dtype, order="C", copy=True))
+        glob = self.check_fits(features)
+        patches = [np.array(p, dtype=self.patch_dtype, order="C", copy=True) for p in features.patches]
         pos = np.full(3, np.nan) if position is None else np.asarray(position, np.float64).reshape(3)
         size = np.asarray(features.image_size, np.int64).reshape(2)
         self._reserve(self._n + 1)
@@ -212,6 +214,20 @@ class PlaceMap:
             self.check()
         return i
 
+    def check_fits(self, features: PlaceFeatures) -> np.ndarray:
+        """Raise MapError unless the features have this map's shapes (global (D,) finite, patches
+        (P_s, D) per scale); returns the global descriptor as float32 (D,)."""
+        glob = np.asarray(features.global_desc, np.float32).reshape(-1)
+        if glob.shape != (self.dim,) or not np.isfinite(glob).all():
+            raise MapError(f"global descriptor of shape {glob.shape} (finite: {np.isfinite(glob).all()}) "
+                           f"does not fit this {self.dim}-d map")  # fmt: skip
+        if len(features.patches) != len(self._cols):
+            raise MapError(f"{len(features.patches)} patch scales for a map of {len(self._cols)}")
+        for c, p in zip(self._cols, features.patches):
+            if tuple(np.shape(p)) != (c.p, c.d):
+                raise MapError(f"patches of shape {tuple(np.shape(p))} do not fit this map's ({c.p}, {c.d})")
+        return glob
+
     def _reserve(self, n: int) -> None:
         cap = len(self._stamps)
         if n <= cap:
@@ -226,7 +242,7 @@ class PlaceMap:
         """Move the oldest RAM keyframes' patches to the spill files; a failure keeps them in RAM."""
         if not self.memory_budget or self.ram_patch_bytes <= self.memory_budget:
             return
-        per_kf = sum(c.ram[-1].nbytes for c in self._cols)
+        per_kf = sum(c.p * c.d for c in self._cols) * self.patch_dtype.itemsize  # RAM rows are patch_dtype
         ram_rows = min(len(c.ram) for c in self._cols)
         keep = ram_rows - min(ram_rows - 1, max(SPILL_BATCH, -(-(self.ram_patch_bytes - self.memory_budget) // per_kf)))
         if keep >= ram_rows:
@@ -236,6 +252,7 @@ class PlaceMap:
             for c in self._cols:  # a column left longer by an earlier failed try catches up here
                 if len(c.ram) > keep:
                     c.spill_oldest(len(c.ram) - keep, folder)
+            self.trouble = None  # recovered (disk space freed): the failures stay counted
         except (OSError, ValueError, MemoryError) as e:
             self.spill_failures += 1
             self.trouble = f"patch spill to disk failed ({type(e).__name__}: {e}); keeping them in RAM"
@@ -332,7 +349,7 @@ class PlaceMap:
         or when it comes from another model (``expect_model_id``, ``expect_dim``) or patch layout
         (``expect_preset``). index_kind / patch_dtype: the caller's choice (default: the file's)."""
         path = Path(path)
-        data, meta = read_npz(path, MapError, "map file", mmap_keys=[k for k in _patch_keys(path)])
+        data, meta = read_npz(path, MapError, "map file", mmap_keys=_patch_keys(path), mmap_min_bytes=1)
         try:
             return cls._from_arrays(path, data, meta, expect_dim, expect_preset, memory_budget_mb, spill_dir,
                                     expect_model_id, index_kind, patch_dtype)  # fmt: skip

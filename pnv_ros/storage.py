@@ -111,7 +111,7 @@ def write_npz_atomic(path: Path, arrays: dict[str, Any], sync: bool = False) -> 
 _LOCAL_HEADER = struct.Struct("<4s5H3L2H")  # zip local file header: 30 bytes
 
 
-def _member(f: Any, path: Path, info: zipfile.ZipInfo, mmap_it: bool) -> np.ndarray:
+def _member(f: Any, path: Path, info: zipfile.ZipInfo, mmap_it: bool, min_bytes: int) -> np.ndarray:
     """One stored ``.npy`` member, memory-mapped in place or read into RAM."""
     f.seek(info.header_offset)
     sig, *_, name_len, extra_len = _LOCAL_HEADER.unpack(f.read(_LOCAL_HEADER.size))
@@ -133,7 +133,7 @@ def _member(f: Any, path: Path, info: zipfile.ZipInfo, mmap_it: bool) -> np.ndar
     order = "F" if fortran else "C"
     if nbytes == 0:
         return np.empty(shape, dtype, order=order)
-    if mmap_it and nbytes >= MMAP_MIN_BYTES:
+    if mmap_it and nbytes >= min_bytes:
         return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order=order)
     buf = np.empty(shape, dtype, order=order)
     view = memoryview(buf.reshape(-1, order="A")).cast("B")
@@ -143,12 +143,12 @@ def _member(f: Any, path: Path, info: zipfile.ZipInfo, mmap_it: bool) -> np.ndar
 
 
 def read_npz(
-    path: Path, error: type[PnvError], what: str, mmap_keys: Iterable[str] = ()
+    path: Path, error: type[PnvError], what: str, mmap_keys: Iterable[str] = (), mmap_min_bytes: int = MMAP_MIN_BYTES
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """All arrays of an ``.npz`` and its JSON ``meta`` entry; never unpickles.
 
     mmap_keys: arrays to memory-map read-only (when stored uncompressed and
-    at least ``MMAP_MIN_BYTES``); the rest are read into RAM.
+    at least ``mmap_min_bytes``); the rest are read into RAM.
     Raises ``error`` naming ``what`` and the file when it is missing,
     unreadable, truncated, holds objects, or lacks a valid ``meta``.
     """
@@ -165,7 +165,7 @@ def read_npz(
                     with z.open(info) as m:
                         data[name] = np.lib.format.read_array(m, allow_pickle=False)
                 else:
-                    data[name] = _member(f, path, info, name in mmap_keys)
+                    data[name] = _member(f, path, info, name in mmap_keys, mmap_min_bytes)
         meta = json.loads(str(data["meta"]))
     except KeyError:
         raise error(f"{what} {path} lacks its 'meta' entry: not a pnv_ros file") from None

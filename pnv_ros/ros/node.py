@@ -178,6 +178,7 @@ class LoopClosureNode(Node):
                               ("reset_map", MapCommand, self._srv_reset)):  # fmt: skip
             self.create_service(srv, f"~/{name}", self._service(name, fn), callback_group=services)
         self.create_timer(1.0, self._publish_diagnostics, callback_group=services)
+        self._remove_stale_temp_maps()
         if g("load_map"):
             ok, msg, _ = self._load(g("load_map"))
             (self.log.info if ok else self.log.error)(msg)
@@ -420,6 +421,16 @@ class LoopClosureNode(Node):
         resp.score, resp.num_matches, resp.num_inliers = score, nm, ni
         resp.relative_pose = relative_pose_msg(pose, "", "")
         resp.message = "ok"
+
+    def _remove_stale_temp_maps(self, older_than_s: float = 600.0) -> None:
+        """Temp files of saves that a crash (kill -9, power loss) cut short: never a map, only disk."""
+        for tmp in self.map_dir.glob(".*.npz.*.tmp") if self.map_dir.is_dir() else []:
+            try:
+                if time.time() - tmp.stat().st_mtime > older_than_s:
+                    tmp.unlink()
+                    self.log.info(f"removed {tmp.name}, left by a save that did not finish")
+            except OSError:
+                pass
 
     def _map_path(self, name: str) -> Path:
         return self.map_dir / P.map_file_name(name)

@@ -68,7 +68,8 @@ TABLE: tuple[Param, ...] = (
     Param("image_qos_depth", 1, "image queue depth (latest wins: 1 is enough)", range=(1, 1000)),
     Param("camera_info_qos", "sensor_data", "camera_info QoS (as image_qos)", choices=QOS_CHOICES),
     Param("camera_info_qos_depth", 1, "camera_info queue depth", range=(1, 1000)),
-    Param("odom_qos", "reliable", "odometry QoS (as image_qos)", choices=QOS_CHOICES),
+    Param("odom_qos", "sensor_data", "odometry QoS (as image_qos; best effort hears both kinds of publisher, "
+          "and a lost pose costs nothing)", choices=QOS_CHOICES),
     Param("odom_qos_depth", 50, "odometry queue depth", range=(1, 10000)),
     Param("odom_tolerance_s", 0.1, "an image takes the odometry pose nearest its stamp within this (s)",
           range=(0.0, 10.0)),
