@@ -40,6 +40,7 @@ from collections import deque
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from pnv_ros.config import Matcher, Preset
@@ -77,6 +78,10 @@ class DetectorParams:
             of a walk 1 s apart change by 0.36 or more; the same view with pixel noise of
             sigma 20, a 6 px shake or a 30 % exposure change by 0.12 at most
             (benchmarks/visual_change.py).
+        min_texture: a frame whose 32x24 grey thumbnail has a standard deviation (grey levels, 0..255)
+            below this is never a keyframe: two black, white or lens-capped frames scored 0.136 as a
+            loop, above min_score. 4.0: flat frames with sensor noise (sigma 8) measure 0.5 at most;
+            the least textured RTAB-Map frames (a blank wall up close) 21.8; the corridor set 52.
         temporal_k: accept only when k consecutive keyframes match consistently (1 = off).
         temporal_tolerance: how many keyframe ids consecutive best matches may move and still
             count as consistent.
@@ -93,6 +98,7 @@ class DetectorParams:
     min_travel_m: float = 0.5
     min_rotation_rad: float = 0.35
     min_visual_change: float = 0.2
+    min_texture: float = 4.0
     temporal_k: int = 1
     temporal_tolerance: int = 3
     fast_products: bool = False
@@ -101,8 +107,8 @@ class DetectorParams:
     RANGES = {
         "top_n": (1, 1000), "min_score": (0.0, 1.0), "exclude_recent_s": (0.0, 1e7),
         "exclude_recent_keyframes": (0, 100000), "min_interval_s": (0.0, 3600.0), "min_travel_m": (0.0, 1e4),
-        "min_rotation_rad": (0.0, 7.0), "min_visual_change": (0.0, 1.0), "temporal_k": (1, 20),
-        "temporal_tolerance": (0, 1000),
+        "min_rotation_rad": (0.0, 7.0), "min_visual_change": (0.0, 1.0), "min_texture": (0.0, 128.0),
+        "temporal_k": (1, 20), "temporal_tolerance": (0, 1000),
     }  # fmt: skip
 
     def __post_init__(self) -> None:
@@ -168,7 +174,7 @@ class FrameResult:
     """What happened to one frame.
 
     status: 'keyframe', or why it was skipped: 'duplicate', 'out_of_order', 'too_soon',
-    'no_motion', 'no_visual_change', 'map_changed' (reset/load while it was extracted).
+    'no_motion', 'no_information', 'no_visual_change', 'map_changed' (reset/load while it was extracted).
     time_jump: this frame's stamp went back in time (new session segment).
     """
 
@@ -281,7 +287,7 @@ class LoopClosureDetector:
     """Keyframe map plus loop detection with one extractor and preset; thread-safe."""
 
     COUNTERS = ("frames", "keyframes", "loops", "duplicate", "out_of_order", "time_jumps", "too_soon", "no_motion",
-                "no_visual_change", "map_changed")  # fmt: skip
+                "no_information", "no_visual_change", "map_changed")  # fmt: skip
 
     def __init__(
         self,
@@ -396,16 +402,21 @@ class LoopClosureDetector:
             return Admission(True, "extract", stamp_ns, now, self.generation, pos, ori, jump)
 
     def look(self, adm: Admission, image: np.ndarray) -> Admission:
-        """The visual-change test of an admitted frame (decoded image (H, W[, C])), before extraction.
+        """The picture tests of an admitted frame (decoded image (H, W[, C])), before extraction.
 
-        Applies when the pose did not decide (no odometry for this frame or the last keyframe);
-        returns the admission to extract, or one with status 'no_visual_change'.
+        Information: a frame whose grey thumbnail varies less than ``min_texture`` (a lens cap,
+        darkness, a white-out) is never a keyframe ('no_information'): two such frames look alike
+        wherever they are taken. Visual change, when the pose did not decide (no odometry for this
+        frame or the last keyframe): 'no_visual_change' below ``min_visual_change``.
+        Returns the admission to extract, or one with the reason it is not.
         """
         if not adm.extract:
             return adm
         thumb = thumbnail(image)
         with self.lock:
             last, p = self.session.last_kf, self._params
+            if float(thumb.std()) < p.min_texture:
+                return self._skip("no_information", adm.stamp_ns, adm.time_jump)
             adm = replace(adm, thumb=thumb)
             pose_decided = adm.position is not None and last is not None and last.position is not None
             if last is None or pose_decided or last.thumb is None or p.min_visual_change <= 0:
@@ -451,7 +462,10 @@ class LoopClosureDetector:
                 )  # fmt: skip
                 match_size = self.map.get(best.id).features.image_size
         if result.loop is not None and intrinsics is not None and best is not None and best.details:
-            result.loop.relative_pose = self._pose(features.image_size, match_size, best.details, intrinsics)
+            try:  # the pose is extra evidence: bad intrinsics must not cost the keyframe or its loop
+                result.loop.relative_pose = self._pose(features.image_size, match_size, best.details, intrinsics)
+            except (ValueError, cv2.error, np.linalg.LinAlgError):
+                result.loop.relative_pose = None
         result.timings["commit"] = time.perf_counter() - t0
         return result
 

@@ -44,6 +44,7 @@ class NpzWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.sync = sync
         fd, self._tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        os.fchmod(fd, 0o644)  # as a plain open() would make it (mkstemp's 0600 would hide maps from other users)
         self._file = os.fdopen(fd, "wb")
         self._zip = zipfile.ZipFile(self._file, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
 

@@ -539,3 +539,26 @@ def test_reset_keeps_storage_options(extractor: FeatureExtractor, tmp_path: Path
     m = det.map
     assert (m.index_kind, m.patch_dtype.name, m.memory_budget) == ("hnsw", "float32", int(1.5 * 2**20))
     assert det.stats()["map_keyframes"] == 0 and det.stats()["run_start"] == 0
+
+
+def test_frames_without_information_are_never_keyframes(extractor: FeatureExtractor) -> None:
+    """A lens cap, darkness or a white-out: two such frames scored 0.136 as a loop before the texture test."""
+    det = LoopClosureDetector(extractor, _params(0.0, 0))
+    rng = np.random.default_rng(0)
+    for k, level in enumerate((0, 255, 3, 128)):
+        flat = np.clip(level + rng.normal(0, 8, (384, 512, 3)), 0, 255).astype(np.uint8)  # sensor noise included
+        r = det.process(flat, (k + 1) * S)
+        assert r.keyframe_id is None and r.status == "no_information"
+    assert det.counts["no_information"] == 4 and len(det.map) == 0
+    real = np.asarray(Image.open(rtab_frame(19)).convert("RGB"))  # the least textured real frame: a blank wall
+    assert det.process(real, 10 * S).status == "keyframe"
+
+
+def test_bad_intrinsics_cost_the_pose_not_the_loop(extractor: FeatureExtractor, rng) -> None:
+    det = LoopClosureDetector(extractor, _params(0.0, 0))
+    places = [_place(rng) for _ in range(4)]
+    for i, p in enumerate(places):
+        det.process(p, (i + 1) * S)
+    k = np.array([[400.0, 0, np.nan], [0, 400.0, 192.0], [0, 0, 1.0]])
+    r = det.process(_place(rng, places[1], 0.01), 10 * S, intrinsics=k)
+    assert r.keyframe_id == 4 and r.loop is not None and r.loop.match_id == 1 and r.loop.relative_pose is None

@@ -256,6 +256,7 @@ def test_node_robot_inputs(ros: Client, tmp_path: Path, random_ckpt: Path) -> No
     from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
     from rcl_interfaces.srv import SetParameters
     from rclpy.qos import qos_profile_sensor_data
+    from sensor_msgs.msg import CameraInfo
     from std_msgs.msg import Header
 
     from pnv_ros.config import get_preset
@@ -263,7 +264,9 @@ def test_node_robot_inputs(ros: Client, tmp_path: Path, random_ckpt: Path) -> No
     from pnv_ros.model.checkpoint import checkpoint_info
     from pnv_ros.place_map import PlaceMap
 
-    node = start_node(tmp_path, "-p", "image_qos:=reliable")
+    # use_sim_time without a /clock: diagnostics still come (steady timer); integers for float parameters.
+    node = start_node(tmp_path, "-p", "image_qos:=reliable", "-p", "use_sim_time:=true", "-p", "min_interval_s:=0",
+                      "-p", "memory_budget_mb:=500")  # fmt: skip
     n = ros.node
     best_effort = n.create_publisher(Image, "image", qos_profile_sensor_data)
     pub_odom = n.create_publisher(Odometry, "odom", 50)
@@ -282,14 +285,20 @@ def test_node_robot_inputs(ros: Client, tmp_path: Path, random_ckpt: Path) -> No
             lambda: any(s.level == DiagnosticStatus.ERROR and "incompatible QoS" in s.message
                         for d in diags for s in d.status), 20)  # fmt: skip
         assert best_effort.get_subscription_count() == 0  # incompatible: never matched
+        # -- frames with no information (lens cap, white-out) are never keyframes ------------------
+        for sec, level in ((1, 0), (2, 255), (3, 0)):
+            ros.pub.publish(image_msg(np.full((384, 512, 3), level, np.uint8), sec))
+            assert ros.spin_until(lambda sec=sec: any(a.stamp.sec == sec for a in acks), 60)
+        assert [a.frame_id for a in acks] == ["no_information"] * 3 and not ros.keyframes
+        acks.clear()
         # -- a camera that does not move: ten minutes of stamps, one keyframe, no loop -------------
         rng = np.random.default_rng(0)
         still = np.asarray(PILImage.open(rtab_frame(30)).convert("RGB")).astype(np.float64)
-        for sec in range(1, 601, 2):
+        for sec in range(5, 605, 2):
             noisy = np.clip(still + rng.normal(0, 3, still.shape), 0, 255).astype(np.uint8)
             ros.pub.publish(image_msg(noisy, sec))
             ros.spin_until(lambda: False, 0.02)
-        assert ros.spin_until(lambda: any(a.stamp.sec == 599 for a in acks), 60)
+        assert ros.spin_until(lambda: any(a.stamp.sec == 603 for a in acks), 60)
         statuses = [a.frame_id for a in acks]
         assert len(ros.keyframes) == 1 and not ros.loops, (len(ros.keyframes), len(ros.loops))
         assert statuses.count("no_visual_change") >= 10 and "error" not in statuses
@@ -346,7 +355,27 @@ def test_node_robot_inputs(ros: Client, tmp_path: Path, random_ckpt: Path) -> No
             assert not r.success and needle in r.message and r.keyframes == kf, (name, r.message)
         r = ros.call("query_place", QueryPlace.Request(mode=QueryPlace.Request.BY_ID, keyframe_id=0, top_n=3))
         assert r.success and node.poll() is None
+        # -- camera_info that is no camera matrix: ignored with a word, loops go on without a pose ---------
+        pub_info = n.create_publisher(CameraInfo, "camera_info", 10)
+        assert ros.spin_until(lambda: pub_info.get_subscription_count() > 0, 30)
+        bad = CameraInfo(width=512, height=384)
+        bad.k = [400.0, 0.0, float("nan"), 0.0, 400.0, 192.0, 0.0, 0.0, 1.0]
+        pub_info.publish(bad)
+        # -- a double Ctrl-C during an extraction: the frame finishes, the map is saved, exit 0 -----------
+        v = ParameterValue(type=ParameterType.PARAMETER_STRING, string_value="final")
+        fut = set_params.call_async(SetParameters.Request(parameters=[Parameter(name="save_map_on_shutdown", value=v)]))
+        assert ros.spin_until(fut.done, 10) and fut.result().results[0].successful
+        acks.clear()
+        ros.pub.publish(image_msg(np.asarray(PILImage.open(rtab_frame(60)).convert("RGB")), 900))
+        ros.spin_until(lambda: False, 0.4)  # the frame is in extraction now
+        node.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        node.send_signal(signal.SIGINT)
+        out = node.communicate(timeout=90)[0]
     finally:
-        out = stop_node(node)
+        out = stop_node(node) if node.poll() is None else out
     assert node.returncode == 0, out[-3000:]
     assert "incompatible" in out and "deque" not in out and "Traceback" not in out, out[-3000:]
+    assert "camera_info ignored" in out, out[-3000:]
+    final = PlaceMap.load(tmp_path / "final.npz")
+    assert len(final) >= kf and "saved" in out

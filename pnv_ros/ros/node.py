@@ -13,6 +13,7 @@ a stopped node.
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -25,8 +26,9 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from nav_msgs.msg import Odometry
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+from rclpy.clock import Clock, ClockType
 from rclpy.event_handler import SubscriptionEventCallbacks
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.executors import MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import QoSProfile, QoSReliabilityPolicy, qos_profile_sensor_data, qos_profile_system_default
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
@@ -56,6 +58,9 @@ from pnv_ros.srv import MapCommand, QueryPlace, VerifyPair
 
 #: Diagnostics look back this far (s) for rising bad, dropped or skipped frames.
 DIAG_WINDOW_S = 10.0
+#: Statuses of frames the worker took (not dropped), for the diagnostics window.
+TAKEN = ("keyframe", "error", "duplicate", "out_of_order", "too_soon", "no_motion", "no_information",
+         "no_visual_change", "map_changed")  # fmt: skip
 #: Warn when no image has arrived for this long (s): a wrong topic or incompatible QoS.
 NO_INPUT_WARN_S = 5.0
 
@@ -75,7 +80,9 @@ def qos(kind: str, depth: int) -> QoSProfile:
 
 def _descriptor(p: P.Param) -> ParameterDescriptor:
     text = p.description + (f" (one of {', '.join(repr(c) for c in p.choices)})" if p.choices else "")
-    d = ParameterDescriptor(description=text, read_only=p.read_only)
+    # Float parameters take integers too (YAML's `exclude_recent_s: 30`, `-p min_score:=1`): typed by
+    # P.check, converted by _value.
+    d = ParameterDescriptor(description=text, read_only=p.read_only, dynamic_typing=isinstance(p.default, float))
     if p.range is not None and not isinstance(p.default, bool):
         if isinstance(p.default, int):
             d.integer_range = [IntegerRange(from_value=int(p.range[0]), to_value=int(p.range[1]), step=1)]
@@ -145,6 +152,8 @@ class LoopClosureNode(Node):
         self.latency: dict[str, deque] = {k: deque(maxlen=100) for k in ("extract", "commit", "total")}
         self._events: deque[tuple[float, str]] = deque(maxlen=10000)  # (time, kind) for the diagnostics window
         self._last_input = None  # monotonic time of the last image
+        self._camera_frame = ""  # frame_id of the last image: the relative poses' frames
+        self._warned_info = False
         self._started = time.monotonic()
         self._intrinsics: np.ndarray | None = None
         self._odom = _Odometry()
@@ -177,7 +186,10 @@ class LoopClosureNode(Node):
                               ("save_map", MapCommand, self._srv_save), ("load_map", MapCommand, self._srv_load),
                               ("reset_map", MapCommand, self._srv_reset)):  # fmt: skip
             self.create_service(srv, f"~/{name}", self._service(name, fn), callback_group=services)
-        self.create_timer(1.0, self._publish_diagnostics, callback_group=services)
+        # Diagnostics on the steady clock: with use_sim_time and no /clock they still come.
+        self.create_timer(1.0, self._publish_diagnostics, callback_group=services,
+                          clock=Clock(clock_type=ClockType.STEADY_TIME))  # fmt: skip
+        self._check_map_dir()
         self._remove_stale_temp_maps()
         if g("load_map"):
             ok, msg, _ = self._load(g("load_map"))
@@ -190,7 +202,8 @@ class LoopClosureNode(Node):
         )
 
     def _value(self, name: str):  # type: ignore[no-untyped-def]
-        return self.get_parameter(name).value
+        v = self.get_parameter(name).value
+        return float(v) if isinstance(P.BY_NAME[name].default, float) else v
 
     # -- parameters ---------------------------------------------------------------------------
     def _on_set(self, params) -> SetParametersResult:  # type: ignore[no-untyped-def]
@@ -209,11 +222,12 @@ class LoopClosureNode(Node):
     # -- inputs ------------------------------------------------------------------------------
     def _worker_offer(self, msg) -> None:  # type: ignore[no-untyped-def]
         self._last_input = time.monotonic()
+        self._camera_frame = msg.header.frame_id
         self.worker.offer(msg)
 
     def _on_drop(self, msg) -> None:  # type: ignore[no-untyped-def]
         self._event("dropped")
-        self.pub_done.publish(Header(stamp=msg.header.stamp, frame_id="dropped"))
+        self._ack(msg.header.stamp, "dropped")
 
     def _on_incompatible_qos(self, event) -> None:  # type: ignore[no-untyped-def]
         self._count("qos_incompatible")
@@ -225,7 +239,14 @@ class LoopClosureNode(Node):
 
     def _on_info(self, msg: CameraInfo) -> None:
         k = np.array(msg.k, dtype=np.float64).reshape(3, 3)
-        self._intrinsics = k if k[0, 0] > 0 and k[1, 1] > 0 else None
+        ok = np.isfinite(k).all() and k[0, 0] > 0 and k[1, 1] > 0 and abs(k[2, 2] - 1.0) < 1e-6 and not k[2, :2].any()
+        if not ok:
+            self._event("bad_camera_info")
+            if self._intrinsics is not None or not self._warned_info:
+                self.log.warning(f"camera_info ignored: K = {msg.k.tolist()} is not a camera matrix (finite, fx, fy "
+                                 "> 0, last row 0 0 1); loops go without a relative pose")  # fmt: skip
+                self._warned_info = True
+        self._intrinsics = k if ok else None
 
     def _on_odom(self, msg: Odometry) -> None:
         p, q = msg.pose.pose.position, msg.pose.pose.orientation
@@ -246,7 +267,13 @@ class LoopClosureNode(Node):
     def _handle(self, msg) -> None:  # type: ignore[no-untyped-def]
         status = self._process(msg)
         self._event(status)
-        self.pub_done.publish(Header(stamp=msg.header.stamp, frame_id=status))
+        self._ack(msg.header.stamp, status)
+
+    def _ack(self, stamp, status: str) -> None:  # type: ignore[no-untyped-def]
+        try:
+            self.pub_done.publish(Header(stamp=stamp, frame_id=status))
+        except Exception:  # noqa: BLE001 - ROS already shut down under this frame
+            pass
 
     def _on_frame_error(self, msg, e: BaseException, tb: str) -> None:  # type: ignore[no-untyped-def]
         self._count("bad")
@@ -258,7 +285,7 @@ class LoopClosureNode(Node):
         else:
             self._last_error = f"{type(e).__name__}: {e}"
             self.log.error(f"frame at {st.sec}.{st.nanosec:09d} skipped: {type(e).__name__}: {e}\n{tb}")
-        self.pub_done.publish(Header(stamp=st, frame_id="error"))
+        self._ack(st, "error")
 
     def _process(self, msg) -> str:  # type: ignore[no-untyped-def]
         """One frame; returns its status ('keyframe' or the reason it was skipped)."""
@@ -340,14 +367,21 @@ class LoopClosureNode(Node):
             flag(DiagnosticStatus.ERROR, f"map store: {det['store_trouble']}")
         if recent.get("qos_incompatible"):
             flag(DiagnosticStatus.ERROR, "incompatible QoS: no messages arrive (see the log)")
-        taken = sum(recent.get(k, 0) for k in ("keyframe", "error")) + sum(
-            recent.get(k, 0) for k in ("duplicate", "out_of_order", "too_soon", "no_motion", "no_visual_change")
-        )
+        taken = sum(recent.get(k, 0) for k in TAKEN)
         if recent.get("error"):
             flag(DiagnosticStatus.ERROR if recent["error"] == taken else DiagnosticStatus.WARN,
                  f"{recent['error']} bad frames in {DIAG_WINDOW_S:.0f} s: {self._last_error}")  # fmt: skip
-        if recent.get("time_jump") or recent.get("out_of_order") or recent.get("duplicate"):
+        if recent.get("duplicate") and recent["duplicate"] == taken:
+            flag(
+                DiagnosticStatus.ERROR,
+                "every frame repeats the previous stamp: does the camera driver stamp its images?",
+            )
+        elif recent.get("time_jump") or recent.get("out_of_order") or recent.get("duplicate"):
             flag(DiagnosticStatus.WARN, "stamps out of order, repeated or jumping back (see time_jumps)")
+        for kind, text in (("bad_odom", "odometry with NaN or a zero quaternion ignored"),
+                           ("bad_camera_info", "camera_info that is not a camera matrix ignored")):  # fmt: skip
+            if recent.get(kind):
+                flag(DiagnosticStatus.WARN, f"{recent[kind]} x {text}")
         if recent.get("dropped", 0) > 20 * max(1, taken):
             flag(DiagnosticStatus.WARN, "most frames are dropped: consider max_rate_hz or a lighter preset")
         last = self._last_input
@@ -416,11 +450,23 @@ class LoopClosureNode(Node):
 
     def _verify(self, req, resp) -> None:  # type: ignore[no-untyped-def]
         det = self.detector
+        if req.id_a == req.id_b:
+            raise PnvError(f"id_a and id_b are both {req.id_a}: give two different keyframes")
         a, b = det.features_of(req.id_a), det.features_of(req.id_b)
         score, nm, ni, pose = det.verify(a, b, req.matcher or None, self._intrinsics)
         resp.score, resp.num_matches, resp.num_inliers = score, nm, ni
-        resp.relative_pose = relative_pose_msg(pose, "", "")
+        resp.relative_pose = relative_pose_msg(pose, self._camera_frame, self._camera_frame)
         resp.message = "ok"
+
+    def _check_map_dir(self) -> None:
+        """Say at start, not at the first save, when map_dir cannot take maps."""
+        try:
+            self.map_dir.mkdir(parents=True, exist_ok=True)
+            ok = os.access(self.map_dir, os.W_OK)
+        except OSError:
+            ok = False
+        if not ok:
+            self.log.warning(f"map_dir {self.map_dir} cannot be written: save_map will fail until it can")
 
     def _remove_stale_temp_maps(self, older_than_s: float = 600.0) -> None:
         """Temp files of saves that a crash (kill -9, power loss) cut short: never a map, only disk."""
@@ -500,22 +546,39 @@ def _decode(msg) -> np.ndarray:  # type: ignore[no-untyped-def]
 
 
 def main(argv: list[str] | None = None) -> int:
-    rclpy.init(args=argv if argv is not None else sys.argv)
-    node = None
+    """Run the node until SIGINT or SIGTERM; then finish the frame in hand (published), save the map if
+    asked, and exit 0. ROS is shut down only after that, and further signals during the shutdown (a second
+    Ctrl-C, launch's SIGTERM after SIGINT) do not cut it short."""
+    import signal
+
+    from rclpy.signals import SignalHandlerOptions
+
+    rclpy.init(args=argv if argv is not None else sys.argv, signal_handler_options=SignalHandlerOptions.NO)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    node, ex = None, None
     try:
         node = LoopClosureNode()
         ex = MultiThreadedExecutor(num_threads=4)
         ex.add_node(node)
-        ex.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
+        spinner = threading.Thread(target=ex.spin, name="pnv-executor", daemon=True)
+        spinner.start()
+        while not stop.wait(0.5) and spinner.is_alive():
+            pass
     except PnvError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:
         if node is not None:
-            node.shutdown()
+            node.shutdown()  # with ROS still up: the frame in hand is published, the map saved
+        if ex is not None:
+            ex.shutdown(timeout_sec=5)
+        if node is not None:
             node.destroy_node()
-        if rclpy.ok():
-            rclpy.try_shutdown()
+        rclpy.try_shutdown()
     return 0

@@ -48,6 +48,8 @@ _DETECTOR_TEXT = {
     "min_rotation_rad": "... or this much rotation (rad) since the last keyframe",
     "min_visual_change": "without odometry: a keyframe when the picture changed this much (1 - normalised "
     "cross-correlation of 32x24 grey thumbnails, 0..1) since the last keyframe; 0 = every frame",
+    "min_texture": "a frame whose 32x24 grey thumbnail varies less than this (std, grey levels) is never a keyframe "
+    "(lens cap, darkness, white-out)",
     "temporal_k": "consecutive consistent keyframes required before a loop is published (1 = off)",
     "temporal_tolerance": "keyframe ids consecutive best matches may move and still be consistent",
     "fast_products": "oneDNN similarity products on CPU: faster re-ranking, float32 rounding differs from the "
@@ -100,6 +102,13 @@ def check(name: str, value: Any) -> None:
     p = BY_NAME.get(name)
     if p is None:
         return  # parameters of ROS itself (use_sim_time, ...)
+    want = type(p.default)
+    if want is float:  # integers too (dynamically typed in the node): 30 for 30.0
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, want) and (want is bool or not isinstance(value, bool))
+    if not ok:
+        raise ConfigError(f"{name} = {value!r}: must be a {'number' if want is float else want.__name__}")
     if p.choices is not None and value not in p.choices:
         raise ConfigError(f"{name} = {value!r}: choose one of {', '.join(repr(c) for c in p.choices)}")
     if p.range is not None and not (p.range[0] <= value <= p.range[1]):
@@ -120,6 +129,6 @@ def map_file_name(name: str) -> str:
     """A map name as a file name inside map_dir; refuses paths. Raises ConfigError."""
     import re
 
-    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}", name or "") or ".." in name:
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}", name or "") or ".." in name or name.endswith("."):
         raise ConfigError(f"bad map name {name!r}: use letters, digits, '_', '-', '.' (no '/' or '..')")
     return name if name.endswith(".npz") else name + ".npz"
