@@ -467,3 +467,15 @@ def test_preset_files_apply_to_a_namespaced_node() -> None:
     for preset in ("performance", "speed", "storage"):
         keys = set(yaml.safe_load((REPO / "config" / f"{preset}.yaml").read_text()))
         assert keys == {"/**"}, f"config/{preset}.yaml keys {keys}"
+
+
+def test_preset_files_name_only_real_parameters_with_valid_values() -> None:
+    """A typo in a params file would be silently ignored by ROS: every key must be in the node's table."""
+    from pnv_ros.ros import params
+
+    for preset in ("performance", "speed", "storage"):
+        values = yaml.safe_load((REPO / "config" / f"{preset}.yaml").read_text())["/**"]["ros__parameters"]
+        assert set(values) <= set(params.BY_NAME), set(values) - set(params.BY_NAME)
+        for name, value in values.items():
+            params.check(name, value)  # raises ConfigError for a bad value
+        assert values["preset"] == preset
