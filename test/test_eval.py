@@ -81,3 +81,29 @@ def test_eval_bad_inputs(short_bag: tuple[Path, Path], tmp_path: Path) -> None:
                        capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 1 and "its topics: /camera/image" in r.stderr
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+@pytest.mark.slow
+def test_eval_node_on_a_compressed_bag_with_odometry(tmp_path: Path) -> None:
+    """--node subscribes to what the bag holds: image/compressed and its odometry topic (remapped)."""
+    frames = [1, 2, 3, 41, 42, 43]
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for k, f in enumerate(frames):
+        (imgs / f"{k}.jpg").symlink_to(rtab_frame(f))
+    poses = tmp_path / "poses.csv"
+    poses.write_text("name,x,y\n" + "".join(f"{k},{float(k % 3)},{float(k // 3)}\n" for k in range(len(frames))))
+    bag = tmp_path / "c.bag"
+    make_bag(imgs, bag, rate=1.0, compressed=True, poses=poses, topic="/cam/image/compressed", odom_topic="/robot/odom")
+    g = np.load(RTAB.parent / "gt_matrix.npy")
+    np.save(tmp_path / "gt.npy", g[np.ix_(np.array(frames) - 1, np.array(frames) - 1)])
+    out = tmp_path / "run"
+    args = [PNV, "eval", str(bag), "--gt", str(tmp_path / "gt.npy"), "--out", str(out), "-q", "--node",
+            "--exclude-recent", "1", "--exclude-recent-keyframes", "1"]  # fmt: skip
+    r = subprocess.run(args, capture_output=True, text=True, timeout=900, env=os.environ.copy())
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["mode"] == "node" and m["keyframes"] == len(frames), m["keyframes"]  # 1 m apart: each a keyframe
+    with open(out / "loop_closures.csv") as f:
+        rows = {int(r["frame"]): int(r["match_frame"]) for r in csv.DictReader(f)}
+    assert all(g[frames[q] - 1, frames[rows[q]] - 1] for q in (3, 4, 5)), rows  # 41-43 revisit frames 1-3

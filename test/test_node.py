@@ -193,8 +193,10 @@ def test_node_compressed_odometry_pose_markers(ros: Client, tmp_path: Path) -> N
     from std_msgs.msg import Header
     from visualization_msgs.msg import MarkerArray
 
-    node = start_node(tmp_path, "-p", "compressed:=true", "-p", "matcher:=ransac", "-p", "bfloat16:=true",
-                      "-p", "exclude_recent_keyframes:=1")  # fmt: skip
+    # Frame 63 revisits frame 22 a metre or so aside: enough parallax for a direction (frame 62, from nearly the
+    # same spot, gets no pose: the direction is not observable there); its score, 0.11, is under the default.
+    node = start_node(tmp_path, "-p", "compressed:=true", "-p", "matcher:=ransac",
+                      "-p", "exclude_recent_keyframes:=1", "-p", "min_score:=0.05")  # fmt: skip
     n = ros.node
     pub = n.create_publisher(CompressedImage, "image/compressed", 10)
     pub_info = n.create_publisher(CameraInfo, "camera_info", 10)
@@ -209,11 +211,13 @@ def test_node_compressed_odometry_pose_markers(ros: Client, tmp_path: Path) -> N
     try:
         ros.wait_ready(pub)
         assert ros.spin_until(lambda: pub_odom.get_subscription_count() > 0, 30)
+        assert ros.spin_until(lambda: pub_info.get_subscription_count() > 0, 30)
         info = CameraInfo(width=512, height=384)
         info.k = [400.0, 0.0, 256.0, 0.0, 400.0, 192.0, 0.0, 0.0, 1.0]
         pub_info.publish(info)
 
         def send(sec: int, data: bytes, x: float) -> str:
+            pub_info.publish(info)  # with every frame, as camera drivers do
             o = Odometry()
             o.header.stamp.sec = sec
             o.pose.pose.position.x = x
@@ -229,7 +233,7 @@ def test_node_compressed_odometry_pose_markers(ros: Client, tmp_path: Path) -> N
         assert send(1, b"\xff\xd8\xff\xe0 definitely not a jpeg", 0.0) == "error"
         assert send(2, rtab_frame(22).read_bytes(), 0.0) == "keyframe"
         assert send(3, rtab_frame(3).read_bytes(), 5.0) == "keyframe"
-        assert send(30, rtab_frame(62).read_bytes(), 0.5) == "keyframe"  # revisits frame 22
+        assert send(30, rtab_frame(63).read_bytes(), 0.5) == "keyframe"  # revisits frame 22
         assert ros.spin_until(lambda: len(ros.loops) >= 1 and markers and pictures, 30)
     finally:
         out = stop_node(node)
@@ -244,7 +248,6 @@ def test_node_compressed_odometry_pose_markers(ros: Client, tmp_path: Path) -> N
     assert len(m.points) == 2 and {m.points[0].x, m.points[1].x} == {0.5, 0.0}
     assert pictures[-1].width > 512 and pictures[-1].encoding == "rgb8"
     assert "cannot be decoded" in out
-    assert "bfloat16 backbone" in out  # the revisit above was found with the bfloat16 backbone
 
 
 @pytest.mark.slow
@@ -266,7 +269,7 @@ def test_node_robot_inputs(ros: Client, tmp_path: Path, random_ckpt: Path) -> No
 
     # use_sim_time without a /clock: diagnostics still come (steady timer); integers for float parameters.
     node = start_node(tmp_path, "-p", "image_qos:=reliable", "-p", "use_sim_time:=true", "-p", "min_interval_s:=0",
-                      "-p", "memory_budget_mb:=500")  # fmt: skip
+                      "-p", "memory_budget_mb:=500", "-p", "bfloat16:=true")  # fmt: skip
     n = ros.node
     best_effort = n.create_publisher(Image, "image", qos_profile_sensor_data)
     pub_odom = n.create_publisher(Odometry, "odom", 50)
@@ -376,6 +379,6 @@ def test_node_robot_inputs(ros: Client, tmp_path: Path, random_ckpt: Path) -> No
         out = stop_node(node) if node.poll() is None else out
     assert node.returncode == 0, out[-3000:]
     assert "incompatible" in out and "deque" not in out and "Traceback" not in out, out[-3000:]
-    assert "camera_info ignored" in out, out[-3000:]
+    assert "camera_info ignored" in out and "bfloat16 backbone" in out, out[-3000:]
     final = PlaceMap.load(tmp_path / "final.npz")
     assert len(final) >= kf and "saved" in out

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pnv_ros.bags import BagError, BagReader
+from pnv_ros.bags import IMAGE_TYPES, ODOM_TYPE, BagError, BagReader
 from pnv_ros.detector import DetectorParams, LoopClosureDetector
 from pnv_ros.extract import FeatureExtractor
 
@@ -120,14 +120,19 @@ def replay_through_node(
     stamps: list[int] = []
     thumbs: dict[int, np.ndarray] = {}
     with BagReader(bag, topic) as r:  # stamps and small pictures only: decoded frames are not kept
-        image_topic, total = r.topic, r.count
+        image_topic, total, compressed = r.topic, r.count, r.msgtype == IMAGE_TYPES[1]
+        odom_topics = sorted({t for t, ty in r.topics().items() if ty == ODOM_TYPE})
         for f in r.frames():
             stamps.append(f.stamp_ns)
             thumbs[f.index] = _thumb(f.rgb)
     frame_of = {s: i for i, s in enumerate(stamps)}
     exe = str(Path(sys.executable).parent / "loop_closure_node")
-    args = [exe, "--ros-args", "-r", f"image:={image_topic}", "-p", f"preset:={preset_name}",
+    # The node hears exactly what the bag holds for it: the image topic (raw or compressed) and odometry.
+    args = [exe, "--ros-args", "-r", f"{'image/compressed' if compressed else 'image'}:={image_topic}",
+            "-p", f"compressed:={str(compressed).lower()}", "-p", f"preset:={preset_name}",
             "-p", f"bfloat16:={str(bf16).lower()}"]  # fmt: skip
+    if len(odom_topics) == 1:
+        args += ["-r", f"odom:={odom_topics[0]}"]
     defaults = DetectorParams()
     for name, value in params.replace(min_score=0.0).__dict__.items():
         if name == "matcher" and not value:
@@ -144,7 +149,7 @@ def replay_through_node(
     player = None
     t0 = time.perf_counter()
     try:
-        player = BagPlayer(bag)
+        player = BagPlayer(bag, topics=[image_topic, *odom_topics[:1]])  # not /tf, /rosout...: no one listens
         player.node.create_subscription(LoopClosure, "loop_closures", loops.append, 1000)
         if not player.wait_for_subscribers(node_timeout_s, alive=lambda: proc.poll() is None):
             out = proc.communicate(timeout=10)[0] if proc.poll() is not None else ""
