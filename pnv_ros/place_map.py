@@ -392,6 +392,11 @@ class PlaceMap:
         glob = np.asarray(data["global"], np.float32)
         if not np.isfinite(glob).all():
             raise MapError(f"map file {path}: global descriptors hold NaN or infinity")
+        sizes = data["image_sizes"]
+        if sizes.dtype.kind not in "iu" or (count and sizes.min() < 1):
+            raise MapError(f"map file {path}: image sizes must be positive integers ({sizes.dtype})")
+        if str(meta.get("patch_dtype", "float32")) not in ("float16", "float32"):
+            raise MapError(f"map file {path}: patch_dtype {meta.get('patch_dtype')!r}; expected float16 or float32")
         m = cls(dim, expect_preset or preset, model_id, index_kind or str(meta.get("index_kind", "flat")),
                 patch_dtype or str(meta.get("patch_dtype", "float32")), budget, spill_dir)  # fmt: skip
         m._reserve(count)

@@ -350,6 +350,9 @@ _MALFORMED = {
     "object_array": _with_object_array,
     "nan_global": lambda p: _with_array(p, "global", np.where(np.eye(40, 16, dtype=bool), np.nan, 0.1)),
     "patches_int16": lambda p: _with_array(p, "patches_p5", _arrays(p)["patches_p5"].astype(np.int16)),
+    "nan_image_sizes": lambda p: _with_array(p, "image_sizes", np.full((40, 2), np.nan)),
+    "zero_image_sizes": lambda p: _with_array(p, "image_sizes", np.zeros((40, 2), np.int64)),
+    "patch_dtype_int8": lambda p: _with_meta(p, patch_dtype="int8"),
 }
 
 
