@@ -460,7 +460,7 @@ class LoopClosureDetector:
                     best.num_inliers, best.patch_size, Matcher.parse(p.matcher or self.preset.matcher).value, None,
                     best.details,
                 )  # fmt: skip
-                match_size = self.map.get(best.id).features.image_size
+                match_size = self.map.image_size(best.id)
         if result.loop is not None and intrinsics is not None and best is not None and best.details:
             try:  # the pose is extra evidence: bad intrinsics must not cost the keyframe or its loop
                 result.loop.relative_pose = self._pose(features.image_size, match_size, best.details, intrinsics)

@@ -290,12 +290,16 @@ class PlaceMap:
         i = self._check_id(kf_id)
         return [c.row(i) for c in self._cols]
 
+    def image_size(self, kf_id: int) -> tuple[int, int]:
+        """(width, height) of a keyframe's original image. Raises UnknownPlaceError."""
+        i = self._check_id(kf_id)
+        return int(self._sizes[i, 0]), int(self._sizes[i, 1])
+
     def get(self, kf_id: int) -> Keyframe:
         """One keyframe (global descriptor from the index). Raises UnknownPlaceError."""
         i = self._check_id(kf_id)
         pos = self._positions[i]
-        f = PlaceFeatures(self.index.reconstruct(i), [c.row(i) for c in self._cols],
-                          (int(self._sizes[i, 0]), int(self._sizes[i, 1])))  # fmt: skip
+        f = PlaceFeatures(self.index.reconstruct(i), [c.row(i) for c in self._cols], self.image_size(i))
         return Keyframe(i, int(self._stamps[i]), f, None if np.isnan(pos).any() else pos.copy())
 
     def by_stamp(self, stamp_ns: int, tolerance_ns: int = 1_000_000) -> Keyframe:

@@ -337,7 +337,7 @@ class LoopClosureNode(Node):
         self.log.info(f"loop: keyframe {lc.query_id} -> {lc.match_id}, score {lc.score:.3f}")
         if self.pub_img.get_subscription_count() > 0:
             with self.detector.lock:
-                match_size = self.detector.map.get(lc.match_id).features.image_size
+                match_size = self.detector.map.image_size(lc.match_id)
             pic = match_picture(self._thumbs, gen, lc, self.detector.preset, query_size, match_size)
             if pic is not None:
                 self.pub_img.publish(array_to_image(pic, msg.header))
