@@ -10,6 +10,8 @@ publishing the raw bytes; a ROS 1 bag's are converted to CDR first.
 from __future__ import annotations
 
 import csv
+import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,13 +40,16 @@ def _typestore():  # type: ignore[no-untyped-def]
 
 @dataclass
 class Frame:
-    """One image from a bag. rgb: (H, W, 3) uint8; position: (3,) or None."""
+    """One image from a bag. rgb: (H, W, 3) uint8, or None for a message that cannot be
+    decoded (``error`` says why; stamp_ns is then the header's, or the bag time when
+    the message itself cannot be deserialised); position: (3,) or None."""
 
     index: int
     stamp_ns: int
-    rgb: np.ndarray
+    rgb: np.ndarray | None
     frame_id: str
     position: np.ndarray | None = None
+    error: str | None = None
 
 
 def read_poses(path: Path) -> dict[str, np.ndarray]:
@@ -88,27 +93,35 @@ def make_bag(
     T = ts.types  # noqa: N806
     Time, Header = T["builtin_interfaces/msg/Time"], T["std_msgs/msg/Header"]  # noqa: N806
     plugin = StoragePlugin.MCAP if fmt == "mcap" else StoragePlugin.SQLITE3
-    count = 0
-    with Writer(out, version=8, storage_plugin=plugin) as w:
-        itype = IMAGE_TYPES[1] if compressed else IMAGE_TYPES[0]
-        conn = w.add_connection(topic, itype, typestore=ts)
-        oconn = w.add_connection(odom_topic, ODOM_TYPE, typestore=ts) if pos is not None else None
-        for i, p in enumerate(paths):
-            t = T0_NS + int(round(i * 1e9 / rate))
-            stamp = Time(sec=t // 1_000_000_000, nanosec=t % 1_000_000_000)
-            header = Header(stamp=stamp, frame_id=frame_id)
-            if compressed:
-                data = p.read_bytes() if p.suffix.lower() in (".jpg", ".jpeg") else _jpeg(p)
-                msg = T[itype](header=header, format="jpeg", data=np.frombuffer(data, np.uint8))
-            else:
-                rgb = np.asarray(load_image(p))
-                msg = T[itype](header=header, height=rgb.shape[0], width=rgb.shape[1], encoding="rgb8",
-                               is_bigendian=0, step=rgb.shape[1] * 3, data=rgb.reshape(-1))  # fmt: skip
-            w.write(conn, t, ts.serialize_cdr(msg, itype))
-            count += 1
-            if oconn is not None and pos is not None:
-                w.write(oconn, t, ts.serialize_cdr(_odom(T, header, pos[p.stem]), ODOM_TYPE))
+    # Written in a temp folder beside ``out`` and renamed at the end: a failure (a bad image, a full
+    # disk) leaves no half bag behind.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        count = 0
+        with Writer(staging / out.name, version=8, storage_plugin=plugin) as w:
+            itype = IMAGE_TYPES[1] if compressed else IMAGE_TYPES[0]
+            conn = w.add_connection(topic, itype, typestore=ts)
+            oconn = w.add_connection(odom_topic, ODOM_TYPE, typestore=ts) if pos is not None else None
+            for i, p in enumerate(paths):
+                t = T0_NS + int(round(i * 1e9 / rate))
+                stamp = Time(sec=t // 1_000_000_000, nanosec=t % 1_000_000_000)
+                header = Header(stamp=stamp, frame_id=frame_id)
+                if compressed:
+                    data = p.read_bytes() if p.suffix.lower() in (".jpg", ".jpeg") else _jpeg(p)
+                    msg = T[itype](header=header, format="jpeg", data=np.frombuffer(data, np.uint8))
+                else:
+                    rgb = np.asarray(load_image(p))
+                    msg = T[itype](header=header, height=rgb.shape[0], width=rgb.shape[1], encoding="rgb8",
+                                   is_bigendian=0, step=rgb.shape[1] * 3, data=rgb.reshape(-1))  # fmt: skip
+                w.write(conn, t, ts.serialize_cdr(msg, itype))
                 count += 1
+                if oconn is not None and pos is not None:
+                    w.write(oconn, t, ts.serialize_cdr(_odom(T, header, pos[p.stem]), ODOM_TYPE))
+                    count += 1
+        (staging / out.name).rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return count
 
 
@@ -202,10 +215,12 @@ def cdr_converter(reader, path: Path):  # type: ignore[no-untyped-def]
 class BagReader:
     """Frames (and odometry) of one image topic of a ROS 1 or ROS 2 bag (see
     ``open_bag``); a context manager. BagError for unreadable bags, a missing
-    or ambiguous image topic, and messages that cannot be decoded."""
+    or ambiguous image topic, and odometry that cannot be decoded; an image
+    message that cannot be decoded is a Frame with ``error`` (see ``frames``)."""
 
-    def __init__(self, path: Path, topic: str | None = None) -> None:
+    def __init__(self, path: Path, topic: str | None = None, *, bit_depth: int | None = None) -> None:
         self.path = Path(path)
+        self.bit_depth = bit_depth  # of 16-bit images; None = the package's rule (images.to_uint8)
         self._reader = open_bag(self.path)
         #: decodes the CDR bytes of raw_messages (for ROS 1 bags: after conversion)
         self.ts, self._to_cdr = cdr_converter(self._reader, self.path)
@@ -254,21 +269,33 @@ class BagReader:
         return out
 
     def frames(self) -> Iterator[Frame]:
-        """Every image in bag order, with the odometry position within 0.1 s of its stamp."""
+        """Every image in bag order, with the odometry position within 0.1 s of its stamp.
+
+        A message that cannot be deserialised or decoded does not end the iteration (the
+        node skips such frames too): it comes as a Frame with ``rgb=None`` and ``error``,
+        keeping its index, so frame indices stay those of the bag."""
         from pnv_ros.image_msgs import decode_image
 
         odom = self.odometry()
         ostamps = np.array([s for s, _ in odom]) if odom else None
-        for i, (c, _, raw) in enumerate(read_messages(self._reader, self._conns, self.path)):
-            m = self._decode(raw, c.msgtype, f"message {i} on {self.topic}")
+        for i, (c, t, raw) in enumerate(read_messages(self._reader, self._conns, self.path)):
+            try:
+                m = self._reader.deserialize(raw, c.msgtype)
+            except Exception as e:  # noqa: BLE001 - as in _decode: rosbags' errors, struct.error on bad bytes
+                yield Frame(i, int(t), None, "", None, f"{c.msgtype} message cannot be deserialised: {e}")
+                continue
             stamp = m.header.stamp.sec * 1_000_000_000 + m.header.stamp.nanosec
-            rgb = decode_image(m, compressed=c.msgtype == IMAGE_TYPES[1])
+            rgb, error = None, None
+            try:
+                rgb = decode_image(m, compressed=c.msgtype == IMAGE_TYPES[1], bit_depth=self.bit_depth)
+            except (PnvError, ValueError) as e:  # ImageError; whatever a decoder raises on bad bytes
+                error = str(e)
             pos = None
             if ostamps is not None:
                 j = int(np.argmin(np.abs(ostamps - stamp)))
                 if abs(int(ostamps[j]) - stamp) <= 100_000_000:
                     pos = odom[j][1]
-            yield Frame(i, stamp, rgb, m.header.frame_id, pos)
+            yield Frame(i, stamp, rgb, m.header.frame_id, pos, error)
 
     def raw_messages(self, topics: list[str] | None = None) -> Iterator[tuple[str, str, int, bytes]]:
         """(topic, msgtype, bag time ns, ROS 2 CDR bytes) of every message, in time order."""

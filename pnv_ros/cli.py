@@ -31,6 +31,48 @@ def _say(msg: str) -> None:
     print(f"pnv: {msg}", file=sys.stderr)
 
 
+class Number:
+    """An argparse ``type``: a finite int or float within [lo, hi] (None: unbounded on that side).
+
+    ``--top-n 0`` is refused at parse time with the allowed range in the message, not turned into a
+    default. Every numeric option of every command uses one (test_cli checks the whole parser).
+    """
+
+    def __init__(self, kind: type, lo: float | None = None, hi: float | None = None) -> None:
+        self.kind, self.lo, self.hi = kind, lo, hi
+        self.__name__ = "whole number" if kind is int else "number"  # argparse names the type with it
+
+    @classmethod
+    def detector(cls, name: str) -> Number:
+        """The range of a DetectorParams field (one source for the node, the library and the CLI)."""
+        from pnv_ros.detector import DetectorParams
+
+        lo, hi = DetectorParams.RANGES[name]
+        return cls(type(lo), lo, hi)
+
+    def range_text(self) -> str:
+        if self.lo is not None and self.hi is not None:
+            return f"from {self.lo:g} to {self.hi:g}"
+        return f"at least {self.lo:g}" if self.lo is not None else f"at most {self.hi:g}"
+
+    def __call__(self, text: str) -> int | float:
+        import math
+
+        try:
+            v = self.kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {self.__name__} ({self.range_text()})") from None
+        if not math.isfinite(v) or (self.lo is not None and v < self.lo) or (self.hi is not None and v > self.hi):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: give a {self.__name__} {self.range_text()}")
+        return v
+
+
+#: Positive counts and quantities the library has no range table for.
+COUNT = Number(int, 1, 100_000)
+POSITIVE = Number(float, 1e-9, 1e9)
+NON_NEGATIVE = Number(float, 0.0, 1e9)
+
+
 def _preset(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from pnv_ros.config import load_preset
 
@@ -44,14 +86,18 @@ def _extractor(args: argparse.Namespace, preset):  # type: ignore[no-untyped-def
 
     path = resolve_checkpoint(args.checkpoint, announce=_say)
     model, info = load_checkpoint(path, device=args.device or "cpu")
-    return FeatureExtractor(model, info, preset, device=args.device, bf16=args.bf16)
+    return FeatureExtractor(model, info, preset, device=args.device, bf16=args.bf16, bit_depth=args.bit_depth)
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
+    from pnv_ros.extract import image_identities
     from pnv_ros.images import list_images
+    from pnv_ros.storage import check_output
 
+    check_output(args.out, what="--out")
     preset = _preset(args)
     paths = list_images(args.images)
+    image_identities(paths)  # a file given twice fails now, not after the extraction
     ex = _extractor(args, preset)
     t0 = time.perf_counter()
     fs = ex.extract_set(paths, progress=not args.quiet)
@@ -66,11 +112,14 @@ def cmd_match(args: argparse.Namespace) -> int:
     from pnv_ros.eval.ground_truth import N_VALUES, load_ground_truth, recall_at_n
     from pnv_ros.features import FeatureSet
     from pnv_ros.retrieval import two_stage
+    from pnv_ros.storage import check_output, write_text_atomic
 
+    check_output(args.out, what="--out")
     db = FeatureSet.load(args.db)
     qs = FeatureSet.load(args.queries)
     preset = load_preset(args.preset or "speed", args.config) if (args.preset or args.config) else db.preset
-    gt = load_ground_truth(args.gt, qs.names, db.names, args.gt_radius) if args.gt else None
+    gt = (load_ground_truth(args.gt, qs.names, db.names, args.gt_radius, positives_as=args.gt_positives,
+                            index_base=args.gt_index_base) if args.gt else None)  # fmt: skip
     t0 = time.perf_counter()
     results = two_stage(db, qs, preset, top_n=args.top_n, matcher=args.matcher, progress=not args.quiet,
                         exact=not args.fast_products)  # fmt: skip
@@ -80,7 +129,7 @@ def cmd_match(args: argparse.Namespace) -> int:
         "queries_file": str(args.queries),
         "preset": preset.to_dict(),
         "matcher": args.matcher or preset.matcher.value,
-        "top_n": args.top_n or preset.top_n,
+        "top_n": args.top_n if args.top_n is not None else preset.top_n,
         "model_id": db.model_id,
         "seconds_per_query": dt / max(1, len(qs)),
         "queries": [
@@ -100,10 +149,7 @@ def cmd_match(args: argparse.Namespace) -> int:
             "reranked": {str(k): v for k, v in recall_at_n([r.reranked_ids for r in results], gt, N_VALUES).items()},
             "queries_with_positives": int(gt.has_positive().sum()),
         }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(str(args.out) + ".tmp")
-    tmp.write_text(json.dumps(out, indent=1))
-    tmp.replace(args.out)
+    write_text_atomic(args.out, json.dumps(out, indent=1))
     print(f"wrote {args.out}: {len(qs)} queries against {len(db)} images, {dt / max(1, len(qs)):.3f} s/query")
     if gt is not None:
         for stage in ("global", "reranked"):
@@ -113,10 +159,15 @@ def cmd_match(args: argparse.Namespace) -> int:
 
 
 def cmd_match_two(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from pnv_ros.images import load_image
     from pnv_ros.matching import PatchMatcher
+    from pnv_ros.storage import check_output
     from pnv_ros.viz import match_image, save_png
 
+    if args.out:
+        check_output(args.out, what="--out")
     preset = _preset(args)
     ex = _extractor(args, preset)
     a, b = ex.extract([args.image_a, args.image_b])
@@ -125,13 +176,24 @@ def cmd_match_two(args: argparse.Namespace) -> int:
     absolute = float(pm.absolute(sc.raw)[0])
     weighted = float(sc.raw[0] @ preset.patch_weights)
     print(f"score {absolute:.4f} (0..1, higher is better); raw weighted {weighted:.4f} (lower is better)")
+    from pnv_ros.detector import DetectorParams, texture
+
+    least = DetectorParams().min_texture
+    for name in (args.image_a, args.image_b):
+        t = texture(np.asarray(load_image(name, bit_depth=args.bit_depth)))
+        if t < least:
+            print(
+                f"note: {name} has no information (texture {t:.1f} < {least:g} grey levels: a lens cap, darkness "
+                f"or a white-out); the detector never makes it a keyframe, so this score never closes a loop"
+            )
     for s, size in enumerate(preset.patch_sizes):
         print(
             f"  patch {size}: raw {sc.raw[0, s]:.4f}, mutual matches {sc.num_matches[0, s]}, "
             f"inliers {sc.num_inliers[0, s]}"
         )
     if args.out:
-        pic = match_image(load_image(args.image_a), load_image(args.image_b), preset, sc.details[0], absolute,
+        img_a, img_b = (load_image(p, bit_depth=args.bit_depth) for p in (args.image_a, args.image_b))
+        pic = match_image(img_a, img_b, preset, sc.details[0], absolute,
                           title=f"{Path(args.image_a).name} | {Path(args.image_b).name}")  # fmt: skip
         save_png(pic, args.out)
         print(f"wrote {args.out}")
@@ -198,6 +260,11 @@ def cmd_bag(args: argparse.Namespace) -> int:
     from pnv_ros.bags import make_bag
 
     if args.bag_cmd == "make":
+        from pnv_ros.storage import check_output
+
+        if Path(args.out).exists():
+            raise PnvError(f"{args.out} exists: choose a new bag path")
+        check_output(args.out, folder=True, what="--out")
         n = make_bag(Path(args.images), Path(args.out), fmt=args.format, rate=args.rate, compressed=args.compressed,
                      topic=args.topic, poses=Path(args.poses) if args.poses else None)  # fmt: skip
         print(f"wrote {args.out}: {n} messages ({args.format}, {args.rate:g} Hz, topic {args.topic})")
@@ -233,14 +300,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from pnv_ros.eval.ground_truth import load_sequence_gt
     from pnv_ros.eval.replay import replay_in_process, replay_through_node
     from pnv_ros.eval.report import write_run
+    from pnv_ros.storage import check_output
 
     out = Path(args.out)
     if out.exists() and not args.force:
         raise PnvError(f"{out} exists: choose a new run folder or pass --force")
+    check_output(out, folder=True, what="--out")
     preset = _preset(args)
     with BagReader(Path(args.bag), args.topic) as r:  # fail early: topic, count
         n_frames, topic = r.count, r.topic
-    positives = load_sequence_gt(args.gt, n_frames, radius=args.gt_radius, min_gap_s=args.gt_min_gap)
+    positives = load_sequence_gt(args.gt, n_frames, radius=args.gt_radius, min_gap_s=args.gt_min_gap,
+                                 positives_as=args.gt_positives, index_base=args.gt_index_base)  # fmt: skip
     optional = {"exclude_recent_keyframes": args.exclude_recent_keyframes, "min_travel_m": args.min_travel,
                 "min_visual_change": args.min_visual_change}  # fmt: skip
     params = DetectorParams(top_n=args.top_n, matcher=args.matcher or "", min_score=args.threshold,
@@ -264,7 +334,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     ckpt = resolve_checkpoint(args.checkpoint, announce=_say)
     if args.node:
         result = replay_through_node(
-            Path(args.bag), preset.name, str(ckpt), params, topic, args.config, progress, bf16=args.bf16
+            Path(args.bag),
+            preset.name,
+            str(ckpt),
+            params,
+            topic,
+            args.config,
+            progress,
+            bf16=args.bf16,
+            bit_depth=args.bit_depth,
         )
         model_id = checkpoint_info(ckpt).identity
     else:
@@ -289,19 +367,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     at = m["at_threshold"]
     print(f"wrote {out}: {m['keyframes']} keyframes, precision {at['precision']:.3f}, recall {at['recall']:.3f}, "
           f"F1 {at['f1']:.3f} at {args.threshold:.2f}; AP {m['average_precision']:.3f}, "
-          f"R@100%P {m['recall_at_100_precision']:.3f}")  # fmt: skip
+          f"R@100%P {m['recall_at_100_precision']:.3f}"
+          + (f"; {m['skipped_frames']['count']} frame(s) skipped (cannot be decoded: see report.md)"
+             if m["skipped_frames"]["count"] else ""))  # fmt: skip
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from pnv_ros.bench import run_bench
     from pnv_ros.images import list_images
+    from pnv_ros.storage import check_output, write_text_atomic
 
+    check_output(args.out, what="--out")
     preset = _preset(args)
     ex = _extractor(args, preset)
     res = run_bench(ex, list_images(args.images), top_n=args.top_n, repeats=args.repeats, exact=not args.fast_products)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=1))
+    write_text_atomic(args.out, json.dumps(res, indent=1))
     print(f"{preset.name} on {res['device']}: {res['seconds_per_image']:.3f} s/image, "
           f"{res['ms_per_candidate']:.2f} ms/candidate ({res['matcher']}, {res['products']} products, "
           f"top {args.top_n} batched), "
@@ -329,6 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
                             help="checkpoint path or official model name (default: the offline default)")  # fmt: skip
             sp.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
             sp.add_argument("--bf16", action="store_true", help=BF16_HELP)
+            sp.add_argument("--bit-depth", type=Number(int, 1, 16), default=None,
+                            help="significant bits of 16-bit images (e.g. 12 for a 12-bit camera); default: a PNG's "
+                            "sBIT, else the smallest of 8/10/12/14/16 bits holding each image's maximum")  # fmt: skip
 
     sp = sub.add_parser("extract", help="images to a features .npz", description=(
         "Extract global and patch descriptors. Writes an .npz (never pickled) with names, global (N x D), "
@@ -347,13 +431,18 @@ def build_parser() -> argparse.ArgumentParser:
     common(sp, model=False)
     sp.add_argument("--db", required=True, help="database features (.npz from pnv extract)")
     sp.add_argument("--queries", required=True, help="query features (.npz from pnv extract)")
-    sp.add_argument("--top-n", type=int, default=None, help="candidates to re-rank (default: preset's, 100)")
+    sp.add_argument("--top-n", type=COUNT, default=None, help="candidates to re-rank, 1.. (default: preset's, 100)")
     sp.add_argument("--matcher", choices=["ransac", "rapid"], default=None, help="override the preset's matcher")
     sp.add_argument("--fast-products", action="store_true", help=FAST_PRODUCTS_HELP)
     sp.add_argument(
         "--gt", default=None, help="ground truth: matrix (.npy/.bmp/.png), CSV of positives, or CSV of positions"
     )
-    sp.add_argument("--gt-radius", type=float, default=None, help="positive radius for a positions CSV")
+    sp.add_argument("--gt-radius", type=POSITIVE, default=None, help="positive radius for a positions CSV")
+    sp.add_argument("--gt-positives", choices=["names", "indices"], default=None,
+                    help="how a GT CSV's bare 'positives' column reads (positive_names/_indices say it)")  # fmt: skip
+    sp.add_argument("--gt-index-base", type=Number(int, 0, 1), default=None,
+                    help="GT CSV indices count from 0 or 1 (default: the file numbers a query_file column "
+                    "pairs with query_index, else 0)")  # fmt: skip
     sp.add_argument("--out", required=True, help="result JSON")
     sp.set_defaults(func=cmd_match)
 
@@ -371,7 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("images", metavar="IMAGES_DIR", help="images in frame order (numeric names sort numerically)")
     b.add_argument("--out", required=True, help="bag folder to create")
     b.add_argument("--format", choices=["mcap", "sqlite3"], default="mcap")
-    b.add_argument("--rate", type=float, default=1.0, help="frames per second of the timestamps (default 1)")
+    b.add_argument("--rate", type=Number(float, 1e-3, 1e4), default=1.0,
+                   help="frames per second of the timestamps (default 1)")  # fmt: skip
     b.add_argument("--compressed", action="store_true", help="sensor_msgs/CompressedImage (jpeg) instead of Image")
     b.add_argument("--topic", default="/camera/image", help="image topic (default /camera/image)")
     b.add_argument(
@@ -380,9 +470,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_bag)
     b = bsub.add_parser("play", help="publish a bag over ROS 2 with its timing (where ros2 bag play is missing)")
     b.add_argument("bag", metavar="BAG")
-    b.add_argument("--rate", type=float, default=1.0, help="speed factor")
+    b.add_argument("--rate", type=Number(float, 1e-3, 1e3), default=1.0, help="speed factor")
     b.add_argument("--remap", action="append", default=[], metavar="FROM:=TO", help="topic remapping (repeatable)")
-    b.add_argument("--wait", type=float, default=5.0, help="seconds to wait for subscribers before playing")
+    b.add_argument("--wait", type=Number(float, 0.0, 3600.0), default=5.0,
+                   help="seconds to wait for subscribers before playing")  # fmt: skip
     b.set_defaults(func=cmd_bag)
 
     sp = sub.add_parser("eval", help="replay a bag through the loop-closure detector and report", description=(
@@ -393,22 +484,30 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--gt", required=True, help="GT matrix (.npy/.bmp/.png, frames x frames), CSV of positives, or positions CSV"
     )
-    sp.add_argument("--gt-radius", type=float, default=None, help="distance threshold for a positions GT")
-    sp.add_argument("--gt-min-gap", type=float, default=0.0, help="minimum time gap (s) for a positions GT")
+    sp.add_argument("--gt-radius", type=POSITIVE, default=None, help="distance threshold for a positions GT")
+    sp.add_argument("--gt-min-gap", type=NON_NEGATIVE, default=0.0, help="minimum time gap (s) for a positions GT")
+    sp.add_argument("--gt-positives", choices=["names", "indices"], default=None,
+                    help="how a GT CSV's bare 'positives' column reads (positive_names/_indices say it)")  # fmt: skip
+    sp.add_argument("--gt-index-base", type=Number(int, 0, 1), default=None,
+                    help="GT CSV indices count from 0 or 1 (default: the file numbers a query_file column "
+                    "pairs with query_index, else 0)")  # fmt: skip
     sp.add_argument("--out", required=True, metavar="RUN_DIR")
     sp.add_argument("--force", action="store_true", help="replace an existing RUN_DIR")
     sp.add_argument("--node", action="store_true", help="through a live loop_closure_node (bag played in lockstep)")
     sp.add_argument("--topic", default=None, help="image topic (default: the bag's only image topic)")
-    sp.add_argument("--threshold", type=float, default=0.12, help="acceptance threshold on the absolute score")
-    sp.add_argument("--top-n", type=int, default=20)
+    sp.add_argument("--threshold", type=Number.detector("min_score"), default=0.12,
+                    help="acceptance threshold on the absolute score, 0..1")  # fmt: skip
+    sp.add_argument("--top-n", type=Number.detector("top_n"), default=20, help="candidates re-ranked per keyframe")
     sp.add_argument("--matcher", choices=["ransac", "rapid"], default=None)
-    sp.add_argument("--exclude-recent", type=float, default=10.0, help="seconds of recent keyframes excluded")
-    sp.add_argument("--exclude-recent-keyframes", type=int, default=None,
+    sp.add_argument("--exclude-recent", type=Number.detector("exclude_recent_s"), default=10.0,
+                    help="seconds of recent keyframes excluded")  # fmt: skip
+    sp.add_argument("--exclude-recent-keyframes", type=Number.detector("exclude_recent_keyframes"), default=None,
                     help="the last N keyframes are never candidates (default: the node's, 10)")  # fmt: skip
-    sp.add_argument("--min-interval", type=float, default=0.0, help="seconds between keyframes")
-    sp.add_argument("--min-travel", type=float, default=None,
+    sp.add_argument("--min-interval", type=Number.detector("min_interval_s"), default=0.0,
+                    help="seconds between keyframes")  # fmt: skip
+    sp.add_argument("--min-travel", type=Number.detector("min_travel_m"), default=None,
                     help="with odometry in the bag: metres between keyframes (default: the node's, 0.5)")  # fmt: skip
-    sp.add_argument("--min-visual-change", type=float, default=None,
+    sp.add_argument("--min-visual-change", type=Number.detector("min_visual_change"), default=None,
                     help="without odometry: picture change (0..1) between keyframes; 0 = every frame "
                     "(default: the node's, 0.2)")  # fmt: skip
     sp.add_argument("--fast-products", action="store_true", help=FAST_PRODUCTS_HELP)
@@ -417,8 +516,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("bench", help="this project's in-process costs (medians)")
     common(sp)
     sp.add_argument("--out", required=True, help="BENCH.json")
-    sp.add_argument("--top-n", type=int, default=100, help="candidates re-ranked per query (batched)")
-    sp.add_argument("--repeats", type=int, default=3)
+    sp.add_argument("--top-n", type=COUNT, default=100, help="candidates re-ranked per query (batched)")
+    sp.add_argument("--repeats", type=Number(int, 1, 1000), default=3, help="timed repeats (median reported)")
     sp.add_argument("--fast-products", action="store_true", help=FAST_PRODUCTS_HELP)
     sp.add_argument("images", nargs="+", metavar="IMAGE")
     sp.set_defaults(func=cmd_bench)
@@ -440,6 +539,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _os_message(e: OSError) -> str:
+    """'No space left on device: out/db.npz' rather than '[Errno 28] ...'."""
+    if not e.strerror:
+        return str(e)
+    where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f)
+    return f"{e.strerror}: {where}" if where else e.strerror
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -453,6 +560,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into head and closed
         sys.stderr = open(os.devnull, "w")  # noqa: SIM115
         return 0
+    except (OSError, ValueError) as e:  # a user's file, disk or value: one line; PNV_DEBUG=1 shows the traceback
+        if os.environ.get("PNV_DEBUG"):
+            raise
+        print(f"error: {_os_message(e) if isinstance(e, OSError) else e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

@@ -218,10 +218,19 @@ def thumbnail(image: np.ndarray) -> np.ndarray:
     """(24, 32) float64 grey thumbnail (box-filtered) of an RGB or grey image (H, W[, C])."""
     from PIL import Image
 
-    a = np.asarray(image)
-    if a.dtype != np.uint8:
-        a = (a.astype(np.float64) * (255.0 / max(float(a.max()), 1e-12))).astype(np.uint8)
-    return np.asarray(Image.fromarray(a).convert("L").resize(THUMB_SIZE, Image.BOX), np.float64)
+    from pnv_ros.images import to_uint8
+
+    a = to_uint8(np.asarray(image), "frame")  # the package's one bit-depth rule: a dark frame stays dark
+    if a.ndim == 3:
+        a = a[:, :, 0] if a.shape[2] == 1 else a[:, :, :3]
+    return np.asarray(Image.fromarray(np.ascontiguousarray(a)).convert("L").resize(THUMB_SIZE, Image.BOX), np.float64)
+
+
+def texture(image: np.ndarray) -> float:
+    """The information test's measure: standard deviation (grey levels, 0..255) of the
+    :func:`thumbnail` of an image (H, W[, C]). A lens cap, darkness or a white-out measures
+    under 1; see ``DetectorParams.min_texture`` for the threshold and its source."""
+    return float(thumbnail(image).std())
 
 
 def visual_change(a: np.ndarray, b: np.ndarray) -> float:
@@ -415,7 +424,7 @@ class LoopClosureDetector:
         thumb = thumbnail(image)
         with self.lock:
             last, p = self.session.last_kf, self._params
-            if float(thumb.std()) < p.min_texture:
+            if float(thumb.std()) < p.min_texture:  # texture(image), without a second thumbnail
                 return self._skip("no_information", adm.stamp_ns, adm.time_jump)
             adm = replace(adm, thumb=thumb)
             pose_decided = adm.position is not None and last is not None and last.position is not None

@@ -36,6 +36,11 @@ class MapError(PnvError):
     """A place map file is corrupt, of another version, or does not fit."""
 
 
+class OutputError(PnvError, OSError):
+    """An output file or folder cannot be written (a folder where a file is wanted, no permission,
+    a missing drive, a full disk)."""
+
+
 class DownloadError(PnvError):
     """A model download failed (offline, bad checksum, server error)."""
 

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from pnv_ros.config import BACKBONE_STRIDE, Preset
+from pnv_ros.config import Preset
 from pnv_ros.errors import ImageError
 from pnv_ros.features import FeatureSet, PlaceFeatures
 from pnv_ros.images import ImageSource, load_image
@@ -53,11 +53,14 @@ class FeatureExtractor:
         preset: patch sizes, strides and input size.
         device: where to run; default CUDA if present, else CPU.
         batch_size: images per forward pass; default 1 on CPU (measured faster
-            per image than 4 on a 2-core machine), 8 on CUDA.
+            per image than 4 on a 2-core machine), 8 on CUDA. Descriptors do not
+            depend on it on CPU (bit-identical, tested): pooling runs per image.
         bf16: run the backbone in bfloat16 (faster on CPUs with AVX-512
             BF16 / AMX and on GPUs); pooling and WPCA stay float32.
             Descriptors differ slightly from float32 (patch cosine ~0.9997),
             so off by default: see benchmarks/reduced_cost.py.
+        bit_depth: significant bits of 16-bit images (e.g. 12); None = the
+            package's rule (``images.to_uint8``: sBIT, else the image's maximum).
     """
 
     def __init__(
@@ -69,12 +72,14 @@ class FeatureExtractor:
         device: str | torch.device | None = None,
         batch_size: int | None = None,
         bf16: bool = False,
+        bit_depth: int | None = None,
     ) -> None:
         self.device = torch.device(device) if device is not None else default_device()
         self.model = model.to(self.device).eval()
         self.info = info
         self.preset = preset
         self.bf16 = bool(bf16)
+        self.bit_depth = bit_depth
         if self.bf16 and self.device.type == "cpu" and not BlockedBackbone.available(torch.bfloat16):
             warnings.warn(
                 "bf16 requested, but this CPU has no bfloat16 instructions for oneDNN (AVX-512 BF16 or AMX): "
@@ -83,20 +88,20 @@ class FeatureExtractor:
             )
         self.batch_size = max(1, int(batch_size)) if batch_size else (8 if self.device.type == "cuda" else 1)
         self._transform = input_transform(preset.image_height, preset.image_width)
-        self._min_side = BACKBONE_STRIDE * min(preset.patch_sizes)
 
     @property
     def dim(self) -> int:
         return self.model.dim
 
     def preprocess(self, image: ImageSource) -> tuple[torch.Tensor, tuple[int, int]]:
-        """Image to a (3, H, W) normalised tensor and its original (width, height)."""
-        pil: Image.Image = load_image(image)
-        if min(pil.size) < self._min_side:
-            raise ImageError(
-                f"image of {pil.width}x{pil.height} px is smaller than one {min(self.preset.patch_sizes)}-cell "
-                f"patch ({self._min_side} px); give images of at least {self._min_side} px a side"
-            )
+        """Image to a (3, H, W) normalised tensor and its original (width, height).
+
+        Every image, of any size down to 1x1 (Nordland's 64x32 included), is resized to the preset's input size
+        before the network, as ``patchnetvlad==0.1.8`` does: the network never sees the original size, so no
+        size is refused here. Every preset has an input size that holds its patches (``config.validate``; the
+        reference's native-resolution setting, a resize of 0, is refused there).
+        """
+        pil: Image.Image = load_image(image, bit_depth=self.bit_depth)
         return self._transform(pil), (pil.width, pil.height)
 
     @torch.inference_mode()
@@ -136,11 +141,36 @@ class FeatureExtractor:
             yield PlaceFeatures(glob[i], [p[i] for p in patches], size)
 
     def extract_set(self, paths: Sequence[Path], progress: bool = False) -> FeatureSet:
-        """Features of image files as a FeatureSet named by file stem."""
+        """Features of image files as a FeatureSet named by :func:`image_identities` (unique
+        relative paths). Raises ImageError for a bad image or a file given twice."""
+        names = image_identities(paths)
         it: Iterable[PlaceFeatures] = self.iter_extract(paths)
         if progress:
             from tqdm import tqdm
 
             it = tqdm(it, total=len(paths), desc="extract", unit="img")
         places = list(it)
-        return FeatureSet.from_places([p.stem for p in paths], places, self.preset, self.info.identity)
+        return FeatureSet.from_places(names, places, self.preset, self.info.identity)
+
+
+def image_identities(paths: Sequence[str | Path]) -> list[str]:
+    """Unique names of image files: each path relative to the deepest folder holding them all,
+    POSIX separators, suffix kept.
+
+    ``pnv extract images/`` names ``1.jpg, 2.jpg, ...``; ``pnv extract ref/ query/`` names
+    ``ref/1.jpg, query/1.jpg, ...``, so files that share a name in different folders stay apart
+    and results say which one was retrieved. The same file given twice is an ImageError.
+    """
+    import os
+
+    absolute = [os.path.abspath(p) for p in paths]
+    if not absolute:
+        return []
+    base = os.path.commonpath([os.path.dirname(a) for a in absolute])
+    names = [Path(os.path.relpath(a, base)).as_posix() for a in absolute]
+    seen: dict[str, int] = {}
+    for i, n in enumerate(names):
+        if n in seen:
+            raise ImageError(f"{paths[i]} is given twice (as {paths[seen[n]]} too): each image once")
+        seen[n] = i
+    return names

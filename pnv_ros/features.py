@@ -131,7 +131,9 @@ class FeatureSet:
     """Features of many images, as written by ``pnv extract``.
 
     Attributes:
-        names: image names (file stems), in input order.
+        names: unique image identities (paths relative to the inputs' common folder, see
+            ``extract.image_identities``), in input order. Files written before names were unique
+            (by file stem) still load unless two names repeat: then FeaturesError (re-extract).
         global_descs: (N, D) float32.
         patches: per scale, (N, P_s, D) float32 (or float16).
         image_sizes: (N, 2) int (width, height) of the original images.
@@ -145,6 +147,15 @@ class FeatureSet:
     image_sizes: np.ndarray
     preset: Preset
     model_id: str
+
+    def __post_init__(self) -> None:
+        seen: set[str] = set()
+        repeated = [n for n in self.names if n in seen or seen.add(n)]  # type: ignore[func-returns-value]
+        if repeated:
+            raise FeaturesError(
+                f"image names repeat ({', '.join(sorted(set(repeated))[:3])}): results could not say which image "
+                f"was retrieved; re-extract with this version of pnv, which names images by relative path"
+            )
 
     def __len__(self) -> int:
         return len(self.names)
@@ -225,7 +236,10 @@ class FeatureSet:
                 raise FeaturesError(
                     f"features file {path}: patches_p{preset.patch_sizes[s]} has shape {arr.shape}, expected {want}"
                 )
-        return cls(names, glob.astype(np.float32), patches, sizes, preset, str(meta.get("model_id", "")))
+        try:
+            return cls(names, glob.astype(np.float32), patches, sizes, preset, str(meta.get("model_id", "")))
+        except FeaturesError as e:
+            raise FeaturesError(f"features file {path}: {e}") from None
 
     def check_compatible(self, other: FeatureSet, what: str = "database", other_what: str = "queries") -> None:
         """Refuse to match files from different presets or models."""

@@ -1,8 +1,16 @@
-"""Image messages (sensor_msgs/Image, CompressedImage) to arrays, without ROS.
+"""Image messages (sensor_msgs/Image, CompressedImage) to uint8 arrays, without ROS.
 
 Works on any object with the messages' fields: rclpy messages in the node,
 rosbags messages in the bag reader. (cv_bridge is used by the node where it
 works; these few lines cover the encodings accepted here.)
+
+The rules are :mod:`pnv_ros.images`' own, so a frame gives the same pixels
+from a file, a raw message or a compressed one: ``mono16`` / ``16UC1`` /
+``rgb16`` / ``bgr16`` data goes to 8 bits by its real bit depth
+(:func:`pnv_ros.images.to_uint8`: the ``bit_depth`` given, else the smallest of
+8/10/12/14/16 bits holding the largest value), and CompressedImage bytes are
+decoded by :func:`pnv_ros.images.decode_bytes` (EXIF orientation applied, a
+16-bit PNG's sBIT chunk counts). Raw buffers carry no EXIF: taken as they are.
 """
 
 from __future__ import annotations
@@ -10,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from pnv_ros.errors import ImageError
-from pnv_ros.images import MAX_PIXELS
+from pnv_ros.images import MAX_PIXELS, decode_bytes, to_uint8
 
 # encoding -> (channels, dtype, is_bgr)
 ENCODINGS = {
@@ -21,8 +29,11 @@ ENCODINGS = {
 }  # fmt: skip
 
 
-def image_to_array(msg) -> np.ndarray:  # type: ignore[no-untyped-def]
-    """sensor_msgs/Image to an RGB (or grey) array; ImageError says what is wrong."""
+def image_to_array(msg, *, bit_depth: int | None = None) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """sensor_msgs/Image to a uint8 RGB (grey, RGBA) array; ImageError says what is wrong.
+
+    16-bit encodings follow the bit-depth rule; ``bit_depth`` states the camera's (e.g. 12).
+    """
     enc = (msg.encoding or "").lower()
     if enc not in ENCODINGS:
         raise ImageError(f"unsupported image encoding {msg.encoding!r}: use one of {', '.join(sorted(ENCODINGS))}")
@@ -43,22 +54,21 @@ def image_to_array(msg) -> np.ndarray:  # type: ignore[no-untyped-def]
     arr = rows.copy().view(dt).reshape(h, w, ch).astype(dtype)
     if bgr:
         arr = arr[:, :, [2, 1, 0] + ([3] if ch == 4 else [])]
+    arr = to_uint8(arr, f"{msg.encoding} image", bit_depth=bit_depth)
     return arr[:, :, 0] if ch == 1 else arr
 
 
-def compressed_to_array(msg) -> np.ndarray:  # type: ignore[no-untyped-def]
-    """sensor_msgs/CompressedImage (jpeg/png) to RGB."""
-    import cv2
+def compressed_to_array(msg, *, bit_depth: int | None = None) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """sensor_msgs/CompressedImage (JPEG, PNG, any format Pillow reads) to uint8 RGB.
 
-    buf = np.frombuffer(bytes(msg.data), dtype=np.uint8)
-    if buf.size == 0:
-        raise ImageError("compressed image is empty")
-    img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
-    if img is None:
-        raise ImageError(f"compressed image ({msg.format or 'unknown format'}, {buf.size} bytes) cannot be decoded")
-    return img[:, :, ::-1].copy()
+    The same decoder as image files (:func:`pnv_ros.images.decode_bytes`): EXIF orientation applied, 16-bit PNG
+    by the bit-depth rule; empty or undecodable bytes are an ImageError naming the format and size.
+    """
+    data = bytes(msg.data)
+    what = f"compressed image ({msg.format or 'unknown format'}, {len(data)} bytes)"
+    return np.array(decode_bytes(data, what, bit_depth=bit_depth))
 
 
-def decode_image(msg, compressed: bool) -> np.ndarray:  # type: ignore[no-untyped-def]
-    """Either kind of image message to RGB (or grey) uint8/uint16."""
-    return compressed_to_array(msg) if compressed else image_to_array(msg)
+def decode_image(msg, compressed: bool, *, bit_depth: int | None = None) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """Either kind of image message to a uint8 RGB (or grey / RGBA) array."""
+    return compressed_to_array(msg, bit_depth=bit_depth) if compressed else image_to_array(msg, bit_depth=bit_depth)

@@ -16,13 +16,14 @@ import os
 import struct
 import tempfile
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pnv_ros.errors import PnvError
+from pnv_ros.errors import OutputError, PnvError
 
 #: Arrays smaller than this are read into RAM even when memory-mapping is
 #: asked for: each memory map holds a file descriptor.
@@ -75,18 +76,29 @@ class NpzWriter:
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         try:
-            self._zip.close()
-            if exc_type is None:
-                self._file.flush()
-                if self.sync:
-                    os.fsync(self._file.fileno())
-            self._file.close()
-            if exc_type is None:
-                os.replace(self._tmp, self.path)
-                if self.sync:
-                    _fsync_dir(self.path.parent)
+            try:
+                self._zip.close()
+                if exc_type is None:
+                    self._file.flush()
+                    if self.sync:
+                        os.fsync(self._file.fileno())
+                self._file.close()
+                if exc_type is None:
+                    os.replace(self._tmp, self.path)
+                    if self.sync:
+                        _fsync_dir(self.path.parent)
+            except OSError as e:
+                if exc is None:
+                    raise _write_error(self.path, e) from e
         finally:
             Path(self._tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and not isinstance(exc, PnvError):  # a write inside the block failed
+            raise _write_error(self.path, exc) from exc
+
+
+def _write_error(path: Path, e: OSError) -> OutputError:
+    """'cannot write out/db.npz: No space left on device' (nothing was left behind)."""
+    return OutputError(f"cannot write {path}: {e.strerror or e}; nothing was written")
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -100,6 +112,86 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def check_output(path: str | Path, *, folder: bool = False, what: str = "output") -> Path:
+    """Check, before any work, that ``path`` can be written; return it.
+
+    A file output must not be an existing folder, a folder output not an existing file; the nearest
+    existing parent must be a folder this process may write (and, where it does not exist yet, the
+    missing folders are made now). A probe file is created and removed beside the target, which also
+    catches read-only file systems. Raises :class:`OutputError` saying what is wrong.
+    A full disk can still strike later: every writer here writes atomically and leaves no temp file.
+    """
+    p = Path(path)
+    if not str(path).strip():
+        raise OutputError(f"{what}: empty path")
+    if not folder and p.is_dir():
+        raise OutputError(f"{what} {p} is a folder: give a file name")
+    if folder and p.exists() and not p.is_dir():
+        raise OutputError(f"{what} {p} is a file: give a folder name")
+    parent = p.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise OutputError(f"{what} {p}: {_first_file(parent)} is a file, not a folder") from None
+    except OSError as e:
+        raise OutputError(f"{what} {p}: cannot make folder {parent}: {e.strerror or e}") from None
+    try:
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=f".{p.name}.", suffix=".probe")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputError(f"{what} {p}: cannot write in {parent}: {e.strerror or e}") from None
+    return p
+
+
+def _first_file(folder: Path) -> Path:
+    """The first existing non-folder on the way to ``folder`` (why mkdir failed)."""
+    for q in reversed([folder, *folder.parents]):
+        if q.exists() and not q.is_dir():
+            return q
+    return folder
+
+
+@contextmanager
+def atomic_file(path: str | Path, mode: str = "wb", sync: bool = True) -> Iterator[Any]:
+    """``with atomic_file(p, "w") as f: f.write(...)``: ``f`` is a temp file beside ``p``, renamed over
+    ``p`` (mode 0644) only when the block ends without an exception; removed otherwise, so a full disk
+    or an error leaves the old file (or none) and no ``.tmp``. A failed write (full disk, file size
+    limit) raises :class:`OutputError` naming ``path``."""
+    p = Path(path)
+    if p.is_dir():
+        raise OutputError(f"{p} is a folder: give a file name")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    except OSError as e:
+        raise _write_error(p, e) from e
+    try:
+        os.fchmod(fd, 0o644)
+        with os.fdopen(fd, mode) as f:
+            try:
+                yield f
+                f.flush()
+                if sync:
+                    os.fsync(f.fileno())
+            except OSError as e:
+                if isinstance(e, PnvError):
+                    raise
+                raise _write_error(p, e) from e
+        os.replace(tmp, p)
+    except OSError as e:
+        if isinstance(e, PnvError):
+            raise
+        raise _write_error(p, e) from e
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write a text file atomically (see :func:`atomic_file`)."""
+    with atomic_file(path, "w") as f:
+        f.write(text)
 
 
 def write_npz_atomic(path: Path, arrays: dict[str, Any], sync: bool = False) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from PIL import Image
 
@@ -59,5 +61,9 @@ def match_image(
     return canvas
 
 
-def save_png(rgb: np.ndarray, path: str) -> None:
-    Image.fromarray(rgb).save(path)
+def save_png(rgb: np.ndarray, path: str | Path) -> None:
+    """Write an (H, W, 3) uint8 picture as PNG atomically (no partial file on a full disk)."""
+    from pnv_ros.storage import atomic_file
+
+    with atomic_file(path, "wb", sync=False) as f:
+        Image.fromarray(rgb).save(f, format="PNG")

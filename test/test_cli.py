@@ -67,7 +67,7 @@ def test_extract_match_and_preset_mismatch(tmp_path: Path, random_ckpt: Path) ->
     r = run("match", "-q", "--db", str(db), "--queries", str(q), "--top-n", "3", "--out", str(out))
     assert r.returncode == 0, r.stderr
     res = json.loads(out.read_text())["queries"][0]
-    assert res["query"] == "42" and len(res["global"]) == 3 and sorted(res["reranked"]) == sorted(res["global"])
+    assert res["query"] == "42.jpg" and len(res["global"]) == 3 and sorted(res["reranked"]) == sorted(res["global"])
     perf = tmp_path / "perf.npz"
     assert (
         run(
@@ -211,3 +211,157 @@ def test_bench_reports_costs(tmp_path: Path, random_ckpt: Path, fast: bool) -> N
     assert res["patch_dtype"] == "float16"
     assert 936 * 64 * 2 <= res["bytes_per_keyframe"] < 2 * 936 * 64 * 2  # float16 patches dominate a keyframe
     assert set(res["global_search_ms_by_map_size"]) == {"1000", "10000"}
+
+
+def _numeric_actions():
+    """(command, option, action) for every option of every command whose value is a number."""
+    import argparse
+
+    from pnv_ros.cli import build_parser
+
+    def walk(parser: argparse.ArgumentParser, path: str):
+        for a in parser._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for name, sub in a.choices.items():
+                    yield from walk(sub, f"{path} {name}".strip())
+            elif a.option_strings:
+                yield path, a.option_strings[-1], a
+
+    return list(walk(build_parser(), ""))
+
+
+def test_every_numeric_option_is_range_checked(capsys: pytest.CaptureFixture) -> None:
+    """Kind: numeric options not range-checked (`pnv match --top-n 0` became 100)."""
+    from pnv_ros.cli import Number, main
+
+    actions = _numeric_actions()
+    numeric = [(c, o, a) for c, o, a in actions if a.type is not None]
+    assert len(numeric) >= 15  # top-n, rates, thresholds, radii ... of every command
+    for cmd, opt, a in numeric:
+        assert isinstance(a.type, Number), f"pnv {cmd} {opt}: type {a.type} has no range"
+        if a.default is not None:  # the default itself lies in the range
+            assert a.type(str(a.default)) == a.default, (cmd, opt)
+    # plain int/float without a range nowhere (store_true etc. have no type)
+    assert not [o for _, o, a in actions if a.type in (int, float)]
+    cases = [
+        (["match", "--db", "a", "--queries", "b", "--out", "o", "--top-n", "0"], "--top-n", "from 1 to"),
+        (["eval", "b", "--gt", "g", "--out", "o", "--threshold", "1.5"], "--threshold", "from 0 to 1"),
+        (["eval", "b", "--gt", "g", "--out", "o", "--exclude-recent", "nan"], "--exclude-recent", "out of range"),
+        (["eval", "b", "--gt", "g", "--out", "o", "--top-n", "2.5"], "--top-n", "not a whole number"),
+        (["bag", "make", "d", "--out", "o", "--rate", "0"], "--rate", "from 0.001"),
+        (["bench", "x.jpg", "--out", "o", "--repeats", "-1"], "--repeats", "from 1 to 1000"),
+    ]
+    for argv, opt, msg in cases:
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert opt in err and msg in err, err
+
+
+def _one_error_line(r: subprocess.CompletedProcess, msg: str) -> None:
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and msg in lines[0], r.stderr
+
+
+def test_output_path_checked_before_the_work(tmp_path: Path) -> None:
+    """Kind: write errors surfaced after the work. The checkpoint given does not exist, so an error
+    about --out proves the output was checked before anything else was loaded."""
+    folder = tmp_path / "a_folder"
+    folder.mkdir()
+    (tmp_path / "a_file").write_text("x")
+    missing = str(tmp_path / "no_such.pth")
+    frame = str(rtab_frame(1))
+    _one_error_line(run("extract", "--checkpoint", missing, "--out", str(folder), frame), "is a folder")
+    _one_error_line(run("extract", "--checkpoint", missing, "--out", str(tmp_path / "a_file" / "x.npz"), frame),
+                    "is a file, not a folder")  # fmt: skip
+    _one_error_line(run("match", "--db", missing, "--queries", missing, "--out", str(folder)), "is a folder")
+    _one_error_line(run("match-two", "--checkpoint", missing, frame, frame, "--out", str(folder)), "is a folder")
+    _one_error_line(run("bench", "--checkpoint", missing, frame, "--out", str(folder)), "is a folder")
+    _one_error_line(run("eval", missing, "--gt", missing, "--out", str(tmp_path / "a_file"), "--force"), "is a file")
+    ro = tmp_path / "read_only"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        if not os.access(ro, os.W_OK):  # root writes anywhere: this case needs a normal user
+            _one_error_line(run("extract", "--checkpoint", missing, "--out", str(ro / "x.npz"), frame),
+                            "cannot write")  # fmt: skip
+    finally:
+        ro.chmod(0o755)
+
+
+def test_full_disk_is_one_error_line_and_leaves_nothing(tmp_path: Path, random_ckpt: Path) -> None:
+    """`ulimit -f` stands in for a full disk: the write fails (EFBIG, as ENOSPC would) after the work."""
+    frames = [str(rtab_frame(i)) for i in (1, 2, 3)]
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def limited(kb: int, *args: str) -> subprocess.CompletedProcess:
+        cmd = " ".join(["ulimit", "-f", str(kb), ";", "exec", PNV, *args])
+        return subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=600)
+
+    r = limited(16, "extract", "-q", "--checkpoint", str(random_ckpt), "--out", str(out / "db.npz"), *frames)
+    _one_error_line(r, f"cannot write {out / 'db.npz'}: File too large")
+    assert list(out.iterdir()) == []  # no .tmp, no partial file
+    db = tmp_path / "db.npz"
+    assert run("extract", "-q", "--checkpoint", str(random_ckpt), "--out", str(db), *frames).returncode == 0
+    r = limited(1, "match", "-q", "--db", str(db), "--queries", str(db), "--out", str(out / "r.json"))
+    _one_error_line(r, f"cannot write {out / 'r.json'}: File too large")
+    assert list(out.iterdir()) == []
+
+
+def test_identity_is_the_relative_path(tmp_path: Path, random_ckpt: Path) -> None:
+    """Kind: identity by file stem. ref/1.jpg and query/1.jpg stay two images with two names."""
+    ref, query = tmp_path / "ref", tmp_path / "query"
+    ref.mkdir()
+    query.mkdir()
+    for i in (1, 2):
+        (ref / f"{i}.jpg").symlink_to(rtab_frame(i))
+        (query / f"{i}.jpg").symlink_to(rtab_frame(40 + i))
+    both = tmp_path / "both.npz"
+    r = run("extract", "-q", "--checkpoint", str(random_ckpt), "--out", str(both), str(ref), str(query))
+    assert r.returncode == 0, r.stderr
+    from pnv_ros.features import FeatureSet
+
+    assert FeatureSet.load(both).names == ["ref/1.jpg", "ref/2.jpg", "query/1.jpg", "query/2.jpg"]
+    one = tmp_path / "ref.npz"
+    assert run("extract", "-q", "--checkpoint", str(random_ckpt), "--out", str(one), str(ref)).returncode == 0
+    assert FeatureSet.load(one).names == ["1.jpg", "2.jpg"]
+    out = tmp_path / "r.json"
+    r = run("match", "-q", "--db", str(both), "--queries", str(one), "--top-n", "4", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    q = json.loads(out.read_text())["queries"]
+    assert q[0]["query"] == "1.jpg" and "ref/1.jpg" in q[0]["global"] and len(set(q[0]["global"])) == 4
+    r = run("extract", "--checkpoint", str(random_ckpt), "--out", str(tmp_path / "x.npz"), str(ref), str(ref / "1.jpg"))
+    _one_error_line(r, "is given twice")
+    assert not (tmp_path / "x.npz").exists()
+
+
+def test_match_two_says_when_an_image_has_no_information(tmp_path: Path, random_ckpt: Path) -> None:
+    """Kind: frames with no information still score. match-two shows the score and says the detector
+    would never take such a frame (the information test, DetectorParams.min_texture)."""
+    import numpy as np
+    from PIL import Image
+
+    blank = tmp_path / "cap.png"
+    Image.fromarray(np.full((120, 160, 3), 2, np.uint8)).save(blank)
+    r = run("match-two", "--checkpoint", str(random_ckpt), str(blank), str(blank))
+    assert r.returncode == 0 and "score" in r.stdout
+    assert r.stdout.count("has no information (texture 0.0 < 4") == 2, r.stdout
+    r = run("match-two", "--checkpoint", str(random_ckpt), str(rtab_frame(1)), str(rtab_frame(2)))
+    assert r.returncode == 0 and "no information" not in r.stdout
+
+
+def test_bag_make_leaves_no_half_bag(tmp_path: Path) -> None:
+    """A bad image met half-way: one error line, no bag folder, no temp folder."""
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i in (1, 2):
+        (imgs / f"{i}.png").write_bytes(rtab_frame(i).read_bytes())  # a JPEG named .png: PIL reads by content
+    (imgs / "3.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 11)  # 19 bytes of a broken PNG
+    out = tmp_path / "bags" / "b"
+    _one_error_line(run("bag", "make", str(imgs), "--out", str(out)), "3.png")
+    assert list((tmp_path / "bags").iterdir()) == []
+    _one_error_line(run("bag", "make", str(imgs), "--out", str(imgs)), "exists")

@@ -13,7 +13,7 @@ from conftest import RTAB, rtab_frame
 from PIL import Image
 
 from pnv_ros.config import get_preset
-from pnv_ros.detector import DetectorParams, FrameResult, LoopClosureDetector
+from pnv_ros.detector import DetectorParams, FrameResult, LoopClosureDetector, texture
 from pnv_ros.errors import ConfigError, MapError, UnknownPlaceError
 from pnv_ros.extract import FeatureExtractor
 from pnv_ros.features import PlaceFeatures
@@ -541,9 +541,14 @@ def test_reset_keeps_storage_options(extractor: FeatureExtractor, tmp_path: Path
     assert det.stats()["map_keyframes"] == 0 and det.stats()["run_start"] == 0
 
 
-def test_frames_without_information_are_never_keyframes(extractor: FeatureExtractor) -> None:
+def test_frames_without_information_are_never_keyframes(extractor: FeatureExtractor, default_extractor) -> None:
     """A lens cap, darkness or a white-out: two such frames scored 0.136 as a loop before the texture test."""
     det = LoopClosureDetector(extractor, _params(0.0, 0))
+    blank = np.full((384, 512, 3), 3, np.uint8)
+    a, b = default_extractor.extract([blank, blank.copy()])
+    pm = PatchMatcher(default_extractor.preset)
+    assert pm.absolute(pm.score(a, [b]).raw)[0] > DetectorParams().min_score  # as a pair they would close a loop
+    assert texture(blank) == 0.0 and texture(np.asarray(Image.open(rtab_frame(19)))) > 20
     rng = np.random.default_rng(0)
     for k, level in enumerate((0, 255, 3, 128)):
         flat = np.clip(level + rng.normal(0, 8, (384, 512, 3)), 0, 255).astype(np.uint8)  # sensor noise included

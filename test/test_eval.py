@@ -107,3 +107,97 @@ def test_eval_node_on_a_compressed_bag_with_odometry(tmp_path: Path) -> None:
     with open(out / "loop_closures.csv") as f:
         rows = {int(r["frame"]): int(r["match_frame"]) for r in csv.DictReader(f)}
     assert all(g[frames[q] - 1, frames[rows[q]] - 1] for q in (3, 4, 5)), rows  # 41-43 revisit frames 1-3
+
+
+def _bag_with_bad_frames(path: Path, frames: list, topic: str = "/cam/image/compressed") -> None:
+    """A compressed-image bag at 1 Hz; an int is that RTAB-Map frame, b"..." a CompressedImage with these
+    bytes, and ("cdr", b"...") raw bytes that are no CDR message at all."""
+    from rosbags.rosbag2 import StoragePlugin, Writer
+
+    from pnv_ros.bags import T0_NS, _typestore
+
+    ts = _typestore()
+    T = ts.types  # noqa: N806
+    with Writer(path, version=8, storage_plugin=StoragePlugin.MCAP) as w:
+        conn = w.add_connection(topic, "sensor_msgs/msg/CompressedImage", typestore=ts)
+        for k, f in enumerate(frames):
+            t = T0_NS + k * 10**9
+            if isinstance(f, tuple):
+                w.write(conn, t, f[1])
+                continue
+            data = rtab_frame(f).read_bytes() if isinstance(f, int) else f
+            header = T["std_msgs/msg/Header"](stamp=T["builtin_interfaces/msg/Time"](sec=t // 10**9, nanosec=0),
+                                              frame_id="cam")  # fmt: skip
+            msg = T["sensor_msgs/msg/CompressedImage"](header=header, format="jpeg", data=np.frombuffer(data, np.uint8))
+            w.write(conn, t, ts.serialize_cdr(msg, "sensor_msgs/msg/CompressedImage"))
+
+
+BAD = [1, 2, b"not a jpeg at all!!", ("cdr", b"\x00\x01\x02"), 41]  # 19 garbage bytes; then CDR garbage
+BAD_GT = [1, 2, 0, 0, 41]  # RTAB-Map frame per bag frame (0: none)
+
+
+def _bad_gt(path: Path) -> Path:
+    g = np.load(RTAB.parent / "gt_matrix.npy")
+    m = np.zeros((len(BAD_GT), len(BAD_GT)), np.uint8)
+    for i, a in enumerate(BAD_GT):
+        for j, b in enumerate(BAD_GT):
+            m[i, j] = bool(a and b and g[a - 1, b - 1])
+    np.save(path, m)
+    return path
+
+
+def test_bad_frames_do_not_end_the_iteration(tmp_path: Path) -> None:
+    from pnv_ros.bags import T0_NS, BagReader
+
+    _bag_with_bad_frames(tmp_path / "b", BAD)
+    with BagReader(tmp_path / "b") as r:
+        fr = list(r.frames())
+    assert [f.index for f in fr] == [0, 1, 2, 3, 4] and [f.rgb is None for f in fr] == [False, False, True, True, False]
+    assert fr[2].error.startswith("compressed image (jpeg, 19 bytes)") and "decode" in fr[2].error  # decode_image's
+    assert fr[2].stamp_ns == T0_NS + 2 * 10**9
+    assert "cannot be deserialised" in fr[3].error and fr[3].stamp_ns == T0_NS + 3 * 10**9  # the bag time
+    assert fr[4].rgb.shape == (384, 512, 3)
+
+
+def _check_bad_run(out: Path) -> None:
+    from pnv_ros.bags import T0_NS
+
+    m = json.loads((out / "metrics.json").read_text())
+    sk = m["skipped_frames"]
+    assert sk["count"] == 2 and [f["frame"] for f in sk["frames"]] == [2, 3]
+    assert sk["frames"][0]["stamp_ns"] == T0_NS + 2 * 10**9
+    assert sk["frames"][0]["reason"].startswith("compressed image (jpeg, 19 bytes)")
+    assert "cannot be deserialised" in sk["frames"][1]["reason"]
+    assert m["frames"] == 5 and m["keyframes"] == 3
+    with open(out / "loop_closures.csv") as f:
+        rows = {int(r["frame"]): int(r["match_frame"]) for r in csv.DictReader(f)}
+    assert set(rows) == {0, 1, 4} and rows[4] in (0, 1)  # frame 41 revisits 1 and 2: indices stay the bag's
+    assert m["at_threshold"]["positives"] == 1 and m["at_threshold"]["true_positives"] == 1
+    report = (out / "report.md").read_text()
+    assert "## Skipped frames (2)" in report and "| 2 | " in report and "19 bytes" in report
+
+
+def test_eval_skips_bad_frames_in_process(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A frame that cannot be decoded is skipped, counted and named, as the node does (issue #15, kind 3)."""
+    from pnv_ros.cli import main
+
+    bag, out = tmp_path / "bad", tmp_path / "run"
+    _bag_with_bad_frames(bag, BAD)
+    args = ["eval", str(bag), "--gt", str(_bad_gt(tmp_path / "gt.npy")), "--out", str(out), "-q",
+            "--exclude-recent", "1", "--exclude-recent-keyframes", "1", "--min-visual-change", "0"]  # fmt: skip
+    assert main(args) == 0, capsys.readouterr().err
+    assert "2 frame(s) skipped" in capsys.readouterr().out
+    _check_bad_run(out)
+
+
+@pytest.mark.slow
+def test_eval_node_skips_bad_frames(tmp_path: Path) -> None:
+    """--node: the node acknowledges the bad jpeg as "error"; the CDR garbage is not sent (nothing could take it)."""
+    bag, out = tmp_path / "bad", tmp_path / "run"
+    _bag_with_bad_frames(bag, BAD)
+    args = [PNV, "eval", str(bag), "--gt", str(_bad_gt(tmp_path / "gt.npy")), "--out", str(out), "-q", "--node",
+            "--exclude-recent", "1", "--exclude-recent-keyframes", "1", "--min-visual-change", "0"]  # fmt: skip
+    r = subprocess.run(args, capture_output=True, text=True, timeout=900, env=os.environ.copy())
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 frame(s) skipped" in r.stdout
+    _check_bad_run(out)

@@ -132,6 +132,9 @@ def test_node_end_to_end(ros: Client, tmp_path_factory: pytest.TempPathFactory) 
         img.image = image_msg(np.asarray(PILImage.open(rtab_frame(62)).convert("RGB")), 0)
         r = ros.call("query_place", img)
         assert r.success and r.ids[0] == 61  # the stored copy of the same frame
+        img.image = image_msg(np.full((384, 512, 3), 3, np.uint8), 0)  # a lens cap: no information, no candidates
+        r = ros.call("query_place", img)
+        assert not r.success and not r.ids and "no information" in r.message
         r = ros.call("query_place", QueryPlace.Request(mode=QueryPlace.Request.BY_ID, keyframe_id=999))
         assert not r.success and "unknown keyframe id 999" in r.message
         st.stamp.sec = 5000

@@ -2,8 +2,11 @@
 
 A keyframe's decision is its best re-ranked candidate and that candidate's
 absolute score. At threshold t it reports a loop when score >= t; the loop is
-a true positive when the ground truth marks the pair. Recall counts keyframes
-that have a positive among the frames they could have matched.
+a true positive when the ground truth marks the pair. A loop into a frame the
+ground truth marks "ignore" counts neither way (it is not reported). Recall
+counts keyframes that have a positive among the frames they could have matched
+(earlier keyframes outside the detector's exclusion window): a positive the
+detector could never return is not counted, and is reported apart.
 """
 
 from __future__ import annotations
@@ -24,11 +27,12 @@ class Decision:
     correct: bool
     has_positive: bool
     top_frames: Sequence[int] = ()
+    ignored: bool = False  # the match is a frame the ground truth ignores: neither true nor false
 
 
 def precision_recall(decisions: Sequence[Decision], threshold: float) -> dict[str, float]:
     """Precision, recall and F1 at one threshold (precision 1 when nothing is reported)."""
-    reported = [d for d in decisions if d.match_frame >= 0 and d.score >= threshold]
+    reported = [d for d in decisions if d.match_frame >= 0 and not d.ignored and d.score >= threshold]
     tp = sum(d.correct for d in reported)
     positives = sum(d.has_positive for d in decisions)
     p = tp / len(reported) if reported else 1.0
@@ -41,7 +45,7 @@ def precision_recall(decisions: Sequence[Decision], threshold: float) -> dict[st
 def pr_curve(decisions: Sequence[Decision]) -> dict[str, list[float] | float]:
     """Precision-recall over every distinct score threshold, its area (average
     precision, step-wise) and the recall at 100% precision."""
-    cands = sorted((d for d in decisions if d.match_frame >= 0), key=lambda d: -d.score)
+    cands = sorted((d for d in decisions if d.match_frame >= 0 and not d.ignored), key=lambda d: -d.score)
     positives = sum(d.has_positive for d in decisions)
     thresholds, prec, rec = [], [], []
     tp = 0

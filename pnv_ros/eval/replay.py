@@ -42,6 +42,15 @@ class KeyframeRecord:
 
 
 @dataclass
+class SkippedFrame:
+    """A frame the detector never saw because it cannot be decoded (the node skips it too)."""
+
+    frame: int
+    stamp_ns: int
+    reason: str
+
+
+@dataclass
 class ReplayResult:
     records: list[KeyframeRecord]
     n_frames: int
@@ -50,6 +59,10 @@ class ReplayResult:
     peak_rss_mb: float
     map_bytes_per_keyframe: float
     thumbnails: dict[int, np.ndarray]
+    skipped: list[SkippedFrame] = field(default_factory=list)
+    #: the run's exclusion window (which earlier keyframes a keyframe could match)
+    exclude_recent_s: float = 0.0
+    exclude_recent_keyframes: int = 0
 
 
 def _thumb(rgb: np.ndarray, width: int = 320) -> np.ndarray:
@@ -72,11 +85,17 @@ def replay_in_process(
     kf_frame: list[int] = []
     stamps: list[int] = []
     thumbs: dict[int, np.ndarray] = {}
+    skipped: list[SkippedFrame] = []
     t0 = time.perf_counter()
-    with BagReader(bag, topic) as r:
+    with BagReader(bag, topic, bit_depth=extractor.bit_depth) as r:
         total = r.count
         for fr in r.frames():
             stamps.append(fr.stamp_ns)
+            if fr.rgb is None:  # as the node: logged, skipped, the run goes on
+                skipped.append(SkippedFrame(fr.index, fr.stamp_ns, fr.error or "cannot be decoded"))
+                if progress:
+                    progress(fr.index + 1, total)
+                continue
             res = det.process(fr.rgb, fr.stamp_ns, fr.position)
             if res.keyframe_id is not None:
                 kf_frame.append(fr.index)
@@ -92,7 +111,8 @@ def replay_in_process(
                 progress(fr.index + 1, total)
     wall = time.perf_counter() - t0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return ReplayResult(records, len(stamps), stamps, wall, rss, det.map.nbytes_per_keyframe(), thumbs)
+    return ReplayResult(records, len(stamps), stamps, wall, rss, det.map.nbytes_per_keyframe(), thumbs, skipped,
+                        det.params.exclude_recent_s, det.params.exclude_recent_keyframes)  # fmt: skip
 
 
 def replay_through_node(
@@ -105,6 +125,7 @@ def replay_through_node(
     progress: Callable[[int, int], None] | None = None,
     node_timeout_s: float = 180.0,
     bf16: bool = False,
+    bit_depth: int | None = None,
 ) -> ReplayResult:
     """Play the bag into a live loop_closure_node (lockstep) and record its output.
 
@@ -119,18 +140,25 @@ def replay_through_node(
 
     stamps: list[int] = []
     thumbs: dict[int, np.ndarray] = {}
-    with BagReader(bag, topic) as r:  # stamps and small pictures only: decoded frames are not kept
+    skipped: dict[int, SkippedFrame] = {}
+    undeserialisable: set[int] = set()  # their bag times: never published (no node could take them)
+    with BagReader(bag, topic, bit_depth=bit_depth) as r:  # stamps and small pictures only: frames are not kept
         image_topic, total, compressed = r.topic, r.count, r.msgtype == IMAGE_TYPES[1]
         odom_topics = sorted({t for t, ty in r.topics().items() if ty == ODOM_TYPE})
         for f in r.frames():
             stamps.append(f.stamp_ns)
-            thumbs[f.index] = _thumb(f.rgb)
-    frame_of = {s: i for i, s in enumerate(stamps)}
+            if f.rgb is None:  # the node acknowledges it as "error"; the stamp keeps the indices aligned
+                skipped[f.index] = SkippedFrame(f.index, f.stamp_ns, f.error or "cannot be decoded")
+                if "cannot be deserialised" in (f.error or ""):
+                    undeserialisable.add(f.stamp_ns)  # a bag time: the header is unreadable
+            else:
+                thumbs[f.index] = _thumb(f.rgb)
+    frame_of = {s: i for i, s in enumerate(stamps) if i not in skipped}
     exe = str(Path(sys.executable).parent / "loop_closure_node")
     # The node hears exactly what the bag holds for it: the image topic (raw or compressed) and odometry.
     args = [exe, "--ros-args", "-r", f"{'image/compressed' if compressed else 'image'}:={image_topic}",
             "-p", f"compressed:={str(compressed).lower()}", "-p", f"preset:={preset_name}",
-            "-p", f"bfloat16:={str(bf16).lower()}"]  # fmt: skip
+            "-p", f"bfloat16:={str(bf16).lower()}", "-p", f"bit_depth:={bit_depth or 0}"]  # fmt: skip
     if len(odom_topics) == 1:
         args += ["-r", f"odom:={odom_topics[0]}"]
     defaults = DetectorParams()
@@ -150,6 +178,9 @@ def replay_through_node(
     t0 = time.perf_counter()
     try:
         player = BagPlayer(bag, topics=[image_topic, *odom_topics[:1]])  # not /tf, /rosout...: no one listens
+        if undeserialisable:  # neither the player nor the node's middleware can read these: not sent
+            every = player.messages
+            player.messages = lambda: (m for m in every() if not (m[0] == image_topic and m[2] in undeserialisable))
         player.node.create_subscription(LoopClosure, "loop_closures", loops.append, 1000)
         if not player.wait_for_subscribers(node_timeout_s, alive=lambda: proc.poll() is None):
             out = proc.communicate(timeout=10)[0] if proc.poll() is not None else ""
@@ -158,6 +189,7 @@ def replay_through_node(
             )
         player.lockstep(image_topic, progress=(lambda n: progress(n, total)) if progress else None)
         keyframes = {stamp_to_ns(a.stamp) for a in player.acks if a.frame_id == "keyframe"}  # first ack per stamp wins
+        errors = {stamp_to_ns(a.stamp) for a in player.acks if a.frame_id == "error"} - keyframes
         end = time.time() + 5
         while time.time() < end:
             rclpy.spin_once(player.node, timeout_sec=0.05)
@@ -172,12 +204,15 @@ def replay_through_node(
         except subprocess.TimeoutExpired:
             proc.kill()
             out, _ = proc.communicate()
+    for i, s in enumerate(stamps):  # frames the node could not use though they decode here
+        if s in errors and i not in skipped:
+            skipped[i] = SkippedFrame(i, s, "the node reported an error for it (see its log)")
     best: dict[int, object] = {}
     for lc in loops:
         best[stamp_to_ns(lc.query_stamp)] = lc
     records = []
     for i, s in enumerate(stamps):
-        if s not in keyframes:
+        if s not in keyframes or i in skipped:
             continue
         lc = best.get(s)
         m = frame_of.get(stamp_to_ns(lc.match_stamp), -1) if lc is not None else -1
@@ -185,4 +220,6 @@ def replay_through_node(
                                       float(lc.global_distance) if lc else float("nan"),
                                       int(lc.num_matches) if lc else 0, int(lc.num_inliers) if lc else 0,
                                       [m] if m >= 0 else []))  # fmt: skip
-    return ReplayResult(records, len(stamps), stamps, wall, float("nan"), float("nan"), thumbs)
+    return ReplayResult(records, len(stamps), stamps, wall, float("nan"), float("nan"), thumbs,
+                        [skipped[i] for i in sorted(skipped)], params.exclude_recent_s,
+                        params.exclude_recent_keyframes)  # fmt: skip

@@ -15,19 +15,47 @@ from pnv_ros.eval.metrics import Decision, latency_stats, pr_curve, precision_re
 from pnv_ros.eval.replay import ReplayResult
 
 
+def _ignore(positives: list[set[int]]) -> list[set[int]]:
+    """The ground truth's ignored frames per frame (a SequenceGT's ``ignore``; none for a plain list)."""
+    ign = getattr(positives, "ignore", None)
+    return ign if ign is not None else [set() for _ in positives]
+
+
+def findable(result: ReplayResult, positives: list[set[int]]) -> list[tuple[set[int], str]]:
+    """Per keyframe record: (its positives the detector could return, and when there are
+    none although the ground truth has some, why: 'exclusion_window' when a positive is a
+    keyframe inside the run's exclusion window, 'not_keyframes' when none is a keyframe
+    (skipped, or not kept by the keyframe policy); '' otherwise). A keyframe can match an
+    earlier keyframe that is at least ``exclude_recent_s`` older (by stamp) and not one of
+    the last ``exclude_recent_keyframes`` keyframes, as the detector's ``_limit``."""
+    kf_of = {r.frame: n for n, r in enumerate(result.records)}
+    stamps = np.array([r.stamp_ns for r in result.records], dtype=np.int64)
+    window = int(result.exclude_recent_s * 1e9)
+    out = []
+    for n, r in enumerate(result.records):
+        limit = min(n - result.exclude_recent_keyframes, int(np.searchsorted(stamps[:n], r.stamp_ns - window, "right")))
+        pos = positives[r.frame]
+        ok = {j for j in pos if kf_of.get(j, n) < limit}
+        why = "" if ok or not pos else ("exclusion_window" if any(j in kf_of for j in pos) else "not_keyframes")
+        out.append((ok, why))
+    return out
+
+
 def decisions(result: ReplayResult, positives: list[set[int]]) -> list[Decision]:
+    ign = _ignore(positives)
     return [
-        Decision(
-            r.frame, r.match_frame, r.score, r.match_frame in positives[r.frame], bool(positives[r.frame]), r.top_frames
-        )  # fmt: skip
-        for r in result.records
-    ]
+        Decision(r.frame, r.match_frame, r.score, r.match_frame in positives[r.frame], bool(ok), r.top_frames,
+                 r.match_frame >= 0 and r.match_frame in ign[r.frame] and r.match_frame not in positives[r.frame])
+        for r, (ok, _) in zip(result.records, findable(result, positives))
+    ]  # fmt: skip
 
 
 def compute_metrics(result: ReplayResult, positives: list[set[int]], threshold: float) -> dict[str, Any]:
     ds = decisions(result, positives)
     curve = pr_curve(ds)
     n_kf = len(result.records)
+    why = [(r.frame, w) for r, (_, w) in zip(result.records, findable(result, positives))]
+    unfindable = {k: [f for f, w in why if w == k] for k in ("exclusion_window", "not_keyframes")}
     return {
         "threshold": threshold,
         "at_threshold": precision_recall(ds, threshold),
@@ -39,6 +67,26 @@ def compute_metrics(result: ReplayResult, positives: list[set[int]], threshold: 
             "extract": latency_stats([r.t_extract for r in result.records if not math.isnan(r.t_extract)]),
             "rerank": latency_stats([r.t_rerank for r in result.records if not math.isnan(r.t_rerank)]),
             "per_keyframe": latency_stats([r.t_total for r in result.records if not math.isnan(r.t_total)]),
+        },
+        "ground_truth": {
+            "frames_with_positives": sum(bool(p) for p in positives),
+            "keyframes_with_positives": sum(bool(positives[r.frame]) for r in result.records),
+            "keyframes_with_findable_positives": sum(d.has_positive for d in ds),
+            "unfindable": {
+                "note": "keyframes whose positives the detector could never return: excluded from recall",
+                "exclusion_window": {
+                    "count": len(unfindable["exclusion_window"]),
+                    "frames": unfindable["exclusion_window"],
+                },
+                "not_keyframes": {"count": len(unfindable["not_keyframes"]), "frames": unfindable["not_keyframes"]},
+            },
+            "exclude_recent_s": result.exclude_recent_s,
+            "exclude_recent_keyframes": result.exclude_recent_keyframes,
+            "ignored_loops_at_threshold": sum(d.ignored and d.score >= threshold for d in ds),
+        },
+        "skipped_frames": {
+            "count": len(result.skipped),
+            "frames": [{"frame": s.frame, "stamp_ns": s.stamp_ns, "reason": s.reason} for s in result.skipped],
         },
         "frames": result.n_frames,
         "keyframes": n_kf,
@@ -109,35 +157,37 @@ def write_run(out: Path, result: ReplayResult, positives: list[set[int]], thresh
     """Write the run folder's files into ``out`` (the caller renames it into place)."""
     metrics = compute_metrics(result, positives, threshold)
     metrics.update(info)
+    ds = decisions(result, positives)
+    reach = [ok for ok, _ in findable(result, positives)]
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=float))
     with open(out / "loop_closures.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["frame", "stamp_ns", "match_frame", "score", "accepted", "correct", "has_positive",
-                    "global_distance", "num_matches", "num_inliers"])  # fmt: skip
-        for r in result.records:
-            accepted = int(r.score >= threshold and r.match_frame >= 0)
+                    "global_distance", "num_matches", "num_inliers", "ignored"])  # fmt: skip
+        for r, d in zip(result.records, ds):  # has_positive: a positive the detector could return
+            accepted = int(r.score >= threshold and r.match_frame >= 0 and not d.ignored)
             w.writerow([r.frame, r.stamp_ns, r.match_frame, f"{r.score:.6f}", accepted,
-                        int(r.match_frame in positives[r.frame]), int(bool(positives[r.frame])),
-                        f"{r.global_distance:.6f}", r.num_matches, r.num_inliers])  # fmt: skip
+                        int(r.match_frame in positives[r.frame]), int(d.has_positive),
+                        f"{r.global_distance:.6f}", r.num_matches, r.num_inliers, int(d.ignored)])  # fmt: skip
     _plots(out, metrics, result, title)
     ex = out / "examples"
     ex.mkdir(exist_ok=True)
-    fps = sorted((r for r in result.records if r.match_frame >= 0 and r.score >= threshold
-                  and r.match_frame not in positives[r.frame]), key=lambda r: -r.score)[:5]  # fmt: skip
+    fps = sorted((r for r, d in zip(result.records, ds) if r.match_frame >= 0 and r.score >= threshold
+                  and not d.correct and not d.ignored), key=lambda r: -r.score)[:5]  # fmt: skip
     for r in fps:
         _pair_picture(ex / f"false_positive_{r.frame}_{r.match_frame}.png", result, r.frame, r.match_frame,
                       f"FALSE POSITIVE frame {r.frame} -> {r.match_frame}, score {r.score:.3f}")  # fmt: skip
     missed = [
-        r
-        for r in result.records
-        if positives[r.frame] and not (r.score >= threshold and r.match_frame in positives[r.frame])
+        (r, ok) for r, ok in zip(result.records, reach) if ok and not (r.score >= threshold and r.match_frame in ok)
     ]
-    for r in missed[:5]:
-        truth = min(positives[r.frame], key=lambda j: abs(j - r.match_frame) if r.match_frame >= 0 else j)
+    for r, ok in missed[:5]:
+        truth = min(ok, key=lambda j: abs(j - r.match_frame) if r.match_frame >= 0 else j)
         _pair_picture(ex / f"missed_{r.frame}_{truth}.png", result, r.frame, truth,
                       f"MISSED frame {r.frame} (true {truth}); best was {r.match_frame} at {r.score:.3f}")  # fmt: skip
     at = metrics["at_threshold"]
     lat = metrics["latency"]
+    g, sk = metrics["ground_truth"], metrics["skipped_frames"]
+    un = g["unfindable"]
 
     def ms3(d: dict[str, float], fmt: str) -> str:
         return " / ".join(format(d[k], fmt) for k in ("p50_ms", "p95_ms", "max_ms"))
@@ -149,7 +199,12 @@ def write_run(out: Path, result: ReplayResult, positives: list[set[int]], thresh
         ("average precision (PR area)", f"{metrics['average_precision']:.3f}"),
         ("recall at 100% precision", f"{metrics['recall_at_100_precision']:.3f}"),
         ("retrieval Recall@1/5/10/20", " / ".join(f"{v:.3f}" for v in metrics["retrieval_recall_at_n"].values())),
-        ("keyframes / frames", f"{metrics['keyframes']} / {metrics['frames']}"),
+        ("revisiting keyframes: with GT positives / findable", f"{g['keyframes_with_positives']} / "
+         f"{g['keyframes_with_findable_positives']}"),
+        ("not findable: positives only in the exclusion window / never keyframes",
+         f"{un['exclusion_window']['count']} / {un['not_keyframes']['count']}"),
+        ("loops into ignored frames (not counted)", f"{g['ignored_loops_at_threshold']}"),
+        ("keyframes / frames / skipped frames", f"{metrics['keyframes']} / {metrics['frames']} / {sk['count']}"),
         ("keyframes per second", f"{metrics['keyframes_per_second']:.2f}"),
         ("latency extract p50 / p95 / max (ms)", ms3(lat["extract"], ".0f")),
         ("latency re-rank p50 / p95 / max (ms)", ms3(lat["rerank"], ".1f")),
@@ -166,5 +221,18 @@ def write_run(out: Path, result: ReplayResult, positives: list[set[int]], thresh
         "", "![precision-recall](pr_curve.png)", "", "![latency](latency.png)", "",
         "Examples (worst false positives, missed loops) are in `examples/`.", "",
     ]  # fmt: skip
+    if un["exclusion_window"]["count"]:
+        lines += [f"Keyframes whose positives all lie in the exclusion window ({g['exclude_recent_s']:g} s, "
+                  f"{g['exclude_recent_keyframes']} keyframes), not counted in recall: frames "
+                  + ", ".join(map(str, un["exclusion_window"]["frames"])) + ".", ""]  # fmt: skip
+    if un["not_keyframes"]["count"]:
+        lines += ["Keyframes whose positives never became keyframes, not counted in recall: frames "
+                  + ", ".join(map(str, un["not_keyframes"]["frames"])) + ".", ""]  # fmt: skip
+    if sk["count"]:
+        lines += [f"## Skipped frames ({sk['count']})", "",
+                  "Frames that cannot be decoded; the detector skipped them, as the node does.", "",
+                  "| frame | stamp (ns) | reason |", "|---|---|---|",
+                  *(f"| {f['frame']} | {f['stamp_ns']} | {f['reason'].replace('|', '/')} |" for f in sk["frames"]),
+                  ""]  # fmt: skip
     (out / "report.md").write_text("\n".join(lines))
     return metrics

@@ -149,7 +149,16 @@ class PatchNetVLADModel(nn.Module):
     def _pool(
         self, feats: torch.Tensor, patch_sizes: tuple[int, ...], strides: tuple[int, ...]
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """feats: (B, C, h, w) float32 conv5_3 -> global (B, D) and patches, as ``forward``."""
+        """feats: (B, C, h, w) float32 conv5_3 -> global (B, D) and patches, as ``forward``.
+
+        Pooled one image at a time: oneDNN picks its product kernels by batch size, and a box sum
+        (a small difference of large integral values) turns their last-bit differences into patch
+        descriptors moved by up to 0.004, enough to change RANSAC inlier counts. Per image, a
+        descriptor is the same whatever the batch it came in (tested); the backbone's convolutions
+        are already batch-independent on CPU (bit-identical, tested)."""
+        if feats.shape[0] > 1:
+            parts = [self._pool(feats[i : i + 1], patch_sizes, strides) for i in range(feats.shape[0])]
+            return torch.cat([g for g, _ in parts]), [torch.cat(ps) for ps in zip(*(p for _, p in parts))]
         b, c, h, w = feats.shape
         k = self.pool.num_clusters
         x = F.normalize(feats, p=2, dim=1)

@@ -36,7 +36,7 @@ from std_msgs.msg import Header
 from visualization_msgs.msg import MarkerArray
 
 from pnv_ros.config import load_preset
-from pnv_ros.detector import Admission, LoopClosureDetector
+from pnv_ros.detector import Admission, LoopClosureDetector, texture
 from pnv_ros.errors import ImageError, PnvError
 from pnv_ros.extract import FeatureExtractor
 from pnv_ros.model.checkpoint import load_checkpoint
@@ -296,7 +296,7 @@ class LoopClosureNode(Node):
             self._log_jump(adm)
         if not adm.extract:
             return adm.status
-        arr = _decode(msg)
+        arr = _decode(msg, self._value("bit_depth") or None)
         adm = self.detector.look(adm, arr)
         if not adm.extract:
             return adm.status
@@ -433,7 +433,14 @@ class LoopClosureNode(Node):
     def _query(self, req, resp) -> None:  # type: ignore[no-untyped-def]
         det = self.detector
         if req.mode == QueryPlace.Request.BY_IMAGE:
-            feats, exclude = det.extractor.extract_one(image_to_array(req.image)), None
+            rgb = image_to_array(req.image, bit_depth=self._value("bit_depth") or None)
+            t, least = texture(rgb), det.params.min_texture
+            if t < least:  # no information: its candidates would be noise (two blank frames score 0.22)
+                raise PnvError(
+                    f"the image has no information (texture {t:.1f} < min_texture {least:g} grey levels: "
+                    f"a lens cap, darkness or a white-out); it is never a keyframe and is not queried"
+                )
+            feats, exclude = det.extractor.extract_one(rgb), None
         elif req.mode in (QueryPlace.Request.BY_ID, QueryPlace.Request.BY_STAMP):
             with det.lock:
                 kf = det.map.get(req.keyframe_id) if req.mode == QueryPlace.Request.BY_ID else \
@@ -530,12 +537,13 @@ except Exception:  # noqa: BLE001 - absent here, or the ROS 1 PyPI build that br
     _BRIDGE = None
 
 
-def _decode(msg) -> np.ndarray:  # type: ignore[no-untyped-def]
-    """Our checked decoding first (clear errors); cv_bridge for other encodings where present."""
+def _decode(msg, bit_depth: int | None = None) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """Our checked decoding first (clear errors; the package's one decoder and bit-depth rule);
+    cv_bridge for other encodings where present."""
     if isinstance(msg, CompressedImage):
-        return compressed_to_array(msg)
+        return compressed_to_array(msg, bit_depth=bit_depth)
     try:
-        return image_to_array(msg)
+        return image_to_array(msg, bit_depth=bit_depth)
     except ImageError as e:
         if _BRIDGE is None or "unsupported image encoding" not in str(e):
             raise

@@ -64,6 +64,9 @@ TABLE: tuple[Param, ...] = (
     Param("bfloat16", False, "backbone in bfloat16 (pooling float32): faster extraction on AVX-512 BF16/AMX CPUs "
           "and GPUs"),
     Param("compressed", False, "subscribe to image/compressed instead of image"),
+    Param("bit_depth", 0, "significant bits of a 16-bit camera (e.g. 12 for a 12-bit sensor in mono16); 0 = "
+          "per frame: a PNG's sBIT, else the smallest of 8/10/12/14/16 bits holding the frame's maximum",
+          range=(0, 16)),
     Param("image_qos", "sensor_data", "image QoS: sensor_data (best effort, what drivers publish) | reliable | "
           "best_effort | system_default; a best-effort subscription also receives reliable publishers",
           choices=QOS_CHOICES),
