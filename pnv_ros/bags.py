@@ -10,6 +10,7 @@ publishing the raw bytes; a ROS 1 bag's are converted to CDR first.
 from __future__ import annotations
 
 import csv
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from pnv_ros.errors import PnvError
-from pnv_ros.images import list_images, load_image
+from pnv_ros.images import decode_bytes, list_images, load_image
 
 
 class BagError(PnvError):
@@ -62,6 +63,10 @@ def read_poses(path: Path) -> dict[str, np.ndarray]:
         raise BagError(f"poses file {path}: need columns name,x,y[,z] ({e})") from None
 
 
+#: A ROS 2 topic name (absolute or relative), without substitutions (rcl's rules, simplified).
+_TOPIC = re.compile(r"/?[A-Za-z_][A-Za-z0-9_]*(/[A-Za-z_][A-Za-z0-9_]*)*")
+
+
 def make_bag(
     images_dir: Path | list[Path],
     out: Path,
@@ -79,6 +84,10 @@ def make_bag(
 
     if rate <= 0:
         raise BagError(f"rate {rate} must be positive")
+    for name in (topic, odom_topic):
+        if not _TOPIC.fullmatch(name):
+            raise BagError(f"topic {name!r} is not a ROS topic name (e.g. /camera/image: letters, digits and _, "
+                           f"separated by /, no part starting with a digit)")  # fmt: skip
     if fmt not in ("mcap", "sqlite3"):
         raise BagError(f"format {fmt!r}: use mcap or sqlite3")
     paths = list_images(images_dir if isinstance(images_dir, list) else [images_dir])
@@ -108,7 +117,11 @@ def make_bag(
                 stamp = Time(sec=t // 1_000_000_000, nanosec=t % 1_000_000_000)
                 header = Header(stamp=stamp, frame_id=frame_id)
                 if compressed:
-                    data = p.read_bytes() if p.suffix.lower() in (".jpg", ".jpeg") else _jpeg(p)
+                    if p.suffix.lower() in (".jpg", ".jpeg"):
+                        data = p.read_bytes()  # as it is (EXIF included), once the one decoder reads it
+                        decode_bytes(data, str(p))
+                    else:
+                        data = _jpeg(p)
                     msg = T[itype](header=header, format="jpeg", data=np.frombuffer(data, np.uint8))
                 else:
                     rgb = np.asarray(load_image(p))

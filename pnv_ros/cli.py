@@ -6,7 +6,6 @@ User errors print one ``error: ...`` line and exit 1, never a traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -94,7 +93,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
     from pnv_ros.images import list_images
     from pnv_ros.storage import check_output
 
-    check_output(args.out, what="--out")
+    check_output(args.out, what="--out", inputs=args.images)
     preset = _preset(args)
     paths = list_images(args.images)
     image_identities(paths)  # a file given twice fails now, not after the extraction
@@ -112,9 +111,9 @@ def cmd_match(args: argparse.Namespace) -> int:
     from pnv_ros.eval.ground_truth import N_VALUES, load_ground_truth, recall_at_n
     from pnv_ros.features import FeatureSet
     from pnv_ros.retrieval import two_stage
-    from pnv_ros.storage import check_output, write_text_atomic
+    from pnv_ros.storage import check_output, to_json, write_text_atomic
 
-    check_output(args.out, what="--out")
+    check_output(args.out, what="--out", inputs=[args.db, args.queries] + ([args.gt] if args.gt else []))
     db = FeatureSet.load(args.db)
     qs = FeatureSet.load(args.queries)
     preset = load_preset(args.preset or "speed", args.config) if (args.preset or args.config) else db.preset
@@ -149,7 +148,7 @@ def cmd_match(args: argparse.Namespace) -> int:
             "reranked": {str(k): v for k, v in recall_at_n([r.reranked_ids for r in results], gt, N_VALUES).items()},
             "queries_with_positives": int(gt.has_positive().sum()),
         }
-    write_text_atomic(args.out, json.dumps(out, indent=1))
+    write_text_atomic(args.out, to_json(out))
     print(f"wrote {args.out}: {len(qs)} queries against {len(db)} images, {dt / max(1, len(qs)):.3f} s/query")
     if gt is not None:
         for stage in ("global", "reranked"):
@@ -167,7 +166,7 @@ def cmd_match_two(args: argparse.Namespace) -> int:
     from pnv_ros.viz import match_image, save_png
 
     if args.out:
-        check_output(args.out, what="--out")
+        check_output(args.out, what="--out", inputs=[args.image_a, args.image_b])
     preset = _preset(args)
     ex = _extractor(args, preset)
     a, b = ex.extract([args.image_a, args.image_b])
@@ -264,7 +263,7 @@ def cmd_bag(args: argparse.Namespace) -> int:
 
         if Path(args.out).exists():
             raise PnvError(f"{args.out} exists: choose a new bag path")
-        check_output(args.out, folder=True, what="--out")
+        check_output(args.out, folder=True, what="--out", inputs=[args.images])
         n = make_bag(Path(args.images), Path(args.out), fmt=args.format, rate=args.rate, compressed=args.compressed,
                      topic=args.topic, poses=Path(args.poses) if args.poses else None)  # fmt: skip
         print(f"wrote {args.out}: {n} messages ({args.format}, {args.rate:g} Hz, topic {args.topic})")
@@ -305,7 +304,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not args.force:
         raise PnvError(f"{out} exists: choose a new run folder or pass --force")
-    check_output(out, folder=True, what="--out")
+    check_output(out, folder=True, what="--out", inputs=[args.bag, args.gt] + ([args.config] if args.config else []))
+    if out.is_dir() and any(out.iterdir()) and not (out / "metrics.json").is_file():
+        raise PnvError(f"{out} is not a run folder of pnv eval (no metrics.json): --force replaces only earlier runs")
     preset = _preset(args)
     with BagReader(Path(args.bag), args.topic) as r:  # fail early: topic, count
         n_frames, topic = r.count, r.topic
@@ -356,6 +357,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "args": {k: v for k, v in vars(args).items() if k != "func"}}  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    tmp.chmod(0o755)  # as mkdir would make it (mkdtemp's 0700 would hide the run from other users)
     try:
         m = write_run(tmp, result, positives, args.threshold, info, title=Path(args.bag).name)
         if out.exists():
@@ -376,13 +378,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from pnv_ros.bench import run_bench
     from pnv_ros.images import list_images
-    from pnv_ros.storage import check_output, write_text_atomic
+    from pnv_ros.storage import check_output, to_json, write_text_atomic
 
-    check_output(args.out, what="--out")
+    check_output(args.out, what="--out", inputs=args.images)
     preset = _preset(args)
     ex = _extractor(args, preset)
     res = run_bench(ex, list_images(args.images), top_n=args.top_n, repeats=args.repeats, exact=not args.fast_products)
-    write_text_atomic(args.out, json.dumps(res, indent=1))
+    write_text_atomic(args.out, to_json(res))
     print(f"{preset.name} on {res['device']}: {res['seconds_per_image']:.3f} s/image, "
           f"{res['ms_per_candidate']:.2f} ms/candidate ({res['matcher']}, {res['products']} products, "
           f"top {args.top_n} batched), "

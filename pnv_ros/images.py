@@ -35,7 +35,9 @@ Arrays are taken as RGB (or grey / RGBA); a caller holding BGR (OpenCV, ROS
 from __future__ import annotations
 
 import io
+import re
 import struct
+import warnings
 from pathlib import Path
 from typing import Union
 
@@ -67,6 +69,11 @@ _TRANSPOSE = {
     7: Image.Transpose.TRANSVERSE,
     8: Image.Transpose.ROTATE_90,
 }
+
+# Pillow warns where this package already decides: pictures between its 89 Mpx warning and MAX_PIXELS are
+# accepted here, and a corrupt EXIF block shows the picture as stored (as viewers do). Only these two are quieted.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+warnings.filterwarnings("ignore", message="Corrupt EXIF data", category=UserWarning)
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _GREY16_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
@@ -127,6 +134,11 @@ def to_uint8(
                 f"{what}: {arr.dtype} values from {lo} to {hi} are not pixel values (need 0..65535: 8 to 16 bits)"
             )
         b = _bit_depth(hi, what, bit_depth, significant_bits)
+        if bit_depth is None and significant_bits is not None and b == significant_bits < 16 and hi > 0:
+            # A PNG writer that follows the spec shifts sBIT-bit samples up to 16 bits: a very dark frame then
+            # stays within the sBIT range, but every value is a multiple of 2**(16 - sBIT). Read it as shifted.
+            if not (arr.astype(np.uint32) & ((1 << (16 - b)) - 1)).any():
+                b = 16
         top = (1 << b) - 1
         # round(v * 255 / top), half up, exactly in integers (v * 510 < 2**25 fits uint32).
         return ((arr.astype(np.uint32) * 510 + top) // (2 * top)).astype(np.uint8)
@@ -159,6 +171,8 @@ def _array_to_rgb(
         raise ImageError(f"{what}: array of shape {arr.shape} is not an image (need H x W [x 1|3|4], non-empty)")
     if arr.ndim == 3 and arr.shape[2] not in (1, 3, 4):
         raise ImageError(f"{what}: {arr.shape[2]} channels; need 1 (grey), 3 (RGB) or 4 (RGBA)")
+    if arr.ndim == 3 and arr.shape[2] == 4:
+        arr = arr[:, :, :3]  # alpha is dropped before the bit depth is read: an opaque 65535 is no pixel value
     a8 = to_uint8(arr, what, bit_depth=bit_depth, significant_bits=significant_bits)
     if a8.ndim == 3 and a8.shape[2] == 1:
         a8 = a8[:, :, 0]
@@ -227,6 +241,7 @@ def _rawmode(img: Image.Image) -> str:
 
 def _undecodable(what: str, reason: str) -> ImageError:
     """The one wording of undecodable data, for files and messages alike."""
+    reason = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "the data", reason)
     return ImageError(
         f"{what}: cannot decode image ({reason}); the data cannot be decoded as JPEG, PNG or another format "
         "Pillow reads"
@@ -308,18 +323,26 @@ def load_image(source: ImageSource, *, bit_depth: int | None = None) -> Image.Im
     raise ImageError(f"unsupported image source of type {type(source).__name__}: give a path, array or PIL image")
 
 
-def _numeric_key(p: Path) -> tuple[int, int | str]:
-    """Sort '2.jpg' before '10.jpg' (frame numbers), else by name."""
-    return (0, int(p.stem)) if p.stem.isdigit() else (1, p.name)
+def _natural_key(p: Path) -> tuple:
+    """Frame order: digit runs compare as numbers ('frame2' before 'frame10', '2.jpg' before '10.jpg'),
+    the rest case-insensitively; ties ('1.jpg', '01.jpg', '1.png') by the exact name, never by listing order."""
+    parts = tuple((0, int(t), "") if t.isdecimal() else (1, 0, t.lower()) for t in re.split(r"(\d+)", p.stem) if t)
+    return parts, p.suffix.lower(), p.name
 
 
 def list_images(inputs: list[str | Path]) -> list[Path]:
-    """Expand files and folders into image paths, folders in numeric-aware order."""
+    """Expand files and folders into image paths, each folder's images in natural (frame) order.
+
+    A folder contributes its files with an image suffix (any case), hidden files excepted (``.*``: macOS's
+    ``._name.jpg`` resource forks, editors' temp files); sub-folders are not entered. ImageError for a
+    folder without images, a path that does not exist, or a folder given where an image is expected.
+    """
     out: list[Path] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            found = sorted((f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES), key=_numeric_key)
+            found = sorted((f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES
+                            and not f.name.startswith(".") and f.is_file()), key=_natural_key)  # fmt: skip
             if not found:
                 raise ImageError(f"{p}: folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
             out.extend(found)

@@ -114,14 +114,19 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def check_output(path: str | Path, *, folder: bool = False, what: str = "output") -> Path:
+def check_output(
+    path: str | Path, *, folder: bool = False, what: str = "output", inputs: Iterable[str | Path] = ()
+) -> Path:
     """Check, before any work, that ``path`` can be written; return it.
 
     A file output must not be an existing folder, a folder output not an existing file; the nearest
     existing parent must be a folder this process may write (and, where it does not exist yet, the
     missing folders are made now). A probe file is created and removed beside the target, which also
-    catches read-only file systems. Raises :class:`OutputError` saying what is wrong.
-    A full disk can still strike later: every writer here writes atomically and leaves no temp file.
+    catches read-only file systems. An existing target that is not a regular file (a device such as
+    ``/dev/null``, a pipe: the atomic rename would replace it) is refused, and so is a target that is
+    one of the command's ``inputs`` or, for a folder, holds one. Raises :class:`OutputError` saying
+    what is wrong. A full disk can still strike later: every writer here writes atomically and leaves
+    no temp file.
     """
     p = Path(path)
     if not str(path).strip():
@@ -130,6 +135,16 @@ def check_output(path: str | Path, *, folder: bool = False, what: str = "output"
         raise OutputError(f"{what} {p} is a folder: give a file name")
     if folder and p.exists() and not p.is_dir():
         raise OutputError(f"{what} {p} is a file: give a folder name")
+    if not folder and p.exists() and not p.is_file():
+        raise OutputError(f"{what} {p} is not a regular file (a device or a pipe): give a file name")
+    for given in inputs:
+        q = Path(given)
+        if not q.exists():
+            continue
+        if p.exists() and os.path.samefile(p, q):
+            raise OutputError(f"{what} {p} is an input of this command: writing it would destroy the input")
+        if folder and p.exists() and Path(os.path.realpath(q)).is_relative_to(os.path.realpath(p)):
+            raise OutputError(f"{what} {p} holds the input {q}: replacing it would destroy the input")
     parent = p.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -186,6 +201,27 @@ def atomic_file(path: str | Path, mode: str = "wb", sync: bool = True) -> Iterat
         raise _write_error(p, e) from e
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def to_json(obj: Any, indent: int | None = 1) -> str:
+    """Strict JSON (RFC 8259) of results: NaN and infinities, which ``json.dumps`` would write as the
+    invalid tokens ``NaN`` / ``Infinity``, become ``null`` (an undefined recall, a latency never
+    measured); numpy scalars and arrays become numbers and lists."""
+
+    def clean(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {str(k): clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        if isinstance(v, np.ndarray):
+            return clean(v.tolist())
+        if isinstance(v, np.generic):
+            v = v.item()
+        if isinstance(v, float) and not np.isfinite(v):
+            return None
+        return v
+
+    return json.dumps(clean(obj), indent=indent, allow_nan=False)
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

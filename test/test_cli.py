@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import RTAB, rtab_frame
 
@@ -342,7 +343,6 @@ def test_identity_is_the_relative_path(tmp_path: Path, random_ckpt: Path) -> Non
 def test_match_two_says_when_an_image_has_no_information(tmp_path: Path, random_ckpt: Path) -> None:
     """Kind: frames with no information still score. match-two shows the score and says the detector
     would never take such a frame (the information test, DetectorParams.min_texture)."""
-    import numpy as np
     from PIL import Image
 
     blank = tmp_path / "cap.png"
@@ -365,3 +365,45 @@ def test_bag_make_leaves_no_half_bag(tmp_path: Path) -> None:
     _one_error_line(run("bag", "make", str(imgs), "--out", str(out)), "3.png")
     assert list((tmp_path / "bags").iterdir()) == []
     _one_error_line(run("bag", "make", str(imgs), "--out", str(imgs)), "exists")
+
+
+def test_outputs_never_destroy_inputs_or_devices(tmp_path: Path, random_ckpt: Path) -> None:
+    """Found by trying it out: --out naming the command's own input, a device, or (eval --force) any folder."""
+    img = tmp_path / "a.jpg"
+    img.write_bytes(rtab_frame(1).read_bytes())
+    _one_error_line(run("extract", "--checkpoint", str(random_ckpt), "--out", str(img), str(img)), "is an input")
+    assert img.read_bytes() == rtab_frame(1).read_bytes()
+    db = tmp_path / "db.npz"
+    assert run("extract", "-q", "--checkpoint", str(random_ckpt), "--out", str(db), str(img)).returncode == 0
+    before = db.read_bytes()
+    _one_error_line(run("match", "--db", str(db), "--queries", str(db), "--out", str(db)), "is an input")
+    assert db.read_bytes() == before
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    _one_error_line(run("match", "--db", str(db), "--queries", str(db), "--out", str(fifo)), "not a regular file")
+    assert fifo.is_fifo()
+    # eval --force replaces earlier runs only: not a folder of other things, not the folder holding the bag
+    victim = tmp_path / "notes"
+    victim.mkdir()
+    (victim / "notes.txt").write_text("precious")
+    bag = tmp_path / "bags" / "b"
+    assert run("bag", "make", str(tmp_path / "imgs_missing"), "--out", str(bag)).returncode == 1
+    gt = tmp_path / "gt.npy"
+    np.save(gt, np.tril(np.ones((3, 3)), -1))
+    _one_error_line(run("eval", str(bag), "--gt", str(gt), "--out", str(victim), "--force"), "not a run folder")
+    assert (victim / "notes.txt").read_text() == "precious"
+    _one_error_line(run("eval", str(gt), "--gt", str(gt), "--out", str(tmp_path), "--force"), "holds the input")
+
+
+def test_bag_make_checks_what_it_copies(tmp_path: Path) -> None:
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    (imgs / "1.jpg").write_bytes(rtab_frame(1).read_bytes())
+    (imgs / "2.jpg").write_bytes(rtab_frame(2).read_bytes()[:3000])  # truncated: copied as is before
+    _one_error_line(run("bag", "make", str(imgs), "--out", str(tmp_path / "b"), "--compressed"), "2.jpg")
+    assert not (tmp_path / "b").exists()
+    (imgs / "2.jpg").unlink()
+    for topic in ("", "a b", "/1bad"):
+        _one_error_line(run("bag", "make", str(imgs), "--out", str(tmp_path / "c"), "--topic", topic),
+                        "is not a ROS topic name")  # fmt: skip
+    assert run("bag", "make", str(imgs), "--out", str(tmp_path / "d"), "--topic", "/cam_0/image_raw").returncode == 0

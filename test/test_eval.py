@@ -60,8 +60,9 @@ def test_eval_in_process_and_node_agree(short_bag: tuple[Path, Path], tmp_path: 
             assert (out / f).is_file(), f
         with open(out / "loop_closures.csv") as f:
             runs[mode] = [(int(r["frame"]), int(r["match_frame"]), float(r["score"])) for r in csv.DictReader(f)]
-        m = json.loads((out / "metrics.json").read_text())
+        m = json.loads((out / "metrics.json").read_text(), parse_constant=_not_json)  # strict: no NaN tokens
         assert m["mode"] == mode and m["keyframes"] == len(FRAMES)
+        assert m["peak_rss_mb"] is None if mode == "node" else m["peak_rss_mb"] > 0  # not measured: null
         assert m["at_threshold"]["precision"] >= 0.9 and m["at_threshold"]["recall"] >= 0.5
     ids = {mode: json.loads((tmp_path / mode / "metrics.json").read_text())["model"] for mode in runs}
     assert ids["in-process"] == ids["node"] and ":512:" in ids["node"]
@@ -201,3 +202,7 @@ def test_eval_node_skips_bad_frames(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr[-3000:]
     assert "2 frame(s) skipped" in r.stdout
     _check_bad_run(out)
+
+
+def _not_json(token: str) -> None:
+    raise AssertionError(f"metrics.json holds {token}, which is not JSON (RFC 8259)")

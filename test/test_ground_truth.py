@@ -222,3 +222,48 @@ def test_exclusion_window_positives_are_unfindable(tmp_path: Path) -> None:
         assert json.loads((out / "metrics.json").read_text())["ground_truth"]["unfindable"] == un
         report = (out / "report.md").read_text()
         assert "positives all lie in the exclusion window" in report and "frames 5." in report
+
+
+# -- found by trying it out: ground truth that made every metric silently wrong -------------------------------------
+
+
+def test_ground_truth_without_any_positive_is_an_error(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from pnv_ros.eval.ground_truth import load_sequence_gt
+
+    g = np.zeros((6, 6), np.uint8)
+    g[4, 1] = g[5, 2] = 1
+    np.save(tmp_path / "t.npy", g.T)  # transposed: loops above the diagonal
+    with pytest.raises(GroundTruthError, match="its 2 loops lie above it.*transpose"):
+        load_sequence_gt(tmp_path / "t.npy", 6)
+    np.save(tmp_path / "g.npy", g)
+    assert load_sequence_gt(tmp_path / "g.npy", 6)[4] == {1}
+    Image.fromarray(g).save(tmp_path / "g01.png")  # cv2.imwrite(G) of a 0/1 matrix: every loop would be "ignore"
+    with pytest.raises(GroundTruthError, match="only 0 and 1.*255"):
+        load_sequence_gt(tmp_path / "g01.png", 6)
+    with pytest.raises(GroundTruthError, match="only 0 and 1"):
+        load_ground_truth(tmp_path / "g01.png", [str(i) for i in range(1, 7)], [str(i) for i in range(1, 7)])
+    np.save(tmp_path / "z.npy", np.zeros((2, 3)))
+    with pytest.raises(GroundTruthError, match="marks no loop"):
+        load_ground_truth(tmp_path / "z.npy", ["a", "b"], ["c", "d", "e"])
+    np.save(tmp_path / "v.npy", np.array([0, 2, 1]))  # 1-D: a traceback (IndexError) before
+    with pytest.raises(GroundTruthError, match="not 2-D"):
+        load_ground_truth(tmp_path / "v.npy", ["a"], ["b"])
+
+
+def test_positions_must_be_finite_and_numbering_stated(tmp_path: Path) -> None:
+    from pnv_ros.eval.ground_truth import load_sequence_gt
+
+    p = tmp_path / "pos.csv"
+    p.write_text("name,x,y\nq0,0,0\nd0,nan,0\nd1,0.5,0\n")
+    with pytest.raises(GroundTruthError, match="row 3: position"):
+        load_ground_truth(p, ["q0"], ["d0", "d1"], radius=2.0)
+    # numbered files, no query_index: 0-based positions or file numbers? Not guessed.
+    c = tmp_path / "seq.csv"
+    c.write_text("query_file,positive_indices\n" + "".join(f"images/{i}.jpg,{'1 2' if i == 4 else ''}\n"
+                                                           for i in range(1, 5)))  # fmt: skip
+    with pytest.raises(GroundTruthError, match="--gt-index-base"):
+        load_sequence_gt(c, 4)
+    assert load_sequence_gt(c, 4, index_base=1)[3] == {0, 1}
+    assert load_sequence_gt(c, 4, index_base=0)[3] == {1, 2}

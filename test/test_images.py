@@ -231,3 +231,47 @@ def test_scores_and_small_images_with_the_default_model(default_extractor, tmp_p
         assert f.image_size == size and f.global_desc.shape == full.global_desc.shape
         assert [p.shape for p in f.patches] == [p.shape for p in full.patches]
         assert np.isfinite(f.global_desc).all() and all(np.isfinite(p).all() for p in f.patches)
+
+
+# -- found by trying it out: alpha, spec-shifted dark frames, folder order ------------------------------------------
+
+
+def test_alpha_does_not_decide_the_bit_depth(tmp_path: Path) -> None:
+    """An opaque 16-bit alpha (65535) read the 12-bit colour as 16-bit: the picture came out black (mean 6.7)."""
+    a8 = rgb8()
+    c12 = to12(a8)
+    alpha = np.full(c12.shape[:2] + (1,), 65535, np.uint16)
+    rgba = np.concatenate([c12, alpha], axis=2)
+    ok, buf = cv2.imencode(".png", np.ascontiguousarray(rgba[:, :, [2, 1, 0, 3]]))
+    assert ok
+    within_one_level(np.asarray(decode_bytes(buf.tobytes(), "rgba16")), a8)
+    within_one_level(np.asarray(load_image(rgba)), a8)  # arrays too
+    grey = np.asarray(Image.fromarray(a8).convert("L"))
+    la = np.stack([to12(grey), np.full(grey.shape, 65535, np.uint16)], -1)
+    within_one_level(np.asarray(load_image(la[:, :, :1]))[:, :, 0], grey)
+
+
+def test_spec_shifted_dark_frame_with_sbit() -> None:
+    """sBIT 12 with samples shifted to 16 bits (the PNG spec's way): a very dark frame stayed within 0..4095
+    and was read unshifted, 16x too bright."""
+    dark12 = np.minimum(to12(rgb8()[:, :, 0]) // 20, 4095).astype(np.uint16)  # values up to ~205 of 4095
+    shifted = (dark12 << 4).astype(np.uint16)
+    got = np.asarray(decode_bytes(with_sbit(png16(shifted), 12, 1), "dark"))[:, :, 0]
+    want = np.rint(dark12 * 255 / 4095).astype(int)
+    assert np.abs(got.astype(int) - want).max() <= 1 and got.mean() < 15
+
+
+def test_folder_order_is_natural_and_skips_hidden_files(tmp_path: Path) -> None:
+    from pnv_ros.images import list_images
+
+    for name in ("frame10.png", "frame2.png", "frame1.png", "frame20.png", "._frame3.png", ".~frame4.png"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "sub.jpg").mkdir()  # a folder named like an image
+    assert [p.name for p in list_images([tmp_path])] == ["frame1.png", "frame2.png", "frame10.png", "frame20.png"]
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    for name in ("1.png", "01.jpg", "1.JPG", "².jpg", "10.jpg", "2.jpg"):
+        (odd / name).write_bytes(b"x")
+    order = [p.name for p in list_images([odd])]
+    assert order == [p.name for p in list_images([odd])]  # the same every time, whatever the file system lists
+    assert order.index("2.jpg") < order.index("10.jpg") and "².jpg" in order

@@ -112,7 +112,7 @@ def _no_suffix(name: str) -> str:
 
 def _number(name: str) -> int | None:
     s = _stem(name)
-    return int(s) if s.isdigit() else None
+    return int(s) if s.isdecimal() else None
 
 
 class _Names:
@@ -177,6 +177,8 @@ def _read_matrix(path: Path) -> tuple[np.ndarray, np.ndarray]:
                 f"ground truth {path} holds Python objects (pickle), which are never loaded: "
                 f"give a 0/1 matrix or a CSV of positives"
             ) from None
+        if m.ndim != 2:
+            raise GroundTruthError(f"ground truth {path}: matrix of shape {m.shape} is not 2-D (rows x columns)")
         if m.dtype == bool:
             return m, np.zeros_like(m)
         if m.dtype.kind not in "iuf":
@@ -195,6 +197,12 @@ def _read_matrix(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
     with Image.open(path) as im:
         a = np.asarray(im.convert("L"))
+    if (a == 1).any() and not ((a != 0) & (a != 1)).any():
+        raise GroundTruthError(
+            f"ground truth {path}: an image holding only 0 and 1; in a GT image a loop is 255 (RTAB-Map's "
+            f"convention: 0 = no loop, any grey = ignore), so its 1s would all be ignored: save it with loops "
+            f"as 255, or as a .npy 0/1 matrix"
+        )
     return a == 255, (a != 0) & (a != 255)  # RTAB-Map: 255 loop, 0 none, grey ignore
 
 
@@ -207,6 +215,8 @@ def _matrix(path: Path, qn: Sequence[str], dbn: Sequence[str]) -> GroundTruth:
         return GroundTruth([set(np.flatnonzero(x).tolist()) for x in r], [set(np.flatnonzero(x).tolist()) for x in c])
 
     if loop.shape == (len(qn), len(dbn)):
+        if not loop.any():
+            raise _no_positive(path, f"for these {len(qn)} queries")
         return rows(loop, ign)
     numbers = [_number(n) for n in list(qn) + list(dbn)]
     if loop.shape[0] == loop.shape[1] and all(k is not None for k in numbers):
@@ -218,6 +228,8 @@ def _matrix(path: Path, qn: Sequence[str], dbn: Sequence[str]) -> GroundTruth:
             )
         qi = np.array(numbers[: len(qn)]) - 1
         cols = np.array(numbers[len(qn) :]) - 1
+        if not loop[np.ix_(qi, cols)].any():
+            raise _no_positive(path, f"between these {len(qn)} queries and {len(dbn)} database frames")
         return rows(loop[np.ix_(qi, cols)], ign[np.ix_(qi, cols)])
     raise GroundTruthError(
         f"ground truth {path}: matrix of shape {loop.shape} does not fit {len(qn)} queries x {len(dbn)} "
@@ -267,6 +279,7 @@ class _PositivesCSV:
             self.key_col = low_header.get("query_index")
         # numbering of indices: the option, else file numbers stated by the file column, else from 0
         self.file_numbers = False
+        self.base_stated = index_base is not None
         if index_base is not None:
             if index_base not in (0, 1):
                 raise GroundTruthError(f"index base {index_base}: use 0 or 1")
@@ -275,10 +288,24 @@ class _PositivesCSV:
             self.base = 0
             if self.key_col and self.file_col:
                 self.file_numbers = all(
-                    (r[self.key_col] or "").strip().isdigit()
+                    (r[self.key_col] or "").strip().isdecimal()
                     and _number((r[self.file_col] or "").strip()) == int(r[self.key_col])
                     for r in rows
                 )
+
+    def check_indices(self) -> None:
+        """Indices with numbered files named by a file column but no query_index: are they positions (0-based)
+        or file numbers? Neither is guessed."""
+        if (self.base_stated or self.file_numbers or not self.file_col
+                or (self.key_col and all((r[self.key_col] or "").strip().isdecimal() for r in self.rows))):  # fmt: skip
+            return
+        if all(_number((r[self.file_col] or "").strip()) is not None for r in self.rows):
+            raise GroundTruthError(
+                f"ground truth {self.path}: index positives with numbered files ({self.file_col} "
+                f"{(self.rows[0][self.file_col] or '').strip()}) and no query_index column: whether the indices "
+                f"count from 0 or are the files' numbers is not said; give --gt-index-base 0|1 (or a "
+                f"query_index column)"
+            )
 
     def tokens(self, r: dict[str, str]) -> list[str]:
         return (r[self.pos_col] or "").split()
@@ -298,11 +325,11 @@ def _positives_csv(
 ) -> GroundTruth:  # fmt: skip
     c = _PositivesCSV(rows, path, positives_as, index_base)
     qnames, dbnames = _Names(qn, "queries", path), _Names(dbn, "database", path)
-    listed = {int(r[c.key_col]) for r in rows if c.key_col and (r[c.key_col] or "").strip().isdigit()}
+    listed = {int(r[c.key_col]) for r in rows if c.key_col and (r[c.key_col] or "").strip().isdecimal()}
 
     def as_index(t: str, n: int) -> tuple[int | None, str | None]:
         """(database index or None when left out, error text or None)."""
-        if not t.lstrip("-").isdigit():
+        if not t.lstrip("-").isdecimal():
             return None, f"{t!r} is not a number"
         k = int(t)
         if c.file_numbers:
@@ -337,6 +364,8 @@ def _positives_csv(
                 f"positive_indices); indices: {c.how()}"
             )
         reading = fits[0]
+    if reading == "indices":
+        c.check_indices()
     fn = readings[reading]
     out: list[set[int]] = [set() for _ in qn]
     seen = 0
@@ -345,7 +374,7 @@ def _positives_csv(
             qi = qnames.bind((r[c.file_col] or "").strip())
         else:
             key = (r[c.key_col] if c.key_col else "").strip()
-            if not key.isdigit() or not 0 <= int(key) - c.base < len(qn):
+            if not key.isdecimal() or not 0 <= int(key) - c.base < len(qn):
                 raise GroundTruthError(
                     f"ground truth {path}: {c.where(n)}, query {c.key_col} {key!r} is not one of the {len(qn)} "
                     f"queries ({c.base}-based; --gt-index-base 0|1 says how indices count, or add a query_file column)"
@@ -366,6 +395,8 @@ def _positives_csv(
                 out[qi].add(i)
     if seen == 0:
         raise GroundTruthError(f"ground truth {path}: none of its {len(rows)} rows names one of the {len(qn)} queries")
+    if not any(out):
+        raise _no_positive(path, f"for these {len(qn)} queries")
     return GroundTruth(out)
 
 
@@ -376,15 +407,37 @@ def _positions_csv(
     ids = list(dict.fromkeys(list(qn) + list(dbn)))
     names = _Names(ids, "images", path)
     pos: dict[str, np.ndarray] = {}
-    for r in rows:
+    for n, r in enumerate(rows):
         i = names.bind(r["name"].strip())
         if i is not None:
-            pos[ids[i]] = np.array([float(r[c]) for c in cols])
+            pos[ids[i]] = _position(r, cols, path, n)
     missing = [n for n in ids if n not in pos]
     if missing:
         raise GroundTruthError(f"ground truth {path}: no position for image(s) {missing[:5]}")
     db = np.stack([pos[n] for n in dbn])
-    return GroundTruth([set(np.flatnonzero(np.linalg.norm(db - pos[q], axis=1) <= radius).tolist()) for q in qn])
+    out = [set(np.flatnonzero(np.linalg.norm(db - pos[q], axis=1) <= radius).tolist()) for q in qn]
+    if not any(out):
+        raise _no_positive(path, f"within {radius:g} of any query", "a larger --gt-radius?")
+    return GroundTruth(out)
+
+
+def _position(r: dict[str, str], cols: list[str], path: Path, n: int) -> np.ndarray:
+    """One row's finite coordinates, or GroundTruthError naming the row (a NaN would silently match nothing)."""
+    try:
+        v = np.array([float((r[c] or "").strip()) for c in cols])
+    except ValueError:
+        v = np.array([np.nan])
+    if not np.isfinite(v).all():
+        raise GroundTruthError(
+            f"ground truth {path}: row {n + 2}: position {[r[c] for c in cols]} is not {len(cols)} finite numbers"
+        )
+    return v
+
+
+def _no_positive(path: Path, where: str, hint: str = "") -> GroundTruthError:
+    return GroundTruthError(
+        f"ground truth {path} marks no loop {where}: every recall would be undefined" + (f"; {hint}" if hint else "")
+    )
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
@@ -464,7 +517,7 @@ def _sequence_csv(rows: list[dict[str, str]], path: Path, n_frames: int, positiv
     if len(rows) != n_frames:
         raise GroundTruthError(f"ground truth {path} has {len(rows)} rows but the sequence has {n_frames} frames")
     # each row's frame (bag order): from its index column, else the row order
-    if c.key_col and all((r[c.key_col] or "").strip().isdigit() for r in rows):
+    if c.key_col and all((r[c.key_col] or "").strip().isdecimal() for r in rows):
         keys = [int(r[c.key_col]) for r in rows]
         first = min(keys) if c.file_numbers else c.base
         frames = [k - first for k in keys]
@@ -478,11 +531,11 @@ def _sequence_csv(rows: list[dict[str, str]], path: Path, n_frames: int, positiv
         if len(set(frames)) != n_frames:
             raise GroundTruthError(f"ground truth {path}: {c.key_col} names some frames twice")
     else:
-        keys, first, frames = list(range(n_frames)), 0, list(range(n_frames))
+        keys, first, frames = list(range(n_frames)), c.base, list(range(n_frames))  # rows in frame order
     names = _Names([(r[c.file_col] or "").strip() for r in rows], "frames", path) if c.file_col else None
 
     def as_index(t: str) -> int | None:
-        return int(t) - first if t.lstrip("-").isdigit() and 0 <= int(t) - first < n_frames else None
+        return int(t) - first if t.lstrip("-").isdecimal() and 0 <= int(t) - first < n_frames else None
 
     def as_name(t: str) -> int | None:
         if names is None:
@@ -501,6 +554,8 @@ def _sequence_csv(rows: list[dict[str, str]], path: Path, n_frames: int, positiv
                 + f": say which with --gt-positives names|indices; indices: {c.how()}"
             )
         reading = fits[0]
+    if reading == "indices":
+        c.check_indices()
     out: list[set[int]] = [set() for _ in range(n_frames)]
     for n, (f, r) in enumerate(zip(frames, rows)):
         vals = []
@@ -514,6 +569,8 @@ def _sequence_csv(rows: list[dict[str, str]], path: Path, n_frames: int, positiv
                 )
             vals.append(v)
         out[f] = {v for v in vals if v < f}
+    if not any(out):
+        raise _no_positive(path, "between a frame and an earlier one")
     return SequenceGT(out)
 
 
@@ -556,6 +613,11 @@ def load_sequence_gt(
                     f"ground truth {path} is a {loop.shape} matrix but the sequence has {n_frames} frames: "
                     f"give an {n_frames}x{n_frames} matrix"
                 )
+            if not np.tril(loop, -1).any():
+                upper = int(np.triu(loop, 1).sum())
+                raise _no_positive(path, "between a frame and an earlier one (below the diagonal)",
+                                   f"its {upper} loops lie above it: G[i, j] is frame i against earlier frame j; "
+                                   f"transpose it" if upper else "")  # fmt: skip
             return SequenceGT(
                 [set(np.flatnonzero(loop[i, :i]).tolist()) for i in range(n_frames)],
                 [set(np.flatnonzero(ign[i, :i]).tolist()) for i in range(n_frames)],
@@ -573,13 +635,16 @@ def load_sequence_gt(
                     raise GroundTruthError(
                         f"ground truth {path} has {len(rows)} positions but the sequence has {n_frames} frames"
                     )
-                xyz = np.array([[float(r["x"]), float(r["y"]), float(r.get("z") or 0.0)] for r in rows])
+                cols = [c for c in ("x", "y", "z") if c in rows[0]]
+                xyz = np.array([_position(r, cols, path, n) for n, r in enumerate(rows)])
                 st = np.asarray(stamps_ns if stamps_ns is not None else np.arange(n_frames) * 1e9, dtype=np.float64)
                 out = []
                 for i in range(n_frames):
                     d = np.linalg.norm(xyz[:i] - xyz[i], axis=1)
                     old = (st[i] - st[:i]) / 1e9 >= min_gap_s
                     out.append(set(np.flatnonzero((d <= radius) & old).tolist()))
+                if not any(out):
+                    raise _no_positive(path, f"within {radius:g} of an earlier frame", "a larger --gt-radius?")
                 return SequenceGT(out)
             raise GroundTruthError(f"ground truth {path}: CSV needs a 'positive...' column or x,y columns")
     except (OSError, ValueError, KeyError) as e:

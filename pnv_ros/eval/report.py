@@ -4,7 +4,6 @@ and pictures of the worst false positives and of missed loops."""
 from __future__ import annotations
 
 import csv
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ import numpy as np
 
 from pnv_ros.eval.metrics import Decision, latency_stats, pr_curve, precision_recall, recall_at_n
 from pnv_ros.eval.replay import ReplayResult
+from pnv_ros.storage import to_json
 
 
 def _ignore(positives: list[set[int]]) -> list[set[int]]:
@@ -159,7 +159,7 @@ def write_run(out: Path, result: ReplayResult, positives: list[set[int]], thresh
     metrics.update(info)
     ds = decisions(result, positives)
     reach = [ok for ok, _ in findable(result, positives)]
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=float))
+    (out / "metrics.json").write_text(to_json(metrics))  # strict JSON: an undefined recall is null
     with open(out / "loop_closures.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["frame", "stamp_ns", "match_frame", "score", "accepted", "correct", "has_positive",
