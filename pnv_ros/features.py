@@ -15,15 +15,12 @@ from typing import Any
 
 import numpy as np
 
-from pnv_ros.config import BACKBONE_STRIDE, Preset
+from pnv_ros.config import Preset
 from pnv_ros.errors import FeaturesError
 from pnv_ros.storage import read_npz, write_npz_atomic
 
 FORMAT = "pnv_ros.features"
 FORMAT_VERSION = 1
-
-# VGG-16 conv5_3 receptive field: size 196, stride 16, padding 90.
-_RF_SIZE, _RF_PADDING = 196, 90
 
 
 def patch_grid(preset: Preset, scale: int) -> np.ndarray:
@@ -41,12 +38,14 @@ def patch_keypoints(preset: Preset, scale: int) -> np.ndarray:
     """Patch centres in network-input pixels, as the reference computes them.
 
     Returns (P, 2) int64 (x, y): the middle of the receptive-field boxes of
-    the patch's first and last cell, truncated (x = 16c + 39 for p = 5).
+    the patch's first and last cell, truncated (VGG-16: x = 16c + 39 for p = 5;
+    DINOv2 tokens: the middle of the window, x = 14c + 34 for p = 5).
     """
     p, s = preset.patch_sizes[scale], preset.strides[scale]
+    g = preset.geometry
     grid = patch_grid(preset, scale) * s  # top-left cell of each patch
-    lo = BACKBONE_STRIDE * grid - _RF_PADDING
-    hi = BACKBONE_STRIDE * (grid + p - 1) - _RF_PADDING + _RF_SIZE - 1
+    lo = g.stride * grid - g.rf_padding
+    hi = g.stride * (grid + p - 1) - g.rf_padding + g.rf_size - 1
     return np.trunc((lo + hi) / 2.0).astype(np.int64)
 
 
@@ -73,13 +72,13 @@ def same_model(a: str, b: str) -> bool:
 
 def layout(preset: Preset) -> tuple:
     """What of a preset shapes stored descriptors: patch sizes, strides, input size."""
-    return (tuple(preset.patch_sizes), tuple(preset.strides), preset.image_width, preset.image_height)
+    return (tuple(preset.patch_sizes), tuple(preset.strides), preset.image_width, preset.image_height, preset.backbone)
 
 
 def describe_layout(preset: Preset) -> str:
     return (
         f"preset {preset.name!r} (patch sizes {list(preset.patch_sizes)}, strides {list(preset.strides)}, "
-        f"{preset.image_width}x{preset.image_height})"
+        f"{preset.image_width}x{preset.image_height}, {preset.backbone} features)"
     )
 
 
@@ -242,26 +241,16 @@ class FeatureSet:
             raise FeaturesError(f"features file {path}: {e}") from None
 
     def check_compatible(self, other: FeatureSet, what: str = "database", other_what: str = "queries") -> None:
-        """Refuse to match files from different presets or models."""
-        if (
-            self.preset.patch_sizes != other.preset.patch_sizes
-            or self.preset.strides != other.preset.strides
-            or (
-                self.preset.image_height,
-                self.preset.image_width,
-            )
-            != (other.preset.image_height, other.preset.image_width)
-        ):
-            raise FeaturesError(
-                f"{what} features were extracted with preset {self.preset.name!r} (patch sizes "
-                f"{list(self.preset.patch_sizes)}, strides {list(self.preset.strides)}) but {other_what} with "
-                f"{other.preset.name!r} (patch sizes {list(other.preset.patch_sizes)}, strides "
-                f"{list(other.preset.strides)}): extract both with the same preset"
-            )
+        """Refuse to match files from different models (families included) or presets."""
         if self.dim != other.dim or not same_model(self.model_id, other.model_id):
             raise FeaturesError(
                 f"{what} features come from model {self.model_id!r} ({self.dim}-d) but {other_what} from "
                 f"{other.model_id!r} ({other.dim}-d): extract both with the same checkpoint"
+            )
+        if layout(self.preset) != layout(other.preset):
+            raise FeaturesError(
+                f"{what} features were extracted with {describe_layout(self.preset)} but {other_what} with "
+                f"{describe_layout(other.preset)}: extract both with the same preset"
             )
 
     def check_preset(self, preset: Preset, what: str = "features") -> None:

