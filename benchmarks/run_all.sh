@@ -7,7 +7,7 @@ DATA=${DATA:-../shared/data}
 OUT=${OUT:-out/bench}
 mkdir -p "$OUT"
 PY=.venv/bin/python
-STEPS=${STEPS:-123456}  # e.g. STEPS=345 to skip the timing steps
+STEPS=${STEPS:-1234567}  # e.g. STEPS=345 to skip the timing steps
 step() { [[ $STEPS == *$1* ]]; }
 if step 1; then
 echo "== 1. side by side with the reference (extraction, re-ranking, floors, memory)"
@@ -42,4 +42,9 @@ fi
 if step 6; then
 echo "== 6. reduced-cost modes"
 $PY benchmarks/reduced_cost.py --data "$DATA" --out "$OUT/reduced_cost.json"
+fi
+if step 7; then
+echo "== 7. model families: VGG-16 default vs dinov2_vlad (recall, sequences, cost; writes docs/model_families.*)"
+.venv/bin/pnv models build dinov2_vlad -q  # no-op when present
+$PY benchmarks/model_families.py --data "$DATA" --out "$OUT/model_families"
 fi
