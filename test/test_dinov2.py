@@ -39,6 +39,7 @@ def dinov2_model(dinov2_onnx: Path) -> d.DinoV2ViTS14:
 @pytest.fixture(scope="session")
 def ort_session(dinov2_onnx: Path):
     import onnxruntime as ort  # the reference for the equivalence tests (requirements.txt): missing = failure
+
     outputs = [d.BACKBONE_OUTPUT] + [d.facet_output_name(layer, facet) for layer, facet in PAIRS]
     so = ort.SessionOptions()
     so.intra_op_num_threads = torch.get_num_threads()
