@@ -8,6 +8,7 @@ performance preset (its p=5 scale is the speed/storage preset's scale).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -67,7 +68,9 @@ def main() -> None:
         row = {"set": name, "role": role, "queries": int(gt.has_positive().sum()), "db": len(db),
                "s_per_image_performance_extract": round(per_img, 3)}  # fmt: skip
         for pname, matcher in (("performance", "ransac"), ("speed", "rapid")):
-            pr = get_preset(pname)
+            pr = db.preset if pname == "performance" else dataclasses.replace(
+                db.preset, **{k: getattr(get_preset(pname), k) for k in ("name", "patch_sizes", "strides",
+                                                                          "patch_weights", "matcher")})  # fmt: skip
             d2, q2 = (db, q) if pname == "performance" else (scale_only(db, pr), scale_only(q, pr))
             t = time.perf_counter()
             res = two_stage(d2, q2, pr, top_n=min(100, len(db)), matcher=matcher)

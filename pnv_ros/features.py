@@ -255,16 +255,9 @@ class FeatureSet:
 
     def check_preset(self, preset: Preset, what: str = "features") -> None:
         """Refuse a preset whose patch layout differs from the file's."""
-        if (preset.patch_sizes, preset.strides, preset.image_height, preset.image_width) != (
-            self.preset.patch_sizes,
-            self.preset.strides,
-            self.preset.image_height,
-            self.preset.image_width,
-        ):
+        if layout(preset) != layout(self.preset):
             raise FeaturesError(
-                f"{what} were extracted with preset {self.preset.name!r} (patch sizes "
-                f"{list(self.preset.patch_sizes)}, strides {list(self.preset.strides)}, "
-                f"{self.preset.image_width}x{self.preset.image_height}) and cannot be matched with preset "
-                f"{preset.name!r} (patch sizes {list(preset.patch_sizes)}, strides {list(preset.strides)}): "
-                f"extract again with --preset {preset.name} or match with --preset {self.preset.name}"
+                f"{what} were extracted with {describe_layout(self.preset)} and cannot be matched with "
+                f"{describe_layout(preset)}: extract again with --preset {preset.name} or match with --preset "
+                f"{self.preset.name}"
             )
