@@ -1,18 +1,24 @@
 """GPU check (one script, a few minutes): extraction throughput and top-100
-re-ranking on the device, with descriptors checked against the CPU.
+re-ranking on the device, with descriptors checked against the CPU; then the
+TensorRT fp16 engine (issue #13): keyframes/s through the extractor, and its
+descriptors against torch float32 on the same device.
 
     python benchmarks/gpu_check.py [--checkpoint C] [--device cuda] [--seconds 20] [--out gpu.json]
 
 Targets (issue #6): >= 60 keyframes/s extracted at 640x480; top-100 re-ranked
 in < 5 ms per query (candidates already on the device). Runs with random
-weights when no checkpoint is present (timings do not depend on the weights).
-On a machine without CUDA it runs on the CPU as a smoke test.
+weights when no checkpoint is present (timings do not depend on the weights;
+the random model is saved to a temporary file so that the TensorRT engine has
+a model file to be cached under). TensorRT needs ``pip install tensorrt`` (or
+JetPack's); without it, or without CUDA, that part prints why it did not run.
+On a machine without CUDA the rest runs on the CPU as a smoke test.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,20 +42,22 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20.0, help="time budget per measurement")
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--trt-batch", type=int, default=8, help="batch of the TensorRT measurement (1..8)")
     a = ap.parse_args()
     dev = torch.device(a.device)
-    if a.checkpoint:
-        from pnv_ros.model.checkpoint import load_checkpoint
+    from pnv_ros.model.checkpoint import load_checkpoint, save_checkpoint
 
-        model, _ = load_checkpoint(a.checkpoint, device="cpu")
-    else:
+    ckpt = a.checkpoint
+    if not ckpt:
         torch.manual_seed(0)
         model = PatchNetVLADModel(64, 512)
         with torch.no_grad():
             model.pool.centroids.normal_()
             model.pool.conv.weight.normal_()
             model.WPCA[0].weight.normal_(std=0.01)
-        model.eval()
+        ckpt = str(Path(tempfile.mkdtemp(prefix="gpu_check.")) / "random_WPCA512.pth.tar")
+        save_checkpoint(model.state_dict(), ckpt, 512)
+    model, info = load_checkpoint(ckpt, device="cpu")
     report: dict = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "extract": {}}
     x_cpu = torch.randn(2, 3, 480, 640)
     with torch.inference_mode():
@@ -107,8 +115,45 @@ def main() -> None:
         ms = 1000 * float(np.median(ts))
         report["rerank_ms_per_query_top100"][preset_name] = ms
         print(f"re-rank top-100 {preset_name} ({pm.matcher.value}): {ms:.2f} ms/query", flush=True)
+    report["tensorrt_fp16"] = tensorrt_check(model, info, dev, a.seconds, a.trt_batch)
     if a.out:
         Path(a.out).write_text(json.dumps(report, indent=1))
+
+
+def tensorrt_check(model, info, dev: torch.device, seconds: float, batch: int) -> dict:  # type: ignore[no-untyped-def]
+    """TensorRT fp16 (the backbone; pooling and WPCA in torch float32 on the GPU) through the FeatureExtractor:
+    keyframes/s at ``batch`` (the engine is built for 1..8), descriptors against torch float32 on ``dev``."""
+    from pnv_ros.engines import EngineError
+    from pnv_ros.extract import FeatureExtractor
+
+    preset = get_preset("speed")
+    try:
+        t0 = time.perf_counter()
+        trt = FeatureExtractor(model, info, preset, device=dev, engine="tensorrt", precision="fp16",
+                               batch_size=batch, log=print)  # fmt: skip
+        build_s = time.perf_counter() - t0
+    except EngineError as e:
+        print(f"tensorrt fp16: not run ({e})")
+        return {"error": str(e)}
+    ref = FeatureExtractor(model, info, preset, device=dev, batch_size=batch)
+    x = torch.randn(batch, 3, 480, 640, device=dev)
+    out: dict = {"engine_file": str(trt.backend.files[0]), "build_or_load_s": build_s, "batch": batch}
+    for name, ex in (("torch_fp32", ref), ("tensorrt_fp16", trt)):
+        ex.extract_tensors(x)
+        _sync(dev)
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds / 4 or n == 0:
+            ex.extract_tensors(x)
+            _sync(dev)
+            n += batch
+        out[f"{name}_keyframes_per_s"] = n / (time.perf_counter() - t0)
+        print(f"extract speed preset batch {batch}, {name}: {out[f'{name}_keyframes_per_s']:.1f} keyframes/s")
+    (g_ref, p_ref), (g_trt, p_trt) = ref.extract_tensors(x), trt.extract_tensors(x)
+    out["global_max_abs_diff"] = float(np.abs(g_ref - g_trt).max())
+    out["patch_cosine_median"] = float(np.median(np.sum(p_ref[0] * p_trt[0], axis=-1)))
+    print(f"tensorrt fp16 vs torch fp32: global max |diff| {out['global_max_abs_diff']:.2e}, patch cosine median "
+          f"{out['patch_cosine_median']:.5f}")  # fmt: skip
+    return out
 
 
 if __name__ == "__main__":

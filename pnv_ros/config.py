@@ -79,6 +79,11 @@ class Preset:
         top_n: candidates retrieved by the global stage and re-ranked.
         backbone: the feature grid the patch sizes count in (see :data:`BACKBONES`); set from the
             model by the extractor (a DINOv2 model brings its own backbone and input size).
+        global_weight: weight of the global stage in the re-ranking order: the candidates' global
+            descriptor distances, z-scored across them as each patch scale's scores are, are added
+            to the fused patch score with this weight (:meth:`PatchMatcher.fuse`). 0 (the default)
+            is the paper's patch-only order, bit-compatible with the reference; a DINOv2 model
+            brings its own measured value (``dinov2_vlad.GLOBAL_WEIGHT``).
     """
 
     name: str
@@ -90,6 +95,7 @@ class Preset:
     image_width: int = 640
     top_n: int = 100
     backbone: str = "vgg16"
+    global_weight: float = 0.0
 
     def __post_init__(self) -> None:
         validate(self)
@@ -161,6 +167,8 @@ def validate(p: Preset) -> None:
         )
     if p.top_n < 1:
         raise ConfigError(f"top_n is {p.top_n}: it must be at least 1")
+    if not 0.0 <= p.global_weight < float("inf"):
+        raise ConfigError(f"global_weight is {p.global_weight}: it must be a finite number >= 0 (0 = patch-only order)")
     h, w = p.feature_shape
     for size in p.patch_sizes:
         if size < 1 or size > min(h, w):
@@ -228,6 +236,8 @@ def _build(name: str, values: dict[str, Any], base: Preset | None = None) -> Pre
         for key in ("image_height", "image_width", "top_n"):
             if key in merged:
                 merged[key] = int(merged[key])
+        if "global_weight" in merged:
+            merged["global_weight"] = float(merged["global_weight"])
     except KeyError as e:
         raise ConfigError(f"setting {e.args[0]!r} is missing") from None
     except (TypeError, ValueError) as e:

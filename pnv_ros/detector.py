@@ -552,7 +552,8 @@ class LoopClosureDetector:
         pm = self.matcher_for(matcher)
         sc = pm.score(features, [PlaceFeatures(np.empty(0), self.map.patches(i), (0, 0)) for i, _ in pairs],
                       details=details)  # fmt: skip
-        fused, absolute, dom = pm.fuse(sc.raw), pm.absolute(sc.raw), pm.dominant_scale(sc.raw)
+        fused = pm.fuse(sc.raw, np.array([d for _, d in pairs]))
+        absolute, dom = pm.absolute(sc.raw), pm.dominant_scale(sc.raw)
         stamps = self.map.stamps
         out = [
             Candidate(i, int(stamps[i]), float(absolute[j]), float(fused[j]), d, int(sc.num_matches[j, dom[j]]),

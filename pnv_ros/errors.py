@@ -45,6 +45,11 @@ class DownloadError(PnvError):
     """A model download failed (offline, bad checksum, server error)."""
 
 
+class EngineError(ConfigError):
+    """An inference engine or precision that cannot run here (unknown, an unsupported combination, its package
+    or GPU missing), or an engine file that cannot be built or read (``pnv_ros.engines``)."""
+
+
 class UnknownPlaceError(PnvError, KeyError):
     """A keyframe id or stamp that the map does not hold."""
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +18,7 @@ from PIL import Image
 from torchvision import transforms
 
 from pnv_ros.config import Preset
+from pnv_ros.engines import EngineError, load_engine, variant
 from pnv_ros.errors import ImageError
 from pnv_ros.features import FeatureSet, PlaceFeatures
 from pnv_ros.images import ImageSource, load_image
@@ -27,6 +28,25 @@ from pnv_ros.model.netvlad import PatchNetVLADModel
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineModelInfo(ModelInfo):
+    """A model's identity as an engine that changes its descriptors runs it (int8): ``name:dim:sha+engine-int8``.
+    ``features.same_model`` compares the last two fields, so such features and maps are refused next to the
+    float32 ones of the same file, naming both identities."""
+
+    variant: str = ""
+
+    @property
+    def identity(self) -> str:
+        base = super().identity
+        return f"{base}+{self.variant}" if self.variant else base
+
+
+def _bf16_products(device: torch.device) -> bool:
+    """Whether bfloat16 matrix products are fast on ``device`` (a CUDA GPU; a CPU with AMX or AVX-512 BF16)."""
+    return device.type == "cuda" or (device.type == "cpu" and BlockedBackbone.available(torch.bfloat16))
 
 
 def input_transform(height: int, width: int) -> transforms.Compose:
@@ -67,6 +87,22 @@ class FeatureExtractor:
             so off by default: see benchmarks/reduced_cost.py.
         bit_depth: significant bits of 16-bit images (e.g. 12); None = the
             package's rule (``images.to_uint8``: sBIT, else the image's maximum).
+        engine: what runs the backbone (``pnv_ros.engines``): ``torch`` (the
+            model itself, exact; default), ``onnxruntime``, ``openvino`` or
+            ``tensorrt``. Pooling and WPCA are the model's torch code whatever
+            the engine, so descriptors keep their format; float32 engines agree
+            with torch to 1e-4.
+        precision: ``fp32`` (default), ``fp16``, ``bf16`` or ``int8``, as the
+            engine and device allow (``engines.check_engine`` refuses the rest).
+            ``bf16=True`` is ``engine="torch", precision="bf16"``. int8 features
+            carry a tagged model identity (``engines.variant``): maps and feature
+            files keep them apart from float32 ones; their patch WPCA runs as a
+            bfloat16 product where the device has fast ones (``projection``).
+        engine_file: a ready engine file (a TensorRT plan from ``trtexec``, an
+            ONNX or OpenVINO IR file of the backbone) instead of the cached build.
+        engine_cache: where engine files are built and kept (default: the
+            model cache's ``engines/`` folder, ``engines.cache_root``).
+        log: where engine builds are announced (default: the module logger).
     """
 
     def __init__(
@@ -79,6 +115,11 @@ class FeatureExtractor:
         batch_size: int | None = None,
         bf16: bool = False,
         bit_depth: int | None = None,
+        engine: str = "torch",
+        precision: str | None = None,
+        engine_file: str | Path | None = None,
+        engine_cache: str | Path | None = None,
+        log: Callable[[str], None] | None = None,
     ) -> None:
         self.device = torch.device(device) if device is not None else default_device()
         self.model = model.to(self.device).eval()
@@ -88,8 +129,31 @@ class FeatureExtractor:
         if info.backbone != preset.backbone or (info.input_size and info.input_size != preset_size(preset)):
             h, w = info.input_size or preset_size(preset)
             preset = dataclasses.replace(preset, backbone=info.backbone, image_height=h, image_width=w)
+        # Its re-ranking order too, unless the preset asks for a global weight of its own.
+        if info.global_weight is not None and preset.global_weight == 0.0 and info.global_weight != 0.0:
+            preset = dataclasses.replace(preset, global_weight=info.global_weight)
         self.preset = preset
-        self.bf16 = bool(bf16)
+        if bf16:  # the old switch: an alias of engine torch, precision bf16
+            if engine != "torch" or precision not in (None, "bf16"):
+                raise EngineError(
+                    f"bf16 (--bf16, the node's bfloat16) is engine torch at precision bf16; it cannot go with engine "
+                    f"{engine}" + (f" at precision {precision}" if precision else "")
+                    + ": give the engine and precision alone"
+                )  # fmt: skip
+            precision = "bf16"
+        self.engine_name, self.precision = engine, precision or "fp32"
+        self.backend = load_engine(model, info, preset_size(preset), engine, self.precision, self.device,
+                                   engine_file=engine_file, cache_dir=engine_cache, log=log)  # fmt: skip
+        tag = variant(engine, self.precision)
+        if tag:  # int8: features of another model as far as files and maps go (see engines.variant)
+            self.info = EngineModelInfo(**{f.name: getattr(info, f.name) for f in dataclasses.fields(info)},
+                                        variant=tag)  # fmt: skip
+        #: the patch WPCA product: int8 engines take the bfloat16 one where the device has bfloat16 products
+        #: (AMX / AVX-512 BF16, CUDA); every other path the reference's exact float32 one (netvlad._pool)
+        self.projection = "bf16" if self.precision == "int8" and _bf16_products(self.device) else "exact"
+        self.bf16 = engine == "torch" and self.precision == "bf16"
+        self._autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision) if engine == "torch" \
+            else None  # fmt: skip
         self.bit_depth = bit_depth
         if self.bf16 and self.device.type == "cpu" and not BlockedBackbone.available(torch.bfloat16):
             warnings.warn(
@@ -123,8 +187,14 @@ class FeatureExtractor:
         C-contiguous (the model's patches are a transposed view; each keyframe's
         (P_s, D) rows in order make re-ranking's stacking a plain copy).
         """
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            glob, patches = self.model(batch.to(self.device), self.preset.patch_sizes, self.preset.strides)
+        if self.backend is not None:  # the engine runs the backbone; pooling and WPCA are the model's, float32
+            feats = self.backend(batch)
+            glob, patches = self.model._pool(feats.to(self.device, torch.float32), self.preset.patch_sizes,
+                                             self.preset.strides, self.projection)  # fmt: skip
+        else:
+            dtype = self._autocast or torch.bfloat16
+            with torch.autocast(self.device.type, dtype=dtype, enabled=self._autocast is not None):
+                glob, patches = self.model(batch.to(self.device), self.preset.patch_sizes, self.preset.strides)
         return glob.float().cpu().numpy(), [p.float().cpu().contiguous().numpy() for p in patches]
 
     def extract(self, images: Sequence[ImageSource]) -> list[PlaceFeatures]:

@@ -341,14 +341,25 @@ class PatchMatcher:
         w = np.asarray(self.preset.patch_weights, dtype=np.float64)
         return np.argmax(self.absolute_per_scale(raw) * w, axis=1)
 
-    def fuse(self, raw: np.ndarray) -> np.ndarray:
-        """Fused score per candidate (N,), lower is better."""
-        return fuse_scores(raw, self.preset.patch_weights)
+    def fuse(self, raw: np.ndarray, global_distances: np.ndarray | None = None) -> np.ndarray:
+        """Fused score per candidate (N,), lower is better.
+
+        raw: (N, S) per-scale scores. global_distances: (N,) the candidates' global descriptor
+        distances (any monotone distance, e.g. L2); with the preset's ``global_weight`` > 0 they
+        join the fusion as one more scale (z-scored across the candidates, that weight). Without
+        them, or at weight 0, the paper's patch-only fusion (:func:`fuse_scores`).
+        """
+        fused = fuse_scores(raw, self.preset.patch_weights)
+        w = self.preset.global_weight
+        if w > 0 and global_distances is not None:
+            fused = fused + fuse_scores(np.asarray(global_distances, np.float64).reshape(-1, 1), (w,))
+        return fused
 
     def rerank(
-        self, query: PlaceFeatures, candidates: Sequence[PlaceFeatures]
+        self, query: PlaceFeatures, candidates: Sequence[PlaceFeatures], global_distances: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray, Scores]:
-        """Re-rank candidates: (order (N,), fused scores (N,), raw Scores)."""
+        """Re-rank candidates: (order (N,), fused scores (N,), raw Scores). ``global_distances`` (N,):
+        see :meth:`fuse`."""
         sc = self.score(query, candidates)
-        fused = self.fuse(sc.raw)
+        fused = self.fuse(sc.raw, global_distances)
         return rerank_order(fused), fused, sc

@@ -59,6 +59,6 @@ def two_stage(
     out = []
     for qi in rng:
         cand = ids[qi]
-        order, fused, _ = pm.rerank(queries.item(qi), [db_items[c] for c in cand])
+        order, fused, _ = pm.rerank(queries.item(qi), [db_items[c] for c in cand], dists[qi])
         out.append(QueryResult(cand, dists[qi], cand[order], fused[order]))
     return out

@@ -3,6 +3,7 @@ never mixed with the VGG-16 family, and end to end on real images with the built
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -130,3 +131,49 @@ def test_matching_is_the_vgg_familys(dino: FeatureExtractor) -> None:
     pm = PatchMatcher(perf.preset, "ransac")
     sc = pm.score(a, [b, c])
     assert sc.num_inliers[0].max() >= 10 and pm.absolute(sc.raw)[0] > pm.absolute(sc.raw)[1]
+
+
+def test_global_weight_is_recorded_and_joins_the_re_ranking_order(dino: FeatureExtractor, dinov2_ckpt: Path,
+                                                                  tmp_path: Path) -> None:  # fmt: skip
+    """The model's measured global weight (dinov2_vlad.GLOBAL_WEIGHT) is in its file, reaches the preset and
+    feature files, and fuses the z-scored global distance into the order; a file without it (older builds)
+    keeps the paper's patch-only order; a bad value is refused."""
+    from pnv_ros.model import dinov2_vlad
+    from pnv_ros.retrieval import two_stage
+
+    assert checkpoint_info(dinov2_ckpt).global_weight == dinov2_vlad.GLOBAL_WEIGHT > 0
+    assert dino.preset.global_weight == dinov2_vlad.GLOBAL_WEIGHT
+    raw = torch.load(dinov2_ckpt, map_location="cpu", weights_only=True)
+    assert raw["dinov2"]["global_weight"] == dinov2_vlad.GLOBAL_WEIGHT
+    old = {k: v for k, v in raw["dinov2"].items() if k != "global_weight"}
+    torch.save(dict(raw, dinov2=old), tmp_path / "old.pth.tar")
+    model, info = load_checkpoint(tmp_path / "old.pth.tar")
+    assert info.global_weight == 0.0
+    assert FeatureExtractor(model, info, get_preset("speed"), device="cpu").preset.global_weight == 0.0
+    torch.save(dict(raw, dinov2=dict(raw["dinov2"], global_weight=-1.0)), tmp_path / "bad.pth.tar")
+    with pytest.raises(CheckpointError, match="global_weight"):
+        load_checkpoint(tmp_path / "bad.pth.tar")
+
+    # the order: fused patch score + w x z-scored global distance; w = 0 is the patch-only fusion, bit for bit
+    frames = [rtab_frame(i) for i in (62, 21, 5, 40, 70)]
+    fs = dino.extract_set(frames)
+    fs.save(tmp_path / "f.npz")
+    assert FeatureSet.load(tmp_path / "f.npz").preset.global_weight == dinov2_vlad.GLOBAL_WEIGHT
+    q, cands = fs.item(0), [fs.item(i) for i in range(1, 5)]
+    dist = np.array([np.linalg.norm(q.global_desc - c.global_desc) for c in cands], np.float64)
+    patch_only = PatchMatcher(dataclasses.replace(dino.preset, global_weight=0.0))
+    raw_scores = patch_only.score(q, cands).raw
+    base = patch_only.fuse(raw_scores, dist)
+    assert np.array_equal(base, patch_only.fuse(raw_scores))  # weight 0: the distances are ignored
+    z = (dist - dist.mean()) / dist.std()
+    fused = PatchMatcher(dino.preset).fuse(raw_scores, dist)
+    np.testing.assert_allclose(fused, base + dinov2_vlad.GLOBAL_WEIGHT * z, rtol=1e-10, atol=1e-12)
+    huge = PatchMatcher(dataclasses.replace(dino.preset, global_weight=1e6))
+    assert huge.rerank(q, cands, dist)[0].tolist() == np.argsort(dist).tolist()  # a huge weight: the global order
+    # pnv match's two_stage passes the distances: its scores are the fused ones
+    one = dataclasses.replace(fs, names=["query"], global_descs=fs.global_descs[:1],
+                              patches=[p[:1] for p in fs.patches], image_sizes=fs.image_sizes[:1])  # fmt: skip
+    (res,) = two_stage(fs, one, fs.preset, top_n=5)
+    expect = PatchMatcher(fs.preset).fuse(patch_only.score(q, [fs.item(int(i)) for i in res.global_ids]).raw,
+                                          res.global_dists)  # fmt: skip
+    np.testing.assert_allclose(np.sort(res.scores), np.sort(expect), rtol=1e-10, atol=1e-12)

@@ -59,7 +59,14 @@ PY_DEPS = {
     "rosbags": ("rosbags", None),
     "onnx": ("onnx", None),
     "tomli": ("tomli", None),
+    "onnxruntime": ("onnxruntime", None),
+    "openvino": ("openvino", None),
+    "nncf": ("nncf", None),
+    "tensorrt": ("tensorrt", None),
 }
+#: imported only by an engine that is asked for (pnv_ros.engines): module -> the setup.cfg extra that brings it,
+#: or None where the platform brings it (TensorRT: NVIDIA's wheel, JetPack)
+OPTIONAL_DEPS = {"openvino": "openvino", "nncf": "openvino", "tensorrt": None}
 ROS_MODULES = {"rclpy", "rcl_interfaces", "builtin_interfaces", "ament_index_python", "cv_bridge", "rosidl_runtime_py"}
 
 
@@ -163,8 +170,15 @@ def test_setup_cfg_requires_what_the_library_imports_without_exact_torch_pins() 
     }
     unknown = third_party - set(PY_DEPS)
     assert not unknown, f"new third-party imports {sorted(unknown)}: add them to setup.cfg, package.xml and PY_DEPS"
-    for module in third_party:
+    for module in third_party - set(OPTIONAL_DEPS):
         assert PY_DEPS[module][0] in req, f"{module} is imported but {PY_DEPS[module][0]} is not in install_requires"
+    extras = _setup_cfg()["options.extras_require"]
+    for module, extra in OPTIONAL_DEPS.items():
+        if extra:
+            assert PY_DEPS[module][0] in _requirements(extras[extra]), f"{module}: not in the {extra!r} extra"
+    engines = (REPO / "pnv_ros" / "engines.py").read_text()
+    for module in OPTIONAL_DEPS:  # imported inside the engine that needs it, never at the top
+        assert not re.search(rf"^(import|from) {module}\b", engines, re.M), f"{module} imported at module level"
     assert "rosbags" in req
     for name in ("torch", "torchvision"):
         assert "==" not in req[name] and ">=" in req[name], f"setup.cfg: give {name} a range, not {req[name]!r}"

@@ -63,6 +63,8 @@ class ReplayResult:
     #: the run's exclusion window (which earlier keyframes a keyframe could match)
     exclude_recent_s: float = 0.0
     exclude_recent_keyframes: int = 0
+    #: through a node: its last /diagnostics key/values (latency_total_p50_ms ...); in-process: empty
+    node_diagnostics: dict[str, str] = field(default_factory=dict)
 
 
 def _thumb(rgb: np.ndarray, width: int = 320) -> np.ndarray:
@@ -126,13 +128,21 @@ def replay_through_node(
     node_timeout_s: float = 180.0,
     bf16: bool = False,
     bit_depth: int | None = None,
+    engine: str = "torch",
+    precision: str | None = None,
+    engine_file: str | None = None,
 ) -> ReplayResult:
     """Play the bag into a live loop_closure_node (lockstep) and record its output.
 
     The node runs with min_score 0 so that every keyframe's best candidate is
-    published; thresholds are applied afterwards, as in-process.
+    published; thresholds are applied afterwards, as in-process. ``engine``,
+    ``precision``, ``engine_file``: the node's parameters of those names.
+    The node's last /diagnostics values (its per-keyframe latency medians over
+    its last 100 keyframes, ``latency_total_p50_ms`` ...) come back in
+    ``ReplayResult.node_diagnostics``.
     """
     import rclpy
+    from diagnostic_msgs.msg import DiagnosticArray
 
     from pnv_ros.msg import LoopClosure
     from pnv_ros.ros.conversions import stamp_to_ns
@@ -158,7 +168,12 @@ def replay_through_node(
     # The node hears exactly what the bag holds for it: the image topic (raw or compressed) and odometry.
     args = [exe, "--ros-args", "-r", f"{'image/compressed' if compressed else 'image'}:={image_topic}",
             "-p", f"compressed:={str(compressed).lower()}", "-p", f"preset:={preset_name}",
-            "-p", f"bfloat16:={str(bf16).lower()}", "-p", f"bit_depth:={bit_depth or 0}"]  # fmt: skip
+            "-p", f"bfloat16:={str(bf16).lower()}", "-p", f"bit_depth:={bit_depth or 0}",
+            "-p", f"engine:={engine}"]  # fmt: skip
+    if precision:
+        args += ["-p", f"precision:={precision}"]
+    if engine_file:
+        args += ["-p", f"engine_file:={engine_file}"]
     if len(odom_topics) == 1:
         args += ["-r", f"odom:={odom_topics[0]}"]
     defaults = DetectorParams()
@@ -174,6 +189,7 @@ def replay_through_node(
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
     rclpy.init()
     loops: list = []
+    diags: dict[str, str] = {}
     player = None
     t0 = time.perf_counter()
     try:
@@ -182,6 +198,7 @@ def replay_through_node(
             every = player.messages
             player.messages = lambda: (m for m in every() if not (m[0] == image_topic and m[2] in undeserialisable))
         player.node.create_subscription(LoopClosure, "loop_closures", loops.append, 1000)
+        player.node.create_subscription(DiagnosticArray, "/diagnostics", lambda m: _diagnostics(m, diags), 10)
         if not player.wait_for_subscribers(node_timeout_s, alive=lambda: proc.poll() is None):
             out = proc.communicate(timeout=10)[0] if proc.poll() is not None else ""
             raise BagError(
@@ -190,7 +207,7 @@ def replay_through_node(
         player.lockstep(image_topic, progress=(lambda n: progress(n, total)) if progress else None)
         keyframes = {stamp_to_ns(a.stamp) for a in player.acks if a.frame_id == "keyframe"}  # first ack per stamp wins
         errors = {stamp_to_ns(a.stamp) for a in player.acks if a.frame_id == "error"} - keyframes
-        end = time.time() + 5
+        end = time.time() + 5  # late loop closures, and a diagnostics message (1 Hz) after the last keyframe
         while time.time() < end:
             rclpy.spin_once(player.node, timeout_sec=0.05)
         wall = time.perf_counter() - t0
@@ -222,4 +239,11 @@ def replay_through_node(
                                       [m] if m >= 0 else []))  # fmt: skip
     return ReplayResult(records, len(stamps), stamps, wall, float("nan"), float("nan"), thumbs,
                         [skipped[i] for i in sorted(skipped)], params.exclude_recent_s,
-                        params.exclude_recent_keyframes)  # fmt: skip
+                        params.exclude_recent_keyframes, dict(diags))  # fmt: skip
+
+
+def _diagnostics(msg, into: dict[str, str]) -> None:  # type: ignore[no-untyped-def]
+    """The loop_closure node's key/values of one DiagnosticArray (others' statuses ignored)."""
+    for st in msg.status:
+        if "loop_closure" in st.name:
+            into.update({kv.key: kv.value for kv in st.values})

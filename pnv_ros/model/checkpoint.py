@@ -44,6 +44,9 @@ class ModelInfo:
     backbone: str = "vgg16"
     #: (height, width) the model needs its input resized to; None: the preset's
     input_size: tuple[int, int] | None = None
+    #: the model's weight of the global distance in the re-ranking order (``Preset.global_weight``); None: the
+    #: preset's (the VGG-16 family: 0, the paper's patch-only order)
+    global_weight: float | None = None
 
     @property
     def identity(self) -> str:
@@ -191,7 +194,8 @@ def _dinov2_info(path: str | Path, num_clusters: int, dim: int, cfg: dict[str, A
 
     return ModelInfo(path=str(path), sha256=file_sha256(path), num_clusters=num_clusters, dim=dim, vladv2=False,
                      family=dinov2_vlad.FAMILY, backbone=dinov2_vlad.BACKBONE,
-                     input_size=(cfg["input_height"], cfg["input_width"]))  # fmt: skip
+                     input_size=(cfg["input_height"], cfg["input_width"]),
+                     global_weight=cfg["global_weight"])  # fmt: skip
 
 
 def checkpoint_info(path: str | Path) -> ModelInfo:
@@ -212,9 +216,11 @@ def save_checkpoint(state_dict: dict[str, torch.Tensor], path: str | Path, num_p
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
     try:
-        torch.save({"num_pcs": int(num_pcs), "state_dict": {k: v.contiguous() for k, v in state_dict.items()}}, tmp)
+        # Through a file object: the zip's inner folder is then "archive", not the random temp file's name,
+        # so the same state dict gives the same bytes.
+        with open(fd, "wb") as f:
+            torch.save({"num_pcs": int(num_pcs), "state_dict": {k: v.contiguous() for k, v in state_dict.items()}}, f)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

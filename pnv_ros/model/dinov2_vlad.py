@@ -19,10 +19,13 @@ A model file (``torch.save``, loaded with ``weights_only=True``) records its fam
 ``state_dict``: ``encoder.*`` (the ViT, ``transformers`` names), ``pool.centroids`` (K, 384),
 ``pool.conv.weight`` (K, 384, 1, 1), ``WPCA.0.weight`` (D, K*384, 1, 1), ``WPCA.0.bias`` (D,).
 
-Choices (``benchmarks/dinov2_backbone.py``, docs/dinov2_backbone.md): layer 9 (0-based) value
-facet (layers 6-10 all reach Recall@1 0.93-0.98 on the RTAB-Map loop, the final CLS token 0.80-0.86);
-input 322 x 434 (23 x 31 tokens, the 3:4 aspect of the VGG presets' 480 x 640); K = 32 words;
-512 dimensions.
+Choices, by measurement: ``benchmarks/dinov2_backbone.py`` (docs/dinov2_backbone.md: layers 6-10 of the
+value facet all reach global Recall@1 0.93-0.98 on the RTAB-Map loop, the final CLS token 0.80-0.86;
+input 322 x 434, 23 x 31 tokens, the 3:4 aspect of the VGG presets' 480 x 640) and
+``benchmarks/dinov2_patch_sweep.py`` (docs/dinov2_patch_sweep.md): layer 8 (0-based) value facet, K = 64
+words, 512 dimensions, and a global weight of 4 in the re-ranking order, the one setting measured there
+whose re-ranked Recall@1 is at least its own global Recall@1 on every shared set (patch matches across
+day and night are the weak stage; at weight 0 re-ranking loses up to 0.2 on the corridor and Gardens Point).
 """
 
 from __future__ import annotations
@@ -58,12 +61,16 @@ FAMILY = "dinov2_vlad"
 BACKBONE = "dinov2_vits14"  # config.BACKBONES
 MODEL_NAME = "dinov2_vlad"  # the name --checkpoint and the node's checkpoint parameter take
 MODEL_FILE = "dinov2_vlad.pth.tar"
-LAYER, FACET = 9, "value"
+LAYER, FACET = 8, "value"
 INPUT_HEIGHT, INPUT_WIDTH = 322, 434
-NUM_CLUSTERS = 32
+NUM_CLUSTERS = 64
 NUM_PCS = 512
 DESCS_PER_IMAGE = 200  # tokens sampled per fitting image for k-means (713 per image at 322 x 434)
 PCA_PATCH_SIZES = (2, 5, 8)
+#: Weight of the global distance in the re-ranking order (``config.Preset.global_weight``), recorded in
+#: the model file: DINOv2's global VLAD is the stronger stage on the shared sets and its patch matches
+#: the weaker one across day and night, so the order fuses both (docs/dinov2_patch_sweep.md).
+GLOBAL_WEIGHT = 4.0
 
 
 class DinoVLADModel(PatchNetVLADModel):
@@ -76,17 +83,20 @@ class DinoVLADModel(PatchNetVLADModel):
     backbone_name = BACKBONE
 
     def __init__(self, num_clusters: int, num_pcs: int, layer: int = LAYER, facet: str = FACET,
-                 input_size: tuple[int, int] = (INPUT_HEIGHT, INPUT_WIDTH)) -> None:  # fmt: skip
+                 input_size: tuple[int, int] = (INPUT_HEIGHT, INPUT_WIDTH),
+                 global_weight: float = GLOBAL_WEIGHT) -> None:  # fmt: skip
         super().__init__(num_clusters, num_pcs, vladv2=False, encoder=DinoV2ViTS14(), channels=DIM)
         self.layer, self.facet, self.input_size = int(layer), str(facet), (int(input_size[0]), int(input_size[1]))
+        self.global_weight = float(global_weight)
 
     def backbone(self, images: torch.Tensor) -> torch.Tensor:
         """Token features. images (B, 3, H, W) -> (B, 384, H/14, W/14)."""
         return self.encoder.features(images, self.layer, self.facet).permute(0, 3, 1, 2).contiguous()
 
     def config(self) -> dict[str, Any]:
+        """The choices the model file records (its ``dinov2`` entry)."""
         return {"layer": self.layer, "facet": self.facet, "input_height": self.input_size[0],
-                "input_width": self.input_size[1]}  # fmt: skip
+                "input_width": self.input_size[1], "global_weight": self.global_weight}  # fmt: skip
 
 
 def is_dinov2_vlad(raw: dict[str, Any]) -> bool:
@@ -103,6 +113,7 @@ def read_dinov2_vlad(raw: dict[str, Any], path: Path) -> tuple[dict[str, torch.T
     try:
         layer, facet = int(cfg["layer"]), str(cfg["facet"])
         h, w = int(cfg["input_height"]), int(cfg["input_width"])
+        gw = float(cfg.get("global_weight", 0.0))  # files before the choice was recorded: the patch-only order
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path}: bad 'dinov2' entry {cfg!r} ({e})") from None
     if not 0 <= layer < 12 or facet not in FACETS or h % PATCH or w % PATCH or min(h, w) < PATCH:
@@ -110,6 +121,8 @@ def read_dinov2_vlad(raw: dict[str, Any], path: Path) -> tuple[dict[str, torch.T
             f"checkpoint {path}: layer {layer}, facet {facet!r}, input {w}x{h}: need layer 0..11, a facet of "
             f"{FACETS} and an input size of multiples of {PATCH}"
         )
+    if not 0.0 <= gw < float("inf"):
+        raise CheckpointError(f"checkpoint {path}: global_weight {gw} must be a finite number >= 0")
     if "pool.centroids" not in state or "WPCA.0.bias" not in state:
         raise CheckpointError(f"checkpoint {path}: missing pool.centroids or WPCA.0.bias")
     k, d = int(state["pool.centroids"].shape[0]), int(state["WPCA.0.bias"].shape[0])
@@ -127,12 +140,14 @@ def read_dinov2_vlad(raw: dict[str, Any], path: Path) -> tuple[dict[str, torch.T
     unexpected = sorted(set(state) - set(shapes))
     if unexpected:
         raise CheckpointError(f"checkpoint {path}: unexpected key {unexpected[0]!r} ({len(unexpected)} in all)")
-    config = {"layer": layer, "facet": facet, "input_height": h, "input_width": w}
+    config = {"layer": layer, "facet": facet, "input_height": h, "input_width": w, "global_weight": gw}
     return {k_: state[k_].float() for k_ in shapes}, config, k, d
 
 
 def build_from(state: dict[str, torch.Tensor], config: dict[str, Any], k: int, d: int) -> DinoVLADModel:
-    model = DinoVLADModel(k, d, config["layer"], config["facet"], (config["input_height"], config["input_width"]))
+    model = DinoVLADModel(
+        k, d, config["layer"], config["facet"], (config["input_height"], config["input_width"]), config["global_weight"]
+    )
     model.load_state_dict(state, strict=True)
     return model.eval()
 
@@ -151,11 +166,47 @@ def save_dinov2_vlad(model: DinoVLADModel, path: Path) -> None:
         Path(tmp).unlink(missing_ok=True)
 
 
-def _fit_tensor(path: Path, height: int, width: int) -> torch.Tensor:
+def fit_tensor(source: Any, height: int, width: int) -> torch.Tensor:
+    """One fitting image (a path or an array) as the ViT sees it: (1, 3, height, width)."""
     from pnv_ros.extract import input_transform
     from pnv_ros.images import load_image
 
-    return input_transform(height, width)(load_image(path)).unsqueeze(0)
+    return input_transform(height, width)(load_image(source)).unsqueeze(0)
+
+
+def fitting_model(encoder: DinoV2ViTS14, num_clusters: int, layer: int, facet: str,
+                  input_size: tuple[int, int], global_weight: float = GLOBAL_WEIGHT) -> DinoVLADModel:  # fmt: skip
+    """A model to fit: ``encoder`` (kept, not copied), its layer, facet, input size and re-ranking global
+    weight, ``num_clusters`` words, no WPCA yet (seeded as every build is), in eval mode."""
+    from pnv_ros.model.default_model import SEED
+
+    torch.manual_seed(SEED)
+    model = DinoVLADModel(num_clusters, 0, layer, facet, input_size, global_weight)
+    model.encoder = encoder
+    return model.eval()
+
+
+def fitted_model(
+    model: DinoVLADModel,
+    maps: Sequence[torch.Tensor],
+    rng: np.random.Generator,
+    num_pcs: int,
+    *,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> tuple[DinoVLADModel, Any]:
+    """Fit ``model``'s vocabulary and WPCA on its token maps (``default_model.fit_vocabulary`` with this
+    family's sampling); the finished model (``num_pcs`` dimensions) and the ``VocabularyFit``."""
+    from pnv_ros.model.default_model import fit_vocabulary
+
+    k = model.pool.num_clusters
+    fit = fit_vocabulary(model, maps, rng, k, num_pcs, descs_per_image=DESCS_PER_IMAGE,
+                         patch_sizes=PCA_PATCH_SIZES, progress=progress)  # fmt: skip
+    final = DinoVLADModel(k, num_pcs, model.layer, model.facet, model.input_size, model.global_weight)
+    state = {k_: v for k_, v in model.state_dict().items() if not k_.startswith("WPCA")}
+    state["WPCA.0.weight"] = torch.from_numpy(fit.wpca_weight)[:, :, None, None]
+    state["WPCA.0.bias"] = torch.from_numpy(fit.wpca_bias)
+    final.load_state_dict(state, strict=True)
+    return final, fit
 
 
 def build_dinov2_vlad(
@@ -175,30 +226,16 @@ def build_dinov2_vlad(
     vocabulary (k-means, seeded) and whitening PCA fitted on ``fit_images`` (the generic model: the
     repository's fitting set; AnyLoc's advice: the robot's own map images). The same inputs give
     the same file. Writes ``out`` and a metadata JSON beside it; returns ``out``."""
-    from pnv_ros.model.default_model import SEED, fit_vocabulary
+    from pnv_ros.model.default_model import SEED, backbone_maps
 
     paths = list(fit_images)
     if len(paths) < 10:
         raise CheckpointError(f"need at least 10 fitting images, got {len(paths)}")
     onnx_path = fetch_dinov2_onnx(cache_dir)
-    torch.manual_seed(SEED)
+    model = fitting_model(DinoV2ViTS14.from_onnx(onnx_path), num_clusters, layer, facet, input_size)
     rng = np.random.default_rng(SEED)
-    model = DinoVLADModel(num_clusters, 0, layer, facet, input_size)
-    model.encoder = DinoV2ViTS14.from_onnx(onnx_path)
-    model.eval()
-    maps: list[torch.Tensor] = []
-    with torch.inference_mode():
-        for i, p in enumerate(paths):
-            maps.append(model.backbone(_fit_tensor(p, *input_size))[0])
-            if progress:
-                progress("backbone", i + 1, len(paths))
-    fit = fit_vocabulary(model, maps, rng, num_clusters, num_pcs, descs_per_image=DESCS_PER_IMAGE,
-                         patch_sizes=PCA_PATCH_SIZES, progress=progress)  # fmt: skip
-    final = DinoVLADModel(num_clusters, num_pcs, layer, facet, input_size)
-    state = {k: v for k, v in model.state_dict().items() if not k.startswith("WPCA")}
-    state["WPCA.0.weight"] = torch.from_numpy(fit.wpca_weight)[:, :, None, None]
-    state["WPCA.0.bias"] = torch.from_numpy(fit.wpca_bias)
-    final.load_state_dict(state, strict=True)
+    maps = backbone_maps(model, paths, lambda p: fit_tensor(p, *input_size), total=len(paths), progress=progress)
+    final, fit = fitted_model(model, maps, rng, num_pcs, progress=progress)
     save_dinov2_vlad(final, out)
     from pnv_ros.model.checkpoint import file_sha256
 

@@ -136,10 +136,22 @@ class LoopClosureNode(Node):
 
         preset = load_preset(g("preset"), g("config_file") or None)
         ckpt = resolve_checkpoint(g("checkpoint") or None, announce=self.get_logger().info)
+        if g("vocabulary_images"):
+            ckpt = self._refit_vocabulary(ckpt)
         device = g("device") or None
         model, info = load_checkpoint(ckpt, device=device or "cpu")
         self.detector = LoopClosureDetector(
-            FeatureExtractor(model, info, preset, device=device, bf16=g("bfloat16")),
+            FeatureExtractor(
+                model,
+                info,
+                preset,
+                device=device,
+                bf16=g("bfloat16"),
+                engine=g("engine"),
+                precision=g("precision") or None,
+                engine_file=g("engine_file") or None,
+                log=self.get_logger().info,
+            ),
             P.detector_params({n: g(n) for n in P.DETECTOR_NAMES}),
             index_kind=g("index_kind"),
             patch_dtype=g("patch_dtype"),
@@ -198,8 +210,25 @@ class LoopClosureNode(Node):
         self.worker.start()
         self.log.info(
             f"loop_closure ready: preset {preset.name}, model {info.identity}, {self.image_topic} "
-            f"({g('image_qos')}, depth {g('image_qos_depth')})" + (", bfloat16 backbone" if g("bfloat16") else "")
+            f"({g('image_qos')}, depth {g('image_qos_depth')})"
+            + (", bfloat16 backbone" if g("bfloat16") else "")
+            + (f", backbone on {self._backbone_text()}" if g("engine") != "torch" else "")
         )
+
+    def _backbone_text(self) -> str:
+        ex = self.detector.extractor
+        return ex.backend.describe() if ex.backend is not None else f"torch {ex.precision}"
+
+    def _refit_vocabulary(self, ckpt: Path) -> Path:
+        """The checkpoint with its vocabulary refitted on vocabulary_images (cached: once per model and files)."""
+        from pnv_ros.model.refit import refit_cached
+
+        log = self.get_logger()
+        r = refit_cached(ckpt, self._value("vocabulary_images"), topic=self._value("vocabulary_topic") or None,
+                         bit_depth=self._value("bit_depth") or None, log=log.info)  # fmt: skip
+        log.info(f"vocabulary {'refitted' if r.refitted else 'from the cache'} in {r.seconds:.1f} s: "
+                 f"{Path(ckpt).name} on {r.describe()}")  # fmt: skip
+        return r.path
 
     def _value(self, name: str):  # type: ignore[no-untyped-def]
         v = self.get_parameter(name).value

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pnv_ros.detector import DetectorParams
+from pnv_ros.engines import ENGINES, PRECISIONS
 from pnv_ros.errors import ConfigError
 
 #: QoS choices for the inputs. sensor_data = best effort, volatile, keep last (what camera drivers
@@ -60,9 +61,20 @@ TABLE: tuple[Param, ...] = (
     Param("preset", "speed", "performance | speed | storage", choices=("performance", "speed", "storage")),
     Param("config_file", "", "override file (.toml/.json/.ini) for the preset"),
     Param("checkpoint", "", "checkpoint path or official model name; '' = offline default"),
+    Param("vocabulary_images", "", "a folder of images or a ROS bag of this environment: at start the checkpoint's "
+          "vocabulary and whitening PCA are refitted on it (at most 300 evenly spaced frames; cached in the model "
+          "cache, so a restart with the same model and files reuses it); '' = off"),
+    Param("vocabulary_topic", "", "the image topic of a vocabulary_images bag; '' = its only image topic"),
     Param("device", "", "cpu | cuda | cuda:N; '' = cuda when present"),
-    Param("bfloat16", False, "backbone in bfloat16 (pooling float32): faster extraction on AVX-512 BF16/AMX CPUs "
-          "and GPUs"),
+    Param("bfloat16", False, "the same as engine torch, precision bf16 (kept for older launch files)"),
+    Param("engine", "torch", "what runs the backbone: torch (exact) | onnxruntime | openvino (CPU) | tensorrt "
+          "(NVIDIA GPU, device cuda); engine files are built at start once and cached beside the models",
+          choices=ENGINES),
+    Param("precision", "", "fp32 | bf16 | fp16 | int8 as the engine allows ('' = fp32; bf16 with bfloat16): int8 "
+          "= onnxruntime or openvino post-training quantisation; its maps are kept apart from float32 ones",
+          choices=("", *PRECISIONS)),
+    Param("engine_file", "", "a ready engine file instead of the cached build: a TensorRT plan (trtexec "
+          "--saveEngine from 'pnv export' ONNX), or an ONNX / OpenVINO .xml of the backbone; '' = build and cache"),
     Param("compressed", False, "subscribe to image/compressed instead of image"),
     Param("bit_depth", 0, "significant bits of a 16-bit camera (e.g. 12 for a 12-bit sensor in mono16); 0 = "
           "per frame: a PNG's sBIT, else the smallest of 8/10/12/14/16 bits holding the frame's maximum",

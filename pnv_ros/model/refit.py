@@ -1,0 +1,399 @@
+"""Refit a model's NetVLAD vocabulary and whitening PCA on images of the user's own environment.
+
+AnyLoc (Keetha et al., RA-L 2023) fits its VLAD vocabulary on images of the environment the robot works
+in, not on a generic set. :func:`refit_model` does that for a model of either family (the VGG-16 NetVLAD
+checkpoints, official or offline-built, and ``dinov2_vlad`` files): it keeps the model's backbone and its
+choices (VGG-16: conv5_3 of a 480 x 640 input, as the default model's build; DINOv2: the file's layer,
+facet and input size), recomputes the backbone's feature maps of the given images and refits the
+vocabulary (seeded k-means, the NetVLAD initialisation) and the whitening PCA with the builders' own code
+(``default_model.fit_vocabulary`` through each family's fitting helpers). The result is a model file of
+the same family and format, written by the family's own saver (atomically), with a metadata JSON beside
+it; the same inputs give a byte-identical model file. It works as ``--checkpoint FILE`` everywhere. Its
+hash differs from the source model's, so maps and feature files made with one are refused by the other.
+
+Images come from folders (:func:`folder_images`) or from a ROS 1 / ROS 2 bag (:func:`bag_images`); both
+take at most ``max_images`` evenly spaced frames (see :func:`evenly_spaced` for why). The node's
+``vocabulary_images`` parameter goes through :func:`refit_cached`, which keeps the result in the model
+cache keyed by the source model and the input files. No ROS imports here.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pnv_ros.errors import CheckpointError, ConfigError, ImageError, OutputError
+
+#: Fewer fitting images are refused (as the builders do).
+MIN_IMAGES = 10
+#: At most this many (evenly spaced) frames of a folder or bag are used by default: see evenly_spaced.
+MAX_IMAGES = 300
+#: Part of the node's cache key: a change of the fitting code that changes its output bumps it.
+REFIT_VERSION = 1
+#: The VGG-16 family's fitting input (default_model.fit_tensor) and conv5_3 grid (stride 16).
+VGG_INPUT = (480, 640)
+BAG_SUFFIXES = (".bag", ".mcap", ".db3")
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class Undecodable:
+    """A frame that cannot be decoded (a bag message): skipped and counted by :func:`refit_model`."""
+
+    what: str
+    error: str
+
+
+@dataclass
+class FittingImages:
+    """Images to fit on (paths, arrays, or :class:`Undecodable` markers; a sized iterable) and where they
+    came from, for the metadata: ``source`` = {"kind": "images" | "bag", ...}."""
+
+    images: Any
+    source: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.images)
+
+
+def evenly_spaced(n: int, m: int) -> list[int]:
+    """Indices of ``m`` evenly spaced items of ``n`` (all of them when ``n <= m``), first and last included.
+
+    Why a bound at all: every fitting image costs a backbone pass (1-2 s on a small CPU) and keeps its
+    feature map and ~25 VLAD vectors in memory until the PCA (about 10 MB per image for the VGG-16 family
+    at K = 64), so an hour-long bag at 30 Hz must not become 100 000 fitting images. Why evenly spaced:
+    consecutive frames of a bag are near duplicates, so frames spread over the whole recording cover the
+    places it visits, where the first N frames would cover only its start.
+    """
+    if n <= m:
+        return list(range(n))
+    if m == 1:
+        return [0]
+    return [(j * (n - 1) + (m - 1) // 2) // (m - 1) for j in range(m)]
+
+
+def folder_images(inputs: Sequence[str | Path], max_images: int = MAX_IMAGES) -> FittingImages:
+    """Image files of folders (or files; ``images.list_images``: natural order), at most ``max_images``
+    evenly spaced ones. ImageError for a folder without images or a missing path."""
+    from pnv_ros.images import list_images
+
+    paths = list_images(list(inputs))
+    pick = evenly_spaced(len(paths), max_images)
+    return FittingImages([paths[i] for i in pick], {"kind": "images", "paths": [str(p) for p in inputs],
+                                                    "available": len(paths), "sampled": len(pick)})  # fmt: skip
+
+
+class _BagFrames:
+    """The chosen frames of a bag's image topic as RGB arrays (or Undecodable), read when iterated."""
+
+    def __init__(self, path: Path, topic: str, bit_depth: int | None, pick: list[int]) -> None:
+        self.path, self.topic, self.bit_depth, self.pick = path, topic, bit_depth, pick
+
+    def __len__(self) -> int:
+        return len(self.pick)
+
+    def __iter__(self) -> Iterator[np.ndarray | Undecodable]:
+        from pnv_ros.bags import BagReader
+
+        with BagReader(self.path, self.topic, bit_depth=self.bit_depth) as r:
+            for fr in r.frames(only=set(self.pick)):
+                if fr.rgb is None:
+                    yield Undecodable(f"bag {self.path} frame {fr.index} ({self.topic})", fr.error or "no image")
+                else:
+                    yield fr.rgb
+
+
+def bag_images(bag: str | Path, topic: str | None = None, *, max_images: int = MAX_IMAGES,
+               bit_depth: int | None = None) -> FittingImages:  # fmt: skip
+    """At most ``max_images`` evenly spaced frames of a bag's image topic (its only one when ``topic`` is
+    None); only those frames are decoded. BagError for an unreadable bag or a missing or ambiguous topic."""
+    from pnv_ros.bags import BagReader
+
+    bag = Path(bag)
+    with BagReader(bag, topic, bit_depth=bit_depth) as r:
+        count, topic = r.count, r.topic
+    pick = evenly_spaced(count, max_images)
+    source = {"kind": "bag", "path": str(bag), "topic": topic, "available": count, "sampled": len(pick)}
+    return FittingImages(_BagFrames(bag, topic, bit_depth, pick), source)
+
+
+def is_bag(path: str | Path) -> bool:
+    """Whether a path is a bag (a ROS 2 bag folder with metadata.yaml, or a .bag / .mcap / .db3 file)
+    rather than a folder of images."""
+    p = Path(path)
+    return (p / "metadata.yaml").is_file() if p.is_dir() else p.suffix.lower() in BAG_SUFFIXES
+
+
+def fitting_images(path: str | Path, *, topic: str | None = None, max_images: int = MAX_IMAGES,
+                   bit_depth: int | None = None) -> FittingImages:  # fmt: skip
+    """A folder of images or a bag (see :func:`is_bag`), sampled as :func:`folder_images` / :func:`bag_images`."""
+    if is_bag(path):
+        return bag_images(path, topic, max_images=max_images, bit_depth=bit_depth)
+    if topic:
+        raise ConfigError(f"{path} is a folder of images, not a bag: an image topic applies to bags only")
+    return folder_images([path], max_images)
+
+
+def metadata_path(out: str | Path) -> Path:
+    """Where the metadata JSON of a model file goes, as the builders put it: NAME.pth.tar -> NAME.json."""
+    out = Path(out)
+    return out.with_suffix("").with_suffix(".json")
+
+
+def _pca_samples_per_image(grid: tuple[int, int], patch_sizes: Sequence[int], patches_per_image: int) -> int:
+    """What fit_vocabulary takes per image for the PCA: the global VLAD and sampled patch VLADs."""
+    h, w = grid
+    return 1 + sum(min(patches_per_image, (h - s + 1) * (w - s + 1)) for s in patch_sizes if s <= min(h, w))
+
+
+def _check_counts(n: int, k: int, d: int, grid: tuple[int, int], descs_per_image: int, patch_sizes: Sequence[int],
+                  what: str) -> None:  # fmt: skip
+    """Refuse, before the work, image counts too small for the k-means or the PCA."""
+    from pnv_ros.model.default_model import PATCHES_PER_IMAGE
+
+    if n < MIN_IMAGES:
+        raise CheckpointError(f"need at least {MIN_IMAGES} fitting images, got {n}{what}")
+    per = _pca_samples_per_image(grid, patch_sizes, PATCHES_PER_IMAGE)
+    if n * per <= d:
+        raise ConfigError(
+            f"{n} images{what} give {n * per} PCA samples ({per} per image), but whitening to {d} dimensions "
+            f"needs more than {d}: give at least {d // per + 1} images, or fewer dimensions (--dims "
+            f"{n * per - 1} at most)"
+        )
+    descs = n * min(descs_per_image, grid[0] * grid[1])
+    if descs < k:
+        raise ConfigError(f"{n} images{what} give {descs} local descriptors, fewer than the {k} clusters asked for: "
+                          "give more images or fewer clusters (--clusters)")  # fmt: skip
+
+
+def refit_model(
+    checkpoint: str | Path,
+    images: FittingImages | Sequence[Any] | Iterable[Any],
+    out: str | Path,
+    *,
+    num_clusters: int | None = None,
+    num_pcs: int | None = None,
+    progress: Progress | None = None,
+    source: dict[str, Any] | None = None,
+) -> Path:
+    """Refit the vocabulary and whitening PCA of the model file ``checkpoint`` on ``images`` and write the
+    result to ``out`` (same family and format; metadata JSON beside it, see :func:`metadata_path`).
+
+    images: a :class:`FittingImages` (from :func:`folder_images`, :func:`bag_images`), or image paths, or
+    (H, W, 3) uint8 arrays; at least 10. num_clusters / num_pcs: vocabulary size K and output dimension D
+    (default: the model's; D = 512 for a VGG-16 checkpoint without WPCA). The assignment weights are the
+    NetVLAD (vladv1) initialisation of the new words, as the builders make them, also for a vladv2 source.
+    Runs on the CPU; everything is seeded: the same inputs give a byte-identical model file.
+
+    Raises OutputError (``out`` or its metadata path cannot be written, or is the source model),
+    CheckpointError (a missing or bad model file; fewer than 10 images), ConfigError (too few images for
+    the k-means or the PCA; D above K x C), ImageError (too few images can be decoded: undecodable ones
+    are skipped and counted in the metadata). Returns ``out``.
+    """
+    from pnv_ros.model import dinov2_vlad
+    from pnv_ros.model.checkpoint import file_sha256, load_checkpoint, save_checkpoint
+    from pnv_ros.model.default_model import (
+        DESCS_PER_IMAGE,
+        NUM_PCS,
+        PCA_PATCH_SIZES,
+        SEED,
+        backbone_maps,
+        fit_tensor,
+        vgg_fitted_state,
+        vgg_fitting_model,
+    )
+    from pnv_ros.storage import check_output, write_text_atomic
+
+    checkpoint, out = Path(checkpoint), Path(out)
+    if isinstance(images, FittingImages):
+        source = images.source if source is None else source
+        images = images.images
+    meta_path = metadata_path(out)
+    check_output(out, what="--out", inputs=[checkpoint])
+    if meta_path == out:
+        raise OutputError(f"--out {out}: the metadata would overwrite the model file: give a name like NAME.pth.tar")
+    check_output(meta_path, what=f"the metadata file of --out {out}", inputs=[checkpoint])
+    total = len(images) if isinstance(images, Sized) else None
+    if total is not None and total < MIN_IMAGES:
+        raise CheckpointError(f"need at least {MIN_IMAGES} fitting images, got {total}")
+    if source is None:
+        paths = [p for p in images if isinstance(p, (str, Path))] if isinstance(images, (list, tuple)) else []
+        source = {"kind": "images", "paths": sorted({str(Path(p).parent) for p in paths})} if paths else \
+            {"kind": "arrays"}  # fmt: skip
+
+    model, info = load_checkpoint(checkpoint)
+    dinov2 = info.family == dinov2_vlad.FAMILY
+    k = int(num_clusters or info.num_clusters)
+    d = int(num_pcs or (model.num_pcs if model.num_pcs > 0 else NUM_PCS))
+    channels = int(model.pool.dim)
+    if k < 2:
+        raise ConfigError(f"a vocabulary needs at least 2 clusters, got {k}")
+    if not 1 <= d <= k * channels:
+        raise ConfigError(f"{d} dimensions: the whitening PCA gives 1 to {k * channels} (K x C = {k} x {channels})")
+    if dinov2:
+        height, width = model.input_size
+        grid = (height // dinov2_vlad.PATCH, width // dinov2_vlad.PATCH)
+        descs_per_image, patch_sizes = dinov2_vlad.DESCS_PER_IMAGE, dinov2_vlad.PCA_PATCH_SIZES
+    else:
+        grid = (VGG_INPUT[0] // 16, VGG_INPUT[1] // 16)
+        descs_per_image, patch_sizes = DESCS_PER_IMAGE, PCA_PATCH_SIZES
+    if total is not None:
+        _check_counts(total, k, d, grid, descs_per_image, patch_sizes, "")
+
+    rng = np.random.default_rng(SEED)
+    if dinov2:
+        fitting = dinov2_vlad.fitting_model(
+            model.encoder, k, model.layer, model.facet, model.input_size, model.global_weight
+        )
+
+        def to_tensor(src: Any) -> Any:
+            return dinov2_vlad.fit_tensor(src, height, width)
+    else:
+        encoder = {f"encoder.{n}": t.detach() for n, t in model.encoder.state_dict().items()}
+        fitting = vgg_fitting_model(encoder, k)
+        to_tensor = fit_tensor
+
+    def tensor(src: Any) -> Any:
+        if isinstance(src, Undecodable):
+            raise ImageError(f"{src.what}: {src.error}")
+        return to_tensor(src)
+
+    bad: list[str] = []
+
+    def on_error(i: int, e: ImageError) -> None:
+        bad.append(str(e))
+        if total is not None and total - len(bad) < MIN_IMAGES:
+            raise ImageError(f"at most {total - len(bad)} of the {total} images can be decoded, {MIN_IMAGES} are "
+                             f"needed; {len(bad)} cannot, the first: {bad[0]}")  # fmt: skip
+
+    maps = backbone_maps(fitting, images, tensor, total=total or 0, progress=progress, on_error=on_error)
+    skipped = f" ({len(bad)} undecodable skipped; the first: {bad[0]})" if bad else ""
+    if len(maps) < MIN_IMAGES and bad:
+        raise ImageError(f"only {len(maps)} images can be decoded, {MIN_IMAGES} are needed{skipped}")
+    _check_counts(len(maps), k, d, grid, descs_per_image, patch_sizes, skipped)
+    if dinov2:
+        final, fit = dinov2_vlad.fitted_model(fitting, maps, rng, d, progress=progress)
+        dinov2_vlad.save_dinov2_vlad(final, out)
+        features = final.config()
+    else:
+        state, fit = vgg_fitted_state(encoder, fitting, maps, rng, d, progress=progress)
+        save_checkpoint(state, out, d)
+        features = {"backbone": "vgg16 conv5_3", "input_height": VGG_INPUT[0], "input_width": VGG_INPUT[1]}
+    meta = {
+        "model": out.name, "family": info.family, "sha256": file_sha256(out), "dim": d, "num_clusters": k,
+        "built": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "refit_of": {"model": str(checkpoint), "sha256": info.sha256, "identity": info.identity,
+                     "num_clusters": info.num_clusters, "dim": info.dim},
+        "features": features,
+        "fitting": {"source": source, "images": len(maps), "undecodable": len(bad), "undecodable_first": bad[:5],
+                    "kmeans": {"k": k, "seed": SEED, "descriptors": int(fit.descs.shape[0]), "niter": 100},
+                    "pca": {"dim": d, "samples": int(sum(v.shape[0] for v in fit.vecs)),
+                            "patch_sizes": list(patch_sizes)}},
+        "note": "Vocabulary and whitening PCA refitted on the images above (pnv models refit); backbone unchanged.",
+    }  # fmt: skip
+    write_text_atomic(meta_path, json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+# -- the node's cached refit ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CachedRefit:
+    """What :func:`refit_cached` did: the model file to use, whether it was fitted now or found in the
+    cache, the seconds it took, and its metadata (empty when the cache lost the JSON)."""
+
+    path: Path
+    refitted: bool
+    seconds: float
+    meta: dict[str, Any]
+
+    def describe(self) -> str:
+        f = self.meta.get("fitting", {})
+        src = f.get("source", {})
+        where = f"bag {src.get('path')} ({src.get('topic')})" if src.get("kind") == "bag" else \
+            ", ".join(src.get("paths", [])) or "?"  # fmt: skip
+        skipped = f", {f['undecodable']} undecodable skipped" if f.get("undecodable") else ""
+        return (f"{f.get('images', '?')} images of {where}{skipped}: {self.meta.get('num_clusters', '?')} words, "
+                f"{self.meta.get('dim', '?')} dimensions, model {self.path}")  # fmt: skip
+
+
+def _input_files(path: Path) -> list[Path]:
+    if is_bag(path):
+        return sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+    from pnv_ros.images import list_images
+
+    return list_images([path])
+
+
+def cache_key(checkpoint: str | Path, vocabulary: str | Path, *, topic: str | None = None,
+              bit_depth: int | None = None, max_images: int = MAX_IMAGES) -> str:  # fmt: skip
+    """SHA-256 (hex) of what a refit depends on: the source model's hash, every input file's path, size and
+    modification time (an image folder's images; all files of a bag), the topic, bit depth, image bound and
+    :data:`REFIT_VERSION`. A changed, added or removed input gives another key, so a restart refits only then."""
+    from pnv_ros.model.checkpoint import file_sha256
+
+    files = []
+    for f in _input_files(Path(vocabulary)):
+        st = f.stat()
+        files.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
+    what = {"version": REFIT_VERSION, "model": file_sha256(checkpoint), "inputs": files, "topic": topic or "",
+            "bit_depth": bit_depth or 0, "max_images": max_images}  # fmt: skip
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+
+
+def refit_cached(
+    checkpoint: str | Path,
+    vocabulary: str | Path,
+    *,
+    topic: str | None = None,
+    bit_depth: int | None = None,
+    cache_dir: str | Path | None = None,
+    max_images: int = MAX_IMAGES,
+    log: Callable[[str], None] | None = None,
+) -> CachedRefit:
+    """The model ``checkpoint`` with its vocabulary refitted on ``vocabulary`` (a folder of images or a bag),
+    from the cache (``cache_dir``, default ``<model cache>/refit``) when the same model and inputs were
+    fitted before (see :func:`cache_key`), else fitted now and cached. ``log`` hears what is about to happen
+    before a (long) fit. Raises as :func:`refit_model`, and BagError / ImageError for a bad source."""
+    from pnv_ros.model.checkpoint import checkpoint_info
+    from pnv_ros.model.registry import models_dir
+
+    t0 = time.perf_counter()
+    vocabulary = Path(vocabulary)
+    if not vocabulary.exists():
+        raise ConfigError(f"vocabulary images {vocabulary} do not exist (give a folder of images or a bag)")
+    key = cache_key(checkpoint, vocabulary, topic=topic, bit_depth=bit_depth, max_images=max_images)
+    stem = Path(checkpoint).name.removesuffix(".tar").removesuffix(".pth")
+    folder = Path(cache_dir) if cache_dir is not None else models_dir() / "refit"
+    out = folder / f"{stem}.refit-{key[:16]}.pth.tar"
+
+    def meta() -> dict[str, Any]:
+        try:
+            return json.loads(metadata_path(out).read_text())
+        except (OSError, ValueError):
+            return {}
+
+    if out.is_file():
+        try:
+            checkpoint_info(out)
+            return CachedRefit(out, False, time.perf_counter() - t0, meta())
+        except CheckpointError:
+            pass  # a damaged cache file: fit again
+    imgs = fitting_images(vocabulary, topic=topic, max_images=max_images, bit_depth=bit_depth)
+    if log:
+        log(f"refitting the vocabulary of {checkpoint} on {len(imgs)} images of {vocabulary} (once: cached as {out})")
+    refit_model(checkpoint, imgs, out)
+    return CachedRefit(out, True, time.perf_counter() - t0, meta())
