@@ -111,8 +111,6 @@ def legacy_stage(det: LoopClosureDetector, features: PlaceFeatures, session_ns: 
 def current_stage(det: LoopClosureDetector, features: PlaceFeatures, session_ns: int) -> list[tuple[int, float]]:
     """The candidate stage as the detector runs it now."""
     p = det.params
-    if not hasattr(det, "_nearest"):  # TEMP: before the change
-        return legacy_stage(det, features, session_ns)
     return det._nearest(features.global_desc, det._limit(session_ns, p), p.top_n, None)
 
 

@@ -540,13 +540,18 @@ class LoopClosureDetector:
             f = self.map.get(kf_id).features
             return PlaceFeatures(f.global_desc.copy(), [np.array(p, np.float32) for p in f.patches], f.image_size)
 
-    def _candidates(self, features: PlaceFeatures, limit: int, n: int, matcher: str | None, exclude_id: int | None,
-                    details: bool = False) -> list[Candidate]:  # fmt: skip
+    def _nearest(self, global_desc: np.ndarray, limit: int, n: int, exclude_id: int | None) -> list[tuple[int, float]]:
+        """The global stage: up to ``n`` (id, L2 distance) of keyframes with id < ``limit`` but ``exclude_id``,
+        nearest first. One FAISS search restricted to the id range; no per-keyframe Python work."""
         if limit <= 0 or len(self.map) == 0:
             return []
         k = n + (1 if exclude_id is not None else 0)
-        dists, ids = self.map.index.search(features.global_desc, k, limit)
-        pairs = [(int(i), float(d)) for i, d in zip(ids[0], dists[0]) if 0 <= i < limit and i != exclude_id][:n]
+        dists, ids = self.map.index.search(global_desc, k, limit)
+        return [(int(i), float(d)) for i, d in zip(ids[0], dists[0]) if 0 <= i < limit and i != exclude_id][:n]
+
+    def _candidates(self, features: PlaceFeatures, limit: int, n: int, matcher: str | None, exclude_id: int | None,
+                    details: bool = False) -> list[Candidate]:  # fmt: skip
+        pairs = self._nearest(features.global_desc, limit, n, exclude_id)
         if not pairs:
             return []
         pm = self.matcher_for(matcher)
