@@ -261,7 +261,6 @@ def _node_until_ready(env: dict, *params: str, timeout: float = 600) -> tuple[in
 
 @pytest.mark.slow
 def test_node_refits_at_start_once(random_ckpt: Path, twelve: Path, tmp_path: Path) -> None:
-    pytest.importorskip("rclpy")
     assert os.environ.get("FASTDDS_DEFAULT_PROFILES_FILE") and os.environ.get("ROS_DOMAIN_ID")  # conftest's
     env = dict(os.environ, PNV_CACHE_DIR=str(tmp_path / "cache"))
     common = (f"checkpoint:={random_ckpt}", f"map_dir:={tmp_path / 'maps'}", f"vocabulary_images:={twelve}")
