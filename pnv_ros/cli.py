@@ -102,15 +102,20 @@ def _extractor(args: argparse.Namespace, preset):  # type: ignore[no-untyped-def
                             log=_say)  # fmt: skip
 
 
+def _model_path(model: str, announce=None) -> Path:  # type: ignore[no-untyped-def]
+    """A MODEL argument (``default``, a model name, or a file) as the model file's path (registry rule)."""
+    from pnv_ros.model.registry import resolve_checkpoint
+
+    return resolve_checkpoint(None if model == "default" and not Path(model).is_file() else model, announce=announce)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from pnv_ros.engines import export_checked
     from pnv_ros.images import list_images
     from pnv_ros.model.checkpoint import load_checkpoint
-    from pnv_ros.model.registry import resolve_checkpoint
     from pnv_ros.storage import check_output
 
-    src = resolve_checkpoint(None if args.model == "default" and not Path(args.model).is_file() else args.model,
-                             announce=_say)  # fmt: skip
+    src = _model_path(args.model, announce=_say)
     check_output(args.out, what="--out", inputs=[src])
     if args.images:
         images = list_images(args.images)
@@ -325,12 +330,11 @@ def _refit(args: argparse.Namespace) -> int:
     import json
 
     from pnv_ros.model import refit
-    from pnv_ros.model.registry import resolve_checkpoint
     from pnv_ros.storage import check_output
 
     if (args.topic or args.bit_depth) and not args.bag:
         raise PnvError("--topic and --bit-depth apply to --bag only")
-    src = resolve_checkpoint(None if args.model == "default" and not Path(args.model).is_file() else args.model)
+    src = _model_path(args.model)
     check_output(args.out, what="--out", inputs=[src])  # before the images are looked at
     n = args.max_images or refit.MAX_IMAGES
     if args.bag:

@@ -633,39 +633,32 @@ def load_engine(
     if engine == "openvino" and precision in ("fp32", "bf16", "fp16"):
         src = backbone_onnx_path(model, info, input_size, cache_dir=cache_dir, log=log)
         return OpenVinoBackbone(src, precision, input_size, threads)
-    if engine == "onnxruntime":  # int8
-        dst = folder / f"onnxruntime-{tag}.onnx"
-        if not dst.is_file():
+    if engine in ("onnxruntime", "openvino"):  # int8: quantised once, calibrated, cached
+        ort = engine == "onnxruntime"
+        artifact = folder / (f"onnxruntime-{tag}.onnx" if ort else f"openvino-{tag}")
+        ready = artifact if ort else artifact / "model.xml"
+        if not ready.is_file():
             src = backbone_onnx_path(model, info, input_size, cache_dir=cache_dir, log=log)
             paths = calibration_paths()
+            how = "onnxruntime int8 engine" if ort else "OpenVINO int8 engine"
+            step = "calibrating on" if ort else "NNCF calibration on"
             _say(
                 log,
-                f"building the onnxruntime int8 engine for {Path(info.path).name} at {w}x{h}: calibrating "
-                f"on {len(paths)} images of {paths[0].parent} (once, a minute or two; cached in {folder})",
+                f"building the {how} for {Path(info.path).name} at {w}x{h}: {step} {len(paths)} images of "
+                f"{paths[0].parent} (once, a minute or two; cached in {folder})",
             )
             t0 = time.perf_counter()
-            quantize_onnx_int8(src, dst, calibration_batches(paths, input_size), transformer)
-            _write_meta(dst, _meta(info, engine, precision, input_size, calibration=_calibration_record(paths),
-                                   seconds=round(time.perf_counter() - t0, 1)))  # fmt: skip
-            _say(log, f"built {dst} in {time.perf_counter() - t0:.0f} s")
-        return OnnxRuntimeBackbone(dst, precision, threads, dev)
-    if engine == "openvino":  # int8
-        dst_dir = folder / f"openvino-{tag}"
-        xml = dst_dir / "model.xml"
-        if not xml.is_file():
-            src = backbone_onnx_path(model, info, input_size, cache_dir=cache_dir, log=log)
-            paths = calibration_paths()
-            _say(
-                log,
-                f"building the OpenVINO int8 engine for {Path(info.path).name} at {w}x{h}: NNCF calibration "
-                f"on {len(paths)} images of {paths[0].parent} (once, a minute or two; cached in {folder})",
-            )
-            t0 = time.perf_counter()
-            quantize_openvino_int8(src, dst_dir, calibration_batches(paths, input_size), input_size, transformer)
-            _write_meta(dst_dir, _meta(info, engine, precision, input_size, calibration=_calibration_record(paths),
-                                       seconds=round(time.perf_counter() - t0, 1)))  # fmt: skip
-            _say(log, f"built {dst_dir} in {time.perf_counter() - t0:.0f} s")
-        return OpenVinoBackbone(xml, precision, input_size, threads)
+            batches = calibration_batches(paths, input_size)
+            if ort:
+                quantize_onnx_int8(src, artifact, batches, transformer)
+            else:
+                quantize_openvino_int8(src, artifact, batches, input_size, transformer)
+            _write_meta(artifact, _meta(info, engine, precision, input_size, calibration=_calibration_record(paths),
+                                        seconds=round(time.perf_counter() - t0, 1)))  # fmt: skip
+            _say(log, f"built {artifact} in {time.perf_counter() - t0:.0f} s")
+        if ort:
+            return OnnxRuntimeBackbone(ready, precision, threads, dev)
+        return OpenVinoBackbone(ready, precision, input_size, threads)
     # tensorrt
     import tensorrt as trt
 

@@ -130,7 +130,7 @@ class FeatureExtractor:
             h, w = info.input_size or preset_size(preset)
             preset = dataclasses.replace(preset, backbone=info.backbone, image_height=h, image_width=w)
         # Its re-ranking order too, unless the preset asks for a global weight of its own.
-        if info.global_weight is not None and preset.global_weight == 0.0 and info.global_weight != 0.0:
+        if info.global_weight and not preset.global_weight:
             preset = dataclasses.replace(preset, global_weight=info.global_weight)
         self.preset = preset
         if bf16:  # the old switch: an alias of engine torch, precision bf16
