@@ -326,7 +326,50 @@ def cmd_models(args: argparse.Namespace) -> int:
     raise PnvError("usage: pnv models {list,download,build,build-default,refit}")
 
 
-def _refit(args: argparse.Namespace) -> int:
+def cmd_train(args: argparse.Namespace) -> int:
+    from pnv_ros.training.datasets import load_training_set
+    from pnv_ros.training.trainer import TrainConfig, train_model
+
+    if args.resume and args.init:
+        raise PnvError("--resume continues a run with its own model and choices: give --resume or --init, not both")
+    fixed = ("layers", "lr", "batch_size", "negatives", "margin", "holdout", "patience", "seed", "recluster")
+    if args.resume and any(getattr(args, f) is not None for f in fixed):
+        given = [f"--{f.replace('_', '-')}" for f in fixed if getattr(args, f) is not None]
+        raise PnvError(f"--resume keeps the run's training choices; {', '.join(given)} cannot change (only --epochs "
+                       "and --dims can): start a new run to change them")  # fmt: skip
+    pairs = args.pairs or None
+    data = load_training_set(pairs=pairs, gt=args.gt, images=args.images, positions=args.positions, bag=args.bag,
+                             topic=args.topic, msls=args.msls, pittsburgh=args.pittsburgh, pos_radius=args.pos_radius,
+                             neg_radius=args.neg_radius,
+                             **({"min_gap": args.min_gap} if args.min_gap is not None else {}))  # fmt: skip
+    _say(f"training data: {data.name}: {len(data.images)} images, {len(data.queries)} queries with a positive"
+         + (f" ({data.dropped} without one left out)" if data.dropped else ""))  # fmt: skip
+    defaults = TrainConfig()
+    cfg = TrainConfig(**{f: getattr(args, f) if getattr(args, f, None) is not None else getattr(defaults, f)
+                         for f in defaults.__dataclass_fields__})  # fmt: skip
+    init = None if args.resume else _model_path(args.init or "default", announce=_say)
+    bars = _stage_bars(args.quiet)
+    try:
+        res = train_model(data, Path(args.out), init=init, resume=args.resume and Path(args.resume), config=cfg,
+                          work_dir=args.work_dir, cache_dir=args.cache_dir, device=args.device,
+                          progress=bars.update, log=lambda m: bars.write(m), force=args.force)  # fmt: skip
+    finally:
+        bars.close()
+    best = res.history[res.best_epoch]
+    print(f"wrote {res.out} in {res.seconds['total']:.0f} s (features {res.seconds['features']:.0f} s, training "
+          f"{res.seconds['train']:.0f} s): best epoch {res.best_epoch}, validation Recall@1/5 "
+          f"{best.recalls[1]:.3f}/{best.recalls[5]:.3f} (epoch 0: {res.history[0].recalls[1]:.3f}/"
+          f"{res.history[0].recalls[5]:.3f}); curves: {res.work_dir / 'training.png'}; use it with --checkpoint "
+          f"{res.out}")  # fmt: skip
+    return 0
+
+
+def cmd_add_pca(args: argparse.Namespace) -> int:
+    return _refit(args, keep_vocabulary=True)
+
+
+def _refit(args: argparse.Namespace, *, keep_vocabulary: bool = False) -> int:
+    """``pnv models refit`` (vocabulary and WPCA) and ``pnv add-pca`` (the WPCA only)."""
     import json
 
     from pnv_ros.model import refit
@@ -344,14 +387,16 @@ def _refit(args: argparse.Namespace) -> int:
     bars = _stage_bars(args.quiet)
     t0 = time.perf_counter()
     try:
-        out = refit.refit_model(src, images, Path(args.out), num_clusters=args.clusters, num_pcs=args.dims,
-                                progress=bars.update)  # fmt: skip
+        out = refit.refit_model(src, images, Path(args.out), num_clusters=getattr(args, "clusters", None),
+                                num_pcs=args.dims, progress=bars.update, keep_vocabulary=keep_vocabulary,
+                                patches_per_image=getattr(args, "patches_per_image", None))  # fmt: skip
     finally:
         bars.close()
     meta = json.loads(refit.metadata_path(out).read_text())
     f = meta["fitting"]
     skipped = f", {f['undecodable']} undecodable skipped" if f["undecodable"] else ""
-    print(f"wrote {out} in {time.perf_counter() - t0:.0f} s: {src.name} refitted on {f['images']} images "
+    what = "given a whitening PCA fitted" if keep_vocabulary else "refitted"
+    print(f"wrote {out} in {time.perf_counter() - t0:.0f} s: {src.name} {what} on {f['images']} images "
           f"({f['source']['sampled']} of {f['source']['available']} sampled{skipped}), {meta['num_clusters']} words, "
           f"{meta['dim']} dimensions; use it with --checkpoint {out}")  # fmt: skip
     return 0
@@ -368,10 +413,19 @@ class _stage_bars:  # noqa: N801 - used as a function
             return
         from tqdm import tqdm
 
-        if stage not in self.bars:
-            self.bars[stage] = tqdm(total=n, desc=stage, unit="img" if n > 1 else "step")
-        self.bars[stage].n = i
-        self.bars[stage].refresh()
+        bar = self.bars.get(stage)
+        if bar is None or bar.total != n or i < bar.n:  # a new round of the stage (pnv train: every epoch)
+            if bar is not None:
+                bar.close()
+            bar = self.bars[stage] = tqdm(total=n, desc=stage, unit="img" if n > 1 else "step", leave=False)
+        bar.n = i
+        bar.refresh()
+
+    def write(self, message: str) -> None:
+        """A line of output that does not break the bars."""
+        from tqdm import tqdm
+
+        tqdm.write(message)
 
     def close(self) -> None:
         for b in self.bars.values():
@@ -679,6 +733,86 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sp.set_defaults(func=cmd_export)
 
+    sp = sub.add_parser(
+        "train",
+        help="train or adapt a NetVLAD model on your own data (the authors' train.py, CPU-feasible)",
+        description="Trains the NetVLAD layer (--layers netvlad, the default: a CPU adapts it in minutes; either "
+        "family, --init dinov2_vlad included) or conv5 and the NetVLAD layer (--layers conv5: the authors' freezing; "
+        "VGG-16) of a model with the authors' "
+        "triplet loss, hard-negative mining, optimiser and schedule, on cached frozen features; keeps the "
+        "checkpoint with the best validation Recall@5 (the last --holdout share of places, never trained on), "
+        "fits its whitening PCA (pnv add-pca) and writes OUT in the official format. WORK_DIR holds "
+        "checkpoint.pth.tar (--resume), model_best.pth.tar, history.json and training.png.",
+    )
+    src = sp.add_mutually_exclusive_group(required=True)
+    src.add_argument("--pairs", nargs=2, metavar=("REF_DIR", "QUERY_DIR"),
+                     help="two traversals of the same places, with --gt (the shared sets' layout)")  # fmt: skip
+    src.add_argument("--images", metavar="DIR", help="one image sequence, with --positions")
+    src.add_argument("--bag", metavar="BAG", help="a ROS 1 or ROS 2 bag with images and nav_msgs/Odometry")
+    src.add_argument("--msls", metavar="ROOT", help="Mapillary SLS (train_val/<city>/{query,database})")
+    src.add_argument("--pittsburgh", metavar="ROOT", help="Pittsburgh 30k/250k (datasets/pitts30k_train.mat)")
+    sp.add_argument("--gt", help="--pairs' ground truth: a matrix (.npy/.bmp/.png) or CSV, as pnv match --gt")
+    sp.add_argument("--positions", help="--images' positions CSV name,x,y[,z] (metres)")
+    sp.add_argument("--topic", default=None, help="the bag's image topic (default: its only one)")
+    sp.add_argument("--pos-radius", type=Number(float, 0.0, None), default=10.0,
+                    help="positives within this distance, metres (default 10, as MSLS)")  # fmt: skip
+    sp.add_argument("--neg-radius", type=Number(float, 0.0, None), default=25.0,
+                    help="negatives beyond this distance, metres (default 25, as MSLS)")  # fmt: skip
+    sp.add_argument("--min-gap", type=Number(int, 0, None), default=None,
+                    help="sequences: frames this close in order are neither positives nor negatives")  # fmt: skip
+    sp.add_argument("--out", required=True, help="the trained model file (NAME.pth.tar; NAME.json beside it)")
+    sp.add_argument("--init", default=None,
+                    help="the model to start from: default (ImageNet VGG-16 + k-means clusters), dinov2_vlad, an "
+                    "official model's name or a file (default: default)")  # fmt: skip
+    sp.add_argument("--resume", default=None, metavar="CHECKPOINT",
+                    help="continue from WORK_DIR/checkpoint.pth.tar (same data; --epochs may extend it)")  # fmt: skip
+    sp.add_argument("--layers", choices=["netvlad", "conv5"], default=None,
+                    help="what is trained: netvlad (CPU mode, default) or conv5 + netvlad (the authors')")  # fmt: skip
+    sp.add_argument("--epochs", type=Number(int, 0, 10000), default=None,
+                    help="epochs (default 30, as theirs; 0: the start model with its WPCA refitted on the training "
+                    "images, a control)")  # fmt: skip
+    sp.add_argument("--lr", type=Number(float, 1e-12, 10.0), default=None, help="SGD learning rate (default 1e-4)")
+    sp.add_argument("--batch-size", type=Number(int, 1, 1024), default=None, help="queries per batch (default 4)")
+    sp.add_argument("--negatives", type=Number(int, 1, 100), default=None,
+                    help="hardest negatives per query (default 5, as their MSLS loader)")  # fmt: skip
+    sp.add_argument("--margin", type=Number(float, 1e-6, 4.0), default=None,
+                    help="triplet margin (default 0.1; the loss uses its root on L2 distances, as theirs)")  # fmt: skip
+    sp.add_argument("--holdout", type=Number(float, 0.01, 0.9), default=None,
+                    help="share of the queries (the last places) kept for validation (default 0.2)")  # fmt: skip
+    sp.add_argument("--patience", type=Number(int, 0, 10000), default=None,
+                    help="stop after this many epochs without a better Recall@5 (default 10)")  # fmt: skip
+    sp.add_argument("--dims", type=Number(int, 1, 65536), default=None, help="WPCA dimensions (default 512)")
+    sp.add_argument("--seed", type=Number(int, 0, None), default=None, help="random seed (default 123, as theirs)")
+    sp.add_argument("--recluster", action="store_true", default=None,
+                    help="refit the NetVLAD clusters on the training images first (their get_clusters)")  # fmt: skip
+    sp.add_argument("--device", default="cpu", help="torch device (cpu, cuda; default cpu)")
+    sp.add_argument("--work-dir", default=None, help="checkpoints and curves (default: OUT's name + _training)")
+    sp.add_argument("--cache-dir", default=None, help="frozen features cache (default ~/.cache/pnv_ros/training)")
+    sp.add_argument("--force", action="store_true", help="replace a finished or interrupted run in WORK_DIR")
+    sp.add_argument("-q", "--quiet", action="store_true")
+    sp.set_defaults(func=cmd_train)
+
+    sp = sub.add_parser(
+        "add-pca",
+        help="fit a whitening PCA to a model and append it (the authors' add_pca.py)",
+        description="Keeps CHECKPOINT's backbone and NetVLAD layer (a training checkpoint from pnv train, an official "
+        "one, or any model file) and fits the whitening PCA layer on your images: the rule of the authors' "
+        "add_pca.py, which made the official WPCA512/WPCA4096 checkpoints, and of pnv's model builders (global VLADs "
+        "plus 8 patch VLADs per patch size and image; --patches-per-image 0 gives the authors' global-only "
+        "samples). Seeded: from the images the default model was built on (the repo's corridor set, ref then "
+        "query) it gives the default model's WPCA bit for bit. Writes the official format and NAME.json beside it.",
+    )
+    sp.add_argument("model", metavar="CHECKPOINT",
+                    help="the model: a file, default, dinov2_vlad or an official model's name")  # fmt: skip
+    _fitting_inputs(sp, "")
+    sp.add_argument("--dims", type=Number(int, 1, 65536), default=512,
+                    help="output dimensions (the official models: 512 or 4096; default 512); more images than "
+                    "dimensions / 25 are needed")  # fmt: skip
+    sp.add_argument("--patches-per-image", type=Number(int, 0, 1000), default=None,
+                    help="patch VLAD samples per patch size and image (default 8, the builders'; 0: global VLADs "
+                    "only, as the authors' add_pca.py)")  # fmt: skip
+    sp.set_defaults(func=cmd_add_pca)
+
     sp = sub.add_parser("models", help="list, download or build checkpoints")
     msub = sp.add_subparsers(dest="models_cmd", required=True, metavar="ACTION")
     m = msub.add_parser("list", help="official checkpoints and the default model, and which are present")
@@ -711,21 +845,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument("model", metavar="MODEL",
                    help="the model to refit: default, dinov2_vlad, an official model's name, or a file")  # fmt: skip
-    src = m.add_mutually_exclusive_group(required=True)
-    src.add_argument("--images", nargs="+", metavar="DIR", help="folders (or files) of images of the environment")
-    src.add_argument("--bag", metavar="BAG", help="a ROS 1 or ROS 2 bag of the environment")
-    m.add_argument("--topic", default=None, help="the bag's image topic (default: its only one)")
-    m.add_argument("--out", required=True, help="model file to write (NAME.pth.tar; NAME.json beside it)")
+    _fitting_inputs(m, " of the environment")
     m.add_argument("--clusters", type=Number(int, 2, 1024), default=None,
                    help="vocabulary size K (default: the model's)")  # fmt: skip
     m.add_argument("--dims", type=Number(int, 1, 65536), default=None,
                    help="output dimensions of the whitening PCA (default: the model's)")  # fmt: skip
-    m.add_argument("--max-images", type=Number(int, 10, 1_000_000), default=None,
-                   help="use at most this many evenly spaced images or frames (default 300: time and memory "
-                   "grow with each)")  # fmt: skip
-    m.add_argument("--bit-depth", type=Number(int, 1, 16), default=None,
-                   help="significant bits of the bag's 16-bit frames (default: as pnv extract)")  # fmt: skip
-    m.add_argument("-q", "--quiet", action="store_true")
     m.set_defaults(func=cmd_models)
     m = msub.add_parser("build-default", help="build the offline default model from registry weights (~5 min)")
     m.add_argument("--fit", nargs="+", default=None, help="fitting image folders (default: the repo's corridor set)")
@@ -733,6 +857,21 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("-q", "--quiet", action="store_true")
     m.set_defaults(func=cmd_models)
     return p
+
+
+def _fitting_inputs(p: argparse.ArgumentParser, of: str) -> None:
+    """The image options of the commands that fit a model on images (``models refit``, ``add-pca``)."""
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", nargs="+", metavar="DIR", help=f"folders (or files) of images{of}")
+    src.add_argument("--bag", metavar="BAG", help=f"a ROS 1 or ROS 2 bag{of}")
+    p.add_argument("--topic", default=None, help="the bag's image topic (default: its only one)")
+    p.add_argument("--out", required=True, help="model file to write (NAME.pth.tar; NAME.json beside it)")
+    p.add_argument("--max-images", type=Number(int, 10, 1_000_000), default=None,
+                   help="use at most this many evenly spaced images or frames (default 300: time and memory "
+                   "grow with each)")  # fmt: skip
+    p.add_argument("--bit-depth", type=Number(int, 1, 16), default=None,
+                   help="significant bits of the bag's 16-bit frames (default: as pnv extract)")  # fmt: skip
+    p.add_argument("-q", "--quiet", action="store_true")
 
 
 def _os_message(e: OSError) -> str:

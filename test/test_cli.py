@@ -81,16 +81,15 @@ def test_extract_match_and_preset_mismatch(tmp_path: Path, random_ckpt: Path) ->
 
 
 @pytest.mark.slow
-def test_default_model_rtabmap_loop(tmp_path: Path, default_ckpt: Path) -> None:
-    """No --checkpoint: the default model. Frames 1-40 database, 41-84 queries."""
-    db, qd = tmp_path / "db", tmp_path / "q"
-    db.mkdir()
-    qd.mkdir()
-    for i in range(1, 85):
-        (db if i <= 40 else qd).joinpath(f"{i}.jpg").symlink_to(rtab_frame(i))
-    r = run("extract", "-q", "--out", str(tmp_path / "db.npz"), str(db))
-    assert r.returncode == 0 and "using the default model" in r.stderr
-    assert run("extract", "-q", "--out", str(tmp_path / "q.npz"), str(qd)).returncode == 0
+def test_default_model_rtabmap_loop(tmp_path: Path, default_extractor, rtab_features: list) -> None:
+    """The default model's features (the session's extraction, as ``pnv extract`` writes them: the extract
+    command itself is tested above) through ``pnv match``. Frames 1-40 database, 41-84 queries."""
+    from pnv_ros.features import FeatureSet
+
+    for name, frames in (("db", range(1, 41)), ("q", range(41, 85))):
+        fs = FeatureSet.from_places([f"{i}.jpg" for i in frames], [rtab_features[i - 1] for i in frames],
+                                    default_extractor.preset, default_extractor.info.identity)  # fmt: skip
+        fs.save(tmp_path / f"{name}.npz")
     out = tmp_path / "r.json"
     gt = RTAB.parent / "gt.csv"
     r = run(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from pnv_ros.model.checkpoint import load_checkpoint
 FRAMES = [3, 20, 45, 61, 62, 70]  # query 62 revisits frames 20-24
 
 
+@functools.cache  # both sides extract once per (model, preset) in a session: the matching tests reuse it
 def _both(ckpt: Path, preset_name: str):
     preset = get_preset(preset_name)
     model, info = load_checkpoint(ckpt)

@@ -238,24 +238,30 @@ def fit_vocabulary(
     patch_sizes: Sequence[int] = PCA_PATCH_SIZES,
     patches_per_image: int = PATCHES_PER_IMAGE,
     progress: Callable[[str, int, int], None] | None = None,
+    fit_clusters: bool = True,
 ) -> VocabularyFit:
     """The NetVLAD vocabulary and WPCA of a model from its backbone's feature maps (C, h, w) of the
     fitting images, for any backbone: k-means (seeded) of sampled L2-normalised local descriptors,
     the authors' vladv1 assignment initialisation, then the whitening PCA of normalised VLAD vectors
-    (global and sampled patches of ``patch_sizes`` cells). Sets ``model.pool`` in place."""
+    (global and sampled patches of ``patch_sizes`` cells; ``patches_per_image=0``: global ones only, the
+    authors' ``add_pca.py`` rule). Sets ``model.pool`` in place.
+
+    ``fit_clusters=False`` keeps ``model.pool`` (``pnv add-pca``): the descriptors are still drawn, so the
+    seeded stream that picks the PCA's patches is the builder's and the same inputs give the same WPCA."""
     samples = []
     for fm in maps:
         d = F.normalize(fm.flatten(1).T, dim=1).numpy()  # (h*w, C)
         samples.append(d[rng.choice(d.shape[0], min(descs_per_image, d.shape[0]), replace=False)])
     descs = np.concatenate(samples)
-    if progress:
-        progress("k-means", 0, 1)
-    threads = torch.get_num_threads()
-    centroids = _kmeans(descs, num_clusters, SEED)
-    torch.set_num_threads(threads)  # faiss's OpenMP setting must not change torch's
-    with torch.no_grad():
-        model.pool.centroids.copy_(torch.from_numpy(centroids))
-        model.pool.conv.weight.copy_(netvlad_init(centroids, descs))
+    if fit_clusters:
+        if progress:
+            progress("k-means", 0, 1)
+        threads = torch.get_num_threads()
+        centroids = _kmeans(descs, num_clusters, SEED)
+        torch.set_num_threads(threads)  # faiss's OpenMP setting must not change torch's
+        with torch.no_grad():
+            model.pool.centroids.copy_(torch.from_numpy(centroids))
+            model.pool.conv.weight.copy_(netvlad_init(centroids, descs))
     vecs = []
     with torch.inference_mode():
         for i, fm in enumerate(maps):
@@ -263,7 +269,7 @@ def fit_vocabulary(
             _, k, c, h, w = res.shape
             vecs.append(vlad_normalise(res.sum(dim=(-2, -1))).numpy())
             integral = F.pad(res.view(1, k * c, h, w).cumsum(-1).cumsum(-2), (1, 0, 1, 0))
-            for size in patch_sizes:  # only the sampled windows' sums, not every window's
+            for size in patch_sizes if patches_per_image > 0 else ():  # only the sampled windows' sums
                 if size > min(h, w):
                     continue
                 cols = w - size + 1
@@ -296,13 +302,18 @@ def vgg_fitted_state(
     num_pcs: int,
     *,
     progress: Callable[[str, int, int], None] | None = None,
+    fit_clusters: bool = True,
+    patches_per_image: int = PATCHES_PER_IMAGE,
 ) -> tuple[dict[str, torch.Tensor], VocabularyFit]:
-    """Fit ``model``'s vocabulary and WPCA on ``maps`` (:func:`fit_vocabulary`); the checkpoint's state dict
-    in the official format (``encoder.*`` as given, the NetVLAD (vladv1) pool, ``WPCA.0.*``) and the fit."""
-    fit = fit_vocabulary(model, maps, rng, model.pool.num_clusters, num_pcs, progress=progress)
+    """Fit ``model``'s vocabulary and WPCA on ``maps`` (:func:`fit_vocabulary`, whose keywords these are); the
+    checkpoint's state dict in the official format (``encoder.*`` as given, the NetVLAD pool, ``WPCA.0.*``)
+    and the fit."""
+    fit = fit_vocabulary(model, maps, rng, model.pool.num_clusters, num_pcs, progress=progress,
+                         fit_clusters=fit_clusters, patches_per_image=patches_per_image)  # fmt: skip
     state = dict(encoder_state)
-    state["pool.centroids"] = model.pool.centroids.detach().clone()
-    state["pool.conv.weight"] = model.pool.conv.weight.detach().clone()
+    pool = model.pool.state_dict()
+    for name in ("centroids", "conv.weight", "conv.bias")[: 2 + ("conv.bias" in pool)]:  # the official order
+        state[f"pool.{name}"] = pool[name].detach().clone()
     state["WPCA.0.weight"] = torch.from_numpy(fit.wpca_weight)[:, :, None, None]
     state["WPCA.0.bias"] = torch.from_numpy(fit.wpca_bias)
     return state, fit

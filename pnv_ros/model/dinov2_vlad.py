@@ -193,14 +193,16 @@ def fitted_model(
     num_pcs: int,
     *,
     progress: Callable[[str, int, int], None] | None = None,
+    **fit_options: Any,
 ) -> tuple[DinoVLADModel, Any]:
     """Fit ``model``'s vocabulary and WPCA on its token maps (``default_model.fit_vocabulary`` with this
-    family's sampling); the finished model (``num_pcs`` dimensions) and the ``VocabularyFit``."""
+    family's sampling; ``fit_options``: its ``fit_clusters``, ``patches_per_image``); the finished model
+    (``num_pcs`` dimensions) and the ``VocabularyFit``."""
     from pnv_ros.model.default_model import fit_vocabulary
 
     k = model.pool.num_clusters
     fit = fit_vocabulary(model, maps, rng, k, num_pcs, descs_per_image=DESCS_PER_IMAGE,
-                         patch_sizes=PCA_PATCH_SIZES, progress=progress)  # fmt: skip
+                         patch_sizes=PCA_PATCH_SIZES, progress=progress, **fit_options)  # fmt: skip
     final = DinoVLADModel(k, num_pcs, model.layer, model.facet, model.input_size, model.global_weight)
     state = {k_: v for k_, v in model.state_dict().items() if not k_.startswith("WPCA")}
     state["WPCA.0.weight"] = torch.from_numpy(fit.wpca_weight)[:, :, None, None]

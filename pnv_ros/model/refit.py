@@ -159,13 +159,11 @@ def _pca_samples_per_image(grid: tuple[int, int], patch_sizes: Sequence[int], pa
 
 
 def _check_counts(n: int, k: int, d: int, grid: tuple[int, int], descs_per_image: int, patch_sizes: Sequence[int],
-                  what: str) -> None:  # fmt: skip
+                  what: str, patches_per_image: int) -> None:  # fmt: skip
     """Refuse, before the work, image counts too small for the k-means or the PCA."""
-    from pnv_ros.model.default_model import PATCHES_PER_IMAGE
-
     if n < MIN_IMAGES:
         raise CheckpointError(f"need at least {MIN_IMAGES} fitting images, got {n}{what}")
-    per = _pca_samples_per_image(grid, patch_sizes, PATCHES_PER_IMAGE)
+    per = _pca_samples_per_image(grid, patch_sizes, patches_per_image)
     if n * per <= d:
         raise ConfigError(
             f"{n} images{what} give {n * per} PCA samples ({per} per image), but whitening to {d} dimensions "
@@ -187,6 +185,8 @@ def refit_model(
     num_pcs: int | None = None,
     progress: Progress | None = None,
     source: dict[str, Any] | None = None,
+    keep_vocabulary: bool = False,
+    patches_per_image: int | None = None,
 ) -> Path:
     """Refit the vocabulary and whitening PCA of the model file ``checkpoint`` on ``images`` and write the
     result to ``out`` (same family and format; metadata JSON beside it, see :func:`metadata_path`).
@@ -196,6 +196,11 @@ def refit_model(
     (default: the model's; D = 512 for a VGG-16 checkpoint without WPCA). The assignment weights are the
     NetVLAD (vladv1) initialisation of the new words, as the builders make them, also for a vladv2 source.
     Runs on the CPU; everything is seeded: the same inputs give a byte-identical model file.
+
+    keep_vocabulary: keep the model's NetVLAD layer and fit only the whitening PCA (``pnv add-pca``, the
+    authors' ``add_pca.py``): from the images the default model was built on, the default model's WPCA comes
+    back bit for bit. patches_per_image: patch VLADs per image and patch size in the PCA's samples (default
+    8, the builders'; 0 = global VLADs only, the authors' ``add_pca.py`` rule).
 
     Raises OutputError (``out`` or its metadata path cannot be written, or is the source model),
     CheckpointError (a missing or bad model file; fewer than 10 images), ConfigError (too few images for
@@ -207,6 +212,7 @@ def refit_model(
     from pnv_ros.model.default_model import (
         DESCS_PER_IMAGE,
         NUM_PCS,
+        PATCHES_PER_IMAGE,
         PCA_PATCH_SIZES,
         SEED,
         backbone_maps,
@@ -235,7 +241,12 @@ def refit_model(
 
     model, info = load_checkpoint(checkpoint)
     dinov2 = info.family == dinov2_vlad.FAMILY
+    if keep_vocabulary and num_clusters and num_clusters != info.num_clusters:
+        raise ConfigError(f"{checkpoint} has {info.num_clusters} clusters: adding a PCA keeps them (no --clusters)")
     k = int(num_clusters or info.num_clusters)
+    per_image = PATCHES_PER_IMAGE if patches_per_image is None else int(patches_per_image)
+    if per_image < 0:
+        raise ConfigError(f"patches per image must be 0 or more, got {per_image}")
     d = int(num_pcs or (model.num_pcs if model.num_pcs > 0 else NUM_PCS))
     channels = int(model.pool.dim)
     if k < 2:
@@ -250,7 +261,7 @@ def refit_model(
         grid = (VGG_INPUT[0] // 16, VGG_INPUT[1] // 16)
         descs_per_image, patch_sizes = DESCS_PER_IMAGE, PCA_PATCH_SIZES
     if total is not None:
-        _check_counts(total, k, d, grid, descs_per_image, patch_sizes, "")
+        _check_counts(total, k, d, grid, descs_per_image, patch_sizes, "", per_image)
 
     rng = np.random.default_rng(SEED)
     if dinov2:
@@ -264,6 +275,8 @@ def refit_model(
         encoder = {f"encoder.{n}": t.detach() for n, t in model.encoder.state_dict().items()}
         fitting = vgg_fitting_model(encoder, k)
         to_tensor = fit_tensor
+    if keep_vocabulary:
+        fitting.pool = model.pool  # the model's own words and assignment (a vladv2 bias too)
 
     def tensor(src: Any) -> Any:
         if isinstance(src, Undecodable):
@@ -282,13 +295,14 @@ def refit_model(
     skipped = f" ({len(bad)} undecodable skipped; the first: {bad[0]})" if bad else ""
     if len(maps) < MIN_IMAGES and bad:
         raise ImageError(f"only {len(maps)} images can be decoded, {MIN_IMAGES} are needed{skipped}")
-    _check_counts(len(maps), k, d, grid, descs_per_image, patch_sizes, skipped)
+    _check_counts(len(maps), k, d, grid, descs_per_image, patch_sizes, skipped, per_image)
+    fit_options = {"fit_clusters": not keep_vocabulary, "patches_per_image": per_image}
     if dinov2:
-        final, fit = dinov2_vlad.fitted_model(fitting, maps, rng, d, progress=progress)
+        final, fit = dinov2_vlad.fitted_model(fitting, maps, rng, d, progress=progress, **fit_options)
         dinov2_vlad.save_dinov2_vlad(final, out)
         features = final.config()
     else:
-        state, fit = vgg_fitted_state(encoder, fitting, maps, rng, d, progress=progress)
+        state, fit = vgg_fitted_state(encoder, fitting, maps, rng, d, progress=progress, **fit_options)
         save_checkpoint(state, out, d)
         features = {"backbone": "vgg16 conv5_3", "input_height": VGG_INPUT[0], "input_width": VGG_INPUT[1]}
     meta = {
@@ -298,10 +312,13 @@ def refit_model(
                      "num_clusters": info.num_clusters, "dim": info.dim},
         "features": features,
         "fitting": {"source": source, "images": len(maps), "undecodable": len(bad), "undecodable_first": bad[:5],
-                    "kmeans": {"k": k, "seed": SEED, "descriptors": int(fit.descs.shape[0]), "niter": 100},
+                    "kmeans": "kept from the model" if keep_vocabulary else
+                    {"k": k, "seed": SEED, "descriptors": int(fit.descs.shape[0]), "niter": 100},
                     "pca": {"dim": d, "samples": int(sum(v.shape[0] for v in fit.vecs)),
-                            "patch_sizes": list(patch_sizes)}},
-        "note": "Vocabulary and whitening PCA refitted on the images above (pnv models refit); backbone unchanged.",
+                            "patch_sizes": list(patch_sizes) if per_image else [], "patches_per_image": per_image}},
+        "note": "Whitening PCA fitted on the images above (pnv add-pca); backbone and NetVLAD layer unchanged."
+        if keep_vocabulary else
+        "Vocabulary and whitening PCA refitted on the images above (pnv models refit); backbone unchanged.",
     }  # fmt: skip
     write_text_atomic(meta_path, json.dumps(meta, indent=2) + "\n")
     return out

@@ -1,0 +1,1 @@
+"""Training and adapting NetVLAD models (pnv train, pnv add-pca)."""

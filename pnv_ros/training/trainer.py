@@ -1,0 +1,693 @@
+"""NetVLAD training as the authors' ``train.py`` defines it, on cached frozen features (``pnv train``).
+
+What is theirs (``train.py``, ``configs/train.ini``, ``training_tools/msls.py`` of patchnetvlad 0.1.8):
+- loss: ``nn.TripletMarginLoss(margin=sqrt(0.1), p=2, reduction="sum")`` over every (query, positive,
+  negative) triplet of a batch, divided by the number of negatives (``margin`` below is their 0.1);
+- batches of 4 queries, each with its closest positive and the 5 hardest negatives (``nNeg = 5``, the
+  MSLS default their ``train.py`` uses; Nanne's pytorch-NetVlad used 10: ``negatives``);
+- mining: each epoch samples the queries (with replacement, uniform weights) and splits them into
+  cache subsets of 1000; per subset the model's current descriptors of the queries, their positives and
+  1000 random database images rank the positives (the most similar one is used) and the negatives (the
+  most similar ones are the hardest);
+- SGD (lr 1e-4, momentum 0.9, weight decay 1e-3), StepLR (step 5 epochs, gamma 0.5), 30 epochs,
+  validation Recall@N every epoch on global NetVLAD descriptors, the best Recall@5 kept, patience 10;
+- checkpoints ``{"epoch", "state_dict", "recalls", "best_score", "not_improved", "optimizer",
+  "parallel"}`` without a WPCA layer; the WPCA is fitted afterwards (``add_pca.py``; here automatically).
+
+What differs, and why:
+- the frozen layers run once per image (:mod:`pnv_ros.training.feature_cache`): same values, no
+  augmentation is used by either;
+- the VLAD is computed as ``A X^T - (sum A) c`` (a matrix product; identical sums) rather than a
+  (B, K, C, h, w) residual tensor, so a batch fits a robot's memory under autograd;
+- negatives are removed per query (its own non-negatives), not as the union over the cache subset:
+  on a map of a hundred images the union removes every image;
+- a query is kept when at least one of its chosen negatives violates the margin (its loss is zero
+  otherwise); their MSLS code compares similarities with the margin, which keeps nearly every query;
+- epoch 0 (the starting model) is validated too and can be the best: training never makes the result
+  worse on the validation places than what it started from; a tie in Recall@5 (a small map saturates it)
+  goes to the lower validation triplet loss (the training loss on the validation places);
+- one seeded ``numpy`` generator drives every random choice, and its state, torch's and the optimiser's
+  are in each checkpoint, so ``--resume`` continues the same run bit for bit.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pnv_ros.errors import CheckpointError, ConfigError
+from pnv_ros.model.netvlad import PatchNetVLADModel, vlad_normalise
+from pnv_ros.training.datasets import TrainingSet
+from pnv_ros.training.feature_cache import FeatureCache, trainable_head
+
+FORMAT = "pnv-train-1"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training choices; defaults are the authors' ``configs/train.ini`` and ``train.py`` values, except
+    ``layers`` (``"netvlad"``: the CPU adaptation mode; ``"conv5"``: their freezing) and ``holdout``."""
+
+    layers: str = "netvlad"
+    epochs: int = 30  # train.py --nEpochs; 0: no training, only the WPCA refitted on the training images
+    batch_size: int = 4  # train.ini batchsize
+    lr: float = 1e-4  # train.ini lr
+    momentum: float = 0.9
+    weight_decay: float = 1e-3
+    lr_step: int = 5  # StepLR step_size (epochs)
+    lr_gamma: float = 0.5
+    margin: float = 0.1  # train.ini margin; the loss uses sqrt(margin) on plain L2 distances, as theirs
+    negatives: int = 5  # MSLS nNeg default (their train.py passes none)
+    cached_queries: int = 1000  # MSLS cached_queries
+    cached_negatives: int = 1000  # MSLS cached_negatives
+    patience: int = 10  # epochs without a better validation Recall@5
+    seed: int = 123  # train.ini seed
+    dims: int = 512  # WPCA dimensions of the final model
+    holdout: float = 0.2  # share of queries (the last places) kept for validation
+    recluster: bool = False  # refit the NetVLAD clusters on the training images first (their get_clusters)
+
+    def check(self) -> None:
+        if self.epochs < 0 or self.batch_size < 1 or self.negatives < 1 or self.lr <= 0 or self.margin <= 0:
+            raise ConfigError("batch size, negatives, learning rate and margin must be positive, epochs 0 or more")
+        if not 0 < self.holdout < 1:
+            raise ConfigError(f"--holdout {self.holdout}: give a share between 0 and 1 (e.g. 0.2)")
+
+
+@dataclass
+class EpochLog:
+    epoch: int
+    loss: float | None
+    triplets: int
+    recalls: dict[int, float]
+    seconds: float
+    lr: float
+    val_loss: float = 0.0
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint carries besides the weights."""
+
+    epoch: int = 0
+    best_score: float = -1.0
+    best_val_loss: float = math.inf
+    best_epoch: int = 0
+    not_improved: int = 0
+    history: list[EpochLog] = field(default_factory=list)
+
+
+def vlad(pool: nn.Module, feats: torch.Tensor) -> torch.Tensor:
+    """Global NetVLAD descriptors (no WPCA). feats: (N, C, h, w) -> (N, K*C), unit length.
+
+    The same sums as ``NetVLADPooling.forward`` (sum_i a_k(i) (x_i - c_k) = (A X^T)_k - (sum_i a_k(i)) c_k),
+    in memory O(N K hw) instead of O(N K C hw), so training batches fit under autograd."""
+    x = F.normalize(feats, p=2, dim=1)
+    a = F.softmax(pool.conv(x), dim=1).flatten(2)  # (N, K, hw)
+    v = torch.bmm(a, x.flatten(2).transpose(1, 2)) - a.sum(-1, keepdim=True) * pool.centroids  # (N, K, C)
+    return vlad_normalise(v)
+
+
+class Trainer:
+    """One training run of a NetVLAD model (either family) on a :class:`TrainingSet`'s cached maps."""
+
+    def __init__(self, model: PatchNetVLADModel, cache: FeatureCache, train_set: TrainingSet,
+                 val_set: TrainingSet, config: TrainConfig, device: str = "cpu") -> None:  # fmt: skip
+        self.model, self.cache, self.config, self.device = model, cache, config, torch.device(device)
+        self.train_set, self.val_set = _valid_only(train_set, cache.valid), _valid_only(val_set, cache.valid)
+        if not len(self.train_set.queries):
+            raise ConfigError("no training query with a positive is left (after dropping undecodable images)")
+        self.head = trainable_head(model, config.layers)
+        model.to(self.device)
+        for p in model.parameters():
+            p.requires_grad = False
+        self.params = list(model.pool.parameters()) + (list(self.head.parameters()) if self.head else [])
+        for p in self.params:
+            p.requires_grad = True
+        self.optimizer = torch.optim.SGD(self.params, lr=config.lr, momentum=config.momentum,
+                                         weight_decay=config.weight_decay)  # fmt: skip
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, config.lr_step, config.lr_gamma)
+        self.criterion = nn.TripletMarginLoss(margin=config.margin**0.5, p=2, reduction="sum")
+        self.rng = np.random.default_rng(config.seed)
+        torch.manual_seed(config.seed)
+        self.state = TrainState()
+        #: queries of the last epoch that gave no triplet: too few negatives, or no negative violating the margin
+        self.skipped = {"few_negatives": 0, "no_violation": 0}
+
+    # -- descriptors -----------------------------------------------------------------------------------
+    def descriptors(self, index: np.ndarray, chunk: int = 16) -> torch.Tensor:
+        """(n, K*C) global descriptors of these images with the current weights, no gradients."""
+        out = []
+        with torch.no_grad():
+            for s in range(0, len(index), chunk):
+                out.append(self.forward(index[s : s + chunk]))
+        return torch.cat(out) if out else torch.zeros(0, self.model.pool.num_clusters * self.model.pool.dim)
+
+    def forward(self, index: np.ndarray) -> torch.Tensor:
+        feats = self.cache.get(index, self.device)
+        if self.head is not None:
+            feats = self.head(feats)
+        return vlad(self.model.pool, feats)
+
+    # -- mining ----------------------------------------------------------------------------------------
+    def mine(self, queries: np.ndarray) -> list[tuple[int, int, np.ndarray]]:
+        """(query, closest positive, hardest negatives) image indices for one cache subset of queries."""
+        ts, cfg = self.train_set, self.config
+        qpos = {int(q): i for i, q in enumerate(ts.queries)}
+        rows = [qpos[int(q)] for q in queries]
+        pos = np.unique(np.concatenate([ts.positives[r] for r in rows]))
+        neg = self.rng.choice(ts.db, min(cfg.cached_negatives, len(ts.db)), replace=False)
+        everything = np.unique(np.concatenate([queries, pos, neg]))
+        desc = self.descriptors(everything)
+        at = {int(i): j for j, i in enumerate(everything)}
+        triplets = []
+        for q, r in zip(queries, rows):
+            dq = desc[at[int(q)]]
+            p_idx = ts.positives[r]
+            sp = desc[[at[int(p)] for p in p_idx]] @ dq
+            best_p = int(p_idx[int(torch.argmax(sp))])
+            n_idx = neg[~np.isin(neg, ts.non_negatives[r])]
+            n_idx = n_idx[n_idx != q]
+            if len(n_idx) < cfg.negatives:
+                self.skipped["few_negatives"] += 1
+                continue
+            sn = desc[[at[int(n)] for n in n_idx]] @ dq
+            hardest = n_idx[torch.argsort(sn, descending=True, stable=True)[: cfg.negatives].numpy()]
+            d_p = torch.linalg.vector_norm(dq - desc[at[best_p]])
+            d_n = torch.linalg.vector_norm(dq[None] - desc[[at[int(n)] for n in hardest]], dim=1)
+            if bool((d_p - d_n + cfg.margin**0.5 > 0).any()):
+                triplets.append((int(q), best_p, hardest))
+            else:
+                self.skipped["no_violation"] += 1
+        return triplets
+
+    # -- one epoch ---------------------------------------------------------------------------------------
+    def train_epoch(self, progress: Callable[[str, int, int], None] | None = None) -> tuple[float | None, int]:
+        cfg, ts = self.config, self.train_set
+        self.skipped = {"few_negatives": 0, "no_violation": 0}
+        order = self.rng.choice(ts.queries, len(ts.queries), replace=True)
+        subsets = np.array_split(order, math.ceil(len(order) / cfg.cached_queries))
+        total, count, steps = 0.0, 0, 0
+        for sub in subsets:
+            self.model.eval()
+            triplets = self.mine(sub)
+            if self.head is not None:
+                self.head.train()
+            self.model.pool.train()
+            perm = self.rng.permutation(len(triplets))
+            batches = [perm[s : s + cfg.batch_size] for s in range(0, len(perm), cfg.batch_size)]
+            for b, batch in enumerate(batches):
+                chosen = [triplets[i] for i in batch]
+                n_neg = [len(t[2]) for t in chosen]
+                index = np.concatenate([[t[0] for t in chosen], [t[1] for t in chosen]] + [t[2] for t in chosen])
+                enc = self.forward(index)
+                nq = len(chosen)
+                vq, vp, vn = enc[:nq], enc[nq : 2 * nq], enc[2 * nq :]
+                owner = torch.repeat_interleave(torch.arange(nq), torch.tensor(n_neg))
+                loss = self.criterion(vq[owner], vp[owner], vn) / float(sum(n_neg))
+                self.optimizer.zero_grad()
+                loss.backward()
+                self.optimizer.step()
+                total += float(loss.detach())
+                steps += 1
+                count += nq
+                if progress:
+                    progress("train", b + 1, len(batches))
+        self.model.eval()
+        return (total / steps if steps else None), count
+
+    def validate(self, n_values: tuple[int, ...] = (1, 5, 10)) -> tuple[dict[int, float], float]:
+        """Recall@N of the validation queries against the whole database (global NetVLAD, as theirs), and the
+        validation triplet loss: the training loss of each validation query with its closest positive and
+        its hardest negatives, averaged (a continuous score that still moves when Recall@5 is saturated)."""
+        from pnv_ros.eval.ground_truth import GroundTruth, recall_at_n
+
+        vs, cfg = self.val_set, self.config
+        self.model.eval()
+        dq, dd = self.descriptors(vs.queries), self.descriptors(vs.db)
+        sim = dq @ dd.T
+        top = torch.argsort(sim, dim=1, descending=True, stable=True)[:, : max(n_values)].numpy()
+        preds = [vs.db[row].tolist() for row in top]
+        recalls = recall_at_n(preds, GroundTruth([set(p.tolist()) for p in vs.positives]), n_values)
+        losses = []
+        for i, (pos, non) in enumerate(zip(vs.positives, vs.non_negatives)):
+            d = torch.sqrt(torch.clamp(2 - 2 * sim[i], min=0))  # unit vectors: |q - x| from q . x
+            neg = ~np.isin(vs.db, non) & (vs.db != vs.queries[i])
+            if not neg.any():
+                continue
+            d_p = d[np.isin(vs.db, pos)].min()
+            d_n = torch.sort(d[neg]).values[: cfg.negatives]
+            losses.append(float(torch.clamp(d_p - d_n + cfg.margin**0.5, min=0).mean()))
+        return recalls, float(np.mean(losses)) if losses else 0.0
+
+    # -- checkpoints ---------------------------------------------------------------------------------------
+    def checkpoint(self, recalls: dict[int, float], meta: dict[str, Any]) -> dict[str, Any]:
+        """The authors' training-checkpoint dict (plus ``pnv_train``: what a resumed run needs)."""
+        st = self.state
+        return {
+            "epoch": st.epoch,
+            "state_dict": {
+                k: v.detach().clone() for k, v in self.model.state_dict().items() if not k.startswith("WPCA")
+            },  # fmt: skip
+            "recalls": {int(k): float(v) for k, v in recalls.items()},
+            "best_score": float(st.best_score),
+            "not_improved": int(st.not_improved),
+            "optimizer": self.optimizer.state_dict(),
+            "parallel": False,
+            "pnv_train": {
+                "format": FORMAT,
+                "config": asdict(self.config),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": json.dumps(self.rng.bit_generator.state),
+                "torch_rng": torch.get_rng_state(),
+                "best_epoch": st.best_epoch,
+                "best_val_loss": st.best_val_loss,
+                "history": json.dumps([asdict(h) for h in st.history]),
+                **meta,
+            },
+        }
+
+    def restore(self, ckpt: dict[str, Any]) -> None:
+        t = ckpt["pnv_train"]
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(t["scheduler"])
+        self.rng.bit_generator.state = json.loads(t["rng"])
+        torch.set_rng_state(t["torch_rng"])
+        hist = [EpochLog(**{**h, "recalls": {int(k): v for k, v in h["recalls"].items()}})
+                for h in json.loads(t["history"])]  # fmt: skip
+        self.state = TrainState(int(ckpt["epoch"]), float(ckpt["best_score"]), float(t["best_val_loss"]),
+                                int(t["best_epoch"]), int(ckpt["not_improved"]), hist)  # fmt: skip
+
+    def improves(self, recalls: dict[int, float], val_loss: float) -> bool:
+        """The authors' rule, a higher validation Recall@5, and on a tie a lower validation triplet loss (on a
+        small map Recall@5 is often 1.0 from the start and would never let a trained epoch win)."""
+        st = self.state
+        return recalls[5] > st.best_score or (recalls[5] == st.best_score and val_loss < st.best_val_loss)
+
+
+def _valid_only(ts: TrainingSet, valid: np.ndarray) -> TrainingSet:
+    """The set without images whose maps are missing (undecodable): queries without a positive go."""
+    keep_q, pos, non = [], [], []
+    for q, p, n in zip(ts.queries, ts.positives, ts.non_negatives):
+        p = p[valid[p]]
+        if valid[q] and len(p):
+            keep_q.append(q)
+            pos.append(p)
+            non.append(n)
+    return replace(ts, db=ts.db[valid[ts.db]], queries=np.asarray(keep_q, dtype=np.int64), positives=pos,
+                   non_negatives=non)  # fmt: skip
+
+
+def save_training_checkpoint(ckpt: dict[str, Any], path: Path) -> None:
+    """Atomically (a crash mid-write keeps the previous checkpoint)."""
+    from pnv_ros.storage import atomic_file
+
+    with atomic_file(path, "wb") as f:
+        torch.save(ckpt, f)
+
+
+def load_training_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint written by :func:`save_training_checkpoint` (read with ``weights_only=True``)."""
+    if not path.is_file():
+        raise CheckpointError(f"--resume {path}: no such checkpoint (pnv train writes WORK_DIR/checkpoint.pth.tar)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for bad files
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"--resume {path} cannot be read safely: {msg}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("pnv_train", {}).get("format") != FORMAT:
+        raise CheckpointError(f"--resume {path} is not a pnv train checkpoint (give WORK_DIR/checkpoint.pth.tar)")
+    return ckpt
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def elapsed(t0: float) -> float:
+    return round(time.perf_counter() - t0, 2)
+
+
+# -- the whole run ----------------------------------------------------------------------------------------------
+
+Progress = Callable[[str, int, int], None]
+#: images the final WPCA is fitted on, at most (evenly spaced database images; as ``pnv models refit``)
+WPCA_IMAGES = 300
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    work_dir: Path
+    history: list[EpochLog]
+    best_epoch: int
+    seconds: dict[str, float]
+
+
+def _image_ids(ts: TrainingSet) -> list[str]:
+    """Identities of the set's images for the cache key: path, size and mtime of files; the source's
+    description and position for frames of a bag or arrays."""
+    ids = []
+    for i, img in enumerate(ts.images if isinstance(ts.images, (list, tuple)) else range(len(ts.images))):
+        if isinstance(img, (str, Path)):
+            st = Path(img).stat()
+            ids.append(f"{Path(img).resolve()}:{st.st_size}:{st.st_mtime_ns}")
+        else:
+            ids.append(f"{json.dumps(ts.source, sort_keys=True, default=str)}#{i}")
+    return ids
+
+
+def _check_work_dir(work: Path, data: TrainingSet, *, fresh: bool, force: bool) -> None:
+    """A work dir is never an input folder or inside one (its plot would become a training image), and a
+    fresh run does not overwrite another run's checkpoints unless forced."""
+    w = work.resolve()
+    folders = {Path(p).resolve().parent for p in data.images if isinstance(p, (str, Path))} \
+        if isinstance(data.images, (list, tuple)) else set()  # fmt: skip
+    for f in folders:
+        if w == f or w.is_relative_to(f):
+            raise ConfigError(f"--work-dir {work} is inside the input folder {f}: its files would become "
+                              "training images; give another folder")  # fmt: skip
+    if fresh and not force and (work / "checkpoint.pth.tar").exists():
+        raise ConfigError(
+            f"{work} holds a run (checkpoint.pth.tar): continue it with --resume "
+            f"{work / 'checkpoint.pth.tar'}, or give another --out / --work-dir (--force replaces it)"
+        )
+
+
+def _check_pca_samples(model: PatchNetVLADModel, train_set: TrainingSet, dims: int) -> None:
+    """Refuse before training what the final WPCA could not fit: it samples the training database's images."""
+    from pnv_ros.model import dinov2_vlad
+    from pnv_ros.model.default_model import PATCHES_PER_IMAGE, PCA_PATCH_SIZES
+    from pnv_ros.model.refit import _pca_samples_per_image
+
+    if isinstance(model, dinov2_vlad.DinoVLADModel):
+        grid = (model.input_size[0] // dinov2_vlad.PATCH, model.input_size[1] // dinov2_vlad.PATCH)
+        sizes = dinov2_vlad.PCA_PATCH_SIZES
+    else:
+        grid, sizes = (30, 40), PCA_PATCH_SIZES
+    n = min(len(train_set.db), WPCA_IMAGES)
+    per = _pca_samples_per_image(grid, sizes, PATCHES_PER_IMAGE)
+    if n * per <= dims:
+        raise ConfigError(f"the whitening PCA is fitted on the {n} training database images ({per} samples each, "
+                          f"{n * per} in all): {dims} dimensions need more; give --dims {n * per - 1} or less, or "
+                          "more images")  # fmt: skip
+
+
+def _labels_digest(data: TrainingSet) -> str:
+    """Identity of the set's ground truth (database, queries, positives, non-negatives)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for a in (data.db, data.queries, *data.positives, *data.non_negatives):
+        h.update(np.asarray(a, dtype=np.int64).tobytes() + b"|")
+    return h.hexdigest()[:20]
+
+
+def _weights_digest(module: nn.Module) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        h.update(name.encode() + t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:20]
+
+
+def _training_model(state: dict[str, torch.Tensor], dinov2: dict[str, Any] | None = None) -> PatchNetVLADModel:
+    """A model without WPCA from a state dict (a WPCA in it is dropped): VGG-16 NetVLAD, or with ``dinov2``
+    (a DINOv2 file's recorded choices) the DINOv2 family."""
+    state = {k: v for k, v in state.items() if not k.startswith("WPCA")}
+    if "pool.centroids" not in state:
+        raise CheckpointError("training needs a NetVLAD model (pool.* weights)")
+    k = int(state["pool.centroids"].shape[0])
+    if dinov2 is not None:
+        from pnv_ros.model.dinov2_vlad import DinoVLADModel
+
+        model: PatchNetVLADModel = DinoVLADModel(k, 0, dinov2["layer"], dinov2["facet"],
+                                                 (dinov2["input_height"], dinov2["input_width"]),
+                                                 dinov2["global_weight"])  # fmt: skip
+    else:
+        model = PatchNetVLADModel(num_clusters=k, num_pcs=0, vladv2="pool.conv.bias" in state)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def _to_tensor(model: PatchNetVLADModel) -> Callable[[Any], torch.Tensor]:
+    """An image as the model's backbone takes it (the builders' fitting input: 480 x 640 for VGG-16, the
+    recorded input size for DINOv2)."""
+    from pnv_ros.model import dinov2_vlad
+    from pnv_ros.model.default_model import fit_tensor
+
+    if isinstance(model, dinov2_vlad.DinoVLADModel):
+        h, w = model.input_size
+        return lambda src: dinov2_vlad.fit_tensor(src, h, w)
+    return fit_tensor
+
+
+def _recluster(model: PatchNetVLADModel, trainer: Trainer, rng: np.random.Generator) -> int:
+    """The authors' ``get_clusters`` + ``init_params`` on the training database: k-means (100 iterations) of
+    100 L2-normalised local descriptors per image (at most 500 images: their 50,000 descriptors)."""
+    from pnv_ros.model.default_model import DESCS_PER_IMAGE, SEED, _kmeans, netvlad_init
+
+    db = trainer.train_set.db
+    pick = np.sort(rng.choice(db, min(len(db), 500), replace=False))
+    samples = []
+    with torch.no_grad():
+        for i in pick:
+            f = trainer.cache.get([i])
+            if trainer.head is not None:
+                f = trainer.head(f)
+            d = F.normalize(f[0].flatten(1).T, dim=1).numpy()
+            samples.append(d[rng.choice(d.shape[0], min(DESCS_PER_IMAGE, d.shape[0]), replace=False)])
+    descs = np.concatenate(samples)
+    k = model.pool.num_clusters
+    if len(descs) < k:
+        raise ConfigError(f"--recluster: {len(descs)} descriptors for {k} clusters; give more images")
+    threads = torch.get_num_threads()
+    centroids = _kmeans(descs, k, SEED)
+    torch.set_num_threads(threads)
+    with torch.no_grad():
+        model.pool.centroids.copy_(torch.from_numpy(centroids))
+        model.pool.conv.weight.copy_(netvlad_init(centroids, descs))
+        if model.pool.conv.bias is not None:
+            model.pool.conv.bias.zero_()
+    return len(descs)
+
+
+def plot_history(history: list[EpochLog], path: Path) -> None:
+    """Loss and validation Recall@N per epoch, two panels, PNG (written atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pnv_ros.storage import atomic_file
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    tr = [h for h in history if h.loss is not None]
+    a.plot([h.epoch for h in tr], [h.loss for h in tr], "o-", label="training (mined triplets)")
+    a.plot([h.epoch for h in history], [h.val_loss for h in history], "s--", label="validation places")
+    a.set(xlabel="epoch", ylabel="mean triplet loss", title="triplet loss")
+    a.legend()
+    for n in sorted({n for h in history for n in h.recalls}):
+        b.plot([h.epoch for h in history], [h.recalls[n] for h in history], "o-", label=f"Recall@{n}")
+    b.set(xlabel="epoch (0 = starting model)", ylabel="recall", title="validation (global NetVLAD)", ylim=(0, 1.02))
+    b.legend()
+    fig.tight_layout()
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
+    plt.close(fig)
+
+
+def train_model(
+    data: TrainingSet,
+    out: str | Path,
+    *,
+    init: str | Path | None = None,
+    resume: str | Path | None = None,
+    config: TrainConfig | None = None,
+    work_dir: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    device: str = "cpu",
+    progress: Progress | None = None,
+    log: Callable[[str], None] = print,
+    force: bool = False,
+) -> TrainResult:
+    """Train (or adapt) a NetVLAD model on ``data`` and write the best one, with a WPCA layer fitted on the
+    training images, to ``out`` in its family's format (every command and the node load it): VGG-16 (the
+    official format) or DINOv2 (the backbone frozen: ``layers="netvlad"`` only; its training checkpoints
+    serve ``--resume`` and are not model files, as they lack the WPCA a DINOv2 file needs).
+
+    init: the model to start from (a model file: the default model, an official or trained one); resume: a
+    ``WORK_DIR/checkpoint.pth.tar`` to continue (its choices are kept; ``config.epochs`` may extend the
+    run). work_dir (default ``OUT`` without suffixes + ``_training``) receives ``checkpoint.pth.tar`` (every
+    epoch), ``model_best.pth.tar``, ``history.json`` and ``training.png``; the frozen maps are cached in
+    ``cache_dir`` (default ``~/.cache/pnv_ros/training``). A fresh run refuses a work dir that holds a run
+    (``force``: replace it) or lies in an input folder; a resumed run continues in its checkpoint's folder.
+
+    Raises ConfigError (choices, too few queries, a resume that does not fit the data), CheckpointError
+    (a bad model file), OutputError (an output that cannot be written), ImageError (no decodable
+    image)."""
+    from pnv_ros.model.checkpoint import file_sha256, load_checkpoint, save_checkpoint
+    from pnv_ros.model.default_model import SEED, vgg_fitted_state
+    from pnv_ros.model.refit import evenly_spaced, metadata_path
+    from pnv_ros.model.registry import models_dir
+    from pnv_ros.storage import check_output, write_text_atomic
+    from pnv_ros.training.feature_cache import build_cache, cache_key, frozen_prefix
+
+    t_start = time.perf_counter()
+    out = Path(out)
+    if resume:  # a run lives in one folder: its checkpoints and best model stay together
+        work = Path(resume).parent
+        if work_dir and Path(work_dir).resolve() != work.resolve():
+            raise ConfigError(f"--work-dir {work_dir}: a resumed run continues in its own folder {work}")
+    else:
+        work = Path(work_dir) if work_dir else out.parent / (out.name.split(".")[0] + "_training")
+    _check_work_dir(work, data, fresh=not resume, force=force)
+    check_output(out, what="--out", inputs=[p for p in (init, resume) if p])
+    check_output(metadata_path(out), what=f"the metadata file of --out {out}")
+    check_output(work, folder=True, what="--work-dir", inputs=[p for p in (init,) if p])
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: no CUDA device here (torch sees none): use --device cpu")
+    ckpt = None
+    if resume:
+        ckpt = load_training_checkpoint(Path(resume))
+        recorded = ckpt["pnv_train"]
+        given = config or TrainConfig(**recorded["config"])
+        cfg = TrainConfig(**{**recorded["config"], "epochs": given.epochs, "dims": given.dims})
+        dinov2 = recorded.get("dinov2")
+        model = _training_model(ckpt["state_dict"], dinov2)
+        init_record = recorded["init"]
+    else:
+        cfg = config or TrainConfig()
+        if init is None:
+            raise ConfigError("give a model to start from (--init) or a checkpoint to continue (--resume)")
+        loaded, info = load_checkpoint(init)
+        dinov2 = loaded.config() if info.family == "dinov2_vlad" else None  # type: ignore[operator]
+        model = _training_model(loaded.state_dict(), dinov2)
+        init_record = {"model": str(init), "sha256": info.sha256, "identity": info.identity}
+    cfg.check()
+    train_set, val_set = data.split(cfg.holdout)
+    _check_pca_samples(model, train_set, cfg.dims)
+    head = trainable_head(model, cfg.layers)
+    frozen = model.encoder if head is None else nn.Sequential(*list(model.encoder.children())[: -len(head)])
+    data_key = cache_key(_weights_digest(frozen) + json.dumps(dinov2, sort_keys=True), cfg.layers, _image_ids(data))
+    labels = _labels_digest(data)
+    if ckpt is not None and ckpt["pnv_train"]["data_key"] != data_key:
+        raise ConfigError(f"--resume {resume} was trained on other images or another frozen backbone than given "
+                          "now: give the same data as the run it continues")  # fmt: skip
+    if ckpt is not None and ckpt["pnv_train"].get("labels") != labels:
+        raise ConfigError(f"--resume {resume} was trained with other ground truth (positives, radii, gaps) than "
+                          "given now: its best score is not comparable; start a new run (--init)")  # fmt: skip
+
+    t0 = time.perf_counter()
+    cache = build_cache(data.images, len(data.images), Path(cache_dir or models_dir().parent / "training"), data_key,
+                        frozen_prefix(model, cfg.layers), _to_tensor(model),
+                        progress=(lambda i, n: progress("features", i, n)) if progress else None)  # fmt: skip
+    seconds = {"features": elapsed(t0)}
+    if cache.errors:
+        log(f"{len(cache.errors)} of {len(cache)} images cannot be used and are left out; "
+            f"the first: {next(iter(cache.errors.values()))}")  # fmt: skip
+    trainer = Trainer(model, cache, train_set, val_set, cfg, device)
+    run = ckpt["pnv_train"]["run"] if ckpt is not None else f"{data_key}-{labels}-{now()}"
+    meta = {"init": init_record, "data_key": data_key, "labels": labels, "data": data.source, "device": device,
+            "dinov2": dinov2, "run": run}  # fmt: skip
+    work.mkdir(parents=True, exist_ok=True)
+    if ckpt is not None:
+        trainer.restore(ckpt)
+        log(f"resuming after epoch {trainer.state.epoch} (best Recall@5 {trainer.state.best_score:.3f} at epoch "
+            f"{trainer.state.best_epoch})")  # fmt: skip
+    else:
+        if cfg.recluster:
+            n = _recluster(model, trainer, trainer.rng)
+            log(f"clusters refitted on {n} descriptors of the training images")
+        t0 = time.perf_counter()
+        r, vloss = trainer.validate()
+        trainer.state.history.append(EpochLog(0, None, 0, r, elapsed(t0), cfg.lr, vloss))
+        trainer.state.best_score, trainer.state.best_val_loss, trainer.state.best_epoch = r[5], vloss, 0
+        c = trainer.checkpoint(r, meta)
+        save_training_checkpoint(c, work / "model_best.pth.tar")
+        save_training_checkpoint(c, work / "checkpoint.pth.tar")  # resumable from here
+        log(f"epoch 0 (start): validation Recall@1/5/10 {r[1]:.3f}/{r[5]:.3f}/{r[10]:.3f}, loss {vloss:.4f} on "
+            f"{len(trainer.val_set.queries)} queries; {len(trainer.train_set.queries)} training queries")  # fmt: skip
+    st = trainer.state
+    while st.epoch < cfg.epochs and st.not_improved <= cfg.patience:
+        t0 = time.perf_counter()
+        lr = trainer.optimizer.param_groups[0]["lr"]
+        loss, n = trainer.train_epoch(progress)
+        with warnings.catch_warnings():  # an epoch without a violating triplet takes no optimiser step
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+            trainer.scheduler.step()
+        r, vloss = trainer.validate()
+        st.epoch += 1
+        st.history.append(EpochLog(st.epoch, loss, n, r, elapsed(t0), lr, vloss))
+        better = trainer.improves(r, vloss)
+        if better:
+            st.best_score, st.best_val_loss, st.best_epoch, st.not_improved = r[5], vloss, st.epoch, 0
+        else:
+            st.not_improved += 1
+        c = trainer.checkpoint(r, meta)
+        save_training_checkpoint(c, work / "checkpoint.pth.tar")
+        if better:
+            save_training_checkpoint(c, work / "model_best.pth.tar")
+        plot_history(st.history, work / "training.png")
+        write_text_atomic(work / "history.json", json.dumps([asdict(h) for h in st.history], indent=1) + "\n")
+        loss_s = f"{loss:.4f}" if loss is not None else "-"
+        sk = trainer.skipped
+        if sk["few_negatives"]:
+            log(f"epoch {st.epoch}: {sk['few_negatives']} queries gave no triplet: fewer than {cfg.negatives} "
+                "negatives left after their non-negatives (a small or dense map): lower --negatives, or give more "
+                "places")  # fmt: skip
+        log(f"epoch {st.epoch}: loss {loss_s} on {n} triplets; validation Recall@1/5/10 "
+            f"{r[1]:.3f}/{r[5]:.3f}/{r[10]:.3f}, loss {vloss:.4f}{' (best)' if better else ''}, "
+            f"{st.history[-1].seconds:.0f} s")  # fmt: skip
+    if st.not_improved > cfg.patience:
+        log(f"no better validation score for {cfg.patience} epochs: stopped (the authors' patience)")
+    seconds["train"] = round(sum(h.seconds for h in st.history), 2)
+
+    # The best weights, with a WPCA fitted on the training database (add_pca; the builders' sampling).
+    t0 = time.perf_counter()
+    best = load_training_checkpoint(work / "model_best.pth.tar")
+    if best["pnv_train"].get("run") != run:
+        raise CheckpointError(f"{work / 'model_best.pth.tar'} belongs to another run than {work / 'checkpoint.pth.tar'}"
+                              ": give each run its own --work-dir")  # fmt: skip
+    model.load_state_dict(best["state_dict"], strict=True)
+    model.eval()
+    db = trainer.train_set.db
+    pick = db[evenly_spaced(len(db), WPCA_IMAGES)]
+    with torch.no_grad():
+        maps = [(head(cache.get([i])) if head is not None else cache.get([i]))[0] for i in pick]
+    rng = np.random.default_rng(SEED)
+    if dinov2 is not None:
+        from pnv_ros.model.dinov2_vlad import fitted_model, save_dinov2_vlad
+
+        final, fit = fitted_model(model, maps, rng, cfg.dims, progress=progress, fit_clusters=False)
+        save_dinov2_vlad(final, out)
+    else:
+        encoder = {f"encoder.{k}": v.detach() for k, v in model.encoder.state_dict().items()}
+        state, fit = vgg_fitted_state(encoder, model, maps, rng, cfg.dims, fit_clusters=False, progress=progress)
+        save_checkpoint(state, out, cfg.dims)
+    seconds["wpca"] = elapsed(t0)
+    seconds["total"] = elapsed(t_start)
+    meta_out = {
+        "model": out.name, "family": "dinov2_vlad" if dinov2 else "netvlad_vgg16", "sha256": file_sha256(out),
+        "dim": cfg.dims,
+        "num_clusters": model.pool.num_clusters, "built": now(),
+        "trained": {"init": init_record, "data": data.source, "config": asdict(cfg), "best_epoch": st.best_epoch,
+                    "best_validation_recall_at_5": st.best_score, "epochs_run": st.epoch,
+                    "training_queries": len(trainer.train_set.queries), "validation_queries":
+                    len(trainer.val_set.queries), "seconds": seconds, "work_dir": str(work),
+                    "wpca": {"images": len(maps), "samples": int(sum(v.shape[0] for v in fit.vecs))}},
+    }  # fmt: skip
+    write_text_atomic(metadata_path(out), json.dumps(meta_out, indent=2) + "\n")
+    return TrainResult(out, work, st.history, st.best_epoch, seconds)
