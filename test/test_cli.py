@@ -100,7 +100,7 @@ def test_default_model_rtabmap_loop(tmp_path: Path, default_extractor, rtab_feat
         "--queries",
         str(tmp_path / "q.npz"),
         "--top-n",
-        "40",
+        "20",
         "--gt",
         str(gt),
         "--out",
@@ -111,7 +111,7 @@ def test_default_model_rtabmap_loop(tmp_path: Path, default_extractor, rtab_feat
     assert rec["reranked"]["1"] >= 0.95
     assert rec["reranked"]["1"] >= rec["global"]["1"]
     fast = tmp_path / "fast.json"
-    args = ["match", "-q", "--db", str(tmp_path / "db.npz"), "--queries", str(tmp_path / "q.npz"), "--top-n", "40"]
+    args = ["match", "-q", "--db", str(tmp_path / "db.npz"), "--queries", str(tmp_path / "q.npz"), "--top-n", "20"]
     r = run(*args, "--gt", str(gt), "--fast-products", "--out", str(fast))
     assert r.returncode == 0, r.stderr
     exact_q, fast_q = json.loads(out.read_text())["queries"], json.loads(fast.read_text())["queries"]
