@@ -216,6 +216,29 @@ def backbone_maps(
     return maps
 
 
+def sample_descriptors(maps: Iterable[torch.Tensor], rng: np.random.Generator, per_image: int) -> np.ndarray:
+    """(N, C): ``per_image`` L2-normalised local descriptors drawn (seeded, without replacement) from each
+    feature map (C, h, w), in map order (the authors' ``get_clusters`` sampling)."""
+    samples = []
+    for fm in maps:
+        d = F.normalize(fm.flatten(1).T, dim=1).numpy()  # (h*w, C)
+        samples.append(d[rng.choice(d.shape[0], min(per_image, d.shape[0]), replace=False)])
+    return np.concatenate(samples)
+
+
+def set_clusters(model: PatchNetVLADModel, descs: np.ndarray, num_clusters: int) -> None:
+    """k-means (seeded, 100 iterations) of ``descs`` (N, C) as ``model.pool``'s words, with the authors' vladv1
+    assignment initialisation (a vladv2 bias is zeroed)."""
+    threads = torch.get_num_threads()
+    centroids = _kmeans(descs, num_clusters, SEED)
+    torch.set_num_threads(threads)  # faiss's OpenMP setting must not change torch's
+    with torch.no_grad():
+        model.pool.centroids.copy_(torch.from_numpy(centroids))
+        model.pool.conv.weight.copy_(netvlad_init(centroids, descs))
+        if model.pool.conv.bias is not None:
+            model.pool.conv.bias.zero_()
+
+
 @dataclass
 class VocabularyFit:
     """What :func:`fit_vocabulary` fitted and from how much: descs (N, C) sampled local descriptors,
@@ -248,20 +271,11 @@ def fit_vocabulary(
 
     ``fit_clusters=False`` keeps ``model.pool`` (``pnv add-pca``): the descriptors are still drawn, so the
     seeded stream that picks the PCA's patches is the builder's and the same inputs give the same WPCA."""
-    samples = []
-    for fm in maps:
-        d = F.normalize(fm.flatten(1).T, dim=1).numpy()  # (h*w, C)
-        samples.append(d[rng.choice(d.shape[0], min(descs_per_image, d.shape[0]), replace=False)])
-    descs = np.concatenate(samples)
+    descs = sample_descriptors(maps, rng, descs_per_image)
     if fit_clusters:
         if progress:
             progress("k-means", 0, 1)
-        threads = torch.get_num_threads()
-        centroids = _kmeans(descs, num_clusters, SEED)
-        torch.set_num_threads(threads)  # faiss's OpenMP setting must not change torch's
-        with torch.no_grad():
-            model.pool.centroids.copy_(torch.from_numpy(centroids))
-            model.pool.conv.weight.copy_(netvlad_init(centroids, descs))
+        set_clusters(model, descs, num_clusters)
     vecs = []
     with torch.inference_mode():
         for i, fm in enumerate(maps):

@@ -158,6 +158,19 @@ def _pca_samples_per_image(grid: tuple[int, int], patch_sizes: Sequence[int], pa
     return 1 + sum(min(patches_per_image, (h - s + 1) * (w - s + 1)) for s in patch_sizes if s <= min(h, w))
 
 
+def fitting_geometry(model: Any) -> tuple[tuple[int, int], int, tuple[int, ...]]:
+    """How the builders fit a model of either family: its feature grid (h, w) at the fitting input size,
+    the local descriptors sampled per image for k-means, and the patch sizes sampled for the PCA."""
+    from pnv_ros.model import dinov2_vlad
+    from pnv_ros.model.default_model import DESCS_PER_IMAGE, PCA_PATCH_SIZES
+
+    if isinstance(model, dinov2_vlad.DinoVLADModel):
+        height, width = model.input_size
+        grid = (height // dinov2_vlad.PATCH, width // dinov2_vlad.PATCH)
+        return grid, dinov2_vlad.DESCS_PER_IMAGE, tuple(dinov2_vlad.PCA_PATCH_SIZES)
+    return (VGG_INPUT[0] // 16, VGG_INPUT[1] // 16), DESCS_PER_IMAGE, tuple(PCA_PATCH_SIZES)
+
+
 def _check_counts(n: int, k: int, d: int, grid: tuple[int, int], descs_per_image: int, patch_sizes: Sequence[int],
                   what: str, patches_per_image: int) -> None:  # fmt: skip
     """Refuse, before the work, image counts too small for the k-means or the PCA."""
@@ -210,10 +223,8 @@ def refit_model(
     from pnv_ros.model import dinov2_vlad
     from pnv_ros.model.checkpoint import file_sha256, load_checkpoint, save_checkpoint
     from pnv_ros.model.default_model import (
-        DESCS_PER_IMAGE,
         NUM_PCS,
         PATCHES_PER_IMAGE,
-        PCA_PATCH_SIZES,
         SEED,
         backbone_maps,
         fit_tensor,
@@ -253,18 +264,13 @@ def refit_model(
         raise ConfigError(f"a vocabulary needs at least 2 clusters, got {k}")
     if not 1 <= d <= k * channels:
         raise ConfigError(f"{d} dimensions: the whitening PCA gives 1 to {k * channels} (K x C = {k} x {channels})")
-    if dinov2:
-        height, width = model.input_size
-        grid = (height // dinov2_vlad.PATCH, width // dinov2_vlad.PATCH)
-        descs_per_image, patch_sizes = dinov2_vlad.DESCS_PER_IMAGE, dinov2_vlad.PCA_PATCH_SIZES
-    else:
-        grid = (VGG_INPUT[0] // 16, VGG_INPUT[1] // 16)
-        descs_per_image, patch_sizes = DESCS_PER_IMAGE, PCA_PATCH_SIZES
+    grid, descs_per_image, patch_sizes = fitting_geometry(model)
     if total is not None:
         _check_counts(total, k, d, grid, descs_per_image, patch_sizes, "", per_image)
 
     rng = np.random.default_rng(SEED)
     if dinov2:
+        height, width = model.input_size
         fitting = dinov2_vlad.fitting_model(
             model.encoder, k, model.layer, model.facet, model.input_size, model.global_weight
         )

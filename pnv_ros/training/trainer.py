@@ -37,7 +37,7 @@ import json
 import math
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -387,15 +387,10 @@ def _check_work_dir(work: Path, data: TrainingSet, *, fresh: bool, force: bool) 
 
 def _check_pca_samples(model: PatchNetVLADModel, train_set: TrainingSet, dims: int) -> None:
     """Refuse before training what the final WPCA could not fit: it samples the training database's images."""
-    from pnv_ros.model import dinov2_vlad
-    from pnv_ros.model.default_model import PATCHES_PER_IMAGE, PCA_PATCH_SIZES
-    from pnv_ros.model.refit import _pca_samples_per_image
+    from pnv_ros.model.default_model import PATCHES_PER_IMAGE
+    from pnv_ros.model.refit import _pca_samples_per_image, fitting_geometry
 
-    if isinstance(model, dinov2_vlad.DinoVLADModel):
-        grid = (model.input_size[0] // dinov2_vlad.PATCH, model.input_size[1] // dinov2_vlad.PATCH)
-        sizes = dinov2_vlad.PCA_PATCH_SIZES
-    else:
-        grid, sizes = (30, 40), PCA_PATCH_SIZES
+    grid, _, sizes = fitting_geometry(model)
     n = min(len(train_set.db), WPCA_IMAGES)
     per = _pca_samples_per_image(grid, sizes, PATCHES_PER_IMAGE)
     if n * per <= dims:
@@ -455,32 +450,24 @@ def _to_tensor(model: PatchNetVLADModel) -> Callable[[Any], torch.Tensor]:
 
 
 def _recluster(model: PatchNetVLADModel, trainer: Trainer, rng: np.random.Generator) -> int:
-    """The authors' ``get_clusters`` + ``init_params`` on the training database: k-means (100 iterations) of
+    """The authors' ``get_clusters`` + ``init_params`` on the training database (the builders' code): k-means of
     100 L2-normalised local descriptors per image (at most 500 images: their 50,000 descriptors)."""
-    from pnv_ros.model.default_model import DESCS_PER_IMAGE, SEED, _kmeans, netvlad_init
+    from pnv_ros.model.default_model import DESCS_PER_IMAGE, sample_descriptors, set_clusters
 
     db = trainer.train_set.db
     pick = np.sort(rng.choice(db, min(len(db), 500), replace=False))
-    samples = []
-    with torch.no_grad():
-        for i in pick:
-            f = trainer.cache.get([i])
-            if trainer.head is not None:
-                f = trainer.head(f)
-            d = F.normalize(f[0].flatten(1).T, dim=1).numpy()
-            samples.append(d[rng.choice(d.shape[0], min(DESCS_PER_IMAGE, d.shape[0]), replace=False)])
-    descs = np.concatenate(samples)
+
+    def maps() -> Iterator[torch.Tensor]:  # one image at a time: 500 maps would not fit a robot's memory
+        with torch.no_grad():
+            for i in pick:
+                f = trainer.cache.get([i])
+                yield (trainer.head(f) if trainer.head is not None else f)[0]
+
+    descs = sample_descriptors(maps(), rng, DESCS_PER_IMAGE)
     k = model.pool.num_clusters
     if len(descs) < k:
         raise ConfigError(f"--recluster: {len(descs)} descriptors for {k} clusters; give more images")
-    threads = torch.get_num_threads()
-    centroids = _kmeans(descs, k, SEED)
-    torch.set_num_threads(threads)
-    with torch.no_grad():
-        model.pool.centroids.copy_(torch.from_numpy(centroids))
-        model.pool.conv.weight.copy_(netvlad_init(centroids, descs))
-        if model.pool.conv.bias is not None:
-            model.pool.conv.bias.zero_()
+    set_clusters(model, descs, k)
     return len(descs)
 
 
