@@ -198,6 +198,7 @@ def main() -> None:
     ap.add_argument("--fits", default="corridor,own")
     ap.add_argument("--ransac", action="store_true", help="also RANSAC with the performance preset's windows")
     ap.add_argument("--ransac-top", type=int, default=20, help="candidates RANSAC re-ranks (default 20, as the node)")
+    ap.add_argument("--sets", default="", help="evaluate only these sets (comma-separated keys, e.g. gardenspoint10)")
     a = ap.parse_args()
     if a.merge:
         runs = [json.loads(Path(f).read_text()) for f in a.merge]
@@ -229,6 +230,8 @@ def main() -> None:
         for layer, k, fit in tqdm(jobs, desc="configs", unit="cfg"):
             fitted = {}
             for key, (maps, sizes, n_db, gt, role) in per_set.items():
+                if a.sets and key not in a.sets.split(","):
+                    continue
                 src = per_set[corridor_key][0][layer] if fit == "corridor" else maps[layer][:n_db]
                 if fit == "own" and key == corridor_key:
                     src = maps[layer][:n_db]

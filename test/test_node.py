@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -19,6 +20,7 @@ rclpy = pytest.importorskip("rclpy")  # installed by scripts/setup.sh; CI fails 
 from pnv_ros.msg import Keyframe, LoopClosure, RelativePose  # noqa: E402
 from pnv_ros.srv import MapCommand, QueryPlace, VerifyPair  # noqa: E402
 from sensor_msgs.msg import Image  # noqa: E402
+from std_msgs.msg import Header  # noqa: E402
 
 NODE = str(Path(sys.executable).parent / "loop_closure_node")
 G = np.load(RTAB.parent / "gt_matrix.npy")
@@ -26,6 +28,28 @@ G = np.load(RTAB.parent / "gt_matrix.npy")
 
 def test_rclpy_is_installed_in_ci() -> None:
     assert "rclpy" in sys.modules  # the importorskip above must never skip in CI
+
+
+def test_a_frame_waits_for_the_odometry_of_its_instant() -> None:
+    """The worker can take a frame before the odometry published with it: the pose from before the robot
+    moved would make it 'no_motion' and the keyframe of that place would come later, from wherever the
+    robot then is. The lookup waits (at most the tolerance) for the pose of the frame's instant."""
+    from pnv_ros.ros.node import _Odometry
+
+    odom, ms = _Odometry(), 1_000_000
+    before, after = np.r_[0.0, 0, 0, 0, 0, 0, 1], np.r_[1.0, 0, 0, 0, 0, 0, 1]
+    odom.add(1000 * ms, before, "odom")
+    threading.Timer(0.03, odom.add, (1060 * ms, after, "odom")).start()  # 30 ms late, 10 ms from the frame
+    t = time.monotonic()
+    pos, _ = odom.at(1050 * ms, 100 * ms)
+    assert pos is not None and pos[0] == 1.0 and time.monotonic() - t < 0.09
+    # Odometry that stopped (newest 2 s older than the frame): no pose and no wait.
+    t = time.monotonic()
+    assert odom.at(3000 * ms, 100 * ms) == (None, None) and time.monotonic() - t < 0.05
+    # Flowing but the next pose never comes: after the tolerance, the nearest within it.
+    t = time.monotonic()
+    pos, _ = odom.at(1100 * ms, 100 * ms)
+    assert pos is not None and pos[0] == 1.0 and time.monotonic() - t >= 0.09
 
 
 def start_node(map_dir: Path, *params: str) -> subprocess.Popen:
@@ -61,6 +85,8 @@ class Client:
         self.keyframes: list[int] = []
         self.node.create_subscription(LoopClosure, "loop_closures", self.loops.append, 100)
         self.node.create_subscription(Keyframe, "loop_closure/keyframes", lambda m: self.keyframes.append(m.id), 100)
+        self.acks: list[Header] = []  # the node's word on each frame: keyframe, a skip reason, dropped, error
+        self.node.create_subscription(Header, "loop_closure/processed", self.acks.append, 1000)
         self.clients = {
             n: self.node.create_client(t, f"loop_closure/{n}")
             for n, t in (("query_place", QueryPlace), ("verify_pair", VerifyPair), ("save_map", MapCommand),
@@ -158,9 +184,11 @@ def test_node_end_to_end(ros: Client, tmp_path_factory: pytest.TempPathFactory) 
         m = image_msg(np.zeros((10, 10, 3), np.uint8), 203)
         m.height, m.width, m.step = 20000, 20000, 60000
         bad.append(m)
-        for m in bad:
+        for m in bad:  # each answered on ~/processed before the next goes out
             ros.pub.publish(m)
-            ros.spin_until(lambda: False, 0.5)
+            sec = m.header.stamp.sec
+            answered = lambda sec=sec: [a.frame_id for a in ros.acks if a.stamp.sec == sec]  # noqa: E731
+            assert ros.spin_until(answered, 30) and answered() == ["error"], f"frame {sec}: {answered()}"
         for name in ("../evil", "a/b", ""):
             r = ros.call("save_map", MapCommand.Request(name=name))
             assert not r.success and "bad map name" in r.message

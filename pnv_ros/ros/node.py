@@ -92,28 +92,44 @@ def _descriptor(p: P.Param) -> ParameterDescriptor:
 
 
 class _Odometry:
-    """Recent odometry poses (a fixed ring), looked up by nearest stamp; thread-safe."""
+    """Recent odometry poses (a fixed ring), looked up by nearest stamp; thread-safe.
+
+    A frame can reach the worker before the odometry of its own instant (the two topics are separate
+    queues; a loaded machine serves them late): :meth:`at` then waits, at most the tolerance in wall
+    time, for a pose at or after the frame's stamp, rather than take the pose from before the robot moved.
+    """
 
     def __init__(self, capacity: int = 5000) -> None:
-        self._lock = threading.Lock()
+        self._cond = threading.Condition()
         self._stamps = np.zeros(capacity, np.int64)
         self._poses = np.zeros((capacity, 7))
         self._n = self._head = 0
         self.frame_id = ""
 
+    def _newest(self) -> int | None:
+        return int(self._stamps[(self._head - 1) % len(self._stamps)]) if self._n else None
+
     def add(self, stamp_ns: int, pose: np.ndarray, frame_id: str) -> None:
-        with self._lock:
-            last = self._stamps[(self._head - 1) % len(self._stamps)] if self._n else None
+        with self._cond:
+            last = self._newest()
             if last is not None and stamp_ns < last:  # the clock went back: older poses no longer apply
                 self._n = self._head = 0
             self._stamps[self._head], self._poses[self._head] = stamp_ns, pose
             self._head = (self._head + 1) % len(self._stamps)
             self._n = min(self._n + 1, len(self._stamps))
             self.frame_id = frame_id
+            self._cond.notify_all()
 
     def at(self, stamp_ns: int, tolerance_ns: int) -> tuple[np.ndarray, np.ndarray] | tuple[None, None]:
-        """(position (3,), quaternion xyzw (4,)) nearest the stamp within tolerance, or (None, None)."""
-        with self._lock:
+        """(position (3,), quaternion xyzw (4,)) nearest the stamp within tolerance, or (None, None).
+
+        When the newest pose is older than the stamp by at most the tolerance (odometry flowing, this
+        instant's pose not yet here), waits up to the tolerance (wall seconds) for a newer one; odometry
+        that stopped longer ago than the tolerance is not waited for.
+        """
+        with self._cond:
+            self._cond.wait_for(lambda: (n := self._newest()) is None or not 0 < stamp_ns - n <= tolerance_ns,
+                                timeout=tolerance_ns / 1e9)  # fmt: skip
             if not self._n:
                 return None, None
             d = np.abs(self._stamps[: self._n] - stamp_ns)

@@ -93,10 +93,11 @@ class BagPlayer:
 
     def lockstep(self, image_topic: str, node_name: str = "loop_closure", timeout: float = 120.0,
                  resend_s: float = 10.0, progress: Callable[[int], None] | None = None) -> int:  # fmt: skip
-        """Publish messages in order; after each image wait for the node's
-        acknowledgement of that image's stamp. An image with no answer after
-        ``resend_s`` is sent again (it may have raced discovery); the detector
-        skips stamps it has seen, so a re-send never adds a keyframe twice."""
+        """Publish messages in order; an image goes out only after the node acknowledged the one before
+        it, and the messages between two images (odometry) go out right after the first, so the node
+        has the odometry of an image's instant while it works on it. An image with no answer after
+        ``resend_s`` is sent again (it may have raced discovery); the detector skips stamps it has
+        seen, so a re-send never adds a keyframe twice."""
         from rclpy.serialization import deserialize_message
 
         self.acks: list[Header] = []
@@ -108,14 +109,12 @@ class BagPlayer:
             rclpy.spin_once(self.node, timeout_sec=0.05)
         image_cls = self.pubs[image_topic].msg_type
         acked: set[tuple[int, int]] = set()
+        pending: tuple[bytes, tuple[int, int]] | None = None  # the image out, not yet acknowledged
         n = 0
-        for topic, _, _, raw in self.messages():
-            self.pubs[topic].publish(raw)
-            if topic != image_topic:
-                rclpy.spin_once(self.node, timeout_sec=0.0)
-                continue
-            st = deserialize_message(raw, image_cls).header.stamp
-            key = (st.sec, st.nanosec)
+
+        def wait_ack() -> None:
+            nonlocal n
+            raw, key = pending  # type: ignore[misc]
             end, resend = time.time() + timeout, time.time() + resend_s
             while key not in acked:
                 rclpy.spin_once(self.node, timeout_sec=0.02)
@@ -123,11 +122,24 @@ class BagPlayer:
                 if time.time() > end:
                     raise BagError(f"node {node_name} did not acknowledge image {n} within {timeout:.0f} s")
                 if time.time() > resend:
-                    self.pubs[topic].publish(raw)
+                    self.pubs[image_topic].publish(raw)
                     resend = time.time() + resend_s
             n += 1
             if progress:
                 progress(n)
+
+        for topic, _, _, raw in self.messages():
+            if topic != image_topic:
+                self.pubs[topic].publish(raw)
+                rclpy.spin_once(self.node, timeout_sec=0.0)
+                continue
+            if pending is not None:
+                wait_ack()
+            st = deserialize_message(raw, image_cls).header.stamp
+            pending = (raw, (st.sec, st.nanosec))
+            self.pubs[topic].publish(raw)
+        if pending is not None:
+            wait_ack()
         return n
 
     def close(self) -> None:
