@@ -88,7 +88,8 @@ TABLE: tuple[Param, ...] = (
     Param("odom_qos", "sensor_data", "odometry QoS (as image_qos; best effort hears both kinds of publisher, "
           "and a lost pose costs nothing)", choices=QOS_CHOICES),
     Param("odom_qos_depth", 50, "odometry queue depth", range=(1, 10000)),
-    Param("odom_tolerance_s", 0.1, "an image takes the odometry pose nearest its stamp within this (s)",
+    Param("odom_tolerance_s", 0.1, "an image takes the odometry pose nearest its stamp within this (s); when "
+          "the odometry of its instant is late, it waits for it as long (wall seconds)",
           range=(0.0, 10.0)),
     Param("index_kind", "flat", "FAISS index: flat (exact) | hnsw (maps of 100k+ keyframes)", choices=("flat", "hnsw")),
     Param("patch_dtype", "float16", "patch storage: float16 (half the memory) | float32",
