@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import importlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import rclpy
@@ -98,8 +98,6 @@ class BagPlayer:
         has the odometry of an image's instant while it works on it. An image with no answer after
         ``resend_s`` is sent again (it may have raced discovery); the detector skips stamps it has
         seen, so a re-send never adds a keyframe twice."""
-        from rclpy.serialization import deserialize_message
-
         self.acks: list[Header] = []
         self.node.create_subscription(Header, f"/{node_name}/processed", self.acks.append, 100)
         end = time.time() + timeout
@@ -107,14 +105,9 @@ class BagPlayer:
             if time.time() > end:
                 raise BagError(f"node {node_name} publishes no /{node_name}/processed acknowledgements")
             rclpy.spin_once(self.node, timeout_sec=0.05)
-        image_cls = self.pubs[image_topic].msg_type
         acked: set[tuple[int, int]] = set()
-        pending: tuple[bytes, tuple[int, int]] | None = None  # the image out, not yet acknowledged
-        n = 0
-
-        def wait_ack() -> None:
-            nonlocal n
-            raw, key = pending  # type: ignore[misc]
+        n = 0  # images acknowledged
+        for raw, key in self._images_then_theirs(image_topic):
             end, resend = time.time() + timeout, time.time() + resend_s
             while key not in acked:
                 rclpy.spin_once(self.node, timeout_sec=0.02)
@@ -127,20 +120,27 @@ class BagPlayer:
             n += 1
             if progress:
                 progress(n)
+        return n
 
+    def _images_then_theirs(self, image_topic: str) -> Iterator[tuple[bytes, tuple[int, int]]]:
+        """Publish the bag in order, yielding each image (raw CDR, (sec, nanosec)) once the messages that follow
+        it up to the next image are out; the next image goes out only when the caller asks for it."""
+        from rclpy.serialization import deserialize_message
+
+        image_cls = self.pubs[image_topic].msg_type
+        pending = None
         for topic, _, _, raw in self.messages():
             if topic != image_topic:
                 self.pubs[topic].publish(raw)
                 rclpy.spin_once(self.node, timeout_sec=0.0)
                 continue
             if pending is not None:
-                wait_ack()
+                yield pending
             st = deserialize_message(raw, image_cls).header.stamp
             pending = (raw, (st.sec, st.nanosec))
             self.pubs[topic].publish(raw)
         if pending is not None:
-            wait_ack()
-        return n
+            yield pending
 
     def close(self) -> None:
         self.node.destroy_node()
