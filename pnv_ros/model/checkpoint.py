@@ -90,7 +90,9 @@ def expected_shapes(num_clusters: int, num_pcs: int, vladv2: bool) -> dict[str, 
     return shapes
 
 
-def _read(path: Path) -> dict[str, Any]:
+def read_raw(path: Path) -> dict[str, Any]:
+    """The dict a checkpoint file holds, read with ``torch.load(weights_only=True)``; CheckpointError when the file
+    is missing, unsafe or unreadable, or holds something else."""
     if not path.is_file():
         raise CheckpointError(
             f"checkpoint {path} does not exist: run 'pnv models list' for the official ones "
@@ -123,7 +125,7 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], int, int
     file has no WPCA layer. Raises CheckpointError naming the first bad key.
     """
     path = Path(path)
-    return _vgg_state(_read(path), path)
+    return _vgg_state(read_raw(path), path)
 
 
 def _vgg_state(raw: dict[str, Any], path: Path) -> tuple[dict[str, torch.Tensor], int, int, bool]:
@@ -170,7 +172,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     choices recorded in it, see ``model/dinov2_vlad.py``). The model is in eval mode on ``device``.
     Raises CheckpointError for a missing, corrupt or mismatched file."""
     path = Path(path)
-    raw = _read(path)
+    raw = read_raw(path)
     from pnv_ros.model import dinov2_vlad
 
     if dinov2_vlad.is_dinov2_vlad(raw):
@@ -201,7 +203,7 @@ def _dinov2_info(path: str | Path, num_clusters: int, dim: int, cfg: dict[str, A
 def checkpoint_info(path: str | Path) -> ModelInfo:
     """A model file's identity without building the model (checked like load_checkpoint)."""
     path = Path(path)
-    raw = _read(path)
+    raw = read_raw(path)
     from pnv_ros.model import dinov2_vlad
 
     if dinov2_vlad.is_dinov2_vlad(raw):

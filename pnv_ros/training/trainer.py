@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pnv_ros.errors import CheckpointError, ConfigError
+from pnv_ros.model.checkpoint import read_raw
 from pnv_ros.model.netvlad import PatchNetVLADModel, vlad_normalise
 from pnv_ros.training.datasets import TrainingSet
 from pnv_ros.training.feature_cache import FeatureCache, trainable_head
@@ -321,12 +322,8 @@ def load_training_checkpoint(path: Path) -> dict[str, Any]:
     """A checkpoint written by :func:`save_training_checkpoint` (read with ``weights_only=True``)."""
     if not path.is_file():
         raise CheckpointError(f"--resume {path}: no such checkpoint (pnv train writes WORK_DIR/checkpoint.pth.tar)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for bad files
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"--resume {path} cannot be read safely: {msg}") from None
-    if not isinstance(ckpt, dict) or ckpt.get("pnv_train", {}).get("format") != FORMAT:
+    ckpt = read_raw(path)
+    if ckpt.get("pnv_train", {}).get("format") != FORMAT:
         raise CheckpointError(f"--resume {path} is not a pnv train checkpoint (give WORK_DIR/checkpoint.pth.tar)")
     return ckpt
 
