@@ -53,6 +53,51 @@ def test_a_frame_waits_for_the_odometry_of_its_instant() -> None:
     assert pos is not None and pos[0] == 1.0 and time.monotonic() - t >= 0.45
 
 
+def _pool_submissions_per_message(executor_cls) -> tuple[float, int]:  # type: ignore[no-untyped-def]
+    """Odometry at 200 Hz for 2 s into a subscription spun by ``executor_cls`` (4 threads, in this process);
+    how often the executor handed a callback to its thread pool per message received, and the messages."""
+    from nav_msgs.msg import Odometry
+    from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx)
+    try:
+        node = rclpy.create_node("executor_probe", context=ctx)
+        got: list[int] = []
+        node.create_subscription(Odometry, "probe_odom", lambda m: got.append(1), 100,
+                                 callback_group=MutuallyExclusiveCallbackGroup())  # fmt: skip
+        pub = node.create_publisher(Odometry, "probe_odom", 100)
+        ex = executor_cls(num_threads=4, context=ctx)
+        ex.add_node(node)
+        submitted, submit = [0], ex._executor.submit
+
+        def counting(*a, **k):  # type: ignore[no-untyped-def]
+            submitted[0] += 1
+            return submit(*a, **k)
+
+        ex._executor.submit = counting
+        threading.Thread(target=ex.spin, daemon=True).start()
+        for _ in range(400):
+            pub.publish(Odometry())
+            time.sleep(0.005)
+        time.sleep(0.5)
+        ex.shutdown(timeout_sec=5)
+        return submitted[0] / max(1, len(got)), len(got)
+    finally:
+        rclpy.try_shutdown(context=ctx)
+
+
+def test_the_executor_hands_each_callback_over_once() -> None:
+    """rclpy 9.1's MultiThreadedExecutor re-submits a callback that waits in its pool on every turn of its
+    spin loop, which never waits while messages come (ros2/rclpy#1452): 100 Hz odometry cost the node a
+    whole core. The node's Executor returns from a submission only once the callback runs."""
+    from pnv_ros.ros.node import Executor
+
+    per_message, received = _pool_submissions_per_message(Executor)
+    assert received >= 300, f"only {received} of 400 messages arrived"
+    assert per_message < 1.5, f"{per_message:.1f} pool submissions per message"
+
+
 def start_node(map_dir: Path, *params: str) -> subprocess.Popen:
     args = [NODE, "--ros-args", "-p", f"map_dir:={map_dir}", "-p", "exclude_recent_s:=10.0", *params]
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ.copy())

@@ -32,7 +32,7 @@ rclpy = pytest.importorskip("rclpy")  # installed by scripts/setup.sh; test_node
 from nav_msgs.msg import Odometry  # noqa: E402
 from pnv_ros.msg import Keyframe, LoopClosure  # noqa: E402
 from pnv_ros.srv import MapCommand, QueryPlace  # noqa: E402
-from rclpy.executors import MultiThreadedExecutor  # noqa: E402
+from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.qos import qos_profile_sensor_data  # noqa: E402
 from sensor_msgs.msg import Image  # noqa: E402
 from std_msgs.msg import Header  # noqa: E402
@@ -70,7 +70,7 @@ class Robot:
         self.node.create_subscription(Header, "loop_closure/processed", self.acks.append, 1000)
         self.srv = {n: self.node.create_client(MapCommand if n != "query_place" else QueryPlace, f"loop_closure/{n}")
                     for n in ("query_place", "save_map", "load_map")}  # fmt: skip
-        self.ex = MultiThreadedExecutor(num_threads=2)
+        self.ex = SingleThreadedExecutor()  # rclpy 9.1's MultiThreadedExecutor spins a core (node.Executor)
         self.ex.add_node(self.node)
         threading.Thread(target=self.ex.spin, daemon=True).start()
         self.lock = threading.Lock()

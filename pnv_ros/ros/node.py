@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +90,38 @@ def _descriptor(p: P.Param) -> ParameterDescriptor:
         else:
             d.floating_point_range = [FloatingPointRange(from_value=float(p.range[0]), to_value=float(p.range[1]))]
     return d
+
+
+class _StartedPool(ThreadPoolExecutor):
+    """A thread pool whose :meth:`submit` returns once the callable has started on a pool thread."""
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:  # type: ignore[no-untyped-def, override]
+        started = threading.Event()
+
+        def run():  # type: ignore[no-untyped-def]
+            started.set()
+            return fn(*args, **kwargs)
+
+        future = super().submit(run)
+        while not started.wait(0.05) and not future.done():  # done: cancelled by a shutdown
+            pass
+        return future
+
+
+class Executor(MultiThreadedExecutor):
+    """rclpy's MultiThreadedExecutor without its busy loop.
+
+    rclpy 9.1 (ROS 2 Kilted) yields every callback that has not started yet on each turn of its spin
+    loop, so while a callback waits in the thread pool queue the spin thread turns without waiting and
+    holds the GIL (ros2/rclpy#1452; fixed upstream by ros2/rclpy#1547, after that release). Measured here
+    (``benchmarks/node_load.py``): the node idle but for 100 Hz odometry burned a whole core. Submitting
+    each callback and returning only once it runs keeps the upstream loop and removes the spin.
+    """
+
+    def __init__(self, num_threads: int, *, context: rclpy.context.Context | None = None) -> None:
+        super().__init__(num_threads=num_threads, context=context)
+        self._executor.shutdown(wait=False)
+        self._executor = _StartedPool(num_threads)
 
 
 class _Odometry:
@@ -617,7 +650,7 @@ def main(argv: list[str] | None = None) -> int:
     node, ex = None, None
     try:
         node = LoopClosureNode()
-        ex = MultiThreadedExecutor(num_threads=4)
+        ex = Executor(num_threads=4)
         ex.add_node(node)
         spinner = threading.Thread(target=ex.spin, name="pnv-executor", daemon=True)
         spinner.start()
