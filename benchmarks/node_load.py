@@ -45,6 +45,8 @@ from rclpy.qos import qos_profile_sensor_data  # noqa: E402
 from sensor_msgs.msg import Image  # noqa: E402
 from std_msgs.msg import Header  # noqa: E402
 
+from pnv_ros.ros.conversions import array_to_image, ns_to_stamp, stamp_to_ns  # noqa: E402
+
 FRAMES = REPO / "data" / "rtabmap_samples_loop84" / "images"
 #: How the node process picks its executor: the reference is rclpy's own class, unchanged.
 LAUNCH = """
@@ -63,10 +65,6 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def stamp(msg, ns: int) -> None:  # type: ignore[no-untyped-def]
-    msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(ns, 10**9)
-
-
 class Robot:
     """Publishes a camera and odometry from plain threads; collects the node's acknowledgements."""
 
@@ -80,7 +78,7 @@ class Robot:
         self.node.create_subscription(
             Header,
             "loop_closure/processed",
-            lambda m: self.acks.append((time.monotonic(), m.stamp.sec * 10**9 + m.stamp.nanosec, m.frame_id)),
+            lambda m: self.acks.append((time.monotonic(), stamp_to_ns(m.stamp), m.frame_id)),
             1000,
         )
         self.node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diag, 10)
@@ -105,10 +103,7 @@ class Robot:
             with self.lock:
                 rgb = self.rgb if self.camera_on else None
             if rgb is not None:
-                m = Image(height=rgb.shape[0], width=rgb.shape[1], encoding="rgb8", step=rgb.shape[1] * 3)
-                stamp(m, time.time_ns())
-                m.header.frame_id, m.data = "camera", rgb.tobytes()
-                self.cam.publish(m)
+                self.cam.publish(array_to_image(rgb, Header(stamp=ns_to_stamp(time.time_ns()), frame_id="camera")))
             nxt += 0.1
             time.sleep(max(0.0, nxt - time.monotonic()))
 
@@ -120,9 +115,7 @@ class Robot:
                 time.sleep(0.05)
                 nxt = time.monotonic()
                 continue
-            o = Odometry()
-            stamp(o, time.time_ns())
-            o.header.frame_id, o.child_frame_id = "odom", "base_link"
+            o = Odometry(header=Header(stamp=ns_to_stamp(time.time_ns()), frame_id="odom"), child_frame_id="base_link")
             o.pose.pose.position.x, o.pose.pose.orientation.w = self.x, 1.0
             self.odom.publish(o)
             nxt += 1.0 / hz
