@@ -41,6 +41,9 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--seconds", type=float, default=20.0, help="time budget per measurement")
     ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--dtypes", default="float32,bfloat16",
+                    help="extraction dtypes (bfloat16 under autocast; on a CPU without native bfloat16, e.g. AVX2-only "
+                         "AMD EPYC, one bfloat16 VGG-16 pass takes minutes: give float32)")  # fmt: skip
     ap.add_argument("--out", default=None)
     ap.add_argument("--trt-batch", type=int, default=8, help="batch of the TensorRT measurement (1..8)")
     a = ap.parse_args()
@@ -66,7 +69,7 @@ def main() -> None:
     for preset_name in ("speed", "performance"):
         preset = get_preset(preset_name)
         for bs in [int(b) for b in a.batches.split(",")]:
-            for dtype in (torch.float32, torch.bfloat16):
+            for dtype in [getattr(torch, d) for d in a.dtypes.split(",")]:
                 x = torch.randn(bs, 3, 480, 640, device=dev)
                 try:
                     with torch.inference_mode(), torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):

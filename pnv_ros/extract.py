@@ -8,7 +8,6 @@ same descriptors as ``patchnetvlad==0.1.8``.
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -155,12 +154,6 @@ class FeatureExtractor:
         self._autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision) if engine == "torch" \
             else None  # fmt: skip
         self.bit_depth = bit_depth
-        if self.bf16 and self.device.type == "cpu" and not BlockedBackbone.available(torch.bfloat16):
-            warnings.warn(
-                "bf16 requested, but this CPU has no bfloat16 instructions for oneDNN (AVX-512 BF16 or AMX): "
-                "extraction will be slower than float32, not faster",
-                stacklevel=2,
-            )
         self.batch_size = max(1, int(batch_size)) if batch_size else (8 if self.device.type == "cuda" else 1)
         self._transform = input_transform(preset.image_height, preset.image_width)
 

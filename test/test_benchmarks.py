@@ -14,12 +14,14 @@ REPO = Path(__file__).resolve().parent.parent
 def test_gpu_check_runs_on_cpu(random_ckpt: Path, tmp_path: Path) -> None:
     out = tmp_path / "gpu.json"
     cmd = [sys.executable, str(REPO / "benchmarks/gpu_check.py"), "--device", "cpu", "--checkpoint", str(random_ckpt),
-           "--seconds", "0.1", "--batches", "1", "--out", str(out)]  # fmt: skip
+           "--seconds", "0.1", "--batches", "1", "--dtypes", "float32", "--out", str(out)]  # fmt: skip
+    # float32 only: bfloat16 autocast on a CPU without native bfloat16 (the AVX2-only AMD EPYC CI machines) takes
+    # minutes per VGG-16 pass; the GPU run measures both
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     report = json.loads(out.read_text())
     assert report["device"] == "cpu"
-    keys = {f"{p}/batch1/{d}" for p in ("speed", "performance") for d in ("float32", "bfloat16")}
+    keys = {f"{p}/batch1/float32" for p in ("speed", "performance")}
     assert set(report["extract"]) == keys
     assert all(v > 0 for v in report["extract"].values())
     assert report["max_abs_diff_vs_cpu"] == 0.0  # the same device: the same descriptors

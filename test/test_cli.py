@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import RTAB, rtab_frame
 
 PNV = str(Path(sys.executable).parent / "pnv")
@@ -201,12 +202,18 @@ def test_models_download_offline_fails_fast(tmp_path: Path) -> None:
 def test_bench_reports_costs(tmp_path: Path, random_ckpt: Path, fast: bool) -> None:
     out = tmp_path / "bench.json"
     frames = [str(rtab_frame(i)) for i in (1, 2)]
-    extra = ["--fast-products", "--bf16"] if fast else []
+    from pnv_ros.model.backbone import BlockedBackbone
+
+    bf16 = fast and BlockedBackbone.available(torch.bfloat16)  # elsewhere refused (test_extract), checked below
+    extra = ["--fast-products", *(["--bf16"] if bf16 else [])] if fast else []
+    if fast and not bf16:
+        r = run("bench", "-q", "--checkpoint", str(random_ckpt), "--bf16", "--out", str(out), *frames)
+        assert r.returncode != 0 and "no bfloat16 instructions" in r.stderr and not out.exists(), r.stderr
     r = run("bench", "-q", "--checkpoint", str(random_ckpt), "--preset", "speed", "--top-n", "4", "--repeats", "1",
             "--out", str(out), *extra, *frames)  # fmt: skip
     assert r.returncode == 0, r.stderr
     res = json.loads(out.read_text())
-    assert res["products"] == ("onednn" if fast else "exact") and res["matcher"] == "rapid" and res["bf16"] is fast
+    assert res["products"] == ("onednn" if fast else "exact") and res["matcher"] == "rapid" and res["bf16"] is bf16
     assert 0 < res["seconds_per_image"] < 60 and 0 < res["ms_per_candidate"] < 1000
     assert res["patch_dtype"] == "float16"
     assert 936 * 64 * 2 <= res["bytes_per_keyframe"] < 2 * 936 * 64 * 2  # float16 patches dominate a keyframe

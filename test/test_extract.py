@@ -7,7 +7,7 @@ from conftest import make_random_checkpoint, rtab_frame
 from PIL import Image
 
 from pnv_ros.config import get_preset
-from pnv_ros.errors import FeaturesError, ImageError
+from pnv_ros.errors import EngineError, FeaturesError, ImageError
 from pnv_ros.extract import FeatureExtractor, input_transform
 from pnv_ros.features import FeatureSet, patch_keypoints
 from pnv_ros.images import list_images, load_image
@@ -131,9 +131,11 @@ def test_blocked_backbone_bf16_matches_autocast(random_ckpt: Path) -> None:
     """Under bfloat16 autocast the blocked path computes in bfloat16 as autocast does (rounding-level differences)."""
     from pnv_ros.model.backbone import BlockedBackbone
 
-    if not BlockedBackbone.available(torch.bfloat16):
-        pytest.skip("this CPU has no oneDNN bfloat16 support")  # the plain autocast path serves it instead
-    model, _ = load_checkpoint(random_ckpt)
+    model, info = load_checkpoint(random_ckpt)
+    if not BlockedBackbone.available(torch.bfloat16):  # no bfloat16 here: refused, with the reason (not skipped)
+        with pytest.raises(EngineError, match="no bfloat16 instructions.*choose fp32"):
+            FeatureExtractor(model, info, get_preset("speed"), device="cpu", bf16=True)
+        return
     x = torch.stack([input_transform(480, 640)(Image.open(rtab_frame(i)).convert("RGB")) for i in (1, 2)])
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         fast, plain = model.backbone(x), model.encoder(x)
@@ -147,8 +149,14 @@ def test_blocked_backbone_bf16_matches_autocast(random_ckpt: Path) -> None:
 def test_bfloat16_mode_keeps_pooling_in_float32(default_ckpt: Path) -> None:
     """bf16=True runs the backbone in bfloat16 only: patch VLADs are box sums of an
     integral image, which a bfloat16 integral turned to noise (median cosine 0.73)."""
+    from pnv_ros.model.backbone import BlockedBackbone
+
     model, info = load_checkpoint(default_ckpt)
     preset = get_preset("performance")
+    if not BlockedBackbone.available(torch.bfloat16):  # this CPU refuses bf16 (see the test below)
+        with pytest.raises(EngineError, match="no bfloat16 instructions"):
+            FeatureExtractor(model, info, preset, bf16=True)
+        return
     full, half = (FeatureExtractor(model, info, preset, bf16=b).extract_one(rtab_frame(41)) for b in (False, True))
     assert full.global_desc.dtype == half.global_desc.dtype == np.float32
     assert float(full.global_desc @ half.global_desc) > 0.999
@@ -158,14 +166,19 @@ def test_bfloat16_mode_keeps_pooling_in_float32(default_ckpt: Path) -> None:
         assert np.mean(cos > 0.95) > 0.95, (size, np.mean(cos > 0.95))
 
 
-def test_bfloat16_without_cpu_support_warns(random_ckpt: Path, monkeypatch) -> None:
-    """On a CPU without oneDNN bfloat16 (simulated: this one has it) bf16 would be slower: say so."""
+def test_bfloat16_without_cpu_support_is_refused(random_ckpt: Path, monkeypatch) -> None:
+    """On a CPU without oneDNN bfloat16 (simulated where this one has it) torch's bfloat16 convolutions take a
+    reference path: one VGG-16 pass took about 10 min on an AVX2-only AMD EPYC (fp32: 1.5 s). A robot asking for
+    bf16 there gets an error that says so, not a keyframe every ten minutes."""
+    from pnv_ros.engines import supported_precisions
     from pnv_ros.model.backbone import BlockedBackbone
 
     model, info = load_checkpoint(random_ckpt)
     monkeypatch.setattr(BlockedBackbone, "available", staticmethod(lambda dtype: dtype == torch.float32))
-    with pytest.warns(UserWarning, match="slower than float32"):
-        FeatureExtractor(model, info, get_preset("speed"), device="cpu", bf16=True)
+    assert supported_precisions("torch", "cpu") == ("fp32",)
+    for kw in ({"bf16": True}, {"precision": "bf16"}):
+        with pytest.raises(EngineError, match="no bfloat16 instructions for oneDNN.*hundreds of times slower"):
+            FeatureExtractor(model, info, get_preset("speed"), device="cpu", **kw)
 
 
 def test_descriptors_do_not_depend_on_batch_size(default_extractor) -> None:
