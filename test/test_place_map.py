@@ -166,7 +166,7 @@ def test_load_refuses_another_model_layout_or_dimension(pmap: PlaceMap, tmp_path
     other = _ident("other_WPCA16.pth.tar", 16, b"weights B")  # same dimension, other weights
     with pytest.raises(MapError) as e:
         PlaceMap.load(path, 16, SPEED, expect_model_id=other)
-    assert MODEL in str(e.value) and other in str(e.value)
+    assert MODEL in str(e.value) and other in str(e.value) and "two builds" not in str(e.value)
     renamed = _ident("renamed_copy.pth.tar", 16, b"weights A")  # same hash: the same model
     assert len(PlaceMap.load(path, 16, SPEED, expect_model_id=renamed)) == 5
     with pytest.raises(MapError) as e:
@@ -191,6 +191,7 @@ def test_load_refuses_another_model_layout_or_dimension(pmap: PlaceMap, tmp_path
     with pytest.raises(MapError) as e:
         PlaceMap.load(tmp_path / "real.npz", info.dim, SPEED, expect_model_id=stranger)
     assert info.identity in str(e.value) and stranger in str(e.value)
+    assert "two builds of" in str(e.value) and "--checkpoint FILE" in str(e.value)  # rebuilt on another CPU: say so
 
 
 # -- 3. atomic saves ----------------------------------------------------------------------------

@@ -12,7 +12,8 @@ No model hub is reachable on build machines, so the default model is made:
    normalised VLAD vectors of the fitting images: global ones and a sample
    of patch ones (p = 2, 5, 8), 512 dimensions.
 The result is a checkpoint in the official format plus a metadata JSON.
-Everything is seeded: the same inputs give the same file.
+Everything is seeded: the same inputs on the same CPU give the same file. Another CPU (measured: Intel Xeon
+against AMD EPYC) rounds the backbone's floats differently, k-means lands elsewhere and the file differs.
 """
 
 from __future__ import annotations

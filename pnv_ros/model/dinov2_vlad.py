@@ -227,7 +227,8 @@ def build_dinov2_vlad(
     """Build a dinov2_vlad model file offline: the ViT from the pinned wheel (hash-checked), the
     vocabulary (k-means, seeded) and whitening PCA fitted on ``fit_images`` (the generic model: the
     repository's fitting set; AnyLoc's advice: the robot's own map images). The same inputs give
-    the same file. Writes ``out`` and a metadata JSON beside it; returns ``out``."""
+    the same file on the same CPU (see ``default_model``: not across CPUs). Writes ``out`` and a
+    metadata JSON beside it; returns ``out``."""
     from pnv_ros.model.default_model import SEED, backbone_maps
 
     paths = list(fit_images)

@@ -8,7 +8,7 @@ facet and input size), recomputes the backbone's feature maps of the given image
 vocabulary (seeded k-means, the NetVLAD initialisation) and the whitening PCA with the builders' own code
 (``default_model.fit_vocabulary`` through each family's fitting helpers). The result is a model file of
 the same family and format, written by the family's own saver (atomically), with a metadata JSON beside
-it; the same inputs give a byte-identical model file. It works as ``--checkpoint FILE`` everywhere. Its
+it; the same inputs on the same CPU give a byte-identical model file. It works as ``--checkpoint FILE`` everywhere. Its
 hash differs from the source model's, so maps and feature files made with one are refused by the other.
 
 Images come from folders (:func:`folder_images`) or from a ROS 1 / ROS 2 bag (:func:`bag_images`); both
@@ -208,7 +208,7 @@ def refit_model(
     (H, W, 3) uint8 arrays; at least 10. num_clusters / num_pcs: vocabulary size K and output dimension D
     (default: the model's; D = 512 for a VGG-16 checkpoint without WPCA). The assignment weights are the
     NetVLAD (vladv1) initialisation of the new words, as the builders make them, also for a vladv2 source.
-    Runs on the CPU; everything is seeded: the same inputs give a byte-identical model file.
+    Runs on the CPU; everything is seeded: the same inputs on the same CPU give a byte-identical model file.
 
     keep_vocabulary: keep the model's NetVLAD layer and fit only the whitening PCA (``pnv add-pca``, the
     authors' ``add_pca.py``): from the images the default model was built on, the default model's WPCA comes
