@@ -74,13 +74,16 @@ def med(xs: list[float]) -> float:
 def retrieval(models: dict, data: Path, partial: Path | None = None) -> list[dict]:
     """Recall per set, stage, preset and model; per-image and per-query times, models alternating.
     ``partial``: rows of finished sets are kept there, and read back (``--resume``) when it exists."""
+    ids = {k: m["perf"].info.identity for k, m in models.items()}
     done = {r["set"]: r for r in json.loads(partial.read_text())} if partial and partial.is_file() else {}
     rows = []
     for name, db_imgs, q_imgs, gt_path, role in sets(data):
-        if name in done:
+        if name in done and done[name].get("identities") == ids:
             tqdm.write(f"{name}: resumed from {partial}")
             rows.append(done[name])
             continue
+        if name in done:
+            tqdm.write(f"{name}: {partial} holds another model's rows ({done[name].get('identities')}): re-running")
         if FITTING in name and role != "FITTING SET":
             raise RuntimeError(f"{name}: eval_default_model no longer marks the fitting set")
         imgs = list(db_imgs) + list(q_imgs)
@@ -108,7 +111,7 @@ def retrieval(models: dict, data: Path, partial: Path | None = None) -> list[dic
             gt = load_ground_truth(gt_path, q_names, db_names)
         top_n = min(100, len(db_imgs))
         row = {"set": name, "role": role, "queries": int(gt.has_positive().sum()), "db": len(db_imgs),
-               "top_n": top_n, "models": {k: {"extract_s_per_image_median": med(t_img[k]),
+               "top_n": top_n, "identities": ids, "models": {k: {"extract_s_per_image_median": med(t_img[k]),
                                  "extract_s_per_image": [round(t, 4) for t in t_img[k]]} for k in models}}  # fmt: skip
         for pname, matcher in PRESETS:
             res: dict[str, list] = {k: [] for k in models}
@@ -139,8 +142,9 @@ def retrieval(models: dict, data: Path, partial: Path | None = None) -> list[dic
     return rows
 
 
-def sequences(data: Path, out: Path, resume: bool = False) -> list[dict]:
-    """run_all.sh step 3 for each model: sequence_sets.py, pnv bag make (cached), pnv eval in-process."""
+def sequences(data: Path, out: Path, identities: dict[str, str], resume: bool = False) -> list[dict]:
+    """run_all.sh step 3 for each model: sequence_sets.py, pnv bag make (cached), pnv eval in-process.
+    ``resume`` keeps a finished run only when its metrics.json names the model in ``identities`` (key -> identity)."""
     seq = out / "sequences"
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sequence_sets.py"), "--data", str(data),
                     "--out", str(seq)], check=True)  # fmt: skip
@@ -158,6 +162,9 @@ def sequences(data: Path, out: Path, resume: bool = False) -> list[dict]:
         argv = ["eval", "-q", str(bag), "--gt", str(seq / s / "gt.npy"), "--out", str(run), "--force"]
         argv += ["--checkpoint", ck] if ck else []
         done = resume and (run / "metrics.json").is_file()
+        if done and json.loads((run / "metrics.json").read_text()).get("model") != identities[k]:
+            tqdm.write(f"{run}: another model's run ({identities[k]} expected): re-running")
+            done = False
         rc = 0 if done else cli.main(argv)
         if rc:
             raise RuntimeError(f"pnv {' '.join(argv)} failed ({rc})")
@@ -363,8 +370,9 @@ def main() -> None:
         partial.unlink()
     res["resumed"] = bool(a.resume)
     res["retrieval"] = retrieval(models, Path(a.data), partial)
+    identities = {k: m["perf"].info.identity for k, m in models.items()}
     del models
-    res["sequences"] = sequences(Path(a.data), Path(a.out), a.resume)
+    res["sequences"] = sequences(Path(a.data), Path(a.out), identities, a.resume)
     res["machine"]["load_avg_end"] = list(os.getloadavg())
     res["wall_s"] = time.perf_counter() - t0
     res = json.loads(json.dumps(res))  # Recall@N keys as strings, as in the file

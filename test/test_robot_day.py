@@ -37,6 +37,8 @@ from rclpy.qos import qos_profile_sensor_data  # noqa: E402
 from sensor_msgs.msg import Image  # noqa: E402
 from std_msgs.msg import Header  # noqa: E402
 
+from pnv_ros.ros.conversions import array_to_image, ns_to_stamp, stamp_to_ns  # noqa: E402
+
 NODE = str(Path(sys.executable).parent / "loop_closure_node")
 G = np.load(RTAB.parent / "gt_matrix.npy")
 FRAME_S = 0.5  # wall seconds each RTAB-Map frame is shown at least (then until the node made its keyframe)
@@ -112,11 +114,7 @@ class Robot:
         with self.lock:
             rgb, frame = self.rgb, self.frame
             self.shown.append((stamp, frame))
-        m = Image(height=rgb.shape[0], width=rgb.shape[1], encoding="rgb8", step=rgb.shape[1] * 3)
-        m.header.stamp.sec, m.header.stamp.nanosec = divmod(stamp, 10**9)
-        m.header.frame_id = "camera"
-        m.data = rgb.tobytes()
-        self.cam.publish(m)
+        self.cam.publish(array_to_image(rgb, Header(stamp=ns_to_stamp(stamp), frame_id="camera")))
 
     def _publish_odom(self) -> None:
         stamp = self._now()
@@ -124,8 +122,8 @@ class Robot:
             pos, q = self.pose
         pos = pos + self.jitter.normal(0.0, 0.002, 3)  # wheel odometry of a robot standing still: mm jitter
         o = Odometry()
-        o.header.stamp.sec, o.header.stamp.nanosec = divmod(stamp, 10**9)
-        o.header.frame_id, o.child_frame_id = "odom", "base_link"
+        o.header = Header(stamp=ns_to_stamp(stamp), frame_id="odom")
+        o.child_frame_id = "base_link"
         o.pose.pose.position.x, o.pose.pose.position.y, o.pose.pose.position.z = (float(v) for v in pos)
         o.pose.pose.orientation.x, o.pose.pose.orientation.y = float(q[0]), float(q[1])
         o.pose.pose.orientation.z, o.pose.pose.orientation.w = float(q[2]), float(q[3])
@@ -146,7 +144,7 @@ class Robot:
         the last, past min_travel_m), or ``timeout`` s: a node that never decides fails the checks below."""
         end = time.time() + timeout
         while time.time() < end and not any(
-            stamp_ns(a.stamp) > after_ns and a.frame_id == "keyframe" for a in self.acks[-100:]
+            stamp_to_ns(a.stamp) > after_ns and a.frame_id == "keyframe" for a in self.acks[-100:]
         ):
             time.sleep(0.05)
 
@@ -188,10 +186,6 @@ class Robot:
             return next(f for s, f in reversed(self.shown) if s == stamp_ns)
 
 
-def stamp_ns(t) -> int:  # type: ignore[no-untyped-def]
-    return int(t.sec) * 10**9 + int(t.nanosec)
-
-
 def start(map_dir: Path, *params: str) -> subprocess.Popen:
     args = [NODE, "--ros-args", "-p", f"map_dir:={map_dir}", *params]
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
@@ -230,8 +224,8 @@ def test_a_day_on_a_robot(tmp_path: Path) -> None:
         robot.set_clock(rate=1.0)
         still_to = robot._now()
         time.sleep(1.0)
-        still_keyframes = [k for k in robot.keyframes if still_from < stamp_ns(k.header.stamp) <= still_to]
-        still_loops = [lc for lc in robot.loops if still_from < stamp_ns(lc.query_stamp) <= still_to]
+        still_keyframes = [k for k in robot.keyframes if still_from < stamp_to_ns(k.header.stamp) <= still_to]
+        still_loops = [lc for lc in robot.loops if still_from < stamp_to_ns(lc.query_stamp) <= still_to]
         # -- second lap -----------------------------------------------------------------------------
         for f in range(41, 85):
             robot.show(f)
@@ -278,16 +272,20 @@ def test_a_day_on_a_robot(tmp_path: Path) -> None:
     assert len(back) == len(day1_kfs) and (tmp_path / "day.npz").stat().st_size == len(saved)
 
     # -- nothing wrong ever reached the backend ---------------------------------------------------------
-    stamp_of = {k.id: stamp_ns(k.header.stamp) for k in day1_kfs}
+    stamp_of = {k.id: stamp_to_ns(k.header.stamp) for k in day1_kfs}
     for k in day2_kfs:
-        stamp_of[k.id] = stamp_ns(k.header.stamp)
+        stamp_of[k.id] = stamp_to_ns(k.header.stamp)
     assert [k.id for k in day1_kfs] == list(range(len(day1_kfs))), "keyframe ids must count up from 0"
     assert [k.id for k in day2_kfs] == list(range(len(day1_kfs), len(day1_kfs) + len(day2_kfs))), (
         "after the load, ids continue from the loaded map"
     )
     for lc in day1_loops + day2_loops:
-        assert stamp_of[lc.match_id] == stamp_ns(lc.match_stamp), f"loop {lc.query_id}->{lc.match_id}: wrong match id"
-        assert stamp_of[lc.query_id] == stamp_ns(lc.query_stamp), f"loop {lc.query_id}->{lc.match_id}: wrong query id"
+        assert stamp_of[lc.match_id] == stamp_to_ns(lc.match_stamp), (
+            f"loop {lc.query_id}->{lc.match_id}: wrong match id"
+        )
+        assert stamp_of[lc.query_id] == stamp_to_ns(lc.query_stamp), (
+            f"loop {lc.query_id}->{lc.match_id}: wrong query id"
+        )
         assert lc.match_id < lc.query_id, "a loop to itself or to the future"
     assert not still_loops and not still_keyframes, (
         f"standing still: {len(still_keyframes)} keyframes, {len(still_loops)} loops"
