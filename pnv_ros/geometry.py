@@ -465,7 +465,10 @@ def relative_pose(
         return None
 
     # 1. RANSAC, as today
-    e, mask = cv2.findEssentialMat(pm, pq, k, method=cv2.RANSAC, prob=RANSAC_PROB, threshold=float(threshold_px))
+    try:
+        e, mask = cv2.findEssentialMat(pm, pq, k, method=cv2.RANSAC, prob=RANSAC_PROB, threshold=float(threshold_px))
+    except cv2.error:  # OpenCV 5.x: its five-point solver asserts on a degenerate sample instead of skipping it
+        return None
     if e is None or mask is None or e.ndim != 2 or e.shape[1] != 3 or e.shape[0] % 3 or not np.isfinite(e).all():
         return None
     cand = mask.ravel() > 0
