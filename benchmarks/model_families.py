@@ -71,14 +71,13 @@ def med(xs: list[float]) -> float:
     return float(np.median(xs)) if xs else float("nan")
 
 
-def retrieval(models: dict, data: Path, partial: Path | None = None) -> list[dict]:
+def retrieval(models: dict, identities: dict[str, str], data: Path, partial: Path | None = None) -> list[dict]:
     """Recall per set, stage, preset and model; per-image and per-query times, models alternating.
-    ``partial``: rows of finished sets are kept there, and read back (``--resume``) when it exists."""
-    ids = {k: m["perf"].info.identity for k, m in models.items()}
+    ``partial``: rows of finished sets are kept there, and read back (``--resume``) when they name ``identities``."""
     done = {r["set"]: r for r in json.loads(partial.read_text())} if partial and partial.is_file() else {}
     rows = []
     for name, db_imgs, q_imgs, gt_path, role in sets(data):
-        if name in done and done[name].get("identities") == ids:
+        if name in done and done[name].get("identities") == identities:
             tqdm.write(f"{name}: resumed from {partial}")
             rows.append(done[name])
             continue
@@ -111,7 +110,7 @@ def retrieval(models: dict, data: Path, partial: Path | None = None) -> list[dic
             gt = load_ground_truth(gt_path, q_names, db_names)
         top_n = min(100, len(db_imgs))
         row = {"set": name, "role": role, "queries": int(gt.has_positive().sum()), "db": len(db_imgs),
-               "top_n": top_n, "identities": ids, "models": {k: {"extract_s_per_image_median": med(t_img[k]),
+               "top_n": top_n, "identities": identities, "models": {k: {"extract_s_per_image_median": med(t_img[k]),
                                  "extract_s_per_image": [round(t, 4) for t in t_img[k]]} for k in models}}  # fmt: skip
         for pname, matcher in PRESETS:
             res: dict[str, list] = {k: [] for k in models}
@@ -369,8 +368,8 @@ def main() -> None:
     if not a.resume and partial.exists():
         partial.unlink()
     res["resumed"] = bool(a.resume)
-    res["retrieval"] = retrieval(models, Path(a.data), partial)
     identities = {k: m["perf"].info.identity for k, m in models.items()}
+    res["retrieval"] = retrieval(models, identities, Path(a.data), partial)
     del models
     res["sequences"] = sequences(Path(a.data), Path(a.out), identities, a.resume)
     res["machine"]["load_avg_end"] = list(os.getloadavg())

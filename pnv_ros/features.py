@@ -95,10 +95,10 @@ def check_fits(
 ) -> None:
     """Raise ``error`` naming both sides when stored descriptors come from another model or layout."""
     if dim != want_dim or not same_model(model_id, want_model_id):
-        rebuilt = ""
-        if model_id.split(":")[0] == want_model_id.split(":")[0] and dim == want_dim:
+        rebuilt, name = "", model_id.split(":")[0]
+        if name == want_model_id.split(":")[0] and dim == want_dim:
             rebuilt = (
-                f" (two builds of {model_id.split(':')[0]} with different weights: an offline-built model depends "
+                f" (two builds of {name} with different weights: an offline-built model depends "
                 "on the CPU that built it, so take the model file that made this one, with its .json, and run "
                 "with --checkpoint FILE / checkpoint:=FILE)"
             )

@@ -24,6 +24,16 @@ RTAB = REPO / "data" / "rtabmap_samples_loop84" / "images"
 CORRIDOR = REPO / "data" / "corridor_vprbench"
 
 
+def _cpu_bf16() -> bool:
+    from pnv_ros.model.backbone import BlockedBackbone
+
+    return BlockedBackbone.available(torch.bfloat16)
+
+
+#: this CPU has oneDNN bfloat16 (AVX-512 BF16 / AMX); without it torch bf16 is refused (test_extract)
+CPU_BF16 = _cpu_bf16()
+
+
 def rtab_frame(i: int) -> Path:
     return RTAB / f"{i}.jpg"
 

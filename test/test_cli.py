@@ -14,8 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from conftest import RTAB, rtab_frame
+from conftest import CPU_BF16, RTAB, rtab_frame
 
 PNV = str(Path(sys.executable).parent / "pnv")
 
@@ -202,9 +201,7 @@ def test_models_download_offline_fails_fast(tmp_path: Path) -> None:
 def test_bench_reports_costs(tmp_path: Path, random_ckpt: Path, fast: bool) -> None:
     out = tmp_path / "bench.json"
     frames = [str(rtab_frame(i)) for i in (1, 2)]
-    from pnv_ros.model.backbone import BlockedBackbone
-
-    bf16 = fast and BlockedBackbone.available(torch.bfloat16)  # elsewhere refused (test_extract), checked below
+    bf16 = fast and CPU_BF16  # elsewhere refused (test_extract), checked below
     extra = ["--fast-products", *(["--bf16"] if bf16 else [])] if fast else []
     if fast and not bf16:
         r = run("bench", "-q", "--checkpoint", str(random_ckpt), "--bf16", "--out", str(out), *frames)

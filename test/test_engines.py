@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CORRIDOR, REPO, rtab_frame
+from conftest import CORRIDOR, CPU_BF16, REPO, rtab_frame
 
 from pnv_ros.config import get_preset
 from pnv_ros.engines import (
@@ -36,12 +36,10 @@ from pnv_ros.engines import (
 )
 from pnv_ros.errors import ConfigError, FeaturesError, MapError
 from pnv_ros.extract import FeatureExtractor
-from pnv_ros.model.backbone import BlockedBackbone
 from pnv_ros.model.checkpoint import load_checkpoint
 from pnv_ros.model.registry import resolve_checkpoint
 
 IMAGES = [rtab_frame(i) for i in (1, 42)] + [CORRIDOR / "query" / "0000000.jpg"]
-CPU_BF16 = BlockedBackbone.available(torch.bfloat16)
 SMALL = dataclasses.replace(get_preset("speed"), image_height=96, image_width=128, patch_sizes=(3,), strides=(1,),
                             patch_weights=(1.0,))  # fmt: skip
 

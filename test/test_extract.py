@@ -3,7 +3,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_random_checkpoint, rtab_frame
+from conftest import CPU_BF16, make_random_checkpoint, rtab_frame
 from PIL import Image
 
 from pnv_ros.config import get_preset
@@ -129,10 +129,8 @@ def test_blocked_backbone_is_bit_identical(random_ckpt: Path, tmp_path: Path) ->
 
 def test_blocked_backbone_bf16_matches_autocast(random_ckpt: Path) -> None:
     """Under bfloat16 autocast the blocked path computes in bfloat16 as autocast does (rounding-level differences)."""
-    from pnv_ros.model.backbone import BlockedBackbone
-
     model, info = load_checkpoint(random_ckpt)
-    if not BlockedBackbone.available(torch.bfloat16):  # no bfloat16 here: refused, with the reason (not skipped)
+    if not CPU_BF16:  # no bfloat16 here: refused, with the reason (not skipped)
         with pytest.raises(EngineError, match="no bfloat16 instructions.*choose fp32"):
             FeatureExtractor(model, info, get_preset("speed"), device="cpu", bf16=True)
         return
@@ -149,11 +147,9 @@ def test_blocked_backbone_bf16_matches_autocast(random_ckpt: Path) -> None:
 def test_bfloat16_mode_keeps_pooling_in_float32(default_ckpt: Path) -> None:
     """bf16=True runs the backbone in bfloat16 only: patch VLADs are box sums of an
     integral image, which a bfloat16 integral turned to noise (median cosine 0.73)."""
-    from pnv_ros.model.backbone import BlockedBackbone
-
     model, info = load_checkpoint(default_ckpt)
     preset = get_preset("performance")
-    if not BlockedBackbone.available(torch.bfloat16):  # this CPU refuses bf16 (see the test below)
+    if not CPU_BF16:  # this CPU refuses bf16 (see the test below)
         with pytest.raises(EngineError, match="no bfloat16 instructions"):
             FeatureExtractor(model, info, preset, bf16=True)
         return

@@ -13,11 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from conftest import RTAB, rtab_frame
+from conftest import CPU_BF16, RTAB, rtab_frame
 from PIL import Image as PILImage
-
-from pnv_ros.model.backbone import BlockedBackbone
 
 rclpy = pytest.importorskip("rclpy")  # installed by scripts/setup.sh; CI fails loudly below if absent
 from pnv_ros.msg import Keyframe, LoopClosure, RelativePose  # noqa: E402
@@ -26,7 +23,6 @@ from sensor_msgs.msg import Image  # noqa: E402
 from std_msgs.msg import Header  # noqa: E402
 
 NODE = str(Path(sys.executable).parent / "loop_closure_node")
-CPU_BF16 = BlockedBackbone.available(torch.bfloat16)  # bfloat16:=true is refused without it (test_extract)
 G = np.load(RTAB.parent / "gt_matrix.npy")
 
 
