@@ -44,9 +44,9 @@ from eval_default_model import sets  # noqa: E402
 
 from pnv_ros.config import Matcher, get_preset, validate  # noqa: E402
 from pnv_ros.eval.ground_truth import GroundTruth, load_ground_truth, recall_at_n  # noqa: E402
-from pnv_ros.extract import image_identities, input_transform  # noqa: E402
+from pnv_ros.extract import input_transform  # noqa: E402
 from pnv_ros.features import PlaceFeatures  # noqa: E402
-from pnv_ros.images import load_image  # noqa: E402
+from pnv_ros.images import image_identities, load_image  # noqa: E402
 from pnv_ros.index import GlobalIndex  # noqa: E402
 from pnv_ros.matching import PatchMatcher  # noqa: E402
 from pnv_ros.model import dinov2_vlad as dv  # noqa: E402

@@ -57,9 +57,9 @@ from eval_default_model import sets  # noqa: E402
 from pnv_ros.config import get_preset  # noqa: E402
 from pnv_ros.engines import EngineError, check_engine, rounding_floor  # noqa: E402
 from pnv_ros.eval.ground_truth import GroundTruth, load_ground_truth, load_sequence_gt, recall_at_n  # noqa: E402
-from pnv_ros.extract import FeatureExtractor, image_identities  # noqa: E402
+from pnv_ros.extract import FeatureExtractor  # noqa: E402
 from pnv_ros.features import FeatureSet  # noqa: E402
-from pnv_ros.images import load_image  # noqa: E402
+from pnv_ros.images import image_identities, load_image  # noqa: E402
 from pnv_ros.model.checkpoint import load_checkpoint  # noqa: E402
 from pnv_ros.model.registry import resolve_checkpoint  # noqa: E402
 from pnv_ros.retrieval import two_stage  # noqa: E402

@@ -38,8 +38,9 @@ from pnv_ros import cli  # noqa: E402
 from pnv_ros.bench import stored_candidates  # noqa: E402
 from pnv_ros.config import get_preset  # noqa: E402
 from pnv_ros.eval.ground_truth import GroundTruth, load_ground_truth, recall_at_n  # noqa: E402
-from pnv_ros.extract import FeatureExtractor, image_identities  # noqa: E402
+from pnv_ros.extract import FeatureExtractor  # noqa: E402
 from pnv_ros.features import FeatureSet  # noqa: E402
+from pnv_ros.images import image_identities  # noqa: E402
 from pnv_ros.model.checkpoint import load_checkpoint  # noqa: E402
 from pnv_ros.model.registry import resolve_checkpoint  # noqa: E402
 from pnv_ros.retrieval import two_stage  # noqa: E402

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from pnv_ros.config import Preset, get_preset
+from pnv_ros.engines import supported_precisions
 from pnv_ros.eval.ground_truth import GroundTruth, load_ground_truth, recall_at_n
 from pnv_ros.extract import FeatureExtractor
 from pnv_ros.images import list_images
@@ -72,6 +73,9 @@ def main() -> None:
         "patch stride 2": Mode(dataclasses.replace(base, name="speed-s2", strides=(2,))),
         "top 10 candidates": Mode(base, top_n=10, reuse_baseline_features=True),
     }
+    if "bf16" not in supported_precisions("torch", "cpu"):  # refused there: oneDNN's reference path, ~400x slower
+        print("bfloat16 backbone: not run (this CPU has no bfloat16 instructions for oneDNN)", flush=True)
+        del modes["bfloat16 backbone"]
     if a.modes:
         keep = [m.strip() for m in a.modes.split(",")]
         modes = {k: v for i, (k, v) in enumerate(modes.items()) if i == 0 or any(m in k for m in keep)}

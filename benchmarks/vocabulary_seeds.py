@@ -38,9 +38,9 @@ from eval_default_model import scale_only, sets  # noqa: E402
 
 from pnv_ros.config import get_preset  # noqa: E402
 from pnv_ros.eval.ground_truth import GroundTruth, load_ground_truth, recall_at_n  # noqa: E402
-from pnv_ros.extract import FeatureExtractor, image_identities  # noqa: E402
+from pnv_ros.extract import FeatureExtractor  # noqa: E402
 from pnv_ros.features import FeatureSet  # noqa: E402
-from pnv_ros.images import list_images  # noqa: E402
+from pnv_ros.images import image_identities, list_images  # noqa: E402
 from pnv_ros.model import default_model as dm  # noqa: E402
 from pnv_ros.model import dinov2_vlad as dv  # noqa: E402
 from pnv_ros.model.checkpoint import file_sha256, load_checkpoint, save_checkpoint  # noqa: E402
@@ -74,22 +74,18 @@ class Rebuilder:
         bar.close()
 
     def build(self, seed: int, out: Path) -> Path:
-        """The builder's steps with ``seed`` in place of SEED (k-means, sampling, initialisation)."""
-        saved = dm.SEED
-        dm.SEED = seed  # read at call time by set_clusters and the fitting models' torch.manual_seed
-        try:
-            rng = np.random.default_rng(seed)
-            if self.family == "vgg16":
-                model = dm.vgg_fitting_model(self.encoder_state, dm.NUM_CLUSTERS)
-                state, _ = dm.vgg_fitted_state(self.encoder_state, model, self.maps, rng, dm.NUM_PCS)
-                save_checkpoint(state, out, dm.NUM_PCS)
-            else:
-                model = dv.fitting_model(self.encoder, dv.NUM_CLUSTERS, dv.LAYER, dv.FACET,
-                                         (dv.INPUT_HEIGHT, dv.INPUT_WIDTH))  # fmt: skip
-                final, _ = dv.fitted_model(model, self.maps, rng, dv.NUM_PCS)
-                dv.save_dinov2_vlad(final, out)
-        finally:
-            dm.SEED = saved
+        """The builder's fitting steps (build_default_model / build_dinov2_vlad after their backbone pass) with
+        ``seed`` for torch, the sampling and the k-means."""
+        rng = np.random.default_rng(seed)
+        if self.family == "vgg16":
+            model = dm.vgg_fitting_model(self.encoder_state, dm.NUM_CLUSTERS, seed)
+            state, _ = dm.vgg_fitted_state(self.encoder_state, model, self.maps, rng, dm.NUM_PCS, seed=seed)
+            save_checkpoint(state, out, dm.NUM_PCS)
+        else:
+            model = dv.fitting_model(self.encoder, dv.NUM_CLUSTERS, dv.LAYER, dv.FACET,
+                                     (dv.INPUT_HEIGHT, dv.INPUT_WIDTH), seed=seed)  # fmt: skip
+            final, _ = dv.fitted_model(model, self.maps, rng, dv.NUM_PCS, seed=seed)
+            dv.save_dinov2_vlad(final, out)
         return out
 
 
@@ -133,7 +129,8 @@ def write_md(res: dict, path: Path) -> None:
         + ", ".join(f"{k} {'same file' if v else 'DIFFERENT'}" for k, v in res["seed0_matches_cache"].items())
         + ").",
         "Recall@1 per seed; mean and standard deviation over the seeds. Top N = min(100, database). "
-        "Families without rows were not run (a run stopped part-way keeps the rows it printed: `--rows`).",
+        "Families without rows were not run. Each family can run alone (`--families`), and a run stopped part-way "
+        "keeps the rows it printed: `--rows` writes these pages from such printed rows.",
         "",
     ]
     sets_ = sorted({s for f in res["families"].values() for run in f for s in run["sets"]})
@@ -160,12 +157,16 @@ def main() -> None:
     ap.add_argument("--families", default=",".join(f for f, _, _ in FAMILIES))
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
     ap.add_argument("--docs", default=str(ROOT / "docs"))
-    ap.add_argument("--rows", default=None, help="only write the docs from the JSON lines a stopped run printed")
+    ap.add_argument(
+        "--rows",
+        default=None,
+        help="only write the docs from the JSON lines runs printed (one run per family, or a stopped run)",
+    )
     a = ap.parse_args()
     t0 = time.perf_counter()
-    if a.rows:  # a run stopped part-way: its printed rows are its results
+    if a.rows:  # runs of one family each, or a run stopped part-way: their printed rows are the results
         rows = [json.loads(ln) for ln in Path(a.rows).read_text().splitlines() if ln.strip()]
-        res = {"command": f".venv/bin/python benchmarks/vocabulary_seeds.py (stopped part-way; --rows {a.rows})",
+        res = {"command": f".venv/bin/python benchmarks/vocabulary_seeds.py --rows {a.rows}",
                "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "wall_s": 0.0,
                "machine": {"cpu": _cpu(), "threads": torch.get_num_threads()}, "families": {},
                "seed0_matches_cache": {}}  # fmt: skip
@@ -207,6 +208,7 @@ def _cpu() -> str:
 
 
 def _write(res: dict, docs: Path) -> None:
+    res = json.loads(json.dumps(res))  # Recall@N keys as the JSON has them ("1"), from a run or from --rows
     (docs / "vocabulary_seeds.json").write_text(json.dumps(res, indent=1))
     write_md(res, docs / "vocabulary_seeds.md")
     print((docs / "vocabulary_seeds.md").read_text())

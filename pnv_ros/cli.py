@@ -56,7 +56,7 @@ class Number:
     @classmethod
     def detector(cls, name: str) -> Number:
         """The range of a DetectorParams field (one source for the node, the library and the CLI)."""
-        from pnv_ros.detector import DetectorParams
+        from pnv_ros.config import DetectorParams
 
         lo, hi = DetectorParams.RANGES[name]
         return cls(type(lo), lo, hi)
@@ -91,11 +91,12 @@ def _preset(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 
 def _extractor(args: argparse.Namespace, preset):  # type: ignore[no-untyped-def]
-    from pnv_ros.extract import FeatureExtractor
-    from pnv_ros.model.checkpoint import load_checkpoint
     from pnv_ros.model.registry import resolve_checkpoint
 
-    path = resolve_checkpoint(args.checkpoint, announce=_say)
+    path = resolve_checkpoint(args.checkpoint, announce=_say)  # a missing model fails before torch loads
+    from pnv_ros.extract import FeatureExtractor
+    from pnv_ros.model.checkpoint import load_checkpoint
+
     model, info = load_checkpoint(path, device=args.device or "cpu")
     return FeatureExtractor(model, info, preset, device=args.device, bf16=args.bf16, bit_depth=args.bit_depth,
                             engine=args.engine, precision=args.precision, engine_file=args.engine_file,
@@ -155,8 +156,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    from pnv_ros.extract import image_identities
-    from pnv_ros.images import list_images
+    from pnv_ros.images import image_identities, list_images
     from pnv_ros.storage import check_output
 
     check_output(args.out, what="--out", inputs=args.images)
@@ -173,13 +173,14 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def cmd_match(args: argparse.Namespace) -> int:
+    from pnv_ros.storage import check_output, to_json, write_text_atomic
+
+    check_output(args.out, what="--out", inputs=[args.db, args.queries] + ([args.gt] if args.gt else []))
     from pnv_ros.config import load_preset
     from pnv_ros.eval.ground_truth import N_VALUES, load_ground_truth, recall_at_n
     from pnv_ros.features import FeatureSet
     from pnv_ros.retrieval import two_stage
-    from pnv_ros.storage import check_output, to_json, write_text_atomic
 
-    check_output(args.out, what="--out", inputs=[args.db, args.queries] + ([args.gt] if args.gt else []))
     db = FeatureSet.load(args.db)
     qs = FeatureSet.load(args.queries)
     preset = load_preset(args.preset or "speed", args.config) if (args.preset or args.config) else db.preset
@@ -231,13 +232,14 @@ def cmd_match(args: argparse.Namespace) -> int:
 def cmd_match_two(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from pnv_ros.images import load_image
-    from pnv_ros.matching import PatchMatcher
     from pnv_ros.storage import check_output
-    from pnv_ros.viz import match_image, save_png
 
     if args.out:
         check_output(args.out, what="--out", inputs=[args.image_a, args.image_b])
+    from pnv_ros.images import load_image
+    from pnv_ros.matching import PatchMatcher
+    from pnv_ros.viz import match_image, save_png
+
     ex = _extractor(args, _preset(args))
     preset = ex.preset  # the model's: a DINOv2 model brings its backbone and input size
     a, b = ex.extract([args.image_a, args.image_b])
@@ -472,10 +474,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import tempfile
 
     from pnv_ros.bags import BagReader
-    from pnv_ros.detector import DetectorParams
+    from pnv_ros.config import DetectorParams
     from pnv_ros.eval.ground_truth import load_sequence_gt
-    from pnv_ros.eval.replay import replay_in_process, replay_through_node
-    from pnv_ros.eval.report import write_run
     from pnv_ros.storage import check_output
 
     out = Path(args.out)
@@ -489,6 +489,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         n_frames, topic = r.count, r.topic
     positives = load_sequence_gt(args.gt, n_frames, radius=args.gt_radius, min_gap_s=args.gt_min_gap,
                                  positives_as=args.gt_positives, index_base=args.gt_index_base)  # fmt: skip
+    from pnv_ros.eval.replay import replay_in_process, replay_through_node  # torch: after the input checks
+    from pnv_ros.eval.report import write_run
+
     optional = {"exclude_recent_keyframes": args.exclude_recent_keyframes, "min_travel_m": args.min_travel,
                 "min_visual_change": args.min_visual_change}  # fmt: skip
     params = DetectorParams(top_n=args.top_n, matcher=args.matcher or "", min_score=args.threshold,
@@ -560,11 +563,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from pnv_ros.bench import run_bench
     from pnv_ros.images import list_images
     from pnv_ros.storage import check_output, to_json, write_text_atomic
 
     check_output(args.out, what="--out", inputs=args.images)
+    from pnv_ros.bench import run_bench
+
     ex = _extractor(args, _preset(args))
     preset = ex.preset
     res = run_bench(ex, list_images(args.images), top_n=args.top_n, repeats=args.repeats, exact=not args.fast_products)
@@ -579,7 +583,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pnv_ros.engines import ENGINES, PRECISIONS
+    from pnv_ros.config import ENGINES, PRECISIONS
 
     p = argparse.ArgumentParser(
         prog="pnv",

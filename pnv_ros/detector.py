@@ -33,18 +33,16 @@ extraction + :meth:`commit` where the caller extracts):
 
 from __future__ import annotations
 
-import numbers
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from pnv_ros.config import Matcher, Preset
-from pnv_ros.errors import ConfigError
+from pnv_ros.config import DetectorParams, Matcher, Preset
 from pnv_ros.extract import FeatureExtractor
 from pnv_ros.features import PlaceFeatures, patch_keypoints, to_image_pixels
 from pnv_ros.geometry import RelativePose, relative_pose
@@ -56,80 +54,6 @@ from pnv_ros.place_map import PlaceMap
 #: further back it is a clock jump (new session segment). 1 s: well above the reordering
 #: of multi-threaded camera drivers, well below any clock reset or bag loop.
 OUT_OF_ORDER_S = 1.0
-
-
-@dataclass(frozen=True)
-class DetectorParams:
-    """Loop-closure settings (the node's parameters of the same names). Validated on creation.
-
-    Attributes:
-        top_n: candidates retrieved and re-ranked per keyframe (1..1000).
-        matcher: override of the preset's matcher ('' keeps the preset's; 'ransac' or 'rapid').
-        min_score: accept when the absolute score (0..1) is at least this. 0.12: precision 1.0 on
-            the RTAB-Map loop with the default model (README), a starting point for other data.
-        exclude_recent_s: keyframes newer than this (seconds, session clock) are never candidates.
-        exclude_recent_keyframes: the last this-many keyframes of this run are never candidates
-            (sparse keyframes: time alone would let the previous one or two in).
-        min_interval_s: minimum time between keyframes.
-        min_travel_m: with odometry, minimum travel since the last keyframe (or min_rotation_rad).
-        min_rotation_rad: with odometry, minimum turn since the last keyframe (or min_travel_m).
-        min_visual_change: without odometry, minimum :func:`visual_change` (0..1) since the last
-            keyframe; 0 = every frame is a keyframe. 0.2: on the RTAB-Map loop, consecutive frames
-            of a walk 1 s apart change by 0.36 or more; the same view with pixel noise of
-            sigma 20, a 6 px shake or a 30 % exposure change by 0.12 at most
-            (benchmarks/visual_change.py).
-        min_texture: a frame whose 32x24 grey thumbnail has a standard deviation (grey levels, 0..255)
-            below this is never a keyframe: two black, white or lens-capped frames scored 0.136 as a
-            loop, above min_score. 4.0: flat frames with sensor noise (sigma 8) measure 0.5 at most;
-            the least textured RTAB-Map frames (a blank wall up close) 21.8; the corridor set 52.
-        temporal_k: accept only when k consecutive keyframes match consistently (1 = off).
-        temporal_tolerance: how many keyframe ids consecutive best matches may move and still
-            count as consistent.
-        fast_products: re-rank with oneDNN's similarity products on a CPU (faster; float32-rounding
-            differences from the reference can flip near-tied matches; see PatchMatcher).
-    """
-
-    top_n: int = 20
-    matcher: str = ""
-    min_score: float = 0.12
-    exclude_recent_s: float = 10.0
-    exclude_recent_keyframes: int = 10
-    min_interval_s: float = 0.0
-    min_travel_m: float = 0.5
-    min_rotation_rad: float = 0.35
-    min_visual_change: float = 0.2
-    min_texture: float = 4.0
-    temporal_k: int = 1
-    temporal_tolerance: int = 3
-    fast_products: bool = False
-
-    #: (low, high) of each numeric field, inclusive: the node's parameter ranges too.
-    RANGES = {
-        "top_n": (1, 1000), "min_score": (0.0, 1.0), "exclude_recent_s": (0.0, 1e7),
-        "exclude_recent_keyframes": (0, 100000), "min_interval_s": (0.0, 3600.0), "min_travel_m": (0.0, 1e4),
-        "min_rotation_rad": (0.0, 7.0), "min_visual_change": (0.0, 1.0), "min_texture": (0.0, 128.0),
-        "temporal_k": (1, 20), "temporal_tolerance": (0, 1000),
-    }  # fmt: skip
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if f.name in self.RANGES:
-                lo, hi = self.RANGES[f.name]
-                if isinstance(v, bool) or not isinstance(v, numbers.Real) or not lo <= v <= hi:
-                    raise ConfigError(f"{f.name} = {v!r}: must be a number from {lo} to {hi}")
-                if isinstance(lo, int) and not isinstance(v, numbers.Integral):
-                    raise ConfigError(f"{f.name} = {v!r}: must be a whole number")
-                object.__setattr__(self, f.name, int(v) if isinstance(lo, int) else float(v))  # numpy scalars too
-        if self.matcher:
-            Matcher.parse(self.matcher)
-
-    def replace(self, **changes: object) -> DetectorParams:
-        """A validated copy with some fields changed; unknown names are a ConfigError."""
-        unknown = set(changes) - {f.name for f in fields(self)}
-        if unknown:
-            raise ConfigError(f"unknown detector parameter(s) {sorted(unknown)}")
-        return replace(self, **changes)  # type: ignore[arg-type]
 
 
 @dataclass

@@ -58,10 +58,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from pnv_ros.config import ENGINES, PRECISIONS
 from pnv_ros.errors import EngineError
 
-ENGINES = ("torch", "onnxruntime", "openvino", "tensorrt")
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 #: calibration images for int8: how many, and the seed of their choice from the corridor set's ref images
 CALIBRATION_IMAGES = 32
 CALIBRATION_SEED = 0

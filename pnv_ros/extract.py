@@ -18,9 +18,8 @@ from torchvision import transforms
 
 from pnv_ros.config import Preset
 from pnv_ros.engines import EngineError, load_engine, variant
-from pnv_ros.errors import ImageError
 from pnv_ros.features import FeatureSet, PlaceFeatures
-from pnv_ros.images import ImageSource, load_image
+from pnv_ros.images import ImageSource, image_identities, load_image
 from pnv_ros.model.backbone import BlockedBackbone
 from pnv_ros.model.checkpoint import ModelInfo
 from pnv_ros.model.netvlad import PatchNetVLADModel
@@ -225,26 +224,3 @@ class FeatureExtractor:
             it = tqdm(it, total=len(paths), desc="extract", unit="img")
         places = list(it)
         return FeatureSet.from_places(names, places, self.preset, self.info.identity)
-
-
-def image_identities(paths: Sequence[str | Path]) -> list[str]:
-    """Unique names of image files: each path relative to the deepest folder holding them all,
-    POSIX separators, suffix kept.
-
-    ``pnv extract images/`` names ``1.jpg, 2.jpg, ...``; ``pnv extract ref/ query/`` names
-    ``ref/1.jpg, query/1.jpg, ...``, so files that share a name in different folders stay apart
-    and results say which one was retrieved. The same file given twice is an ImageError.
-    """
-    import os
-
-    absolute = [os.path.abspath(p) for p in paths]
-    if not absolute:
-        return []
-    base = os.path.commonpath([os.path.dirname(a) for a in absolute])
-    names = [Path(os.path.relpath(a, base)).as_posix() for a in absolute]
-    seen: dict[str, int] = {}
-    for i, n in enumerate(names):
-        if n in seen:
-            raise ImageError(f"{paths[i]} is given twice (as {paths[seen[n]]} too): each image once")
-        seen[n] = i
-    return names

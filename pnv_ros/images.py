@@ -38,6 +38,7 @@ import io
 import re
 import struct
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Union
 
@@ -353,3 +354,26 @@ def list_images(inputs: list[str | Path]) -> list[Path]:
     if not out:
         raise ImageError("no images given")
     return out
+
+
+def image_identities(paths: Sequence[str | Path]) -> list[str]:
+    """Unique names of image files: each path relative to the deepest folder holding them all,
+    POSIX separators, suffix kept.
+
+    ``pnv extract images/`` names ``1.jpg, 2.jpg, ...``; ``pnv extract ref/ query/`` names
+    ``ref/1.jpg, query/1.jpg, ...``, so files that share a name in different folders stay apart
+    and results say which one was retrieved. The same file given twice is an ImageError.
+    """
+    import os
+
+    absolute = [os.path.abspath(p) for p in paths]
+    if not absolute:
+        return []
+    base = os.path.commonpath([os.path.dirname(a) for a in absolute])
+    names = [Path(os.path.relpath(a, base)).as_posix() for a in absolute]
+    seen: dict[str, int] = {}
+    for i, n in enumerate(names):
+        if n in seen:
+            raise ImageError(f"{paths[i]} is given twice (as {paths[seen[n]]} too): each image once")
+        seen[n] = i
+    return names

@@ -11,6 +11,7 @@ are stored, not deflated), so a loaded map costs page cache, not RAM.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -94,6 +95,15 @@ class NpzWriter:
             Path(self._tmp).unlink(missing_ok=True)
         if isinstance(exc, OSError) and not isinstance(exc, PnvError):  # a write inside the block failed
             raise _write_error(self.path, exc) from exc
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _write_error(path: Path, e: OSError) -> OutputError:

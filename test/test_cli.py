@@ -33,6 +33,25 @@ def test_help_documents_commands() -> None:
     assert "--gt" in r.stdout and "--top-n" in r.stdout and "--matcher" in r.stdout
 
 
+def test_help_listing_and_input_errors_answer_without_torch(tmp_path: Path) -> None:
+    """Importing torch and torchvision costs 5-10 s on a 2-core CPU: --help, `models list` and a mistake in the
+    arguments are answered before it (the commands import their heavy parts after checking their inputs)."""
+    folder = tmp_path / "a_folder"
+    folder.mkdir()
+    frame, missing = str(rtab_frame(1)), str(tmp_path / "missing")
+    probe = ("import sys\nfrom pnv_ros.cli import main\ntry:\n    rc = main(sys.argv[1:])\nexcept SystemExit as e:\n"
+             "    rc = e.code\nprint('rc', rc, 'torch' in sys.modules)")  # fmt: skip
+    cases = [(["--help"], 0), (["extract", "--help"], 0), (["models", "list"], 0),
+             (["extract", "--out", str(folder), frame], 1), (["extract", "--checkpoint", missing, "--out",
+              str(tmp_path / "x.npz"), frame], 1), (["match", "--db", missing, "--queries", missing, "--out",
+              str(folder)], 1), (["match-two", frame, frame, "--out", str(folder)], 1),
+             (["bench", frame, "--out", str(folder)], 1), (["eval", missing, "--gt", missing, "--out",
+              str(tmp_path / "run")], 1), (["extract", "--top-n", "0", frame], 2)]  # fmt: skip
+    for args, rc in cases:
+        r = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=120)
+        assert r.stdout.splitlines()[-1] == f"rc {rc} False", (args, r.stdout[-500:], r.stderr[-1000:])
+
+
 def test_user_errors_are_one_line(tmp_path: Path, random_ckpt: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -8,7 +8,6 @@ nothing but tensors and plain containers is ever unpickled.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ import torch
 from pnv_ros.errors import CheckpointError
 from pnv_ros.model.backbone import CONV_INDICES, ENCODER_DIM
 from pnv_ros.model.netvlad import PatchNetVLADModel
+from pnv_ros.storage import file_sha256  # noqa: F401  (re-exported: the name callers import from here)
 
 #: (in, out) channels of each VGG-16 convolution, in CONV_INDICES order.
 _VGG_CHANNELS = (
@@ -52,15 +52,6 @@ class ModelInfo:
     def identity(self) -> str:
         """Short id stored in features and map files: name, dimension, hash prefix."""
         return f"{Path(self.path).name}:{self.dim}:{self.sha256[:12]}"
-
-
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _strip_wrappers(state: dict[str, Any]) -> dict[str, Any]:

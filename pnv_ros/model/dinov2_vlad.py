@@ -175,12 +175,14 @@ def fit_tensor(source: Any, height: int, width: int) -> torch.Tensor:
 
 
 def fitting_model(encoder: DinoV2ViTS14, num_clusters: int, layer: int, facet: str,
-                  input_size: tuple[int, int], global_weight: float = GLOBAL_WEIGHT) -> DinoVLADModel:  # fmt: skip
+                  input_size: tuple[int, int], global_weight: float = GLOBAL_WEIGHT,
+                  seed: int | None = None) -> DinoVLADModel:  # fmt: skip
     """A model to fit: ``encoder`` (kept, not copied), its layer, facet, input size and re-ranking global
-    weight, ``num_clusters`` words, no WPCA yet (seeded as every build is), in eval mode."""
+    weight, ``num_clusters`` words, no WPCA yet (torch seeded with ``seed``, default ``default_model.SEED``,
+    as every build is), in eval mode."""
     from pnv_ros.model.default_model import SEED
 
-    torch.manual_seed(SEED)
+    torch.manual_seed(SEED if seed is None else seed)
     model = DinoVLADModel(num_clusters, 0, layer, facet, input_size, global_weight)
     model.encoder = encoder
     return model.eval()
@@ -223,22 +225,26 @@ def build_dinov2_vlad(
     num_clusters: int = NUM_CLUSTERS,
     num_pcs: int = NUM_PCS,
     progress: Callable[[str, int, int], None] | None = None,
+    seed: int | None = None,
 ) -> Path:
     """Build a dinov2_vlad model file offline: the ViT from the pinned wheel (hash-checked), the
     vocabulary (k-means, seeded) and whitening PCA fitted on ``fit_images`` (the generic model: the
     repository's fitting set; AnyLoc's advice: the robot's own map images). The same inputs give
-    the same file on the same CPU (see ``default_model``: not across CPUs). Writes ``out`` and a
-    metadata JSON beside it; returns ``out``."""
+    the same file on the same CPU (see ``default_model``: not across CPUs). ``seed`` (default
+    ``default_model.SEED``) seeds torch, the sampling and the k-means. Writes ``out`` and a metadata JSON
+    beside it; returns ``out``."""
     from pnv_ros.model.default_model import SEED, backbone_maps
+
+    seed = SEED if seed is None else seed
 
     paths = list(fit_images)
     if len(paths) < 10:
         raise CheckpointError(f"need at least 10 fitting images, got {len(paths)}")
     onnx_path = fetch_dinov2_onnx(cache_dir)
-    model = fitting_model(DinoV2ViTS14.from_onnx(onnx_path), num_clusters, layer, facet, input_size)
-    rng = np.random.default_rng(SEED)
+    model = fitting_model(DinoV2ViTS14.from_onnx(onnx_path), num_clusters, layer, facet, input_size, seed=seed)
+    rng = np.random.default_rng(seed)
     maps = backbone_maps(model, paths, lambda p: fit_tensor(p, *input_size), total=len(paths), progress=progress)
-    final, fit = fitted_model(model, maps, rng, num_pcs, progress=progress)
+    final, fit = fitted_model(model, maps, rng, num_pcs, progress=progress, seed=seed)
     save_dinov2_vlad(final, out)
     from pnv_ros.model.checkpoint import file_sha256
 
@@ -252,7 +258,7 @@ def build_dinov2_vlad(
             "wheel_sha256": WHEEL_SHA256, "onnx_sha256": ONNX_SHA256,
         },
         "features": model.config(),
-        "fitting": {"set": fit_set_name, "images": len(paths), "kmeans": {"k": num_clusters, "seed": SEED,
+        "fitting": {"set": fit_set_name, "images": len(paths), "kmeans": {"k": num_clusters, "seed": seed,
                     "descriptors": int(fit.descs.shape[0])},
                     "pca": {"dim": num_pcs, "samples": int(sum(v.shape[0] for v in fit.vecs)),
                             "patch_sizes": list(PCA_PATCH_SIZES)}},

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pnv_ros.errors import CheckpointError, DownloadError
-from pnv_ros.model.checkpoint import file_sha256, read_state_dict
+from pnv_ros.storage import file_sha256
 
 HF_REPO = "TobiasRobotics/Patch-NetVLAD"
 DEFAULT_BASE_URL = "https://huggingface.co"
@@ -193,6 +193,8 @@ def download(name: str, dest_dir: Path | None = None, progress: bool = True) -> 
             f"{model.filename}: checksum mismatch (got {got[:16]}..., expected {sha[:16]}...): removed, try again"
         )
     try:
+        from pnv_ros.model.checkpoint import read_state_dict
+
         _, _, dim, _ = read_state_dict(part)
     except CheckpointError as e:
         part.unlink(missing_ok=True)

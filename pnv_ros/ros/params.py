@@ -12,8 +12,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from pnv_ros.detector import DetectorParams
-from pnv_ros.engines import ENGINES, PRECISIONS
+from pnv_ros.config import ENGINES, PRECISIONS, DetectorParams
 from pnv_ros.errors import ConfigError
 
 #: QoS choices for the inputs. sensor_data = best effort, volatile, keep last (what camera drivers
