@@ -41,12 +41,18 @@ def test_help_listing_and_input_errors_answer_without_torch(tmp_path: Path) -> N
     frame, missing = str(rtab_frame(1)), str(tmp_path / "missing")
     probe = ("import sys\nfrom pnv_ros.cli import main\ntry:\n    rc = main(sys.argv[1:])\nexcept SystemExit as e:\n"
              "    rc = e.code\nprint('rc', rc, 'torch' in sys.modules)")  # fmt: skip
-    cases = [(["--help"], 0), (["extract", "--help"], 0), (["models", "list"], 0),
-             (["extract", "--out", str(folder), frame], 1), (["extract", "--checkpoint", missing, "--out",
-              str(tmp_path / "x.npz"), frame], 1), (["match", "--db", missing, "--queries", missing, "--out",
-              str(folder)], 1), (["match-two", frame, frame, "--out", str(folder)], 1),
-             (["bench", frame, "--out", str(folder)], 1), (["eval", missing, "--gt", missing, "--out",
-              str(tmp_path / "run")], 1), (["extract", "--top-n", "0", frame], 2)]  # fmt: skip
+    cases = [
+        (["--help"], 0),
+        (["extract", "--help"], 0),
+        (["models", "list"], 0),
+        (["extract", "--out", str(folder), frame], 1),
+        (["extract", "--checkpoint", missing, "--out", str(tmp_path / "x.npz"), frame], 1),
+        (["match", "--db", missing, "--queries", missing, "--out", str(folder)], 1),
+        (["match-two", frame, frame, "--out", str(folder)], 1),
+        (["bench", frame, "--out", str(folder)], 1),
+        (["eval", missing, "--gt", missing, "--out", str(tmp_path / "run")], 1),
+        (["match", "--db", missing, "--queries", missing, "--top-n", "0"], 2),
+    ]
     for args, rc in cases:
         r = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=120)
         assert r.stdout.splitlines()[-1] == f"rc {rc} False", (args, r.stdout[-500:], r.stderr[-1000:])
