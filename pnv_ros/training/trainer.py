@@ -32,7 +32,6 @@ What differs, and why:
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import math
 import time
@@ -50,6 +49,7 @@ from torch import nn
 from pnv_ros.errors import CheckpointError, ConfigError
 from pnv_ros.model.checkpoint import read_raw
 from pnv_ros.model.netvlad import PatchNetVLADModel, vlad_normalise
+from pnv_ros.storage import utc_now
 from pnv_ros.training.datasets import TrainingSet
 from pnv_ros.training.feature_cache import FeatureCache, trainable_head
 
@@ -328,10 +328,6 @@ def load_training_checkpoint(path: Path) -> dict[str, Any]:
     return ckpt
 
 
-def now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
 def elapsed(t0: float) -> float:
     return round(time.perf_counter() - t0, 2)
 
@@ -583,7 +579,7 @@ def train_model(
         log(f"{len(cache.errors)} of {len(cache)} images cannot be used and are left out; "
             f"the first: {next(iter(cache.errors.values()))}")  # fmt: skip
     trainer = Trainer(model, cache, train_set, val_set, cfg, device)
-    run = ckpt["pnv_train"]["run"] if ckpt is not None else f"{data_key}-{labels}-{now()}"
+    run = ckpt["pnv_train"]["run"] if ckpt is not None else f"{data_key}-{labels}-{utc_now()}"
     meta = {"init": init_record, "data_key": data_key, "labels": labels, "data": data.source, "device": device,
             "dinov2": dinov2, "run": run}  # fmt: skip
     work.mkdir(parents=True, exist_ok=True)
@@ -666,7 +662,7 @@ def train_model(
     meta_out = {
         "model": out.name, "family": "dinov2_vlad" if dinov2 else "netvlad_vgg16", "sha256": file_sha256(out),
         "dim": cfg.dims,
-        "num_clusters": model.pool.num_clusters, "built": now(),
+        "num_clusters": model.pool.num_clusters, "built": utc_now(),
         "trained": {"init": init_record, "data": data.source, "config": asdict(cfg), "best_epoch": st.best_epoch,
                     "best_validation_recall_at_5": st.best_score, "epochs_run": st.epoch,
                     "training_queries": len(trainer.train_set.queries), "validation_queries":
