@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from pnv_ros.errors import CheckpointError
+from pnv_ros.model.default_model import SEED, backbone_maps, fit_vocabulary
 from pnv_ros.model.dinov2 import (
     DIM,
     FACETS,
@@ -176,13 +177,11 @@ def fit_tensor(source: Any, height: int, width: int) -> torch.Tensor:
 
 def fitting_model(encoder: DinoV2ViTS14, num_clusters: int, layer: int, facet: str,
                   input_size: tuple[int, int], global_weight: float = GLOBAL_WEIGHT,
-                  seed: int | None = None) -> DinoVLADModel:  # fmt: skip
+                  seed: int = SEED) -> DinoVLADModel:  # fmt: skip
     """A model to fit: ``encoder`` (kept, not copied), its layer, facet, input size and re-ranking global
-    weight, ``num_clusters`` words, no WPCA yet (torch seeded with ``seed``, default ``default_model.SEED``,
-    as every build is), in eval mode."""
-    from pnv_ros.model.default_model import SEED
-
-    torch.manual_seed(SEED if seed is None else seed)
+    weight, ``num_clusters`` words, no WPCA yet (torch seeded with ``seed`` first, as every
+    build is), in eval mode."""
+    torch.manual_seed(seed)
     model = DinoVLADModel(num_clusters, 0, layer, facet, input_size, global_weight)
     model.encoder = encoder
     return model.eval()
@@ -200,8 +199,6 @@ def fitted_model(
     """Fit ``model``'s vocabulary and WPCA on its token maps (``default_model.fit_vocabulary`` with this
     family's sampling; ``fit_options``: its ``fit_clusters``, ``patches_per_image``); the finished model
     (``num_pcs`` dimensions) and the ``VocabularyFit``."""
-    from pnv_ros.model.default_model import fit_vocabulary
-
     k = model.pool.num_clusters
     fit = fit_vocabulary(model, maps, rng, k, num_pcs, descs_per_image=DESCS_PER_IMAGE,
                          patch_sizes=PCA_PATCH_SIZES, progress=progress, **fit_options)  # fmt: skip
@@ -225,18 +222,13 @@ def build_dinov2_vlad(
     num_clusters: int = NUM_CLUSTERS,
     num_pcs: int = NUM_PCS,
     progress: Callable[[str, int, int], None] | None = None,
-    seed: int | None = None,
+    seed: int = SEED,
 ) -> Path:
     """Build a dinov2_vlad model file offline: the ViT from the pinned wheel (hash-checked), the
     vocabulary (k-means, seeded) and whitening PCA fitted on ``fit_images`` (the generic model: the
     repository's fitting set; AnyLoc's advice: the robot's own map images). The same inputs give
-    the same file on the same CPU (see ``default_model``: not across CPUs). ``seed`` (default
-    ``default_model.SEED``) seeds torch, the sampling and the k-means. Writes ``out`` and a metadata JSON
-    beside it; returns ``out``."""
-    from pnv_ros.model.default_model import SEED, backbone_maps
-
-    seed = SEED if seed is None else seed
-
+    the same file on the same CPU (see ``default_model``: not across CPUs). ``seed`` seeds torch, the
+    sampling and the k-means. Writes ``out`` and a metadata JSON beside it; returns ``out``."""
     paths = list(fit_images)
     if len(paths) < 10:
         raise CheckpointError(f"need at least 10 fitting images, got {len(paths)}")
