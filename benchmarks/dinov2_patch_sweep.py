@@ -28,7 +28,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see dinov2_backbone.py: b
 
 import argparse
 import dataclasses
-import datetime as dt
 import itertools
 import json
 import sys
@@ -52,6 +51,7 @@ from pnv_ros.matching import PatchMatcher  # noqa: E402
 from pnv_ros.model import dinov2_vlad as dv  # noqa: E402
 from pnv_ros.model.default_model import SEED, fit_vocabulary  # noqa: E402
 from pnv_ros.model.dinov2 import load_dinov2  # noqa: E402
+from pnv_ros.storage import utc_now  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = (8, 9, 10)
@@ -265,7 +265,7 @@ def main() -> None:
                                  "windows": [2, 5, 8], "matcher": "ransac", "top_n": min(a.ransac_top, n_db), **r})  # fmt: skip
                     tqdm.write(json.dumps(rows[-1]))
             out = Path(a.docs) / "dinov2_patch_sweep.json"
-            out.write_text(json.dumps({"generated": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            out.write_text(json.dumps({"generated": utc_now(),
                                        "wall_s": round(time.time() - t0), "rows": rows}, indent=1))  # fmt: skip
             write_md([json.loads(out.read_text())], Path(a.docs) / "dinov2_patch_sweep.md")
 

@@ -41,7 +41,6 @@ os.environ.setdefault("ROS_LOG_DIR", str(ROOT / "out" / "ros_logs"))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle threads sleep: the machine is shared
 
 import argparse  # noqa: E402
-import datetime as dt  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
@@ -63,6 +62,7 @@ from pnv_ros.images import image_identities, load_image  # noqa: E402
 from pnv_ros.model.checkpoint import load_checkpoint  # noqa: E402
 from pnv_ros.model.registry import resolve_checkpoint  # noqa: E402
 from pnv_ros.retrieval import two_stage  # noqa: E402
+from pnv_ros.storage import utc_now  # noqa: E402
 
 #: (engine, precision) run by default, in this order (the first is the reference)
 DEFAULT_ENGINES = ("torch:fp32", "onnxruntime:fp32", "openvino:fp32", "onnxruntime:int8", "openvino:int8")
@@ -531,7 +531,7 @@ def main() -> None:
     ref = exs[REFERENCE]
     res: dict = {"command": " ".join(["OMP_WAIT_POLICY=PASSIVE .venv/bin/python",
                                       os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]),
-                 "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
+                 "date": utc_now(), "machine": machine(),
                  "model": info.identity, "checkpoint": str(ck), "engines": runnable,
                  "input": f"{ref.preset.image_width}x{ref.preset.image_height}", "top_n": a.top_n,
                  "engine_files": {k: ex.backend.describe() if ex.backend else "torch" for k, ex in exs.items()}}  # fmt: skip

@@ -18,7 +18,6 @@ Writes docs/model_families.json, .md and .png (``--docs``); bags and runs under 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import platform
@@ -44,6 +43,7 @@ from pnv_ros.images import image_identities  # noqa: E402
 from pnv_ros.model.checkpoint import load_checkpoint  # noqa: E402
 from pnv_ros.model.registry import resolve_checkpoint  # noqa: E402
 from pnv_ros.retrieval import two_stage  # noqa: E402
+from pnv_ros.storage import utc_now  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 #: (key, label, --checkpoint value: None = the VGG-16 default)
@@ -351,7 +351,7 @@ def main() -> None:
     os.environ.setdefault("PNV_DEBUG", "1")  # a library error in pnv eval shows its traceback
     t0 = time.perf_counter()
     res: dict = {"command": ".venv/bin/python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
-                 "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
+                 "date": utc_now(), "machine": machine(),
                  "models": {}}  # fmt: skip
     models = {}
     for k, _, ck in MODELS:

@@ -20,7 +20,6 @@ Writes ``docs/node_load.md`` and ``out/node_load.json``.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import platform
@@ -46,6 +45,7 @@ from sensor_msgs.msg import Image  # noqa: E402
 from std_msgs.msg import Header  # noqa: E402
 
 from pnv_ros.ros.conversions import array_to_image, ns_to_stamp, stamp_to_ns  # noqa: E402
+from pnv_ros.storage import utc_now  # noqa: E402
 
 FRAMES = REPO / "data" / "rtabmap_samples_loop84" / "images"
 #: How the node process picks its executor: the reference is rclpy's own class, unchanged.
@@ -192,7 +192,7 @@ def main() -> None:
     robot.stop.set()
     robot.ex.shutdown()
     rclpy.shutdown()
-    when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    when = utc_now()
     (REPO / "out").mkdir(exist_ok=True)
     (REPO / "out" / "node_load.json").write_text(json.dumps({"when": when, "results": results}, indent=1))
     ref, new = results["rclpy"], results["pnv"]

@@ -21,7 +21,6 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
-import datetime as dt
 import json
 import platform
 import sys
@@ -47,6 +46,7 @@ from pnv_ros.model.checkpoint import file_sha256, load_checkpoint, save_checkpoi
 from pnv_ros.model.dinov2 import DinoV2ViTS14, fetch_dinov2_onnx  # noqa: E402
 from pnv_ros.model.registry import default_checkpoint_path, resolve_checkpoint  # noqa: E402
 from pnv_ros.retrieval import two_stage  # noqa: E402
+from pnv_ros.storage import utc_now  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = (("vgg16", "VGG-16 default", None), ("dinov2_vlad", "DINOv2 VLAD", "dinov2_vlad"))
@@ -167,7 +167,7 @@ def main() -> None:
     if a.rows:  # runs of one family each, or a run stopped part-way: their printed rows are the results
         rows = [json.loads(ln) for ln in Path(a.rows).read_text().splitlines() if ln.strip()]
         res = {"command": f".venv/bin/python benchmarks/vocabulary_seeds.py --rows {a.rows}",
-               "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "wall_s": 0.0,
+               "date": utc_now(), "wall_s": 0.0,
                "machine": {"cpu": _cpu(), "threads": torch.get_num_threads()}, "families": {},
                "seed0_matches_cache": {}}  # fmt: skip
         for r in rows:
@@ -181,7 +181,7 @@ def main() -> None:
     data_sets = [s for s in sets(Path(a.data)) if any(s[0].startswith(p) for p in a.sets.split(","))]
     fit_images = list_images(dm.find_fitting_set())  # as `pnv models build(-default)` lists them
     res: dict = {"command": ".venv/bin/python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
-                 "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                 "date": utc_now(),
                  "machine": {"cpu": _cpu(), "threads": torch.get_num_threads()}, "families": {},
                  "seed0_matches_cache": {}}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
