@@ -90,3 +90,17 @@ def rtab_features(default_extractor) -> list:
     """PlaceFeatures of RTAB-Map frames 1..84 (list index i = frame i + 1), default model, speed
     preset, CPU: extracted once per session (about a minute) for the tests marked slow."""
     return default_extractor.extract([rtab_frame(i) for i in range(1, 85)])
+
+
+@pytest.fixture(scope="session")
+def rtab_lap1_map(default_extractor, rtab_features: list, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The first lap (RTAB-Map frames 1..40, one a second: stamps 1..40 s, keyframe ids 0..39) as a saved map,
+    made by the library's detector with the default model and speed preset (the node's defaults)."""
+    from pnv_ros.detector import DetectorParams, LoopClosureDetector
+
+    lap1 = LoopClosureDetector(default_extractor, DetectorParams(exclude_recent_s=1e6))  # map only: no loops
+    for i in range(40):
+        assert lap1.process(rtab_features[i], (i + 1) * 10**9).keyframe_id == i
+    path = tmp_path_factory.mktemp("lap1") / "lap1.npz"
+    assert lap1.save_map(path) == 40
+    return path
