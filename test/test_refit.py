@@ -228,6 +228,10 @@ def test_dinov2_refit_keeps_layer_facet_input_and_is_reproducible(dinov2_ckpt: P
     again = refit.refit_model(dinov2_ckpt, refit.folder_images([imgs]), tmp_path / "again.pth.tar",
                               num_clusters=16, num_pcs=32)  # fmt: skip
     assert again.read_bytes() == out.read_bytes()
+    other = refit.refit_model(dinov2_ckpt, refit.folder_images([imgs]), tmp_path / "other.pth.tar",
+                              num_clusters=16, num_pcs=32, seed=1)  # fmt: skip
+    assert other.read_bytes() != out.read_bytes() and meta_of(other)["fitting"]["kmeans"]["seed"] == 1
+    assert m["fitting"]["kmeans"]["seed"] == 0  # the default: the builders' seed
     r = run("extract", "--checkpoint", str(out), "--out", str(tmp_path / "f.npz"), "-q", str(rtab_frame(5)))
     assert r.returncode == 0, r.stderr
     fs = FeatureSet.load(tmp_path / "f.npz")

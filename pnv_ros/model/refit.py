@@ -200,6 +200,7 @@ def refit_model(
     source: dict[str, Any] | None = None,
     keep_vocabulary: bool = False,
     patches_per_image: int | None = None,
+    seed: int | None = None,
 ) -> Path:
     """Refit the vocabulary and whitening PCA of the model file ``checkpoint`` on ``images`` and write the
     result to ``out`` (same family and format; metadata JSON beside it, see :func:`metadata_path`).
@@ -213,7 +214,8 @@ def refit_model(
     keep_vocabulary: keep the model's NetVLAD layer and fit only the whitening PCA (``pnv add-pca``, the
     authors' ``add_pca.py``): from the images the default model was built on, the default model's WPCA comes
     back bit for bit. patches_per_image: patch VLADs per image and patch size in the PCA's samples (default
-    8, the builders'; 0 = global VLADs only, the authors' ``add_pca.py`` rule).
+    8, the builders'; 0 = global VLADs only, the authors' ``add_pca.py`` rule). seed: of torch, the sampling and
+    the k-means (default ``default_model.SEED``, the builders').
 
     Raises OutputError (``out`` or its metadata path cannot be written, or is the source model),
     CheckpointError (a missing or bad model file; fewer than 10 images), ConfigError (too few images for
@@ -268,18 +270,19 @@ def refit_model(
     if total is not None:
         _check_counts(total, k, d, grid, descs_per_image, patch_sizes, "", per_image)
 
-    rng = np.random.default_rng(SEED)
+    seed = SEED if seed is None else int(seed)
+    rng = np.random.default_rng(seed)
     if dinov2:
         height, width = model.input_size
         fitting = dinov2_vlad.fitting_model(
-            model.encoder, k, model.layer, model.facet, model.input_size, model.global_weight
+            model.encoder, k, model.layer, model.facet, model.input_size, model.global_weight, seed=seed
         )
 
         def to_tensor(src: Any) -> Any:
             return dinov2_vlad.fit_tensor(src, height, width)
     else:
         encoder = {f"encoder.{n}": t.detach() for n, t in model.encoder.state_dict().items()}
-        fitting = vgg_fitting_model(encoder, k)
+        fitting = vgg_fitting_model(encoder, k, seed)
         to_tensor = fit_tensor
     if keep_vocabulary:
         fitting.pool = model.pool  # the model's own words and assignment (a vladv2 bias too)
@@ -304,11 +307,11 @@ def refit_model(
     _check_counts(len(maps), k, d, grid, descs_per_image, patch_sizes, skipped, per_image)
     fit_options = {"fit_clusters": not keep_vocabulary, "patches_per_image": per_image}
     if dinov2:
-        final, fit = dinov2_vlad.fitted_model(fitting, maps, rng, d, progress=progress, **fit_options)
+        final, fit = dinov2_vlad.fitted_model(fitting, maps, rng, d, progress=progress, seed=seed, **fit_options)
         dinov2_vlad.save_dinov2_vlad(final, out)
         features = final.config()
     else:
-        state, fit = vgg_fitted_state(encoder, fitting, maps, rng, d, progress=progress, **fit_options)
+        state, fit = vgg_fitted_state(encoder, fitting, maps, rng, d, progress=progress, seed=seed, **fit_options)
         save_checkpoint(state, out, d)
         features = {"backbone": "vgg16 conv5_3", "input_height": VGG_INPUT[0], "input_width": VGG_INPUT[1]}
     meta = {
@@ -319,7 +322,7 @@ def refit_model(
         "features": features,
         "fitting": {"source": source, "images": len(maps), "undecodable": len(bad), "undecodable_first": bad[:5],
                     "kmeans": "kept from the model" if keep_vocabulary else
-                    {"k": k, "seed": SEED, "descriptors": int(fit.descs.shape[0]), "niter": 100},
+                    {"k": k, "seed": seed, "descriptors": int(fit.descs.shape[0]), "niter": 100},
                     "pca": {"dim": d, "samples": int(sum(v.shape[0] for v in fit.vecs)),
                             "patch_sizes": list(patch_sizes) if per_image else [], "patches_per_image": per_image}},
         "note": "Whitening PCA fitted on the images above (pnv add-pca); backbone and NetVLAD layer unchanged."
