@@ -101,24 +101,29 @@ class Robot:
             time.sleep(max(0.0, nxt - time.monotonic()))
 
     def _now(self) -> int:
-        """Advance the sim clock by the wall time since the last call, scaled by rate."""
-        w = time.monotonic()
         with self.lock:
-            last = getattr(self, "_wall", w)
-            self._wall = w
-            self.sim_ns += int((w - last) * 1e9 * self.rate)
-            return self.sim_ns
+            return self._advance()
+
+    def _advance(self) -> int:
+        """Advance the sim clock by the wall time since the last call, scaled by rate (self.lock held: a stamp
+        and the scene it is taken with are read together, so no image stamped after a switch shows the old
+        frame)."""
+        w = time.monotonic()
+        last = getattr(self, "_wall", w)
+        self._wall = w
+        self.sim_ns += int((w - last) * 1e9 * self.rate)
+        return self.sim_ns
 
     def _publish_image(self) -> None:
-        stamp = self._now()
         with self.lock:
+            stamp = self._advance()
             rgb, frame = self.rgb, self.frame
             self.shown.append((stamp, frame))
         self.cam.publish(array_to_image(rgb, Header(stamp=ns_to_stamp(stamp), frame_id="camera")))
 
     def _publish_odom(self) -> None:
-        stamp = self._now()
         with self.lock:
+            stamp = self._advance()
             pos, q = self.pose
         pos = pos + self.jitter.normal(0.0, 0.002, 3)  # wheel odometry of a robot standing still: mm jitter
         o = Odometry()
@@ -133,8 +138,8 @@ class Robot:
         """Drive to a frame's place and look for FRAME_S, longer if the node has not yet taken a frame from
         there (a slow CI machine): the test is about what the node decides, not about how fast it is."""
         rgb, pose = self._load(frame), place_pose(frame)
-        switched = self._now()
         with self.lock:
+            switched = self._advance()
             self.frame, self.rgb, self.pose = frame, rgb, pose
         time.sleep(FRAME_S)
         self.wait_keyframe(switched)
@@ -149,8 +154,8 @@ class Robot:
             time.sleep(0.05)
 
     def set_clock(self, sim_ns: int | None = None, rate: float | None = None) -> None:
-        self._now()
         with self.lock:
+            self._advance()
             if sim_ns is not None:
                 self.sim_ns = sim_ns
                 self.acks.clear()  # acknowledgements of the old clock would satisfy wait_keyframe
