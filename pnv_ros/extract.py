@@ -8,6 +8,7 @@ same descriptors as ``patchnetvlad==0.1.8``.
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -142,6 +143,9 @@ class FeatureExtractor:
         self.engine_name, self.precision = engine, precision or "fp32"
         self.backend = load_engine(model, info, preset_size(preset), engine, self.precision, self.device,
                                    engine_file=engine_file, cache_dir=engine_cache, log=log)  # fmt: skip
+        # One inference at a time through an engine: OpenVINO's InferRequest and TensorRT's execution context are
+        # not reentrant, and the node extracts from its worker and from query_place (BY_IMAGE) concurrently.
+        self._backend_lock = threading.Lock()
         tag = variant(engine, self.precision)
         if tag:  # int8: features of another model as far as files and maps go (see engines.variant)
             self.info = EngineModelInfo(**{f.name: getattr(info, f.name) for f in dataclasses.fields(info)},
@@ -180,7 +184,8 @@ class FeatureExtractor:
         (P_s, D) rows in order make re-ranking's stacking a plain copy).
         """
         if self.backend is not None:  # the engine runs the backbone; pooling and WPCA are the model's, float32
-            feats = self.backend(batch)
+            with self._backend_lock:
+                feats = self.backend(batch)
             glob, patches = self.model._pool(feats.to(self.device, torch.float32), self.preset.patch_sizes,
                                              self.preset.strides, self.projection)  # fmt: skip
         else:

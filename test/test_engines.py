@@ -13,6 +13,7 @@ import hashlib
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -156,6 +157,10 @@ def test_vgg_export_round_trip_and_float32_engines_match_torch(vgg, vgg_torch: l
         assert ex.backend is not None and ex.info.identity == info.identity  # float32: the same model
         d = max_diff(vgg_torch, ex.extract(IMAGES))
         assert d < FP32_TOLERANCE, (engine, d)
+        # the node extracts from its worker and from query_place at once: one engine object, four threads
+        with ThreadPoolExecutor(4) as pool:
+            d = max_diff(vgg_torch * 6, list(pool.map(ex.extract_one, IMAGES * 6)))
+        assert d < FP32_TOLERANCE, (engine, "concurrent", d)
     # the cached backbone ONNX was built once, with its record beside it
     folder = model_cache_dir(info, cache)
     assert [p.name for p in folder.glob("backbone-*.onnx")] == ["backbone-fp32-v1.onnx"]
