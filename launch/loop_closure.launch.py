@@ -25,6 +25,11 @@ ARGUMENTS = (
     ("use_sim_time", "false", "use /clock (bag replay, simulation)"),
     ("preset", "speed", "performance | speed | storage"),
     ("checkpoint", "", "checkpoint path or official model name; '' = the offline default model"),
+    # launch's own names (ExecuteLocal reads these launch configurations; its defaults are 5 s and 5 s): seconds
+    # from Ctrl-C to SIGTERM, then to SIGKILL. save_map_on_shutdown writes the whole map (about 1 MB a keyframe,
+    # speed preset) and a SIGKILL mid-save keeps only the previous file: room for a large map on slow storage.
+    ("sigterm_timeout", "60", "seconds from SIGINT to SIGTERM at shutdown (the node saves its map meanwhile)"),
+    ("sigkill_timeout", "240", "seconds from SIGTERM to SIGKILL (a kill mid-save keeps only the previous map)"),
 )
 REMAPS = (  # the node's topic name -> the argument that names the real topic
     ("image", "image"),

@@ -54,6 +54,22 @@ def test_a_frame_waits_for_the_odometry_of_its_instant() -> None:
     assert pos is not None and pos[0] == 1.0 and time.monotonic() - t >= 0.45
 
 
+def test_one_late_odometry_message_is_dropped_a_clock_reset_clears() -> None:
+    """Two publishers on odom, or a reordering link: a pose a few ms older than the newest is dropped, not taken
+    for a clock reset that would clear every pose (frames would then go without odometry); a jump back of a
+    second or more is a reset."""
+    from pnv_ros.ros.node import _Odometry
+
+    odom, ms, q = _Odometry(), 1_000_000, [0.0, 0, 0, 1]
+    for t in range(0, 100, 10):
+        assert odom.add(5000 * ms + t * ms, np.r_[t, 0, 0, q], "odom")
+    assert not odom.add(5085 * ms, np.r_[-1.0, 0, 0, q], "odom")  # 5 ms late
+    pos, _ = odom.at(5050 * ms, 20 * ms)
+    assert pos is not None and pos[0] == 50.0  # the history is still there
+    assert odom.add(1000 * ms, np.r_[7.0, 0, 0, q], "odom")  # 4 s back: the clock restarted
+    assert odom.at(5050 * ms, 20 * ms) == (None, None) and odom.at(1000 * ms, 20 * ms)[0][0] == 7.0
+
+
 def _pool_submissions_per_message(executor_cls) -> tuple[float, int]:  # type: ignore[no-untyped-def]
     """Odometry at 200 Hz for 2 s into a subscription spun by ``executor_cls`` (4 threads, in this process);
     how often the executor handed a callback to its thread pool per message received, and the messages."""
@@ -267,6 +283,35 @@ def test_node_end_to_end(ros: Client, tmp_path_factory: pytest.TempPathFactory, 
     assert "loaded 84 keyframes" in out
 
 
+def test_node_keeps_a_map_it_cannot_load(ros: Client, tmp_path: Path) -> None:
+    """load_map and save_map_on_shutdown name the same file, and the file cannot be loaded (another model, damage):
+    the node runs on an empty map, says so on /diagnostics, and at shutdown saves beside the file, never over it.
+    Also: query_place refuses a top_n above the parameter's range (the whole map re-ranked under the lock)."""
+    from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+
+    from pnv_ros.place_map import PlaceMap
+
+    site = tmp_path / "site.npz"
+    site.write_bytes(b"PK\x03\x04 a map this run cannot read")
+    diags: list[DiagnosticArray] = []
+    ros.node.create_subscription(DiagnosticArray, "/diagnostics", diags.append, 50)
+    node = start_node(tmp_path, "-p", "load_map:=site", "-p", "save_map_on_shutdown:=site")
+    try:
+        ros.wait_ready()
+        assert ros.spin_until(
+            lambda: any(s.level == DiagnosticStatus.ERROR and "load_map: site.npz failed to load at start" in s.message
+                        for d in diags for s in d.status), 20)  # fmt: skip
+        r = ros.call("query_place", QueryPlace.Request(mode=QueryPlace.Request.BY_ID, keyframe_id=0, top_n=2**32 - 1))
+        assert not r.success and "top_n 4294967295 is above 1000" in r.message, r.message
+    finally:
+        out = stop_node(node)
+    assert node.returncode == 0, out[-3000:]
+    assert site.read_bytes() == b"PK\x03\x04 a map this run cannot read", "the unloadable map was replaced"
+    beside = [p for p in tmp_path.glob("site_unsaved_*.npz")]
+    assert len(beside) == 1 and len(PlaceMap.load(beside[0])) == 0, out[-3000:]
+    assert "not replacing site.npz" in out and beside[0].name in out
+
+
 @pytest.mark.slow
 def test_node_compressed_odometry_pose_markers(ros: Client, tmp_path: Path) -> None:
     """Compressed input (corrupt bytes survive), odometry markers, relative pose, match image."""
@@ -296,6 +341,7 @@ def test_node_compressed_odometry_pose_markers(ros: Client, tmp_path: Path) -> N
         assert ros.spin_until(lambda: pub_info.get_subscription_count() > 0, 30)
         info = CameraInfo(width=512, height=384)
         info.k = [400.0, 0.0, 256.0, 0.0, 400.0, 192.0, 0.0, 0.0, 1.0]
+        info.p = [400.0, 0.0, 256.0, 0.0, 0.0, 400.0, 192.0, 0.0, 0.0, 0.0, 1.0, 0.0]  # as image_proc gives it
         pub_info.publish(info)
 
         def send(sec: int, data: bytes, x: float) -> str:
@@ -317,16 +363,24 @@ def test_node_compressed_odometry_pose_markers(ros: Client, tmp_path: Path) -> N
         assert send(3, rtab_frame(3).read_bytes(), 5.0) == "keyframe"
         assert send(30, rtab_frame(63).read_bytes(), 0.5) == "keyframe"  # revisits frame 22
         assert ros.spin_until(lambda: len(ros.loops) >= 1 and markers and pictures, 30)
+        # camera_info for another size (a full-resolution camera_info beside a resized image): no relative pose
+        info = CameraInfo(width=1024, height=768)
+        info.k = [800.0, 0.0, 512.0, 0.0, 800.0, 384.0, 0.0, 0.0, 1.0]
+        assert send(31, rtab_frame(63).read_bytes(), 2.0) == "keyframe"  # frame 22 again (30 is too recent)
+        assert ros.spin_until(lambda: any(lc.query_stamp.sec == 31 for lc in ros.loops), 30)
     finally:
         out = stop_node(node)
-    lc = ros.loops[-1]
+    other_size = next(lc for lc in ros.loops if lc.query_stamp.sec == 31)
+    assert other_size.relative_pose.type == RelativePose.NONE and other_size.match_stamp.sec == 2
+    assert "camera_info is for 1024 x 768 images but the image is 512 x 384" in out
+    lc = next(lc for lc in ros.loops if lc.query_stamp.sec == 30)
     assert lc.query_stamp.sec == 30 and lc.match_stamp.sec == 2 and lc.method == "ransac" and lc.num_inliers > 0
     rp = lc.relative_pose
     assert rp.type == RelativePose.ROTATION_AND_DIRECTION  # camera_info was given: a direction, never a position
     assert abs(np.linalg.norm([rp.direction.x, rp.direction.y, rp.direction.z]) - 1.0) < 1e-6
     assert rp.inliers >= 8 and np.trace(np.reshape(rp.rotation_covariance, (3, 3))) > 0
     assert rp.parent_frame_id == rp.child_frame_id == "odom"
-    m = markers[-1].markers[0]
+    m = markers[0].markers[0]
     assert len(m.points) == 2 and {m.points[0].x, m.points[1].x} == {0.5, 0.0}
     assert pictures[-1].width > 512 and pictures[-1].encoding == "rgb8"
     assert "cannot be decoded" in out

@@ -39,6 +39,8 @@ LAUNCH_DEFAULTS = {  # argument -> default value as the node receives it ('' = e
     "compressed": "false",
     "use_sim_time": "false",
     "preset": "speed",
+    "sigterm_timeout": "60",  # launch reads these two by name: room for save_map_on_shutdown (README, Shutdown)
+    "sigkill_timeout": "240",
     "checkpoint": "",
 }
 LAUNCH_ARGS = {*LAUNCH_DEFAULTS, "params_file"}

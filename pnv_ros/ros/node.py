@@ -36,7 +36,7 @@ from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import Header
 from visualization_msgs.msg import MarkerArray
 
-from pnv_ros.config import load_preset
+from pnv_ros.config import DetectorParams, load_preset
 from pnv_ros.detector import Admission, LoopClosureDetector, texture
 from pnv_ros.errors import ImageError, PnvError
 from pnv_ros.extract import FeatureExtractor
@@ -142,16 +142,24 @@ class _Odometry:
     def _newest(self) -> int | None:
         return int(self._stamps[(self._head - 1) % len(self._stamps)]) if self._n else None
 
-    def add(self, stamp_ns: int, pose: np.ndarray, frame_id: str) -> None:
+    #: a stamp this far (ns) behind the newest is a clock that went back (a restart, a bag loop): the older poses
+    #: no longer apply; less behind, it is one late message (two publishers, a reordering link) and is dropped
+    CLOCK_RESET_NS = 10**9
+
+    def add(self, stamp_ns: int, pose: np.ndarray, frame_id: str) -> bool:
+        """Store a pose; False (not stored) for one older than the newest by less than CLOCK_RESET_NS."""
         with self._cond:
             last = self._newest()
-            if last is not None and stamp_ns < last:  # the clock went back: older poses no longer apply
+            if last is not None and stamp_ns < last:
+                if last - stamp_ns < self.CLOCK_RESET_NS:
+                    return False
                 self._n = self._head = 0
             self._stamps[self._head], self._poses[self._head] = stamp_ns, pose
             self._head = (self._head + 1) % len(self._stamps)
             self._n = min(self._n + 1, len(self._stamps))
             self.frame_id = frame_id
             self._cond.notify_all()
+        return True
 
     def at(self, stamp_ns: int, tolerance_ns: int) -> tuple[np.ndarray, np.ndarray] | tuple[None, None]:
         """(position (3,), quaternion xyzw (4,)) nearest the stamp within tolerance, or (None, None).
@@ -217,6 +225,8 @@ class LoopClosureNode(Node):
         self._warned_info = False
         self._started = time.monotonic()
         self._intrinsics: np.ndarray | None = None
+        self._info_size: tuple[int, int] | None = None  # (width, height) camera_info's matrix is for
+        self._warned_size: tuple[int, int] | None = None
         self._odom = _Odometry()
         self._thumbs = Thumbnails(g("thumbnail_cache"))
         self._marker_id = 0
@@ -252,9 +262,14 @@ class LoopClosureNode(Node):
                           clock=Clock(clock_type=ClockType.STEADY_TIME))  # fmt: skip
         self._check_map_dir()
         self._remove_stale_temp_maps()
+        self._unloadable: str | None = None  # a map file of map_dir that failed to load at start: kept as it is
         if g("load_map"):
             ok, msg, _ = self._load(g("load_map"))
             (self.log.info if ok else self.log.error)(msg)
+            if not ok and self._exists(g("load_map")):
+                self._unloadable = P.map_file_name(g("load_map"))
+                self.log.error(f"the map runs empty; {self._unloadable} is kept as it is: save_map_on_shutdown "
+                               "will not replace it (it saves beside it)")  # fmt: skip
         self.worker = LatestWinsWorker(self._handle, self._on_frame_error, self._on_drop, lambda: g("max_rate_hz"))
         self.worker.start()
         self.log.info(
@@ -316,14 +331,19 @@ class LoopClosureNode(Node):
         )
 
     def _on_info(self, msg: CameraInfo) -> None:
-        k = np.array(msg.k, dtype=np.float64).reshape(3, 3)
+        # The rectified camera P (left 3 x 3), as image_proc and RTAB-Map read it: the node takes rectified images;
+        # K when P is empty (a camera_info with K alone, a camera without distortion).
+        p = np.array(msg.p, dtype=np.float64).reshape(3, 4)[:, :3]
+        k = p if np.isfinite(p).all() and p[0, 0] > 0 and p[1, 1] > 0 else np.array(msg.k, np.float64).reshape(3, 3)
         ok = np.isfinite(k).all() and k[0, 0] > 0 and k[1, 1] > 0 and abs(k[2, 2] - 1.0) < 1e-6 and not k[2, :2].any()
         if not ok:
             self._event("bad_camera_info")
             if self._intrinsics is not None or not self._warned_info:
-                self.log.warning(f"camera_info ignored: K = {msg.k.tolist()} is not a camera matrix (finite, fx, fy "
-                                 "> 0, last row 0 0 1); loops go without a relative pose")  # fmt: skip
+                self.log.warning(f"camera_info ignored: {k.ravel().tolist()} (P, or K when P is empty) is not a "
+                                 "camera matrix (finite, fx, fy > 0, last row 0 0 1); loops go without a relative "
+                                 "pose")  # fmt: skip
                 self._warned_info = True
+        self._info_size = (int(msg.width), int(msg.height)) if ok and msg.width and msg.height else None
         self._intrinsics = k if ok else None
 
     def _on_odom(self, msg: Odometry) -> None:
@@ -332,7 +352,8 @@ class LoopClosureNode(Node):
         if not np.isfinite(pose).all() or not np.linalg.norm(pose[3:]) > 0:
             self._event("bad_odom")
             return
-        self._odom.add(stamp_to_ns(msg.header.stamp), pose, msg.header.frame_id)
+        if not self._odom.add(stamp_to_ns(msg.header.stamp), pose, msg.header.frame_id):
+            self._event("late_odom")
 
     def _count(self, key: str) -> None:
         with self._stats_lock:
@@ -381,7 +402,7 @@ class LoopClosureNode(Node):
         t0 = time.perf_counter()
         feats = self.detector.extractor.extract_one(arr)  # outside the detector's lock
         t_extract = time.perf_counter() - t0
-        res = self.detector.commit(adm, feats, self._intrinsics)
+        res = self.detector.commit(adm, feats, self._camera_matrix(arr))
         if res.keyframe_id is None:
             return res.status
         self.latency["extract"].append(t_extract)
@@ -393,6 +414,19 @@ class LoopClosureNode(Node):
         if res.loop is not None:
             self._publish_loop(msg, res.loop, feats.image_size, gen, pos)
         return "keyframe"
+
+    def _camera_matrix(self, arr: np.ndarray) -> np.ndarray | None:
+        """camera_info's camera matrix when it is for this image's size; None (loops go without a relative pose) when
+        camera_info describes another size (a full-resolution camera_info beside a resized or binned image)."""
+        k, size, image = self._intrinsics, self._info_size, (int(arr.shape[1]), int(arr.shape[0]))
+        if k is None or size is None or size == image:
+            return k
+        self._event("camera_info_size")
+        if self._warned_size != size:
+            self._warned_size = size
+            self.log.warning(f"camera_info is for {size[0]} x {size[1]} images but the image is {image[0]} x "
+                             f"{image[1]}: loops go without a relative pose until they agree")  # fmt: skip
+        return None
 
     def _log_jump(self, adm: Admission) -> None:
         self._event("time_jump")
@@ -443,6 +477,9 @@ class LoopClosureNode(Node):
 
         if det["store_trouble"]:
             flag(DiagnosticStatus.ERROR, f"map store: {det['store_trouble']}")
+        if self._unloadable is not None:
+            flag(DiagnosticStatus.ERROR, f"load_map: {self._unloadable} failed to load at start (see the log); "
+                                         "the map started empty")  # fmt: skip
         if recent.get("qos_incompatible"):
             flag(DiagnosticStatus.ERROR, "incompatible QoS: no messages arrive (see the log)")
         taken = sum(recent.get(k, 0) for k in TAKEN)
@@ -457,7 +494,9 @@ class LoopClosureNode(Node):
         elif recent.get("time_jump") or recent.get("out_of_order") or recent.get("duplicate"):
             flag(DiagnosticStatus.WARN, "stamps out of order, repeated or jumping back (see time_jumps)")
         for kind, text in (("bad_odom", "odometry with NaN or a zero quaternion ignored"),
-                           ("bad_camera_info", "camera_info that is not a camera matrix ignored")):  # fmt: skip
+                           ("bad_camera_info", "camera_info that is not a camera matrix ignored"),
+                           ("camera_info_size", "frames not of camera_info's size (no relative pose)"),
+                           ("late_odom", "odometry older than the newest dropped (two publishers?)")):  # fmt: skip
             if recent.get(kind):
                 flag(DiagnosticStatus.WARN, f"{recent[kind]} x {text}")
         if recent.get("dropped", 0) > 20 * max(1, taken):
@@ -509,7 +548,9 @@ class LoopClosureNode(Node):
         return handler
 
     def _query(self, req, resp) -> None:  # type: ignore[no-untyped-def]
-        det = self.detector
+        det, high = self.detector, DetectorParams.RANGES["top_n"][1]
+        if req.top_n > high:  # the whole map re-ranked under the detector's lock would stall keyframes meanwhile
+            raise PnvError(f"top_n {req.top_n} is above {high} (the top_n parameter's range); 0 = the parameter")
         if req.mode == QueryPlace.Request.BY_IMAGE:
             rgb = image_to_array(req.image, bit_depth=self._value("bit_depth") or None)
             t, least = texture(rgb), det.params.min_texture
@@ -566,6 +607,12 @@ class LoopClosureNode(Node):
     def _map_path(self, name: str) -> Path:
         return self.map_dir / P.map_file_name(name)
 
+    def _exists(self, name: str) -> bool:
+        try:
+            return self._map_path(name).is_file()
+        except PnvError:
+            return False
+
     def _save(self, name: str) -> tuple[bool, str, int]:
         try:
             path = self._map_path(name)
@@ -578,6 +625,8 @@ class LoopClosureNode(Node):
         try:
             path = self._map_path(name)
             n = self.detector.load_map(path)
+            if self._unloadable == path.name:  # loaded after all (the file or the model fixed): saves go to it again
+                self._unloadable = None
             self.pub_markers.publish(clear_markers(self._odom.frame_id, self.get_clock().now().to_msg()))
             return True, f"loaded {n} keyframes from {path}", n
         except PnvError as e:
@@ -602,6 +651,13 @@ class LoopClosureNode(Node):
         if not self.worker.stop(timeout=30):
             self.log.warning("the worker did not finish its frame within 30 s")
         name = self._value("save_map_on_shutdown")
+        if name and self._unloadable is not None and P.map_file_name(name) == self._unloadable:
+            # The file holds a map this run could not load (another model, a damaged file): replacing it with
+            # this run's map would lose it. The run's map goes beside it.
+            kept = name.removesuffix(".npz")
+            name = f"{kept}_unsaved_{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+            self.log.error(f"not replacing {self._unloadable}, which failed to load at start; this run's map is "
+                           f"saved as {P.map_file_name(name)} instead")  # fmt: skip
         if name:
             ok, msg, _ = self._save(name)
             (self.log.info if ok else self.log.error)(msg)
