@@ -424,11 +424,18 @@ def test_node_robot_inputs(ros: Client, tmp_path: Path, random_ckpt: Path) -> No
             lambda: any(s.level == DiagnosticStatus.ERROR and "incompatible QoS" in s.message
                         for d in diags for s in d.status), 20)  # fmt: skip
         assert best_effort.get_subscription_count() == 0  # incompatible: never matched
+        # -- odometry a driver never stamped (0): frames find no pose, and diagnostics say so ----------
+        assert ros.spin_until(lambda: pub_odom.get_subscription_count() > 0, 30)
+        pub_odom.publish(Odometry())  # stamp 0, identity pose
+        ros.spin_until(lambda: False, 0.5)
         # -- frames with no information (lens cap, white-out) are never keyframes ------------------
         for sec, level in ((1, 0), (2, 255), (3, 0)):
             ros.pub.publish(image_msg(np.full((384, 512, 3), level, np.uint8), sec))
             assert ros.spin_until(lambda sec=sec: any(a.stamp.sec == sec for a in acks), 60)
         assert [a.frame_id for a in acks] == ["no_information"] * 3 and not ros.keyframes
+        assert ros.spin_until(
+            lambda: any(s.level >= DiagnosticStatus.WARN and "3 x frames without odometry" in s.message
+                        for d in diags for s in d.status), 5)  # fmt: skip
         acks.clear()
         # -- a camera that does not move: ten minutes of stamps, one keyframe, no loop -------------
         rng = np.random.default_rng(0)

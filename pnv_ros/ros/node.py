@@ -139,6 +139,9 @@ class _Odometry:
         self._n = self._head = 0
         self.frame_id = ""
 
+    def __len__(self) -> int:
+        return self._n
+
     def _newest(self) -> int | None:
         return int(self._stamps[(self._head - 1) % len(self._stamps)]) if self._n else None
 
@@ -390,6 +393,8 @@ class LoopClosureNode(Node):
         """One frame; returns its status ('keyframe' or the reason it was skipped)."""
         stamp = stamp_to_ns(msg.header.stamp)
         pos, ori = self._odom.at(stamp, int(self._value("odom_tolerance_s") * 1e9))
+        if pos is None and len(self._odom):  # odometry flows but not at this instant: keyframes by sight alone
+            self._event("odom_unmatched")
         adm = self.detector.admit(stamp, pos, ori)
         if adm.time_jump:
             self._log_jump(adm)
@@ -496,7 +501,9 @@ class LoopClosureNode(Node):
         for kind, text in (("bad_odom", "odometry with NaN or a zero quaternion ignored"),
                            ("bad_camera_info", "camera_info that is not a camera matrix ignored"),
                            ("camera_info_size", "frames not of camera_info's size (no relative pose)"),
-                           ("late_odom", "odometry older than the newest dropped (two publishers?)")):  # fmt: skip
+                           ("late_odom", "odometry older than the newest dropped (two publishers?)"),
+                           ("odom_unmatched", "frames without odometry within odom_tolerance_s of their stamp "
+                                              "(odometry stopped, or stamped on another clock?)")):  # fmt: skip
             if recent.get(kind):
                 flag(DiagnosticStatus.WARN, f"{recent[kind]} x {text}")
         if recent.get("dropped", 0) > 20 * max(1, taken):
