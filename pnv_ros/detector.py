@@ -77,6 +77,8 @@ class LoopClosure:
 
     relative_pose: the match camera in the query camera (rotation + unit direction with
     covariances, see :mod:`pnv_ros.geometry`), or None without intrinsics or evidence.
+    match_from_loaded_map: the matched keyframe came with a loaded map (an earlier run), not
+    from this run: its stamp is that run's clock, which may overlap this one's after a restart.
     """
 
     query_id: int
@@ -91,6 +93,7 @@ class LoopClosure:
     method: str
     relative_pose: RelativePose | None = None
     details: list[ScaleMatch] | None = None  # per scale, the patch matches behind the score
+    match_from_loaded_map: bool = False
 
 
 @dataclass
@@ -391,7 +394,7 @@ class LoopClosureDetector:
                 result.loop = LoopClosure(
                     kf_id, adm.stamp_ns, best.id, best.stamp_ns, best.score, best.global_distance, best.num_matches,
                     best.num_inliers, best.patch_size, Matcher.parse(p.matcher or self.preset.matcher).value, None,
-                    best.details,
+                    best.details, best.id < s.run_start,
                 )  # fmt: skip
                 match_size = self.map.image_size(best.id)
         if result.loop is not None and intrinsics is not None and best is not None and best.details:

@@ -186,6 +186,7 @@ def test_sparse_keyframes_on_the_rtab_loop(default_extractor: FeatureExtractor, 
         assert r.keyframe_id == i
         if r.loop is not None:
             loops.append((r.loop.query_id, r.loop.match_id))
+            assert r.loop.match_from_loaded_map is (r.loop.match_id < 40), r.loop  # ids 0-39 came with the map
     precision, recall, correct = _precision_recall([(q + 1, m + 1) for q, m in loops])
     print(f"\nsparse keyframes (10 s): {len(loops)} loops, {correct} correct, precision {precision:.3f}, "
           f"recall {recall:.3f}")  # fmt: skip

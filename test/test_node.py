@@ -209,6 +209,7 @@ def test_node_end_to_end(ros: Client, tmp_path_factory: pytest.TempPathFactory, 
         precision, recall = correct / max(1, len(pairs)), correct / revisits
         print(f"\nnode loop closures: {len(pairs)}, precision {precision:.3f}, recall {recall:.3f}")
         assert precision >= 0.9 and recall >= 0.5
+        assert all(lc.match_from_loaded_map is (lc.match_id < 40) for lc in ros.loops)  # lap 1 came with the map
         lc = ros.loops[0]
         assert 0.0 <= lc.score <= 1.0 and lc.method == "rapid" and lc.header.frame_id == "camera"
         assert lc.query_stamp.sec == lc.query_id + 1 and lc.match_stamp.sec == lc.match_id + 1

@@ -292,6 +292,9 @@ def test_a_day_on_a_robot(tmp_path: Path) -> None:
             f"loop {lc.query_id}->{lc.match_id}: wrong query id"
         )
         assert lc.match_id < lc.query_id, "a loop to itself or to the future"
+    assert not any(lc.match_from_loaded_map for lc in day1_loops), "the first run loaded no map"
+    for lc in day2_loops:  # after the restart, keyframes 0..len(day1_kfs)-1 came with the loaded map
+        assert lc.match_from_loaded_map is (lc.match_id < len(day1_kfs)), (lc.query_id, lc.match_id)
     assert not still_loops and not still_keyframes, (
         f"standing still: {len(still_keyframes)} keyframes, {len(still_loops)} loops"
     )

@@ -447,6 +447,7 @@ class LoopClosureNode(Node):
         frame = msg.header.frame_id
         out = LoopClosureMsg(header=msg.header, query_id=lc.query_id, match_id=lc.match_id, method=lc.method,
                              query_stamp=ns_to_stamp(lc.query_stamp_ns), match_stamp=ns_to_stamp(lc.match_stamp_ns),
+                             match_from_loaded_map=lc.match_from_loaded_map,
                              score=float(lc.score), global_distance=float(lc.global_distance),
                              patch_size=lc.patch_size, num_matches=lc.num_matches, num_inliers=lc.num_inliers,
                              relative_pose=relative_pose_msg(lc.relative_pose, frame, frame))  # fmt: skip
