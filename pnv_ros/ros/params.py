@@ -93,8 +93,9 @@ TABLE: tuple[Param, ...] = (
     Param("index_kind", "flat", "FAISS index: flat (exact) | hnsw (maps of 100k+ keyframes)", choices=("flat", "hnsw")),
     Param("patch_dtype", "float16", "patch storage: float16 (half the memory) | float32",
           choices=("float16", "float32")),
-    Param("memory_budget_mb", 0.0, "patch MB kept in RAM; beyond it older keyframes' patches go to memory-mapped "
-          "files (0 = no limit)", range=(0.0, 1e7)),
+    Param("memory_budget_mb", 4096.0, "patch MB kept in RAM; beyond it older keyframes' patches go to memory-mapped "
+          "files in the temp folder (0 = no limit). 4096: about 4,000 keyframes of the speed preset (1 MB each), an "
+          "hour or more of driving, before a robot's RAM fills", range=(0.0, 1e7)),
     Param("map_dir", str(Path.home() / ".ros" / "pnv_maps"), "folder for saved maps"),
     Param("load_map", "", "map name (in map_dir) to load at start"),
     *(
