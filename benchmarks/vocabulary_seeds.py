@@ -207,6 +207,10 @@ def main() -> None:
                "seed0_matches_cache": {}}  # fmt: skip
         for r in rows:
             res["families"].setdefault(r.pop("family"), []).append(r)
+        if a.fit == "map":  # rows of --fit map runs: refits, no shipped file to compare
+            res.update(fit="map", dims=a.dims, command=res["command"] + f" --fit map --dims {a.dims}")
+            _write(res, Path(a.docs), "vocabulary_seeds_map")
+            return
         for fam, _, ck in FAMILIES:
             runs = res["families"].get(fam, [])
             if runs and runs[0]["seed"] == 0:

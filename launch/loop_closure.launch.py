@@ -1,4 +1,4 @@
-"""ros2 launch pnv_ros loop_closure.launch.py image:=/camera/image_raw preset:=speed
+"""ros2 launch pnv_ros loop_closure.launch.py image:=/camera/image_rect preset:=speed
 
 The same arguments as loop_closure.launch.xml. ``compressed``, ``use_sim_time``, ``preset`` and
 ``checkpoint`` override the parameters file. The inputs' QoS is set in the parameters file

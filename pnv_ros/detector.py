@@ -509,7 +509,10 @@ class LoopClosureDetector:
 
     def _pose(self, query_size: tuple[int, int], match_size: tuple[int, int], details: list[ScaleMatch],
               intrinsics: np.ndarray) -> RelativePose | None:  # fmt: skip
-        """Relative pose from the patch correspondences of the scale with the most inliers."""
+        """Relative pose from the patch correspondences of the scale with the most inliers; None when the two
+        images differ in size (one camera matrix cannot describe both images' pixels) or with under 8."""
+        if tuple(query_size) != tuple(match_size):
+            return None
         s = int(np.argmax([d.num_inliers for d in details]))
         d = details[s]
         sel = d.inliers if d.inliers.any() else np.ones(d.num_matches, bool)

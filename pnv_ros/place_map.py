@@ -48,6 +48,34 @@ READABLE_VERSIONS = (1, 2)
 SPILL_BATCH = 8
 
 
+#: Default spill folders: ``<temp>/pnv_map_spill_<pid>_<random>`` (the owner's pid, for :func:`remove_stale_spills`).
+SPILL_PREFIX = "pnv_map_spill_"
+
+
+def remove_stale_spills(temp_dir: str | Path | None = None) -> list[Path]:
+    """Remove the default spill folders (in ``temp_dir``, default the system temp folder) whose owner process is
+    gone: a node killed (SIGKILL, power loss) never removes its own, and each can hold gigabytes. Folders of
+    live processes, of other users' processes and without a pid in their name are kept. Returns those removed."""
+    import shutil
+
+    removed = []
+    for d in Path(temp_dir or tempfile.gettempdir()).glob(f"{SPILL_PREFIX}*_*"):
+        pid = d.name[len(SPILL_PREFIX) :].split("_", 1)[0]
+        if not pid.isdigit() or not d.is_dir() or d.is_symlink():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except (ProcessLookupError, OverflowError):  # gone, or a number no process can have
+            pass
+        except PermissionError:  # another user's live process
+            continue
+        else:  # alive
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d)
+    return removed
+
+
 def check_invariants_enabled() -> bool:
     return os.environ.get("PNV_CHECK_INVARIANTS", "") not in ("", "0")
 
@@ -261,7 +289,7 @@ class PlaceMap:
 
     def _spill_folder(self) -> Path:
         if self._spill_dir is None:
-            self._tmp = tempfile.TemporaryDirectory(prefix="pnv_map_spill_")
+            self._tmp = tempfile.TemporaryDirectory(prefix=f"{SPILL_PREFIX}{os.getpid()}_")
             self._spill_dir = Path(self._tmp.name)
         self._spill_dir.mkdir(parents=True, exist_ok=True)
         return self._spill_dir

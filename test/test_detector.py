@@ -186,7 +186,7 @@ def test_sparse_keyframes_on_the_rtab_loop(default_extractor: FeatureExtractor, 
         assert r.keyframe_id == i
         if r.loop is not None:
             loops.append((r.loop.query_id, r.loop.match_id))
-            assert r.loop.match_from_loaded_map is (r.loop.match_id < 40), r.loop  # ids 0-39 came with the map
+            assert not r.loop.match_from_loaded_map  # no map was loaded
     precision, recall, correct = _precision_recall([(q + 1, m + 1) for q, m in loops])
     print(f"\nsparse keyframes (10 s): {len(loops)} loops, {correct} correct, precision {precision:.3f}, "
           f"recall {recall:.3f}")  # fmt: skip
@@ -248,6 +248,7 @@ def test_loaded_map_second_lap(
         assert r.status == "keyframe" and r.keyframe_id == i and not r.time_jump
         if r.loop is not None:
             loops.append((r.loop.query_id, r.loop.match_id))
+            assert r.loop.match_from_loaded_map is (r.loop.match_id < 40), r.loop  # ids 0-39 came with the map
     precision, recall, correct = _precision_recall([(q + 1, m + 1) for q, m in loops])
     to_loaded = sum(m < 40 for _, m in loops)
     print(f"\nloaded map, second lap: {len(loops)} loops ({to_loaded} to loaded keyframes), {correct} correct, "
@@ -567,3 +568,17 @@ def test_bad_intrinsics_cost_the_pose_not_the_loop(extractor: FeatureExtractor, 
     k = np.array([[400.0, 0, np.nan], [0, 400.0, 192.0], [0, 0, 1.0]])
     r = det.process(_place(rng, places[1], 0.01), 10 * S, intrinsics=k)
     assert r.keyframe_id == 4 and r.loop is not None and r.loop.match_id == 1 and r.loop.relative_pose is None
+
+
+def test_relative_pose_needs_one_image_size(default_extractor: FeatureExtractor) -> None:
+    """One camera matrix describes one image size: a pair of another size (a loaded map from another camera
+    resolution) gets no relative pose rather than one computed with the wrong pixels."""
+    import dataclasses
+
+    det = LoopClosureDetector(default_extractor, DetectorParams())
+    k = np.array([[400.0, 0.0, 256.0], [0.0, 400.0, 192.0], [0.0, 0.0, 1.0]])
+    a, b = default_extractor.extract([rtab_frame(63), rtab_frame(22)])  # a revisit a metre or so aside
+    *_, pose = det.verify(a, b, "ransac", k)
+    assert pose is not None and pose.inliers >= 8
+    *_, pose = det.verify(a, dataclasses.replace(b, image_size=(1024, 768)), "ransac", k)
+    assert pose is None

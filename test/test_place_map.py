@@ -257,6 +257,29 @@ def test_snapshot_writes_exactly_its_own_keyframes(tmp_path: Path, rng) -> None:
     _finds_itself(back, feats[:13])
 
 
+def test_spill_folders_of_dead_processes_are_removed(tmp_path: Path, rng, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node killed mid-run (SIGKILL, power loss) leaves its default spill folder behind, gigabytes each; the next
+    start removes those whose process is gone and keeps the live ones."""
+    from pnv_ros.place_map import SPILL_PREFIX, remove_stale_spills
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    m = PlaceMap(16, SPEED, MODEL, memory_budget_mb=0.1)  # the default spill folder, in the (patched) temp folder
+    feats = [_feat(rng) for _ in range(20)]
+    _fill(m, feats)
+    assert m.keyframes_on_disk > 0
+    (own,) = tmp_path.glob(f"{SPILL_PREFIX}*")
+    assert own.name.startswith(f"{SPILL_PREFIX}{os.getpid()}_")
+    gone_pid = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout.strip()  # fmt: skip
+    gone, unnamed = tmp_path / f"{SPILL_PREFIX}{gone_pid}_x1", tmp_path / f"{SPILL_PREFIX}nopid"
+    for d in (gone, unnamed):
+        d.mkdir()
+        (d / "patches_0.f16").write_bytes(b"\0" * 64)
+    assert remove_stale_spills() == [gone]
+    assert not gone.exists() and own.is_dir() and unnamed.is_dir()
+    assert len(m) == 20 and all(_same_patches(m, i, f) for i, f in enumerate(feats))  # spilled ones read back
+
+
 # -- 4. malformed files -------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def good_map(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -44,6 +44,7 @@ from pnv_ros.model.checkpoint import load_checkpoint
 from pnv_ros.model.registry import resolve_checkpoint
 from pnv_ros.msg import Keyframe as KeyframeMsg
 from pnv_ros.msg import LoopClosure as LoopClosureMsg
+from pnv_ros.place_map import remove_stale_spills
 from pnv_ros.ros import params as P
 from pnv_ros.ros.conversions import (
     array_to_image,
@@ -227,8 +228,8 @@ class LoopClosureNode(Node):
         self._camera_frame = ""  # frame_id of the last image: the relative poses' frames
         self._warned_info = False
         self._started = time.monotonic()
-        self._intrinsics: np.ndarray | None = None
-        self._info_size: tuple[int, int] | None = None  # (width, height) camera_info's matrix is for
+        # camera_info's camera matrix and the (width, height) it is for (None if not given), set together
+        self._camera: tuple[np.ndarray, tuple[int, int] | None] | None = None
         self._warned_size: tuple[int, int] | None = None
         self._odom = _Odometry()
         self._thumbs = Thumbnails(g("thumbnail_cache"))
@@ -265,6 +266,8 @@ class LoopClosureNode(Node):
                           clock=Clock(clock_type=ClockType.STEADY_TIME))  # fmt: skip
         self._check_map_dir()
         self._remove_stale_temp_maps()
+        for d in remove_stale_spills():
+            self.log.info(f"removed {d}, the patch spill of a map store whose process is gone")
         self._unloadable: str | None = None  # a map file of map_dir that failed to load at start: kept as it is
         if g("load_map"):
             ok, msg, _ = self._load(g("load_map"))
@@ -337,17 +340,16 @@ class LoopClosureNode(Node):
         # The rectified camera P (left 3 x 3), as image_proc and RTAB-Map read it: the node takes rectified images;
         # K when P is empty (a camera_info with K alone, a camera without distortion).
         p = np.array(msg.p, dtype=np.float64).reshape(3, 4)[:, :3]
-        k = p if np.isfinite(p).all() and p[0, 0] > 0 and p[1, 1] > 0 else np.array(msg.k, np.float64).reshape(3, 3)
-        ok = np.isfinite(k).all() and k[0, 0] > 0 and k[1, 1] > 0 and abs(k[2, 2] - 1.0) < 1e-6 and not k[2, :2].any()
+        k = p if _is_camera_matrix(p) else np.array(msg.k, np.float64).reshape(3, 3)
+        ok = _is_camera_matrix(k)
         if not ok:
             self._event("bad_camera_info")
-            if self._intrinsics is not None or not self._warned_info:
+            if self._camera is not None or not self._warned_info:
                 self.log.warning(f"camera_info ignored: {k.ravel().tolist()} (P, or K when P is empty) is not a "
                                  "camera matrix (finite, fx, fy > 0, last row 0 0 1); loops go without a relative "
                                  "pose")  # fmt: skip
                 self._warned_info = True
-        self._info_size = (int(msg.width), int(msg.height)) if ok and msg.width and msg.height else None
-        self._intrinsics = k if ok else None
+        self._camera = (k, (int(msg.width), int(msg.height)) if msg.width and msg.height else None) if ok else None
 
     def _on_odom(self, msg: Odometry) -> None:
         p, q = msg.pose.pose.position, msg.pose.pose.orientation
@@ -407,7 +409,7 @@ class LoopClosureNode(Node):
         t0 = time.perf_counter()
         feats = self.detector.extractor.extract_one(arr)  # outside the detector's lock
         t_extract = time.perf_counter() - t0
-        res = self.detector.commit(adm, feats, self._camera_matrix(arr))
+        res = self.detector.commit(adm, feats, self._camera_matrix((int(arr.shape[1]), int(arr.shape[0]))))
         if res.keyframe_id is None:
             return res.status
         self.latency["extract"].append(t_extract)
@@ -420,17 +422,22 @@ class LoopClosureNode(Node):
             self._publish_loop(msg, res.loop, feats.image_size, gen, pos)
         return "keyframe"
 
-    def _camera_matrix(self, arr: np.ndarray) -> np.ndarray | None:
-        """camera_info's camera matrix when it is for this image's size; None (loops go without a relative pose) when
-        camera_info describes another size (a full-resolution camera_info beside a resized or binned image)."""
-        k, size, image = self._intrinsics, self._info_size, (int(arr.shape[1]), int(arr.shape[0]))
-        if k is None or size is None or size == image:
+    def _camera_matrix(self, *sizes: tuple[int, int]) -> np.ndarray | None:
+        """camera_info's camera matrix when it is for every image size given ((width, height) each); None (loops
+        go without a relative pose) when camera_info describes another size (a full-resolution camera_info
+        beside a resized or binned image)."""
+        cam = self._camera  # one read: the matrix and its size together
+        if cam is None:
+            return None
+        k, size = cam
+        other = next((im for im in sizes if size is not None and tuple(im) != size), None)
+        if other is None:
             return k
         self._event("camera_info_size")
         if self._warned_size != size:
             self._warned_size = size
-            self.log.warning(f"camera_info is for {size[0]} x {size[1]} images but the image is {image[0]} x "
-                             f"{image[1]}: loops go without a relative pose until they agree")  # fmt: skip
+            self.log.warning(f"camera_info is for {size[0]} x {size[1]} images but the image is {other[0]} x "
+                             f"{other[1]}: loops go without a relative pose until they agree")  # fmt: skip
         return None
 
     def _log_jump(self, adm: Admission) -> None:
@@ -587,7 +594,7 @@ class LoopClosureNode(Node):
         if req.id_a == req.id_b:
             raise PnvError(f"id_a and id_b are both {req.id_a}: give two different keyframes")
         a, b = det.features_of(req.id_a), det.features_of(req.id_b)
-        score, nm, ni, pose = det.verify(a, b, req.matcher or None, self._intrinsics)
+        score, nm, ni, pose = det.verify(a, b, req.matcher or None, self._camera_matrix(a.image_size, b.image_size))
         resp.score, resp.num_matches, resp.num_inliers = score, nm, ni
         resp.relative_pose = relative_pose_msg(pose, self._camera_frame, self._camera_frame)
         resp.message = "ok"
@@ -618,7 +625,7 @@ class LoopClosureNode(Node):
     def _exists(self, name: str) -> bool:
         try:
             return self._map_path(name).is_file()
-        except PnvError:
+        except (PnvError, OSError):
             return False
 
     def _save(self, name: str) -> tuple[bool, str, int]:
@@ -644,6 +651,8 @@ class LoopClosureNode(Node):
         ok, resp.message, _ = self._save(req.name)
         if not ok:
             raise PnvError(resp.message)
+        if self._unloadable is not None and self._map_path(req.name).name == self._unloadable:
+            self._unloadable = None  # replaced on purpose: that file is this run's map now
 
     def _srv_load(self, req, resp) -> None:  # type: ignore[no-untyped-def]
         ok, resp.message, _ = self._load(req.name)
@@ -662,8 +671,8 @@ class LoopClosureNode(Node):
         if name and self._unloadable is not None and P.map_file_name(name) == self._unloadable:
             # The file holds a map this run could not load (another model, a damaged file): replacing it with
             # this run's map would lose it. The run's map goes beside it.
-            kept = name.removesuffix(".npz")
-            name = f"{kept}_unsaved_{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+            # map names are at most 100 characters (params.map_file_name): room for the 25 added
+            name = f"{name.removesuffix('.npz')[:75]}_unsaved_{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
             self.log.error(f"not replacing {self._unloadable}, which failed to load at start; this run's map is "
                            f"saved as {P.map_file_name(name)} instead")  # fmt: skip
         if name:
@@ -677,6 +686,12 @@ try:  # on robots: cv_bridge widens the accepted encodings (bayer, yuv, ...)
     _BRIDGE = CvBridge()
 except Exception:  # noqa: BLE001 - absent here, or the ROS 1 PyPI build that breaks on numpy 2
     _BRIDGE = None
+
+
+def _is_camera_matrix(m: np.ndarray) -> bool:
+    """A 3 x 3 pinhole camera matrix: finite, fx and fy > 0, last row 0 0 1."""
+    return bool(np.isfinite(m).all() and m[0, 0] > 0 and m[1, 1] > 0 and abs(m[2, 2] - 1.0) < 1e-6
+                and not m[2, :2].any())  # fmt: skip
 
 
 def _decode(msg, bit_depth: int | None = None) -> np.ndarray:  # type: ignore[no-untyped-def]
