@@ -221,10 +221,7 @@ def main() -> None:
     if a.fit == "map":
         return fit_on_map(a, data_sets, t0)
     fit_images = list_images(dm.find_fitting_set())  # as `pnv models build(-default)` lists them
-    res: dict = {"command": ".venv/bin/python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
-                 "date": utc_now(),
-                 "machine": {"cpu": _cpu(), "threads": torch.get_num_threads()}, "families": {},
-                 "seed0_matches_cache": {}}  # fmt: skip
+    res = _header(seed0_matches_cache={})
     with tempfile.TemporaryDirectory() as tmp:
         for fam, _, ck in FAMILIES:
             if fam not in a.families.split(","):
@@ -245,20 +242,18 @@ def main() -> None:
 
 def fit_on_map(a: argparse.Namespace, data_sets: list[tuple], t0: float) -> None:
     """``--fit map``: per family, seed and set, the shipped model refitted on the set's database images."""
-    res: dict = {"command": ".venv/bin/python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
-                 "date": utc_now(), "fit": "map", "dims": a.dims,
-                 "machine": {"cpu": _cpu(), "threads": torch.get_num_threads()}, "families": {}}  # fmt: skip
+    res = _header(fit="map", dims=a.dims)
     with tempfile.TemporaryDirectory() as tmp:
         for fam, _, ck in FAMILIES:
             if fam not in a.families.split(","):
                 continue
-            runs = []
+            source, runs = resolve_checkpoint(ck), []
             for seed in tqdm(range(a.seeds), desc=f"{fam} seeds", unit="seed"):
                 run: dict = {"seed": seed, "sha256": {}, "sets": {}}
                 for data_set in data_sets:
                     name = data_set[0].split()[0]
-                    f = refit_model(resolve_checkpoint(ck), list(data_set[1]), Path(tmp) / f"{fam}_{name}.pth.tar",
-                                    num_pcs=a.dims, seed=seed)  # fmt: skip
+                    f = refit_model(source, list(data_set[1]), Path(tmp) / f"{fam}_{name}.pth.tar", num_pcs=a.dims,
+                                    seed=seed)  # fmt: skip
                     run["sha256"][name] = file_sha256(f)
                     run["sets"].update(evaluate(f, [data_set])["sets"])
                 runs.append(run)
@@ -266,6 +261,13 @@ def fit_on_map(a: argparse.Namespace, data_sets: list[tuple], t0: float) -> None
             res["families"][fam] = runs
     res["wall_s"] = time.perf_counter() - t0
     _write(res, Path(a.docs), "vocabulary_seeds_map")
+
+
+def _header(**extra: object) -> dict:
+    """The run's record before its results: command line, date, machine, an empty ``families``."""
+    return {"command": ".venv/bin/python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
+            "date": utc_now(), "machine": {"cpu": _cpu(), "threads": torch.get_num_threads()}, "families": {},
+            **extra}  # fmt: skip
 
 
 def _cpu() -> str:

@@ -61,19 +61,20 @@ def remove_stale_spills(temp_dir: str | Path | None = None) -> list[Path]:
     removed = []
     for d in Path(temp_dir or tempfile.gettempdir()).glob(f"{SPILL_PREFIX}*_*"):
         pid = d.name[len(SPILL_PREFIX) :].split("_", 1)[0]
-        if not pid.isdigit() or not d.is_dir() or d.is_symlink():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except (ProcessLookupError, OverflowError):  # gone, or a number no process can have
-            pass
-        except PermissionError:  # another user's live process
-            continue
-        else:  # alive
-            continue
-        shutil.rmtree(d, ignore_errors=True)
-        removed.append(d)
+        if pid.isdigit() and d.is_dir() and not d.is_symlink() and not _process_alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
     return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: the existence and permission check only
+    except (ProcessLookupError, OverflowError):  # gone, or a number no process can have
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def check_invariants_enabled() -> bool:

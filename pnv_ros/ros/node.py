@@ -632,6 +632,8 @@ class LoopClosureNode(Node):
         try:
             path = self._map_path(name)
             n = self.detector.save_map(path)
+            if self._unloadable == path.name:  # replaced on purpose (save_map): that file is this run's map now
+                self._unloadable = None
             return True, f"saved {n} keyframes to {path}", n
         except (PnvError, OSError) as e:
             return False, f"save failed: {e}", len(self.detector.map)
@@ -651,8 +653,6 @@ class LoopClosureNode(Node):
         ok, resp.message, _ = self._save(req.name)
         if not ok:
             raise PnvError(resp.message)
-        if self._unloadable is not None and self._map_path(req.name).name == self._unloadable:
-            self._unloadable = None  # replaced on purpose: that file is this run's map now
 
     def _srv_load(self, req, resp) -> None:  # type: ignore[no-untyped-def]
         ok, resp.message, _ = self._load(req.name)
