@@ -8,6 +8,8 @@
 #  3. links the node executables into <venv>/lib/pnv_ros/, where launch_ros looks for them (colcon installs
 #     them there, CMakeLists.txt; pip puts console scripts in bin/ only).
 # launch finds packages through the ament index: run launch files with AMENT_PREFIX_PATH=<venv>.
+# The sources stay outside this repository (about 1.1 MB, 170 Python files of upstream code, needed only
+# where no ROS 2 is installed); the default is the shared folder beside the checkout, as CI has it.
 #   scripts/install_launch.sh [SRC]   SRC: the sources (default $PNV_LAUNCH_SRC, else ../shared/ros/launch_src
 #                                     beside this checkout); PNV_VENV: the venv (default .venv of this checkout)
 set -euo pipefail

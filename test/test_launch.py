@@ -67,12 +67,15 @@ def run_launch(launch_file: str, arguments: list[str]) -> int:
 
 def test_launch_is_installed() -> None:
     """ROS 2's launch, not PyPI's unrelated 'launch' (scripts/install_launch.sh; never skipped)."""
-    import launch_ros  # noqa: F401
-    import launch_xml  # noqa: F401
+    hint = "scripts/install_launch.sh installs ROS 2 launch (sources: ../shared/ros/launch_src or $PNV_LAUNCH_SRC)"
+    try:
+        import launch_ros  # noqa: F401
+        import launch_xml  # noqa: F401
 
-    import launch
-
-    assert hasattr(launch, "LaunchService"), f"{launch.__file__} is not ROS 2's launch: run scripts/install_launch.sh"
+        import launch
+    except ImportError as e:
+        pytest.fail(f"{e}: {hint}")
+    assert hasattr(launch, "LaunchService"), f"{launch.__file__} is not ROS 2's launch: {hint}"
 
 
 def test_executables_are_where_launch_ros_looks() -> None:
