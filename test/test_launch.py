@@ -98,6 +98,19 @@ def test_executables_are_where_launch_ros_looks() -> None:
         assert path.resolve() == (Path(sys.prefix) / "bin" / exe).resolve()
 
 
+def test_the_package_share_is_where_the_launch_files_look(monkeypatch: pytest.MonkeyPatch) -> None:
+    """params_file's default is $(find-pkg-share pnv_ros)/config/<preset>.yaml: the ament index finds pnv_ros in
+    the venv (scripts/build_interfaces.sh's cmake install, as colcon's), with the launch files and presets."""
+    from ament_index_python.packages import get_package_share_directory
+
+    monkeypatch.setenv("AMENT_PREFIX_PATH", sys.prefix)
+    share = Path(get_package_share_directory("pnv_ros"))
+    for name in ("loop_closure.launch.py", "loop_closure.launch.xml"):
+        assert (share / "launch" / name).is_file()
+    for preset in ("performance", "speed", "storage"):
+        assert (share / "config" / f"{preset}.yaml").is_file()
+
+
 @pytest.fixture(scope="module")
 def ros() -> Iterator[Node]:
     """An rclpy node in this process (conftest set the loopback profile and a domain of our own)."""
