@@ -25,8 +25,18 @@ pip_q install -q --no-build-isolation -e . --config-settings editable_mode=compa
 # Test-only oracle: the authors' package, without its pinned dependencies.
 pip_q install -q --no-deps patchnetvlad==0.1.8
 scripts/build_interfaces.sh
-# The oracle names faiss/opencv-python; faiss-cpu/opencv-python-headless provide them.
-problems=$(.venv/bin/python -m pip check 2>&1 | grep -v -E "^patchnetvlad .* requires (faiss|opencv-python)," | grep -v "^No broken" || true)
+# ROS 2 launch (not on PyPI) from the upstream sources beside the checkout, for the launch files and their test.
+LAUNCH_SRC=${PNV_LAUNCH_SRC:-../shared/ros/launch_src}
+if [ -d "$LAUNCH_SRC" ]; then
+  scripts/install_launch.sh "$LAUNCH_SRC"
+else
+  echo "note: no ROS 2 launch sources at $LAUNCH_SRC (PNV_LAUNCH_SRC): launch not installed; test/test_launch.py needs it"
+fi
+# The oracle names faiss/opencv-python; faiss-cpu/opencv-python-headless provide them. launch_ros names
+# ament-index-python; the wheel ros-ament-index-python provides it.
+problems=$(.venv/bin/python -m pip check 2>&1 \
+  | grep -v -E "^(patchnetvlad .* requires (faiss|opencv-python)|launch-ros .* requires ament-index-python)," \
+  | grep -v "^No broken" || true)
 [ -z "$problems" ] || { echo "$problems"; exit 1; }
 test -x .venv/bin/pnv || { echo "error: .venv/bin/pnv was not installed"; exit 1; }
 echo "== default model (built once, cached in ${PNV_CACHE_DIR:-~/.cache/pnv_ros})"

@@ -1,10 +1,9 @@
 """Packaging: package.xml for rosdep, setup.cfg for pip, the installed fitting set,
 scripts/setup.sh's pip error handling, and the two launch files.
 
-``launch``/``launch_ros`` are not installable here (PyPI's ``launch`` is another
-project), so the launch files are checked statically, and the Python one is also
-run against recording stand-ins of the launch classes. On a machine with ROS 2,
-test_launch_files_load_with_real_launch loads both with the real launch.
+Here the launch files are checked statically, and the Python one is also run against
+recording stand-ins of the launch classes; test_launch.py runs both with the real launch
+(scripts/install_launch.sh installs it in the pip mode: PyPI's ``launch`` is another project).
 """
 
 from __future__ import annotations
