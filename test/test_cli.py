@@ -288,6 +288,40 @@ def test_every_numeric_option_is_range_checked(capsys: pytest.CaptureFixture) ->
         assert opt in err and msg in err, err
 
 
+def test_eval_sets_every_detector_setting_by_its_parameter_name(capsys: pytest.CaptureFixture) -> None:
+    """Kind: settings written twice (--threshold for min_score, literal defaults) and some not settable at
+    all (temporal_k, min_texture ...). pnv eval's detector options are generated from DetectorParams: one
+    per field, named as the node's parameter; the older spellings set the same field, with a note."""
+    from dataclasses import fields
+
+    from pnv_ros.cli import build_parser
+    from pnv_ros.cli.detector_options import detector_params
+    from pnv_ros.config import DetectorParams
+
+    base = ["eval", "b.bag", "--gt", "g.csv", "--out", "run"]
+    assert detector_params(build_parser().parse_args(base)) == DetectorParams()  # the defaults are the node's
+    changed = {"top_n": 7, "matcher": "ransac", "min_score": 0.3, "exclude_recent_s": 2.5,
+               "exclude_recent_keyframes": 3, "min_interval_s": 0.5, "min_travel_m": 1.5, "min_rotation_rad": 0.2,
+               "min_visual_change": 0.1, "min_texture": 6.0, "temporal_k": 3, "temporal_tolerance": 5,
+               "fast_products": True}  # fmt: skip
+    assert set(changed) == {f.name for f in fields(DetectorParams)}  # all of them, every default changed
+    argv = list(base)
+    for name, v in changed.items():
+        opt = "--" + name.replace("_", "-")
+        argv += [opt] if v is True else [opt, str(v)]
+    assert detector_params(build_parser().parse_args(argv)) == DetectorParams(**changed)
+    old = {"--threshold": "min_score", "--exclude-recent": "exclude_recent_s", "--min-interval": "min_interval_s",
+           "--min-travel": "min_travel_m"}  # fmt: skip
+    capsys.readouterr()
+    for opt, name in old.items():
+        p = detector_params(build_parser().parse_args([*base, opt, "0.25"]))
+        assert getattr(p, name) == 0.25, opt
+        assert f"{opt} is deprecated: use --{name.replace('_', '-')}" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args([*base, "--temporal-k", "0"])
+    assert e.value.code == 2 and "--temporal-k" in capsys.readouterr().err
+
+
 def _one_error_line(r: subprocess.CompletedProcess, msg: str) -> None:
     assert r.returncode == 1, (r.stdout, r.stderr)
     assert "Traceback" not in r.stderr, r.stderr
