@@ -469,3 +469,35 @@ def test_bag_make_checks_what_it_copies(tmp_path: Path) -> None:
         _one_error_line(run("bag", "make", str(imgs), "--out", str(tmp_path / "c"), "--topic", topic),
                         "is not a ROS topic name")  # fmt: skip
     assert run("bag", "make", str(imgs), "--out", str(tmp_path / "d"), "--topic", "/cam_0/image_raw").returncode == 0
+
+
+def test_eval_run_folder_appears_whole_or_not_at_all(tmp_path: Path) -> None:
+    """The run-folder transaction (library: pnv_ros.eval.run_folder): a failed write leaves the earlier run
+    and no temp folder; only earlier runs are replaced, and only with --force."""
+    from pnv_ros.errors import OutputError
+    from pnv_ros.eval.run_folder import check_run_folder, write_run_folder
+
+    out = tmp_path / "run"
+    check_run_folder(out, force=False)
+
+    def write(folder: Path, text: str) -> int:
+        (folder / "metrics.json").write_text(text)
+        return len(text)
+
+    assert write_run_folder(out, lambda f: write(f, "{}")) == 2
+    with pytest.raises(OutputError, match="pass --force"):
+        check_run_folder(out, force=False)
+    check_run_folder(out, force=True)
+
+    def fail(folder: Path) -> None:
+        write(folder, "partial")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_run_folder(out, fail)
+    assert (out / "metrics.json").read_text() == "{}" and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert write_run_folder(out, lambda f: write(f, "{ }")) == 3 and (out / "metrics.json").read_text() == "{ }"
+    other = tmp_path / "other"
+    (other / "x").mkdir(parents=True)
+    with pytest.raises(OutputError, match="not a run folder"):
+        check_run_folder(other, force=True)
