@@ -13,10 +13,10 @@ import configparser
 import dataclasses
 import json
 import numbers
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from pnv_ros.errors import ConfigError
 
@@ -319,58 +319,87 @@ def load_preset(name: str = "speed", override: str | Path | dict[str, Any] | Non
     return _build(base.name, values, base)
 
 
+def _setting(
+    default: Any,
+    text: str,
+    bounds: tuple[float, float] | None = None,
+    choices: tuple[str, ...] | None = None,
+    aliases: tuple[str, ...] = (),
+) -> Any:
+    """A :class:`DetectorParams` field with its metadata: ``help`` (one line, for the node's parameter
+    descriptions, ``pnv eval --help`` and docs/parameters.md), ``range`` ((low, high), inclusive; ints
+    for whole numbers; None: not a number), ``choices`` (allowed strings, or None) and ``aliases`` (older
+    ``pnv eval`` option names of the setting, kept working)."""
+    return field(default=default, metadata={"help": text, "range": bounds, "choices": choices, "aliases": aliases})
+
+
 @dataclass(frozen=True)
 class DetectorParams:
-    """Loop-closure settings (the node's parameters of the same names). Validated on creation.
+    """Loop-closure settings (the node's parameters and ``pnv eval``'s options of the same names).
 
-    Attributes:
-        top_n: candidates retrieved and re-ranked per keyframe (1..1000).
-        matcher: override of the preset's matcher ('' keeps the preset's; 'ransac' or 'rapid').
-        min_score: accept when the absolute score (0..1) is at least this. 0.12: precision 1.0 on
-            the RTAB-Map loop with the default model (README), a starting point for other data.
-        exclude_recent_s: keyframes newer than this (seconds, session clock) are never candidates.
-        exclude_recent_keyframes: the last this-many keyframes of this run are never candidates
-            (sparse keyframes: time alone would let the previous one or two in).
-        min_interval_s: minimum time between keyframes.
-        min_travel_m: with odometry, minimum travel since the last keyframe (or min_rotation_rad).
-        min_rotation_rad: with odometry, minimum turn since the last keyframe (or min_travel_m).
-        min_visual_change: without odometry, minimum :func:`visual_change` (0..1) since the last
-            keyframe; 0 = every frame is a keyframe. 0.2: on the RTAB-Map loop, consecutive frames
-            of a walk 1 s apart change by 0.36 or more; the same view with pixel noise of
-            sigma 20, a 6 px shake or a 30 % exposure change by 0.12 at most
-            (benchmarks/visual_change.py).
-        min_texture: a frame whose 32x24 grey thumbnail has a standard deviation (grey levels, 0..255)
-            below this is never a keyframe: two black, white or lens-capped frames scored 0.136 as a
-            loop, above min_score. 4.0: flat frames with sensor noise (sigma 8) measure 0.5 at most;
-            the least textured RTAB-Map frames (a blank wall up close) 21.8; the corridor set 52.
-        temporal_k: accept only when k consecutive keyframes match consistently (1 = off).
-        temporal_tolerance: how many keyframe ids consecutive best matches may move and still
-            count as consistent.
-        fast_products: re-rank with oneDNN's similarity products on a CPU (faster; float32-rounding
-            differences from the reference can flip near-tied matches; see PatchMatcher).
+    Each field's help, range and choices are its metadata (:func:`dataclasses.fields`): the one source
+    from which the node's parameter table (:mod:`pnv_ros.ros.params`), the CLI's option group and
+    docs/parameters.md are built. Validated on creation (a value out of range is a ConfigError).
+
+    Why the defaults are what they are:
+        min_score 0.12: precision 1.0 on the RTAB-Map loop with the default model (README), a starting
+            point for other data.
+        exclude_recent_keyframes: with sparse keyframes, time alone would let the previous one or two in.
+        min_visual_change 0.2: on the RTAB-Map loop, consecutive frames of a walk 1 s apart change by 0.36
+            or more; the same view with pixel noise of sigma 20, a 6 px shake or a 30 % exposure change by
+            0.12 at most (benchmarks/visual_change.py).
+        min_texture 4.0: two black, white or lens-capped frames scored 0.136 as a loop, above min_score;
+            flat frames with sensor noise (sigma 8) measure 0.5 at most; the least textured RTAB-Map
+            frames (a blank wall up close) 21.8; the corridor set 52.
+        fast_products False: oneDNN's float32-rounding differences from the reference can flip near-tied
+            matches (see PatchMatcher).
     """
 
-    top_n: int = 20
-    matcher: str = ""
-    min_score: float = 0.12
-    exclude_recent_s: float = 10.0
-    exclude_recent_keyframes: int = 10
-    min_interval_s: float = 0.0
-    min_travel_m: float = 0.5
-    min_rotation_rad: float = 0.35
-    min_visual_change: float = 0.2
-    min_texture: float = 4.0
-    temporal_k: int = 1
-    temporal_tolerance: int = 3
-    fast_products: bool = False
+    top_n: int = _setting(20, "candidates retrieved and re-ranked per keyframe", (1, 1000))
+    matcher: str = _setting("", "'' (the preset's), ransac or rapid", choices=("", "ransac", "rapid"))
+    min_score: float = _setting(
+        0.12, "accept a loop when its absolute score (0..1) is at least this", (0.0, 1.0), aliases=("--threshold",)
+    )
+    exclude_recent_s: float = _setting(
+        10.0,
+        "keyframes newer than this (s, session clock) are never candidates",
+        (0.0, 1e7),
+        aliases=("--exclude-recent",),
+    )
+    exclude_recent_keyframes: int = _setting(
+        10, "the last this-many keyframes of this run are never candidates", (0, 100000)
+    )
+    min_interval_s: float = _setting(
+        0.0, "minimum time between keyframes (s)", (0.0, 3600.0), aliases=("--min-interval",)
+    )
+    min_travel_m: float = _setting(
+        0.5, "with odometry: a keyframe after this much travel (m) ...", (0.0, 1e4), aliases=("--min-travel",)
+    )
+    min_rotation_rad: float = _setting(0.35, "... or this much rotation (rad) since the last keyframe", (0.0, 7.0))
+    min_visual_change: float = _setting(
+        0.2,
+        "without odometry: a keyframe when the picture changed this much (1 - normalised cross-correlation of "
+        "32x24 grey thumbnails, 0..1) since the last keyframe; 0 = every frame",
+        (0.0, 1.0),
+    )
+    min_texture: float = _setting(
+        4.0,
+        "a frame whose 32x24 grey thumbnail varies less than this (std, grey levels) is never a keyframe "
+        "(lens cap, darkness, white-out)",
+        (0.0, 128.0),
+    )
+    temporal_k: int = _setting(
+        1, "consecutive consistent keyframes required before a loop is published (1 = off)", (1, 20)
+    )
+    temporal_tolerance: int = _setting(
+        3, "keyframe ids consecutive best matches may move and still be consistent", (0, 1000)
+    )
+    fast_products: bool = _setting(
+        False, "oneDNN similarity products on CPU: faster re-ranking, float32 rounding differs from the reference"
+    )
 
-    #: (low, high) of each numeric field, inclusive: the node's parameter ranges too.
-    RANGES = {
-        "top_n": (1, 1000), "min_score": (0.0, 1.0), "exclude_recent_s": (0.0, 1e7),
-        "exclude_recent_keyframes": (0, 100000), "min_interval_s": (0.0, 3600.0), "min_travel_m": (0.0, 1e4),
-        "min_rotation_rad": (0.0, 7.0), "min_visual_change": (0.0, 1.0), "min_texture": (0.0, 128.0),
-        "temporal_k": (1, 20), "temporal_tolerance": (0, 1000),
-    }  # fmt: skip
+    #: (low, high) of each numeric field, inclusive (from the fields' metadata; set below the class).
+    RANGES: ClassVar[dict[str, tuple[float, float]]]
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -391,3 +420,6 @@ class DetectorParams:
         if unknown:
             raise ConfigError(f"unknown detector parameter(s) {sorted(unknown)}")
         return replace(self, **changes)  # type: ignore[arg-type]
+
+
+DetectorParams.RANGES = {f.name: f.metadata["range"] for f in fields(DetectorParams) if f.metadata["range"]}

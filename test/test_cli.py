@@ -288,6 +288,40 @@ def test_every_numeric_option_is_range_checked(capsys: pytest.CaptureFixture) ->
         assert opt in err and msg in err, err
 
 
+def test_eval_sets_every_detector_setting_by_its_parameter_name(capsys: pytest.CaptureFixture) -> None:
+    """Kind: settings written twice (--threshold for min_score, literal defaults) and some not settable at
+    all (temporal_k, min_texture ...). pnv eval's detector options are generated from DetectorParams: one
+    per field, named as the node's parameter; the older spellings set the same field, with a note."""
+    from dataclasses import fields
+
+    from pnv_ros.cli import build_parser
+    from pnv_ros.cli.detector_options import detector_params
+    from pnv_ros.config import DetectorParams
+
+    base = ["eval", "b.bag", "--gt", "g.csv", "--out", "run"]
+    assert detector_params(build_parser().parse_args(base)) == DetectorParams()  # the defaults are the node's
+    changed = {"top_n": 7, "matcher": "ransac", "min_score": 0.3, "exclude_recent_s": 2.5,
+               "exclude_recent_keyframes": 3, "min_interval_s": 0.5, "min_travel_m": 1.5, "min_rotation_rad": 0.2,
+               "min_visual_change": 0.1, "min_texture": 6.0, "temporal_k": 3, "temporal_tolerance": 5,
+               "fast_products": True}  # fmt: skip
+    assert set(changed) == {f.name for f in fields(DetectorParams)}  # all of them, every default changed
+    argv = list(base)
+    for name, v in changed.items():
+        opt = "--" + name.replace("_", "-")
+        argv += [opt] if v is True else [opt, str(v)]
+    assert detector_params(build_parser().parse_args(argv)) == DetectorParams(**changed)
+    old = {"--threshold": "min_score", "--exclude-recent": "exclude_recent_s", "--min-interval": "min_interval_s",
+           "--min-travel": "min_travel_m"}  # fmt: skip
+    capsys.readouterr()
+    for opt, name in old.items():
+        p = detector_params(build_parser().parse_args([*base, opt, "0.25"]))
+        assert getattr(p, name) == 0.25, opt
+        assert f"{opt} is deprecated: use --{name.replace('_', '-')}" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args([*base, "--temporal-k", "0"])
+    assert e.value.code == 2 and "--temporal-k" in capsys.readouterr().err
+
+
 def _one_error_line(r: subprocess.CompletedProcess, msg: str) -> None:
     assert r.returncode == 1, (r.stdout, r.stderr)
     assert "Traceback" not in r.stderr, r.stderr
@@ -435,3 +469,35 @@ def test_bag_make_checks_what_it_copies(tmp_path: Path) -> None:
         _one_error_line(run("bag", "make", str(imgs), "--out", str(tmp_path / "c"), "--topic", topic),
                         "is not a ROS topic name")  # fmt: skip
     assert run("bag", "make", str(imgs), "--out", str(tmp_path / "d"), "--topic", "/cam_0/image_raw").returncode == 0
+
+
+def test_eval_run_folder_appears_whole_or_not_at_all(tmp_path: Path) -> None:
+    """The run-folder transaction (library: pnv_ros.eval.run_folder): a failed write leaves the earlier run
+    and no temp folder; only earlier runs are replaced, and only with --force."""
+    from pnv_ros.errors import OutputError
+    from pnv_ros.eval.run_folder import check_run_folder, write_run_folder
+
+    out = tmp_path / "run"
+    check_run_folder(out, force=False)
+
+    def write(folder: Path, text: str) -> int:
+        (folder / "metrics.json").write_text(text)
+        return len(text)
+
+    assert write_run_folder(out, lambda f: write(f, "{}")) == 2
+    with pytest.raises(OutputError, match="pass --force"):
+        check_run_folder(out, force=False)
+    check_run_folder(out, force=True)
+
+    def fail(folder: Path) -> None:
+        write(folder, "partial")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_run_folder(out, fail)
+    assert (out / "metrics.json").read_text() == "{}" and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert write_run_folder(out, lambda f: write(f, "{ }")) == 3 and (out / "metrics.json").read_text() == "{ }"
+    other = tmp_path / "other"
+    (other / "x").mkdir(parents=True)
+    with pytest.raises(OutputError, match="not a run folder"):
+        check_run_folder(other, force=True)

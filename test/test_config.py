@@ -70,3 +70,29 @@ def test_override_files(tmp_path: Path) -> None:
 def test_roundtrip_dict() -> None:
     for p in PRESETS.values():
         assert Preset.from_dict(p.to_dict()) == p
+
+
+def test_detector_settings_have_one_source() -> None:
+    """Kind: a setting's range or help written twice (config, node table, CLI) and drifting apart."""
+    from dataclasses import fields
+
+    from pnv_ros.config import DetectorParams
+    from pnv_ros.ros import params
+
+    d = DetectorParams()
+    assert [p.name for p in params.DETECTOR_TABLE] == [f.name for f in fields(DetectorParams)]
+    assert params.DETECTOR_NAMES == tuple(f.name for f in fields(DetectorParams))
+    for f in fields(DetectorParams):
+        p = params.BY_NAME[f.name]
+        assert f.metadata["help"] and p.description == f.metadata["help"], f.name
+        assert p.kind == "detector" and p.default == getattr(d, f.name)
+        assert p.range == f.metadata["range"] and p.choices == f.metadata["choices"]
+        if p.range is not None:  # the default lies in its range, and the range is what validation uses
+            assert p.range[0] <= p.default <= p.range[1] and DetectorParams.RANGES[f.name] == p.range
+            with pytest.raises(ConfigError, match=f.name):
+                DetectorParams(**{f.name: p.range[1] + 1})
+        if p.choices is not None:
+            assert p.default in p.choices
+    assert set(DetectorParams.RANGES) == {f.name for f in fields(DetectorParams) if f.metadata["range"]}
+    assert not {p.name for p in params.NODE_TABLE} & set(params.DETECTOR_NAMES)
+    assert len(params.TABLE) == len(params.NODE_TABLE) + len(params.DETECTOR_TABLE)

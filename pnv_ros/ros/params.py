@@ -1,13 +1,20 @@
-"""The node's parameters as one table: name, default, description, range, and where it goes.
+"""The node's parameters as tables: name, default, description, range, and where it goes.
 
-Detector parameters map one to one onto :class:`DetectorParams` (their
-defaults and ranges come from it), so the node, the CLI and the evaluator
-validate the same way. No rclpy here: the node turns the table into
+Detector parameters map one to one onto :class:`DetectorParams`' fields
+(their defaults, help, ranges and choices are its field metadata), so the
+node, the CLI (``pnv eval``'s generated options) and the evaluator validate
+the same way; the node's own parameters (inputs, QoS, engine, maps) are
+:data:`NODE_TABLE`. No rclpy here: the node turns :data:`TABLE` into
 ``ParameterDescriptor`` s, and the tests read it directly.
+
+``python -m pnv_ros.ros.params --markdown > docs/parameters.md`` writes the
+parameter reference (test_parameters_doc checks that the committed file is
+current).
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -36,27 +43,16 @@ class Param:
         return self.kind == "startup"
 
 
-_DP = DetectorParams()
-_DETECTOR_TEXT = {
-    "top_n": "candidates retrieved and re-ranked per keyframe",
-    "matcher": "'' (the preset's), ransac or rapid",
-    "min_score": "accept a loop when its absolute score (0..1) is at least this",
-    "exclude_recent_s": "keyframes newer than this (s, session clock) are never candidates",
-    "exclude_recent_keyframes": "the last this-many keyframes of this run are never candidates",
-    "min_interval_s": "minimum time between keyframes (s)",
-    "min_travel_m": "with odometry: a keyframe after this much travel (m) ...",
-    "min_rotation_rad": "... or this much rotation (rad) since the last keyframe",
-    "min_visual_change": "without odometry: a keyframe when the picture changed this much (1 - normalised "
-    "cross-correlation of 32x24 grey thumbnails, 0..1) since the last keyframe; 0 = every frame",
-    "min_texture": "a frame whose 32x24 grey thumbnail varies less than this (std, grey levels) is never a keyframe "
-    "(lens cap, darkness, white-out)",
-    "temporal_k": "consecutive consistent keyframes required before a loop is published (1 = off)",
-    "temporal_tolerance": "keyframe ids consecutive best matches may move and still be consistent",
-    "fast_products": "oneDNN similarity products on CPU: faster re-ranking, float32 rounding differs from the "
-    "reference",
-}
+def _detector_table() -> tuple[Param, ...]:
+    """The detector's parameters, from :class:`DetectorParams`' fields: default, help, range and choices."""
+    return tuple(
+        Param(f.name, f.default, f.metadata["help"], "detector", f.metadata["range"], f.metadata["choices"])
+        for f in fields(DetectorParams)
+    )
 
-TABLE: tuple[Param, ...] = (
+
+#: The node's own parameters (inputs, QoS, engine, maps): read-only at start, then the changeable ones.
+NODE_TABLE: tuple[Param, ...] = (
     Param("preset", "speed", "performance | speed | storage", choices=("performance", "speed", "storage")),
     Param("config_file", "", "override file (.toml/.json/.ini) for the preset"),
     Param("checkpoint", "", "checkpoint path or official model name; '' = offline default"),
@@ -98,17 +94,21 @@ TABLE: tuple[Param, ...] = (
           "hour or more of driving, before a robot's RAM fills", range=(0.0, 1e7)),
     Param("map_dir", str(Path.home() / ".ros" / "pnv_maps"), "folder for saved maps"),
     Param("load_map", "", "map name (in map_dir) to load at start"),
-    *(
-        Param(f.name, getattr(_DP, f.name), _DETECTOR_TEXT[f.name], "detector", DetectorParams.RANGES.get(f.name),
-              ("", "ransac", "rapid") if f.name == "matcher" else None)
-        for f in fields(DetectorParams)
-    ),
     Param("max_rate_hz", 0.0, "process at most this many frames per second (0 = as fast as extraction goes)",
           "node", (0.0, 1000.0)),
     Param("save_map_on_shutdown", "", "map name to save at shutdown ('' = don't)", "node"),
     Param("thumbnail_cache", 500, "keyframe thumbnails kept for match images (oldest dropped)", "node", (0, 100000)),
 )  # fmt: skip
 
+#: The detector's parameters: DetectorParams' fields (defaults, help, ranges and choices from its metadata).
+DETECTOR_TABLE: tuple[Param, ...] = _detector_table()
+
+#: Every parameter, in the order the node declares them: startup, detector, changeable node parameters.
+TABLE: tuple[Param, ...] = (
+    *(p for p in NODE_TABLE if p.kind == "startup"),
+    *DETECTOR_TABLE,
+    *(p for p in NODE_TABLE if p.kind != "startup"),
+)
 BY_NAME = {p.name: p for p in TABLE}
 DETECTOR_NAMES = tuple(p.name for p in TABLE if p.kind == "detector")
 
@@ -148,3 +148,91 @@ def map_file_name(name: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}", name or "") or ".." in name or name.endswith("."):
         raise ConfigError(f"bad map name {name!r}: use letters, digits, '_', '-', '.' (no '/' or '..')")
     return name if name.endswith(".npz") else name + ".npz"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# docs/parameters.md
+
+
+def _cell(text: str) -> str:
+    """Text for a Markdown table cell ('|' escaped)."""
+    return text.replace("|", "\\|")
+
+
+def _value(v: Any) -> str:
+    """A default as a ROS parameters file writes it; the home folder as ~ (the file is the same on every machine)."""
+    if isinstance(v, bool):
+        return "`true`" if v else "`false`"
+    if isinstance(v, str):
+        home = str(Path.home())
+        return f"`{'~' + v[len(home) :] if v.startswith(home + '/') else v}`" if v else "`''`"
+    if isinstance(v, float):
+        return f"`{v:.1f}`" if v.is_integer() and abs(v) < 1e16 else f"`{v!r}`"
+    return f"`{v}`"
+
+
+def _allowed(p: Param) -> str:
+    if p.choices is not None:
+        return ", ".join(f"`{c}`" if c else "`''`" for c in p.choices)
+    if p.range is not None:
+        return f"{_value(p.range[0])} .. {_value(p.range[1])}"
+    return ""
+
+
+def cli_option(name: str) -> str:
+    """The ``pnv eval`` option of a detector parameter: ``min_score`` -> ``--min-score``."""
+    return "--" + name.replace("_", "-")
+
+
+def markdown() -> str:
+    """docs/parameters.md: every parameter of the node, the detector's with their ``pnv eval`` options."""
+    out = [
+        "# Parameters",
+        "",
+        "<!-- Generated by `python -m pnv_ros.ros.params --markdown > docs/parameters.md` from the parameter "
+        "tables (pnv_ros/ros/params.py; the detector's from DetectorParams in pnv_ros/config.py). "
+        "test/test_parameters_doc.py fails when this file is not current. -->",
+        "",
+        "The loop-closure node's ROS parameters. Set them in a parameters file (`config/params.yaml`), on the "
+        "command line (`--ros-args -p name:=value`) or, where changeable, at run time (`ros2 param set`); a "
+        "value outside its range or choices is refused with the reason.",
+        "",
+        "## Detector",
+        "",
+        "Changeable at run time. `pnv eval` takes the same settings as options of the same names, with the "
+        "same defaults and ranges.",
+        "",
+        "| parameter | `pnv eval` option | default | range or choices | description |",
+        "|---|---|---|---|---|",
+    ]
+    for p in DETECTOR_TABLE:
+        old = ", ".join(f"`{o}`" for o in _aliases(p.name))
+        opts = f"`{cli_option(p.name)}`" + (f" (older name {old})" if old else "")
+        out.append(f"| `{p.name}` | {opts} | {_value(p.default)} | {_allowed(p)} | {_cell(p.description)} |")
+    for title, kind in (("Node, set at start (read-only)", "startup"), ("Node, changeable at run time", "node")):
+        out += ["", f"## {title}", "", "| parameter | default | range or choices | description |", "|---|---|---|---|"]
+        for p in NODE_TABLE:
+            if p.kind == kind:
+                out.append(f"| `{p.name}` | {_value(p.default)} | {_allowed(p)} | {_cell(p.description)} |")
+    return "\n".join(out) + "\n"
+
+
+def _aliases(name: str) -> tuple[str, ...]:
+    """Older ``pnv eval`` spellings of a detector option (DetectorParams' ``aliases`` metadata), kept working."""
+    return next(tuple(f.metadata["aliases"]) for f in fields(DetectorParams) if f.name == name)
+
+
+def _main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m pnv_ros.ros.params", description="the node's parameter reference")
+    ap.add_argument("--markdown", action="store_true", help="print docs/parameters.md")
+    args = ap.parse_args(argv)
+    if not args.markdown:
+        ap.error("nothing to do: give --markdown")
+    sys.stdout.write(markdown())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())
