@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from pathlib import Path
 from typing import Protocol
 
@@ -39,7 +39,8 @@ class Log(Protocol):
 class MapOwner(Protocol):
     """The part of :class:`pnv_ros.detector.LoopClosureDetector` that maps are saved from and loaded into."""
 
-    map: object  # sized: len() is the keyframe count
+    @property
+    def map(self) -> Sized: ...  # len(): the keyframe count
 
     def save_map(self, path: str | Path) -> int: ...
     def load_map(self, path: str | Path) -> int: ...
@@ -68,7 +69,7 @@ class MapFiles:
             return False
 
     def _keyframes(self) -> int:
-        return len(self.owner.map)  # type: ignore[arg-type]
+        return len(self.owner.map)
 
     # -- at start -------------------------------------------------------------------------------
     def check_writable(self) -> bool:

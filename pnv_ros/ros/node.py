@@ -59,6 +59,8 @@ from pnv_ros.srv import MapCommand, QueryPlace, VerifyPair
 
 
 class LoopClosureNode(Node):
+    """The ``loop_closure`` node: parameters, topics and services around one LoopClosureDetector."""
+
     def __init__(self) -> None:
         super().__init__("loop_closure")
         for p in P.TABLE:
