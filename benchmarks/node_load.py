@@ -1,7 +1,7 @@
 """The live node's own load: CPU spent on its inputs, and keyframe latency, per executor, side by side.
 
 ``loop_closure_node`` runs in its own process, once with rclpy's ``MultiThreadedExecutor`` as released
-with ROS 2 Kilted (rclpy 9.1, the reference) and once with ``pnv_ros.ros.node.Executor`` (the node's
+with ROS 2 Kilted (rclpy 9.1, the reference) and once with ``pnv_ros.ros.executor.Executor`` (the node's
 default), on the same inputs in one run:
 
 1. **odometry alone**: ``nav_msgs/Odometry`` at 0, 100 and 400 Hz for ``--window`` seconds each, no camera;

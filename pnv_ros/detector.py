@@ -4,8 +4,9 @@ The one object the ROS node, the CLI and the bag evaluator share. It owns a
 lock: every method may be called from any thread; extraction runs outside the
 lock, so queries are answered while a keyframe is being extracted.
 
-Per frame (:meth:`LoopClosureDetector.process`, or :meth:`admit` +
-extraction + :meth:`commit` where the caller extracts):
+Per frame (:meth:`LoopClosureDetector.process`, the one frame pipeline: the
+node gives it a ROS message and a decode callable; or :meth:`admit` +
+:meth:`look` + extraction + :meth:`commit` where the caller extracts):
 
 1. **Time.** A stamp equal to the previous frame's is a duplicate; one up to
    ``OUT_OF_ORDER_S`` older is out of order; both are skipped and counted. A
@@ -36,13 +37,16 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 
 from pnv_ros.config import DetectorParams, Matcher, Preset
+from pnv_ros.errors import ImageError
 from pnv_ros.extract import FeatureExtractor
 from pnv_ros.features import PlaceFeatures, patch_keypoints, to_image_pixels
 from pnv_ros.geometry import RelativePose, relative_pose
@@ -103,6 +107,8 @@ class FrameResult:
     status: 'keyframe', or why it was skipped: 'duplicate', 'out_of_order', 'too_soon',
     'no_motion', 'no_information', 'no_visual_change', 'map_changed' (reset/load while it was extracted).
     time_jump: this frame's stamp went back in time (new session segment).
+    generation: of a keyframe, the map generation it joined (bumped by reset and load; see
+    :attr:`LoopClosureDetector.generation`); None for a skipped frame.
     """
 
     keyframe_id: int | None
@@ -111,6 +117,7 @@ class FrameResult:
     loop: LoopClosure | None = None
     timings: dict[str, float] = field(default_factory=dict)
     time_jump: bool = False
+    generation: int | None = None
 
 
 @dataclass
@@ -388,7 +395,8 @@ class LoopClosureDetector:
             best = max(cands, key=lambda c: c.score) if cands else None  # ties: the re-ranked order
             best = best if best is not None and best.score >= p.min_score else None
             s.history.append(best.id if best else None)
-            result = FrameResult(kf_id, "keyframe", cands, timings={"rerank": t1 - t0}, time_jump=adm.time_jump)
+            result = FrameResult(kf_id, "keyframe", cands, timings={"rerank": t1 - t0}, time_jump=adm.time_jump,
+                                 generation=adm.generation)  # fmt: skip
             if best is not None and self._consistent(p):
                 self.counts["loops"] += 1
                 result.loop = LoopClosure(
@@ -407,26 +415,32 @@ class LoopClosureDetector:
 
     def process(
         self,
-        image: ImageSource | PlaceFeatures,
+        image: ImageSource | PlaceFeatures | Any,
         stamp_ns: int,
         position: np.ndarray | None = None,
-        intrinsics: np.ndarray | None = None,
+        intrinsics: np.ndarray | Callable[[tuple[int, int]], np.ndarray | None] | None = None,
         orientation: np.ndarray | None = None,
+        decode: Callable[[Any], np.ndarray] | None = None,
     ) -> FrameResult:
-        """One frame: :meth:`admit`, :meth:`look` (images only), extraction (outside the lock), :meth:`commit`.
+        """One frame, the one pipeline: :meth:`admit`, decoding and :meth:`look` (images only), extraction
+        (outside the lock), :meth:`commit`.
 
-        image: a path, array or PIL image, or features already extracted (no visual-change test then).
+        image: a path, array or PIL image; features already extracted (no picture tests then); or whatever
+        ``decode`` turns into an image array (H, W[, C]), such as the node's ROS message. Only an admitted
+        frame is decoded; what ``decode`` raises (ImageError for a bad message) goes to the caller.
+        intrinsics: (3, 3) camera matrix, or a callable giving it (or None) for the image size (width, height),
+        called after the extraction.
         """
         adm = self.admit(stamp_ns, position, orientation)
         if adm.extract and not isinstance(image, PlaceFeatures):
-            image = np.asarray(load_image(image))
+            image = decode(image) if decode is not None else np.asarray(load_image(image))
             adm = self.look(adm, image)
         if not adm.extract:
             return FrameResult(None, adm.status, time_jump=adm.time_jump)
         t0 = time.perf_counter()
         feats = image if isinstance(image, PlaceFeatures) else self.extractor.extract_one(image)
         t_extract = time.perf_counter() - t0
-        result = self.commit(adm, feats, intrinsics)
+        result = self.commit(adm, feats, intrinsics(feats.image_size) if callable(intrinsics) else intrinsics)
         result.timings["extract"] = t_extract
         result.timings["total"] = t_extract + result.timings["commit"]
         return result
@@ -460,6 +474,36 @@ class LoopClosureDetector:
         with self.lock:
             n = len(self.map) if limit is None else limit
             return self._candidates(features, n, top_n or self._params.top_n, matcher, exclude_id)
+
+    def query_image(self, image: np.ndarray, top_n: int | None = None, matcher: str | None = None) -> list[Candidate]:
+        """:meth:`query` for an image (H, W[, C]) that is not in the map (extracted outside the lock).
+
+        Raises ImageError when it has no information (texture under ``min_texture``: a lens cap, darkness, a
+        white-out): its candidates would be noise (two blank frames score 0.22), as it would never be a keyframe.
+        """
+        t, least = texture(image), self._params.min_texture
+        if t < least:
+            raise ImageError(
+                f"the image has no information (texture {t:.1f} < min_texture {least:g} grey levels: "
+                f"a lens cap, darkness or a white-out); it is never a keyframe and is not queried"
+            )
+        return self.query(self.extractor.extract_one(image), top_n, matcher)
+
+    def query_keyframe(
+        self,
+        kf_id: int | None = None,
+        stamp_ns: int | None = None,
+        top_n: int | None = None,
+        matcher: str | None = None,
+    ) -> list[Candidate]:
+        """:meth:`query` for a stored keyframe, given by id or else by stamp (itself excluded).
+        Raises UnknownPlaceError; ValueError when given neither."""
+        if kf_id is None and stamp_ns is None:
+            raise ValueError("query_keyframe needs a keyframe id or a stamp")
+        with self.lock:
+            kf = self.map.get(kf_id) if kf_id is not None else self.map.by_stamp(int(stamp_ns or 0))
+            feats = self.features_of(kf.id)
+        return self.query(feats, top_n, matcher, kf.id)
 
     def features_of(self, kf_id: int) -> PlaceFeatures:
         """A stored keyframe's features (copies: safe to use outside the lock). Raises UnknownPlaceError."""

@@ -560,6 +560,51 @@ def test_frames_without_information_are_never_keyframes(extractor: FeatureExtrac
     assert det.process(real, 10 * S).status == "keyframe"
 
 
+def test_one_pipeline_with_a_decode_callable(extractor: FeatureExtractor) -> None:
+    """The node's way in: its message and a decode callable. Only admitted frames are decoded, the camera matrix
+    comes from a callable of the image size after extraction, and the answers are those of arrays."""
+    frames = [np.asarray(Image.open(rtab_frame(i)).convert("RGB")) for i in (1, 30, 60)]
+    sent = [(0, 1 * S), (1, 2 * S), (1, 3 * S), (1, 3 * S), (2, 5 * S)]  # 2 s: too soon; the second 3 s: duplicate
+    ref = LoopClosureDetector(extractor, _params(0.0, 0, min_interval_s=1.5))
+    det = LoopClosureDetector(extractor, _params(0.0, 0, min_interval_s=1.5))
+    decoded: list[int] = []
+    sizes: list[tuple[int, int]] = []
+
+    def decode(msg: int) -> np.ndarray:
+        decoded.append(msg)
+        return frames[msg]
+
+    def intrinsics(size: tuple[int, int]) -> None:
+        sizes.append(size)
+
+    for msg, stamp in sent:
+        a, b = ref.process(frames[msg], stamp), det.process(msg, stamp, None, intrinsics, decode=decode)
+        assert (a.status, a.keyframe_id, [c.id for c in a.candidates]) == (b.status, b.keyframe_id,
+                                                                          [c.id for c in b.candidates])  # fmt: skip
+        assert b.generation == (det.generation if b.keyframe_id is not None else None)
+        assert b.keyframe_id is None or set(b.timings) >= {"extract", "commit", "total"}
+    assert decoded == [0, 1, 2] and sizes == [(512, 384)] * 3
+
+
+def test_query_by_image_and_by_keyframe(extractor: FeatureExtractor) -> None:
+    from pnv_ros.errors import ImageError
+
+    det = LoopClosureDetector(extractor, _params(0.0, 0))
+    frames = [np.asarray(Image.open(rtab_frame(i)).convert("RGB")) for i in (1, 30, 60)]
+    for k, f in enumerate(frames):
+        assert det.process(f, (k + 1) * 10 * S).keyframe_id == k
+    by_id = det.query_keyframe(1, top_n=2)
+    assert len(by_id) == 2 and 1 not in [c.id for c in by_id]  # itself excluded
+    assert [c.id for c in det.query_keyframe(stamp_ns=20 * S, top_n=2)] == [c.id for c in by_id]
+    assert det.query_image(frames[1], top_n=1)[0].id == 1  # the stored copy of the same frame
+    with pytest.raises(ImageError, match="no information"):
+        det.query_image(np.full((384, 512, 3), 3, np.uint8))
+    with pytest.raises(UnknownPlaceError):
+        det.query_keyframe(99)
+    with pytest.raises(UnknownPlaceError):
+        det.query_keyframe(stamp_ns=999 * S)
+
+
 def test_bad_intrinsics_cost_the_pose_not_the_loop(extractor: FeatureExtractor, rng) -> None:
     det = LoopClosureDetector(extractor, _params(0.0, 0))
     places = [_place(rng) for _ in range(4)]

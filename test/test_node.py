@@ -31,45 +31,6 @@ def test_rclpy_is_installed_in_ci() -> None:
     assert "rclpy" in sys.modules  # the importorskip above must never skip in CI
 
 
-def test_a_frame_waits_for_the_odometry_of_its_instant() -> None:
-    """The worker can take a frame before the odometry published with it: the pose from before the robot
-    moved would make it 'no_motion' and the keyframe of that place would come later, from wherever the
-    robot then is. The lookup waits (at most the tolerance) for the pose of the frame's instant."""
-    from pnv_ros.ros.node import _Odometry
-
-    odom, ms = _Odometry(), 1_000_000
-    tol = 500 * ms  # generous against a loaded CI machine's thread scheduling
-    before, after = np.r_[0.0, 0, 0, 0, 0, 0, 1], np.r_[1.0, 0, 0, 0, 0, 0, 1]
-    odom.add(1000 * ms, before, "odom")
-    threading.Timer(0.03, odom.add, (1060 * ms, after, "odom")).start()  # 30 ms late, 10 ms from the frame
-    t = time.monotonic()
-    pos, _ = odom.at(1050 * ms, tol)
-    assert pos is not None and pos[0] == 1.0 and time.monotonic() - t < 0.45
-    # Odometry that stopped (newest ~2 s older than the frame): no pose and no wait.
-    t = time.monotonic()
-    assert odom.at(3000 * ms, tol) == (None, None) and time.monotonic() - t < 0.3
-    # Flowing but the next pose never comes: after the tolerance, the nearest within it.
-    t = time.monotonic()
-    pos, _ = odom.at(1100 * ms, tol)
-    assert pos is not None and pos[0] == 1.0 and time.monotonic() - t >= 0.45
-
-
-def test_one_late_odometry_message_is_dropped_a_clock_reset_clears() -> None:
-    """Two publishers on odom, or a reordering link: a pose a few ms older than the newest is dropped, not taken
-    for a clock reset that would clear every pose (frames would then go without odometry); a jump back of a
-    second or more is a reset."""
-    from pnv_ros.ros.node import _Odometry
-
-    odom, ms, q = _Odometry(), 1_000_000, [0.0, 0, 0, 1]
-    for t in range(0, 100, 10):
-        assert odom.add(5000 * ms + t * ms, np.r_[t, 0, 0, q], "odom")
-    assert not odom.add(5085 * ms, np.r_[-1.0, 0, 0, q], "odom")  # 5 ms late
-    pos, _ = odom.at(5050 * ms, 20 * ms)
-    assert pos is not None and pos[0] == 50.0  # the history is still there
-    assert odom.add(1000 * ms, np.r_[7.0, 0, 0, q], "odom")  # 4 s back: the clock restarted
-    assert odom.at(5050 * ms, 20 * ms) == (None, None) and odom.at(1000 * ms, 20 * ms)[0][0] == 7.0
-
-
 def _pool_submissions_per_message(executor_cls) -> tuple[float, int]:  # type: ignore[no-untyped-def]
     """Odometry at 200 Hz for 2 s into a subscription spun by ``executor_cls`` (4 threads, in this process);
     how often the executor handed a callback to its thread pool per message received, and the messages."""
@@ -108,7 +69,7 @@ def test_the_executor_hands_each_callback_over_once() -> None:
     """rclpy 9.1's MultiThreadedExecutor re-submits a callback that waits in its pool on every turn of its
     spin loop, which never waits while messages come (ros2/rclpy#1452): 100 Hz odometry cost the node a
     whole core. The node's Executor returns from a submission only once the callback runs."""
-    from pnv_ros.ros.node import Executor
+    from pnv_ros.ros.executor import Executor
 
     per_message, received = _pool_submissions_per_message(Executor)
     assert received >= 300, f"only {received} of 400 messages arrived"

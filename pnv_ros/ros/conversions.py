@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from functools import cache
+
 import numpy as np
 
+from pnv_ros.errors import ImageError
 from pnv_ros.image_msgs import ENCODINGS, compressed_to_array, decode_image, image_to_array
 
 __all__ = [
@@ -11,7 +14,9 @@ __all__ = [
     "array_to_image",
     "compressed_to_array",
     "decode_image",
+    "frame_to_array",
     "image_to_array",
+    "loop_closure_msg",
     "ns_to_stamp",
     "relative_pose_msg",
     "stamp_to_ns",
@@ -42,6 +47,20 @@ def ns_to_stamp(ns: int):  # type: ignore[no-untyped-def]
     return Time(sec=int(ns // 1_000_000_000), nanosec=int(ns % 1_000_000_000))
 
 
+def loop_closure_msg(lc, header):  # type: ignore[no-untyped-def]
+    """A :class:`pnv_ros.detector.LoopClosure` to pnv_ros/LoopClosure with the query frame's header (whose frame
+    is the relative pose's, both ways)."""
+    from pnv_ros.msg import LoopClosure
+
+    frame = header.frame_id
+    return LoopClosure(header=header, query_id=lc.query_id, match_id=lc.match_id, method=lc.method,
+                       query_stamp=ns_to_stamp(lc.query_stamp_ns), match_stamp=ns_to_stamp(lc.match_stamp_ns),
+                       match_from_loaded_map=lc.match_from_loaded_map,
+                       score=float(lc.score), global_distance=float(lc.global_distance),
+                       patch_size=lc.patch_size, num_matches=lc.num_matches, num_inliers=lc.num_inliers,
+                       relative_pose=relative_pose_msg(lc.relative_pose, frame, frame))  # fmt: skip
+
+
 def relative_pose_msg(rp, parent_frame: str, child_frame: str):  # type: ignore[no-untyped-def]
     """A :class:`pnv_ros.geometry.RelativePose` (or None) to pnv_ros/RelativePose."""
     from scipy.spatial.transform import Rotation
@@ -63,3 +82,36 @@ def relative_pose_msg(rp, parent_frame: str, child_frame: str):  # type: ignore[
     m.covariance = np.asarray(rp.covariance, np.float64).ravel().tolist()
     m.inliers, m.rms_error_px = int(rp.inliers), float(rp.rms_error_px)
     return m
+
+
+@cache
+def _bridge():  # type: ignore[no-untyped-def]
+    """cv_bridge's converter where it works, else None (looked for once)."""
+    try:  # on robots: cv_bridge widens the accepted encodings (bayer, yuv, ...)
+        from cv_bridge import CvBridge
+
+        return CvBridge()
+    except Exception:  # noqa: BLE001 - absent here, or the ROS 1 PyPI build that breaks on numpy 2
+        return None
+
+
+def frame_to_array(msg, bit_depth: int | None = None) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """The node's decoder for sensor_msgs/Image or CompressedImage: an RGB (or grey / RGBA) uint8 array (H, W[, C]).
+
+    Our checked decoding first (clear errors; the package's one decoder and bit-depth rule); cv_bridge for
+    other encodings where present. Raises ImageError.
+    """
+    from sensor_msgs.msg import CompressedImage
+
+    if isinstance(msg, CompressedImage):
+        return compressed_to_array(msg, bit_depth=bit_depth)
+    try:
+        return image_to_array(msg, bit_depth=bit_depth)
+    except ImageError as e:
+        bridge = _bridge()
+        if bridge is None or "unsupported image encoding" not in str(e):
+            raise
+        try:
+            return np.asarray(bridge.imgmsg_to_cv2(msg, desired_encoding="rgb8"))
+        except Exception as e2:  # noqa: BLE001
+            raise ImageError(f"{e}; cv_bridge could not convert it either: {e2}") from None

@@ -1,0 +1,80 @@
+"""The node's detector, assembled from its startup parameters. No rclpy: values come through a getter.
+
+The startup (read-only) parameters of :mod:`pnv_ros.ros.params` pick the preset, the model (refitted on
+``vocabulary_images`` when given), the engine and the map storage; the detector parameters its settings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pnv_ros.config import load_preset
+from pnv_ros.detector import LoopClosureDetector
+from pnv_ros.extract import FeatureExtractor
+from pnv_ros.model.checkpoint import load_checkpoint
+from pnv_ros.model.registry import resolve_checkpoint
+from pnv_ros.ros import params as P
+
+
+def detector_from_parameters(value: Callable[[str], Any], log: Callable[[str], object]) -> LoopClosureDetector:
+    """The detector of the parameter values ``value(name)`` gives (the table's names), progress to ``log``.
+
+    Raises PnvError (ConfigError, CheckpointError, EngineError, ...) when the model or engine cannot be had.
+    """
+    g = value
+    preset = load_preset(g("preset"), g("config_file") or None)
+    ckpt = resolve_checkpoint(g("checkpoint") or None, announce=log)
+    if g("vocabulary_images"):
+        ckpt = refit_vocabulary(ckpt, g, log)
+    device = g("device") or None
+    model, info = load_checkpoint(ckpt, device=device or "cpu")
+    extractor = FeatureExtractor(
+        model,
+        info,
+        preset,
+        device=device,
+        bf16=g("bfloat16"),
+        engine=g("engine"),
+        precision=g("precision") or None,
+        engine_file=g("engine_file") or None,
+        log=log,
+    )
+    return LoopClosureDetector(
+        extractor,
+        P.detector_params({n: g(n) for n in P.DETECTOR_NAMES}),
+        index_kind=g("index_kind"),
+        patch_dtype=g("patch_dtype"),
+        memory_budget_mb=g("memory_budget_mb"),
+    )
+
+
+def refit_vocabulary(ckpt: Path, value: Callable[[str], Any], log: Callable[[str], object]) -> Path:
+    """The checkpoint with its vocabulary refitted on vocabulary_images (cached: once per model and files)."""
+    from pnv_ros.model.refit import refit_cached
+
+    r = refit_cached(
+        ckpt,
+        value("vocabulary_images"),
+        topic=value("vocabulary_topic") or None,
+        bit_depth=value("bit_depth") or None,
+        log=log,
+    )
+    log(
+        f"vocabulary {'refitted' if r.refitted else 'from the cache'} in {r.seconds:.1f} s: "
+        f"{Path(ckpt).name} on {r.describe()}"
+    )
+    return r.path
+
+
+def ready_message(detector: LoopClosureDetector, value: Callable[[str], Any], image_topic: str) -> str:
+    """The node's line once it runs: preset, model, image topic and its QoS, and the backbone when not torch's."""
+    ex, g = detector.extractor, value
+    backbone = ex.backend.describe() if ex.backend is not None else f"torch {ex.precision}"
+    return (
+        f"loop_closure ready: preset {detector.preset.name}, model {detector.model_id}, "
+        f"{image_topic} ({g('image_qos')}, depth {g('image_qos_depth')})"
+        + (", bfloat16 backbone" if g("bfloat16") else "")
+        + (f", backbone on {backbone}" if g("engine") != "torch" else "")
+    )

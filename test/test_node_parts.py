@@ -1,0 +1,243 @@
+"""The node's parts that need no ROS (pnv_ros.ros.odometry, diagnostics, map_files, camera), tested alone:
+no rclpy, no model. test_node runs them inside the node."""
+
+from __future__ import annotations
+
+import calendar
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pnv_ros.errors import MapError
+from pnv_ros.ros import diagnostics as D
+from pnv_ros.ros.camera import CameraMatrix, is_camera_matrix
+from pnv_ros.ros.map_files import MapFiles
+from pnv_ros.ros.odometry import OdometryBuffer, valid_pose
+
+
+# -- odometry ----------------------------------------------------------------------------------------------------
+def test_a_frame_waits_for_the_odometry_of_its_instant() -> None:
+    """The worker can take a frame before the odometry published with it: the pose from before the robot
+    moved would make it 'no_motion' and the keyframe of that place would come later, from wherever the
+    robot then is. The lookup waits (at most the tolerance) for the pose of the frame's instant."""
+    odom, ms = OdometryBuffer(), 1_000_000
+    tol = 500 * ms  # generous against a loaded CI machine's thread scheduling
+    before, after = np.r_[0.0, 0, 0, 0, 0, 0, 1], np.r_[1.0, 0, 0, 0, 0, 0, 1]
+    odom.add(1000 * ms, before, "odom")
+    threading.Timer(0.03, odom.add, (1060 * ms, after, "odom")).start()  # 30 ms late, 10 ms from the frame
+    t = time.monotonic()
+    pos, _ = odom.at(1050 * ms, tol)
+    assert pos is not None and pos[0] == 1.0 and time.monotonic() - t < 0.45
+    # Odometry that stopped (newest ~2 s older than the frame): no pose and no wait.
+    t = time.monotonic()
+    assert odom.at(3000 * ms, tol) == (None, None) and time.monotonic() - t < 0.3
+    # Flowing but the next pose never comes: after the tolerance, the nearest within it.
+    t = time.monotonic()
+    pos, _ = odom.at(1100 * ms, tol)
+    assert pos is not None and pos[0] == 1.0 and time.monotonic() - t >= 0.45
+
+
+def test_one_late_odometry_message_is_dropped_a_clock_reset_clears() -> None:
+    """Two publishers on odom, or a reordering link: a pose a few ms older than the newest is dropped, not taken
+    for a clock reset that would clear every pose (frames would then go without odometry); a jump back of a
+    second or more is a reset."""
+    odom, ms, q = OdometryBuffer(), 1_000_000, [0.0, 0, 0, 1]
+    for t in range(0, 100, 10):
+        assert odom.add(5000 * ms + t * ms, np.r_[t, 0, 0, q], "odom")
+    assert not odom.add(5085 * ms, np.r_[-1.0, 0, 0, q], "odom")  # 5 ms late
+    pos, _ = odom.at(5050 * ms, 20 * ms)
+    assert pos is not None and pos[0] == 50.0  # the history is still there
+    assert odom.add(1000 * ms, np.r_[7.0, 0, 0, q], "odom")  # 4 s back: the clock restarted
+    assert odom.at(5050 * ms, 20 * ms) == (None, None) and odom.at(1000 * ms, 20 * ms)[0][0] == 7.0
+
+
+def test_a_pose_needs_finite_values_and_a_quaternion() -> None:
+    assert valid_pose(np.r_[1.0, 2, 3, 0, 0, 0, 1])
+    assert not valid_pose(np.r_[np.nan, 0, 0, 0, 0, 0, 1])
+    assert not valid_pose(np.r_[0.0, 0, 0, 0, 0, 0, 0])
+    assert not valid_pose(np.r_[0.0, 0, 0, 0, 0, np.inf, 1])
+
+
+# -- diagnostics -------------------------------------------------------------------------------------------------
+def _assess(recent: dict[str, int] | None = None, **kw: object) -> D.Assessment:
+    args: dict = {"silent_s": 0.0, "image_topic": "/cam/image", **kw}
+    return D.assess(recent or {}, **args)
+
+
+def test_diagnostics_all_well() -> None:
+    a = _assess({"keyframe": 5, "no_motion": 20, "dropped": 100})  # dropped: at most 20 per frame taken
+    assert a.level == D.Level.OK and a.problems == []
+
+
+@pytest.mark.parametrize(
+    ("recent", "kw", "level", "needle"),
+    [
+        ({}, {"store_trouble": "disk full"}, D.Level.ERROR, "map store: disk full"),
+        ({}, {"unloadable": "site.npz"}, D.Level.ERROR, "load_map: site.npz failed to load at start"),
+        ({"qos_incompatible": 1}, {}, D.Level.ERROR, "incompatible QoS"),
+        ({"error": 3}, {"last_error": "bad jpeg"}, D.Level.ERROR, "3 bad frames in 10 s: bad jpeg"),  # every frame
+        ({"error": 1, "keyframe": 4}, {"last_error": "x"}, D.Level.WARN, "1 bad frames in 10 s: x"),  # some frames
+        ({"duplicate": 4}, {}, D.Level.ERROR, "every frame repeats the previous stamp"),
+        ({"duplicate": 1, "keyframe": 1}, {}, D.Level.WARN, "stamps out of order, repeated or jumping back"),
+        ({"out_of_order": 1, "keyframe": 1}, {}, D.Level.WARN, "stamps out of order, repeated or jumping back"),
+        ({"time_jump": 1, "keyframe": 1}, {}, D.Level.WARN, "stamps out of order, repeated or jumping back"),
+        ({"bad_odom": 2}, {}, D.Level.WARN, "2 x odometry with NaN or a zero quaternion ignored"),
+        ({"bad_camera_info": 1}, {}, D.Level.WARN, "1 x camera_info that is not a camera matrix ignored"),
+        ({"camera_info_size": 3}, {}, D.Level.WARN, "3 x frames not of camera_info's size"),
+        ({"late_odom": 1}, {}, D.Level.WARN, "1 x odometry older than the newest dropped"),
+        ({"odom_unmatched": 3}, {}, D.Level.WARN, "3 x frames without odometry within odom_tolerance_s"),
+        ({"dropped": 21}, {}, D.Level.WARN, "most frames are dropped"),  # nothing taken: more than 20
+        ({"dropped": 41, "keyframe": 2}, {}, D.Level.WARN, "most frames are dropped"),
+        ({}, {"silent_s": 5.5}, D.Level.WARN, "no image on /cam/image for 5 s (topic, QoS?)"),
+    ],
+)
+def test_each_diagnostics_rule(recent: dict[str, int], kw: dict, level: D.Level, needle: str) -> None:
+    a = _assess(recent, **kw)
+    assert a.level == level and len(a.problems) == 1 and needle in a.problems[0], a
+
+
+def test_diagnostics_just_below_each_threshold_and_the_worst_level() -> None:
+    assert _assess({"dropped": 40, "keyframe": 2}, silent_s=5.0).problems == []
+    a = _assess({"bad_odom": 1, "qos_incompatible": 1}, unloadable="a.npz")
+    assert a.level == D.Level.ERROR and len(a.problems) == 3  # warnings and errors together: the worst
+
+
+def test_event_log_counts_the_window() -> None:
+    log = D.EventLog(maxlen=5)
+    for kind in ("keyframe", "dropped", "dropped"):
+        log.add(kind)
+    now = time.monotonic()
+    assert log.recent(now) == {"keyframe": 1, "dropped": 2}
+    assert log.recent(now + D.DIAG_WINDOW_S + 1) == {}
+    for _ in range(10):
+        log.add("error")
+    assert log.recent(time.monotonic()) == {"error": 5}  # at most maxlen kept
+
+
+def test_report_values() -> None:
+    vals = D.report_values({"loops": 2}, {"dropped": 1}, {"bad": 0}, {"keyframe": 3},
+                           {"extract": [0.1, 0.3, 0.2], "commit": []})  # fmt: skip
+    assert vals["loops"] == "2" and vals["worker_dropped"] == "1" and vals["bad"] == "0"
+    assert vals["recent_keyframe"] == "3" and vals["latency_extract_p50_ms"] == "200.0"
+    assert vals["latency_extract_max_ms"] == "300.0" and "latency_commit_p50_ms" not in vals
+    assert float(vals["max_rss_mb"]) > 0
+
+
+# -- map files ---------------------------------------------------------------------------------------------------
+class _Owner:
+    """A detector's map side: a save writes the keyframe count, a load takes a file that holds one."""
+
+    def __init__(self, n: int = 3) -> None:
+        self.map = list(range(n))
+
+    def save_map(self, path: str | Path) -> int:
+        Path(path).write_text(str(len(self.map)))
+        return len(self.map)
+
+    def load_map(self, path: str | Path) -> int:
+        try:
+            n = int(Path(path).read_text())
+        except (OSError, ValueError) as e:
+            raise MapError(f"{Path(path).name} is corrupt or missing: {e}") from None
+        self.map = list(range(n))
+        return n
+
+
+def _maps(tmp_path: Path, caplog: pytest.LogCaptureFixture, owner: _Owner | None = None) -> MapFiles:
+    caplog.set_level(logging.INFO, "maps")
+    return MapFiles(tmp_path / "maps", owner or _Owner(), logging.getLogger("maps"))
+
+
+def test_map_names_saves_and_loads(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    loads: list[int] = []
+    maps = MapFiles(tmp_path, _Owner(), logging.getLogger("maps"), on_load=lambda: loads.append(1))
+    assert maps.path("run1") == tmp_path / "run1.npz" and maps.path("run1.npz") == tmp_path / "run1.npz"
+    for bad in ("../evil", "a/b", ""):
+        ok, msg, n = maps.save(bad)
+        assert not ok and "bad map name" in msg and n == 3
+        assert not maps.exists(bad)
+    assert maps.save("run1") == (True, f"saved 3 keyframes to {tmp_path / 'run1.npz'}", 3) and maps.exists("run1")
+    (tmp_path / "corrupt.npz").write_text("not a map")
+    ok, msg, n = maps.load("corrupt")
+    assert not ok and "corrupt" in msg and n == 3 and not loads
+    assert maps.load("run1") == (True, f"loaded 3 keyframes from {tmp_path / 'run1.npz'}", 3) and loads == [1]
+    ok, msg, _ = MapFiles(tmp_path / "file.npz" / "sub", _Owner(), logging.getLogger("maps")).save("x")
+    assert not ok and msg.startswith("save failed: ")  # an OSError, answered
+
+
+def test_map_dir_checked_and_left_overs_removed(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    maps = _maps(tmp_path, caplog)
+    assert maps.check_writable() and maps.map_dir.is_dir()
+    old, fresh = maps.map_dir / ".run1.npz.123.tmp", maps.map_dir / ".run2.npz.456.tmp"
+    for f in (old, fresh):
+        f.write_bytes(b"half a map")
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    spills = tmp_path / "tmp"
+    spills.mkdir()
+    maps.remove_left_overs(temp_dir=spills)
+    assert not old.exists() and fresh.exists()  # a save in progress keeps its temp file
+    assert f"removed {old.name}, left by a save that did not finish" in caplog.text
+    (tmp_path / "taken").write_text("a file where map_dir should be")
+    assert not MapFiles(tmp_path / "taken", _Owner(), logging.getLogger("maps")).check_writable()
+    assert "cannot be written: save_map will fail until it can" in caplog.text
+
+
+def test_a_map_that_fails_to_load_at_start_is_never_replaced(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    maps = _maps(tmp_path, caplog)
+    maps.map_dir.mkdir()
+    site = maps.map_dir / "site.npz"
+    site.write_text("another model's map")
+    assert not maps.load_at_start("missing") and maps.unloadable is None  # no file: nothing to protect
+    assert not maps.load_at_start("site") and maps.unloadable == "site.npz"
+    assert "site.npz is kept as it is" in caplog.text
+    when = calendar.timegm((2026, 12, 7, 10, 0, 0))
+    assert maps.shutdown_name("other") == "other" and maps.shutdown_name("") == ""
+    assert maps.shutdown_name("site.npz", when) == "site_unsaved_20261207T100000Z"
+    long = "s" * 100
+    maps.unloadable = f"{long}.npz"
+    assert maps.shutdown_name(long, when) == "s" * 75 + "_unsaved_20261207T100000Z"  # within the name limit
+    maps.unloadable = "site.npz"
+    maps.save_on_shutdown("site")
+    assert site.read_text() == "another model's map" and len(list(maps.map_dir.glob("site_unsaved_*.npz"))) == 1
+    assert "not replacing site.npz, which failed to load at start" in caplog.text
+    assert maps.save("site")[0] and maps.unloadable is None  # an explicit save_map of it: this run's map now
+    maps.unloadable = "site.npz"
+    assert maps.load("site")[0] and maps.unloadable is None  # it loads after all
+
+
+# -- camera_info -------------------------------------------------------------------------------------------------
+K = [400.0, 0.0, 256.0, 0.0, 400.0, 192.0, 0.0, 0.0, 1.0]
+P_RECT = [410.0, 0.0, 250.0, 0.0, 0.0, 410.0, 190.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+
+
+def test_camera_matrix_from_camera_info() -> None:
+    assert is_camera_matrix(np.reshape(K, (3, 3))) and not is_camera_matrix(np.zeros((3, 3)))
+    cam = CameraMatrix()
+    assert cam.for_sizes((512, 384)) == (None, False, None)
+    assert cam.update(P_RECT, K, 512, 384) == (True, None)
+    m, other, warning = cam.for_sizes((512, 384))
+    assert m is not None and m[0, 0] == 410.0 and not other and warning is None  # P (rectified) before K
+    assert cam.update([0.0] * 12, K, 0, 0) == (True, None)  # P empty: K; no size given: any size
+    assert cam.for_sizes((10, 10))[0][0, 0] == 400.0  # type: ignore[index]
+    bad = [400.0, 0.0, float("nan"), 0.0, 400.0, 192.0, 0.0, 0.0, 1.0]
+    ok, warning = cam.update([0.0] * 12, bad, 512, 384)
+    assert not ok and warning and "camera_info ignored" in warning and cam.for_sizes((512, 384))[0] is None
+    assert cam.update([0.0] * 12, bad, 512, 384) == (False, None)  # said once
+    cam.update(P_RECT, K, 512, 384)
+    assert cam.update([0.0] * 12, bad, 512, 384)[1] is not None  # again after a good one
+
+
+def test_camera_matrix_only_for_its_image_size() -> None:
+    cam = CameraMatrix()
+    cam.update([0.0] * 12, K, 1024, 768)
+    m, other, warning = cam.for_sizes((512, 384))
+    assert m is None and other and warning
+    assert "camera_info is for 1024 x 768 images but the image is 512 x 384" in warning
+    assert cam.for_sizes((512, 384)) == (None, True, None)  # said once per size
+    assert cam.for_sizes((1024, 768), (1024, 768))[0] is not None
+    assert cam.for_sizes((1024, 768), (640, 480))[0] is None  # every size given must be camera_info's
