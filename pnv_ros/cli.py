@@ -111,7 +111,7 @@ def _model_path(model: str, announce=None) -> Path:  # type: ignore[no-untyped-d
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from pnv_ros.engines import export_checked
+    from pnv_ros.export import export_checked
     from pnv_ros.images import list_images
     from pnv_ros.model.checkpoint import load_checkpoint
     from pnv_ros.storage import check_output
