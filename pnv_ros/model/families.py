@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from pnv_ros.config import BACKBONES
 from pnv_ros.errors import CheckpointError
 from pnv_ros.model import dinov2_vlad
 from pnv_ros.model.backbone import ENCODER_DIM
@@ -39,19 +40,24 @@ class Family:
     ``owns(raw)``: whether a model file's dict (``model_file.read_raw``) is of this family.
     ``read(raw, path)``: (model on the CPU in eval mode, its identity); raises CheckpointError.
     ``info(raw, path)``: the identity alone, checked as ``read`` checks, without building the model.
-    ``stride``: input pixels per feature-grid cell. ``transformer``: int8 quantises matrix products (a ViT),
-    not convolutions. ``model_class``: the class its models are (the most derived is matched first).
+    ``backbone``: the feature grid's name in ``config.BACKBONES`` (its geometry, :attr:`stride`).
+    ``transformer``: int8 quantises matrix products (a ViT), not convolutions.
+    ``model_class``: the class its models are (the most derived is matched first).
     ``fit_size(model)``: the (height, width) its vocabulary is fitted at."""
 
     name: str
     backbone: str
-    stride: int
     transformer: bool
     model_class: type[PatchNetVLADModel]
     owns: Callable[[dict[str, Any]], bool]
     read: Callable[[dict[str, Any], Path], tuple[PatchNetVLADModel, ModelInfo]]
     info: Callable[[dict[str, Any], Path], ModelInfo]
     fit_size: Callable[[PatchNetVLADModel], tuple[int, int]]
+
+    @property
+    def stride(self) -> int:
+        """Input pixels per feature-grid cell (``config.BACKBONES``, the one source the presets' geometry uses)."""
+        return BACKBONES[self.backbone].stride
 
     def fit_input(self, model: PatchNetVLADModel) -> Callable[[Any], torch.Tensor]:
         """The fitting images' tensor for ``model``: image -> (1, 3, H, W) at :attr:`fit_size`."""
@@ -97,9 +103,9 @@ def _dino_fit_size(model: PatchNetVLADModel) -> tuple[int, int]:
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
-        Family(dinov2_vlad.FAMILY, dinov2_vlad.BACKBONE, dinov2_vlad.PATCH, True, dinov2_vlad.DinoVLADModel,
+        Family(dinov2_vlad.FAMILY, dinov2_vlad.BACKBONE, True, dinov2_vlad.DinoVLADModel,
                dinov2_vlad.is_dinov2_vlad, _dino_read, _dino_info, _dino_fit_size),
-        Family("netvlad_vgg16", "vgg16", 16, False, PatchNetVLADModel, lambda raw: True, _vgg_read, _vgg_info,
+        Family("netvlad_vgg16", "vgg16", False, PatchNetVLADModel, lambda raw: True, _vgg_read, _vgg_info,
                lambda model: FIT_SIZE),
     )
 }  # fmt: skip
