@@ -12,7 +12,7 @@ adapted model's NetVLAD weights were trained on places 0..TRAIN_END-1 only, and 
 Runs each learning rate in ``--lrs`` (the authors' 1e-4 first) and reports all; the README quotes the run
 whose validation Recall@5 was best (chosen on validation places, not on the test places).
 
-    .venv/bin/python benchmarks/adapt.py --out docs/adapt.json
+    .venv/bin/python benchmarks/adapt.py --out docs/results/adapt.json
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import REPO, RESULTS, write_md
 
-REPO = Path(__file__).resolve().parents[1]
 CORRIDOR = REPO / "data" / "corridor_vprbench"
 PLACES, TRAIN_END, TEST_START, TOL = 111, 88, 88, 2
 
@@ -64,14 +64,13 @@ def split(work: Path) -> tuple[Path, Path]:
 def retrieval(checkpoint: Path) -> dict:
     """Global and re-ranked (speed preset: rapid spatial scoring) Recall@1/5 of the held-out queries."""
     from pnv_ros.config import get_preset
+    from pnv_ros.engines.spec import RuntimeSpec
     from pnv_ros.eval.ground_truth import load_ground_truth, recall_at_n
-    from pnv_ros.extract import FeatureExtractor
+    from pnv_ros.extract import open_extractor
     from pnv_ros.images import list_images
-    from pnv_ros.model.checkpoint import load_checkpoint
     from pnv_ros.retrieval import two_stage
 
-    model, info = load_checkpoint(checkpoint)
-    ex = FeatureExtractor(model, info, get_preset("speed"), device="cpu")
+    ex = open_extractor(checkpoint, "speed", RuntimeSpec(device="cpu"))
     db = ex.extract_set(list_images([CORRIDOR / "ref"]), progress=True)
     q = ex.extract_set(list_images([CORRIDOR / "query"])[TEST_START:], progress=True)
     gt = load_ground_truth(CORRIDOR / "gt.csv", q.names, db.names)
@@ -109,7 +108,7 @@ def default_path() -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="docs/adapt.json")
+    ap.add_argument("--out", default=str(RESULTS / "adapt.json"))
     ap.add_argument("--work", default="/tmp/pnv_adapt")
     ap.add_argument("--lrs", default="1e-4,1e-2", help="learning rates to train with (comma-separated)")
     ap.add_argument("--epochs", type=int, default=30)
@@ -209,7 +208,7 @@ def render(path: Path) -> None:
     n = rows["runs"][0]["training_images"] if rows["runs"] else 0
     lines += ["", f"{n} training images (features cached once, then every run reuses them). Per-epoch "
               f"validation recall and loss are in `{path.name}`.", ""]  # fmt: skip
-    path.with_suffix(".md").write_text("\n".join(lines))
+    write_md(path.with_suffix(".md"), lines)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -36,26 +35,25 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import REPO, cpu_name
 
 from pnv_ros.bench import median_time, stored_candidates
-
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-sys.path.insert(0, str(REPO / "test"))
 
 
 def measure(side: str, preset_name: str, ckpt: str, images: list[str], repeats: int, n_cand: int, tmp: Path) -> dict:
     """One side's numbers (run in a subprocess so that max RSS is its own)."""
-    from oracle import reference_extract, reference_matcher, reference_model, reference_raw_scores
+    from reference import reference_extract, reference_matcher, reference_model, reference_raw_scores
 
     from pnv_ros.config import get_preset
-    from pnv_ros.extract import FeatureExtractor
+    from pnv_ros.engines.spec import RuntimeSpec
+    from pnv_ros.extract import open_extractor
     from pnv_ros.matching import PatchMatcher
     from pnv_ros.model.checkpoint import load_checkpoint
 
     preset = get_preset(preset_name)
     out: dict = {"side": side, "preset": preset_name}
-    model, info = load_checkpoint(ckpt)
+    if side != "ours":  # ours loads it through open_extractor (one model in memory either way)
+        model, info = load_checkpoint(ckpt)
     if side == "reference":
         ref, dim = reference_model(Path(ckpt), preset.patch_sizes, preset.strides)
         feats = [reference_extract(ref, dim, Path(p)) for p in images]
@@ -72,7 +70,8 @@ def measure(side: str, preset_name: str, ckpt: str, images: list[str], repeats: 
         out["global"] = [f[0].tolist() for f in feats]
         np.savez(tmp / f"reference_{preset_name}.npz", *[p.T for f in feats for p in f[1]])
     elif side == "ours":
-        ex = FeatureExtractor(model, info, preset, device="cpu")
+        ex = open_extractor(ckpt, preset, RuntimeSpec(device="cpu"))
+        model, info = ex.model, ex.info
         feats = ex.extract(images)
         out["extract_s"] = float(np.median([median_time(lambda p=p: ex.extract_one(p), repeats) for p in images[:2]]))
         cands = (feats * (n_cand // len(feats) + 1))[:n_cand]
@@ -141,8 +140,8 @@ def _ransac_alone(preset, model, info, images, n_cand: int, repeats: int) -> flo
 
 
 def _inputs(preset, images):  # type: ignore[no-untyped-def]
-    from pnv_ros.extract import input_transform
     from pnv_ros.images import load_image
+    from pnv_ros.preprocess import input_transform
 
     t = input_transform(preset.image_height, preset.image_width)
     return [t(load_image(p)) for p in images]
@@ -174,7 +173,7 @@ def main() -> None:
         print(json.dumps(measure(a._side, a._preset, ckpt, images, a.repeats, a.candidates, Path(a._tmp))))
         return
     tmp = Path(tempfile.mkdtemp(prefix="pnv_compare_"))
-    report = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
+    report = {"machine": f"{cpu_name()}, {os.cpu_count()} cores, torch "
               f"{torch.__version__}, {torch.get_num_threads()} threads", "checkpoint": ckpt, "images": images,
               "candidates": a.candidates, "presets": {}}  # fmt: skip
     for preset in a.presets.split(","):

@@ -21,7 +21,7 @@ keyframes). Per query, timed:
 
 The detector's own overhead is the candidate stage (or whole keyframe) minus its FAISS calls, per query;
 the table gives its median and p95 (max for the whole keyframe: it catches the amortised array growth).
-Writes ``docs/detector_scale.md`` (and ``out/detector_scale.json``).
+Writes ``docs/results/detector_scale.md`` (and ``out/detector_scale.json``).
 
     .venv/bin/python benchmarks/detector_scale.py --sizes 10000,100000,1000000
 
@@ -33,15 +33,15 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import faiss
 import numpy as np
+from common import REPO, RESULTS, machine_line
+from common import write_md as write_page
+from scale_index import synthetic
 
 from pnv_ros.config import Matcher, Preset
 from pnv_ros.detector import DetectorParams, LoopClosureDetector
@@ -49,10 +49,6 @@ from pnv_ros.features import PlaceFeatures
 from pnv_ros.index import HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, HNSW_M
 from pnv_ros.matching import PatchMatcher
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from scale_index import synthetic  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
 #: Input 48x32 -> a 2x3 feature map, one scale of 1-cell patches: 6 patch descriptors per keyframe.
 TINY = Preset(name="tiny", patch_sizes=(1,), strides=(1,), patch_weights=(1.0,), matcher=Matcher.RAPID,
               image_height=32, image_width=48, top_n=20)  # fmt: skip
@@ -206,16 +202,8 @@ def measure(det: LoopClosureDetector, descs: np.ndarray, queries: int, warmup: i
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, numpy {np.__version__}, "
-            f"faiss {faiss.__version__}")  # fmt: skip
+    """The machine line of the page: common's, with the numpy and faiss versions this benchmark depends on."""
+    return f"{machine_line()}, numpy {np.__version__}, faiss {faiss.__version__}"
 
 
 def write_md(path: Path, rows: list[dict], args: argparse.Namespace) -> None:
@@ -244,7 +232,7 @@ def write_md(path: Path, rows: list[dict], args: argparse.Namespace) -> None:
             f"{f(r['kf_over']['p50_ms'])} / {f(r['kf_over']['p95_ms'])} / {f(r['kf_over']['max_ms'])} | "
             f"{f(r['kf_faiss_add']['p50_ms'])} | {r['identical_candidates']}/{r['queries']} |"
         )
-    path.write_text("\n".join(lines) + "\n")
+    write_page(path, lines)
 
 
 def main() -> None:
@@ -257,7 +245,7 @@ def main() -> None:
     ap.add_argument("--top-n", type=int, default=20)
     ap.add_argument("--exclude-s", type=float, default=10.0)
     ap.add_argument("--exclude-kf", type=int, default=10)
-    ap.add_argument("--md", default=str(REPO / "docs" / "detector_scale.md"))
+    ap.add_argument("--md", default=str(RESULTS / "detector_scale.md"))
     ap.add_argument("--json", default=str(REPO / "out" / "detector_scale.json"))
     a = ap.parse_args()
     params = DetectorParams(top_n=a.top_n, exclude_recent_s=a.exclude_s, exclude_recent_keyframes=a.exclude_kf,

@@ -2,7 +2,7 @@
 and int8 dynamic quantisation), and a place-recognition sanity check of its layers and facets (AnyLoc-style
 hard-assignment VLAD) on the RTAB-Map loop.
 
-    .venv/bin/python benchmarks/dinov2_backbone.py [--threads 2] [--reps 7] [--md docs/dinov2_backbone.md]
+    .venv/bin/python benchmarks/dinov2_backbone.py [--threads 2] [--reps 7] [--md docs/results/dinov2_backbone.md]
 
 Timing: batch 1, one image, median of --reps runs after one warm-up, torch.set_num_threads and onnxruntime
 intra_op_num_threads both --threads. "full" = the 12 layers and the final LayerNorm; "to L/value" = only what
@@ -30,7 +30,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import json
-import platform
 import shutil
 import statistics
 import tempfile
@@ -39,12 +38,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import REPO, RESULTS, cpu_name
+from common import write_md as write_page
 
-from pnv_ros.extract import input_transform
 from pnv_ros.images import load_image
 from pnv_ros.model import dinov2 as d
+from pnv_ros.preprocess import input_transform
 
-REPO = Path(__file__).resolve().parent.parent
 RTAB = REPO / "data" / "rtabmap_samples_loop84"
 SIZES = ((224, 294), (322, 434))
 K = 32
@@ -135,7 +135,7 @@ def main() -> None:
     ap.add_argument("--timing-layer", type=int, default=9, help="the layer of the 'to L/value' timings and int8 recall")
     ap.add_argument("--no-int8", action="store_true")
     ap.add_argument("--timing-only", action="store_true", help="skip the recall check (the report then has no table)")
-    ap.add_argument("--md", type=Path, default=REPO / "docs" / "dinov2_backbone.md")
+    ap.add_argument("--md", type=Path, default=RESULTS / "dinov2_backbone.md")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -230,7 +230,7 @@ def main() -> None:
     # --- report
     lines = ["# DINOv2 ViT-S/14 backbone: CPU time and a place-recognition sanity check", ""]
     lines.append(
-        f"`benchmarks/dinov2_backbone.py`; {platform.processor() or platform.machine()}, {args.threads} threads; "
+        f"`benchmarks/dinov2_backbone.py`; {cpu_name()}, {args.threads} threads; "
         f"torch {torch.__version__}, onnxruntime {ort.__version__}; weights: {d.SOURCE}. "
         f"Fetch (cached) {fetch_s:.2f} s; torch module from the .onnx {load_s:.2f} s"
         + (f"; int8 dynamic quantisation of both cuts {quant_s:.1f} s" if quant_s else "")
@@ -280,8 +280,7 @@ def main() -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     text = "\n".join(lines)
     print(text)
-    args.md.parent.mkdir(parents=True, exist_ok=True)
-    args.md.write_text(text)
+    write_page(args.md, lines)
     if args.json:
         args.json.write_text(json.dumps({"timing": timing, "recall": recalls, "int8": int8_err}, indent=2))
 

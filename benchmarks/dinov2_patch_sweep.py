@@ -4,7 +4,7 @@ patch window sizes, matcher, and how the patch score and the global similarity c
 For every shared set (split as ``eval_default_model.sets`` splits them) and the RTAB-Map loop, the ViT tokens are
 computed once per input size (all candidate layers in one pass, value facet) and cached under ``--cache``; every
 configuration then fits its vocabulary and whitening PCA exactly as ``pnv models build dinov2_vlad`` does
-(``default_model.fit_vocabulary``: seeded k-means, NetVLAD initialisation, WPCA on global and sampled patch VLADs)
+(``fitting.fit_vocabulary``: seeded k-means, NetVLAD initialisation, WPCA on global and sampled patch VLADs)
 and pools with the model's own code (``DinoVLADModel._pool``), so each row is what a built model would give.
 
 Vocabulary fitting sets: ``corridor`` = the generic model's (data/corridor_vprbench ref + query, what
@@ -13,7 +13,7 @@ does on a robot's map: AnyLoc's advice). Re-ranking: top N = min(100, database) 
 rapid spatial scoring for single window sizes, RANSAC for the performance preset's three. ``fused w`` re-orders the
 top N by the fused patch score + w x the z-scored global distance (the global stage as one more scale).
 
-Writes docs/dinov2_patch_sweep.md and .json. A full grid costs hours on 2 cores (the re-ranking of 111
+Writes docs/results/dinov2_patch_sweep.md and .json. A full grid costs hours on 2 cores (the re-ranking of 111
 corridor queries dominates); runs of parts of it (``--layers/--ks/--sizes/--fits/--windows``) can be merged:
 
     .venv/bin/python benchmarks/dinov2_patch_sweep.py [--data ../shared/data] [--cache out/dinov2_sweep] --docs D1
@@ -30,30 +30,29 @@ import argparse
 import dataclasses
 import itertools
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from common import REPO, RESULTS, write_json
+from common import write_md as write_page
+from eval_default_model import sets
 from tqdm import tqdm
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from eval_default_model import sets  # noqa: E402
 
 from pnv_ros.config import Matcher, get_preset, validate  # noqa: E402
 from pnv_ros.eval.ground_truth import GroundTruth, load_ground_truth, recall_at_n  # noqa: E402
-from pnv_ros.extract import input_transform  # noqa: E402
 from pnv_ros.features import PlaceFeatures  # noqa: E402
 from pnv_ros.images import image_identities, load_image  # noqa: E402
 from pnv_ros.index import GlobalIndex  # noqa: E402
 from pnv_ros.matching import PatchMatcher  # noqa: E402
 from pnv_ros.model import dinov2_vlad as dv  # noqa: E402
-from pnv_ros.model.default_model import SEED, fit_vocabulary  # noqa: E402
 from pnv_ros.model.dinov2 import load_dinov2  # noqa: E402
+from pnv_ros.model.fitting import SEED, fit_vocabulary  # noqa: E402
+from pnv_ros.preprocess import input_transform  # noqa: E402
 from pnv_ros.storage import utc_now  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO
 LAYERS = (8, 9, 10)
 FACET = "value"
 SIZES = ((322, 434),)
@@ -143,7 +142,7 @@ def evaluate(db: list[PlaceFeatures], q: list[PlaceFeatures], gt: GroundTruth, p
     return res
 
 
-#: The VGG-16 default's re-ranked Recall@1 on the same splits (docs/model_families.md, same protocol: rapid top
+#: The VGG-16 default's re-ranked Recall@1 on the same splits (docs/results/model_families.md, same protocol: rapid top
 #: min(100, db); RANSAC there re-ranks top min(100, db), here top 20) for the comparison column.
 VGG_RERANKED = {"rtabmap_loop84": {"rapid": 0.955, "ransac": 0.977}, "corridor_vprbench": {"rapid": 0.757, "ransac": 0.766},
                 "gardenspoint10": {"rapid": 0.3, "ransac": 0.4}}  # fmt: skip
@@ -168,7 +167,7 @@ def write_md(runs: list[dict], path: Path) -> None:
         "patch score plus x times the z-scored global distance (w=0: the paper's patch-only order). Vocabulary "
         "*corridor*: fitted on the corridor set (the generic model's fitting set, so its corridor rows are not a "
         "hold-out); *own*: on the set's own database images (what `pnv models refit` does). VGG re-ranked: the VGG-16 "
-        "default on the same split (docs/model_families.md). Gardens Point has 10 queries: one query is 0.1.",
+        "default on the same split (docs/results/model_families.md). Gardens Point has 10 queries: one query is 0.1.",
         "",
         head,
         "|" + "---|" * (10 + len(ws)),
@@ -182,7 +181,7 @@ def write_md(runs: list[dict], path: Path) -> None:
             f"{','.join(map(str, r['windows']))} | {r['matcher']} | {r.get('top_n', '')} | "
             f"{'' if vgg is None else f'{vgg:.3f}'} | {r['global']['1']:.3f} | {fused} |"
         )
-    path.write_text("\n".join(lines) + "\n")
+    write_page(path, lines)
 
 
 def main() -> None:
@@ -190,7 +189,7 @@ def main() -> None:
     ap.add_argument("--merge", nargs="+", default=None, help="only merge these JSONs into the docs' .md and .json")
     ap.add_argument("--data", default=str(ROOT / ".." / "shared" / "data"))
     ap.add_argument("--cache", default=str(ROOT / "out" / "dinov2_sweep"))
-    ap.add_argument("--docs", default=str(ROOT / "docs"))
+    ap.add_argument("--docs", default=str(RESULTS))
     ap.add_argument("--layers", default=",".join(map(str, LAYERS)))
     ap.add_argument("--sizes", default=",".join(f"{h}x{w}" for h, w in SIZES), help="input sizes HxW (multiples of 14)")
     ap.add_argument("--ks", default=",".join(map(str, KS)))
@@ -202,7 +201,7 @@ def main() -> None:
     a = ap.parse_args()
     if a.merge:
         runs = [json.loads(Path(f).read_text()) for f in a.merge]
-        Path(a.docs, "dinov2_patch_sweep.json").write_text(json.dumps({"runs": runs}, indent=1))
+        write_json(Path(a.docs, "dinov2_patch_sweep.json"), {"runs": runs})
         write_md(runs, Path(a.docs) / "dinov2_patch_sweep.md")
         return
     cache = Path(a.cache)

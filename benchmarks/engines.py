@@ -24,7 +24,7 @@ Engine files (ONNX, int8 calibrations) are built before the timing, once, in the
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/engines.py [--sets rtabmap,corridor,gardenspoint]
         [--engines torch:fp32,openvino:int8,...] [--checkpoint dinov2_vlad] [--data ../shared/data] [--docs docs]
 
-Writes docs/engines.{md,json,png} (``--docs``); the bag and node logs under ``--out``. About 25 minutes for the
+Writes docs/results/engines.{md,json,png} (``--docs``); the bag and node logs under ``--out``. About 25 minutes for the
 default model, all sets and the five default engines on a 2-core machine; ``--sets`` / ``--engines`` run parts.
 """
 
@@ -33,7 +33,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[1]  # = common.REPO (common imports pnv_ros: after the DDS setting)
 # Before rclpy is imported anywhere: loopback-only DDS, a domain of this script's own.
 os.environ["FASTDDS_DEFAULT_PROFILES_FILE"] = str(ROOT / "test" / "fastdds_loopback.xml")
 os.environ.setdefault("ROS_DOMAIN_ID", "61")
@@ -43,26 +43,24 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle threads sleep: the m
 import argparse  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from common import RESULTS, header, write_json  # noqa: E402
+from common import write_md as write_page  # noqa: E402
+from eval_default_model import sets  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from eval_default_model import sets  # noqa: E402
-
-from pnv_ros.config import get_preset  # noqa: E402
-from pnv_ros.engines import EngineError, check_engine, rounding_floor  # noqa: E402
+from pnv_ros.engines.backends import check_engine  # noqa: E402
+from pnv_ros.engines.build import rounding_floor  # noqa: E402
+from pnv_ros.engines.spec import EngineError, RuntimeSpec  # noqa: E402
 from pnv_ros.eval.ground_truth import GroundTruth, load_ground_truth, load_sequence_gt, recall_at_n  # noqa: E402
-from pnv_ros.extract import FeatureExtractor  # noqa: E402
+from pnv_ros.extract import FeatureExtractor, open_extractor  # noqa: E402
 from pnv_ros.features import FeatureSet  # noqa: E402
 from pnv_ros.images import image_identities, load_image  # noqa: E402
-from pnv_ros.model.checkpoint import load_checkpoint  # noqa: E402
 from pnv_ros.model.registry import resolve_checkpoint  # noqa: E402
 from pnv_ros.retrieval import two_stage  # noqa: E402
-from pnv_ros.storage import utc_now  # noqa: E402
 
 #: (engine, precision) run by default, in this order (the first is the reference)
 DEFAULT_ENGINES = ("torch:fp32", "onnxruntime:fp32", "openvino:fp32", "onnxruntime:int8", "openvino:int8")
@@ -73,14 +71,6 @@ RTAB = ROOT / "data" / "rtabmap_samples_loop84"
 THRESHOLD, TOP_N, EXCLUDE_RECENT_S = 0.12, 20, 10.0
 #: targets of issue #13 on this machine (ratios vs torch fp32)
 TARGETS = {"fp32_diff": 1e-4, "fp32_speedup": 1.5, "int8_speedup": 3.0, "int8_drop": 0.02, "node_s": 0.3}
-
-
-def machine() -> dict:
-    import platform
-
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "torch": torch.__version__, "load_avg_start": list(os.getloadavg())}  # fmt: skip
 
 
 def med(xs: list[float]) -> float:
@@ -137,14 +127,14 @@ class Memo:
         return f
 
 
-def build(model, info, keys: list[str], log) -> dict:  # type: ignore[no-untyped-def]
+def build(checkpoint: Path, keys: list[str], log) -> dict:  # type: ignore[no-untyped-def]
     """One speed-preset extractor per engine key (engine files built now, outside the timing)."""
     out = {}
     for k in keys:
         engine, precision = k.split(":")
         t = time.perf_counter()
-        out[k] = FeatureExtractor(model, info, get_preset("speed"), device="cpu", engine=engine,
-                                  precision=precision, log=log)  # fmt: skip
+        out[k] = open_extractor(checkpoint, "speed", RuntimeSpec(device="cpu", engine=engine, precision=precision),
+                                log=log)  # fmt: skip
         tqdm.write(f"{label(k)}: ready in {time.perf_counter() - t:.0f} s"
                    + (f" ({out[k].backend.describe()})" if out[k].backend else ""))  # fmt: skip
     return out
@@ -448,7 +438,7 @@ def write_md(res: dict, path: Path) -> None:
           "- The node's time per keyframe is extraction plus the exact top-20 re-rank and map add, which no "
           "engine changes; both are measured on the machine's load at the time (the load average above).",
           "", "Numbers: `engines.json`; plot: `engines.png`.", ""]  # fmt: skip
-    path.write_text("\n".join(L))
+    write_page(path, L)
 
 
 def plot(res: dict, path: Path) -> None:
@@ -498,7 +488,7 @@ def main() -> None:
     ap.add_argument("--no-sequence", action="store_true", help="skip the RTAB-Map loop through the detector")
     ap.add_argument("--no-node", action="store_true", help="skip the live node run")
     ap.add_argument("--out", default="out/engines", help="the bag and logs")
-    ap.add_argument("--docs", default=str(ROOT / "docs"), help="where engines.{json,md,png} go")
+    ap.add_argument("--docs", default=str(RESULTS), help="where engines.{json,md,png} go")
     ap.add_argument("--from-json", default=None, help="only redraw the .md and .png from this engines.json")
     ap.add_argument("--floors", action="store_true", help="with --from-json: first (re)compute torch's rounding "
                     "floors (torch only, a minute) into it")  # fmt: skip
@@ -507,9 +497,8 @@ def main() -> None:
     if a.from_json:
         res = json.loads(Path(a.from_json).read_text())
         if a.floors:
-            model, info = load_checkpoint(res["checkpoint"])
-            ex = FeatureExtractor(model, info, get_preset("speed"), device="cpu")
-            floors(res, model, ex, [Path(a.data), ROOT / "data"], [w.strip() for w in a.sets.split(",") if w])
+            ex = open_extractor(res["checkpoint"], "speed", RuntimeSpec(device="cpu"))
+            floors(res, ex.model, ex, [Path(a.data), ROOT / "data"], [w.strip() for w in a.sets.split(",") if w])
             Path(a.from_json).write_text(json.dumps(res, indent=1))
         write_md(res, docs / "engines.md")
         plot(res, docs / "engines.png")
@@ -526,12 +515,10 @@ def main() -> None:
         except (EngineError, TypeError) as e:
             tqdm.write(f"{k}: not run here ({e})")
     ck = resolve_checkpoint(a.checkpoint)
-    model, info = load_checkpoint(ck)
-    exs = build(model, info, runnable, tqdm.write)
+    exs = build(ck, runnable, tqdm.write)
     ref = exs[REFERENCE]
-    res: dict = {"command": " ".join(["OMP_WAIT_POLICY=PASSIVE .venv/bin/python",
-                                      os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]),
-                 "date": utc_now(), "machine": machine(),
+    model, info = ref.model, ref.info
+    res: dict = {**header(prefix="OMP_WAIT_POLICY=PASSIVE"),
                  "model": info.identity, "checkpoint": str(ck), "engines": runnable,
                  "input": f"{ref.preset.image_width}x{ref.preset.image_height}", "top_n": a.top_n,
                  "engine_files": {k: ex.backend.describe() if ex.backend else "torch" for k, ex in exs.items()}}  # fmt: skip
@@ -554,8 +541,7 @@ def main() -> None:
     res["machine"]["load_avg_end"] = list(os.getloadavg())
     res["wall_s"] = time.perf_counter() - t0
     res = json.loads(json.dumps(res))  # Recall@N keys as strings, as in the file
-    docs.mkdir(parents=True, exist_ok=True)
-    (docs / "engines.json").write_text(json.dumps(res, indent=1))
+    write_json(docs / "engines.json", res)
     write_md(res, docs / "engines.md")
     plot(res, docs / "engines.png")
     print(f"wrote {docs / 'engines.md'}, .json, .png in {res['wall_s'] / 60:.1f} min")

@@ -14,12 +14,11 @@ import time
 from pathlib import Path
 
 from pnv_ros.config import get_preset
+from pnv_ros.engines.spec import RuntimeSpec
 from pnv_ros.eval.ground_truth import load_ground_truth, recall_at_n
-from pnv_ros.extract import FeatureExtractor
+from pnv_ros.extract import open_extractor
 from pnv_ros.features import FeatureSet
 from pnv_ros.images import list_images
-from pnv_ros.model.checkpoint import load_checkpoint
-from pnv_ros.model.registry import resolve_checkpoint
 from pnv_ros.retrieval import two_stage
 
 
@@ -48,9 +47,8 @@ def main() -> None:
     ap.add_argument("--out", default="eval_default_model.json")
     ap.add_argument("--sets", default="", help="comma-separated name prefixes to run (default: all)")
     a = ap.parse_args()
-    model, info = load_checkpoint(resolve_checkpoint(a.checkpoint))
-    perf = get_preset("performance")
-    ex = FeatureExtractor(model, info, perf, device="cpu")
+    ex = open_extractor(a.checkpoint, "performance", RuntimeSpec(device="cpu"))
+    info = ex.info
     results = []
     for name, db_imgs, q_imgs, gt_path, role in sets(Path(a.data)):
         if a.sets and not any(name.startswith(p) for p in a.sets.split(",")):

@@ -118,27 +118,27 @@ def main() -> None:
         ms = 1000 * float(np.median(ts))
         report["rerank_ms_per_query_top100"][preset_name] = ms
         print(f"re-rank top-100 {preset_name} ({pm.matcher.value}): {ms:.2f} ms/query", flush=True)
-    report["tensorrt_fp16"] = tensorrt_check(model, info, dev, a.seconds, a.trt_batch)
+    report["tensorrt_fp16"] = tensorrt_check(ckpt, dev, a.seconds, a.trt_batch)
     if a.out:
         Path(a.out).write_text(json.dumps(report, indent=1))
 
 
-def tensorrt_check(model, info, dev: torch.device, seconds: float, batch: int) -> dict:  # type: ignore[no-untyped-def]
+def tensorrt_check(ckpt: str, dev: torch.device, seconds: float, batch: int) -> dict:
     """TensorRT fp16 (the backbone; pooling and WPCA in torch float32 on the GPU) through the FeatureExtractor:
     keyframes/s at ``batch`` (the engine is built for 1..8), descriptors against torch float32 on ``dev``."""
-    from pnv_ros.engines import EngineError
-    from pnv_ros.extract import FeatureExtractor
+    from pnv_ros.engines.spec import RuntimeSpec
+    from pnv_ros.errors import EngineError
+    from pnv_ros.extract import open_extractor
 
-    preset = get_preset("speed")
+    runtime = RuntimeSpec(device=str(dev), batch_size=batch)
     try:
         t0 = time.perf_counter()
-        trt = FeatureExtractor(model, info, preset, device=dev, engine="tensorrt", precision="fp16",
-                               batch_size=batch, log=print)  # fmt: skip
+        trt = open_extractor(ckpt, "speed", runtime.replace(engine="tensorrt", precision="fp16"), log=print)
         build_s = time.perf_counter() - t0
     except EngineError as e:
         print(f"tensorrt fp16: not run ({e})")
         return {"error": str(e)}
-    ref = FeatureExtractor(model, info, preset, device=dev, batch_size=batch)
+    ref = open_extractor(ckpt, "speed", runtime)
     x = torch.randn(batch, 3, 480, 640, device=dev)
     out: dict = {"engine_file": str(trt.backend.files[0]), "build_or_load_s": build_s, "batch": batch}
     for name, ex in (("torch_fp32", ref), ("tensorrt_fp16", trt)):

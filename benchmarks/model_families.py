@@ -10,7 +10,7 @@ In one run, for both models, on every shared set:
   alternate image by image and query by query, so their ratio is fair on a busy machine), and
   bytes per keyframe per preset as the node stores them (float16 patches, as ``pnv bench`` counts them).
 
-Writes docs/model_families.json, .md and .png (``--docs``); bags and runs under ``--out``.
+Writes docs/results/model_families.json, .md and .png (``--docs``); bags and runs under ``--out``.
 
     .venv/bin/python benchmarks/model_families.py [--data ../shared/data] [--out out/model_families] [--docs docs]
 """
@@ -20,32 +20,28 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
+from common import REPO, RESULTS, header, write_json
+from common import write_md as write_page
+from eval_default_model import scale_only, sets
 from tqdm import tqdm
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from eval_default_model import scale_only, sets  # noqa: E402
 
 from pnv_ros import cli  # noqa: E402
 from pnv_ros.bench import stored_candidates  # noqa: E402
-from pnv_ros.config import get_preset  # noqa: E402
+from pnv_ros.engines.spec import RuntimeSpec  # noqa: E402
 from pnv_ros.eval.ground_truth import GroundTruth, load_ground_truth, recall_at_n  # noqa: E402
-from pnv_ros.extract import FeatureExtractor  # noqa: E402
+from pnv_ros.extract import open_extractor  # noqa: E402
 from pnv_ros.features import FeatureSet  # noqa: E402
 from pnv_ros.images import image_identities  # noqa: E402
-from pnv_ros.model.checkpoint import load_checkpoint  # noqa: E402
 from pnv_ros.model.registry import resolve_checkpoint  # noqa: E402
 from pnv_ros.retrieval import two_stage  # noqa: E402
-from pnv_ros.storage import utc_now  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO
 #: (key, label, --checkpoint value: None = the VGG-16 default)
 MODELS = [("vgg16", "VGG-16 default", None), ("dinov2_vlad", "DINOv2 VLAD", "dinov2_vlad")]
 PRESETS = (("speed", "rapid"), ("performance", "ransac"))
@@ -53,13 +49,6 @@ SEQUENCES = ("rtabmap_loop84", "corridor", "gardenspoint10")
 #: the fitting set of both models (vocabulary, WPCA): `pnv models build(-default)` default, data/corridor_vprbench
 FITTING = "corridor"
 BENCH_IMAGES = ["data/rtabmap_samples_loop84/images/1.jpg"]
-
-
-def machine() -> dict:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-            "load_avg_start": list(os.getloadavg())}  # fmt: skip
 
 
 def one(fs: FeatureSet, i: int) -> FeatureSet:
@@ -283,7 +272,7 @@ def write_md(res: dict, path: Path) -> None:
                      f"{x:.0f} ms | {y:.0f} ms | {y / x:.2f} |")  # fmt: skip
     L += ["", f"Wall time of the run: {res['wall_s'] / 60:.0f} min. Plot: `model_families.png`; numbers: "
           "`model_families.json`.", ""]  # fmt: skip
-    path.write_text("\n".join(L))
+    write_page(path, L)
 
 
 def plot(res: dict, path: Path) -> None:
@@ -331,7 +320,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
     ap.add_argument("--out", default="out/model_families", help="bags and pnv eval runs (bags are reused)")
-    ap.add_argument("--docs", default=str(ROOT / "docs"), help="where model_families.{json,md,png} go")
+    ap.add_argument("--docs", default=str(RESULTS), help="where model_families.{json,md,png} go")
     ap.add_argument(
         "--resume",
         action="store_true",
@@ -350,14 +339,12 @@ def main() -> None:
     faulthandler.enable()  # a crash in native code leaves a traceback in the log
     os.environ.setdefault("PNV_DEBUG", "1")  # a library error in pnv eval shows its traceback
     t0 = time.perf_counter()
-    res: dict = {"command": ".venv/bin/python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
-                 "date": utc_now(), "machine": machine(),
-                 "models": {}}  # fmt: skip
+    res: dict = header(models={})
     models = {}
     for k, _, ck in MODELS:
-        model, info = load_checkpoint(resolve_checkpoint(ck))
-        perf = FeatureExtractor(model, info, get_preset("performance"), device="cpu")
-        speed = FeatureExtractor(model, info, get_preset("speed"), device="cpu")
+        perf = open_extractor(ck, "performance", RuntimeSpec(device="cpu"))
+        speed = open_extractor(ck, "speed", RuntimeSpec(device="cpu"))
+        info = perf.info
         models[k] = {"perf": perf, "speed": speed}  # .preset: the effective preset (DINOv2 sets backbone, size)
         p = perf.preset
         res["models"][k] = {"checkpoint": str(resolve_checkpoint(ck)), "identity": info.identity, "dim": perf.dim,
@@ -376,8 +363,7 @@ def main() -> None:
     res["machine"]["load_avg_end"] = list(os.getloadavg())
     res["wall_s"] = time.perf_counter() - t0
     res = json.loads(json.dumps(res))  # Recall@N keys as strings, as in the file
-    docs.mkdir(parents=True, exist_ok=True)
-    (docs / "model_families.json").write_text(json.dumps(res, indent=1))
+    write_json(docs / "model_families.json", res)
     write_md(res, docs / "model_families.md")
     plot(res, docs / "model_families.png")
     print(f"wrote {docs / 'model_families.md'}, .json, .png in {res['wall_s'] / 60:.1f} min")

@@ -24,16 +24,16 @@ import json
 import time
 from pathlib import Path
 
+from common import REPO
+
 from pnv_ros.config import Preset, get_preset
-from pnv_ros.engines import supported_precisions
+from pnv_ros.engines.backends import supported_precisions
+from pnv_ros.engines.spec import RuntimeSpec
 from pnv_ros.eval.ground_truth import GroundTruth, load_ground_truth, recall_at_n
-from pnv_ros.extract import FeatureExtractor
+from pnv_ros.extract import open_extractor
 from pnv_ros.images import list_images
-from pnv_ros.model.checkpoint import load_checkpoint
 from pnv_ros.model.registry import resolve_checkpoint
 from pnv_ros.retrieval import two_stage
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def sets(data: Path):
@@ -63,7 +63,7 @@ def main() -> None:
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
     ap.add_argument("--modes", default=None, help="comma-separated substrings of mode names to run (baseline always)")
     a = ap.parse_args()
-    model, info = load_checkpoint(resolve_checkpoint(a.checkpoint))
+    checkpoint = resolve_checkpoint(a.checkpoint)
     base = get_preset("speed")
     modes = {
         "float32 640x480 (baseline)": Mode(base),
@@ -83,7 +83,7 @@ def main() -> None:
     baseline_feats: dict[str, tuple] = {}
     report: dict[str, dict] = {}
     for name, mode in modes.items():
-        ex = FeatureExtractor(model, info, mode.preset, device="cpu", bf16=mode.bf16)
+        ex = open_extractor(checkpoint, mode.preset, RuntimeSpec(device="cpu", bf16=mode.bf16))
         row: dict = {}
         t_ex, n_img, t_rr, n_q = 0.0, 0, 0.0, 0
         for set_name, db_imgs, q_imgs, gt_path in set_list:

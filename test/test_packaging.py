@@ -177,9 +177,10 @@ def test_setup_cfg_requires_what_the_library_imports_without_exact_torch_pins() 
     for module, extra in OPTIONAL_DEPS.items():
         if extra:
             assert PY_DEPS[module][0] in _requirements(extras[extra]), f"{module}: not in the {extra!r} extra"
-    engines = (REPO / "pnv_ros" / "engines.py").read_text()
-    for module in OPTIONAL_DEPS:  # imported inside the engine that needs it, never at the top
-        assert not re.search(rf"^(import|from) {module}\b", engines, re.M), f"{module} imported at module level"
+    for path in [*(REPO / "pnv_ros" / "engines").glob("*.py"), REPO / "pnv_ros" / "export.py"]:
+        engines = path.read_text()
+        for module in OPTIONAL_DEPS:  # imported inside the engine that needs it, never at the top
+            assert not re.search(rf"^(import|from) {module}\b", engines, re.M), f"{path}: {module} imported at the top"
     assert "rosbags" in req
     for name in ("torch", "torchvision"):
         assert "==" not in req[name] and ">=" in req[name], f"setup.cfg: give {name} a range, not {req[name]!r}"
@@ -226,9 +227,9 @@ def _fake_share(prefix: Path) -> Path:
 @pytest.fixture
 def no_checkout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An installed-style world: no source tree, empty prefixes, no ament index."""
-    from pnv_ros.model import default_model
+    from pnv_ros.model import fitting
 
-    monkeypatch.setattr(default_model, "_SOURCE_ROOT", tmp_path / "site-packages")
+    monkeypatch.setattr(fitting, "_SOURCE_ROOT", tmp_path / "site-packages")
     monkeypatch.setattr(sys, "prefix", str(tmp_path / "venv"))
     monkeypatch.setattr("site.USER_BASE", str(tmp_path / "user"))
     monkeypatch.setitem(sys.modules, "ament_index_python", None)  # import fails

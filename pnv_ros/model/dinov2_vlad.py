@@ -38,9 +38,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from pnv_ros.errors import CheckpointError
-from pnv_ros.model.default_model import SEED, backbone_maps, fit_vocabulary
 from pnv_ros.model.dinov2 import (
     DIM,
     FACETS,
@@ -55,8 +55,10 @@ from pnv_ros.model.dinov2 import (
     expected_dinov2_shapes,
     fetch_dinov2_onnx,
 )
+from pnv_ros.model.fitting import SEED, VocabularyFit, backbone_maps, fit_vocabulary
 from pnv_ros.model.netvlad import PatchNetVLADModel
-from pnv_ros.storage import utc_now
+from pnv_ros.preprocess import fit_tensor  # noqa: F401  (re-exported: fit_tensor(source, height, width))
+from pnv_ros.storage import file_sha256, utc_now
 
 FAMILY = "dinov2_vlad"
 BACKBONE = "dinov2_vits14"  # config.BACKBONES
@@ -72,6 +74,17 @@ PCA_PATCH_SIZES = (2, 5, 8)
 #: the model file: DINOv2's global VLAD is the stronger stage on the shared sets and its patch matches
 #: the weaker one across day and night, so the order fuses both (docs/dinov2_patch_sweep.md).
 GLOBAL_WEIGHT = 4.0
+
+
+class _TokenGrid(nn.Module):
+    """The ViT run to one layer and facet, tokens as a grid: a plain module the ONNX exporter can trace."""
+
+    def __init__(self, encoder: nn.Module, layer: int, facet: str) -> None:
+        super().__init__()
+        self.encoder, self.layer, self.facet = encoder, layer, facet
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encoder.features(images, self.layer, self.facet).permute(0, 3, 1, 2)
 
 
 class DinoVLADModel(PatchNetVLADModel):
@@ -93,6 +106,10 @@ class DinoVLADModel(PatchNetVLADModel):
     def backbone(self, images: torch.Tensor) -> torch.Tensor:
         """Token features. images (B, 3, H, W) -> (B, 384, H/14, W/14)."""
         return self.encoder.features(images, self.layer, self.facet).permute(0, 3, 1, 2).contiguous()
+
+    def traceable_backbone(self) -> nn.Module:
+        """The backbone as a plain module for the ONNX exporter: images -> (B, 384, H/14, W/14)."""
+        return _TokenGrid(self.encoder, self.layer, self.facet).eval()
 
     def config(self) -> dict[str, Any]:
         """The choices the model file records (its ``dinov2`` entry)."""
@@ -167,14 +184,6 @@ def save_dinov2_vlad(model: DinoVLADModel, path: Path) -> None:
         Path(tmp).unlink(missing_ok=True)
 
 
-def fit_tensor(source: Any, height: int, width: int) -> torch.Tensor:
-    """One fitting image (a path or an array) as the ViT sees it: (1, 3, height, width)."""
-    from pnv_ros.extract import input_transform
-    from pnv_ros.images import load_image
-
-    return input_transform(height, width)(load_image(source)).unsqueeze(0)
-
-
 def fitting_model(encoder: DinoV2ViTS14, num_clusters: int, layer: int, facet: str,
                   input_size: tuple[int, int], global_weight: float = GLOBAL_WEIGHT,
                   seed: int = SEED) -> DinoVLADModel:  # fmt: skip
@@ -195,8 +204,8 @@ def fitted_model(
     *,
     progress: Callable[[str, int, int], None] | None = None,
     **fit_options: Any,
-) -> tuple[DinoVLADModel, Any]:
-    """Fit ``model``'s vocabulary and WPCA on its token maps (``default_model.fit_vocabulary`` with this
+) -> tuple[DinoVLADModel, VocabularyFit]:
+    """Fit ``model``'s vocabulary and WPCA on its token maps (``fitting.fit_vocabulary`` with this
     family's sampling; ``fit_options``: its ``fit_clusters``, ``patches_per_image``); the finished model
     (``num_pcs`` dimensions) and the ``VocabularyFit``."""
     k = model.pool.num_clusters
@@ -238,8 +247,6 @@ def build_dinov2_vlad(
     maps = backbone_maps(model, paths, lambda p: fit_tensor(p, *input_size), total=len(paths), progress=progress)
     final, fit = fitted_model(model, maps, rng, num_pcs, progress=progress, seed=seed)
     save_dinov2_vlad(final, out)
-    from pnv_ros.model.checkpoint import file_sha256
-
     meta = {
         "model": out.name, "family": FAMILY, "sha256": file_sha256(out), "dim": num_pcs,
         "num_clusters": num_clusters, "built": utc_now(),

@@ -88,6 +88,11 @@ class PatchNetVLADModel(nn.Module):
         self._scratch = threading.local()
         self._blocked: dict[torch.dtype, BlockedBackbone] = {}
 
+    def traceable_backbone(self) -> nn.Module:
+        """The backbone as a plain module for the ONNX exporter (images -> (B, C, h, w)): VGG-16's encoder
+        (:meth:`backbone` takes oneDNN's blocked-layout path on CPU, which does not trace)."""
+        return self.encoder.eval()
+
     def backbone(self, images: torch.Tensor) -> torch.Tensor:
         """conv5_3 features. images: (B, 3, H, W) -> (B, 512, H//16, W//16).
 

@@ -25,12 +25,15 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from pnv_ros.errors import CheckpointError, ConfigError, ImageError, OutputError
-from pnv_ros.storage import utc_now
+from pnv_ros.storage import check_output, file_sha256, utc_now, write_text_atomic
+
+if TYPE_CHECKING:
+    from pnv_ros.model.netvlad import PatchNetVLADModel
 
 #: Fewer fitting images are refused (as the builders do).
 MIN_IMAGES = 10
@@ -38,8 +41,6 @@ MIN_IMAGES = 10
 MAX_IMAGES = 300
 #: Part of the node's cache key: a change of the fitting code that changes its output bumps it.
 REFIT_VERSION = 1
-#: The VGG-16 family's fitting input (default_model.fit_tensor) and conv5_3 grid (stride 16).
-VGG_INPUT = (480, 640)
 BAG_SUFFIXES = (".bag", ".mcap", ".db3")
 
 Progress = Callable[[str, int, int], None]
@@ -158,17 +159,20 @@ def _pca_samples_per_image(grid: tuple[int, int], patch_sizes: Sequence[int], pa
     return 1 + sum(min(patches_per_image, (h - s + 1) * (w - s + 1)) for s in patch_sizes if s <= min(h, w))
 
 
-def fitting_geometry(model: Any) -> tuple[tuple[int, int], int, tuple[int, ...]]:
-    """How the builders fit a model of either family: its feature grid (h, w) at the fitting input size,
-    the local descriptors sampled per image for k-means, and the patch sizes sampled for the PCA."""
+def fitting_geometry(model: PatchNetVLADModel) -> tuple[tuple[int, int], int, tuple[int, ...]]:
+    """How the builders fit a model of either family: its feature grid (h, w) at the fitting input size
+    (the family's ``fit_size`` over its ``stride``), the local descriptors sampled per image for k-means,
+    and the patch sizes sampled for the PCA."""
     from pnv_ros.model import dinov2_vlad
-    from pnv_ros.model.default_model import DESCS_PER_IMAGE, PCA_PATCH_SIZES
+    from pnv_ros.model.families import family_of
+    from pnv_ros.model.fitting import DESCS_PER_IMAGE, PCA_PATCH_SIZES
 
-    if isinstance(model, dinov2_vlad.DinoVLADModel):
-        height, width = model.input_size
-        grid = (height // dinov2_vlad.PATCH, width // dinov2_vlad.PATCH)
+    fam = family_of(model)
+    height, width = fam.fit_size(model)
+    grid = (height // fam.stride, width // fam.stride)
+    if fam.name == dinov2_vlad.FAMILY:
         return grid, dinov2_vlad.DESCS_PER_IMAGE, tuple(dinov2_vlad.PCA_PATCH_SIZES)
-    return (VGG_INPUT[0] // 16, VGG_INPUT[1] // 16), DESCS_PER_IMAGE, tuple(PCA_PATCH_SIZES)
+    return grid, DESCS_PER_IMAGE, tuple(PCA_PATCH_SIZES)
 
 
 def _check_counts(n: int, k: int, d: int, grid: tuple[int, int], descs_per_image: int, patch_sizes: Sequence[int],
@@ -187,6 +191,51 @@ def _check_counts(n: int, k: int, d: int, grid: tuple[int, int], descs_per_image
     if descs < k:
         raise ConfigError(f"{n} images{what} give {descs} local descriptors, fewer than the {k} clusters asked for: "
                           "give more images or fewer clusters (--clusters)")  # fmt: skip
+
+
+def _prepare(checkpoint: Path, images: Any, out: Path, source: dict[str, Any] | None
+             ) -> tuple[Any, dict[str, Any], Path, int | None]:  # fmt: skip
+    """refit_model's inputs checked before any work: (images, source record, metadata path, image count or
+    None for an iterable of unknown length). Raises OutputError, CheckpointError as refit_model."""
+    if isinstance(images, FittingImages):
+        source = images.source if source is None else source
+        images = images.images
+    meta_path = metadata_path(out)
+    check_output(out, what="--out", inputs=[checkpoint])
+    if meta_path == out:
+        raise OutputError(f"--out {out}: the metadata would overwrite the model file: give a name like NAME.pth.tar")
+    check_output(meta_path, what=f"the metadata file of --out {out}", inputs=[checkpoint])
+    total = len(images) if isinstance(images, Sized) else None
+    if total is not None and total < MIN_IMAGES:
+        raise CheckpointError(f"need at least {MIN_IMAGES} fitting images, got {total}")
+    if source is None:
+        paths = [p for p in images if isinstance(p, (str, Path))] if isinstance(images, (list, tuple)) else []
+        source = {"kind": "images", "paths": sorted({str(Path(p).parent) for p in paths})} if paths else \
+            {"kind": "arrays"}  # fmt: skip
+    return images, source, meta_path, total
+
+
+def _refit_meta(out: Path, checkpoint: Path, info: Any, features: dict[str, Any], source: dict[str, Any],
+                fit: Any, fitted: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+    """The metadata JSON of a refitted model file (``fitted``: what refit_model fitted with)."""
+    k, d, seed, per_image = fitted["k"], fitted["d"], fitted["seed"], fitted["per_image"]
+    keep_vocabulary, bad, patch_sizes = fitted["keep_vocabulary"], fitted["undecodable"], fitted["patch_sizes"]
+    return {
+        "model": out.name, "family": info.family, "sha256": file_sha256(out), "dim": d, "num_clusters": k,
+        "built": utc_now(),
+        "refit_of": {"model": str(checkpoint), "sha256": info.sha256, "identity": info.identity,
+                     "num_clusters": info.num_clusters, "dim": info.dim},
+        "features": features,
+        "fitting": {"source": source, "images": fitted["images"], "undecodable": len(bad),
+                    "undecodable_first": bad[:5],
+                    "kmeans": "kept from the model" if keep_vocabulary else
+                    {"k": k, "seed": seed, "descriptors": int(fit.descs.shape[0]), "niter": 100},
+                    "pca": {"dim": d, "samples": int(sum(v.shape[0] for v in fit.vecs)),
+                            "patch_sizes": list(patch_sizes) if per_image else [], "patches_per_image": per_image}},
+        "note": "Whitening PCA fitted on the images above (pnv add-pca); backbone and NetVLAD layer unchanged."
+        if keep_vocabulary else
+        "Vocabulary and whitening PCA refitted on the images above (pnv models refit); backbone unchanged.",
+    }  # fmt: skip
 
 
 def refit_model(
@@ -222,35 +271,17 @@ def refit_model(
     the k-means or the PCA; D above K x C), ImageError (too few images can be decoded: undecodable ones
     are skipped and counted in the metadata). Returns ``out``.
     """
+    # torch loads here, not when the module is imported: the CLI checks its inputs first
     from pnv_ros.model import dinov2_vlad
-    from pnv_ros.model.checkpoint import file_sha256, load_checkpoint, save_checkpoint
-    from pnv_ros.model.default_model import (
-        NUM_PCS,
-        PATCHES_PER_IMAGE,
-        SEED,
-        backbone_maps,
-        fit_tensor,
-        vgg_fitted_state,
-        vgg_fitting_model,
-    )
-    from pnv_ros.storage import check_output, write_text_atomic
+    from pnv_ros.model.checkpoint import load_checkpoint
+    from pnv_ros.model.default_model import NUM_PCS, vgg_fitted_state, vgg_fitting_model
+    from pnv_ros.model.families import family_of
+    from pnv_ros.model.fitting import PATCHES_PER_IMAGE, SEED, backbone_maps
+    from pnv_ros.model.model_file import save_checkpoint
+    from pnv_ros.preprocess import FIT_SIZE
 
     checkpoint, out = Path(checkpoint), Path(out)
-    if isinstance(images, FittingImages):
-        source = images.source if source is None else source
-        images = images.images
-    meta_path = metadata_path(out)
-    check_output(out, what="--out", inputs=[checkpoint])
-    if meta_path == out:
-        raise OutputError(f"--out {out}: the metadata would overwrite the model file: give a name like NAME.pth.tar")
-    check_output(meta_path, what=f"the metadata file of --out {out}", inputs=[checkpoint])
-    total = len(images) if isinstance(images, Sized) else None
-    if total is not None and total < MIN_IMAGES:
-        raise CheckpointError(f"need at least {MIN_IMAGES} fitting images, got {total}")
-    if source is None:
-        paths = [p for p in images if isinstance(p, (str, Path))] if isinstance(images, (list, tuple)) else []
-        source = {"kind": "images", "paths": sorted({str(Path(p).parent) for p in paths})} if paths else \
-            {"kind": "arrays"}  # fmt: skip
+    images, source, meta_path, total = _prepare(checkpoint, images, out, source)
 
     model, info = load_checkpoint(checkpoint)
     dinov2 = info.family == dinov2_vlad.FAMILY
@@ -272,18 +303,14 @@ def refit_model(
 
     seed = SEED if seed is None else int(seed)
     rng = np.random.default_rng(seed)
+    to_tensor = family_of(model).fit_input(model)
     if dinov2:
-        height, width = model.input_size
         fitting = dinov2_vlad.fitting_model(
             model.encoder, k, model.layer, model.facet, model.input_size, model.global_weight, seed=seed
         )
-
-        def to_tensor(src: Any) -> Any:
-            return dinov2_vlad.fit_tensor(src, height, width)
     else:
         encoder = {f"encoder.{n}": t.detach() for n, t in model.encoder.state_dict().items()}
         fitting = vgg_fitting_model(encoder, k, seed)
-        to_tensor = fit_tensor
     if keep_vocabulary:
         fitting.pool = model.pool  # the model's own words and assignment (a vladv2 bias too)
 
@@ -313,22 +340,10 @@ def refit_model(
     else:
         state, fit = vgg_fitted_state(encoder, fitting, maps, rng, d, progress=progress, seed=seed, **fit_options)
         save_checkpoint(state, out, d)
-        features = {"backbone": "vgg16 conv5_3", "input_height": VGG_INPUT[0], "input_width": VGG_INPUT[1]}
-    meta = {
-        "model": out.name, "family": info.family, "sha256": file_sha256(out), "dim": d, "num_clusters": k,
-        "built": utc_now(),
-        "refit_of": {"model": str(checkpoint), "sha256": info.sha256, "identity": info.identity,
-                     "num_clusters": info.num_clusters, "dim": info.dim},
-        "features": features,
-        "fitting": {"source": source, "images": len(maps), "undecodable": len(bad), "undecodable_first": bad[:5],
-                    "kmeans": "kept from the model" if keep_vocabulary else
-                    {"k": k, "seed": seed, "descriptors": int(fit.descs.shape[0]), "niter": 100},
-                    "pca": {"dim": d, "samples": int(sum(v.shape[0] for v in fit.vecs)),
-                            "patch_sizes": list(patch_sizes) if per_image else [], "patches_per_image": per_image}},
-        "note": "Whitening PCA fitted on the images above (pnv add-pca); backbone and NetVLAD layer unchanged."
-        if keep_vocabulary else
-        "Vocabulary and whitening PCA refitted on the images above (pnv models refit); backbone unchanged.",
-    }  # fmt: skip
+        features = {"backbone": "vgg16 conv5_3", "input_height": FIT_SIZE[0], "input_width": FIT_SIZE[1]}
+    fitted = {"images": len(maps), "undecodable": bad, "k": k, "d": d, "seed": seed, "per_image": per_image,
+              "patch_sizes": patch_sizes, "keep_vocabulary": keep_vocabulary}  # fmt: skip
+    meta = _refit_meta(out, checkpoint, info, features, source, fit, fitted)
     write_text_atomic(meta_path, json.dumps(meta, indent=2) + "\n")
     return out
 
@@ -369,8 +384,6 @@ def cache_key(checkpoint: str | Path, vocabulary: str | Path, *, topic: str | No
     """SHA-256 (hex) of what a refit depends on: the source model's hash, every input file's path, size and
     modification time (an image folder's images; all files of a bag), the topic, bit depth, image bound and
     :data:`REFIT_VERSION`. A changed, added or removed input gives another key, so a restart refits only then."""
-    from pnv_ros.model.checkpoint import file_sha256
-
     files = []
     for f in _input_files(Path(vocabulary)):
         st = f.stat()

@@ -193,7 +193,7 @@ def download(name: str, dest_dir: Path | None = None, progress: bool = True) -> 
             f"{model.filename}: checksum mismatch (got {got[:16]}..., expected {sha[:16]}...): removed, try again"
         )
     try:
-        from pnv_ros.model.checkpoint import read_state_dict
+        from pnv_ros.model.model_file import read_state_dict
 
         _, _, dim, _ = read_state_dict(part)
     except CheckpointError as e:

@@ -380,7 +380,7 @@ def _check_work_dir(work: Path, data: TrainingSet, *, fresh: bool, force: bool) 
 
 def _check_pca_samples(model: PatchNetVLADModel, train_set: TrainingSet, dims: int) -> None:
     """Refuse before training what the final WPCA could not fit: it samples the training database's images."""
-    from pnv_ros.model.default_model import PATCHES_PER_IMAGE
+    from pnv_ros.model.fitting import PATCHES_PER_IMAGE
     from pnv_ros.model.refit import _pca_samples_per_image, fitting_geometry
 
     grid, _, sizes = fitting_geometry(model)
@@ -433,19 +433,15 @@ def _training_model(state: dict[str, torch.Tensor], dinov2: dict[str, Any] | Non
 def _to_tensor(model: PatchNetVLADModel) -> Callable[[Any], torch.Tensor]:
     """An image as the model's backbone takes it (the builders' fitting input: 480 x 640 for VGG-16, the
     recorded input size for DINOv2)."""
-    from pnv_ros.model import dinov2_vlad
-    from pnv_ros.model.default_model import fit_tensor
+    from pnv_ros.model.families import family_of
 
-    if isinstance(model, dinov2_vlad.DinoVLADModel):
-        h, w = model.input_size
-        return lambda src: dinov2_vlad.fit_tensor(src, h, w)
-    return fit_tensor
+    return family_of(model).fit_input(model)
 
 
 def _recluster(model: PatchNetVLADModel, trainer: Trainer, rng: np.random.Generator) -> int:
     """The authors' ``get_clusters`` + ``init_params`` on the training database (the builders' code): k-means of
     100 L2-normalised local descriptors per image (at most 500 images: their 50,000 descriptors)."""
-    from pnv_ros.model.default_model import DESCS_PER_IMAGE, sample_descriptors, set_clusters
+    from pnv_ros.model.fitting import DESCS_PER_IMAGE, sample_descriptors, set_clusters
 
     db = trainer.train_set.db
     pick = np.sort(rng.choice(db, min(len(db), 500), replace=False))
