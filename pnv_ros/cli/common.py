@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pnv_ros.config import ENGINES, PRECISIONS
+from pnv_ros.engines.spec import RuntimeSpec
 
 if TYPE_CHECKING:
     from pnv_ros.config import Preset
@@ -21,8 +22,8 @@ if TYPE_CHECKING:
 BF16_HELP = "the same as --engine torch --precision bf16 (kept for older scripts)"
 ENGINE_HELP = (
     "what runs the backbone: torch (the model itself, exact; default), onnxruntime or openvino (CPU), tensorrt "
-    "(NVIDIA GPU, --device cuda); engine files are built once and cached beside the models (see 'Inference "
-    "engines' in the README)"
+    "(NVIDIA GPU, --device cuda); engine files are built once and cached beside the models (see "
+    "docs/engines.md)"
 )
 PRECISION_HELP = (
     "fp32 (default; the other engines within 1e-4 of torch), bf16 (torch, openvino; CPUs with AVX-512 BF16 or "
@@ -117,31 +118,21 @@ def preset_of(args: argparse.Namespace) -> Preset:
     return load_preset(args.preset, args.config)
 
 
-def open_extractor(args: argparse.Namespace, preset: Preset) -> FeatureExtractor:
-    """The feature extractor the model options ask for (see :func:`add_common_options`).
+def runtime_spec(args: argparse.Namespace) -> RuntimeSpec:
+    """The runtime the model options ask for (--device, --engine, --precision, --engine-file, --bf16,
+    --bit-depth). Raises EngineError for an unknown engine or precision."""
+    return RuntimeSpec(device=args.device, engine=args.engine, precision=args.precision,
+                       engine_file=args.engine_file, bit_depth=args.bit_depth, bf16=args.bf16)  # fmt: skip
 
-    The one place the CLI resolves, loads and wraps a model: a missing model fails before torch loads.
+
+def open_extractor(args: argparse.Namespace, preset: Preset) -> FeatureExtractor:
+    """The feature extractor the model options ask for (see :func:`add_common_options`), through the library's
+    :func:`pnv_ros.extract.open_extractor`: a missing model fails before torch loads.
     Raises CheckpointError, EngineError, ConfigError.
     """
-    from pnv_ros.model.registry import resolve_checkpoint
+    from pnv_ros.extract import open_extractor as open_model
 
-    path = resolve_checkpoint(args.checkpoint, announce=say)
-    from pnv_ros.extract import FeatureExtractor
-    from pnv_ros.model.checkpoint import load_checkpoint
-
-    model, info = load_checkpoint(path, device=args.device or "cpu")
-    return FeatureExtractor(
-        model,
-        info,
-        preset,
-        device=args.device,
-        bf16=args.bf16,
-        bit_depth=args.bit_depth,
-        engine=args.engine,
-        precision=args.precision,
-        engine_file=args.engine_file,
-        log=say,
-    )
+    return open_model(args.checkpoint, preset, runtime_spec(args), log=say, announce=say)
 
 
 def model_path(model: str, announce: Any = None) -> Path:

@@ -12,8 +12,8 @@ from typing import Any
 
 from pnv_ros.config import load_preset
 from pnv_ros.detector import LoopClosureDetector
-from pnv_ros.extract import FeatureExtractor
-from pnv_ros.model.checkpoint import load_checkpoint
+from pnv_ros.engines.spec import RuntimeSpec
+from pnv_ros.extract import open_extractor
 from pnv_ros.model.registry import resolve_checkpoint
 from pnv_ros.ros import params as P
 
@@ -28,19 +28,9 @@ def detector_from_parameters(value: Callable[[str], Any], log: Callable[[str], o
     ckpt = resolve_checkpoint(g("checkpoint") or None, announce=log)
     if g("vocabulary_images"):
         ckpt = refit_vocabulary(ckpt, g, log)
-    device = g("device") or None
-    model, info = load_checkpoint(ckpt, device=device or "cpu")
-    extractor = FeatureExtractor(
-        model,
-        info,
-        preset,
-        device=device,
-        bf16=g("bfloat16"),
-        engine=g("engine"),
-        precision=g("precision") or None,
-        engine_file=g("engine_file") or None,
-        log=log,
-    )
+    runtime = RuntimeSpec(device=g("device") or None, engine=g("engine"), precision=g("precision") or None,
+                          engine_file=g("engine_file") or None, bf16=g("bfloat16"))  # fmt: skip
+    extractor = open_extractor(ckpt, preset, runtime, log=log)
     return LoopClosureDetector(
         extractor,
         P.detector_params({n: g(n) for n in P.DETECTOR_NAMES}),
