@@ -67,7 +67,13 @@ def reference_raw_scores(matcher: str, preset, query_patches, db_patches_list, p
     return np.array([pm.match(q, [torch.tensor(a) for a in db])[0] for db in db_patches_list], dtype=np.float64)
 
 
-def reference_order(raw: np.ndarray, weights) -> np.ndarray:
+def reference_fused(raw: np.ndarray, weights) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """(N,) fused scores as local_matcher.py fuses the (N, S) raw scores (``normalise_func``)."""
     from patchnetvlad.models.local_matcher import normalise_func
 
-    return np.argsort(normalise_func(raw, raw.shape[1], np.asarray(weights, float)))
+    return normalise_func(raw, raw.shape[1], np.asarray(weights, float))
+
+
+def reference_order(raw: np.ndarray, weights) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """(N,) candidate order as local_matcher.py sorts it: ``np.argsort`` of the fused scores."""
+    return np.argsort(reference_fused(raw, weights))

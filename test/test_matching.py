@@ -50,6 +50,24 @@ def test_chunked_equals_unchunked(rng, monkeypatch) -> None:
     assert d.details[3][1].num_matches == d.num_matches[3, 1]
 
 
+def test_vectorised_rapid_equals_exact(rng) -> None:
+    """The GPU's vectorised rapid scoring (exact=False on a device) is the per-pair numpy scoring,
+    the reference's arithmetic, up to float64 summation order; a pair without matches scores 0."""
+    import torch
+
+    preset = get_preset("speed")
+    pm = PatchMatcher(preset, "rapid")
+    p = preset.num_patches(0)
+    fw = torch.as_tensor(rng.integers(0, p, size=(4, p)))
+    mutual = torch.as_tensor(rng.random((4, p)) < 0.3)
+    mutual[3] = False
+    vec = pm._rapid(fw, mutual, 0, p).numpy()
+    for j in range(4):
+        db_idx = np.flatnonzero(mutual[j].numpy())
+        assert vec[j] == pytest.approx(pm._rapid_exact(0, p, db_idx, fw[j].numpy()[db_idx]), rel=1e-12, abs=0)
+    assert vec[3] == 0.0
+
+
 @pytest.mark.parametrize("kind", ["flat", "hnsw"])
 def test_index_against_brute_force(rng, kind: str) -> None:
     db = _unit(rng, 500, 32)
