@@ -391,6 +391,225 @@ def _as_points(name: str, pts) -> np.ndarray:
     return a
 
 
+def _check_pose_inputs(
+    pts_query,
+    pts_match,
+    intrinsics,
+    threshold_px: float,
+    min_inliers: int,
+    min_parallax_sigmas: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Validated ``(pq, pm, k)`` for :func:`relative_pose`: (N, 2) float64 pixels and (3, 3) K.
+
+    Raises:
+        ValueError: bad shapes, mismatched N, non-finite values, intrinsics that are not a
+            camera matrix, threshold_px <= 0, min_inliers < 6 or min_parallax_sigmas < 0.
+    """
+    pq = _as_points("pts_query", pts_query)
+    pm = _as_points("pts_match", pts_match)
+    if pq.shape != pm.shape:
+        raise ValueError(f"pts_query {pq.shape} and pts_match {pm.shape} must have the same shape")
+    k = np.asarray(intrinsics, dtype=np.float64)
+    if k.shape != (3, 3) or not np.isfinite(k).all():
+        raise ValueError(f"intrinsics must be a finite (3, 3) matrix, got shape {k.shape}")
+    if k[0, 0] <= 0 or k[1, 1] <= 0 or k[1, 0] != 0 or not np.array_equal(k[2], [0.0, 0.0, 1.0]):
+        raise ValueError(f"intrinsics is not a camera matrix [[fx,s,cx],[0,fy,cy],[0,0,1]] with fx, fy > 0: {k}")
+    if not (np.isfinite(threshold_px) and threshold_px > 0):
+        raise ValueError(f"threshold_px must be > 0, got {threshold_px}")
+    if int(min_inliers) < 6:
+        raise ValueError(f"min_inliers must be >= 6 (5 parameters + 1), got {min_inliers}")
+    if not (np.isfinite(min_parallax_sigmas) and min_parallax_sigmas >= 0):
+        raise ValueError(f"min_parallax_sigmas must be >= 0, got {min_parallax_sigmas}")
+    return pq, pm, k
+
+
+def _ransac_essential(
+    pq: np.ndarray, pm: np.ndarray, k: np.ndarray, threshold_px: float, min_inliers: int
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Step 1 of :func:`relative_pose`: OpenCV's RANSAC essential matrix, as today's code.
+
+    Args:
+        pq, pm: (N, 2) query and match pixels; k: (3, 3) camera matrix.
+        threshold_px: RANSAC threshold, pixels; min_inliers: fewest RANSAC inliers.
+
+    Returns:
+        ``(e, cand)``: e (3m, 3) stacked essential-matrix candidates, cand (N,) bool RANSAC
+        inlier mask; None when OpenCV fails or finds too few inliers.
+    """
+    import cv2
+
+    try:
+        e, mask = cv2.findEssentialMat(pm, pq, k, method=cv2.RANSAC, prob=RANSAC_PROB, threshold=float(threshold_px))
+    except cv2.error:  # OpenCV 5.x: its five-point solver asserts on a degenerate sample instead of skipping it
+        return None
+    if e is None or mask is None or e.ndim != 2 or e.shape[1] != 3 or e.shape[0] % 3 or not np.isfinite(e).all():
+        return None
+    cand = mask.ravel() > 0
+    if cand.sum() < min_inliers:
+        return None
+    return e, cand
+
+
+def _basin_search(
+    e: np.ndarray,
+    pq: np.ndarray,
+    pm: np.ndarray,
+    k: np.ndarray,
+    cand: np.ndarray,
+    hq_all: np.ndarray,
+    hm_all: np.ndarray,
+    k_inv: np.ndarray,
+    threshold_px: float,
+    min_inliers: int,
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Step 2 of :func:`relative_pose`: the best basin of a robust (Cauchy) Sampson cost.
+
+    Refines every start of :func:`_starts` on a subsample (``SEARCH_*``), keeps up to
+    ``SEARCH_KEEP`` distinct basins, then refines those on all points with a Cauchy scale
+    from the data's own noise.
+
+    Args:
+        e, cand: output of :func:`_ransac_essential`; pq, pm: (N, 2) pixels; k, k_inv: (3, 3).
+        hq_all, hm_all: (N, 3) homogeneous pixels of query and match.
+
+    Returns:
+        ``(rotation (3, 3), direction (3,))`` of the lowest cost, or None when no start
+        converges or fewer than ``min_inliers`` points lie within ``threshold_px``.
+    """
+    n = pq.shape[0]
+    c = 0.5 * threshold_px
+    sub = np.arange(0, n, max(1, n // SEARCH_POINTS))
+    found = []
+    for r0, d0 in _starts(e, pq, pm, k, cand):
+        r1, d1, cost = _refine(r0, d0, hq_all[sub], hm_all[sub], k_inv, cauchy_c=c, max_iters=SEARCH_ITERS)
+        if np.isfinite(cost):
+            found.append((cost, r1, d1))
+    found.sort(key=lambda f: f[0])
+    basins: list[tuple[np.ndarray, np.ndarray]] = []
+    for _cost, r1, d1 in found:
+        if len(basins) < SEARCH_KEEP and all(abs(d1 @ d) < _SAME_BASIN_COS for _r, d in basins):
+            basins.append((r1, d1))
+    if not basins:
+        return None
+    r_abs = np.abs(sampson_px(*basins[0], hq_all, hm_all, k_inv))
+    near = r_abs <= threshold_px
+    if near.sum() < min_inliers:
+        return None
+    c = CAUCHY_C * _robust_sigma(r_abs[near])
+    best = None
+    for r1, d1 in basins:
+        r2, d2, cost = _refine(r1, d1, hq_all, hm_all, k_inv, cauchy_c=c)
+        if np.isfinite(cost) and (best is None or cost < best[0]):
+            best = (cost, r2, d2)
+    if best is None:
+        return None
+    _, rotation, direction = best
+    return rotation, direction
+
+
+def _inlier_least_squares(
+    rotation: np.ndarray,
+    direction: np.ndarray,
+    hq_all: np.ndarray,
+    hm_all: np.ndarray,
+    k_inv: np.ndarray,
+    threshold_px: float,
+    min_inliers: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Step 3 of :func:`relative_pose`: inlier selection and least squares, from all points.
+
+    (The RANSAC set around a 5-point model loses true inliers, and refining on what is
+    left is biased toward that model.) Inliers are in front of both cameras, within
+    ``INLIER_SIGMAS`` robust sigmas of studentized Sampson distance and of leverage at most
+    ``MAX_LEVERAGE``; repeated up to ``INLIER_ROUNDS`` times until the set is stable.
+
+    Args:
+        rotation (3, 3), direction (3,): the start; hq_all, hm_all: (N, 3) homogeneous pixels.
+
+    Returns:
+        ``(rotation, direction, sel)`` with sel (N,) bool inlier mask, or None when fewer than
+        ``min_inliers`` inliers remain or the studentization is singular.
+    """
+    _sign, front = _in_front(rotation, direction, hq_all, hm_all, k_inv)
+    r_abs = np.abs(sampson_px(rotation, direction, hq_all, hm_all, k_inv))
+    near = r_abs <= threshold_px
+    if near.sum() < min_inliers:
+        return None
+    sel = front & (r_abs <= INLIER_SIGMAS * _robust_sigma(r_abs[near]))
+    if sel.sum() < min_inliers:
+        return None
+    for _ in range(INLIER_ROUNDS):
+        rotation, direction, _ = _refine(rotation, direction, hq_all[sel], hm_all[sel], k_inv)
+        sign, front = _in_front(rotation, direction, hq_all, hm_all, k_inv)
+        direction = sign * direction
+        r_all, jac_all, _b = _residuals_and_jacobian(rotation, direction, hq_all, hm_all, k_inv)
+        zh = _studentized(r_all, jac_all, sel)
+        if zh is None:
+            return None
+        z, lev = zh
+        new_sel = front & (np.abs(z) <= INLIER_SIGMAS * _robust_sigma(z[sel])) & (lev <= MAX_LEVERAGE)
+        if new_sel.sum() < min_inliers:
+            return None
+        if np.array_equal(new_sel, sel):
+            break
+        sel = new_sel
+    else:
+        rotation, direction, _ = _refine(rotation, direction, hq_all[sel], hm_all[sel], k_inv)
+    return rotation, direction, sel
+
+
+def _pose_with_covariance(
+    rotation: np.ndarray,
+    direction: np.ndarray,
+    hq: np.ndarray,
+    hm: np.ndarray,
+    k: np.ndarray,
+    k_inv: np.ndarray,
+    min_parallax_sigmas: float,
+) -> RelativePose | None:
+    """Step 4 of :func:`relative_pose`: covariance at the optimum and the result.
+
+    Re-orthonormalizes ``rotation``, normalizes ``direction``, and sets the covariance to
+    ``sigma^2 inv(J^T J)`` with ``sigma^2 = max(sum r^2 / (n - 5), SIGMA_FLOOR_PX^2)``.
+
+    Args:
+        hq, hm: (n, 3) homogeneous pixels of the inliers only; k, k_inv: (3, 3).
+
+    Returns:
+        The :class:`RelativePose`, or None when J is not finite, ``J^T J`` is worse
+        conditioned than ``MAX_CONDITION``, or the parallax is below
+        ``min_parallax_sigmas`` residual sigmas.
+    """
+    u, _, vt = np.linalg.svd(rotation)  # re-orthonormalize against accumulated round-off
+    rotation = u @ np.diag([1.0, 1.0, np.linalg.det(u @ vt)]) @ vt
+    direction = direction / np.linalg.norm(direction)
+    res, jac, basis = _residuals_and_jacobian(rotation, direction, hq, hm, k_inv)
+    if not np.isfinite(jac).all():
+        return None
+    jtj = jac.T @ jac
+    ev = np.linalg.eigvalsh(jtj)
+    if not (ev[0] > 0 and ev[-1] / ev[0] <= MAX_CONDITION):
+        return None
+    sigma2 = max(float(res @ res) / (res.size - 5), SIGMA_FLOOR_PX**2)
+    parallax = float(np.median(_parallax_px(rotation, hq, hm, k)))
+    if parallax < min_parallax_sigmas * np.sqrt(sigma2):
+        return None
+    cov = sigma2 * np.linalg.inv(jtj)
+    cov = 0.5 * (cov + cov.T)
+    return RelativePose(
+        rotation=rotation,
+        direction=direction,
+        rotation_covariance=cov[:3, :3],
+        direction_covariance=basis @ cov[3:, 3:] @ basis.T,
+        inliers=int(res.size),
+        rms_error_px=float(np.sqrt(np.mean(res**2))),
+        covariance=cov,
+        tangent_basis=basis,
+        sigma_px=float(np.sqrt(sigma2)),
+        parallax_px=parallax,
+    )
+
+
 def relative_pose(
     pts_query,
     pts_match,
@@ -443,125 +662,22 @@ def relative_pose(
         ValueError: bad shapes, mismatched N, non-finite values, intrinsics that are not a
             camera matrix, threshold_px <= 0, min_inliers < 6 or min_parallax_sigmas < 0.
     """
-    import cv2
-
-    pq = _as_points("pts_query", pts_query)
-    pm = _as_points("pts_match", pts_match)
-    if pq.shape != pm.shape:
-        raise ValueError(f"pts_query {pq.shape} and pts_match {pm.shape} must have the same shape")
-    k = np.asarray(intrinsics, dtype=np.float64)
-    if k.shape != (3, 3) or not np.isfinite(k).all():
-        raise ValueError(f"intrinsics must be a finite (3, 3) matrix, got shape {k.shape}")
-    if k[0, 0] <= 0 or k[1, 1] <= 0 or k[1, 0] != 0 or not np.array_equal(k[2], [0.0, 0.0, 1.0]):
-        raise ValueError(f"intrinsics is not a camera matrix [[fx,s,cx],[0,fy,cy],[0,0,1]] with fx, fy > 0: {k}")
-    if not (np.isfinite(threshold_px) and threshold_px > 0):
-        raise ValueError(f"threshold_px must be > 0, got {threshold_px}")
-    if int(min_inliers) < 6:
-        raise ValueError(f"min_inliers must be >= 6 (5 parameters + 1), got {min_inliers}")
-    if not (np.isfinite(min_parallax_sigmas) and min_parallax_sigmas >= 0):
-        raise ValueError(f"min_parallax_sigmas must be >= 0, got {min_parallax_sigmas}")
+    pq, pm, k = _check_pose_inputs(pts_query, pts_match, intrinsics, threshold_px, min_inliers, min_parallax_sigmas)
     n = pq.shape[0]
     if n < min_inliers:
         return None
-
-    # 1. RANSAC, as today
-    try:
-        e, mask = cv2.findEssentialMat(pm, pq, k, method=cv2.RANSAC, prob=RANSAC_PROB, threshold=float(threshold_px))
-    except cv2.error:  # OpenCV 5.x: its five-point solver asserts on a degenerate sample instead of skipping it
+    ransac = _ransac_essential(pq, pm, k, threshold_px, min_inliers)
+    if ransac is None:
         return None
-    if e is None or mask is None or e.ndim != 2 or e.shape[1] != 3 or e.shape[0] % 3 or not np.isfinite(e).all():
-        return None
-    cand = mask.ravel() > 0
-    if cand.sum() < min_inliers:
-        return None
+    e, cand = ransac
     k_inv = np.linalg.inv(k)
     hq_all = np.column_stack([pq, np.ones(n)])
     hm_all = np.column_stack([pm, np.ones(n)])
-
-    # 2. basin search
-    c = 0.5 * threshold_px
-    sub = np.arange(0, n, max(1, n // SEARCH_POINTS))
-    found = []
-    for r0, d0 in _starts(e, pq, pm, k, cand):
-        r1, d1, cost = _refine(r0, d0, hq_all[sub], hm_all[sub], k_inv, cauchy_c=c, max_iters=SEARCH_ITERS)
-        if np.isfinite(cost):
-            found.append((cost, r1, d1))
-    found.sort(key=lambda f: f[0])
-    basins: list[tuple[np.ndarray, np.ndarray]] = []
-    for _cost, r1, d1 in found:
-        if len(basins) < SEARCH_KEEP and all(abs(d1 @ d) < _SAME_BASIN_COS for _r, d in basins):
-            basins.append((r1, d1))
-    if not basins:
+    start = _basin_search(e, pq, pm, k, cand, hq_all, hm_all, k_inv, threshold_px, min_inliers)
+    if start is None:
         return None
-    r_abs = np.abs(sampson_px(*basins[0], hq_all, hm_all, k_inv))
-    near = r_abs <= threshold_px
-    if near.sum() < min_inliers:
+    fit = _inlier_least_squares(*start, hq_all, hm_all, k_inv, threshold_px, min_inliers)
+    if fit is None:
         return None
-    c = CAUCHY_C * _robust_sigma(r_abs[near])
-    best = None
-    for r1, d1 in basins:
-        r2, d2, cost = _refine(r1, d1, hq_all, hm_all, k_inv, cauchy_c=c)
-        if np.isfinite(cost) and (best is None or cost < best[0]):
-            best = (cost, r2, d2)
-    if best is None:
-        return None
-    _, rotation, direction = best
-
-    # 3. inliers and least squares, from all points (the RANSAC set around a 5-point model
-    # loses true inliers, and refining on what is left is biased toward that model)
-    _sign, front = _in_front(rotation, direction, hq_all, hm_all, k_inv)
-    r_abs = np.abs(sampson_px(rotation, direction, hq_all, hm_all, k_inv))
-    near = r_abs <= threshold_px
-    if near.sum() < min_inliers:
-        return None
-    sel = front & (r_abs <= INLIER_SIGMAS * _robust_sigma(r_abs[near]))
-    if sel.sum() < min_inliers:
-        return None
-    for _ in range(INLIER_ROUNDS):
-        rotation, direction, _ = _refine(rotation, direction, hq_all[sel], hm_all[sel], k_inv)
-        sign, front = _in_front(rotation, direction, hq_all, hm_all, k_inv)
-        direction = sign * direction
-        r_all, jac_all, _b = _residuals_and_jacobian(rotation, direction, hq_all, hm_all, k_inv)
-        zh = _studentized(r_all, jac_all, sel)
-        if zh is None:
-            return None
-        z, lev = zh
-        new_sel = front & (np.abs(z) <= INLIER_SIGMAS * _robust_sigma(z[sel])) & (lev <= MAX_LEVERAGE)
-        if new_sel.sum() < min_inliers:
-            return None
-        if np.array_equal(new_sel, sel):
-            break
-        sel = new_sel
-    else:
-        rotation, direction, _ = _refine(rotation, direction, hq_all[sel], hm_all[sel], k_inv)
-
-    # 4. covariance at the optimum
-    hq, hm = hq_all[sel], hm_all[sel]
-    u, _, vt = np.linalg.svd(rotation)  # re-orthonormalize against accumulated round-off
-    rotation = u @ np.diag([1.0, 1.0, np.linalg.det(u @ vt)]) @ vt
-    direction = direction / np.linalg.norm(direction)
-    res, jac, basis = _residuals_and_jacobian(rotation, direction, hq, hm, k_inv)
-    if not np.isfinite(jac).all():
-        return None
-    jtj = jac.T @ jac
-    ev = np.linalg.eigvalsh(jtj)
-    if not (ev[0] > 0 and ev[-1] / ev[0] <= MAX_CONDITION):
-        return None
-    sigma2 = max(float(res @ res) / (res.size - 5), SIGMA_FLOOR_PX**2)
-    parallax = float(np.median(_parallax_px(rotation, hq, hm, k)))
-    if parallax < min_parallax_sigmas * np.sqrt(sigma2):
-        return None
-    cov = sigma2 * np.linalg.inv(jtj)
-    cov = 0.5 * (cov + cov.T)
-    return RelativePose(
-        rotation=rotation,
-        direction=direction,
-        rotation_covariance=cov[:3, :3],
-        direction_covariance=basis @ cov[3:, 3:] @ basis.T,
-        inliers=int(res.size),
-        rms_error_px=float(np.sqrt(np.mean(res**2))),
-        covariance=cov,
-        tangent_basis=basis,
-        sigma_px=float(np.sqrt(sigma2)),
-        parallax_px=parallax,
-    )
+    rotation, direction, sel = fit
+    return _pose_with_covariance(rotation, direction, hq_all[sel], hm_all[sel], k, k_inv, min_parallax_sigmas)

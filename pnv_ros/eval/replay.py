@@ -117,6 +117,161 @@ def replay_in_process(
                         det.params.exclude_recent_s, det.params.exclude_recent_keyframes)  # fmt: skip
 
 
+@dataclass
+class _BagScan:
+    """What :func:`replay_through_node` reads from the bag before playing it."""
+
+    image_topic: str
+    #: image messages on the topic
+    total: int
+    compressed: bool
+    #: odometry topics in the bag, sorted
+    odom_topics: list[str]
+    #: every image message's stamp, ns, in bag order (undecodable ones included: indices stay aligned)
+    stamps: list[int] = field(default_factory=list)
+    #: small pictures of the decodable frames, by frame index
+    thumbs: dict[int, np.ndarray] = field(default_factory=dict)
+    skipped: dict[int, SkippedFrame] = field(default_factory=dict)
+    #: bag times (ns) of messages that cannot be deserialised: never published
+    undeserialisable: set[int] = field(default_factory=set)
+
+
+def _scan_bag(bag: Path, topic: str | None, bit_depth: int | None) -> _BagScan:
+    """Stamps, thumbnails and skipped frames of the bag's image topic; frames are not kept.
+
+    Raises:
+        BagError: the bag or its image topic cannot be read.
+    """
+    with BagReader(bag, topic, bit_depth=bit_depth) as r:  # stamps and small pictures only: frames are not kept
+        scan = _BagScan(r.topic, r.count, r.msgtype == IMAGE_TYPES[1],
+                        sorted({t for t, ty in r.topics().items() if ty == ODOM_TYPE}))  # fmt: skip
+        for f in r.frames():
+            scan.stamps.append(f.stamp_ns)
+            if f.rgb is None:  # the node acknowledges it as "error"; the stamp keeps the indices aligned
+                scan.skipped[f.index] = SkippedFrame(f.index, f.stamp_ns, f.error or "cannot be decoded")
+                if "cannot be deserialised" in (f.error or ""):
+                    scan.undeserialisable.add(f.stamp_ns)  # a bag time: the header is unreadable
+            else:
+                scan.thumbs[f.index] = _thumb(f.rgb)
+    return scan
+
+
+def _node_command(
+    scan: _BagScan,
+    preset_name: str,
+    checkpoint: str | None,
+    params: DetectorParams,
+    config_file: str | None,
+    bf16: bool,
+    bit_depth: int | None,
+    engine: str,
+    precision: str | None,
+    engine_file: str | None,
+) -> list[str]:
+    """The loop_closure_node command line: remaps so the node hears exactly what the bag holds
+    for it (the image topic, raw or compressed, and odometry when there is one odometry topic),
+    and every detector parameter typed as the node declares it, with min_score 0."""
+    exe = str(Path(sys.executable).parent / "loop_closure_node")
+    compressed = scan.compressed
+    args = [exe, "--ros-args", "-r", f"{'image/compressed' if compressed else 'image'}:={scan.image_topic}",
+            "-p", f"compressed:={str(compressed).lower()}", "-p", f"preset:={preset_name}",
+            "-p", f"bfloat16:={str(bf16).lower()}", "-p", f"bit_depth:={bit_depth or 0}",
+            "-p", f"engine:={engine}"]  # fmt: skip
+    if precision:
+        args += ["-p", f"precision:={precision}"]
+    if engine_file:
+        args += ["-p", f"engine_file:={engine_file}"]
+    if len(scan.odom_topics) == 1:
+        args += ["-r", f"odom:={scan.odom_topics[0]}"]
+    defaults = DetectorParams()
+    for name, value in params.replace(min_score=0.0).__dict__.items():
+        if name == "matcher" and not value:
+            continue
+        kind = type(getattr(defaults, name))  # ROS parameters are typed: 10 is not 10.0
+        args += ["-p", f"{name}:={str(value).lower() if kind is bool else kind(value)}"]
+    if checkpoint:
+        args += ["-p", f"checkpoint:={checkpoint}"]
+    if config_file:
+        args += ["-p", f"config_file:={config_file}"]
+    return args
+
+
+@dataclass
+class _NodeRun:
+    """What the node said during a lockstep replay."""
+
+    #: every LoopClosure message received, in arrival order
+    loops: list
+    #: the node's last /diagnostics key/values
+    diags: dict[str, str]
+    #: stamps (ns) the node acknowledged as keyframes
+    keyframes: set[int]
+    #: stamps (ns) the node acknowledged only as errors
+    errors: set[int]
+    #: seconds from starting the player to the end of the late-message wait
+    wall: float
+
+
+def _play_into_node(
+    bag: Path,
+    scan: _BagScan,
+    args: list[str],
+    progress: Callable[[int, int], None] | None,
+    node_timeout_s: float,
+) -> _NodeRun:
+    """Start the node (``args``), play the bag into it in lockstep and collect its output;
+    the node and rclpy are shut down whatever happens.
+
+    Raises:
+        BagError: the node did not subscribe to the image topic within ``node_timeout_s`` s.
+    """
+    import rclpy
+    from diagnostic_msgs.msg import DiagnosticArray
+
+    from pnv_ros.msg import LoopClosure
+    from pnv_ros.ros.conversions import stamp_to_ns
+    from pnv_ros.ros.player import BagPlayer
+
+    image_topic, undeserialisable = scan.image_topic, scan.undeserialisable
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
+    rclpy.init()
+    loops: list = []
+    diags: dict[str, str] = {}
+    player = None
+    t0 = time.perf_counter()
+    try:
+        player = BagPlayer(bag, topics=[image_topic, *scan.odom_topics[:1]])  # not /tf, /rosout...: no one listens
+        if undeserialisable:  # neither the player nor the node's middleware can read these: not sent
+            every = player.messages
+            player.messages = lambda: (m for m in every() if not (m[0] == image_topic and m[2] in undeserialisable))
+        player.node.create_subscription(LoopClosure, "loop_closures", loops.append, 1000)
+        player.node.create_subscription(DiagnosticArray, "/diagnostics", lambda m: _diagnostics(m, diags), 10)
+        if not player.wait_for_subscribers(node_timeout_s, alive=lambda: proc.poll() is None):
+            out = proc.communicate(timeout=10)[0] if proc.poll() is not None else ""
+            raise BagError(
+                f"loop_closure_node did not subscribe to {image_topic}: " + (out.strip()[-600:] or "timed out")
+            )
+        total = scan.total
+        player.lockstep(image_topic, progress=(lambda n: progress(n, total)) if progress else None)
+        keyframes = {stamp_to_ns(a.stamp) for a in player.acks if a.frame_id == "keyframe"}  # first ack per stamp wins
+        errors = {stamp_to_ns(a.stamp) for a in player.acks if a.frame_id == "error"} - keyframes
+        end = time.time() + 5  # late loop closures, and a diagnostics message (1 Hz) after the last keyframe
+        while time.time() < end:
+            rclpy.spin_once(player.node, timeout_sec=0.05)
+        wall = time.perf_counter() - t0
+    finally:
+        if player is not None:
+            player.close()
+        rclpy.try_shutdown()
+        proc.terminate()
+        try:
+            out, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+    return _NodeRun(loops, diags, keyframes, errors, wall)
+
+
 def replay_through_node(
     bag: Path,
     preset_name: str,
@@ -141,95 +296,23 @@ def replay_through_node(
     its last 100 keyframes, ``latency_total_p50_ms`` ...) come back in
     ``ReplayResult.node_diagnostics``.
     """
-    import rclpy
-    from diagnostic_msgs.msg import DiagnosticArray
-
-    from pnv_ros.msg import LoopClosure
     from pnv_ros.ros.conversions import stamp_to_ns
-    from pnv_ros.ros.player import BagPlayer
 
-    stamps: list[int] = []
-    thumbs: dict[int, np.ndarray] = {}
-    skipped: dict[int, SkippedFrame] = {}
-    undeserialisable: set[int] = set()  # their bag times: never published (no node could take them)
-    with BagReader(bag, topic, bit_depth=bit_depth) as r:  # stamps and small pictures only: frames are not kept
-        image_topic, total, compressed = r.topic, r.count, r.msgtype == IMAGE_TYPES[1]
-        odom_topics = sorted({t for t, ty in r.topics().items() if ty == ODOM_TYPE})
-        for f in r.frames():
-            stamps.append(f.stamp_ns)
-            if f.rgb is None:  # the node acknowledges it as "error"; the stamp keeps the indices aligned
-                skipped[f.index] = SkippedFrame(f.index, f.stamp_ns, f.error or "cannot be decoded")
-                if "cannot be deserialised" in (f.error or ""):
-                    undeserialisable.add(f.stamp_ns)  # a bag time: the header is unreadable
-            else:
-                thumbs[f.index] = _thumb(f.rgb)
+    scan = _scan_bag(bag, topic, bit_depth)
+    stamps, skipped = scan.stamps, scan.skipped
     frame_of = {s: i for i, s in enumerate(stamps) if i not in skipped}
-    exe = str(Path(sys.executable).parent / "loop_closure_node")
-    # The node hears exactly what the bag holds for it: the image topic (raw or compressed) and odometry.
-    args = [exe, "--ros-args", "-r", f"{'image/compressed' if compressed else 'image'}:={image_topic}",
-            "-p", f"compressed:={str(compressed).lower()}", "-p", f"preset:={preset_name}",
-            "-p", f"bfloat16:={str(bf16).lower()}", "-p", f"bit_depth:={bit_depth or 0}",
-            "-p", f"engine:={engine}"]  # fmt: skip
-    if precision:
-        args += ["-p", f"precision:={precision}"]
-    if engine_file:
-        args += ["-p", f"engine_file:={engine_file}"]
-    if len(odom_topics) == 1:
-        args += ["-r", f"odom:={odom_topics[0]}"]
-    defaults = DetectorParams()
-    for name, value in params.replace(min_score=0.0).__dict__.items():
-        if name == "matcher" and not value:
-            continue
-        kind = type(getattr(defaults, name))  # ROS parameters are typed: 10 is not 10.0
-        args += ["-p", f"{name}:={str(value).lower() if kind is bool else kind(value)}"]
-    if checkpoint:
-        args += ["-p", f"checkpoint:={checkpoint}"]
-    if config_file:
-        args += ["-p", f"config_file:={config_file}"]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
-    rclpy.init()
-    loops: list = []
-    diags: dict[str, str] = {}
-    player = None
-    t0 = time.perf_counter()
-    try:
-        player = BagPlayer(bag, topics=[image_topic, *odom_topics[:1]])  # not /tf, /rosout...: no one listens
-        if undeserialisable:  # neither the player nor the node's middleware can read these: not sent
-            every = player.messages
-            player.messages = lambda: (m for m in every() if not (m[0] == image_topic and m[2] in undeserialisable))
-        player.node.create_subscription(LoopClosure, "loop_closures", loops.append, 1000)
-        player.node.create_subscription(DiagnosticArray, "/diagnostics", lambda m: _diagnostics(m, diags), 10)
-        if not player.wait_for_subscribers(node_timeout_s, alive=lambda: proc.poll() is None):
-            out = proc.communicate(timeout=10)[0] if proc.poll() is not None else ""
-            raise BagError(
-                f"loop_closure_node did not subscribe to {image_topic}: " + (out.strip()[-600:] or "timed out")
-            )
-        player.lockstep(image_topic, progress=(lambda n: progress(n, total)) if progress else None)
-        keyframes = {stamp_to_ns(a.stamp) for a in player.acks if a.frame_id == "keyframe"}  # first ack per stamp wins
-        errors = {stamp_to_ns(a.stamp) for a in player.acks if a.frame_id == "error"} - keyframes
-        end = time.time() + 5  # late loop closures, and a diagnostics message (1 Hz) after the last keyframe
-        while time.time() < end:
-            rclpy.spin_once(player.node, timeout_sec=0.05)
-        wall = time.perf_counter() - t0
-    finally:
-        if player is not None:
-            player.close()
-        rclpy.try_shutdown()
-        proc.terminate()
-        try:
-            out, _ = proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, _ = proc.communicate()
+    args = _node_command(scan, preset_name, checkpoint, params, config_file, bf16, bit_depth, engine, precision,
+                         engine_file)  # fmt: skip
+    node = _play_into_node(bag, scan, args, progress, node_timeout_s)
     for i, s in enumerate(stamps):  # frames the node could not use though they decode here
-        if s in errors and i not in skipped:
+        if s in node.errors and i not in skipped:
             skipped[i] = SkippedFrame(i, s, "the node reported an error for it (see its log)")
     best: dict[int, object] = {}
-    for lc in loops:
+    for lc in node.loops:
         best[stamp_to_ns(lc.query_stamp)] = lc
     records = []
     for i, s in enumerate(stamps):
-        if s not in keyframes or i in skipped:
+        if s not in node.keyframes or i in skipped:
             continue
         lc = best.get(s)
         m = frame_of.get(stamp_to_ns(lc.match_stamp), -1) if lc is not None else -1
@@ -237,9 +320,9 @@ def replay_through_node(
                                       float(lc.global_distance) if lc else float("nan"),
                                       int(lc.num_matches) if lc else 0, int(lc.num_inliers) if lc else 0,
                                       [m] if m >= 0 else []))  # fmt: skip
-    return ReplayResult(records, len(stamps), stamps, wall, float("nan"), float("nan"), thumbs,
+    return ReplayResult(records, len(stamps), stamps, node.wall, float("nan"), float("nan"), scan.thumbs,
                         [skipped[i] for i in sorted(skipped)], params.exclude_recent_s,
-                        params.exclude_recent_keyframes, dict(diags))  # fmt: skip
+                        params.exclude_recent_keyframes, dict(node.diags))  # fmt: skip
 
 
 def _diagnostics(msg, into: dict[str, str]) -> None:  # type: ignore[no-untyped-def]

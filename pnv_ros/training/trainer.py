@@ -485,6 +485,225 @@ def plot_history(history: list[EpochLog], path: Path) -> None:
     plt.close(fig)
 
 
+def _prepare_work_dir(
+    out: Path,
+    data: TrainingSet,
+    init: str | Path | None,
+    resume: str | Path | None,
+    work_dir: str | Path | None,
+    device: str,
+    force: bool,
+) -> Path:
+    """The run's work folder, after checking it, ``out``, its metadata file and ``device``.
+
+    A resumed run continues in its checkpoint's folder; a fresh one uses ``work_dir`` or
+    ``OUT`` without suffixes + ``_training``.
+
+    Raises:
+        ConfigError: a work dir other than the resumed run's, a work dir that holds a run
+            (without ``force``) or lies in an input folder, or a CUDA device torch does not see.
+        OutputError: an output that cannot be written.
+    """
+    from pnv_ros.model.refit import metadata_path
+    from pnv_ros.storage import check_output
+
+    if resume:  # a run lives in one folder: its checkpoints and best model stay together
+        work = Path(resume).parent
+        if work_dir and Path(work_dir).resolve() != work.resolve():
+            raise ConfigError(f"--work-dir {work_dir}: a resumed run continues in its own folder {work}")
+    else:
+        work = Path(work_dir) if work_dir else out.parent / (out.name.split(".")[0] + "_training")
+    _check_work_dir(work, data, fresh=not resume, force=force)
+    check_output(out, what="--out", inputs=[p for p in (init, resume) if p])
+    check_output(metadata_path(out), what=f"the metadata file of --out {out}")
+    check_output(work, folder=True, what="--work-dir", inputs=[p for p in (init,) if p])
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: no CUDA device here (torch sees none): use --device cpu")
+    return work
+
+
+@dataclass
+class _Start:
+    """Where a run starts: its settings, model and provenance."""
+
+    cfg: TrainConfig
+    #: the DINOv2 family's config, None for VGG-16
+    dinov2: dict[str, Any] | None
+    model: PatchNetVLADModel
+    #: the starting model's record (path, sha256, identity) for the metadata
+    init_record: dict[str, Any]
+    #: the resumed training checkpoint, None for a fresh run
+    ckpt: dict[str, Any] | None
+
+
+def _starting_point(init: str | Path | None, resume: str | Path | None, config: TrainConfig | None) -> _Start:
+    """Load the model to train: from the ``resume`` checkpoint (its choices kept, ``config``'s
+    epochs and dims applied) or from the ``init`` model file (with ``config`` or the defaults).
+
+    Raises:
+        ConfigError: neither init nor resume, or choices that fail :meth:`TrainConfig.check`.
+        CheckpointError: a bad model or checkpoint file.
+    """
+    from pnv_ros.model.checkpoint import load_checkpoint
+
+    ckpt = None
+    if resume:
+        ckpt = load_training_checkpoint(Path(resume))
+        recorded = ckpt["pnv_train"]
+        given = config or TrainConfig(**recorded["config"])
+        cfg = TrainConfig(**{**recorded["config"], "epochs": given.epochs, "dims": given.dims})
+        dinov2 = recorded.get("dinov2")
+        model = _training_model(ckpt["state_dict"], dinov2)
+        init_record = recorded["init"]
+    else:
+        cfg = config or TrainConfig()
+        if init is None:
+            raise ConfigError("give a model to start from (--init) or a checkpoint to continue (--resume)")
+        loaded, info = load_checkpoint(init)
+        dinov2 = loaded.config() if info.family == "dinov2_vlad" else None  # type: ignore[operator]
+        model = _training_model(loaded.state_dict(), dinov2)
+        init_record = {"model": str(init), "sha256": info.sha256, "identity": info.identity}
+    cfg.check()
+    return _Start(cfg, dinov2, model, init_record, ckpt)
+
+
+def _check_resume_fits(ckpt: dict[str, Any] | None, resume: str | Path | None, data_key: str, labels: str) -> None:
+    """A resumed run must see the same images, frozen backbone and ground truth as before.
+
+    Raises:
+        ConfigError: the checkpoint's data key or labels digest differ from the given ones.
+    """
+    if ckpt is not None and ckpt["pnv_train"]["data_key"] != data_key:
+        raise ConfigError(f"--resume {resume} was trained on other images or another frozen backbone than given "
+                          "now: give the same data as the run it continues")  # fmt: skip
+    if ckpt is not None and ckpt["pnv_train"].get("labels") != labels:
+        raise ConfigError(f"--resume {resume} was trained with other ground truth (positives, radii, gaps) than "
+                          "given now: its best score is not comparable; start a new run (--init)")  # fmt: skip
+
+
+def _begin(
+    trainer: Trainer,
+    model: PatchNetVLADModel,
+    ckpt: dict[str, Any] | None,
+    meta: dict[str, Any],
+    work: Path,
+    log: Callable[[str], None],
+) -> None:
+    """Restore a resumed run, or validate the starting model as epoch 0 and checkpoint it
+    (``model_best`` and ``checkpoint``, so the run is resumable from here)."""
+    cfg = trainer.config
+    if ckpt is not None:
+        trainer.restore(ckpt)
+        log(f"resuming after epoch {trainer.state.epoch} (best Recall@5 {trainer.state.best_score:.3f} at epoch "
+            f"{trainer.state.best_epoch})")  # fmt: skip
+        return
+    if cfg.recluster:
+        n = _recluster(model, trainer, trainer.rng)
+        log(f"clusters refitted on {n} descriptors of the training images")
+    t0 = time.perf_counter()
+    r, vloss = trainer.validate()
+    trainer.state.history.append(EpochLog(0, None, 0, r, elapsed(t0), cfg.lr, vloss))
+    trainer.state.best_score, trainer.state.best_val_loss, trainer.state.best_epoch = r[5], vloss, 0
+    c = trainer.checkpoint(r, meta)
+    save_training_checkpoint(c, work / "model_best.pth.tar")
+    save_training_checkpoint(c, work / "checkpoint.pth.tar")  # resumable from here
+    log(f"epoch 0 (start): validation Recall@1/5/10 {r[1]:.3f}/{r[5]:.3f}/{r[10]:.3f}, loss {vloss:.4f} on "
+        f"{len(trainer.val_set.queries)} queries; {len(trainer.train_set.queries)} training queries")  # fmt: skip
+
+
+def _epoch(
+    trainer: Trainer,
+    meta: dict[str, Any],
+    work: Path,
+    progress: Progress | None,
+    log: Callable[[str], None],
+) -> None:
+    """One epoch: train, step the scheduler, validate, update the best score, write
+    ``checkpoint.pth.tar`` (and ``model_best.pth.tar`` when better), ``training.png`` and
+    ``history.json`` in ``work``, and log the epoch."""
+    from pnv_ros.storage import write_text_atomic
+
+    cfg, st = trainer.config, trainer.state
+    t0 = time.perf_counter()
+    lr = trainer.optimizer.param_groups[0]["lr"]
+    loss, n = trainer.train_epoch(progress)
+    with warnings.catch_warnings():  # an epoch without a violating triplet takes no optimiser step
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+        trainer.scheduler.step()
+    r, vloss = trainer.validate()
+    st.epoch += 1
+    st.history.append(EpochLog(st.epoch, loss, n, r, elapsed(t0), lr, vloss))
+    better = trainer.improves(r, vloss)
+    if better:
+        st.best_score, st.best_val_loss, st.best_epoch, st.not_improved = r[5], vloss, st.epoch, 0
+    else:
+        st.not_improved += 1
+    c = trainer.checkpoint(r, meta)
+    save_training_checkpoint(c, work / "checkpoint.pth.tar")
+    if better:
+        save_training_checkpoint(c, work / "model_best.pth.tar")
+    plot_history(st.history, work / "training.png")
+    write_text_atomic(work / "history.json", json.dumps([asdict(h) for h in st.history], indent=1) + "\n")
+    loss_s = f"{loss:.4f}" if loss is not None else "-"
+    sk = trainer.skipped
+    if sk["few_negatives"]:
+        log(f"epoch {st.epoch}: {sk['few_negatives']} queries gave no triplet: fewer than {cfg.negatives} "
+            "negatives left after their non-negatives (a small or dense map): lower --negatives, or give more "
+            "places")  # fmt: skip
+    log(f"epoch {st.epoch}: loss {loss_s} on {n} triplets; validation Recall@1/5/10 "
+        f"{r[1]:.3f}/{r[5]:.3f}/{r[10]:.3f}, loss {vloss:.4f}{' (best)' if better else ''}, "
+        f"{st.history[-1].seconds:.0f} s")  # fmt: skip
+
+
+def _save_best_with_wpca(
+    trainer: Trainer,
+    model: PatchNetVLADModel,
+    cache: FeatureCache,
+    head: nn.Module | None,
+    dinov2: dict[str, Any] | None,
+    work: Path,
+    run: str,
+    out: Path,
+    progress: Progress | None,
+) -> tuple[int, Any]:
+    """Load the run's best weights into ``model``, fit a WPCA on up to ``WPCA_IMAGES`` training
+    database images (add_pca; the builders' sampling, seeded with ``SEED``) and write the model
+    file ``out`` in its family's format.
+
+    Returns:
+        ``(images, fit)``: the number of images the WPCA saw and the fitting's record.
+
+    Raises:
+        CheckpointError: ``model_best.pth.tar`` belongs to another run.
+    """
+    from pnv_ros.model.checkpoint import save_checkpoint
+    from pnv_ros.model.default_model import SEED, vgg_fitted_state
+    from pnv_ros.model.refit import evenly_spaced
+
+    dims = trainer.config.dims
+    best = load_training_checkpoint(work / "model_best.pth.tar")
+    if best["pnv_train"].get("run") != run:
+        raise CheckpointError(f"{work / 'model_best.pth.tar'} belongs to another run than {work / 'checkpoint.pth.tar'}"
+                              ": give each run its own --work-dir")  # fmt: skip
+    model.load_state_dict(best["state_dict"], strict=True)
+    model.eval()
+    db = trainer.train_set.db
+    pick = db[evenly_spaced(len(db), WPCA_IMAGES)]
+    with torch.no_grad():
+        maps = [(head(cache.get([i])) if head is not None else cache.get([i]))[0] for i in pick]
+    rng = np.random.default_rng(SEED)
+    if dinov2 is not None:
+        from pnv_ros.model.dinov2_vlad import fitted_model, save_dinov2_vlad
+
+        final, fit = fitted_model(model, maps, rng, dims, progress=progress, fit_clusters=False)
+        save_dinov2_vlad(final, out)
+    else:
+        encoder = {f"encoder.{k}": v.detach() for k, v in model.encoder.state_dict().items()}
+        state, fit = vgg_fitted_state(encoder, model, maps, rng, dims, fit_clusters=False, progress=progress)
+        save_checkpoint(state, out, dims)
+    return len(maps), fit
+
+
 def train_model(
     data: TrainingSet,
     out: str | Path,
@@ -514,57 +733,24 @@ def train_model(
     Raises ConfigError (choices, too few queries, a resume that does not fit the data), CheckpointError
     (a bad model file), OutputError (an output that cannot be written), ImageError (no decodable
     image)."""
-    from pnv_ros.model.checkpoint import file_sha256, load_checkpoint, save_checkpoint
-    from pnv_ros.model.default_model import SEED, vgg_fitted_state
-    from pnv_ros.model.refit import evenly_spaced, metadata_path
+    from pnv_ros.model.checkpoint import file_sha256
+    from pnv_ros.model.refit import metadata_path
     from pnv_ros.model.registry import models_dir
-    from pnv_ros.storage import check_output, write_text_atomic
+    from pnv_ros.storage import write_text_atomic
     from pnv_ros.training.feature_cache import build_cache, cache_key, frozen_prefix
 
     t_start = time.perf_counter()
     out = Path(out)
-    if resume:  # a run lives in one folder: its checkpoints and best model stay together
-        work = Path(resume).parent
-        if work_dir and Path(work_dir).resolve() != work.resolve():
-            raise ConfigError(f"--work-dir {work_dir}: a resumed run continues in its own folder {work}")
-    else:
-        work = Path(work_dir) if work_dir else out.parent / (out.name.split(".")[0] + "_training")
-    _check_work_dir(work, data, fresh=not resume, force=force)
-    check_output(out, what="--out", inputs=[p for p in (init, resume) if p])
-    check_output(metadata_path(out), what=f"the metadata file of --out {out}")
-    check_output(work, folder=True, what="--work-dir", inputs=[p for p in (init,) if p])
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: no CUDA device here (torch sees none): use --device cpu")
-    ckpt = None
-    if resume:
-        ckpt = load_training_checkpoint(Path(resume))
-        recorded = ckpt["pnv_train"]
-        given = config or TrainConfig(**recorded["config"])
-        cfg = TrainConfig(**{**recorded["config"], "epochs": given.epochs, "dims": given.dims})
-        dinov2 = recorded.get("dinov2")
-        model = _training_model(ckpt["state_dict"], dinov2)
-        init_record = recorded["init"]
-    else:
-        cfg = config or TrainConfig()
-        if init is None:
-            raise ConfigError("give a model to start from (--init) or a checkpoint to continue (--resume)")
-        loaded, info = load_checkpoint(init)
-        dinov2 = loaded.config() if info.family == "dinov2_vlad" else None  # type: ignore[operator]
-        model = _training_model(loaded.state_dict(), dinov2)
-        init_record = {"model": str(init), "sha256": info.sha256, "identity": info.identity}
-    cfg.check()
+    work = _prepare_work_dir(out, data, init, resume, work_dir, device, force)
+    start = _starting_point(init, resume, config)
+    cfg, dinov2, model, ckpt = start.cfg, start.dinov2, start.model, start.ckpt
     train_set, val_set = data.split(cfg.holdout)
     _check_pca_samples(model, train_set, cfg.dims)
     head = trainable_head(model, cfg.layers)
     frozen = model.encoder if head is None else nn.Sequential(*list(model.encoder.children())[: -len(head)])
     data_key = cache_key(_weights_digest(frozen) + json.dumps(dinov2, sort_keys=True), cfg.layers, _image_ids(data))
     labels = _labels_digest(data)
-    if ckpt is not None and ckpt["pnv_train"]["data_key"] != data_key:
-        raise ConfigError(f"--resume {resume} was trained on other images or another frozen backbone than given "
-                          "now: give the same data as the run it continues")  # fmt: skip
-    if ckpt is not None and ckpt["pnv_train"].get("labels") != labels:
-        raise ConfigError(f"--resume {resume} was trained with other ground truth (positives, radii, gaps) than "
-                          "given now: its best score is not comparable; start a new run (--init)")  # fmt: skip
+    _check_resume_fits(ckpt, resume, data_key, labels)
 
     t0 = time.perf_counter()
     cache = build_cache(data.images, len(data.images), Path(cache_dir or models_dir().parent / "training"), data_key,
@@ -576,94 +762,31 @@ def train_model(
             f"the first: {next(iter(cache.errors.values()))}")  # fmt: skip
     trainer = Trainer(model, cache, train_set, val_set, cfg, device)
     run = ckpt["pnv_train"]["run"] if ckpt is not None else f"{data_key}-{labels}-{utc_now()}"
-    meta = {"init": init_record, "data_key": data_key, "labels": labels, "data": data.source, "device": device,
-            "dinov2": dinov2, "run": run}  # fmt: skip
+    meta = {"init": start.init_record, "data_key": data_key, "labels": labels, "data": data.source,
+            "device": device, "dinov2": dinov2, "run": run}  # fmt: skip
     work.mkdir(parents=True, exist_ok=True)
-    if ckpt is not None:
-        trainer.restore(ckpt)
-        log(f"resuming after epoch {trainer.state.epoch} (best Recall@5 {trainer.state.best_score:.3f} at epoch "
-            f"{trainer.state.best_epoch})")  # fmt: skip
-    else:
-        if cfg.recluster:
-            n = _recluster(model, trainer, trainer.rng)
-            log(f"clusters refitted on {n} descriptors of the training images")
-        t0 = time.perf_counter()
-        r, vloss = trainer.validate()
-        trainer.state.history.append(EpochLog(0, None, 0, r, elapsed(t0), cfg.lr, vloss))
-        trainer.state.best_score, trainer.state.best_val_loss, trainer.state.best_epoch = r[5], vloss, 0
-        c = trainer.checkpoint(r, meta)
-        save_training_checkpoint(c, work / "model_best.pth.tar")
-        save_training_checkpoint(c, work / "checkpoint.pth.tar")  # resumable from here
-        log(f"epoch 0 (start): validation Recall@1/5/10 {r[1]:.3f}/{r[5]:.3f}/{r[10]:.3f}, loss {vloss:.4f} on "
-            f"{len(trainer.val_set.queries)} queries; {len(trainer.train_set.queries)} training queries")  # fmt: skip
+    _begin(trainer, model, ckpt, meta, work, log)
     st = trainer.state
     while st.epoch < cfg.epochs and st.not_improved <= cfg.patience:
-        t0 = time.perf_counter()
-        lr = trainer.optimizer.param_groups[0]["lr"]
-        loss, n = trainer.train_epoch(progress)
-        with warnings.catch_warnings():  # an epoch without a violating triplet takes no optimiser step
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
-            trainer.scheduler.step()
-        r, vloss = trainer.validate()
-        st.epoch += 1
-        st.history.append(EpochLog(st.epoch, loss, n, r, elapsed(t0), lr, vloss))
-        better = trainer.improves(r, vloss)
-        if better:
-            st.best_score, st.best_val_loss, st.best_epoch, st.not_improved = r[5], vloss, st.epoch, 0
-        else:
-            st.not_improved += 1
-        c = trainer.checkpoint(r, meta)
-        save_training_checkpoint(c, work / "checkpoint.pth.tar")
-        if better:
-            save_training_checkpoint(c, work / "model_best.pth.tar")
-        plot_history(st.history, work / "training.png")
-        write_text_atomic(work / "history.json", json.dumps([asdict(h) for h in st.history], indent=1) + "\n")
-        loss_s = f"{loss:.4f}" if loss is not None else "-"
-        sk = trainer.skipped
-        if sk["few_negatives"]:
-            log(f"epoch {st.epoch}: {sk['few_negatives']} queries gave no triplet: fewer than {cfg.negatives} "
-                "negatives left after their non-negatives (a small or dense map): lower --negatives, or give more "
-                "places")  # fmt: skip
-        log(f"epoch {st.epoch}: loss {loss_s} on {n} triplets; validation Recall@1/5/10 "
-            f"{r[1]:.3f}/{r[5]:.3f}/{r[10]:.3f}, loss {vloss:.4f}{' (best)' if better else ''}, "
-            f"{st.history[-1].seconds:.0f} s")  # fmt: skip
+        _epoch(trainer, meta, work, progress, log)
     if st.not_improved > cfg.patience:
         log(f"no better validation score for {cfg.patience} epochs: stopped (the authors' patience)")
     seconds["train"] = round(sum(h.seconds for h in st.history), 2)
 
-    # The best weights, with a WPCA fitted on the training database (add_pca; the builders' sampling).
+    # The best weights, with a WPCA fitted on the training database.
     t0 = time.perf_counter()
-    best = load_training_checkpoint(work / "model_best.pth.tar")
-    if best["pnv_train"].get("run") != run:
-        raise CheckpointError(f"{work / 'model_best.pth.tar'} belongs to another run than {work / 'checkpoint.pth.tar'}"
-                              ": give each run its own --work-dir")  # fmt: skip
-    model.load_state_dict(best["state_dict"], strict=True)
-    model.eval()
-    db = trainer.train_set.db
-    pick = db[evenly_spaced(len(db), WPCA_IMAGES)]
-    with torch.no_grad():
-        maps = [(head(cache.get([i])) if head is not None else cache.get([i]))[0] for i in pick]
-    rng = np.random.default_rng(SEED)
-    if dinov2 is not None:
-        from pnv_ros.model.dinov2_vlad import fitted_model, save_dinov2_vlad
-
-        final, fit = fitted_model(model, maps, rng, cfg.dims, progress=progress, fit_clusters=False)
-        save_dinov2_vlad(final, out)
-    else:
-        encoder = {f"encoder.{k}": v.detach() for k, v in model.encoder.state_dict().items()}
-        state, fit = vgg_fitted_state(encoder, model, maps, rng, cfg.dims, fit_clusters=False, progress=progress)
-        save_checkpoint(state, out, cfg.dims)
+    wpca_images, fit = _save_best_with_wpca(trainer, model, cache, head, dinov2, work, run, out, progress)
     seconds["wpca"] = elapsed(t0)
     seconds["total"] = elapsed(t_start)
     meta_out = {
         "model": out.name, "family": "dinov2_vlad" if dinov2 else "netvlad_vgg16", "sha256": file_sha256(out),
         "dim": cfg.dims,
         "num_clusters": model.pool.num_clusters, "built": utc_now(),
-        "trained": {"init": init_record, "data": data.source, "config": asdict(cfg), "best_epoch": st.best_epoch,
-                    "best_validation_recall_at_5": st.best_score, "epochs_run": st.epoch,
+        "trained": {"init": start.init_record, "data": data.source, "config": asdict(cfg),
+                    "best_epoch": st.best_epoch, "best_validation_recall_at_5": st.best_score, "epochs_run": st.epoch,
                     "training_queries": len(trainer.train_set.queries), "validation_queries":
                     len(trainer.val_set.queries), "seconds": seconds, "work_dir": str(work),
-                    "wpca": {"images": len(maps), "samples": int(sum(v.shape[0] for v in fit.vecs))}},
+                    "wpca": {"images": wpca_images, "samples": int(sum(v.shape[0] for v in fit.vecs))}},
     }  # fmt: skip
     write_text_atomic(metadata_path(out), json.dumps(meta_out, indent=2) + "\n")
     return TrainResult(out, work, st.history, st.best_epoch, seconds)
