@@ -127,6 +127,63 @@ def vlad_recall(grids: np.ndarray, gt: np.ndarray) -> tuple[float, float]:
     return recall(np.stack([vlad(t, cents) for t in toks]), gt)
 
 
+def report_lines(args: argparse.Namespace, timing: dict, recalls: dict, int8_err: dict, tl: int, loads: list,
+                 seconds: tuple, ort_version: str) -> list[str]:
+    """The page: the run line, time per image per runtime and size, int8 error, RTAB-Map recall per descriptor.
+    ``seconds``: (fetch, torch module load, int8 quantisation or 0)."""
+    fetch_s, load_s, quant_s = seconds
+    lines = ["# DINOv2 ViT-S/14 backbone: CPU time and a place-recognition sanity check", ""]
+    lines.append(
+        f"`benchmarks/dinov2_backbone.py`; {cpu_name()}, {args.threads} threads; "
+        f"torch {torch.__version__}, onnxruntime {ort_version}; weights: {d.SOURCE}. "
+        f"Fetch (cached) {fetch_s:.2f} s; torch module from the .onnx {load_s:.2f} s"
+        + (f"; int8 dynamic quantisation of both cuts {quant_s:.1f} s" if quant_s else "")
+        + f". OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; onnxruntime without spinning"
+        + f". Load average (1 min) around the timings: {', '.join(f'{v:.1f}' for v in loads)} on {os.cpu_count()} CPUs"
+        + " (others' jobs running: a timing is only comparable with its neighbours in the same column)."
+    )
+    lines += [
+        "",
+        "## Time per image (batch 1, median)",
+        "",
+        "| runtime, graph | " + " | ".join(f"{h} x {w}" for h, w in SIZES) + " |",
+        "|---|" + "---|" * len(SIZES),
+    ]
+    rows = sorted({k.rsplit(" @ ", 1)[0] for k in timing})
+    for r in rows:
+        lines.append(
+            f"| {r} | " + " | ".join(f"{timing[f'{r} @ {h}x{w}']['s'] * 1000:.0f} ms" for h, w in SIZES) + " |"
+        )
+    if int8_err:
+        lines += [
+            "",
+            f"int8 vs float32, layer {tl} value tokens of frame 1: max abs diff / max abs value "
+            + ", ".join(
+                f"{int8_err[f'{h}x{w}']:.3f} (mean token cosine {int8_err[f'{h}x{w} token cosine']:.4f}) at {h} x {w}"
+                for h, w in SIZES
+            )
+            + ".",
+        ]
+    lines += [
+        "",
+        "## RTAB-Map loop, global Recall@1 / @5 (queries 41-84 vs database 1-40)",
+        "",
+        "| descriptor | " + " | ".join(f"{h} x {w}" for h, w in SIZES) + " |",
+        "|---|" + "---|" * len(SIZES),
+    ]
+    for name in recalls.get(f"{SIZES[0][0]}x{SIZES[0][1]}", {}):
+        lines.append(
+            f"| {name} | " + " | ".join("{:.3f} / {:.3f}".format(*recalls[f"{h}x{w}"][name]) for h, w in SIZES) + " |"
+        )
+    lines += [
+        "",
+        "For scale: the default Patch-NetVLAD model (VGG-16, 480 x 640) has global Recall@1 0.909 on this split "
+        "(README, Evaluation). 44 queries: one query is 0.023.",
+        "",
+    ]
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -227,56 +284,7 @@ def main() -> None:
         timing[f"torch float32, {len(facets)} facets + final of 84 frames, per frame @ {sk}"] = {"s": extract_s}
         print(f"done {sk}", flush=True)
 
-    # --- report
-    lines = ["# DINOv2 ViT-S/14 backbone: CPU time and a place-recognition sanity check", ""]
-    lines.append(
-        f"`benchmarks/dinov2_backbone.py`; {cpu_name()}, {args.threads} threads; "
-        f"torch {torch.__version__}, onnxruntime {ort.__version__}; weights: {d.SOURCE}. "
-        f"Fetch (cached) {fetch_s:.2f} s; torch module from the .onnx {load_s:.2f} s"
-        + (f"; int8 dynamic quantisation of both cuts {quant_s:.1f} s" if quant_s else "")
-        + f". OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; onnxruntime without spinning"
-        + f". Load average (1 min) around the timings: {', '.join(f'{v:.1f}' for v in loads)} on {os.cpu_count()} CPUs"
-        + " (others' jobs running: a timing is only comparable with its neighbours in the same column)."
-    )
-    lines += [
-        "",
-        "## Time per image (batch 1, median)",
-        "",
-        "| runtime, graph | " + " | ".join(f"{h} x {w}" for h, w in SIZES) + " |",
-        "|---|" + "---|" * len(SIZES),
-    ]
-    rows = sorted({k.rsplit(" @ ", 1)[0] for k in timing})
-    for r in rows:
-        lines.append(
-            f"| {r} | " + " | ".join(f"{timing[f'{r} @ {h}x{w}']['s'] * 1000:.0f} ms" for h, w in SIZES) + " |"
-        )
-    if int8_err:
-        lines += [
-            "",
-            f"int8 vs float32, layer {tl} value tokens of frame 1: max abs diff / max abs value "
-            + ", ".join(
-                f"{int8_err[f'{h}x{w}']:.3f} (mean token cosine {int8_err[f'{h}x{w} token cosine']:.4f}) at {h} x {w}"
-                for h, w in SIZES
-            )
-            + ".",
-        ]
-    lines += [
-        "",
-        "## RTAB-Map loop, global Recall@1 / @5 (queries 41-84 vs database 1-40)",
-        "",
-        "| descriptor | " + " | ".join(f"{h} x {w}" for h, w in SIZES) + " |",
-        "|---|" + "---|" * len(SIZES),
-    ]
-    for name in recalls.get(f"{SIZES[0][0]}x{SIZES[0][1]}", {}):
-        lines.append(
-            f"| {name} | " + " | ".join("{:.3f} / {:.3f}".format(*recalls[f"{h}x{w}"][name]) for h, w in SIZES) + " |"
-        )
-    lines += [
-        "",
-        "For scale: the default Patch-NetVLAD model (VGG-16, 480 x 640) has global Recall@1 0.909 on this split "
-        "(README, Evaluation). 44 queries: one query is 0.023.",
-        "",
-    ]
+    lines = report_lines(args, timing, recalls, int8_err, tl, loads, (fetch_s, load_s, quant_s), ort.__version__)
     shutil.rmtree(tmp, ignore_errors=True)
     text = "\n".join(lines)
     print(text)
