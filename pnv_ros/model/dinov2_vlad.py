@@ -19,10 +19,10 @@ A model file (``torch.save``, loaded with ``weights_only=True``) records its fam
 ``state_dict``: ``encoder.*`` (the ViT, ``transformers`` names), ``pool.centroids`` (K, 384),
 ``pool.conv.weight`` (K, 384, 1, 1), ``WPCA.0.weight`` (D, K*384, 1, 1), ``WPCA.0.bias`` (D,).
 
-Choices, by measurement: ``benchmarks/dinov2_backbone.py`` (docs/dinov2_backbone.md: layers 6-10 of the
+Choices, by measurement: ``benchmarks/dinov2_backbone.py`` (docs/results/dinov2_backbone.md: layers 6-10 of the
 value facet all reach global Recall@1 0.93-0.98 on the RTAB-Map loop, the final CLS token 0.80-0.86;
 input 322 x 434, 23 x 31 tokens, the 3:4 aspect of the VGG presets' 480 x 640) and
-``benchmarks/dinov2_patch_sweep.py`` (docs/dinov2_patch_sweep.md): layer 8 (0-based) value facet, K = 64
+``benchmarks/dinov2_patch_sweep.py`` (docs/results/dinov2_patch_sweep.md): layer 8 (0-based) value facet, K = 64
 words, 512 dimensions, and a global weight of 4 in the re-ranking order, the one setting measured there
 whose re-ranked Recall@1 is at least its own global Recall@1 on every shared set (patch matches across
 day and night are the weak stage; at weight 0 re-ranking loses up to 0.2 on the corridor and Gardens Point).
@@ -72,7 +72,7 @@ DESCS_PER_IMAGE = 200  # tokens sampled per fitting image for k-means (713 per i
 PCA_PATCH_SIZES = (2, 5, 8)
 #: Weight of the global distance in the re-ranking order (``config.Preset.global_weight``), recorded in
 #: the model file: DINOv2's global VLAD is the stronger stage on the shared sets and its patch matches
-#: the weaker one across day and night, so the order fuses both (docs/dinov2_patch_sweep.md).
+#: the weaker one across day and night, so the order fuses both (docs/results/dinov2_patch_sweep.md).
 GLOBAL_WEIGHT = 4.0
 
 

@@ -6,7 +6,7 @@ checkpoints, official or offline-built, and ``dinov2_vlad`` files): it keeps the
 choices (VGG-16: conv5_3 of a 480 x 640 input, as the default model's build; DINOv2: the file's layer,
 facet and input size), recomputes the backbone's feature maps of the given images and refits the
 vocabulary (seeded k-means, the NetVLAD initialisation) and the whitening PCA with the builders' own code
-(``default_model.fit_vocabulary`` through each family's fitting helpers). The result is a model file of
+(``model.fitting.fit_vocabulary`` through each family's fitting helpers). The result is a model file of
 the same family and format, written by the family's own saver (atomically), with a metadata JSON beside
 it; the same inputs on the same CPU give a byte-identical model file. It works as ``--checkpoint FILE`` everywhere. Its
 hash differs from the source model's, so maps and feature files made with one are refused by the other.
