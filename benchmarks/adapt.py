@@ -75,8 +75,12 @@ def retrieval(checkpoint: Path) -> dict:
     q = ex.extract_set(list_images([CORRIDOR / "query"])[TEST_START:], progress=True)
     gt = load_ground_truth(CORRIDOR / "gt.csv", q.names, db.names)
     res = two_stage(db, q, get_preset("speed"), top_n=100, matcher="rapid")
-    return {"queries": len(q), "db": len(db), "global": recall_at_n([r.global_ids for r in res], gt, (1, 5)),
-            "reranked": recall_at_n([r.reranked_ids for r in res], gt, (1, 5))}  # fmt: skip
+    return {
+        "queries": len(q),
+        "db": len(db),
+        "global": recall_at_n([r.global_ids for r in res], gt, (1, 5)),
+        "reranked": recall_at_n([r.reranked_ids for r in res], gt, (1, 5)),
+    }
 
 
 def sequence(checkpoint: Path, bag: Path, gt: Path, out: Path) -> dict:
@@ -84,9 +88,27 @@ def sequence(checkpoint: Path, bag: Path, gt: Path, out: Path) -> dict:
     keyframe (``--min-visual-change 0``: the 160 x 120 corridor frames change too little for the default
     keyframe rule, which would keep 3 of 46)."""
     env = {**os.environ, "FASTDDS_DEFAULT_PROFILES_FILE": str(REPO / "test" / "fastdds_loopback.xml")}
-    cmd = [sys.executable, "-m", "pnv_ros.cli", "eval", str(bag), "--gt", str(gt), "--out", str(out), "--force",
-           "--checkpoint", str(checkpoint), "--exclude-recent", "10", "--exclude-recent-keyframes", "5",
-           "--min-visual-change", "0", "-q"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "pnv_ros.cli",
+        "eval",
+        str(bag),
+        "--gt",
+        str(gt),
+        "--out",
+        str(out),
+        "--force",
+        "--checkpoint",
+        str(checkpoint),
+        "--exclude-recent",
+        "10",
+        "--exclude-recent-keyframes",
+        "5",
+        "--min-visual-change",
+        "0",
+        "-q",
+    ]
     subprocess.run(cmd, check=True, env=env, capture_output=True, text=True)
     m = json.loads((out / "metrics.json").read_text())
     at = m["at_threshold"]
@@ -114,20 +136,25 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--render", action="store_true", help="only write OUT's Markdown table from OUT")
     ap.add_argument("--sequence-only", action="store_true", help="redo only the sequence metrics of a finished run")
-    ap.add_argument("--append", action="store_true",
-                    help="add runs (--lrs, --epochs) to OUT's, without evaluating the default model again")  # fmt: skip
+    ap.add_argument(
+        "--append",
+        action="store_true",
+        help="add runs (--lrs, --epochs) to OUT's, without evaluating the default model again",
+    )
     a = ap.parse_args()
     if a.render:
         render(Path(a.out))
         return
     if a.sequence_only:  # the sequence metrics again, for the models a finished run left in --work
         work, rows = Path(a.work), json.loads(Path(a.out).read_text())
-        rows["default"]["sequence"] = sequence(default_path(), work / "heldout.bag", work / "heldout_gt.npy",
-                                               work / "eval_default")  # fmt: skip
+        rows["default"]["sequence"] = sequence(
+            default_path(), work / "heldout.bag", work / "heldout_gt.npy", work / "eval_default"
+        )
         for r in rows["runs"]:
             tag = f"lr{r['lr']:g}_e{r.get('epochs', 30)}"
-            r["sequence"] = sequence(work / f"adapted_{tag}.pth.tar", work / "heldout.bag", work / "heldout_gt.npy",
-                                     work / f"eval_{tag}")  # fmt: skip
+            r["sequence"] = sequence(
+                work / f"adapted_{tag}.pth.tar", work / "heldout.bag", work / "heldout_gt.npy", work / f"eval_{tag}"
+            )
         Path(a.out).write_text(json.dumps(rows, indent=1) + "\n")
         render(Path(a.out))
         return
@@ -143,30 +170,52 @@ def main() -> None:
     if not bag.exists():
         make_bag(seq, bag, rate=1.0)
     default = default_checkpoint_path()
-    rows = {"split": {"train_places": [0, TRAIN_END - 1], "validation": "last 25% of the training queries",
-                      "test_places": [TEST_START, PLACES - 1], "map": "all 111 reference images"},
-            "machine": f"{os.cpu_count()} CPU cores", "runs": []}  # fmt: skip
+    rows = {
+        "split": {
+            "train_places": [0, TRAIN_END - 1],
+            "validation": "last 25% of the training queries",
+            "test_places": [TEST_START, PLACES - 1],
+            "map": "all 111 reference images",
+        },
+        "machine": f"{os.cpu_count()} CPU cores",
+        "runs": [],
+    }
     if a.append:
         rows = json.loads(Path(a.out).read_text())
     else:
         t0 = time.perf_counter()
-        rows["default"] = {"retrieval": retrieval(default),
-                           "sequence": sequence(default, bag, work / "heldout_gt.npy", work / "eval_default")}  # fmt: skip
+        rows["default"] = {
+            "retrieval": retrieval(default),
+            "sequence": sequence(default, bag, work / "heldout_gt.npy", work / "eval_default"),
+        }
         rows["default"]["seconds"] = round(time.perf_counter() - t0, 1)
         print(json.dumps(rows["default"]))
     data = from_pairs(tr / "ref", tr / "query", tr / "gt.npy")
     for lr in [float(x) for x in a.lrs.split(",")]:
         out = work / f"adapted_lr{lr:g}_e{a.epochs}.pth.tar"
-        res = train_model(data, out, init=default, config=TrainConfig(lr=lr, epochs=a.epochs, holdout=0.25),
-                          cache_dir=work / "cache", work_dir=work / f"run_lr{lr:g}_e{a.epochs}", force=True)  # fmt: skip
+        res = train_model(
+            data,
+            out,
+            init=default,
+            config=TrainConfig(lr=lr, epochs=a.epochs, holdout=0.25),
+            cache_dir=work / "cache",
+            work_dir=work / f"run_lr{lr:g}_e{a.epochs}",
+            force=True,
+        )
         per_epoch = [h.seconds for h in res.history if h.epoch > 0]
-        row = {"lr": lr, "epochs": a.epochs, "epochs_run": res.history[-1].epoch, "best_epoch": res.best_epoch,
-               "validation_recall": {h.epoch: h.recalls for h in res.history},
-               "loss": {h.epoch: h.loss for h in res.history if h.loss is not None},
-               "seconds": res.seconds, "seconds_per_epoch_median": float(np.median(per_epoch)) if per_epoch else None,
-               "training_images": len(data.images),
-               "retrieval": retrieval(out),
-               "sequence": sequence(out, bag, work / "heldout_gt.npy", work / f"eval_lr{lr:g}_e{a.epochs}")}  # fmt: skip
+        row = {
+            "lr": lr,
+            "epochs": a.epochs,
+            "epochs_run": res.history[-1].epoch,
+            "best_epoch": res.best_epoch,
+            "validation_recall": {h.epoch: h.recalls for h in res.history},
+            "loss": {h.epoch: h.loss for h in res.history if h.loss is not None},
+            "seconds": res.seconds,
+            "seconds_per_epoch_median": float(np.median(per_epoch)) if per_epoch else None,
+            "training_images": len(data.images),
+            "retrieval": retrieval(out),
+            "sequence": sequence(out, bag, work / "heldout_gt.npy", work / f"eval_lr{lr:g}_e{a.epochs}"),
+        }
         print(json.dumps({k: row[k] for k in ("lr", "best_epoch", "retrieval", "sequence", "seconds")}))
         if a.epochs:  # the run's loss and validation curves beside the table
             shutil.copy(res.work_dir / "training.png", Path(a.out).with_name(f"adapt_training_lr{lr:g}.png"))
@@ -195,19 +244,32 @@ def render(path: Path) -> None:
 
     def line(name: str, r: dict, lr: str, epochs: str, feats: str, per_epoch: str) -> str:
         g, rr, q = r["retrieval"]["global"], r["retrieval"]["reranked"], r["sequence"]
-        return (f"| {name} | {lr} | {epochs} | {g['1']:.3f} | {g['5']:.3f} | {rr['1']:.3f} | {rr['5']:.3f} | "
-                f"{q['precision']:.3f} | {q['recall']:.3f} | {q['average_precision']:.3f} | "
-                f"{q['recall_at_100_precision']:.3f} | {feats} | {per_epoch} |")  # fmt: skip
+        return (
+            f"| {name} | {lr} | {epochs} | {g['1']:.3f} | {g['5']:.3f} | {rr['1']:.3f} | {rr['5']:.3f} | "
+            f"{q['precision']:.3f} | {q['recall']:.3f} | {q['average_precision']:.3f} | "
+            f"{q['recall_at_100_precision']:.3f} | {feats} | {per_epoch} |"
+        )
 
     lines.append(line("default", rows["default"], "-", "-", "-", "-"))
     for r in rows["runs"]:
         name = "control: WPCA refitted, no training" if r.get("epochs", 1) == 0 else "adapted (netvlad layer)"
-        lines.append(line(name, r, f"{r['lr']:g}", f"{r['best_epoch']} / {r['epochs_run']}",
-                          f"{r['seconds']['features']:.0f}" if r["seconds"]["features"] >= 1 else "cached",
-                          f"{r['seconds_per_epoch_median']:.1f}" if r["seconds_per_epoch_median"] else "-"))  # fmt: skip
+        lines.append(
+            line(
+                name,
+                r,
+                f"{r['lr']:g}",
+                f"{r['best_epoch']} / {r['epochs_run']}",
+                f"{r['seconds']['features']:.0f}" if r["seconds"]["features"] >= 1 else "cached",
+                f"{r['seconds_per_epoch_median']:.1f}" if r["seconds_per_epoch_median"] else "-",
+            )
+        )
     n = rows["runs"][0]["training_images"] if rows["runs"] else 0
-    lines += ["", f"{n} training images (features cached once, then every run reuses them). Per-epoch "
-              f"validation recall and loss are in `{path.name}`.", ""]  # fmt: skip
+    lines += [
+        "",
+        f"{n} training images (features cached once, then every run reuses them). Per-epoch "
+        f"validation recall and loss are in `{path.name}`.",
+        "",
+    ]
     write_md(path.with_suffix(".md"), lines)
 
 

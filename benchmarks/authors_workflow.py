@@ -71,18 +71,34 @@ def main() -> None:
         cfg = str(work / "cfg.ini")
 
         def authors(script: str, *args: str, cwd: Path | None = None) -> float:
-            return _run([str(BIN / "python"), "-c", OFFLINE, str(BIN / script), "--config_path", cfg, *args, "--nocuda"],
-                        cwd=cwd)  # fmt: skip
+            return _run(
+                [str(BIN / "python"), "-c", OFFLINE, str(BIN / script), "--config_path", cfg, *args, "--nocuda"],
+                cwd=cwd,
+            )
 
         ref = {}
         for side, listing, feats in (("db", "db.txt", "ref_db"), ("query", "q.txt", "ref_q")):
-            ref[f"{side}_extract_s"] = authors("feature_extract.py", "--dataset_file_path", str(work / listing),
-                                               "--output_features_dir", str(work / feats))  # fmt: skip
-        ref["match_s"] = authors("feature_match.py", "--query_file_path", str(work / "q.txt"),
-                                 "--index_file_path", str(work / "db.txt"),
-                                 "--query_input_features_dir", str(work / "ref_q"),
-                                 "--index_input_features_dir", str(work / "ref_db"),
-                                 "--result_save_folder", str(work / "ref_res"), cwd=work)  # fmt: skip
+            ref[f"{side}_extract_s"] = authors(
+                "feature_extract.py",
+                "--dataset_file_path",
+                str(work / listing),
+                "--output_features_dir",
+                str(work / feats),
+            )
+        ref["match_s"] = authors(
+            "feature_match.py",
+            "--query_file_path",
+            str(work / "q.txt"),
+            "--index_file_path",
+            str(work / "db.txt"),
+            "--query_input_features_dir",
+            str(work / "ref_q"),
+            "--index_input_features_dir",
+            str(work / "ref_db"),
+            "--result_save_folder",
+            str(work / "ref_res"),
+            cwd=work,
+        )
         ref["disk_bytes_db"] = sum(f.stat().st_size for f in (work / "ref_db").iterdir())
         ours = {}
         pnv = str(BIN / "pnv")
@@ -90,10 +106,35 @@ def main() -> None:
             (work / folder).mkdir()
             for p in images:
                 (work / folder / p.name).symlink_to(p.resolve())
-            ours[f"{side}_extract_s"] = _run([pnv, "extract", "-q", "--checkpoint", str(ckpt), "--preset", a.preset,
-                                              "--out", str(work / out), str(work / folder)])  # fmt: skip
-        ours["match_s"] = _run([pnv, "match", "-q", "--db", str(work / "db.npz"), "--queries", str(work / "q.npz"),
-                                "--top-n", str(min(100, len(db))), "--out", str(work / "r.json")])  # fmt: skip
+            ours[f"{side}_extract_s"] = _run(
+                [
+                    pnv,
+                    "extract",
+                    "-q",
+                    "--checkpoint",
+                    str(ckpt),
+                    "--preset",
+                    a.preset,
+                    "--out",
+                    str(work / out),
+                    str(work / folder),
+                ]
+            )
+        ours["match_s"] = _run(
+            [
+                pnv,
+                "match",
+                "-q",
+                "--db",
+                str(work / "db.npz"),
+                "--queries",
+                str(work / "q.npz"),
+                "--top-n",
+                str(min(100, len(db))),
+                "--out",
+                str(work / "r.json"),
+            ]
+        )
         ours["disk_bytes_db"] = (work / "db.npz").stat().st_size
         # Same re-ranked orders?
         lines = [
@@ -116,14 +157,30 @@ def main() -> None:
             k = next((i for i, (x, y) in enumerate(zip(o, t)) if x != y), None)
             if k is not None:
                 sc = r.get("scores") or []
-                partings.append({"query": r["query"], "rank": k, "ours": o[k : k + 2], "reference": t[k : k + 2],
-                                 "our_scores": sc[k : k + 2]})  # fmt: skip
+                partings.append(
+                    {
+                        "query": r["query"],
+                        "rank": k,
+                        "ours": o[k : k + 2],
+                        "reference": t[k : k + 2],
+                        "our_scores": sc[k : k + 2],
+                    }
+                )
         per_q = {k: (v["query_extract_s"] + v["match_s"]) / len(qs) for k, v in (("reference", ref), ("ours", ours))}
-        report = {"preset": a.preset, "n_db": len(db), "n_queries": len(qs), "reference": ref, "ours": ours,
-                  "per_query_s": per_q, "speedup_per_query": per_q["reference"] / per_q["ours"],
-                  "db_extract_speedup": ref["db_extract_s"] / ours["db_extract_s"],
-                  "same_top1": same_top1, "same_top10": same_top10, "same_full_order": same_all,
-                  "order_partings": partings}  # fmt: skip
+        report = {
+            "preset": a.preset,
+            "n_db": len(db),
+            "n_queries": len(qs),
+            "reference": ref,
+            "ours": ours,
+            "per_query_s": per_q,
+            "speedup_per_query": per_q["reference"] / per_q["ours"],
+            "db_extract_speedup": ref["db_extract_s"] / ours["db_extract_s"],
+            "same_top1": same_top1,
+            "same_top10": same_top10,
+            "same_full_order": same_all,
+            "order_partings": partings,
+        }
         print(
             f"[{a.preset}] per query (extract + re-rank top {min(100, len(db))}): authors' scripts {per_q['reference']:.2f} s, "
             f"pnv {per_q['ours']:.2f} s -> {report['speedup_per_query']:.2f}x; database extraction "
@@ -132,8 +189,10 @@ def main() -> None:
             f"same full order {same_all}/{len(qs)}"
         )
         for p in partings:
-            print(f"  query {p['query']}: orders part at rank {p['rank']}: ours {p['ours']} (fused {p['our_scores']}), "
-                  f"reference {p['reference']}")  # fmt: skip
+            print(
+                f"  query {p['query']}: orders part at rank {p['rank']}: ours {p['ours']} (fused {p['our_scores']}), "
+                f"reference {p['reference']}"
+            )
         if a.out:
             Path(a.out).write_text(json.dumps(report, indent=1))
     finally:

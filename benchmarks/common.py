@@ -65,8 +65,11 @@ def machine_line(m: dict[str, Any] | None = None) -> str:
     """One line for a page: ``CPU, N cores (T torch threads), Python x, torch y``."""
     m = m or machine()
     threads = m.get("torch_threads", m.get("threads"))
-    return (f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores" + (f" ({threads} torch threads)" if threads else "")
-            + f", Python {m.get('python', '?')}, torch {m.get('torch', '?')}")  # fmt: skip
+    return (
+        f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores"
+        + (f" ({threads} torch threads)" if threads else "")
+        + f", Python {m.get('python', '?')}, torch {m.get('torch', '?')}"
+    )
 
 
 def command(prefix: str = "") -> str:
@@ -98,4 +101,15 @@ def write_json(path: str | Path, record: Any) -> Path:
     return path
 
 
-__all__ = ["DATA", "REPO", "RESULTS", "command", "cpu_name", "header", "machine", "machine_line", "write_json", "write_md"]
+__all__ = [
+    "DATA",
+    "REPO",
+    "RESULTS",
+    "command",
+    "cpu_name",
+    "header",
+    "machine",
+    "machine_line",
+    "write_json",
+    "write_md",
+]

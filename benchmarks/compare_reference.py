@@ -57,8 +57,9 @@ def measure(side: str, preset_name: str, ckpt: str, images: list[str], repeats: 
     if side == "reference":
         ref, dim = reference_model(Path(ckpt), preset.patch_sizes, preset.strides)
         feats = [reference_extract(ref, dim, Path(p)) for p in images]
-        out["extract_s"] = float(np.median([median_time(lambda p=p: reference_extract(ref, dim, Path(p)), repeats)
-                                            for p in images[:2]]))  # fmt: skip
+        out["extract_s"] = float(
+            np.median([median_time(lambda p=p: reference_extract(ref, dim, Path(p)), repeats) for p in images[:2]])
+        )
         cands = [f[1] for f in (feats * (n_cand // len(feats) + 1))[:n_cand]]
         matcher = "ransac" if preset.matcher.value == "ransac" else "rapid"
         rpm = reference_matcher(matcher, preset)  # keypoints computed once, as local_matcher.py does
@@ -105,8 +106,9 @@ def measure(side: str, preset_name: str, ckpt: str, images: list[str], repeats: 
                 buf = torch.empty(p, p)
                 single += median_time(lambda q=q, db=db, buf=buf: [torch.mm(q, b.T, out=buf) for b in db], repeats)
                 qm, dbm = q.to_mkldnn(), [b.to_mkldnn() for b in db]
-                onednn += median_time(lambda qm=qm, dbm=dbm: [torch._C._nn.mkldnn_linear(qm, b, None) for b in dbm],
-                                      repeats)  # fmt: skip
+                onednn += median_time(
+                    lambda qm=qm, dbm=dbm: [torch._C._nn.mkldnn_linear(qm, b, None) for b in dbm], repeats
+                )
             out["matmul_batched_ms_per_candidate"] = 1000 * batched / n_cand
             out["matmul_single_ms_per_candidate"] = 1000 * single / n_cand
             out["matmul_floor_ms_per_candidate"] = 1000 * min(batched, single) / n_cand
@@ -119,7 +121,7 @@ def measure(side: str, preset_name: str, ckpt: str, images: list[str], repeats: 
     return out
 
 
-def _ransac_alone(preset, model, info, images, n_cand: int, repeats: int) -> float:  # type: ignore[no-untyped-def]
+def _ransac_alone(preset, model, info, images, n_cand: int, repeats: int) -> float:
     """ms per candidate of the RANSAC calls alone, serially, on the matches the matcher finds."""
     import cv2
 
@@ -131,15 +133,19 @@ def _ransac_alone(preset, model, info, images, n_cand: int, repeats: int) -> flo
     cands = (feats * (n_cand // len(feats) + 1))[:n_cand]
     pm = PatchMatcher(preset)
     det = pm.score(feats[0], cands, details=True).details
-    calls = [(pm.keypoints[s][m.db_idx], pm.keypoints[s][m.query_idx], BACKBONE_STRIDE * preset.strides[s] * 1.5)
-             for per in det for s, m in enumerate(per) if m.num_matches > 3]  # fmt: skip
+    calls = [
+        (pm.keypoints[s][m.db_idx], pm.keypoints[s][m.query_idx], BACKBONE_STRIDE * preset.strides[s] * 1.5)
+        for per in det
+        for s, m in enumerate(per)
+        if m.num_matches > 3
+    ]
     t = median_time(
         lambda: [cv2.findHomography(a, b, cv2.RANSAC, ransacReprojThreshold=r) for a, b, r in calls], repeats
     )
     return 1000 * t / n_cand
 
 
-def _inputs(preset, images):  # type: ignore[no-untyped-def]
+def _inputs(preset, images):
     from pnv_ros.images import load_image
     from pnv_ros.preprocess import input_transform
 
@@ -173,15 +179,37 @@ def main() -> None:
         print(json.dumps(measure(a._side, a._preset, ckpt, images, a.repeats, a.candidates, Path(a._tmp))))
         return
     tmp = Path(tempfile.mkdtemp(prefix="pnv_compare_"))
-    report = {"machine": f"{cpu_name()}, {os.cpu_count()} cores, torch "
-              f"{torch.__version__}, {torch.get_num_threads()} threads", "checkpoint": ckpt, "images": images,
-              "candidates": a.candidates, "presets": {}}  # fmt: skip
+    report = {
+        "machine": f"{cpu_name()}, {os.cpu_count()} cores, torch "
+        f"{torch.__version__}, {torch.get_num_threads()} threads",
+        "checkpoint": ckpt,
+        "images": images,
+        "candidates": a.candidates,
+        "presets": {},
+    }
     for preset in a.presets.split(","):
         sides = {}
         for side in ("reference", "ours", "floor"):
-            cmd = [sys.executable, __file__, "--_side", side, "--_preset", preset, "--checkpoint", ckpt,
-                   "--images", a.images, "--n-images", str(a.n_images), "--candidates", str(a.candidates),
-                   "--repeats", str(a.repeats), "--_tmp", str(tmp)]  # fmt: skip
+            cmd = [
+                sys.executable,
+                __file__,
+                "--_side",
+                side,
+                "--_preset",
+                preset,
+                "--checkpoint",
+                ckpt,
+                "--images",
+                a.images,
+                "--n-images",
+                str(a.n_images),
+                "--candidates",
+                str(a.candidates),
+                "--repeats",
+                str(a.repeats),
+                "--_tmp",
+                str(tmp),
+            ]
             r = subprocess.run(cmd, capture_output=True, text=True)
             if r.returncode != 0:
                 sys.exit(f"{side} failed:\n{r.stderr[-3000:]}")
@@ -192,44 +220,60 @@ def main() -> None:
         patch_diff = max(float(np.abs(pr[k] - po[k]).max()) for k in pr.files)
         floor_mm = floor["matmul_floor_ms_per_candidate"]
         row = {
-            "extract_s": {"reference": ref["extract_s"], "ours": ours["extract_s"],
-                          "speedup": ref["extract_s"] / ours["extract_s"],
-                          "floor_backbone_fp32": floor["backbone_s"], "floor_backbone_blocked": floor["backbone_blocked_s"],
-                          "floor_backbone_bf16": floor["backbone_bf16_s"]},
-            "rerank_ms_per_candidate": {"reference": ref["rerank_ms_per_candidate"], "ours": ours["rerank_ms_per_candidate"],
-                                        "ours_fast_products": ours["rerank_fast_ms_per_candidate"],
-                                        "ours_from_float16_map": ours["rerank_map_ms_per_candidate"],
-                                        "speedup": ref["rerank_ms_per_candidate"] / ours["rerank_ms_per_candidate"],
-                                        "speedup_fast": ref["rerank_ms_per_candidate"] / ours["rerank_fast_ms_per_candidate"],
-                                        "floor_matmul": floor_mm,
-                                        "floor_matmul_batched": floor["matmul_batched_ms_per_candidate"],
-                                        "floor_matmul_per_candidate": floor["matmul_single_ms_per_candidate"],
-                                        "floor_onednn": floor["onednn_floor_ms_per_candidate"],
-                                        "ransac_alone": floor.get("ransac_ms_per_candidate", 0.0),
-                                        "ours_over_floor": ours["rerank_ms_per_candidate"] / floor_mm,
-                                        "fast_over_floor": ours["rerank_fast_ms_per_candidate"] / floor_mm,
-                                        "fast_over_onednn_floor": ours["rerank_fast_ms_per_candidate"] / floor["onednn_floor_ms_per_candidate"]},
+            "extract_s": {
+                "reference": ref["extract_s"],
+                "ours": ours["extract_s"],
+                "speedup": ref["extract_s"] / ours["extract_s"],
+                "floor_backbone_fp32": floor["backbone_s"],
+                "floor_backbone_blocked": floor["backbone_blocked_s"],
+                "floor_backbone_bf16": floor["backbone_bf16_s"],
+            },
+            "rerank_ms_per_candidate": {
+                "reference": ref["rerank_ms_per_candidate"],
+                "ours": ours["rerank_ms_per_candidate"],
+                "ours_fast_products": ours["rerank_fast_ms_per_candidate"],
+                "ours_from_float16_map": ours["rerank_map_ms_per_candidate"],
+                "speedup": ref["rerank_ms_per_candidate"] / ours["rerank_ms_per_candidate"],
+                "speedup_fast": ref["rerank_ms_per_candidate"] / ours["rerank_fast_ms_per_candidate"],
+                "floor_matmul": floor_mm,
+                "floor_matmul_batched": floor["matmul_batched_ms_per_candidate"],
+                "floor_matmul_per_candidate": floor["matmul_single_ms_per_candidate"],
+                "floor_onednn": floor["onednn_floor_ms_per_candidate"],
+                "ransac_alone": floor.get("ransac_ms_per_candidate", 0.0),
+                "ours_over_floor": ours["rerank_ms_per_candidate"] / floor_mm,
+                "fast_over_floor": ours["rerank_fast_ms_per_candidate"] / floor_mm,
+                "fast_over_onednn_floor": ours["rerank_fast_ms_per_candidate"] / floor["onednn_floor_ms_per_candidate"],
+            },
             "max_rss_mb": {"reference": ref["max_rss_mb"], "ours": ours["max_rss_mb"]},
-            "equivalence": {"global_max_abs": float(np.abs(np.array(ref["global"]) - np.array(ours["global"])).max()),
-                            "patch_max_abs": patch_diff,
-                            "raw_score_max_rel": _max_rel(raw_o, raw_r), "raw_score_fast_max_rel": _max_rel(raw_f, raw_r)},
-        }  # fmt: skip
+            "equivalence": {
+                "global_max_abs": float(np.abs(np.array(ref["global"]) - np.array(ours["global"])).max()),
+                "patch_max_abs": patch_diff,
+                "raw_score_max_rel": _max_rel(raw_o, raw_r),
+                "raw_score_fast_max_rel": _max_rel(raw_f, raw_r),
+            },
+        }
         report["presets"][preset] = row
         e, r = row["extract_s"], row["rerank_ms_per_candidate"]
         q = row["equivalence"]
-        print(f"[{preset}] extraction: reference {e['reference']:.3f} s, ours {e['ours']:.3f} s -> {e['speedup']:.2f}x; "
-              f"floor backbone {e['floor_backbone_fp32']:.3f} s as nn.Sequential, {e['floor_backbone_blocked']:.3f} s blocked "
-              f"(bf16 {e['floor_backbone_bf16']:.3f} s)")  # fmt: skip
-        print(f"[{preset}] re-rank/candidate: reference {r['reference']:.2f} ms, ours {r['ours']:.2f} ms -> "
-              f"{r['speedup']:.2f}x (fast products {r['ours_fast_products']:.2f} ms -> {r['speedup_fast']:.2f}x; "
-              f"candidates from the float16 map, as the node re-ranks, {r['ours_from_float16_map']:.2f} ms); "
-              f"matmul floor {r['floor_matmul']:.2f} ms (batched {r['floor_matmul_batched']:.2f}, per candidate "
-              f"{r['floor_matmul_per_candidate']:.2f}), oneDNN {r['floor_onednn']:.2f} ms, RANSAC calls alone "
-              f"{r['ransac_alone']:.2f} ms; ours/floor {r['ours_over_floor']:.2f}, fast/floor {r['fast_over_floor']:.2f}, "
-              f"fast/oneDNN floor {r['fast_over_onednn_floor']:.2f}")  # fmt: skip
-        print(f"[{preset}] max RSS: reference {row['max_rss_mb']['reference']:.0f} MB, ours {row['max_rss_mb']['ours']:.0f} MB; "
-              f"equivalence: global {q['global_max_abs']:.1e}, patches {q['patch_max_abs']:.1e}, raw scores "
-              f"{q['raw_score_max_rel']:.1e} rel (fast products {q['raw_score_fast_max_rel']:.1e})")  # fmt: skip
+        print(
+            f"[{preset}] extraction: reference {e['reference']:.3f} s, ours {e['ours']:.3f} s -> {e['speedup']:.2f}x; "
+            f"floor backbone {e['floor_backbone_fp32']:.3f} s as nn.Sequential, {e['floor_backbone_blocked']:.3f} s blocked "
+            f"(bf16 {e['floor_backbone_bf16']:.3f} s)"
+        )
+        print(
+            f"[{preset}] re-rank/candidate: reference {r['reference']:.2f} ms, ours {r['ours']:.2f} ms -> "
+            f"{r['speedup']:.2f}x (fast products {r['ours_fast_products']:.2f} ms -> {r['speedup_fast']:.2f}x; "
+            f"candidates from the float16 map, as the node re-ranks, {r['ours_from_float16_map']:.2f} ms); "
+            f"matmul floor {r['floor_matmul']:.2f} ms (batched {r['floor_matmul_batched']:.2f}, per candidate "
+            f"{r['floor_matmul_per_candidate']:.2f}), oneDNN {r['floor_onednn']:.2f} ms, RANSAC calls alone "
+            f"{r['ransac_alone']:.2f} ms; ours/floor {r['ours_over_floor']:.2f}, fast/floor {r['fast_over_floor']:.2f}, "
+            f"fast/oneDNN floor {r['fast_over_onednn_floor']:.2f}"
+        )
+        print(
+            f"[{preset}] max RSS: reference {row['max_rss_mb']['reference']:.0f} MB, ours {row['max_rss_mb']['ours']:.0f} MB; "
+            f"equivalence: global {q['global_max_abs']:.1e}, patches {q['patch_max_abs']:.1e}, raw scores "
+            f"{q['raw_score_max_rel']:.1e} rel (fast products {q['raw_score_fast_max_rel']:.1e})"
+        )
     shutil.rmtree(tmp, ignore_errors=True)
     if a.out:
         Path(a.out).write_text(json.dumps(report, indent=1))

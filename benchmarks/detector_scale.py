@@ -50,8 +50,16 @@ from pnv_ros.index import HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, HNSW_M
 from pnv_ros.matching import PatchMatcher
 
 #: Input 48x32 -> a 2x3 feature map, one scale of 1-cell patches: 6 patch descriptors per keyframe.
-TINY = Preset(name="tiny", patch_sizes=(1,), strides=(1,), patch_weights=(1.0,), matcher=Matcher.RAPID,
-              image_height=32, image_width=48, top_n=20)  # fmt: skip
+TINY = Preset(
+    name="tiny",
+    patch_sizes=(1,),
+    strides=(1,),
+    patch_weights=(1.0,),
+    matcher=Matcher.RAPID,
+    image_height=32,
+    image_width=48,
+    top_n=20,
+)
 S = 10**9
 
 
@@ -61,21 +69,21 @@ class TimedIndex:
     def __init__(self, inner: faiss.Index) -> None:
         self.inner, self.search_s, self.add_s = inner, 0.0, 0.0
 
-    def search(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def search(self, *args, **kwargs):
         t = time.perf_counter()
         try:
             return self.inner.search(*args, **kwargs)
         finally:
             self.search_s += time.perf_counter() - t
 
-    def add(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def add(self, *args, **kwargs):
         t = time.perf_counter()
         try:
             return self.inner.add(*args, **kwargs)
         finally:
             self.add_s += time.perf_counter() - t
 
-    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+    def __getattr__(self, name: str):
         return getattr(self.inner, name)
 
 
@@ -110,10 +118,10 @@ def current_stage(det: LoopClosureDetector, features: PlaceFeatures, session_ns:
     return det._nearest(features.global_desc, det._limit(session_ns, p), p.top_n, None)
 
 
-def build(n: int, kind: str, descs: np.ndarray, params: DetectorParams, rng: np.random.Generator):  # type: ignore[no-untyped-def]
+def build(n: int, kind: str, descs: np.ndarray, params: DetectorParams, rng: np.random.Generator):
     """A detector whose map holds ``descs`` as n keyframes of this run, 0.2-2 s apart."""
     ext = SimpleNamespace(preset=TINY, dim=descs.shape[1], info=None, device="cpu")
-    det = LoopClosureDetector(ext, params, index_kind=kind)  # type: ignore[arg-type]
+    det = LoopClosureDetector(ext, params, index_kind=kind)
     m = det.map
     stamps = (100 * S + np.cumsum(rng.uniform(0.2, 2.0, n) * S)).astype(np.int64)
     t = time.perf_counter()
@@ -153,16 +161,17 @@ def measure(det: LoopClosureDetector, descs: np.ndarray, queries: int, warmup: i
     score_s = [0.0]
     real_score = PatchMatcher.score
 
-    def timed_score(self, *a, **k):  # type: ignore[no-untyped-def]
+    def timed_score(self, *a, **k):
         t = time.perf_counter()
         try:
             return real_score(self, *a, **k)
         finally:
             score_s[0] += time.perf_counter() - t
 
-    PatchMatcher.score = timed_score  # type: ignore[method-assign]
-    rows: dict[str, list[float]] = {k: [] for k in ("faiss", "legacy", "legacy_over", "now", "now_over", "kf_over",
-                                                    "kf_faiss_add")}  # fmt: skip
+    PatchMatcher.score = timed_score
+    rows: dict[str, list[float]] = {
+        k: [] for k in ("faiss", "legacy", "legacy_over", "now", "now_over", "kf_over", "kf_faiss_add")
+    }
     same = 0
     try:
         for j in range(warmup + queries):
@@ -194,7 +203,7 @@ def measure(det: LoopClosureDetector, descs: np.ndarray, queries: int, warmup: i
                 rows["kf_over"].append(dt - (timed.search_s - s0) - (timed.add_s - a0) - (score_s[0] - r0))
                 rows["kf_faiss_add"].append(timed.add_s - a0)
     finally:
-        PatchMatcher.score = real_score  # type: ignore[method-assign]
+        PatchMatcher.score = real_score
     out = {k: pct(v) for k, v in rows.items()}
     out["identical_candidates"] = same
     out["queries"] = warmup + queries
@@ -248,8 +257,13 @@ def main() -> None:
     ap.add_argument("--md", default=str(RESULTS / "detector_scale.md"))
     ap.add_argument("--json", default=str(REPO / "out" / "detector_scale.json"))
     a = ap.parse_args()
-    params = DetectorParams(top_n=a.top_n, exclude_recent_s=a.exclude_s, exclude_recent_keyframes=a.exclude_kf,
-                            min_score=1.0, min_visual_change=0.0)  # fmt: skip
+    params = DetectorParams(
+        top_n=a.top_n,
+        exclude_recent_s=a.exclude_s,
+        exclude_recent_keyframes=a.exclude_kf,
+        min_score=1.0,
+        min_visual_change=0.0,
+    )
     rows = []
     for n in [int(x) for x in a.sizes.split(",")]:
         descs = synthetic(n, a.dim, np.random.default_rng(n))
@@ -258,11 +272,14 @@ def main() -> None:
             det, build_s = build(n, kind, descs, params, rng)
             r = {"n": n, "kind": kind, "build_s": build_s, **measure(det, descs, a.queries, a.warmup, rng)}
             rows.append(r)
-            print(f"n={n:>8} {kind:4}: faiss {r['faiss']['p50_ms']:.3f} ms; candidate-stage overhead before "
-                  f"{r['legacy_over']['p50_ms']:.4f} / {r['legacy_over']['p95_ms']:.4f}, now "
-                  f"{r['now_over']['p50_ms']:.4f} / {r['now_over']['p95_ms']:.4f} ms; keyframe overhead "
-                  f"{r['kf_over']['p50_ms']:.3f} / {r['kf_over']['p95_ms']:.3f} / {r['kf_over']['max_ms']:.2f} ms; "
-                  f"same candidates {r['identical_candidates']}/{r['queries']} (build {build_s:.0f} s)", flush=True)  # fmt: skip
+            print(
+                f"n={n:>8} {kind:4}: faiss {r['faiss']['p50_ms']:.3f} ms; candidate-stage overhead before "
+                f"{r['legacy_over']['p50_ms']:.4f} / {r['legacy_over']['p95_ms']:.4f}, now "
+                f"{r['now_over']['p50_ms']:.4f} / {r['now_over']['p95_ms']:.4f} ms; keyframe overhead "
+                f"{r['kf_over']['p50_ms']:.3f} / {r['kf_over']['p95_ms']:.3f} / {r['kf_over']['max_ms']:.2f} ms; "
+                f"same candidates {r['identical_candidates']}/{r['queries']} (build {build_s:.0f} s)",
+                flush=True,
+            )
             del det
         del descs
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)

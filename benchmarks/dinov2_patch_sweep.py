@@ -90,8 +90,16 @@ def fitted_model(maps: torch.Tensor, k: int, layer: int, size: tuple[int, int]) 
     m = dv.DinoVLADModel(k, 0, layer, FACET, size)
     # enough patch VLADs for the PCA on a small map: at least 2 x NUM_PCS samples in all
     per = max(8, -(-2 * dv.NUM_PCS // (len(maps) * len(dv.PCA_PATCH_SIZES))))
-    fit = fit_vocabulary(m, list(maps), rng, k, dv.NUM_PCS, descs_per_image=dv.DESCS_PER_IMAGE,
-                         patch_sizes=dv.PCA_PATCH_SIZES, patches_per_image=per)  # fmt: skip
+    fit = fit_vocabulary(
+        m,
+        list(maps),
+        rng,
+        k,
+        dv.NUM_PCS,
+        descs_per_image=dv.DESCS_PER_IMAGE,
+        patch_sizes=dv.PCA_PATCH_SIZES,
+        patches_per_image=per,
+    )
     final = dv.DinoVLADModel(k, dv.NUM_PCS, layer, FACET, size)
     state = {n: v for n, v in m.state_dict().items() if not n.startswith("WPCA")}
     state["WPCA.0.weight"] = torch.from_numpy(fit.wpca_weight)[:, :, None, None]
@@ -102,10 +110,16 @@ def fitted_model(maps: torch.Tensor, k: int, layer: int, size: tuple[int, int]) 
 
 def preset_for(name: str, size: tuple[int, int], windows: tuple[int, ...], matcher: str):
     base = get_preset(name)
-    p = dataclasses.replace(base, backbone=dv.BACKBONE, image_height=size[0], image_width=size[1],
-                            patch_sizes=windows, strides=(1,) * len(windows),
-                            patch_weights=(1.0 / len(windows),) * len(windows) if len(windows) > 1 else (1.0,),
-                            matcher=Matcher.parse(matcher))  # fmt: skip
+    p = dataclasses.replace(
+        base,
+        backbone=dv.BACKBONE,
+        image_height=size[0],
+        image_width=size[1],
+        patch_sizes=windows,
+        strides=(1,) * len(windows),
+        patch_weights=(1.0 / len(windows),) * len(windows) if len(windows) > 1 else (1.0,),
+        matcher=Matcher.parse(matcher),
+    )
     if name == "performance" and windows == base.patch_sizes:
         p = dataclasses.replace(p, patch_weights=base.patch_weights)
     validate(p)
@@ -144,8 +158,11 @@ def evaluate(db: list[PlaceFeatures], q: list[PlaceFeatures], gt: GroundTruth, p
 
 #: The VGG-16 default's re-ranked Recall@1 on the same splits (docs/results/model_families.md, same protocol: rapid top
 #: min(100, db); RANSAC there re-ranks top min(100, db), here top 20) for the comparison column.
-VGG_RERANKED = {"rtabmap_loop84": {"rapid": 0.955, "ransac": 0.977}, "corridor_vprbench": {"rapid": 0.757, "ransac": 0.766},
-                "gardenspoint10": {"rapid": 0.3, "ransac": 0.4}}  # fmt: skip
+VGG_RERANKED = {
+    "rtabmap_loop84": {"rapid": 0.955, "ransac": 0.977},
+    "corridor_vprbench": {"rapid": 0.757, "ransac": 0.766},
+    "gardenspoint10": {"rapid": 0.3, "ransac": 0.4},
+}
 
 
 def write_md(runs: list[dict], path: Path) -> None:
@@ -224,8 +241,11 @@ def main() -> None:
                 gt = load_ground_truth(gt_path, names[len(db_imgs) :], names[: len(db_imgs)])
             per_set[key] = (maps, sizes, len(db_imgs), gt, role)
         corridor_key = next(k for k in per_set if k.startswith(CORRIDOR))
-        jobs = list(itertools.product([int(x) for x in a.layers.split(",")], [int(x) for x in a.ks.split(",")],
-                                      a.fits.split(",")))  # fmt: skip
+        jobs = list(
+            itertools.product(
+                [int(x) for x in a.layers.split(",")], [int(x) for x in a.ks.split(",")], a.fits.split(",")
+            )
+        )
         for layer, k, fit in tqdm(jobs, desc="configs", unit="cfg"):
             fitted = {}
             for key, (maps, sizes, n_db, gt, role) in per_set.items():
@@ -252,20 +272,45 @@ def main() -> None:
                     sub = [PlaceFeatures(f.global_desc, [f.patches[i]], f.image_size) for f in feats]
                     pr = preset_for("speed", size, (wsize,), "rapid")
                     r = evaluate(sub[:n_db], sub[n_db:], gt, pr, top_n)
-                    rows.append({"set": key, "role": role, "size": list(size), "layer": layer, "k": k, "fit": fit,
-                                 "windows": [wsize], "matcher": "rapid", "top_n": top_n, **r})  # fmt: skip
+                    rows.append(
+                        {
+                            "set": key,
+                            "role": role,
+                            "size": list(size),
+                            "layer": layer,
+                            "k": k,
+                            "fit": fit,
+                            "windows": [wsize],
+                            "matcher": "rapid",
+                            "top_n": top_n,
+                            **r,
+                        }
+                    )
                     tqdm.write(json.dumps(rows[-1]))
                 if a.ransac:
                     idx = [all_w.index(s) for s in (2, 5, 8)]
                     sub = [PlaceFeatures(f.global_desc, [f.patches[i] for i in idx], f.image_size) for f in feats]
                     pr = preset_for("performance", size, (2, 5, 8), "ransac")
                     r = evaluate(sub[:n_db], sub[n_db:], gt, pr, min(a.ransac_top, n_db))
-                    rows.append({"set": key, "role": role, "size": list(size), "layer": layer, "k": k, "fit": fit,
-                                 "windows": [2, 5, 8], "matcher": "ransac", "top_n": min(a.ransac_top, n_db), **r})  # fmt: skip
+                    rows.append(
+                        {
+                            "set": key,
+                            "role": role,
+                            "size": list(size),
+                            "layer": layer,
+                            "k": k,
+                            "fit": fit,
+                            "windows": [2, 5, 8],
+                            "matcher": "ransac",
+                            "top_n": min(a.ransac_top, n_db),
+                            **r,
+                        }
+                    )
                     tqdm.write(json.dumps(rows[-1]))
             out = Path(a.docs) / "dinov2_patch_sweep.json"
-            out.write_text(json.dumps({"generated": utc_now(),
-                                       "wall_s": round(time.time() - t0), "rows": rows}, indent=1))  # fmt: skip
+            out.write_text(
+                json.dumps({"generated": utc_now(), "wall_s": round(time.time() - t0), "rows": rows}, indent=1)
+            )
             write_md([json.loads(out.read_text())], Path(a.docs) / "dinov2_patch_sweep.md")
 
 

@@ -79,8 +79,14 @@ def med(xs: list[float]) -> float:
 
 def one(fs: FeatureSet, i: int) -> FeatureSet:
     """Image i of a FeatureSet as a one-image FeatureSet (a query timed on its own)."""
-    return FeatureSet([fs.names[i]], fs.global_descs[i : i + 1], [p[i : i + 1] for p in fs.patches],
-                      fs.image_sizes[i : i + 1], fs.preset, fs.model_id)  # fmt: skip
+    return FeatureSet(
+        [fs.names[i]],
+        fs.global_descs[i : i + 1],
+        [p[i : i + 1] for p in fs.patches],
+        fs.image_sizes[i : i + 1],
+        fs.preset,
+        fs.model_id,
+    )
 
 
 def recall(ids: list, gt: GroundTruth) -> dict[str, float]:
@@ -91,7 +97,7 @@ def label(key: str) -> str:
     return key.replace(":", " ")
 
 
-def shared_sets(data_dirs: list[Path], wanted: list[str]):  # type: ignore[no-untyped-def]
+def shared_sets(data_dirs: list[Path], wanted: list[str]):
     """eval_default_model.sets over each data folder in turn (the first that has a set wins), filtered."""
     seen = set()
     for d in data_dirs:
@@ -103,7 +109,7 @@ def shared_sets(data_dirs: list[Path], wanted: list[str]):  # type: ignore[no-un
             yield name, db, q, gt, role
 
 
-def pixels_key(source) -> str:  # type: ignore[no-untyped-def]
+def pixels_key(source) -> str:
     """The decoded RGB pixels of an image (a path or an array) as a hash: a bag frame finds its file."""
     arr = np.ascontiguousarray(np.asarray(load_image(source)))
     return hashlib.sha1(arr.tobytes() + str(arr.shape).encode()).hexdigest()
@@ -115,10 +121,10 @@ class Memo:
     def __init__(self, ex: FeatureExtractor, known: dict) -> None:
         self.ex, self.known, self.hits, self.misses = ex, known, 0, 0
 
-    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+    def __getattr__(self, name: str):
         return getattr(self.ex, name)
 
-    def extract_one(self, image):  # type: ignore[no-untyped-def]
+    def extract_one(self, image):
         f = self.known.get(pixels_key(image))
         if f is None:
             self.misses += 1
@@ -127,16 +133,19 @@ class Memo:
         return f
 
 
-def build(checkpoint: Path, keys: list[str], log) -> dict:  # type: ignore[no-untyped-def]
+def build(checkpoint: Path, keys: list[str], log) -> dict:
     """One speed-preset extractor per engine key (engine files built now, outside the timing)."""
     out = {}
     for k in keys:
         engine, precision = k.split(":")
         t = time.perf_counter()
-        out[k] = open_extractor(checkpoint, "speed", RuntimeSpec(device="cpu", engine=engine, precision=precision),
-                                log=log)  # fmt: skip
-        tqdm.write(f"{label(k)}: ready in {time.perf_counter() - t:.0f} s"
-                   + (f" ({out[k].backend.describe()})" if out[k].backend else ""))  # fmt: skip
+        out[k] = open_extractor(
+            checkpoint, "speed", RuntimeSpec(device="cpu", engine=engine, precision=precision), log=log
+        )
+        tqdm.write(
+            f"{label(k)}: ready in {time.perf_counter() - t:.0f} s"
+            + (f" ({out[k].backend.describe()})" if out[k].backend else "")
+        )
     return out
 
 
@@ -166,17 +175,34 @@ def retrieval(exs: dict, data_dirs: list[Path], wanted: list[str], top_n: int) -
         names = image_identities(imgs)
         n_db = len(db_imgs)
         gt = None
-        row: dict = {"set": name, "role": role, "db": n_db, "queries": len(q_imgs), "top_n": min(top_n, n_db),
-                     "engines": {}}  # fmt: skip
+        row: dict = {
+            "set": name,
+            "role": role,
+            "db": n_db,
+            "queries": len(q_imgs),
+            "top_n": min(top_n, n_db),
+            "engines": {},
+        }
         for k, ex in exs.items():
             fs = FeatureSet.from_places(names, places[k], ex.preset, ex.info.identity)
             idx = np.arange(len(imgs))
-            db, q = (FeatureSet([names[i] for i in ii], fs.global_descs[ii], [p[ii] for p in fs.patches],
-                                fs.image_sizes[ii], fs.preset, fs.model_id)
-                     for ii in (idx[:n_db], idx[n_db:]))  # fmt: skip
+            db, q = (
+                FeatureSet(
+                    [names[i] for i in ii],
+                    fs.global_descs[ii],
+                    [p[ii] for p in fs.patches],
+                    fs.image_sizes[ii],
+                    fs.preset,
+                    fs.model_id,
+                )
+                for ii in (idx[:n_db], idx[n_db:])
+            )
             if gt is None:
-                gt = GroundTruth([{i} for i in range(len(q_imgs))]) if gt_path is None else \
-                    load_ground_truth(gt_path, q.names, db.names)  # fmt: skip
+                gt = (
+                    GroundTruth([{i} for i in range(len(q_imgs))])
+                    if gt_path is None
+                    else load_ground_truth(gt_path, q.names, db.names)
+                )
             res, t_q = [], []
             for i in range(len(q)):
                 t = time.perf_counter()
@@ -184,21 +210,31 @@ def retrieval(exs: dict, data_dirs: list[Path], wanted: list[str], top_n: int) -
                 t_q.append(time.perf_counter() - t)
                 res.append(r)
             row["engines"][k] = {
-                "extract_s_median": med(t_img[k]), "extract_s": [round(t, 4) for t in t_img[k]],
+                "extract_s_median": med(t_img[k]),
+                "extract_s": [round(t, 4) for t in t_img[k]],
                 "global": recall([r.global_ids for r in res], gt),
                 "reranked": recall([r.reranked_ids for r in res], gt),
                 "rerank_ms_median": 1000 * med(t_q),
-            }  # fmt: skip
+            }
             if k != REFERENCE and REFERENCE in places:
                 row["engines"][k]["diff_vs_torch_fp32"] = diffs(places[REFERENCE], places[k])
         row["queries_with_positives"] = int(gt.has_positive().sum()) if gt is not None else 0
-        tqdm.write(json.dumps({"set": name, **{k: {"extract_ms": round(1000 * e["extract_s_median"]),
-                                                   "R@1": e["reranked"]["1"]} for k, e in row["engines"].items()}}))  # fmt: skip
+        tqdm.write(
+            json.dumps(
+                {
+                    "set": name,
+                    **{
+                        k: {"extract_ms": round(1000 * e["extract_s_median"]), "R@1": e["reranked"]["1"]}
+                        for k, e in row["engines"].items()
+                    },
+                }
+            )
+        )
         rows.append(row)
     return rows, memo
 
 
-def floor_of(model, ex: FeatureExtractor, images: list[Path]) -> float:  # type: ignore[no-untyped-def]
+def floor_of(model, ex: FeatureExtractor, images: list[Path]) -> float:
     """torch's own patch-descriptor change under one float32 rounding step (max over a few images)."""
     out = 0.0
     for p in images:
@@ -208,7 +244,7 @@ def floor_of(model, ex: FeatureExtractor, images: list[Path]) -> float:  # type:
     return out
 
 
-def floors(res: dict, model, ex: FeatureExtractor, data_dirs: list[Path], wanted: list[str]) -> None:  # type: ignore[no-untyped-def]
+def floors(res: dict, model, ex: FeatureExtractor, data_dirs: list[Path], wanted: list[str]) -> None:
     """torch's own patch-descriptor rounding floor per set (3 evenly spaced database images), and the largest."""
     per = {}
     for name, db_imgs, _, _, _ in shared_sets(data_dirs, wanted):
@@ -229,14 +265,20 @@ def rtab_bag(out: Path) -> Path:
     return bag
 
 
-def detector_params():  # type: ignore[no-untyped-def]
+def detector_params():
     from pnv_ros.detector import DetectorParams
 
-    return DetectorParams(top_n=TOP_N, matcher="", min_score=THRESHOLD, exclude_recent_s=EXCLUDE_RECENT_S,
-                          min_interval_s=0.0, fast_products=False)  # fmt: skip
+    return DetectorParams(
+        top_n=TOP_N,
+        matcher="",
+        min_score=THRESHOLD,
+        exclude_recent_s=EXCLUDE_RECENT_S,
+        min_interval_s=0.0,
+        fast_products=False,
+    )
 
 
-def accepted(records) -> set[tuple[int, int]]:  # type: ignore[no-untyped-def]
+def accepted(records) -> set[tuple[int, int]]:
     return {(r.frame, r.match_frame) for r in records if r.match_frame >= 0 and r.score >= THRESHOLD}
 
 
@@ -249,15 +291,22 @@ def sequence(exs: dict, memo: dict, bag: Path) -> dict:
     out, loops = {}, {}
     for k, ex in tqdm(list(exs.items()), desc="sequence rtabmap_loop84", unit="engine"):
         m_ex = Memo(ex, {h: f[k] for h, f in memo.items() if k in f})
-        res = replay_in_process(bag, m_ex, detector_params())  # type: ignore[arg-type]
+        res = replay_in_process(bag, m_ex, detector_params())
         m = compute_metrics(res, positives, THRESHOLD)
         at = m["at_threshold"]
         loops[k] = accepted(res.records)
         commit = [r.t_total - r.t_extract for r in res.records if not np.isnan(r.t_total)]
-        out[k] = {"keyframes": m["keyframes"], "precision": at["precision"], "recall": at["recall"], "f1": at["f1"],
-                  "average_precision": m["average_precision"], "accepted_loops": len(loops[k]),
-                  "commit_ms_median": 1000 * med(commit), "features_reused": m_ex.hits,
-                  "features_extracted": m_ex.misses}  # fmt: skip
+        out[k] = {
+            "keyframes": m["keyframes"],
+            "precision": at["precision"],
+            "recall": at["recall"],
+            "f1": at["f1"],
+            "average_precision": m["average_precision"],
+            "accepted_loops": len(loops[k]),
+            "commit_ms_median": 1000 * med(commit),
+            "features_reused": m_ex.hits,
+            "features_extracted": m_ex.misses,
+        }
     if REFERENCE in loops:
         for k in out:
             out[k]["loops_same_as_torch_fp32"] = len(loops[k] & loops[REFERENCE])
@@ -279,8 +328,15 @@ def node_run(key: str, checkpoint: str | None, bag: Path) -> dict:
         bar.refresh()
 
     t = time.perf_counter()
-    res = replay_through_node(bag, "speed", str(resolve_checkpoint(checkpoint)), detector_params(),
-                              progress=progress, engine=engine, precision=precision)  # fmt: skip
+    res = replay_through_node(
+        bag,
+        "speed",
+        str(resolve_checkpoint(checkpoint)),
+        detector_params(),
+        progress=progress,
+        engine=engine,
+        precision=precision,
+    )
     bar.close()
     d = res.node_diagnostics
     m = compute_metrics(res, load_sequence_gt(RTAB / "gt_matrix.npy", 84), THRESHOLD)
@@ -288,16 +344,23 @@ def node_run(key: str, checkpoint: str | None, bag: Path) -> dict:
     def ms(name: str) -> float | None:
         return float(d[name]) if name in d else None
 
-    return {"engine": key, "keyframes": m["keyframes"], "f1": m["at_threshold"]["f1"],
-            "total_p50_ms": ms("latency_total_p50_ms"), "extract_p50_ms": ms("latency_extract_p50_ms"),
-            "commit_p50_ms": ms("latency_commit_p50_ms"), "total_max_ms": ms("latency_total_max_ms"),
-            "wall_s": time.perf_counter() - t, "diagnostics": d}  # fmt: skip
+    return {
+        "engine": key,
+        "keyframes": m["keyframes"],
+        "f1": m["at_threshold"]["f1"],
+        "total_p50_ms": ms("latency_total_p50_ms"),
+        "extract_p50_ms": ms("latency_extract_p50_ms"),
+        "commit_p50_ms": ms("latency_commit_p50_ms"),
+        "total_max_ms": ms("latency_total_max_ms"),
+        "wall_s": time.perf_counter() - t,
+        "diagnostics": d,
+    }
 
 
 # ---------------------------------------------------------------------------------------------- report
 
 
-def _f(v, fmt: str = ".3f") -> str:  # type: ignore[no-untyped-def]
+def _f(v, fmt: str = ".3f") -> str:
     return "n/a" if v is None or (isinstance(v, float) and np.isnan(v)) else format(v, fmt)
 
 
@@ -308,8 +371,11 @@ def summary(res: dict) -> dict:
     t_all = {k: [t for r in res["retrieval"] for t in r["engines"][k]["extract_s"]] for k in keys}
     ref_t = med(t_all[REFERENCE]) if REFERENCE in keys else float("nan")
     for k in keys:
-        s = {"extract_ms_median": 1000 * med(t_all[k]), "speedup": ref_t / med(t_all[k]),
-             "r1": {r["set"].split()[0]: r["engines"][k]["reranked"]["1"] for r in res["retrieval"]}}  # fmt: skip
+        s = {
+            "extract_ms_median": 1000 * med(t_all[k]),
+            "speedup": ref_t / med(t_all[k]),
+            "r1": {r["set"].split()[0]: r["engines"][k]["reranked"]["1"] for r in res["retrieval"]},
+        }
         ds = [r["engines"][k].get("diff_vs_torch_fp32") for r in res["retrieval"]]
         ds = [d for d in ds if d]
         if ds:
@@ -325,20 +391,28 @@ def summary(res: dict) -> dict:
 def write_md(res: dict, path: Path) -> None:
     m, keys, summ = res["machine"], res["engines"], res["summary"]
     ref = summ.get(REFERENCE, {})
-    L = ["# Inference engines: latency against accuracy", "",
-         f"Generated by `{res['command']}` on {res['date']} in {res['wall_s'] / 60:.0f} min.", "",
-         f"Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), torch {m['torch']}; load "
-         f"average {m['load_avg_start'][0]:.1f} at the start, {m['load_avg_end'][0]:.1f} at the end (a shared "
-         "machine: absolute times move; the engines alternate image by image, so their ratios are fair).", "",
-         f"Model: `{res['model']}`, speed preset ({res['input']} input, patch size 5, rapid scoring, top "
-         f"{res['top_n']} re-ranked as the node). Each engine runs only the backbone; NetVLAD pooling, patch "
-         "descriptors and re-ranking are pnv_ros's float32 torch code for all (int8: the patch WPCA product in "
-         "bfloat16 where the CPU has AMX / AVX-512 BF16). int8 = post-training quantisation calibrated on 32 "
-         "seeded corridor_vprbench ref images (onnxruntime `quantize_static` QDQ per-channel; OpenVINO NNCF).", "",
-         "## Headline (ratios vs torch fp32)", "",
-         "| engine | extraction per keyframe (median) | speed vs torch fp32 | max abs diff, global / patch | "
-         + " | ".join(f"R@1 {s}" for s in next(iter(summ.values()))["r1"]) + " | F1 RTAB loop |",
-         "|---|---|---|---|" + "---|" * len(next(iter(summ.values()))["r1"]) + "---|"]  # fmt: skip
+    L = [
+        "# Inference engines: latency against accuracy",
+        "",
+        f"Generated by `{res['command']}` on {res['date']} in {res['wall_s'] / 60:.0f} min.",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), torch {m['torch']}; load "
+        f"average {m['load_avg_start'][0]:.1f} at the start, {m['load_avg_end'][0]:.1f} at the end (a shared "
+        "machine: absolute times move; the engines alternate image by image, so their ratios are fair).",
+        "",
+        f"Model: `{res['model']}`, speed preset ({res['input']} input, patch size 5, rapid scoring, top "
+        f"{res['top_n']} re-ranked as the node). Each engine runs only the backbone; NetVLAD pooling, patch "
+        "descriptors and re-ranking are pnv_ros's float32 torch code for all (int8: the patch WPCA product in "
+        "bfloat16 where the CPU has AMX / AVX-512 BF16). int8 = post-training quantisation calibrated on 32 "
+        "seeded corridor_vprbench ref images (onnxruntime `quantize_static` QDQ per-channel; OpenVINO NNCF).",
+        "",
+        "## Headline (ratios vs torch fp32)",
+        "",
+        "| engine | extraction per keyframe (median) | speed vs torch fp32 | max abs diff, global / patch | "
+        + " | ".join(f"R@1 {s}" for s in next(iter(summ.values()))["r1"])
+        + " | F1 RTAB loop |",
+        "|---|---|---|---|" + "---|" * len(next(iter(summ.values()))["r1"]) + "---|",
+    ]
     for k in keys:
         s = summ[k]
         d = (
@@ -346,98 +420,139 @@ def write_md(res: dict, path: Path) -> None:
             if k == REFERENCE
             else f"{_f(s.get('global_max_abs'), '.1e')} / {_f(s.get('patch_max_abs'), '.1e')}"
         )
-        L.append(f"| {label(k)} | {s['extract_ms_median']:.0f} ms | {s['speedup']:.2f}x | {d} | "
-                 + " | ".join(f"{v:.3f}" for v in s["r1"].values()) + f" | {_f(s.get('f1'))} |")  # fmt: skip
+        L.append(
+            f"| {label(k)} | {s['extract_ms_median']:.0f} ms | {s['speedup']:.2f}x | {d} | "
+            + " | ".join(f"{v:.3f}" for v in s["r1"].values())
+            + f" | {_f(s.get('f1'))} |"
+        )
     if res.get("node"):
         n = res["node"]
-        L += ["", f"**Node end to end per keyframe** (extraction + top-{TOP_N} re-rank + map add; live "
-              f"`loop_closure_node`, speed preset, {label(n['engine'])}, the RTAB-Map bag in lockstep, "
-              f"{n['keyframes']} keyframes): median **{_f(n['total_p50_ms'], '.0f')} ms** (extraction "
-              f"{_f(n['extract_p50_ms'], '.0f')} ms, re-rank + map add {_f(n['commit_p50_ms'], '.0f')} ms; max "
-              f"{_f(n['total_max_ms'], '.0f')} ms); F1 {_f(n['f1'])}."]  # fmt: skip
+        L += [
+            "",
+            f"**Node end to end per keyframe** (extraction + top-{TOP_N} re-rank + map add; live "
+            f"`loop_closure_node`, speed preset, {label(n['engine'])}, the RTAB-Map bag in lockstep, "
+            f"{n['keyframes']} keyframes): median **{_f(n['total_p50_ms'], '.0f')} ms** (extraction "
+            f"{_f(n['extract_p50_ms'], '.0f')} ms, re-rank + map add {_f(n['commit_p50_ms'], '.0f')} ms; max "
+            f"{_f(n['total_max_ms'], '.0f')} ms); F1 {_f(n['f1'])}.",
+        ]
     L += ["", "## Against the targets", "", "| target | measured | met |", "|---|---|---|"]
     fp32 = [k for k in keys if k.endswith(":fp32") and k != REFERENCE]
     int8 = [k for k in keys if k.endswith(":int8")]
     if fp32:
         worst = max(summ[k].get("global_max_abs", 0) for k in fp32)
-        L.append(f"| fp32 engines within 1e-4 of torch (global descriptors) | max {worst:.1e} | "
-                 f"{'yes' if worst <= TARGETS['fp32_diff'] else 'no'} |")  # fmt: skip
+        L.append(
+            f"| fp32 engines within 1e-4 of torch (global descriptors) | max {worst:.1e} | "
+            f"{'yes' if worst <= TARGETS['fp32_diff'] else 'no'} |"
+        )
         worst_p = max(summ[k].get("patch_max_abs", 0) for k in fp32)
         near = worst_p <= 2 * res["rounding_floor"]
-        met = "yes" if worst_p <= TARGETS["fp32_diff"] else "no: within twice torch's own float32 floor" if near \
-            else "no"  # fmt: skip
-        L.append(f"| fp32 engines within 1e-4 of torch (patch descriptors) | max {worst_p:.1e} (torch's own change "
-                 f"under one float32 rounding step: up to {res['rounding_floor']:.1e}) | {met} |")  # fmt: skip
+        met = (
+            "yes" if worst_p <= TARGETS["fp32_diff"] else "no: within twice torch's own float32 floor" if near else "no"
+        )
+        L.append(
+            f"| fp32 engines within 1e-4 of torch (patch descriptors) | max {worst_p:.1e} (torch's own change "
+            f"under one float32 rounding step: up to {res['rounding_floor']:.1e}) | {met} |"
+        )
         best = max(fp32, key=lambda k: summ[k]["speedup"])
         sp = summ[best]["speedup"]
-        L.append(f"| fastest fp32 engine >= 1.5x torch fp32 | {label(best)} {sp:.2f}x | "
-                 f"{'yes' if sp >= TARGETS['fp32_speedup'] else 'no'} |")  # fmt: skip
+        L.append(
+            f"| fastest fp32 engine >= 1.5x torch fp32 | {label(best)} {sp:.2f}x | "
+            f"{'yes' if sp >= TARGETS['fp32_speedup'] else 'no'} |"
+        )
     for k in int8:
         s = summ[k]
         sp = s["speedup"]
         L.append(f"| {label(k)} >= 3x torch fp32 | {sp:.2f}x | {'yes' if sp >= TARGETS['int8_speedup'] else 'no'} |")
         drops = {st: ref.get("r1", {}).get(st, np.nan) - v for st, v in s["r1"].items()}
         worst = max(drops.values())
-        L.append(f"| {label(k)} re-ranked R@1 at most 0.02 below fp32 on each set | "
-                 + ", ".join(f"{st} {s['r1'][st]:.3f} vs {ref['r1'][st]:.3f}" for st in drops)
-                 + f" | {'yes' if worst <= TARGETS['int8_drop'] + 1e-9 else 'no'} |")  # fmt: skip
+        L.append(
+            f"| {label(k)} re-ranked R@1 at most 0.02 below fp32 on each set | "
+            + ", ".join(f"{st} {s['r1'][st]:.3f} vs {ref['r1'][st]:.3f}" for st in drops)
+            + f" | {'yes' if worst <= TARGETS['int8_drop'] + 1e-9 else 'no'} |"
+        )
         if "f1" in s and "f1" in ref:
             d = ref["f1"] - s["f1"]
-            L.append(f"| {label(k)} sequence F1 (RTAB loop) at most 0.02 below fp32 | {s['f1']:.3f} vs {ref['f1']:.3f} "
-                     f"| {'yes' if d <= TARGETS['int8_drop'] + 1e-9 else 'no'} |")  # fmt: skip
+            L.append(
+                f"| {label(k)} sequence F1 (RTAB loop) at most 0.02 below fp32 | {s['f1']:.3f} vs {ref['f1']:.3f} "
+                f"| {'yes' if d <= TARGETS['int8_drop'] + 1e-9 else 'no'} |"
+            )
     if res.get("node") and res["node"]["total_p50_ms"] is not None:
         v = res["node"]["total_p50_ms"] / 1000
         L.append(f"| node end to end <= 0.3 s median | {v:.3f} s | {'yes' if v <= TARGETS['node_s'] else 'no'} |")
-    L += ["", "## Retrieval per set", "",
-          "| set | role | queries / db | engine | extraction median | global R@1 / R@5 | re-ranked R@1 / R@5 | "
-          "re-rank median | max abs diff global / patch | patch cosine median |",
-          "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    L += [
+        "",
+        "## Retrieval per set",
+        "",
+        "| set | role | queries / db | engine | extraction median | global R@1 / R@5 | re-ranked R@1 / R@5 | "
+        "re-rank median | max abs diff global / patch | patch cosine median |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in res["retrieval"]:
         for k in keys:
             e = r["engines"][k]
             d = e.get("diff_vs_torch_fp32")
-            L.append(f"| {r['set']} | {r['role']} | {r['queries']} / {r['db']} | {label(k)} | "
-                     f"{1000 * e['extract_s_median']:.0f} ms | {e['global']['1']:.3f} / {e['global']['5']:.3f} | "
-                     f"{e['reranked']['1']:.3f} / {e['reranked']['5']:.3f} | {e['rerank_ms_median']:.0f} ms | "
-                     + (f"{d['global_max_abs']:.1e} / {d['patch_max_abs']:.1e} | {d['patch_cosine_median']:.6f}"
-                        if d else "reference | 1") + " |")  # fmt: skip
+            L.append(
+                f"| {r['set']} | {r['role']} | {r['queries']} / {r['db']} | {label(k)} | "
+                f"{1000 * e['extract_s_median']:.0f} ms | {e['global']['1']:.3f} / {e['global']['5']:.3f} | "
+                f"{e['reranked']['1']:.3f} / {e['reranked']['5']:.3f} | {e['rerank_ms_median']:.0f} ms | "
+                + (
+                    f"{d['global_max_abs']:.1e} / {d['patch_max_abs']:.1e} | {d['patch_cosine_median']:.6f}"
+                    if d
+                    else "reference | 1"
+                )
+                + " |"
+            )
     if res.get("sequence"):
-        L += ["", f"## RTAB-Map loop through the detector (`pnv eval` in-process: threshold {THRESHOLD}, top {TOP_N}, "
-              f"exclude recent {EXCLUDE_RECENT_S:g} s)", "",
-              "| engine | keyframes | precision | recall | F1 | AP | accepted loops | same as torch fp32 | only here | "
-              "only torch fp32 |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        L += [
+            "",
+            f"## RTAB-Map loop through the detector (`pnv eval` in-process: threshold {THRESHOLD}, top {TOP_N}, "
+            f"exclude recent {EXCLUDE_RECENT_S:g} s)",
+            "",
+            "| engine | keyframes | precision | recall | F1 | AP | accepted loops | same as torch fp32 | only here | "
+            "only torch fp32 |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for k in keys:
             s = res["sequence"].get(k)
             if s:
-                L.append(f"| {label(k)} | {s['keyframes']} | {_f(s['precision'])} | {_f(s['recall'])} | {_f(s['f1'])} | "
-                         f"{_f(s['average_precision'])} | {s['accepted_loops']} | {s.get('loops_same_as_torch_fp32', '')} | "
-                         f"{s.get('loops_only_here', '')} | {s.get('loops_only_torch_fp32', '')} |")  # fmt: skip
+                L.append(
+                    f"| {label(k)} | {s['keyframes']} | {_f(s['precision'])} | {_f(s['recall'])} | {_f(s['f1'])} | "
+                    f"{_f(s['average_precision'])} | {s['accepted_loops']} | {s.get('loops_same_as_torch_fp32', '')} | "
+                    f"{s.get('loops_only_here', '')} | {s.get('loops_only_torch_fp32', '')} |"
+                )
     fl = res.get("rounding_floor_per_set", {})
     spread = {}
     for r in res["retrieval"]:
         v = [r["engines"][k]["reranked"]["1"] for k in keys if k.endswith(":fp32")]
         spread[r["set"].split()[0]] = (min(v), max(v))
-    L += ["", "## Notes", "",
-          "- Re-ranked Recall@1 of the float32 engines alone (same backbone to 1e-6; patch descriptors apart by "
-          "float32 rounding only): " + ", ".join(f"{s} {a:.3f}-{b:.3f}" for s, (a, b) in spread.items())
-          + ". That spread is the noise floor of a Recall@1 comparison between implementations on these sets; "
-          "an int8 engine inside it lost nothing measurable.",
-          f"- Patch descriptors: torch's own patch descriptors move by up to {res['rounding_floor']:.1e} when its "
-          "feature map moves by one float32 rounding step (`engines.rounding_floor`"
-          + (", per set: " + ", ".join(f"{k} {v:.1e}" for k, v in fl.items()) if fl else "")
-          + "; 3 images each): a trained vocabulary's sharp "
-          "soft-assignment leaves words with almost no mass in a window, whose intra-normalised residual sum is "
-          "rounding noise at unit norm. No other float32 arithmetic can reproduce them to 1e-4; the fp32 engines' "
-          "backbone features (relative) and global descriptors do, and `pnv export` checks exactly that.",
-          "- Extraction = backbone + NetVLAD pooling + patch WPCA (the pooling is the same torch code for every "
-          "engine), so an engine's speed-up of the whole is smaller than of its backbone. At fp32, torch's CPU "
-          "backbone already runs oneDNN's blocked-layout convolutions (`model/backbone.py`), the kernels the other "
-          "engines use too: they gain little. int8 quantises the backbone (VGG-16's convolutions: ~10x sooner "
-          "with OpenVINO on an AMX CPU); what is left is the pooling (the residual integral over 64 x 512 "
-          "channels, memory-bound) and the patch WPCA product (bfloat16 for int8).",
-          "- The node's time per keyframe is extraction plus the exact top-20 re-rank and map add, which no "
-          "engine changes; both are measured on the machine's load at the time (the load average above).",
-          "", "Numbers: `engines.json`; plot: `engines.png`.", ""]  # fmt: skip
+    L += [
+        "",
+        "## Notes",
+        "",
+        "- Re-ranked Recall@1 of the float32 engines alone (same backbone to 1e-6; patch descriptors apart by "
+        "float32 rounding only): "
+        + ", ".join(f"{s} {a:.3f}-{b:.3f}" for s, (a, b) in spread.items())
+        + ". That spread is the noise floor of a Recall@1 comparison between implementations on these sets; "
+        "an int8 engine inside it lost nothing measurable.",
+        f"- Patch descriptors: torch's own patch descriptors move by up to {res['rounding_floor']:.1e} when its "
+        "feature map moves by one float32 rounding step (`engines.rounding_floor`"
+        + (", per set: " + ", ".join(f"{k} {v:.1e}" for k, v in fl.items()) if fl else "")
+        + "; 3 images each): a trained vocabulary's sharp "
+        "soft-assignment leaves words with almost no mass in a window, whose intra-normalised residual sum is "
+        "rounding noise at unit norm. No other float32 arithmetic can reproduce them to 1e-4; the fp32 engines' "
+        "backbone features (relative) and global descriptors do, and `pnv export` checks exactly that.",
+        "- Extraction = backbone + NetVLAD pooling + patch WPCA (the pooling is the same torch code for every "
+        "engine), so an engine's speed-up of the whole is smaller than of its backbone. At fp32, torch's CPU "
+        "backbone already runs oneDNN's blocked-layout convolutions (`model/backbone.py`), the kernels the other "
+        "engines use too: they gain little. int8 quantises the backbone (VGG-16's convolutions: ~10x sooner "
+        "with OpenVINO on an AMX CPU); what is left is the pooling (the residual integral over 64 x 512 "
+        "channels, memory-bound) and the patch WPCA product (bfloat16 for int8).",
+        "- The node's time per keyframe is extraction plus the exact top-20 re-rank and map add, which no "
+        "engine changes; both are measured on the machine's load at the time (the load average above).",
+        "",
+        "Numbers: `engines.json`; plot: `engines.png`.",
+        "",
+    ]
     write_page(path, L)
 
 
@@ -456,8 +571,9 @@ def plot(res: dict, path: Path) -> None:
             e = r["engines"][k]
             engine, precision = k.split(":")
             x, y = 1000 * e["extract_s_median"], e["reranked"]["1"]
-            ax.scatter([x], [y], marker=markers.get(precision, "o"), color=colors.get(engine, "k"), s=60,
-                       label=label(k))  # fmt: skip
+            ax.scatter(
+                [x], [y], marker=markers.get(precision, "o"), color=colors.get(engine, "k"), s=60, label=label(k)
+            )
         ax.set_xlabel("extraction per keyframe, median (ms)")
         ax.set_ylabel("re-ranked Recall@1")
         ax.set_title(f"{r['set']} ({r['queries']} q / {r['db']} db)", fontsize=9)
@@ -478,20 +594,29 @@ def plot(res: dict, path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", default=None, help="the model (default: the VGG-16 default; or dinov2_vlad)")
-    ap.add_argument("--engines", default=",".join(DEFAULT_ENGINES),
-                    help="engine:precision list, torch:fp32 first as the reference (default: %(default)s; "
-                    "also torch:bf16, openvino:bf16, openvino:fp16)")  # fmt: skip
+    ap.add_argument(
+        "--engines",
+        default=",".join(DEFAULT_ENGINES),
+        help="engine:precision list, torch:fp32 first as the reference (default: %(default)s; "
+        "also torch:bf16, openvino:bf16, openvino:fp16)",
+    )
     ap.add_argument("--sets", default="rtabmap,corridor,gardenspoint", help="which shared sets (comma list)")
-    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"),
-                    help="folder of the shared sets (the repository's data/ is looked in after it)")  # fmt: skip
+    ap.add_argument(
+        "--data",
+        default=str(ROOT.parent / "shared" / "data"),
+        help="folder of the shared sets (the repository's data/ is looked in after it)",
+    )
     ap.add_argument("--top-n", type=int, default=TOP_N, help="candidates re-ranked per query (default: the node's)")
     ap.add_argument("--no-sequence", action="store_true", help="skip the RTAB-Map loop through the detector")
     ap.add_argument("--no-node", action="store_true", help="skip the live node run")
     ap.add_argument("--out", default="out/engines", help="the bag and logs")
     ap.add_argument("--docs", default=str(RESULTS), help="where engines.{json,md,png} go")
     ap.add_argument("--from-json", default=None, help="only redraw the .md and .png from this engines.json")
-    ap.add_argument("--floors", action="store_true", help="with --from-json: first (re)compute torch's rounding "
-                    "floors (torch only, a minute) into it")  # fmt: skip
+    ap.add_argument(
+        "--floors",
+        action="store_true",
+        help="with --from-json: first (re)compute torch's rounding floors (torch only, a minute) into it",
+    )
     a = ap.parse_args()
     docs = Path(a.docs)
     if a.from_json:
@@ -518,10 +643,15 @@ def main() -> None:
     exs = build(ck, runnable, tqdm.write)
     ref = exs[REFERENCE]
     model, info = ref.model, ref.info
-    res: dict = {**header(prefix="OMP_WAIT_POLICY=PASSIVE"),
-                 "model": info.identity, "checkpoint": str(ck), "engines": runnable,
-                 "input": f"{ref.preset.image_width}x{ref.preset.image_height}", "top_n": a.top_n,
-                 "engine_files": {k: ex.backend.describe() if ex.backend else "torch" for k, ex in exs.items()}}  # fmt: skip
+    res: dict = {
+        **header(prefix="OMP_WAIT_POLICY=PASSIVE"),
+        "model": info.identity,
+        "checkpoint": str(ck),
+        "engines": runnable,
+        "input": f"{ref.preset.image_width}x{ref.preset.image_height}",
+        "top_n": a.top_n,
+        "engine_files": {k: ex.backend.describe() if ex.backend else "torch" for k, ex in exs.items()},
+    }
     wanted = [w.strip() for w in a.sets.split(",") if w.strip()]
     res["retrieval"], memo = retrieval(exs, [Path(a.data), ROOT / "data"], wanted, a.top_n)
     floors(res, model, ref, [Path(a.data), ROOT / "data"], wanted)

@@ -63,12 +63,25 @@ def main() -> None:
             gt = GroundTruth([{i} for i in range(len(q))])
         else:
             gt = load_ground_truth(gt_path, q.names, db.names)
-        row = {"set": name, "role": role, "queries": int(gt.has_positive().sum()), "db": len(db),
-               "s_per_image_performance_extract": round(per_img, 3)}  # fmt: skip
+        row = {
+            "set": name,
+            "role": role,
+            "queries": int(gt.has_positive().sum()),
+            "db": len(db),
+            "s_per_image_performance_extract": round(per_img, 3),
+        }
         for pname, matcher in (("performance", "ransac"), ("speed", "rapid")):
-            pr = db.preset if pname == "performance" else dataclasses.replace(
-                db.preset, **{k: getattr(get_preset(pname), k) for k in ("name", "patch_sizes", "strides",
-                                                                          "patch_weights", "matcher")})  # fmt: skip
+            pr = (
+                db.preset
+                if pname == "performance"
+                else dataclasses.replace(
+                    db.preset,
+                    **{
+                        k: getattr(get_preset(pname), k)
+                        for k in ("name", "patch_sizes", "strides", "patch_weights", "matcher")
+                    },
+                )
+            )
             d2, q2 = (db, q) if pname == "performance" else (scale_only(db, pr), scale_only(q, pr))
             t = time.perf_counter()
             res = two_stage(d2, q2, pr, top_n=min(100, len(db)), matcher=matcher)

@@ -41,9 +41,12 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--seconds", type=float, default=20.0, help="time budget per measurement")
     ap.add_argument("--batches", default="1,8,32")
-    ap.add_argument("--dtypes", default="float32,bfloat16",
-                    help="extraction dtypes (bfloat16 under autocast; on a CPU without native bfloat16, e.g. AVX2-only "
-                         "AMD EPYC, one bfloat16 VGG-16 pass takes minutes: give float32)")  # fmt: skip
+    ap.add_argument(
+        "--dtypes",
+        default="float32,bfloat16",
+        help="extraction dtypes (bfloat16 under autocast; on a CPU without native bfloat16, e.g. AVX2-only "
+        "AMD EPYC, one bfloat16 VGG-16 pass takes minutes: give float32)",
+    )
     ap.add_argument("--out", default=None)
     ap.add_argument("--trt-batch", type=int, default=8, help="batch of the TensorRT measurement (1..8)")
     a = ap.parse_args()
@@ -154,8 +157,10 @@ def tensorrt_check(ckpt: str, dev: torch.device, seconds: float, batch: int) -> 
     (g_ref, p_ref), (g_trt, p_trt) = ref.extract_tensors(x), trt.extract_tensors(x)
     out["global_max_abs_diff"] = float(np.abs(g_ref - g_trt).max())
     out["patch_cosine_median"] = float(np.median(np.sum(p_ref[0] * p_trt[0], axis=-1)))
-    print(f"tensorrt fp16 vs torch fp32: global max |diff| {out['global_max_abs_diff']:.2e}, patch cosine median "
-          f"{out['patch_cosine_median']:.5f}")  # fmt: skip
+    print(
+        f"tensorrt fp16 vs torch fp32: global max |diff| {out['global_max_abs_diff']:.2e}, patch cosine median "
+        f"{out['patch_cosine_median']:.5f}"
+    )
     return out
 
 

@@ -53,8 +53,14 @@ BENCH_IMAGES = ["data/rtabmap_samples_loop84/images/1.jpg"]
 
 def one(fs: FeatureSet, i: int) -> FeatureSet:
     """Image i of a FeatureSet as a one-image FeatureSet (a query timed on its own)."""
-    return FeatureSet([fs.names[i]], fs.global_descs[i : i + 1], [p[i : i + 1] for p in fs.patches],
-                      fs.image_sizes[i : i + 1], fs.preset, fs.model_id)  # fmt: skip
+    return FeatureSet(
+        [fs.names[i]],
+        fs.global_descs[i : i + 1],
+        [p[i : i + 1] for p in fs.patches],
+        fs.image_sizes[i : i + 1],
+        fs.preset,
+        fs.model_id,
+    )
 
 
 def med(xs: list[float]) -> float:
@@ -88,9 +94,17 @@ def retrieval(models: dict, identities: dict[str, str], data: Path, partial: Pat
         for k, m in models.items():
             fs = FeatureSet.from_places(names, places[k], m["perf"].preset, m["perf"].info.identity)
             idx = np.arange(len(imgs))
-            sub = [FeatureSet([names[i] for i in ii], fs.global_descs[ii], [p[ii] for p in fs.patches],
-                              fs.image_sizes[ii], fs.preset, fs.model_id)
-                   for ii in (idx[: len(db_imgs)], idx[len(db_imgs) :])]  # fmt: skip
+            sub = [
+                FeatureSet(
+                    [names[i] for i in ii],
+                    fs.global_descs[ii],
+                    [p[ii] for p in fs.patches],
+                    fs.image_sizes[ii],
+                    fs.preset,
+                    fs.model_id,
+                )
+                for ii in (idx[: len(db_imgs)], idx[len(db_imgs) :])
+            ]
             feats[k] = sub
         del places
         db_names, q_names = feats["vgg16"][0].names, feats["vgg16"][1].names
@@ -99,9 +113,18 @@ def retrieval(models: dict, identities: dict[str, str], data: Path, partial: Pat
         else:
             gt = load_ground_truth(gt_path, q_names, db_names)
         top_n = min(100, len(db_imgs))
-        row = {"set": name, "role": role, "queries": int(gt.has_positive().sum()), "db": len(db_imgs),
-               "top_n": top_n, "identities": identities, "models": {k: {"extract_s_per_image_median": med(t_img[k]),
-                                 "extract_s_per_image": [round(t, 4) for t in t_img[k]]} for k in models}}  # fmt: skip
+        row = {
+            "set": name,
+            "role": role,
+            "queries": int(gt.has_positive().sum()),
+            "db": len(db_imgs),
+            "top_n": top_n,
+            "identities": identities,
+            "models": {
+                k: {"extract_s_per_image_median": med(t_img[k]), "extract_s_per_image": [round(t, 4) for t in t_img[k]]}
+                for k in models
+            },
+        }
         for pname, matcher in PRESETS:
             res: dict[str, list] = {k: [] for k in models}
             t_q: dict[str, list[float]] = {k: [] for k in models}
@@ -123,8 +146,14 @@ def retrieval(models: dict, identities: dict[str, str], data: Path, partial: Pat
                 mr[f"reranked_{pname}"] = recall_at_n([r.reranked_ids for r in res[k]], gt, (1, 5, 10))
                 mr[f"rerank_ms_per_query_median_{pname}"] = 1000 * med(t_q[k])
                 mr[f"rerank_ms_per_query_{pname}"] = [round(1000 * t, 2) for t in t_q[k]]
-        tqdm.write(json.dumps({"set": name, **{k: {x: v for x, v in m.items() if not isinstance(v, list)}
-                                                   for k, m in row["models"].items()}}))  # fmt: skip
+        tqdm.write(
+            json.dumps(
+                {
+                    "set": name,
+                    **{k: {x: v for x, v in m.items() if not isinstance(v, list)} for k, m in row["models"].items()},
+                }
+            )
+        )
         rows.append(row)
         if partial:
             partial.write_text(json.dumps(rows))
@@ -135,8 +164,10 @@ def sequences(data: Path, out: Path, identities: dict[str, str], resume: bool = 
     """run_all.sh step 3 for each model: sequence_sets.py, pnv bag make (cached), pnv eval in-process.
     ``resume`` keeps a finished run only when its metrics.json names the model in ``identities`` (key -> identity)."""
     seq = out / "sequences"
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sequence_sets.py"), "--data", str(data),
-                    "--out", str(seq)], check=True)  # fmt: skip
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "sequence_sets.py"), "--data", str(data), "--out", str(seq)],
+        check=True,
+    )
     rows = []
     jobs = [(s, k, c) for s in SEQUENCES if (seq / s).is_dir() for k, _, c in MODELS]
     for s, k, ck in tqdm(jobs, desc="pnv eval", unit="run"):
@@ -159,15 +190,27 @@ def sequences(data: Path, out: Path, identities: dict[str, str], resume: bool = 
             raise RuntimeError(f"pnv {' '.join(argv)} failed ({rc})")
         m = json.loads((run / "metrics.json").read_text())
         at = m["at_threshold"]
-        rows.append({"sequence": s, "model": k, "command": "pnv " + " ".join(argv), "frames": m["frames"],
-                     "keyframes": m["keyframes"], "threshold": m["threshold"], "precision": at["precision"],
-                     "recall": at["recall"], "f1": at["f1"], "average_precision": m["average_precision"],
-                     "recall_at_100_precision": m["recall_at_100_precision"],
-                     "retrieval_recall_at_n": m["retrieval_recall_at_n"],
-                     "extract_p50_ms": m["latency"]["extract"]["p50_ms"],
-                     "rerank_p50_ms": m["latency"]["rerank"]["p50_ms"],
-                     "map_bytes_per_keyframe": m["map_bytes_per_keyframe"], "preset": m["preset"]["name"],
-                     "model_id": m["model"]})  # fmt: skip
+        rows.append(
+            {
+                "sequence": s,
+                "model": k,
+                "command": "pnv " + " ".join(argv),
+                "frames": m["frames"],
+                "keyframes": m["keyframes"],
+                "threshold": m["threshold"],
+                "precision": at["precision"],
+                "recall": at["recall"],
+                "f1": at["f1"],
+                "average_precision": m["average_precision"],
+                "recall_at_100_precision": m["recall_at_100_precision"],
+                "retrieval_recall_at_n": m["retrieval_recall_at_n"],
+                "extract_p50_ms": m["latency"]["extract"]["p50_ms"],
+                "rerank_p50_ms": m["latency"]["rerank"]["p50_ms"],
+                "map_bytes_per_keyframe": m["map_bytes_per_keyframe"],
+                "preset": m["preset"]["name"],
+                "model_id": m["model"],
+            }
+        )
     return rows
 
 
@@ -179,10 +222,11 @@ def storage(models: dict) -> dict:
         for k, m in models.items():
             ex = m["perf" if pname == "performance" else "speed"]
             pmap, _ = stored_candidates(ex.extract([img]), ex.dim, ex.preset, ex.info.identity, 1)
-            out.setdefault(pname, {})[k] = {"bytes_per_keyframe": pmap.nbytes_per_keyframe(),
-                                            "patch_dtype": pmap.patch_dtype.name,
-                                            "patches_per_keyframe": sum(ex.preset.num_patches(i)
-                                                                        for i in range(len(ex.preset.patch_sizes)))}  # fmt: skip
+            out.setdefault(pname, {})[k] = {
+                "bytes_per_keyframe": pmap.nbytes_per_keyframe(),
+                "patch_dtype": pmap.patch_dtype.name,
+                "patches_per_keyframe": sum(ex.preset.num_patches(i) for i in range(len(ex.preset.patch_sizes))),
+            }
     return out
 
 
@@ -198,46 +242,71 @@ def write_md(res: dict, path: Path) -> None:
     m = res["machine"]
     keys = [k for k, _, _ in MODELS]
     lab = {k: lb for k, lb, _ in MODELS}
-    L = ["# Model families: VGG-16 default vs dinov2_vlad", "",
-         f"Generated by `{res['command']}` on {res['date']}.", "",
-         f"Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), Python {m['python']}, "
-         f"torch {m['torch']}; load average {m['load_avg_start'][0]:.1f} at the start, "
-         f"{m['load_avg_end'][0]:.1f} at the end (a shared machine: absolute times move, the ratios come from "
-         "one run with the two models alternating image by image and query by query).", "",
-         "Models: " + "; ".join(f"**{lab[k]}** `{res['models'][k]['identity']}` "
-                                f"({res['models'][k]['input']}, {res['models'][k]['backbone']})" for k in keys)
-         + ". Both are fitted (vocabulary and WPCA) on **corridor_vprbench** (ref + query, 222 images): "
-           "its rows are the fitting set, not a hold-out.", "",
-         "## Retrieval Recall@1 / @5", "",
-         "Speed preset: patch size 5, rapid spatial scoring; performance preset: patch sizes 2, 5, 8, RANSAC. "
-         "Top-N re-ranked = min(100, database).", "",
-         "| set | role | queries / db | stage | " + " | ".join(f"{lab[k]} R@1 / R@5" for k in keys) + " |",
-         "|---|---|---|---|" + "---|" * len(keys)]  # fmt: skip
+    L = [
+        "# Model families: VGG-16 default vs dinov2_vlad",
+        "",
+        f"Generated by `{res['command']}` on {res['date']}.",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), Python {m['python']}, "
+        f"torch {m['torch']}; load average {m['load_avg_start'][0]:.1f} at the start, "
+        f"{m['load_avg_end'][0]:.1f} at the end (a shared machine: absolute times move, the ratios come from "
+        "one run with the two models alternating image by image and query by query).",
+        "",
+        "Models: "
+        + "; ".join(
+            f"**{lab[k]}** `{res['models'][k]['identity']}` "
+            f"({res['models'][k]['input']}, {res['models'][k]['backbone']})"
+            for k in keys
+        )
+        + ". Both are fitted (vocabulary and WPCA) on **corridor_vprbench** (ref + query, 222 images): "
+        "its rows are the fitting set, not a hold-out.",
+        "",
+        "## Retrieval Recall@1 / @5",
+        "",
+        "Speed preset: patch size 5, rapid spatial scoring; performance preset: patch sizes 2, 5, 8, RANSAC. "
+        "Top-N re-ranked = min(100, database).",
+        "",
+        "| set | role | queries / db | stage | " + " | ".join(f"{lab[k]} R@1 / R@5" for k in keys) + " |",
+        "|---|---|---|---|" + "---|" * len(keys),
+    ]
     for row in res["retrieval"]:
-        for stage, sl in (("global", "global"), ("reranked_speed", "re-ranked, speed (rapid)"),
-                          ("reranked_performance", "re-ranked, performance (RANSAC)")):  # fmt: skip
+        for stage, sl in (
+            ("global", "global"),
+            ("reranked_speed", "re-ranked, speed (rapid)"),
+            ("reranked_performance", "re-ranked, performance (RANSAC)"),
+        ):
             cells = [f"{_r(row['models'][k][stage], 1)} / {_r(row['models'][k][stage], 5)}" for k in keys]
             role = "**fitting set**" if row["role"] == "FITTING SET" else row["role"]
             L.append(f"| {row['set']} | {role} | {row['queries']} / {row['db']} | {sl} | " + " | ".join(cells) + " |")
-    L += ["", "## Sequences through the detector (`pnv eval`, in-process)", "",
-          "Bags from `benchmarks/sequence_sets.py` + `pnv bag make` (1 Hz); `pnv eval -q BAG --gt gt.npy "
-          "[--checkpoint dinov2_vlad]`: speed preset, default detector settings (threshold 0.12, top 20, "
-          "exclude recent 10 s). Precision / recall at the threshold; AP = area under the PR curve; "
-          "R@100%P = recall at 100 % precision. corridor is the fitting set of both models.", "",
-          "| sequence | frames | model | precision | recall | AP | R@100%P | extract p50 | re-rank p50 (top 20) |",
-          "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    L += [
+        "",
+        "## Sequences through the detector (`pnv eval`, in-process)",
+        "",
+        "Bags from `benchmarks/sequence_sets.py` + `pnv bag make` (1 Hz); `pnv eval -q BAG --gt gt.npy "
+        "[--checkpoint dinov2_vlad]`: speed preset, default detector settings (threshold 0.12, top 20, "
+        "exclude recent 10 s). Precision / recall at the threshold; AP = area under the PR curve; "
+        "R@100%P = recall at 100 % precision. corridor is the fitting set of both models.",
+        "",
+        "| sequence | frames | model | precision | recall | AP | R@100%P | extract p50 | re-rank p50 (top 20) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     notes = []
     for s in res["sequences"]:
         undefined = s["recall"] is None  # no keyframe had a positive it could return: AP, R@100%P mean nothing
         ap, r100 = (None, None) if undefined else (s["average_precision"], s["recall_at_100_precision"])
-        L.append(f"| {s['sequence']} | {s['frames']} | {lab[s['model']]} | {_f(s['precision'])} | "
-                 f"{_f(s['recall'])} | {_f(ap)} | {_f(r100)} | "
-                 f"{s['extract_p50_ms']:.0f} ms | {s['rerank_p50_ms']:.1f} ms |")  # fmt: skip
+        L.append(
+            f"| {s['sequence']} | {s['frames']} | {lab[s['model']]} | {_f(s['precision'])} | "
+            f"{_f(s['recall'])} | {_f(ap)} | {_f(r100)} | "
+            f"{s['extract_p50_ms']:.0f} ms | {s['rerank_p50_ms']:.1f} ms |"
+        )
         if undefined and s["sequence"] not in notes:
             notes.append(s["sequence"])
     for s in notes:
-        L += ["", f"{s}: n/a = no keyframe had a revisit the detector could return: every positive lies inside the "
-              "exclusion window (default detector settings), so recall, AP and R@100%P are undefined."]  # fmt: skip
+        L += [
+            "",
+            f"{s}: n/a = no keyframe had a revisit the detector could return: every positive lies inside the "
+            "exclusion window (default detector settings), so recall, AP and R@100%P are undefined.",
+        ]
     a, b = keys
     L += [
         "",
@@ -248,30 +317,44 @@ def write_md(res: dict, path: Path) -> None:
     ]
     for row in res["retrieval"]:
         x, y = (row["models"][k]["extract_s_per_image_median"] for k in keys)
-        L.append(f"| extraction per image, performance preset, {row['set'].split()[0]} "
-                 f"({len(row['models'][a]['extract_s_per_image'])} images) | {1000 * x:.0f} ms | {1000 * y:.0f} ms | {y / x:.2f} |")  # fmt: skip
+        L.append(
+            f"| extraction per image, performance preset, {row['set'].split()[0]} "
+            f"({len(row['models'][a]['extract_s_per_image'])} images) | {1000 * x:.0f} ms | {1000 * y:.0f} ms | {y / x:.2f} |"
+        )
     x, y = (med([t for row in res["retrieval"] for t in row["models"][k]["extract_s_per_image"]]) for k in keys)
     n_all = sum(len(row["models"][a]["extract_s_per_image"]) for row in res["retrieval"])
-    L.append(f"| **extraction per image, performance preset, all {n_all} images** | **{1000 * x:.0f} ms** | "
-             f"**{1000 * y:.0f} ms** | **{y / x:.2f}** |")  # fmt: skip
+    L.append(
+        f"| **extraction per image, performance preset, all {n_all} images** | **{1000 * x:.0f} ms** | "
+        f"**{1000 * y:.0f} ms** | **{y / x:.2f}** |"
+    )
     for pname, mt in PRESETS:
         for row in res["retrieval"]:
             x, y = (row["models"][k][f"rerank_ms_per_query_median_{pname}"] for k in keys)
-            L.append(f"| re-ranking per query, {pname} ({mt}), {row['set'].split()[0]}, top {row['top_n']} "
-                     f"(float32) | {x:.0f} ms | {y:.0f} ms | {y / x:.2f} |")  # fmt: skip
+            L.append(
+                f"| re-ranking per query, {pname} ({mt}), {row['set'].split()[0]}, top {row['top_n']} "
+                f"(float32) | {x:.0f} ms | {y:.0f} ms | {y / x:.2f} |"
+            )
     for pname, _ in PRESETS:
         bx, by = (res["storage"][pname][k] for k in keys)
-        L.append(f"| bytes per keyframe, {pname} preset ({bx['patches_per_keyframe']} / {by['patches_per_keyframe']} "
-                 f"patches, {bx['patch_dtype']}, as the node stores them) | {bx['bytes_per_keyframe'] / 1e6:.2f} MB | "
-                 f"{by['bytes_per_keyframe'] / 1e6:.2f} MB | {by['bytes_per_keyframe'] / bx['bytes_per_keyframe']:.2f} |")  # fmt: skip
+        L.append(
+            f"| bytes per keyframe, {pname} preset ({bx['patches_per_keyframe']} / {by['patches_per_keyframe']} "
+            f"patches, {bx['patch_dtype']}, as the node stores them) | {bx['bytes_per_keyframe'] / 1e6:.2f} MB | "
+            f"{by['bytes_per_keyframe'] / 1e6:.2f} MB | {by['bytes_per_keyframe'] / bx['bytes_per_keyframe']:.2f} |"
+        )
     for s in SEQUENCES:
         r = {x["model"]: x for x in res["sequences"] if x["sequence"] == s}
         if len(r) == 2:
             x, y = r[a]["extract_p50_ms"], r[b]["extract_p50_ms"]
-            L.append(f"| `pnv eval` {s}: extraction p50, speed preset (separate runs, not alternating) | "
-                     f"{x:.0f} ms | {y:.0f} ms | {y / x:.2f} |")  # fmt: skip
-    L += ["", f"Wall time of the run: {res['wall_s'] / 60:.0f} min. Plot: `model_families.png`; numbers: "
-          "`model_families.json`.", ""]  # fmt: skip
+            L.append(
+                f"| `pnv eval` {s}: extraction p50, speed preset (separate runs, not alternating) | "
+                f"{x:.0f} ms | {y:.0f} ms | {y / x:.2f} |"
+            )
+    L += [
+        "",
+        f"Wall time of the run: {res['wall_s'] / 60:.0f} min. Plot: `model_families.png`; numbers: "
+        "`model_families.json`.",
+        "",
+    ]
     write_page(path, L)
 
 
@@ -290,11 +373,21 @@ def plot(res: dict, path: Path) -> None:
     w = 0.2
     for j, (k, pname) in enumerate((k, p) for k in keys for p, _ in PRESETS):
         v = [r["models"][k][f"reranked_{pname}"]["1"] for r in rows]
-        bars = ax.bar(x + (j - 1.5) * w, v, w, color=colors[k], hatch="//" if pname == "speed" else None,
-                      edgecolor="white", label=f"{lab[k]}, {pname}")  # fmt: skip
+        bars = ax.bar(
+            x + (j - 1.5) * w,
+            v,
+            w,
+            color=colors[k],
+            hatch="//" if pname == "speed" else None,
+            edgecolor="white",
+            label=f"{lab[k]}, {pname}",
+        )
         ax.bar_label(bars, fmt="%.2f", fontsize=7)
-    ax.set_xticks(x, [r["set"].replace(" (", "\n(") + ("\n[fitting set]" if r["role"] == "FITTING SET" else "")
-                      for r in rows], fontsize=8)  # fmt: skip
+    ax.set_xticks(
+        x,
+        [r["set"].replace(" (", "\n(") + ("\n[fitting set]" if r["role"] == "FITTING SET" else "") for r in rows],
+        fontsize=8,
+    )
     ax.set_ylim(0, 1.3)
     ax.set_ylabel("re-ranked Recall@1")
     ax.set_title("Retrieval: re-ranked Recall@1 (hatched: speed/rapid, solid: performance/RANSAC)", fontsize=9)
@@ -305,8 +398,9 @@ def plot(res: dict, path: Path) -> None:
         runs = [next(r for r in res["sequences"] if r["sequence"] == s and r["model"] == k) for s in seqs]
         v = [r["average_precision"] if r["recall"] is not None else 0.0 for r in runs]
         bars = bx.bar(xs + (j - 0.5) * 0.35, v, 0.35, color=colors[k], label=lab[k])
-        bx.bar_label(bars, labels=[f"{x:.2f}" if r["recall"] is not None else "n/a" for x, r in zip(v, runs)],
-                     fontsize=7)  # fmt: skip
+        bx.bar_label(
+            bars, labels=[f"{x:.2f}" if r["recall"] is not None else "n/a" for x, r in zip(v, runs)], fontsize=7
+        )
     bx.set_xticks(xs, [s + ("\n[fitting set]" if s == FITTING else "") for s in seqs], fontsize=8)
     bx.set_ylim(0, 1.3)
     bx.set_ylabel("average precision")
@@ -347,9 +441,14 @@ def main() -> None:
         info = perf.info
         models[k] = {"perf": perf, "speed": speed}  # .preset: the effective preset (DINOv2 sets backbone, size)
         p = perf.preset
-        res["models"][k] = {"checkpoint": str(resolve_checkpoint(ck)), "identity": info.identity, "dim": perf.dim,
-                            "backbone": p.backbone, "input": f"{p.image_width}x{p.image_height}",
-                            "num_clusters": info.num_clusters}  # fmt: skip
+        res["models"][k] = {
+            "checkpoint": str(resolve_checkpoint(ck)),
+            "identity": info.identity,
+            "dim": perf.dim,
+            "backbone": p.backbone,
+            "input": f"{p.image_width}x{p.image_height}",
+            "num_clusters": info.num_clusters,
+        }
     res["storage"] = storage(models)
     Path(a.out).mkdir(parents=True, exist_ok=True)
     partial = Path(a.out) / "retrieval_partial.json"

@@ -167,8 +167,11 @@ def run_node(kind: str, robot: Robot, window: float, frames: list[int]) -> dict:
             time.sleep(1.5)  # the next diagnostics: the node's own timings of the keyframes above
             out["node_timings_ms"] = {k: float(v) for k, v in robot.diag_values.items() if k.startswith("latency_")}
             out["keyframes"] = f"{len(latency)} of {len(frames)}"
-            print(f"{kind}: keyframe latency median {np.median(latency):.2f} s ({out['keyframes']}), "
-                  f"node CPU {out['drive_cpu_percent']:.0f}%", flush=True)  # fmt: skip
+            print(
+                f"{kind}: keyframe latency median {np.median(latency):.2f} s ({out['keyframes']}), "
+                f"node CPU {out['drive_cpu_percent']:.0f}%",
+                flush=True,
+            )
             return out
         finally:
             proc.send_signal(2)

@@ -101,8 +101,10 @@ def main() -> None:
             res = two_stage(db, q, mode.preset, top_n=mode.top_n or len(db), exact=mode.exact)
             t_rr += time.perf_counter() - t
             n_q += len(q)
-            row[set_name] = {"global_r1": recall_at_n([r.global_ids for r in res], gt, (1,))[1],
-                             "reranked_r1": recall_at_n([r.reranked_ids for r in res], gt, (1,))[1]}  # fmt: skip
+            row[set_name] = {
+                "global_r1": recall_at_n([r.global_ids for r in res], gt, (1,))[1],
+                "reranked_r1": recall_at_n([r.reranked_ids for r in res], gt, (1,))[1],
+            }
         row["s_per_image"] = t_ex / n_img if n_img else None
         row["ms_per_query_rerank"] = 1000 * t_rr / n_q
         report[name] = row

@@ -25,9 +25,13 @@ def reference_model(ckpt: Path, patch_sizes: Any, strides: Any) -> tuple[Any, in
     enc = nn.Sequential(*list(vgg16(weights=None).features.children())[:-2])
     cfg = configparser.ConfigParser()
     cfg["global_params"] = {
-        "pooling": "patchnetvlad", "num_clusters": str(k), "vladv2": "False", "num_pcs": str(d),
-        "patch_sizes": ",".join(map(str, patch_sizes)), "strides": ",".join(map(str, strides)),
-    }  # fmt: skip
+        "pooling": "patchnetvlad",
+        "num_clusters": str(k),
+        "vladv2": "False",
+        "num_pcs": str(d),
+        "patch_sizes": ",".join(map(str, patch_sizes)),
+        "strides": ",".join(map(str, strides)),
+    }
     m = get_model(enc, 512, cfg["global_params"], append_pca_layer=True)
     m.load_state_dict(st)
     return m.eval(), d

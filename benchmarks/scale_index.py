@@ -87,8 +87,13 @@ def main() -> None:
                     ids.append(i[0])
                     dists.append(d[0])
                 found[name] = (np.array(ids), np.array(dists))
-            res[kind] = {"build_s": build, "bytes": index_bytes(gi), "found": found,
-                         "p50_ms": 1000 * float(np.median(lat)), "p95_ms": 1000 * float(np.percentile(lat, 95))}  # fmt: skip
+            res[kind] = {
+                "build_s": build,
+                "bytes": index_bytes(gi),
+                "found": found,
+                "p50_ms": 1000 * float(np.median(lat)),
+                "p95_ms": 1000 * float(np.percentile(lat, 95)),
+            }
             del gi
         single = min(n, a.one_at_a_time)
         if single:
@@ -113,16 +118,23 @@ def main() -> None:
                 float((hd[miss, 0] / fd[miss, 0] - 1).max()) if miss.any() else 0.0
             )
         rows.append(row)
-        print(f"n={n:>8}: flat {row['flat_p50_ms']:.2f} ms/query ({row['flat_bytes'] / 2**20:.0f} MiB, "
-              f"add {row['flat_build_s']:.1f} s); hnsw {row['hnsw_p50_ms']:.3f} ms/query "
-              f"({row['hnsw_bytes'] / 2**20:.0f} MiB, build {row['hnsw_build_s']:.0f} s"
-              + (f"; singly {row['hnsw_single_add_ms']:.2f} ms/keyframe over the first {single}, batched "
-                 f"{1000 * row['hnsw_build_s'] / n:.2f}" if single else "")
-              + f"); hnsw recall vs flat "
-              f"R@1 / R@20: revisits {row['hnsw_recall_at_1_vs_flat_revisit']:.3f} / "
-              f"{row['hnsw_recall_at_20_vs_flat_revisit']:.3f}, hard {row['hnsw_recall_at_1_vs_flat_hard']:.3f} / "
-              f"{row['hnsw_recall_at_20_vs_flat_hard']:.3f} (a missed first answer at most "
-              f"{100 * row['hnsw_miss_max_extra_distance_hard']:.2f}% farther)", flush=True)  # fmt: skip
+        print(
+            f"n={n:>8}: flat {row['flat_p50_ms']:.2f} ms/query ({row['flat_bytes'] / 2**20:.0f} MiB, "
+            f"add {row['flat_build_s']:.1f} s); hnsw {row['hnsw_p50_ms']:.3f} ms/query "
+            f"({row['hnsw_bytes'] / 2**20:.0f} MiB, build {row['hnsw_build_s']:.0f} s"
+            + (
+                f"; singly {row['hnsw_single_add_ms']:.2f} ms/keyframe over the first {single}, batched "
+                f"{1000 * row['hnsw_build_s'] / n:.2f}"
+                if single
+                else ""
+            )
+            + f"); hnsw recall vs flat "
+            f"R@1 / R@20: revisits {row['hnsw_recall_at_1_vs_flat_revisit']:.3f} / "
+            f"{row['hnsw_recall_at_20_vs_flat_revisit']:.3f}, hard {row['hnsw_recall_at_1_vs_flat_hard']:.3f} / "
+            f"{row['hnsw_recall_at_20_vs_flat_hard']:.3f} (a missed first answer at most "
+            f"{100 * row['hnsw_miss_max_extra_distance_hard']:.2f}% farther)",
+            flush=True,
+        )
         del data
     (out / "scale.json").write_text(json.dumps(rows, indent=1))
     import matplotlib
@@ -135,8 +147,11 @@ def main() -> None:
     ax.loglog(ns, [r["flat_p50_ms"] for r in rows], "o-", label="flat (exact)")
     label = f"HNSW (M={HNSW_M}, efConstruction={HNSW_EF_CONSTRUCTION}, efSearch={HNSW_EF_SEARCH})"
     ax.loglog(ns, [r["hnsw_p50_ms"] for r in rows], "s-", label=label)
-    ax.set(xlabel="keyframes in the map", ylabel="ms per query (median)",
-           title="Global retrieval time vs map size (512-d, 2 CPU cores)")  # fmt: skip
+    ax.set(
+        xlabel="keyframes in the map",
+        ylabel="ms per query (median)",
+        title="Global retrieval time vs map size (512-d, 2 CPU cores)",
+    )
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.tight_layout()

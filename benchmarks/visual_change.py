@@ -37,13 +37,20 @@ def main() -> None:
     ims = [np.asarray(Image.open(FRAMES / f"{i}.jpg").convert("RGB")) for i in range(1, 85)]
     thumbs = [thumbnail(a) for a in ims]
     walk = np.array([visual_change(thumbs[i], thumbs[i + 1]) for i in range(len(ims) - 1)])
-    print(f"consecutive frames of the walk ({len(walk)} pairs): min {walk.min():.3f}, "
-          f"5th percentile {np.percentile(walk, 5):.3f}, median {np.median(walk):.3f}")  # fmt: skip
+    print(
+        f"consecutive frames of the walk ({len(walk)} pairs): min {walk.min():.3f}, "
+        f"5th percentile {np.percentile(walk, 5):.3f}, median {np.median(walk):.3f}"
+    )
     rng = np.random.default_rng(0)
     for kind in ("noise3", "noise8", "noise20", "shift2", "shift6", "exposure+30%", "exposure-60%"):
         # two independent perturbations of the same view, as two frames of a camera standing still
-        v = [visual_change(thumbnail(perturb(a, kind, rng)), thumbnail(perturb(a, kind if kind.startswith("noise")
-             else "none", rng))) for a in ims[::3]]  # fmt: skip
+        v = [
+            visual_change(
+                thumbnail(perturb(a, kind, rng)),
+                thumbnail(perturb(a, kind if kind.startswith("noise") else "none", rng)),
+            )
+            for a in ims[::3]
+        ]
         print(f"same view, {kind:13s}: max {max(v):.4f}, median {np.median(v):.4f}")
 
 

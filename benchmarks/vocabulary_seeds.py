@@ -74,8 +74,9 @@ class Rebuilder:
             )
         to_tensor = family_of(model).fit_input(model)  # the family's fitting input (480 x 640; 322 x 434)
         bar = tqdm(total=len(fit_images), desc=f"{family} backbone (fitting set)", unit="img")
-        self.maps = backbone_maps(model, fit_images, to_tensor, total=len(fit_images),
-                                  progress=lambda *_: bar.update(1))  # fmt: skip
+        self.maps = backbone_maps(
+            model, fit_images, to_tensor, total=len(fit_images), progress=lambda *_: bar.update(1)
+        )
         bar.close()
 
     def build(self, seed: int, out: Path) -> Path:
@@ -87,8 +88,9 @@ class Rebuilder:
             state, _ = dm.vgg_fitted_state(self.encoder_state, model, self.maps, rng, dm.NUM_PCS, seed=seed)
             save_checkpoint(state, out, dm.NUM_PCS)
         else:
-            model = dv.fitting_model(self.encoder, dv.NUM_CLUSTERS, dv.LAYER, dv.FACET,
-                                     (dv.INPUT_HEIGHT, dv.INPUT_WIDTH), seed=seed)  # fmt: skip
+            model = dv.fitting_model(
+                self.encoder, dv.NUM_CLUSTERS, dv.LAYER, dv.FACET, (dv.INPUT_HEIGHT, dv.INPUT_WIDTH), seed=seed
+            )
             final, _ = dv.fitted_model(model, self.maps, rng, dv.NUM_PCS, seed=seed)
             dv.save_dinov2_vlad(final, out)
         return out
@@ -102,16 +104,22 @@ def evaluate(ckpt: Path, data_sets: list[tuple]) -> dict:
     out = {}
     for name, db_imgs, q_imgs, gt_path, _ in data_sets:
         names = image_identities(list(db_imgs) + list(q_imgs))
-        fs = [FeatureSet.from_places(names[a:b], [perf.extract_one(p) for p in imgs], perf.preset, info.identity)
-              for imgs, a, b in ((db_imgs, 0, len(db_imgs)), (q_imgs, len(db_imgs), len(names)))]  # fmt: skip
-        gt = (GroundTruth([{i} for i in range(len(q_imgs))]) if gt_path is None
-              else load_ground_truth(gt_path, fs[1].names, fs[0].names))  # fmt: skip
+        fs = [
+            FeatureSet.from_places(names[a:b], [perf.extract_one(p) for p in imgs], perf.preset, info.identity)
+            for imgs, a, b in ((db_imgs, 0, len(db_imgs)), (q_imgs, len(db_imgs), len(names)))
+        ]
+        gt = (
+            GroundTruth([{i} for i in range(len(q_imgs))])
+            if gt_path is None
+            else load_ground_truth(gt_path, fs[1].names, fs[0].names)
+        )
         top_n = min(100, len(db_imgs))
         row: dict = {}
         for stage, pname, matcher in STAGES[1:]:
             db, q = fs if pname == "performance" else (scale_only(fs[0], speed_preset), scale_only(fs[1], speed_preset))
-            res = two_stage(db, q, perf.preset if pname == "performance" else speed_preset, top_n=top_n,
-                            matcher=matcher)  # fmt: skip
+            res = two_stage(
+                db, q, perf.preset if pname == "performance" else speed_preset, top_n=top_n, matcher=matcher
+            )
             if "global" not in row:  # the global stage is the same under both presets
                 row["global"] = recall_at_n([r.global_ids for r in res], gt, (1, 5))
             row[stage] = recall_at_n([r.reranked_ids for r in res], gt, (1, 5))
@@ -161,16 +169,21 @@ def _tables(res: dict, lines: list[str], path: Path) -> None:
     sets_ = sorted({s for f in res["families"].values() for run in f for s in run["sets"]})
     for s in sets_:
         n = max(len(runs) for runs in res["families"].values())
-        lines += [f"## {s}", "", "| model | stage | " + " | ".join(f"seed {i}" for i in range(n)) + " | mean | sd |",
-                  "|---|---|" + "---|" * (n + 2)]  # fmt: skip
+        lines += [
+            f"## {s}",
+            "",
+            "| model | stage | " + " | ".join(f"seed {i}" for i in range(n)) + " | mean | sd |",
+            "|---|---|" + "---|" * (n + 2),
+        ]
         for fam, label, _ in FAMILIES:
             if fam not in res["families"]:
                 continue
             for stage, _, _ in STAGES:
                 v = [run["sets"][s][stage]["1"] for run in res["families"][fam]]
                 cells = [f"{x:.2f}" for x in v] + [""] * (n - len(v))
-                lines.append(f"| {label} | {stage} | " + " | ".join(cells)
-                             + f" | **{np.mean(v):.2f}** | {np.std(v):.2f} |")  # fmt: skip
+                lines.append(
+                    f"| {label} | {stage} | " + " | ".join(cells) + f" | **{np.mean(v):.2f}** | {np.std(v):.2f} |"
+                )
         lines.append("")
     write_page(path, lines)
 
@@ -198,8 +211,13 @@ def main() -> None:
     t0 = time.perf_counter()
     if a.rows:  # runs of one family each, or a run stopped part-way: their printed rows are the results
         rows = [json.loads(ln) for ln in Path(a.rows).read_text().splitlines() if ln.strip()]
-        res = {**header(), "command": f".venv/bin/python benchmarks/vocabulary_seeds.py --rows {a.rows}",
-               "wall_s": 0.0, "families": {}, "seed0_matches_cache": {}}  # fmt: skip
+        res = {
+            **header(),
+            "command": f".venv/bin/python benchmarks/vocabulary_seeds.py --rows {a.rows}",
+            "wall_s": 0.0,
+            "families": {},
+            "seed0_matches_cache": {},
+        }
         for r in rows:
             res["families"].setdefault(r.pop("family"), []).append(r)
         if a.fit == "map":  # rows of --fit map runs: refits, no shipped file to compare
@@ -247,8 +265,9 @@ def fit_on_map(a: argparse.Namespace, data_sets: list[tuple], t0: float) -> None
                 run: dict = {"seed": seed, "sha256": {}, "sets": {}}
                 for data_set in data_sets:
                     name = data_set[0].split()[0]
-                    f = refit_model(source, list(data_set[1]), Path(tmp) / f"{fam}_{name}.pth.tar", num_pcs=a.dims,
-                                    seed=seed)  # fmt: skip
+                    f = refit_model(
+                        source, list(data_set[1]), Path(tmp) / f"{fam}_{name}.pth.tar", num_pcs=a.dims, seed=seed
+                    )
                     run["sha256"][name] = file_sha256(f)
                     run["sets"].update(evaluate(f, [data_set])["sets"])
                 runs.append(run)

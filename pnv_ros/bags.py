@@ -33,7 +33,7 @@ ODOM_TYPE = "nav_msgs/msg/Odometry"
 T0_NS = 1_700_000_000_000_000_000
 
 
-def _typestore():  # type: ignore[no-untyped-def]
+def _typestore():
     from rosbags.typesys import Stores, get_typestore
 
     return get_typestore(Stores.ROS2_HUMBLE)
@@ -86,8 +86,10 @@ def make_bag(
         raise BagError(f"rate {rate} must be positive")
     for name in (topic, odom_topic):
         if not _TOPIC.fullmatch(name):
-            raise BagError(f"topic {name!r} is not a ROS topic name (e.g. /camera/image: letters, digits and _, "
-                           f"separated by /, no part starting with a digit)")  # fmt: skip
+            raise BagError(
+                f"topic {name!r} is not a ROS topic name (e.g. /camera/image: letters, digits and _, "
+                f"separated by /, no part starting with a digit)"
+            )
     if fmt not in ("mcap", "sqlite3"):
         raise BagError(f"format {fmt!r}: use mcap or sqlite3")
     paths = list_images(images_dir if isinstance(images_dir, list) else [images_dir])
@@ -125,8 +127,15 @@ def make_bag(
                     msg = T[itype](header=header, format="jpeg", data=np.frombuffer(data, np.uint8))
                 else:
                     rgb = np.asarray(load_image(p))
-                    msg = T[itype](header=header, height=rgb.shape[0], width=rgb.shape[1], encoding="rgb8",
-                                   is_bigendian=0, step=rgb.shape[1] * 3, data=rgb.reshape(-1))  # fmt: skip
+                    msg = T[itype](
+                        header=header,
+                        height=rgb.shape[0],
+                        width=rgb.shape[1],
+                        encoding="rgb8",
+                        is_bigendian=0,
+                        step=rgb.shape[1] * 3,
+                        data=rgb.reshape(-1),
+                    )
                 w.write(conn, t, ts.serialize_cdr(msg, itype))
                 count += 1
                 if oconn is not None and pos is not None:
@@ -146,20 +155,25 @@ def _jpeg(p: Path) -> bytes:
     return buf.getvalue()
 
 
-def _odom(T, header, xyz: np.ndarray):  # type: ignore[no-untyped-def]  # noqa: N803
+def _odom(T, header, xyz: np.ndarray):  # noqa: N803
     P = T["geometry_msgs/msg/Point"]  # noqa: N806
     Q = T["geometry_msgs/msg/Quaternion"]  # noqa: N806
-    pose = T["geometry_msgs/msg/Pose"](position=P(x=float(xyz[0]), y=float(xyz[1]), z=float(xyz[2])),
-                                       orientation=Q(x=0.0, y=0.0, z=0.0, w=1.0))  # fmt: skip
+    pose = T["geometry_msgs/msg/Pose"](
+        position=P(x=float(xyz[0]), y=float(xyz[1]), z=float(xyz[2])), orientation=Q(x=0.0, y=0.0, z=0.0, w=1.0)
+    )
     pwc = T["geometry_msgs/msg/PoseWithCovariance"](pose=pose, covariance=np.zeros(36))
     V = T["geometry_msgs/msg/Vector3"]  # noqa: N806
     tw = T["geometry_msgs/msg/Twist"](linear=V(x=0.0, y=0.0, z=0.0), angular=V(x=0.0, y=0.0, z=0.0))
     twc = T["geometry_msgs/msg/TwistWithCovariance"](twist=tw, covariance=np.zeros(36))
-    return T[ODOM_TYPE](header=T["std_msgs/msg/Header"](stamp=header.stamp, frame_id="odom"),
-                        child_frame_id="base_link", pose=pwc, twist=twc)  # fmt: skip
+    return T[ODOM_TYPE](
+        header=T["std_msgs/msg/Header"](stamp=header.stamp, frame_id="odom"),
+        child_frame_id="base_link",
+        pose=pwc,
+        twist=twc,
+    )
 
 
-def open_bag(path: Path):  # type: ignore[no-untyped-def]
+def open_bag(path: Path):
     """An opened rosbags ``AnyReader`` on a ROS 1 bag (a ``.bag`` file) or a
     ROS 2 bag (a folder with metadata.yaml, or an ``.mcap`` / ``.db3`` file).
     Messages decode with the definitions stored in the bag; bags without any
@@ -187,7 +201,7 @@ def open_bag(path: Path):  # type: ignore[no-untyped-def]
     return reader
 
 
-def read_messages(reader, connections: list, path: Path) -> Iterator[tuple]:  # type: ignore[no-untyped-def]
+def read_messages(reader, connections: list, path: Path) -> Iterator[tuple]:
     """(connection, bag time ns, raw bytes) of ``reader`` in time order; a file
     that breaks part-way raises BagError, not rosbags' own error."""
     if not connections:  # an empty selection would mean every connection
@@ -203,7 +217,7 @@ def read_messages(reader, connections: list, path: Path) -> Iterator[tuple]:  # 
         yield item
 
 
-def cdr_converter(reader, path: Path):  # type: ignore[no-untyped-def]
+def cdr_converter(reader, path: Path):
     """(typestore, convert) for ROS 2 CDR: ``convert(raw, msgtype) -> bytes``
     copies a ROS 2 bag's bytes and turns a ROS 1 bag's into CDR (the bag's own
     definitions with ROS 2's std_msgs/Header, which has no ``seq``); the
@@ -266,7 +280,7 @@ class BagReader:
         except Exception:  # noqa: BLE001, S110 - closing a closed reader
             pass
 
-    def _decode(self, raw: bytes, msgtype: str, what: str):  # type: ignore[no-untyped-def]
+    def _decode(self, raw: bytes, msgtype: str, what: str):
         try:
             return self._reader.deserialize(raw, msgtype)
         except Exception as e:  # noqa: BLE001 - AnyReaderError, struct.error on a bad message

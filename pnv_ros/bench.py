@@ -19,7 +19,7 @@ from pnv_ros.matching import PatchMatcher
 from pnv_ros.place_map import PlaceMap
 
 
-def median_time(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
+def median_time(fn, repeats: int) -> float:
     """Median seconds of ``repeats`` calls after one warm-up call."""
     fn()
     ts = []

@@ -290,7 +290,7 @@ def read_override_file(path: str | Path) -> dict[str, Any]:
             try:
                 import tomllib
             except ModuleNotFoundError:  # Python 3.10
-                import tomli as tomllib  # type: ignore[no-redef]
+                import tomli as tomllib
             data = tomllib.loads(path.read_text())
         else:
             raise ConfigError(f"config file {path}: use a .toml, .json or .ini file")
@@ -419,7 +419,7 @@ class DetectorParams:
         unknown = set(changes) - {f.name for f in fields(self)}
         if unknown:
             raise ConfigError(f"unknown detector parameter(s) {sorted(unknown)}")
-        return replace(self, **changes)  # type: ignore[arg-type]
+        return replace(self, **changes)
 
 
 DetectorParams.RANGES = {f.name: f.metadata["range"] for f in fields(DetectorParams) if f.metadata["range"]}

@@ -229,8 +229,19 @@ def _rotation_angle(q1: np.ndarray, q2: np.ndarray) -> float:
 class LoopClosureDetector:
     """Keyframe map plus loop detection with one extractor and preset; thread-safe."""
 
-    COUNTERS = ("frames", "keyframes", "loops", "duplicate", "out_of_order", "time_jumps", "too_soon", "no_motion",
-                "no_information", "no_visual_change", "map_changed")  # fmt: skip
+    COUNTERS = (
+        "frames",
+        "keyframes",
+        "loops",
+        "duplicate",
+        "out_of_order",
+        "time_jumps",
+        "too_soon",
+        "no_motion",
+        "no_information",
+        "no_visual_change",
+        "map_changed",
+    )
 
     def __init__(
         self,
@@ -246,8 +257,12 @@ class LoopClosureDetector:
         self._params = params or DetectorParams()
         self.lock = threading.RLock()
         self._matchers: dict[tuple[Matcher, bool], PatchMatcher] = {}
-        self.map_options = {"index_kind": index_kind, "patch_dtype": patch_dtype, "memory_budget_mb": memory_budget_mb,
-                            "spill_dir": spill_dir}  # fmt: skip
+        self.map_options = {
+            "index_kind": index_kind,
+            "patch_dtype": patch_dtype,
+            "memory_budget_mb": memory_budget_mb,
+            "spill_dir": spill_dir,
+        }
         self.map = self.new_map()
         self.session = Session()
         self.generation = 0  # bumped by reset and load: frames admitted before are dropped
@@ -259,7 +274,7 @@ class LoopClosureDetector:
 
     def new_map(self) -> PlaceMap:
         """An empty map with this detector's model, preset and storage options."""
-        return PlaceMap(self.extractor.dim, self.preset, self.model_id, **self.map_options)  # type: ignore[arg-type]
+        return PlaceMap(self.extractor.dim, self.preset, self.model_id, **self.map_options)
 
     # -- configuration ------------------------------------------------------------------
     @property
@@ -291,8 +306,16 @@ class LoopClosureDetector:
         starts after its keyframes. Returns the keyframe count. Raises MapError; the current map
         stays on any error."""
         o = self.map_options
-        m = PlaceMap.load(path, self.extractor.dim, self.preset, o["memory_budget_mb"], o["spill_dir"],  # type: ignore[arg-type]
-                          expect_model_id=self.model_id, index_kind=o["index_kind"], patch_dtype=o["patch_dtype"])  # type: ignore[arg-type]  # fmt: skip
+        m = PlaceMap.load(
+            path,
+            self.extractor.dim,
+            self.preset,
+            o["memory_budget_mb"],
+            o["spill_dir"],
+            expect_model_id=self.model_id,
+            index_kind=o["index_kind"],
+            patch_dtype=o["patch_dtype"],
+        )
         with self.lock:
             self.map = m
             self._new_session(len(m))
@@ -338,8 +361,11 @@ class LoopClosureDetector:
                     return self._skip("too_soon", stamp_ns, jump)
                 if pos is not None and last.position is not None:
                     moved = float(np.linalg.norm(pos - last.position)) >= p.min_travel_m
-                    turned = (ori is not None and last.orientation is not None
-                              and _rotation_angle(ori, last.orientation) >= p.min_rotation_rad)  # fmt: skip
+                    turned = (
+                        ori is not None
+                        and last.orientation is not None
+                        and _rotation_angle(ori, last.orientation) >= p.min_rotation_rad
+                    )
                     if not (moved or turned):
                         return self._skip("no_motion", stamp_ns, jump)
             return Admission(True, "extract", stamp_ns, now, self.generation, pos, ori, jump)
@@ -383,8 +409,9 @@ class LoopClosureDetector:
             s, p = self.session, self._params
             if adm.generation != self.generation:
                 self.counts["map_changed"] += 1
-                return FrameResult(None, "map_changed", timings={"commit": time.perf_counter() - t0},
-                                   time_jump=adm.time_jump)  # fmt: skip
+                return FrameResult(
+                    None, "map_changed", timings={"commit": time.perf_counter() - t0}, time_jump=adm.time_jump
+                )
             self.map.check_fits(features)  # a MapError before anything is matched or changed
             cands = self._candidates(features, self._limit(adm.session_ns, p), p.top_n, None, None, details=True)
             t1 = time.perf_counter()
@@ -395,15 +422,31 @@ class LoopClosureDetector:
             best = max(cands, key=lambda c: c.score) if cands else None  # ties: the re-ranked order
             best = best if best is not None and best.score >= p.min_score else None
             s.history.append(best.id if best else None)
-            result = FrameResult(kf_id, "keyframe", cands, timings={"rerank": t1 - t0}, time_jump=adm.time_jump,
-                                 generation=adm.generation)  # fmt: skip
+            result = FrameResult(
+                kf_id,
+                "keyframe",
+                cands,
+                timings={"rerank": t1 - t0},
+                time_jump=adm.time_jump,
+                generation=adm.generation,
+            )
             if best is not None and self._consistent(p):
                 self.counts["loops"] += 1
                 result.loop = LoopClosure(
-                    kf_id, adm.stamp_ns, best.id, best.stamp_ns, best.score, best.global_distance, best.num_matches,
-                    best.num_inliers, best.patch_size, Matcher.parse(p.matcher or self.preset.matcher).value, None,
-                    best.details, best.id < s.run_start,
-                )  # fmt: skip
+                    kf_id,
+                    adm.stamp_ns,
+                    best.id,
+                    best.stamp_ns,
+                    best.score,
+                    best.global_distance,
+                    best.num_matches,
+                    best.num_inliers,
+                    best.patch_size,
+                    Matcher.parse(p.matcher or self.preset.matcher).value,
+                    None,
+                    best.details,
+                    best.id < s.run_start,
+                )
                 match_size = self.map.image_size(best.id)
         if result.loop is not None and intrinsics is not None and best is not None and best.details:
             try:  # the pose is extra evidence: bad intrinsics must not cost the keyframe or its loop
@@ -459,7 +502,7 @@ class LoopClosureDetector:
         recent = list(self.session.history)[-k:]
         if len(recent) < k or any(r is None for r in recent):
             return False
-        return all(abs(a - b) <= p.temporal_tolerance for a, b in zip(recent, recent[1:]))  # type: ignore[operator]
+        return all(abs(a - b) <= p.temporal_tolerance for a, b in zip(recent, recent[1:]))
 
     # -- retrieval and verification -------------------------------------------------------
     def query(
@@ -520,23 +563,39 @@ class LoopClosureDetector:
         dists, ids = self.map.index.search(global_desc, k, limit)
         return [(int(i), float(d)) for i, d in zip(ids[0], dists[0]) if 0 <= i < limit and i != exclude_id][:n]
 
-    def _candidates(self, features: PlaceFeatures, limit: int, n: int, matcher: str | None, exclude_id: int | None,
-                    details: bool = False) -> list[Candidate]:  # fmt: skip
+    def _candidates(
+        self,
+        features: PlaceFeatures,
+        limit: int,
+        n: int,
+        matcher: str | None,
+        exclude_id: int | None,
+        details: bool = False,
+    ) -> list[Candidate]:
         pairs = self._nearest(features.global_desc, limit, n, exclude_id)
         if not pairs:
             return []
         pm = self.matcher_for(matcher)
-        sc = pm.score(features, [PlaceFeatures(np.empty(0), self.map.patches(i), (0, 0)) for i, _ in pairs],
-                      details=details)  # fmt: skip
+        sc = pm.score(
+            features, [PlaceFeatures(np.empty(0), self.map.patches(i), (0, 0)) for i, _ in pairs], details=details
+        )
         fused = pm.fuse(sc.raw, np.array([d for _, d in pairs]))
         absolute, dom = pm.absolute(sc.raw), pm.dominant_scale(sc.raw)
         stamps = self.map.stamps
         out = [
-            Candidate(i, int(stamps[i]), float(absolute[j]), float(fused[j]), d, int(sc.num_matches[j, dom[j]]),
-                      int(sc.num_inliers[j, dom[j]]), int(self.preset.patch_sizes[dom[j]]),
-                      sc.details[j] if details else None)
+            Candidate(
+                i,
+                int(stamps[i]),
+                float(absolute[j]),
+                float(fused[j]),
+                d,
+                int(sc.num_matches[j, dom[j]]),
+                int(sc.num_inliers[j, dom[j]]),
+                int(self.preset.patch_sizes[dom[j]]),
+                sc.details[j] if details else None,
+            )
             for j, (i, d) in enumerate(pairs)
-        ]  # fmt: skip
+        ]
         return [out[j] for j in rerank_order(fused)]
 
     def verify(
@@ -551,8 +610,13 @@ class LoopClosureDetector:
         pose = self._pose(a.image_size, b.image_size, sc.details[0], intrinsics) if intrinsics is not None else None
         return score, int(sc.num_matches[0, s]), int(sc.num_inliers[0, s]), pose
 
-    def _pose(self, query_size: tuple[int, int], match_size: tuple[int, int], details: list[ScaleMatch],
-              intrinsics: np.ndarray) -> RelativePose | None:  # fmt: skip
+    def _pose(
+        self,
+        query_size: tuple[int, int],
+        match_size: tuple[int, int],
+        details: list[ScaleMatch],
+        intrinsics: np.ndarray,
+    ) -> RelativePose | None:
         """Relative pose from the patch correspondences of the scale with the most inliers; None when the two
         images differ in size (one camera matrix cannot describe both images' pixels) or with under 8."""
         if tuple(query_size) != tuple(match_size):
@@ -570,8 +634,13 @@ class LoopClosureDetector:
     def stats(self) -> dict[str, int | str]:
         """Counters since start (frames, keyframes, loops, skips by reason, time jumps) and map state."""
         with self.lock:
-            return {**self.counts, "map_keyframes": len(self.map), "run_start": self.session.run_start,
-                    "spill_failures": self.map.spill_failures, "keyframes_on_disk": self.map.keyframes_on_disk,
-                    "ram_patch_bytes": self.map.ram_patch_bytes,
-                    "bytes_per_keyframe": int(self.map.nbytes_per_keyframe()),
-                    "store_trouble": self.map.trouble or ""}  # fmt: skip
+            return {
+                **self.counts,
+                "map_keyframes": len(self.map),
+                "run_start": self.session.run_start,
+                "spill_failures": self.map.spill_failures,
+                "keyframes_on_disk": self.map.keyframes_on_disk,
+                "ram_patch_bytes": self.map.ram_patch_bytes,
+                "bytes_per_keyframe": int(self.map.nbytes_per_keyframe()),
+                "store_trouble": self.map.trouble or "",
+            }

@@ -49,9 +49,14 @@ def _other_size(model: PatchNetVLADModel, input_size: tuple[int, int]) -> tuple[
     return h, w
 
 
-def export_checked(model: PatchNetVLADModel, info: ModelInfo, preset: Preset, out: str | Path,
-                   images: Sequence[ImageSource],
-                   progress: Callable[[str, int, int], None] | None = None) -> ExportCheck:  # fmt: skip
+def export_checked(
+    model: PatchNetVLADModel,
+    info: ModelInfo,
+    preset: Preset,
+    out: str | Path,
+    images: Sequence[ImageSource],
+    progress: Callable[[str, int, int], None] | None = None,
+) -> ExportCheck:
     """``pnv export``: the model's backbone as ONNX at ``out`` (input ``images`` (B, 3, H, W) float32,
     ImageNet-normalised; output ``features`` (B, C, h, w); batch, height and width dynamic; opset 17),
     checked on ``images`` before it is moved into place, with onnxruntime against the torch path at the
@@ -100,19 +105,27 @@ def export_checked(model: PatchNetVLADModel, info: ModelInfo, preset: Preset, ou
             got = model._pool(ort_ex.backend(batch).float(), (), ())[0]
         tick("dynamic", total - 1)
         tol = FP32_TOLERANCE
-        rows = [(f"backbone features, {len(images)} image(s) at {size[1]}x{size[0]} (relative to the largest)",
-                 feat, tol),
-                ("global descriptors", glob, tol),
-                (f"patch descriptors, patch sizes {', '.join(map(str, pre.patch_sizes))} (limit: the larger of "
-                 f"{tol:g} and twice torch's own change under one float32 rounding step, {floor:.1e})",
-                 patch, max(tol, 2 * floor)),
-                (f"dynamic axes: one batch of {len(images)} at {w2}x{h2}, global descriptors",
-                 float((want - got).abs().max()), tol)]  # fmt: skip
+        rows = [
+            (f"backbone features, {len(images)} image(s) at {size[1]}x{size[0]} (relative to the largest)", feat, tol),
+            ("global descriptors", glob, tol),
+            (
+                f"patch descriptors, patch sizes {', '.join(map(str, pre.patch_sizes))} (limit: the larger of "
+                f"{tol:g} and twice torch's own change under one float32 rounding step, {floor:.1e})",
+                patch,
+                max(tol, 2 * floor),
+            ),
+            (
+                f"dynamic axes: one batch of {len(images)} at {w2}x{h2}, global descriptors",
+                float((want - got).abs().max()),
+                tol,
+            ),
+        ]
         check = ExportCheck(out, size, [str(i) for i in images], rows)
         if not check.ok:
             bad = "; ".join(f"{w}: {d:.2e} > {lim:.1e}" for w, d, lim in rows if d > lim)
-            raise EngineError(f"the ONNX export of {Path(info.path).name} does not match torch ({bad}); "
-                              f"{out} not written")  # fmt: skip
+            raise EngineError(
+                f"the ONNX export of {Path(info.path).name} does not match torch ({bad}); {out} not written"
+            )
         os.replace(tmp, out)
         tick("done", total)
         return check

@@ -156,7 +156,7 @@ class FeatureSet:
 
     def __post_init__(self) -> None:
         seen: set[str] = set()
-        repeated = [n for n in self.names if n in seen or seen.add(n)]  # type: ignore[func-returns-value]
+        repeated = [n for n in self.names if n in seen or seen.add(n)]
         if repeated:
             raise FeaturesError(
                 f"image names repeat ({', '.join(sorted(set(repeated))[:3])}): results could not say which image "

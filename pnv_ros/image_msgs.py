@@ -22,14 +22,21 @@ from pnv_ros.images import MAX_PIXELS, decode_bytes, to_uint8
 
 # encoding -> (channels, dtype, is_bgr)
 ENCODINGS = {
-    "rgb8": (3, np.uint8, False), "bgr8": (3, np.uint8, True), "rgba8": (4, np.uint8, False),
-    "bgra8": (4, np.uint8, True), "mono8": (1, np.uint8, False), "8uc1": (1, np.uint8, False),
-    "8uc3": (3, np.uint8, True), "mono16": (1, np.uint16, False), "16uc1": (1, np.uint16, False),
-    "rgb16": (3, np.uint16, False), "bgr16": (3, np.uint16, True),
-}  # fmt: skip
+    "rgb8": (3, np.uint8, False),
+    "bgr8": (3, np.uint8, True),
+    "rgba8": (4, np.uint8, False),
+    "bgra8": (4, np.uint8, True),
+    "mono8": (1, np.uint8, False),
+    "8uc1": (1, np.uint8, False),
+    "8uc3": (3, np.uint8, True),
+    "mono16": (1, np.uint16, False),
+    "16uc1": (1, np.uint16, False),
+    "rgb16": (3, np.uint16, False),
+    "bgr16": (3, np.uint16, True),
+}
 
 
-def image_to_array(msg, *, bit_depth: int | None = None) -> np.ndarray:  # type: ignore[no-untyped-def]
+def image_to_array(msg, *, bit_depth: int | None = None) -> np.ndarray:
     """sensor_msgs/Image to a uint8 RGB (grey, RGBA) array; ImageError says what is wrong.
 
     16-bit encodings follow the bit-depth rule; ``bit_depth`` states the camera's (e.g. 12).
@@ -58,7 +65,7 @@ def image_to_array(msg, *, bit_depth: int | None = None) -> np.ndarray:  # type:
     return arr[:, :, 0] if ch == 1 else arr
 
 
-def compressed_to_array(msg, *, bit_depth: int | None = None) -> np.ndarray:  # type: ignore[no-untyped-def]
+def compressed_to_array(msg, *, bit_depth: int | None = None) -> np.ndarray:
     """sensor_msgs/CompressedImage (JPEG, PNG, any format Pillow reads) to uint8 RGB.
 
     The same decoder as image files (:func:`pnv_ros.images.decode_bytes`): EXIF orientation applied, 16-bit PNG
@@ -69,6 +76,6 @@ def compressed_to_array(msg, *, bit_depth: int | None = None) -> np.ndarray:  # 
     return np.array(decode_bytes(data, what, bit_depth=bit_depth))
 
 
-def decode_image(msg, compressed: bool, *, bit_depth: int | None = None) -> np.ndarray:  # type: ignore[no-untyped-def]
+def decode_image(msg, compressed: bool, *, bit_depth: int | None = None) -> np.ndarray:
     """Either kind of image message to a uint8 RGB (or grey / RGBA) array."""
     return compressed_to_array(msg, bit_depth=bit_depth) if compressed else image_to_array(msg, bit_depth=bit_depth)

@@ -342,8 +342,14 @@ def list_images(inputs: list[str | Path]) -> list[Path]:
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            found = sorted((f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES
-                            and not f.name.startswith(".") and f.is_file()), key=_natural_key)  # fmt: skip
+            found = sorted(
+                (
+                    f
+                    for f in p.iterdir()
+                    if f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".") and f.is_file()
+                ),
+                key=_natural_key,
+            )
             if not found:
                 raise ImageError(f"{p}: folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
             out.extend(found)

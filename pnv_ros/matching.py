@@ -272,7 +272,7 @@ class PatchMatcher:
             torch.as_tensor(np.asarray(query.patches[s], dtype=np.float32), device=self.device) for s in range(n_scales)
         ]
 
-        def chunks(s: int):  # type: ignore[no-untyped-def]
+        def chunks(s: int):
             for start in range(0, len(candidates), self.chunk):
                 chunk = candidates[start : start + self.chunk]
                 buf = self._stack_buffer(s, len(chunk), qs[s].shape[1])
@@ -312,7 +312,7 @@ class PatchMatcher:
         raw = np.zeros((n, n_scales))
         nm = np.zeros((n, n_scales), dtype=np.int64)
         ni = np.zeros((n, n_scales), dtype=np.int64)
-        det: list[list[ScaleMatch]] = [[None] * n_scales for _ in range(n)] if details else []  # type: ignore[list-item]
+        det: list[list[ScaleMatch]] = [[None] * n_scales for _ in range(n)] if details else []
         ransac_jobs: list[RansacJob] = []
         for s in range(n_scales):
             q = qs[s]
@@ -340,8 +340,9 @@ class PatchMatcher:
                         if rapid_exact:
                             raw[start + j, s] = self._rapid_exact(s, pq, db_idx, q_idx)
                         if details:
-                            det[start + j][s] = ScaleMatch(float(raw[start + j, s]), db_idx, q_idx,
-                                                           np.ones(db_idx.size, bool))  # fmt: skip
+                            det[start + j][s] = ScaleMatch(
+                                float(raw[start + j, s]), db_idx, q_idx, np.ones(db_idx.size, bool)
+                            )
                 start += size
         # RANSAC runs after the products, each call on one core: OpenCV's
         # findHomography is single-threaded, deterministic and releases the

@@ -248,8 +248,10 @@ class PlaceMap:
         (P_s, D) per scale); returns the global descriptor as float32 (D,)."""
         glob = np.asarray(features.global_desc, np.float32).reshape(-1)
         if glob.shape != (self.dim,) or not np.isfinite(glob).all():
-            raise MapError(f"global descriptor of shape {glob.shape} (finite: {np.isfinite(glob).all()}) "
-                           f"does not fit this {self.dim}-d map")  # fmt: skip
+            raise MapError(
+                f"global descriptor of shape {glob.shape} (finite: {np.isfinite(glob).all()}) "
+                f"does not fit this {self.dim}-d map"
+            )
         if len(features.patches) != len(self._cols):
             raise MapError(f"{len(features.patches)} patch scales for a map of {len(self._cols)}")
         for c, p in zip(self._cols, features.patches):
@@ -263,8 +265,11 @@ class PlaceMap:
             return
         cap = max(n, 2 * cap, 64)
         stamps, pos, sizes = np.zeros(cap, np.int64), np.full((cap, 3), np.nan), np.zeros((cap, 2), np.int64)
-        stamps[: self._n], pos[: self._n], sizes[: self._n] = self._stamps[: self._n], self._positions[: self._n], \
-            self._sizes[: self._n]  # fmt: skip
+        stamps[: self._n], pos[: self._n], sizes[: self._n] = (
+            self._stamps[: self._n],
+            self._positions[: self._n],
+            self._sizes[: self._n],
+        )
         self._stamps, self._positions, self._sizes = stamps, pos, sizes
 
     def _enforce_budget(self) -> None:
@@ -354,12 +359,27 @@ class PlaceMap:
         glob = np.zeros((n, self.dim), np.float32)
         for a in range(0, n, 65536):
             glob[a : min(n, a + 65536)] = self.index.reconstruct_n(a, min(n, a + 65536) - a)
-        meta = {"format": FORMAT, "version": VERSION, "dim": self.dim, "preset": self.preset.to_dict(),
-                "model_id": self.model_id, "index_kind": self.index_kind, "count": n,
-                "patch_dtype": self.patch_dtype.name}  # fmt: skip
-        return MapSnapshot(meta, self._stamps[:n].copy(), self._positions[:n].copy(), self._sizes[:n].copy(), glob,
-                           [c.segments() for c in self._cols], list(self.preset.patch_sizes),
-                           [(c.p, c.d) for c in self._cols], self.patch_dtype)  # fmt: skip
+        meta = {
+            "format": FORMAT,
+            "version": VERSION,
+            "dim": self.dim,
+            "preset": self.preset.to_dict(),
+            "model_id": self.model_id,
+            "index_kind": self.index_kind,
+            "count": n,
+            "patch_dtype": self.patch_dtype.name,
+        }
+        return MapSnapshot(
+            meta,
+            self._stamps[:n].copy(),
+            self._positions[:n].copy(),
+            self._sizes[:n].copy(),
+            glob,
+            [c.segments() for c in self._cols],
+            list(self.preset.patch_sizes),
+            [(c.p, c.d) for c in self._cols],
+            self.patch_dtype,
+        )
 
     def save(self, path: str | Path) -> None:
         """Write the map atomically to ``path`` (.npz). Raises OSError (the old file stays)."""
@@ -384,32 +404,55 @@ class PlaceMap:
         path = Path(path)
         data, meta = read_npz(path, MapError, "map file", mmap_keys=_patch_keys(path), mmap_min_bytes=1)
         try:
-            return cls._from_arrays(path, data, meta, expect_dim, expect_preset, memory_budget_mb, spill_dir,
-                                    expect_model_id, index_kind, patch_dtype)  # fmt: skip
+            return cls._from_arrays(
+                path,
+                data,
+                meta,
+                expect_dim,
+                expect_preset,
+                memory_budget_mb,
+                spill_dir,
+                expect_model_id,
+                index_kind,
+                patch_dtype,
+            )
         except MapError:
             raise
         except Exception as e:  # noqa: BLE001 - whatever a malformed file makes go wrong is a MapError
             raise MapError(f"map file {path} is inconsistent: {type(e).__name__}: {e}") from None
 
     @classmethod
-    def _from_arrays(cls, path, data, meta, expect_dim, expect_preset, budget, spill_dir, expect_model_id, index_kind,
-                     patch_dtype) -> PlaceMap:  # type: ignore[no-untyped-def]  # fmt: skip
+    def _from_arrays(
+        cls, path, data, meta, expect_dim, expect_preset, budget, spill_dir, expect_model_id, index_kind, patch_dtype
+    ) -> PlaceMap:
         if meta.get("format") != FORMAT:
             raise MapError(f"map file {path} is not a pnv_ros map")
         if meta.get("version") not in READABLE_VERSIONS:
-            raise MapError(f"map file {path} has version {meta.get('version')}; this pnv_ros reads "
-                           f"{', '.join(map(str, READABLE_VERSIONS))}")  # fmt: skip
+            raise MapError(
+                f"map file {path} has version {meta.get('version')}; this pnv_ros reads "
+                f"{', '.join(map(str, READABLE_VERSIONS))}"
+            )
         for key in ("dim", "preset", "count"):
             if key not in meta:
                 raise MapError(f"map file {path} lacks '{key}' in its metadata")
         preset = Preset.from_dict(meta["preset"])
         dim, count, model_id = int(meta["dim"]), int(meta["count"]), str(meta.get("model_id", ""))
         if expect_dim is not None and dim != expect_dim:
-            raise MapError(f"map file {path} holds {dim}-d descriptors, the loaded model makes {expect_dim}-d "
-                           f"(map model {model_id or '?'}, running {expect_model_id or '?'})")  # fmt: skip
-        check_fits(MapError, f"map file {path}", model_id, dim, preset, expect_model_id or model_id,
-                   expect_dim if expect_dim is not None else dim, expect_preset or preset,
-                   "load a map made with the same checkpoint and preset")  # fmt: skip
+            raise MapError(
+                f"map file {path} holds {dim}-d descriptors, the loaded model makes {expect_dim}-d "
+                f"(map model {model_id or '?'}, running {expect_model_id or '?'})"
+            )
+        check_fits(
+            MapError,
+            f"map file {path}",
+            model_id,
+            dim,
+            preset,
+            expect_model_id or model_id,
+            expect_dim if expect_dim is not None else dim,
+            expect_preset or preset,
+            "load a map made with the same checkpoint and preset",
+        )
         want = {"stamps": (count,), "global": (count, dim), "image_sizes": (count, 2), "positions": (count, 3)}
         for s, size in enumerate(preset.patch_sizes):
             want[f"patches_p{size}"] = (count, preset.num_patches(s), dim)
@@ -417,8 +460,9 @@ class PlaceMap:
             if k not in data:
                 raise MapError(f"map file {path} lacks its '{k}' array")
             if tuple(data[k].shape) != shape:
-                raise MapError(f"map file {path}: '{k}' has shape {tuple(data[k].shape)}, expected {shape} "
-                               f"for {count} keyframes")  # fmt: skip
+                raise MapError(
+                    f"map file {path}: '{k}' has shape {tuple(data[k].shape)}, expected {shape} for {count} keyframes"
+                )
         dtypes = {str(data[f"patches_p{s}"].dtype) for s in preset.patch_sizes}
         if not dtypes <= {"float16", "float32"}:
             raise MapError(f"map file {path}: patches of dtype {sorted(dtypes)}; expected float16 or float32")
@@ -430,8 +474,15 @@ class PlaceMap:
             raise MapError(f"map file {path}: image sizes must be positive integers ({sizes.dtype})")
         if str(meta.get("patch_dtype", "float32")) not in ("float16", "float32"):
             raise MapError(f"map file {path}: patch_dtype {meta.get('patch_dtype')!r}; expected float16 or float32")
-        m = cls(dim, expect_preset or preset, model_id, index_kind or str(meta.get("index_kind", "flat")),
-                patch_dtype or str(meta.get("patch_dtype", "float32")), budget, spill_dir)  # fmt: skip
+        m = cls(
+            dim,
+            expect_preset or preset,
+            model_id,
+            index_kind or str(meta.get("index_kind", "flat")),
+            patch_dtype or str(meta.get("patch_dtype", "float32")),
+            budget,
+            spill_dir,
+        )
         m._reserve(count)
         m._stamps[:count] = np.asarray(data["stamps"], np.int64)
         m._positions[:count] = np.asarray(data["positions"], np.float64)

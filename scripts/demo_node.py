@@ -40,8 +40,16 @@ def main() -> int:
         n = make_bag(data / "images", bag, rate=1.0)
         print(f"made {bag} ({n} images at 1 Hz)")
     gt = np.load(data / "gt_matrix.npy")
-    node = subprocess.Popen([str(Path(sys.executable).parent / "loop_closure_node"), "--ros-args",
-                             "-r", "image:=/camera/image", "-p", "preset:=speed"])  # fmt: skip
+    node = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "loop_closure_node"),
+            "--ros-args",
+            "-r",
+            "image:=/camera/image",
+            "-p",
+            "preset:=speed",
+        ]
+    )
     rclpy.init()
     player = BagPlayer(bag)
     t0_ns = None
@@ -53,8 +61,11 @@ def main() -> int:
         m = (stamp_to_ns(lc.match_stamp) - t0_ns) // 1_000_000_000
         ok = bool(gt[q, m])
         loops.append((q, m, lc.score))
-        print(f"  loop: frame {q + 1:2d} -> frame {m + 1:2d}  score {lc.score:.3f}  matches {lc.num_matches:3d}  "
-              f"{'correct' if ok else 'WRONG'}", flush=True)  # fmt: skip
+        print(
+            f"  loop: frame {q + 1:2d} -> frame {m + 1:2d}  score {lc.score:.3f}  matches {lc.num_matches:3d}  "
+            f"{'correct' if ok else 'WRONG'}",
+            flush=True,
+        )
 
     player.node.create_subscription(LoopClosure, "loop_closures", on_loop, 100)
     player.node.create_subscription(Image, "loop_closure/match_image", images.append, 100)
@@ -82,8 +93,10 @@ def main() -> int:
     correct = sum(bool(gt[q, m]) for q, m, _ in loops)
     revisits = int(gt.any(axis=1).sum())
     p = correct / len(loops) if loops else 1.0
-    print(f"\n{len(loops)} loop closures, {correct} correct: precision {p:.3f}, recall {correct / revisits:.3f} "
-          f"({revisits} revisiting frames); match images in {out / 'matches'}")  # fmt: skip
+    print(
+        f"\n{len(loops)} loop closures, {correct} correct: precision {p:.3f}, recall {correct / revisits:.3f} "
+        f"({revisits} revisiting frames); match images in {out / 'matches'}"
+    )
     return 0
 
 

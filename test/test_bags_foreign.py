@@ -32,10 +32,11 @@ def stamp(k: int) -> int:
     return T0_NS + k * 500_000_000  # 2 Hz
 
 
-def header(T, k: int, **seq: int):  # type: ignore[no-untyped-def]  # noqa: N803
+def header(T, k: int, **seq: int):  # noqa: N803
     t = stamp(k)
-    return T["std_msgs/msg/Header"](**seq, stamp=T["builtin_interfaces/msg/Time"](sec=t // 10**9, nanosec=t % 10**9),
-                                    frame_id="cam")  # fmt: skip
+    return T["std_msgs/msg/Header"](
+        **seq, stamp=T["builtin_interfaces/msg/Time"](sec=t // 10**9, nanosec=t % 10**9), frame_id="cam"
+    )
 
 
 def write_ros1(path: Path, frames: list[int], compressed: bool = False, rosout: bool = False) -> Path:
@@ -58,15 +59,23 @@ def write_ros1(path: Path, frames: list[int], compressed: bool = False, rosout: 
                 msg = T[itype](header=hdr, format="jpeg", data=np.frombuffer(rtab_frame(f).read_bytes(), np.uint8))
             else:
                 a = rgb(f)
-                msg = T[itype](header=hdr, height=a.shape[0], width=a.shape[1], encoding="rgb8", is_bigendian=0,
-                               step=a.shape[1] * 3, data=a.reshape(-1))  # fmt: skip
+                msg = T[itype](
+                    header=hdr,
+                    height=a.shape[0],
+                    width=a.shape[1],
+                    encoding="rgb8",
+                    is_bigendian=0,
+                    step=a.shape[1] * 3,
+                    data=a.reshape(-1),
+                )
             w.write(ci, t, ts.serialize_ros1(msg, itype))
             odom = default_message(ts, "nav_msgs/msg/Odometry")
             odom.header.stamp, odom.pose.pose.position.x, odom.pose.pose.position.y = hdr.stamp, float(k), 2.0 * k
             w.write(co, t, ts.serialize_ros1(odom, "nav_msgs/msg/Odometry"))
             if cl is not None:
-                log = T["rosgraph_msgs/msg/Log"](header=hdr, level=2, name="/x", msg="hi", file="f", function="g",
-                                                 line=1, topics=[])  # fmt: skip
+                log = T["rosgraph_msgs/msg/Log"](
+                    header=hdr, level=2, name="/x", msg="hi", file="f", function="g", line=1, topics=[]
+                )
                 w.write(cl, t, ts.serialize_ros1(log, "rosgraph_msgs/msg/Log"))
     return path
 
@@ -105,14 +114,14 @@ def test_ros1_raw_messages_are_ros2_cdr(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def ros_context():  # type: ignore[no-untyped-def]
+def ros_context():
     rclpy = pytest.importorskip("rclpy")
     rclpy.init()
     yield rclpy
     rclpy.try_shutdown()
 
 
-def test_player_converts_ros1_bag(tmp_path: Path, ros_context) -> None:  # type: ignore[no-untyped-def]
+def test_player_converts_ros1_bag(tmp_path: Path, ros_context) -> None:
     """BagPlayer publishes a ROS 1 bag as ROS 2 CDR; a type ROS 2 lacks is skipped unless asked for."""
     from rclpy.serialization import deserialize_message
 
@@ -152,17 +161,37 @@ def test_ros2_bag_with_jazzy_and_custom_types(tmp_path: Path) -> None:
         for k, f in enumerate(FRAMES[:2]):
             t, hdr = stamp(k), header(T, k)
             a = rgb(f)
-            img = T["sensor_msgs/msg/Image"](header=hdr, height=a.shape[0], width=a.shape[1], encoding="rgb8",
-                                             is_bigendian=0, step=a.shape[1] * 3, data=a.reshape(-1))  # fmt: skip
+            img = T["sensor_msgs/msg/Image"](
+                header=hdr,
+                height=a.shape[0],
+                width=a.shape[1],
+                encoding="rgb8",
+                is_bigendian=0,
+                step=a.shape[1] * 3,
+                data=a.reshape(-1),
+            )
             w.write(ci, t, ts.serialize_cdr(img, "sensor_msgs/msg/Image"))
-            rng = T["sensor_msgs/msg/Range"](header=hdr, radiation_type=0, field_of_view=0.5, min_range=0.1,
-                                             max_range=4.0, range=1.5 + k, variance=0.25)  # fmt: skip
+            rng = T["sensor_msgs/msg/Range"](
+                header=hdr,
+                radiation_type=0,
+                field_of_view=0.5,
+                min_range=0.1,
+                max_range=4.0,
+                range=1.5 + k,
+                variance=0.25,
+            )
             w.write(cr, t, ts.serialize_cdr(rng, "sensor_msgs/msg/Range"))
-            w.write(ct, t, ts.serialize_cdr(T["pnv_test/msg/Tag"](label=f"t{k}", xyz=np.array([k, 0, 1.0])),
-                                            "pnv_test/msg/Tag"))  # fmt: skip
+            w.write(
+                ct,
+                t,
+                ts.serialize_cdr(T["pnv_test/msg/Tag"](label=f"t{k}", xyz=np.array([k, 0, 1.0])), "pnv_test/msg/Tag"),
+            )
     with BagReader(bag) as r:
-        assert r.topics() == {"/cam/image": "sensor_msgs/msg/Image", "/range": "sensor_msgs/msg/Range",
-                              "/tag": "pnv_test/msg/Tag"}  # fmt: skip
+        assert r.topics() == {
+            "/cam/image": "sensor_msgs/msg/Image",
+            "/range": "sensor_msgs/msg/Range",
+            "/tag": "pnv_test/msg/Tag",
+        }
         fr = list(r.frames())
         raw = {(topic, t): b for topic, _, t, b in r.raw_messages(["/range", "/tag"])}
         ranges = [r.ts.deserialize_cdr(raw["/range", stamp(k)], "sensor_msgs/msg/Range") for k in range(2)]
@@ -236,8 +265,20 @@ def test_eval_on_ros1_bag(tmp_path: Path) -> None:
     gt = tmp_path / "gt.npy"
     np.save(gt, np.load(RTAB.parent / "gt_matrix.npy")[np.ix_(idx, idx)])
     out = tmp_path / "run"
-    args = [PNV, "eval", str(bag), "--gt", str(gt), "--out", str(out), "-q", "--exclude-recent", "1.5",
-            "--exclude-recent-keyframes", "1"]  # fmt: skip
+    args = [
+        PNV,
+        "eval",
+        str(bag),
+        "--gt",
+        str(gt),
+        "--out",
+        str(out),
+        "-q",
+        "--exclude-recent",
+        "1.5",
+        "--exclude-recent-keyframes",
+        "1",
+    ]
     r = subprocess.run(args, capture_output=True, text=True, timeout=900, env=os.environ.copy())
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((out / "metrics.json").read_text())

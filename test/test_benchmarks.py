@@ -13,8 +13,22 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_gpu_check_runs_on_cpu(random_ckpt: Path, tmp_path: Path) -> None:
     out = tmp_path / "gpu.json"
-    cmd = [sys.executable, str(REPO / "benchmarks/gpu_check.py"), "--device", "cpu", "--checkpoint", str(random_ckpt),
-           "--seconds", "0.1", "--batches", "1", "--dtypes", "float32", "--out", str(out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(REPO / "benchmarks/gpu_check.py"),
+        "--device",
+        "cpu",
+        "--checkpoint",
+        str(random_ckpt),
+        "--seconds",
+        "0.1",
+        "--batches",
+        "1",
+        "--dtypes",
+        "float32",
+        "--out",
+        str(out),
+    ]
     # float32 only: bfloat16 autocast on a CPU without native bfloat16 (the AVX2-only AMD EPYC CI machines) takes
     # minutes per VGG-16 pass; the GPU run measures both
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)

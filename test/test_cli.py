@@ -39,8 +39,10 @@ def test_help_listing_and_input_errors_answer_without_torch(tmp_path: Path) -> N
     folder = tmp_path / "a_folder"
     folder.mkdir()
     frame, missing = str(rtab_frame(1)), str(tmp_path / "missing")
-    probe = ("import sys\nfrom pnv_ros.cli import main\ntry:\n    rc = main(sys.argv[1:])\nexcept SystemExit as e:\n"
-             "    rc = e.code\nprint('rc', rc, 'torch' in sys.modules)")  # fmt: skip
+    probe = (
+        "import sys\nfrom pnv_ros.cli import main\ntry:\n    rc = main(sys.argv[1:])\nexcept SystemExit as e:\n"
+        "    rc = e.code\nprint('rc', rc, 'torch' in sys.modules)"
+    )
     cases = [
         (["--help"], 0),
         (["extract", "--help"], 0),
@@ -112,8 +114,12 @@ def test_default_model_rtabmap_loop(tmp_path: Path, default_extractor, rtab_feat
     from pnv_ros.features import FeatureSet
 
     for name, frames in (("db", range(1, 41)), ("q", range(41, 85))):
-        fs = FeatureSet.from_places([f"{i}.jpg" for i in frames], [rtab_features[i - 1] for i in frames],
-                                    default_extractor.preset, default_extractor.info.identity)  # fmt: skip
+        fs = FeatureSet.from_places(
+            [f"{i}.jpg" for i in frames],
+            [rtab_features[i - 1] for i in frames],
+            default_extractor.preset,
+            default_extractor.info.identity,
+        )
         fs.save(tmp_path / f"{name}.npz")
     out = tmp_path / "r.json"
     gt = RTAB.parent / "gt.csv"
@@ -231,8 +237,22 @@ def test_bench_reports_costs(tmp_path: Path, random_ckpt: Path, fast: bool) -> N
     if fast and not bf16:
         r = run("bench", "-q", "--checkpoint", str(random_ckpt), "--bf16", "--out", str(out), *frames)
         assert r.returncode != 0 and "no bfloat16 instructions" in r.stderr and not out.exists(), r.stderr
-    r = run("bench", "-q", "--checkpoint", str(random_ckpt), "--preset", "speed", "--top-n", "4", "--repeats", "1",
-            "--out", str(out), *extra, *frames)  # fmt: skip
+    r = run(
+        "bench",
+        "-q",
+        "--checkpoint",
+        str(random_ckpt),
+        "--preset",
+        "speed",
+        "--top-n",
+        "4",
+        "--repeats",
+        "1",
+        "--out",
+        str(out),
+        *extra,
+        *frames,
+    )
     assert r.returncode == 0, r.stderr
     res = json.loads(out.read_text())
     assert res["products"] == ("onednn" if fast else "exact") and res["matcher"] == "rapid" and res["bf16"] is bf16
@@ -300,18 +320,33 @@ def test_eval_sets_every_detector_setting_by_its_parameter_name(capsys: pytest.C
 
     base = ["eval", "b.bag", "--gt", "g.csv", "--out", "run"]
     assert detector_params(build_parser().parse_args(base)) == DetectorParams()  # the defaults are the node's
-    changed = {"top_n": 7, "matcher": "ransac", "min_score": 0.3, "exclude_recent_s": 2.5,
-               "exclude_recent_keyframes": 3, "min_interval_s": 0.5, "min_travel_m": 1.5, "min_rotation_rad": 0.2,
-               "min_visual_change": 0.1, "min_texture": 6.0, "temporal_k": 3, "temporal_tolerance": 5,
-               "fast_products": True}  # fmt: skip
+    changed = {
+        "top_n": 7,
+        "matcher": "ransac",
+        "min_score": 0.3,
+        "exclude_recent_s": 2.5,
+        "exclude_recent_keyframes": 3,
+        "min_interval_s": 0.5,
+        "min_travel_m": 1.5,
+        "min_rotation_rad": 0.2,
+        "min_visual_change": 0.1,
+        "min_texture": 6.0,
+        "temporal_k": 3,
+        "temporal_tolerance": 5,
+        "fast_products": True,
+    }
     assert set(changed) == {f.name for f in fields(DetectorParams)}  # all of them, every default changed
     argv = list(base)
     for name, v in changed.items():
         opt = "--" + name.replace("_", "-")
         argv += [opt] if v is True else [opt, str(v)]
     assert detector_params(build_parser().parse_args(argv)) == DetectorParams(**changed)
-    old = {"--threshold": "min_score", "--exclude-recent": "exclude_recent_s", "--min-interval": "min_interval_s",
-           "--min-travel": "min_travel_m"}  # fmt: skip
+    old = {
+        "--threshold": "min_score",
+        "--exclude-recent": "exclude_recent_s",
+        "--min-interval": "min_interval_s",
+        "--min-travel": "min_travel_m",
+    }
     capsys.readouterr()
     for opt, name in old.items():
         p = detector_params(build_parser().parse_args([*base, opt, "0.25"]))
@@ -338,8 +373,10 @@ def test_output_path_checked_before_the_work(tmp_path: Path) -> None:
     missing = str(tmp_path / "no_such.pth")
     frame = str(rtab_frame(1))
     _one_error_line(run("extract", "--checkpoint", missing, "--out", str(folder), frame), "is a folder")
-    _one_error_line(run("extract", "--checkpoint", missing, "--out", str(tmp_path / "a_file" / "x.npz"), frame),
-                    "is a file, not a folder")  # fmt: skip
+    _one_error_line(
+        run("extract", "--checkpoint", missing, "--out", str(tmp_path / "a_file" / "x.npz"), frame),
+        "is a file, not a folder",
+    )
     _one_error_line(run("match", "--db", missing, "--queries", missing, "--out", str(folder)), "is a folder")
     _one_error_line(run("match-two", "--checkpoint", missing, frame, frame, "--out", str(folder)), "is a folder")
     _one_error_line(run("bench", "--checkpoint", missing, frame, "--out", str(folder)), "is a folder")
@@ -349,8 +386,7 @@ def test_output_path_checked_before_the_work(tmp_path: Path) -> None:
     ro.chmod(0o555)
     try:
         if not os.access(ro, os.W_OK):  # root writes anywhere: this case needs a normal user
-            _one_error_line(run("extract", "--checkpoint", missing, "--out", str(ro / "x.npz"), frame),
-                            "cannot write")  # fmt: skip
+            _one_error_line(run("extract", "--checkpoint", missing, "--out", str(ro / "x.npz"), frame), "cannot write")
     finally:
         ro.chmod(0o755)
 
@@ -466,8 +502,9 @@ def test_bag_make_checks_what_it_copies(tmp_path: Path) -> None:
     assert not (tmp_path / "b").exists()
     (imgs / "2.jpg").unlink()
     for topic in ("", "a b", "/1bad"):
-        _one_error_line(run("bag", "make", str(imgs), "--out", str(tmp_path / "c"), "--topic", topic),
-                        "is not a ROS topic name")  # fmt: skip
+        _one_error_line(
+            run("bag", "make", str(imgs), "--out", str(tmp_path / "c"), "--topic", topic), "is not a ROS topic name"
+        )
     assert run("bag", "make", str(imgs), "--out", str(tmp_path / "d"), "--topic", "/cam_0/image_raw").returncode == 0
 
 

@@ -138,7 +138,7 @@ def test_camera_that_does_not_move_adds_one_keyframe(extractor: FeatureExtractor
     calls = []
     real = det.extractor.extract_one
 
-    def counted(image):  # type: ignore[no-untyped-def]
+    def counted(image):
         calls.append(1)
         return real(image)
 
@@ -163,7 +163,7 @@ def test_consecutive_rtab_frames_each_become_a_keyframe(
     det = LoopClosureDetector(default_extractor)  # default params: min_visual_change 0.2
     frame = [0]
 
-    def cached(image):  # type: ignore[no-untyped-def]  # the fixture's features of the frame being processed
+    def cached(image):  # the fixture's features of the frame being processed
         assert np.asarray(image).shape == (384, 512, 3)
         return rtab_features[frame[0] - 1]
 
@@ -188,8 +188,10 @@ def test_sparse_keyframes_on_the_rtab_loop(default_extractor: FeatureExtractor, 
             loops.append((r.loop.query_id, r.loop.match_id))
             assert not r.loop.match_from_loaded_map  # no map was loaded
     precision, recall, correct = _precision_recall([(q + 1, m + 1) for q, m in loops])
-    print(f"\nsparse keyframes (10 s): {len(loops)} loops, {correct} correct, precision {precision:.3f}, "
-          f"recall {recall:.3f}")  # fmt: skip
+    print(
+        f"\nsparse keyframes (10 s): {len(loops)} loops, {correct} correct, precision {precision:.3f}, "
+        f"recall {recall:.3f}"
+    )
     assert precision >= 0.95 and recall >= 0.8
     assert all(q - m > 10 for q, m in loops)  # never one of the 10 keyframes before the query
     assert all(q >= 40 for q, _ in loops)  # nothing on the first lap
@@ -251,8 +253,10 @@ def test_loaded_map_second_lap(
             assert r.loop.match_from_loaded_map is (r.loop.match_id < 40), r.loop  # ids 0-39 came with the map
     precision, recall, correct = _precision_recall([(q + 1, m + 1) for q, m in loops])
     to_loaded = sum(m < 40 for _, m in loops)
-    print(f"\nloaded map, second lap: {len(loops)} loops ({to_loaded} to loaded keyframes), {correct} correct, "
-          f"precision {precision:.3f}, recall {recall:.3f}")  # fmt: skip
+    print(
+        f"\nloaded map, second lap: {len(loops)} loops ({to_loaded} to loaded keyframes), {correct} correct, "
+        f"precision {precision:.3f}, recall {recall:.3f}"
+    )
     assert precision >= 0.95 and recall >= 0.8 and to_loaded >= 30
     assert loops[0][0] <= 42  # the loaded map is a candidate from the first frame of the run on
 
@@ -301,7 +305,10 @@ def test_loop_is_the_best_scoring_candidate_with_its_dominant_scale(perf_extract
             n_loops += 1
             assert r.loop.match_id == best.id and r.loop.score == best.score >= params.min_score
             assert (r.loop.num_matches, r.loop.num_inliers, r.loop.patch_size) == (
-                best.num_matches, best.num_inliers, best.patch_size)  # fmt: skip
+                best.num_matches,
+                best.num_inliers,
+                best.patch_size,
+            )
             assert r.loop.method == "ransac"
         else:
             assert best.score < params.min_score
@@ -321,8 +328,10 @@ def test_loop_is_the_best_scoring_candidate_with_its_dominant_scale(perf_extract
 
 def test_published_method_is_the_matchers_name(extractor: FeatureExtractor, rng) -> None:
     # An accepted alias (the reference's "spatialApproximator") is published by our name, as LoopClosure.msg says.
-    det = LoopClosureDetector(extractor, DetectorParams(matcher="spatialApproximator", exclude_recent_s=0.0,
-                                                        exclude_recent_keyframes=0, min_score=0.5))  # fmt: skip
+    det = LoopClosureDetector(
+        extractor,
+        DetectorParams(matcher="spatialApproximator", exclude_recent_s=0.0, exclude_recent_keyframes=0, min_score=0.5),
+    )
     p = _place(rng)
     det.process(p, S)
     r = det.process(_place(rng, p, 0.01), 2 * S)
@@ -331,8 +340,9 @@ def test_published_method_is_the_matchers_name(extractor: FeatureExtractor, rng)
 
 @pytest.mark.parametrize("jump, consistent", [(3, True), (4, False), (-3, True), (-4, False)])
 def test_temporal_tolerance_counts_ids(extractor: FeatureExtractor, rng, jump: int, consistent: bool) -> None:
-    params = DetectorParams(exclude_recent_s=1.0, exclude_recent_keyframes=0, min_score=0.5, temporal_k=2,
-                            temporal_tolerance=3)  # fmt: skip
+    params = DetectorParams(
+        exclude_recent_s=1.0, exclude_recent_keyframes=0, min_score=0.5, temporal_k=2, temporal_tolerance=3
+    )
     det = LoopClosureDetector(extractor, params)
     places = [_place(rng) for _ in range(12)]
     for i, p in enumerate(places):
@@ -380,11 +390,23 @@ def test_features_that_do_not_fit_raise_map_error(extractor: FeatureExtractor, r
 # -- 8. parameters ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "field, value",
-    [("top_n", 0), ("top_n", 1001), ("min_score", -0.1), ("min_score", 1.5), ("matcher", "sift"),
-     ("temporal_k", 0.5), ("temporal_k", 2.0), ("temporal_k", True), ("exclude_recent_s", -1.0),
-     ("exclude_recent_keyframes", -1), ("min_visual_change", 1.5), ("min_travel_m", "far"),
-     ("temporal_tolerance", 2.5), ("min_interval_s", float("nan"))],
-)  # fmt: skip
+    [
+        ("top_n", 0),
+        ("top_n", 1001),
+        ("min_score", -0.1),
+        ("min_score", 1.5),
+        ("matcher", "sift"),
+        ("temporal_k", 0.5),
+        ("temporal_k", 2.0),
+        ("temporal_k", True),
+        ("exclude_recent_s", -1.0),
+        ("exclude_recent_keyframes", -1),
+        ("min_visual_change", 1.5),
+        ("min_travel_m", "far"),
+        ("temporal_tolerance", 2.5),
+        ("min_interval_s", float("nan")),
+    ],
+)
 def test_params_are_validated_on_creation(field: str, value: object) -> None:
     with pytest.raises(ConfigError, match=field if field != "matcher" else "matcher 'sift'"):
         DetectorParams(**{field: value})
@@ -413,7 +435,7 @@ def test_thread_safety(extractor: FeatureExtractor, tmp_path: Path) -> None:
     stop = threading.Event()
     processed: list[FrameResult] = []
 
-    def guard(fn):  # type: ignore[no-untyped-def]
+    def guard(fn):
         def run() -> None:
             try:
                 i = 0
@@ -484,8 +506,10 @@ def test_thread_safety(extractor: FeatureExtractor, tmp_path: Path) -> None:
     assert not errors, errors
     det.map.check()
     statuses = [r.status for r in processed]
-    print(f"\nthreads: {len(statuses)} frames, {statuses.count('keyframe')} keyframes, "
-          f"{statuses.count('map_changed')} map_changed, generation {det.generation}")  # fmt: skip
+    print(
+        f"\nthreads: {len(statuses)} frames, {statuses.count('keyframe')} keyframes, "
+        f"{statuses.count('map_changed')} map_changed, generation {det.generation}"
+    )
     assert statuses.count("keyframe") >= 20 and det.counts["keyframes"] == statuses.count("keyframe")
     assert det.counts["map_changed"] == statuses.count("map_changed")
     # a frame admitted before a reset is dropped, not numbered in the new map
@@ -499,7 +523,7 @@ def test_frame_extracted_across_a_reset_is_dropped(extractor: FeatureExtractor, 
     det = LoopClosureDetector(extractor)
     det.process(_place(rng), 1 * S)
 
-    def reset_during_extraction(image):  # type: ignore[no-untyped-def]  # another thread's reset, made certain
+    def reset_during_extraction(image):  # another thread's reset, made certain
         det.reset()
         return _place(rng)
 
@@ -534,8 +558,9 @@ def test_reset_and_load_start_a_new_session(extractor: FeatureExtractor, rng, tm
 
 
 def test_reset_keeps_storage_options(extractor: FeatureExtractor, tmp_path: Path) -> None:
-    det = LoopClosureDetector(extractor, index_kind="hnsw", patch_dtype="float32", memory_budget_mb=1.5,
-                              spill_dir=tmp_path / "spill")  # fmt: skip
+    det = LoopClosureDetector(
+        extractor, index_kind="hnsw", patch_dtype="float32", memory_budget_mb=1.5, spill_dir=tmp_path / "spill"
+    )
     det.reset()
     m = det.map
     assert (m.index_kind, m.patch_dtype.name, m.memory_budget) == ("hnsw", "float32", int(1.5 * 2**20))
@@ -579,8 +604,11 @@ def test_one_pipeline_with_a_decode_callable(extractor: FeatureExtractor) -> Non
 
     for msg, stamp in sent:
         a, b = ref.process(frames[msg], stamp), det.process(msg, stamp, None, intrinsics, decode=decode)
-        assert (a.status, a.keyframe_id, [c.id for c in a.candidates]) == (b.status, b.keyframe_id,
-                                                                          [c.id for c in b.candidates])  # fmt: skip
+        assert (a.status, a.keyframe_id, [c.id for c in a.candidates]) == (
+            b.status,
+            b.keyframe_id,
+            [c.id for c in b.candidates],
+        )
         assert b.generation == (det.generation if b.keyframe_id is not None else None)
         assert b.keyframe_id is None or set(b.timings) >= {"extract", "commit", "total"}
     assert decoded == [0, 1, 2] and sizes == [(512, 384)] * 3

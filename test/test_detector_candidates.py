@@ -18,20 +18,31 @@ from pnv_ros.config import Matcher, Preset
 from pnv_ros.detector import DetectorParams, LoopClosureDetector
 from pnv_ros.features import PlaceFeatures
 
-TINY = Preset(name="tiny", patch_sizes=(1,), strides=(1,), patch_weights=(1.0,), matcher=Matcher.RAPID,
-              image_height=32, image_width=48, top_n=8)  # fmt: skip
+TINY = Preset(
+    name="tiny",
+    patch_sizes=(1,),
+    strides=(1,),
+    patch_weights=(1.0,),
+    matcher=Matcher.RAPID,
+    image_height=32,
+    image_width=48,
+    top_n=8,
+)
 D, S = 48, 10**9
 
 
 def _detector(kind: str, params: DetectorParams) -> LoopClosureDetector:
     ext = SimpleNamespace(preset=TINY, dim=D, info=None, device="cpu")  # the detector's only use of an extractor
-    return LoopClosureDetector(ext, params, index_kind=kind)  # type: ignore[arg-type]
+    return LoopClosureDetector(ext, params, index_kind=kind)
 
 
 def _feats(g: np.ndarray, rng: np.random.Generator) -> PlaceFeatures:
     p = rng.standard_normal((TINY.num_patches(0), D)).astype(np.float32)
-    return PlaceFeatures((g / np.linalg.norm(g)).astype(np.float32), [p / np.linalg.norm(p, axis=1, keepdims=True)],
-                         (TINY.image_width, TINY.image_height))  # fmt: skip
+    return PlaceFeatures(
+        (g / np.linalg.norm(g)).astype(np.float32),
+        [p / np.linalg.norm(p, axis=1, keepdims=True)],
+        (TINY.image_width, TINY.image_height),
+    )
 
 
 def _reference(descs: np.ndarray, q: np.ndarray, eligible: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -53,8 +64,9 @@ def _check(cands, descs: np.ndarray, q: np.ndarray, eligible: np.ndarray, n: int
 @pytest.mark.parametrize("kind", ["flat", "hnsw"])
 def test_candidates_match_brute_force(kind: str, tmp_path: Path) -> None:
     rng = np.random.default_rng(13)
-    params = DetectorParams(top_n=8, exclude_recent_s=10.0, exclude_recent_keyframes=12, min_score=1.0,
-                            min_visual_change=0.0)  # fmt: skip
+    params = DetectorParams(
+        top_n=8, exclude_recent_s=10.0, exclude_recent_keyframes=12, min_score=1.0, min_visual_change=0.0
+    )
     descs = np.zeros((0, D), np.float32)
     cur = rng.standard_normal(D).astype(np.float32)
 

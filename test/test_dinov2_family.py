@@ -98,8 +98,9 @@ def test_corrupt_or_mismatched_model_files(dinov2_ckpt: Path, tmp_path: Path) ->
 def test_loop_closure_end_to_end(dino: FeatureExtractor) -> None:
     """The RTAB-Map corridor: frames 1-8 then their revisit 41-48 (GT: 41 ~ 1-3); loops found, all correct."""
     g = np.load(Path(__file__).resolve().parent.parent / "data" / "rtabmap_samples_loop84" / "gt_matrix.npy")
-    det = LoopClosureDetector(dino, DetectorParams(min_travel_m=0.0, min_visual_change=0.0, exclude_recent_s=1.0,
-                                                   exclude_recent_keyframes=1))  # fmt: skip
+    det = LoopClosureDetector(
+        dino, DetectorParams(min_travel_m=0.0, min_visual_change=0.0, exclude_recent_s=1.0, exclude_recent_keyframes=1)
+    )
     frames = list(range(1, 9)) + list(range(41, 49))
     loops = []
     for k, fr in enumerate(frames):
@@ -111,12 +112,29 @@ def test_loop_closure_end_to_end(dino: FeatureExtractor) -> None:
 
 
 def test_cli_takes_the_model_by_name(dinov2_ckpt: Path, tmp_path: Path) -> None:
-    r = subprocess.run([PNV, "match-two", "--checkpoint", "dinov2_vlad", str(rtab_frame(62)), str(rtab_frame(21)),
-                        "--out", str(tmp_path / "m.png")], capture_output=True, text=True, timeout=600)  # fmt: skip
+    r = subprocess.run(
+        [
+            PNV,
+            "match-two",
+            "--checkpoint",
+            "dinov2_vlad",
+            str(rtab_frame(62)),
+            str(rtab_frame(21)),
+            "--out",
+            str(tmp_path / "m.png"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr
     revisit = float(r.stdout.split()[1])
-    r = subprocess.run([PNV, "match-two", "--checkpoint", "dinov2_vlad", str(rtab_frame(62)), str(rtab_frame(5))],
-                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    r = subprocess.run(
+        [PNV, "match-two", "--checkpoint", "dinov2_vlad", str(rtab_frame(62)), str(rtab_frame(5))],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     other = float(r.stdout.split()[1])
     assert revisit > 1.5 * other, (revisit, other)  # a revisit against an unrelated place (0.12 vs 0.063 measured)
     r = subprocess.run([PNV, "models", "list"], capture_output=True, text=True, timeout=120)
@@ -133,8 +151,9 @@ def test_matching_is_the_vgg_familys(dino: FeatureExtractor) -> None:
     assert sc.num_inliers[0].max() >= 10 and pm.absolute(sc.raw)[0] > pm.absolute(sc.raw)[1]
 
 
-def test_global_weight_is_recorded_and_joins_the_re_ranking_order(dino: FeatureExtractor, dinov2_ckpt: Path,
-                                                                  tmp_path: Path) -> None:  # fmt: skip
+def test_global_weight_is_recorded_and_joins_the_re_ranking_order(
+    dino: FeatureExtractor, dinov2_ckpt: Path, tmp_path: Path
+) -> None:
     """The model's measured global weight (dinov2_vlad.GLOBAL_WEIGHT) is in its file, reaches the preset and
     feature files, and fuses the z-scored global distance into the order; a file without it (older builds)
     keeps the paper's patch-only order; a bad value is refused."""
@@ -171,9 +190,15 @@ def test_global_weight_is_recorded_and_joins_the_re_ranking_order(dino: FeatureE
     huge = PatchMatcher(dataclasses.replace(dino.preset, global_weight=1e6))
     assert huge.rerank(q, cands, dist)[0].tolist() == np.argsort(dist).tolist()  # a huge weight: the global order
     # pnv match's two_stage passes the distances: its scores are the fused ones
-    one = dataclasses.replace(fs, names=["query"], global_descs=fs.global_descs[:1],
-                              patches=[p[:1] for p in fs.patches], image_sizes=fs.image_sizes[:1])  # fmt: skip
+    one = dataclasses.replace(
+        fs,
+        names=["query"],
+        global_descs=fs.global_descs[:1],
+        patches=[p[:1] for p in fs.patches],
+        image_sizes=fs.image_sizes[:1],
+    )
     (res,) = two_stage(fs, one, fs.preset, top_n=5)
-    expect = PatchMatcher(fs.preset).fuse(patch_only.score(q, [fs.item(int(i)) for i in res.global_ids]).raw,
-                                          res.global_dists)  # fmt: skip
+    expect = PatchMatcher(fs.preset).fuse(
+        patch_only.score(q, [fs.item(int(i)) for i in res.global_ids]).raw, res.global_dists
+    )
     np.testing.assert_allclose(np.sort(res.scores), np.sort(expect), rtol=1e-10, atol=1e-12)

@@ -41,8 +41,9 @@ from pnv_ros.model.checkpoint import load_checkpoint
 from pnv_ros.model.registry import resolve_checkpoint
 
 IMAGES = [rtab_frame(i) for i in (1, 42)] + [CORRIDOR / "query" / "0000000.jpg"]
-SMALL = dataclasses.replace(get_preset("speed"), image_height=96, image_width=128, patch_sizes=(3,), strides=(1,),
-                            patch_weights=(1.0,))  # fmt: skip
+SMALL = dataclasses.replace(
+    get_preset("speed"), image_height=96, image_width=128, patch_sizes=(3,), strides=(1,), patch_weights=(1.0,)
+)
 
 
 def max_diff(a: list, b: list) -> float:
@@ -72,8 +73,9 @@ def vgg_torch(vgg) -> list:
 
 def vgg_engine(vgg, cache: Path, engine: str, precision: str = "fp32", **kw) -> FeatureExtractor:
     model, info = vgg
-    return FeatureExtractor(model, info, SMALL, device="cpu", engine=engine, precision=precision,
-                            engine_cache=cache, **kw)  # fmt: skip
+    return FeatureExtractor(
+        model, info, SMALL, device="cpu", engine=engine, precision=precision, engine_cache=cache, **kw
+    )
 
 
 def files_digest(path: Path) -> dict[str, str]:
@@ -110,16 +112,19 @@ def test_engine_and_precision_refusals_name_what_works() -> None:
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the no-GPU message; a GPU machine runs gpu_check.py")
 def test_tensorrt_without_a_gpu_is_a_clear_error(vgg, cache: Path) -> None:
     for device in ("cpu", "cuda"):
-        with pytest.raises(EngineError, match="engine tensorrt needs an NVIDIA GPU .* has no CUDA GPU; on a CPU use "
-                                              "onnxruntime or openvino"):  # fmt: skip
+        with pytest.raises(
+            EngineError,
+            match="engine tensorrt needs an NVIDIA GPU .* has no CUDA GPU; on a CPU use onnxruntime or openvino",
+        ):
             check_engine("tensorrt", "fp16", device)
     with pytest.raises(EngineError, match="needs an NVIDIA GPU"):
         vgg_engine(vgg, cache, "tensorrt", "fp16")
 
 
 def test_bad_combinations_in_the_extractor(vgg, cache: Path, tmp_path: Path) -> None:
-    with pytest.raises(EngineError, match="bf16 .* is engine torch at precision bf16; it cannot go with engine "
-                                          "onnxruntime"):  # fmt: skip
+    with pytest.raises(
+        EngineError, match="bf16 .* is engine torch at precision bf16; it cannot go with engine onnxruntime"
+    ):
         vgg_engine(vgg, cache, "onnxruntime", bf16=True)
     with pytest.raises(EngineError, match="engine_file is for the onnxruntime, openvino and tensorrt engines"):
         vgg_engine(vgg, cache, "torch", engine_file=IMAGES[0])
@@ -140,8 +145,9 @@ def test_bad_combinations_in_the_extractor(vgg, cache: Path, tmp_path: Path) -> 
 # ---------------------------------------------------------------------------------------------- float32 engines
 
 
-def test_vgg_export_round_trip_and_float32_engines_match_torch(vgg, vgg_torch: list, cache: Path,
-                                                               tmp_path: Path) -> None:  # fmt: skip
+def test_vgg_export_round_trip_and_float32_engines_match_torch(
+    vgg, vgg_torch: list, cache: Path, tmp_path: Path
+) -> None:
     model, info = vgg
     check = export_checked(model, info, SMALL, tmp_path / "vgg.onnx", IMAGES[:2])
     assert check.ok and (tmp_path / "vgg.onnx").is_file()
@@ -183,8 +189,11 @@ def int8_builds(vgg, cache: Path, tmp_path_factory: pytest.TempPathFactory) -> d
         logs_cached: list[str] = []
         third = vgg_engine(vgg, cache, engine, "int8", log=logs_cached.append)
         name = f"{engine}-int8-96x128-v1" + (".onnx" if engine == "onnxruntime" else "")
-        out[engine] = {"extractors": (first, second, third), "logs": (logs, logs_cached),
-                       "files": (model_cache_dir(info, cache) / name, model_cache_dir(info, other) / name)}  # fmt: skip
+        out[engine] = {
+            "extractors": (first, second, third),
+            "logs": (logs, logs_cached),
+            "files": (model_cache_dir(info, cache) / name, model_cache_dir(info, other) / name),
+        }
     return out
 
 
@@ -222,8 +231,10 @@ def test_int8_features_are_refused_next_to_float32_ones(int8_builds: dict, vgg, 
     assert ort8.info.identity == info.identity + "+onnxruntime-int8" and variant("onnxruntime", "int8")
     assert ov8.info.identity == info.identity + "+openvino-int8" and variant("openvino", "fp32") == ""
     names = [p.name for p in IMAGES[:2]]
-    sets = {k: FeatureSet.from_places(names, ex.extract(IMAGES[:2]), ex.preset, ex.info.identity)
-            for k, ex in (("fp32", fp32), ("ort8", ort8), ("ov8", ov8))}  # fmt: skip
+    sets = {
+        k: FeatureSet.from_places(names, ex.extract(IMAGES[:2]), ex.preset, ex.info.identity)
+        for k, ex in (("fp32", fp32), ("ort8", ort8), ("ov8", ov8))
+    }
     for a, b in (("fp32", "ort8"), ("ort8", "ov8")):
         with pytest.raises(FeaturesError, match=r"\+onnxruntime-int8"):
             sets[a].check_compatible(sets[b])
@@ -245,8 +256,13 @@ def test_load_engine_torch_is_the_model_itself(vgg) -> None:
 
 
 def pnv(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(Path(sys.executable).parent / "pnv"), *args], capture_output=True, text=True,
-                          env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}, timeout=600)  # fmt: skip
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "pnv"), *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"},
+        timeout=600,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -264,8 +280,11 @@ def test_cli_export_dinov2_checks_against_torch(dino_export) -> None:
     lines = r.stdout.splitlines()
     assert "batch and size dynamic; model input 434x322" in lines[0]
     assert "checked against torch on 2 image(s), onnxruntime, float32:" in lines[1]
-    checks = {ln.split(":")[0].strip().split(",")[0]: float(ln.split("max |diff| ")[1].split()[0])
-              for ln in lines if "max |diff|" in ln and ln.endswith("ok")}  # fmt: skip
+    checks = {
+        ln.split(":")[0].strip().split(",")[0]: float(ln.split("max |diff| ")[1].split()[0])
+        for ln in lines
+        if "max |diff|" in ln and ln.endswith("ok")
+    }
     assert set(checks) == {"backbone features", "global descriptors", "patch descriptors", "dynamic axes"}
     for what in ("backbone features", "global descriptors", "dynamic axes"):
         assert checks[what] < FP32_TOLERANCE, (what, checks[what])
@@ -284,8 +303,23 @@ def test_cli_engine_flags_end_to_end(dino_export, tmp_path: Path, capsys: pytest
     img = str(IMAGES[0])
     base = ["extract", "-q", "--checkpoint", "dinov2_vlad", "--device", "cpu"]
     assert main([*base, "--out", str(tmp_path / "torch.npz"), img]) == 0
-    assert main([*base, "--engine", "openvino", "--precision", "fp32", "--engine-file", str(onnx_path),
-                 "--out", str(tmp_path / "ov.npz"), img]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                *base,
+                "--engine",
+                "openvino",
+                "--precision",
+                "fp32",
+                "--engine-file",
+                str(onnx_path),
+                "--out",
+                str(tmp_path / "ov.npz"),
+                img,
+            ]
+        )
+        == 0
+    )
     ft, fo = FeatureSet.load(tmp_path / "torch.npz"), FeatureSet.load(tmp_path / "ov.npz")
     assert ft.model_id == fo.model_id  # float32: the same model; maps and files mix
     assert float(np.abs(ft.global_descs - fo.global_descs).max()) < FP32_TOLERANCE
@@ -316,8 +350,12 @@ def test_every_extracting_command_takes_the_engine_flags() -> None:
     from pnv_ros.cli import build_parser
 
     p = build_parser()
-    for cmd in (["extract", "--out", "x.npz", "a.jpg"], ["match-two", "a.jpg", "b.jpg"],
-                ["eval", "bag", "--gt", "g.npy", "--out", "run"], ["bench", "--out", "b.json", "a.jpg"]):  # fmt: skip
+    for cmd in (
+        ["extract", "--out", "x.npz", "a.jpg"],
+        ["match-two", "a.jpg", "b.jpg"],
+        ["eval", "bag", "--gt", "g.npy", "--out", "run"],
+        ["bench", "--out", "b.json", "a.jpg"],
+    ):
         args = p.parse_args([*cmd, "--engine", "openvino", "--precision", "int8", "--engine-file", "f.xml"])
         assert (args.engine, args.precision, args.engine_file) == ("openvino", "int8", "f.xml"), cmd
         assert p.parse_args([*cmd, "--bf16"]).bf16
@@ -332,9 +370,24 @@ def test_node_parameters_and_a_refused_engine_at_start(random_ckpt: Path, tmp_pa
     with pytest.raises(ConfigError, match="choose one of"):
         params.check("precision", "int4")
     node = str(Path(sys.executable).parent / "loop_closure_node")
-    r = subprocess.run([node, "--ros-args", "-p", f"checkpoint:={random_ckpt}", "-p", f"map_dir:={tmp_path}",
-                        "-p", "engine:=tensorrt", "-p", "precision:=fp16"], capture_output=True, text=True,
-                       timeout=120, env=os.environ.copy())  # fmt: skip
+    r = subprocess.run(
+        [
+            node,
+            "--ros-args",
+            "-p",
+            f"checkpoint:={random_ckpt}",
+            "-p",
+            f"map_dir:={tmp_path}",
+            "-p",
+            "engine:=tensorrt",
+            "-p",
+            "precision:=fp16",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=os.environ.copy(),
+    )
     out = r.stdout + r.stderr
     assert r.returncode == 1 and "error: engine tensorrt needs an NVIDIA GPU" in out, out[-3000:]
 

@@ -21,8 +21,12 @@ FRAMES = list(range(1, 13)) + list(range(41, 53))  # first lap start, then its r
 
 
 def test_metrics_small() -> None:
-    ds = [Decision(0, -1, 0.0, False, False), Decision(1, 0, 0.5, True, True), Decision(2, 0, 0.3, False, True),
-          Decision(3, 1, 0.2, True, True)]  # fmt: skip
+    ds = [
+        Decision(0, -1, 0.0, False, False),
+        Decision(1, 0, 0.5, True, True),
+        Decision(2, 0, 0.3, False, True),
+        Decision(3, 1, 0.2, True, True),
+    ]
     at = precision_recall(ds, 0.25)
     assert (at["precision"], at["recall"]) == (0.5, 1 / 3)
     c = pr_curve(ds)
@@ -53,8 +57,13 @@ def test_eval_in_process_and_node_agree(short_bag: tuple[Path, Path], tmp_path: 
     for mode in ("in-process", "node"):
         out = tmp_path / mode
         args = [PNV, "eval", str(bag), "--gt", str(gt), "--out", str(out), "-q", "--exclude-recent", "5"]
-        r = subprocess.run(args + (["--node"] if mode == "node" else []), capture_output=True, text=True,
-                           timeout=900, env=os.environ.copy())  # fmt: skip
+        r = subprocess.run(
+            args + (["--node"] if mode == "node" else []),
+            capture_output=True,
+            text=True,
+            timeout=900,
+            env=os.environ.copy(),
+        )
         assert r.returncode == 0, r.stderr[-3000:]
         for f in ("metrics.json", "loop_closures.csv", "pr_curve.png", "latency.png", "report.md"):
             assert (out / f).is_file(), f
@@ -75,11 +84,15 @@ def test_eval_in_process_and_node_agree(short_bag: tuple[Path, Path], tmp_path: 
 def test_eval_bad_inputs(short_bag: tuple[Path, Path], tmp_path: Path) -> None:
     bag, gt = short_bag
     full_gt = str(RTAB.parent / "gt_matrix.npy")
-    r = subprocess.run([PNV, "eval", str(bag), "--gt", full_gt, "--out", str(tmp_path / "x")],
-                       capture_output=True, text=True)  # fmt: skip
+    r = subprocess.run(
+        [PNV, "eval", str(bag), "--gt", full_gt, "--out", str(tmp_path / "x")], capture_output=True, text=True
+    )
     assert r.returncode == 1 and "(84, 84) matrix but the sequence has 24 frames" in r.stderr
-    r = subprocess.run([PNV, "eval", str(bag), "--gt", str(gt), "--topic", "/nope", "--out", str(tmp_path / "y")],
-                       capture_output=True, text=True)  # fmt: skip
+    r = subprocess.run(
+        [PNV, "eval", str(bag), "--gt", str(gt), "--topic", "/nope", "--out", str(tmp_path / "y")],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 1 and "its topics: /camera/image" in r.stderr
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
@@ -99,8 +112,21 @@ def test_eval_node_on_a_compressed_bag_with_odometry(tmp_path: Path) -> None:
     g = np.load(RTAB.parent / "gt_matrix.npy")
     np.save(tmp_path / "gt.npy", g[np.ix_(np.array(frames) - 1, np.array(frames) - 1)])
     out = tmp_path / "run"
-    args = [PNV, "eval", str(bag), "--gt", str(tmp_path / "gt.npy"), "--out", str(out), "-q", "--node",
-            "--exclude-recent", "1", "--exclude-recent-keyframes", "1"]  # fmt: skip
+    args = [
+        PNV,
+        "eval",
+        str(bag),
+        "--gt",
+        str(tmp_path / "gt.npy"),
+        "--out",
+        str(out),
+        "-q",
+        "--node",
+        "--exclude-recent",
+        "1",
+        "--exclude-recent-keyframes",
+        "1",
+    ]
     r = subprocess.run(args, capture_output=True, text=True, timeout=900, env=os.environ.copy())
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((out / "metrics.json").read_text())
@@ -127,8 +153,9 @@ def _bag_with_bad_frames(path: Path, frames: list, topic: str = "/cam/image/comp
                 w.write(conn, t, f[1])
                 continue
             data = rtab_frame(f).read_bytes() if isinstance(f, int) else f
-            header = T["std_msgs/msg/Header"](stamp=T["builtin_interfaces/msg/Time"](sec=t // 10**9, nanosec=0),
-                                              frame_id="cam")  # fmt: skip
+            header = T["std_msgs/msg/Header"](
+                stamp=T["builtin_interfaces/msg/Time"](sec=t // 10**9, nanosec=0), frame_id="cam"
+            )
             msg = T["sensor_msgs/msg/CompressedImage"](header=header, format="jpeg", data=np.frombuffer(data, np.uint8))
             w.write(conn, t, ts.serialize_cdr(msg, "sensor_msgs/msg/CompressedImage"))
 
@@ -184,8 +211,21 @@ def test_eval_skips_bad_frames_in_process(tmp_path: Path, capsys: pytest.Capture
 
     bag, out = tmp_path / "bad", tmp_path / "run"
     _bag_with_bad_frames(bag, BAD)
-    args = ["eval", str(bag), "--gt", str(_bad_gt(tmp_path / "gt.npy")), "--out", str(out), "-q",
-            "--exclude-recent", "1", "--exclude-recent-keyframes", "1", "--min-visual-change", "0"]  # fmt: skip
+    args = [
+        "eval",
+        str(bag),
+        "--gt",
+        str(_bad_gt(tmp_path / "gt.npy")),
+        "--out",
+        str(out),
+        "-q",
+        "--exclude-recent",
+        "1",
+        "--exclude-recent-keyframes",
+        "1",
+        "--min-visual-change",
+        "0",
+    ]
     assert main(args) == 0, capsys.readouterr().err
     assert "2 frame(s) skipped" in capsys.readouterr().out
     _check_bad_run(out)
@@ -196,8 +236,23 @@ def test_eval_node_skips_bad_frames(tmp_path: Path) -> None:
     """--node: the node acknowledges the bad jpeg as "error"; the CDR garbage is not sent (nothing could take it)."""
     bag, out = tmp_path / "bad", tmp_path / "run"
     _bag_with_bad_frames(bag, BAD)
-    args = [PNV, "eval", str(bag), "--gt", str(_bad_gt(tmp_path / "gt.npy")), "--out", str(out), "-q", "--node",
-            "--exclude-recent", "1", "--exclude-recent-keyframes", "1", "--min-visual-change", "0"]  # fmt: skip
+    args = [
+        PNV,
+        "eval",
+        str(bag),
+        "--gt",
+        str(_bad_gt(tmp_path / "gt.npy")),
+        "--out",
+        str(out),
+        "-q",
+        "--node",
+        "--exclude-recent",
+        "1",
+        "--exclude-recent-keyframes",
+        "1",
+        "--min-visual-change",
+        "0",
+    ]
     r = subprocess.run(args, capture_output=True, text=True, timeout=900, env=os.environ.copy())
     assert r.returncode == 0, r.stderr[-3000:]
     assert "2 frame(s) skipped" in r.stdout

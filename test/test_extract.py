@@ -219,11 +219,13 @@ def test_runtime_spec_checks_names_without_torch() -> None:
     import subprocess
     import sys
 
-    probe = ("import sys\nfrom pnv_ros.engines.spec import RuntimeSpec\nfrom pnv_ros.engines import ENGINES, variant\n"
-             "from pnv_ros.errors import EngineError\nRuntimeSpec(engine='openvino', precision='int8')\n"
-             "for bad in ({'engine': 'tflite'}, {'precision': 'fp8'}):\n"
-             "    try:\n        RuntimeSpec(**bad)\n    except EngineError as e:\n        print(e)\n"
-             "print('torch' in sys.modules)")  # fmt: skip
+    probe = (
+        "import sys\nfrom pnv_ros.engines.spec import RuntimeSpec\nfrom pnv_ros.engines import ENGINES, variant\n"
+        "from pnv_ros.errors import EngineError\nRuntimeSpec(engine='openvino', precision='int8')\n"
+        "for bad in ({'engine': 'tflite'}, {'precision': 'fp8'}):\n"
+        "    try:\n        RuntimeSpec(**bad)\n    except EngineError as e:\n        print(e)\n"
+        "print('torch' in sys.modules)"
+    )
     r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr[-2000:]
     lines = r.stdout.splitlines()

@@ -90,8 +90,11 @@ def test_zero_based_positives_with_number_names(tmp_path: Path, db: list[str]) -
 
 def test_real_files_read_as_their_readmes_say() -> None:
     """rtabmap gt.csv: 1-based frame numbers = file numbers; corridor: 0-based = file numbers; old and new names."""
-    for q, db in ((Q, DB), ([f"{i}.jpg" for i in range(41, 85)], [f"{i}.jpg" for i in range(1, 41)]),
-                  ([f"images/{i}.jpg" for i in range(41, 85)], [f"images/{i}.jpg" for i in range(1, 41)])):  # fmt: skip
+    for q, db in (
+        (Q, DB),
+        ([f"{i}.jpg" for i in range(41, 85)], [f"{i}.jpg" for i in range(1, 41)]),
+        ([f"images/{i}.jpg" for i in range(41, 85)], [f"images/{i}.jpg" for i in range(1, 41)]),
+    ):
         a, b, c = (load_ground_truth(RT / f, q, db) for f in ("gt.csv", "gt_matrix.npy", "samples_GT.bmp"))
         assert a.positives == b.positives == c.positives
         assert a.positives[0] == {0, 1, 2} and a.positives[-1] == {2, 3, 4}
@@ -210,8 +213,10 @@ def test_exclusion_window_positives_are_unfindable(tmp_path: Path) -> None:
 
     gt = SequenceGT([set(), set(), set(), {0}, set(), {4}])  # frame 5's only positive is 1 s old
     records = [rec(0, -1, 0), rec(1, -1, 0), rec(2, -1, 0), rec(3, 0, 0.5), rec(4, -1, 0), rec(5, -1, 0)]
-    for window in ({"exclude_recent_s": 2.0, "exclude_recent_keyframes": 0},
-                   {"exclude_recent_s": 0.0, "exclude_recent_keyframes": 2}):  # fmt: skip
+    for window in (
+        {"exclude_recent_s": 2.0, "exclude_recent_keyframes": 0},
+        {"exclude_recent_s": 0.0, "exclude_recent_keyframes": 2},
+    ):
         result = ReplayResult(records, 6, [r.stamp_ns for r in records], 1.0, 0.0, 0.0, {}, **window)
         out = tmp_path / str(window["exclude_recent_keyframes"])
         out.mkdir()
@@ -261,8 +266,9 @@ def test_positions_must_be_finite_and_numbering_stated(tmp_path: Path) -> None:
         load_ground_truth(p, ["q0"], ["d0", "d1"], radius=2.0)
     # numbered files, no query_index: 0-based positions or file numbers? Not guessed.
     c = tmp_path / "seq.csv"
-    c.write_text("query_file,positive_indices\n" + "".join(f"images/{i}.jpg,{'1 2' if i == 4 else ''}\n"
-                                                           for i in range(1, 5)))  # fmt: skip
+    c.write_text(
+        "query_file,positive_indices\n" + "".join(f"images/{i}.jpg,{'1 2' if i == 4 else ''}\n" for i in range(1, 5))
+    )
     with pytest.raises(GroundTruthError, match="--gt-index-base"):
         load_sequence_gt(c, 4)
     assert load_sequence_gt(c, 4, index_base=1)[3] == {0, 1}

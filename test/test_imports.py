@@ -17,76 +17,115 @@ PKG = REPO / "pnv_ros"
 #: Layers, bottom to top. A module name ending in ".*" covers a package's modules (and the package itself) that
 #: have no line of their own; the longest match wins. Every module must match a line.
 LAYERS: list[tuple[str, list[str]]] = [
-    ("foundation", [
-        "pnv_ros",                   # the package: version only
-        "pnv_ros.errors",            # the error hierarchy
-        "pnv_ros.storage",           # atomic files, hashes, times
-        "pnv_ros.config",            # presets, detector settings, engine and precision names (torch-free)
-        "pnv_ros.engines.spec",      # engine names, RuntimeSpec, the identity tag (torch-free)
-        "pnv_ros.geometry",          # relative pose from matched keypoints
-        "pnv_ros.index",             # the FAISS global index
-        "pnv_ros.eval.ground_truth",  # ground-truth files and tolerances (pure)
-        "pnv_ros.eval.metrics",      # recall and precision (pure)
-    ]),
-    ("data", [
-        "pnv_ros.images",            # decoding images of any depth
-        "pnv_ros.image_msgs",        # sensor_msgs/Image fields to arrays (no ROS import)
-        "pnv_ros.bags",              # ROS 1 / ROS 2 bags through rosbags (no ROS install)
-        "pnv_ros.features",          # PlaceFeatures, FeatureSet and their files
-        "pnv_ros.matching",          # patch matching and re-ranking
-        "pnv_ros.retrieval",         # global retrieval then re-ranking
-        "pnv_ros.place_map",         # the keyframe map and its file
-        "pnv_ros.viz",               # match images
-    ]),
-    ("preprocess", [
-        "pnv_ros.preprocess",        # the network input: input_transform, ImageNet mean/std, fit_tensor
-    ]),
-    ("model parts", [
-        "pnv_ros.model.backbone",    # VGG-16 to conv5_3 and its blocked CPU path
-        "pnv_ros.model.netvlad",     # NetVLAD pooling, patch descriptors, WPCA: PatchNetVLADModel
-        "pnv_ros.model.model_file",  # ModelInfo, safe reading, the authors' VGG-16 format, saving
-        "pnv_ros.model.registry",    # the model cache, official downloads, pinned wheels
-        "pnv_ros.model.dinov2",      # the DINOv2 ViT-S/14 from its pinned ONNX
-    ]),
-    ("fitting", [
-        "pnv_ros.model.fitting",     # k-means, VLAD and WPCA fitting for any backbone; the fitting set
-    ]),
-    ("families", [
-        "pnv_ros.model.default_model",  # the VGG-16 family's offline build (the default model)
-        "pnv_ros.model.dinov2_vlad",    # the DINOv2 family: model class, file format, build
-    ]),
-    ("model", [
-        "pnv_ros.model.families",    # the family table: file ownership, stride, fitting input
-        "pnv_ros.model.checkpoint",  # load_checkpoint / checkpoint_info through the table
-        "pnv_ros.model",             # the package (PEP 562: names load on first use)
-        "pnv_ros.model.refit",       # refit a model's vocabulary on the user's images
-    ]),
-    ("engines", [
-        "pnv_ros.engines.backends",  # what runs where; the onnxruntime / OpenVINO / TensorRT backbones
-        "pnv_ros.engines.build",     # ONNX export, int8 calibration, TensorRT plans, the cache, load_engine
-        "pnv_ros.engines",           # the package (PEP 562)
-    ]),
-    ("extract", [
-        "pnv_ros.extract",           # FeatureExtractor and open_extractor
-    ]),
-    ("applications", [
-        "pnv_ros.export",            # pnv export: the backbone ONNX checked against torch
-        "pnv_ros.detector",          # LoopClosureDetector
-        "pnv_ros.bench",             # pnv bench timings
-    ]),
-    ("ros", [
-        "pnv_ros.ros.*",             # the node and its parts (the only rclpy users with eval.replay)
-        "pnv_ros.msg.*",             # generated interfaces
-        "pnv_ros.srv.*",
-    ]),
-    ("tools", [
-        "pnv_ros.eval.*",            # replay through the node, reports
-        "pnv_ros.training.*",        # training and its data
-    ]),
-    ("cli", [
-        "pnv_ros.cli.*",             # pnv: imports anything, lazily (it is the top)
-    ]),
-]  # fmt: skip
+    (
+        "foundation",
+        [
+            "pnv_ros",  # the package: version only
+            "pnv_ros.errors",  # the error hierarchy
+            "pnv_ros.storage",  # atomic files, hashes, times
+            "pnv_ros.config",  # presets, detector settings, engine and precision names (torch-free)
+            "pnv_ros.engines.spec",  # engine names, RuntimeSpec, the identity tag (torch-free)
+            "pnv_ros.geometry",  # relative pose from matched keypoints
+            "pnv_ros.index",  # the FAISS global index
+            "pnv_ros.eval.ground_truth",  # ground-truth files and tolerances (pure)
+            "pnv_ros.eval.metrics",  # recall and precision (pure)
+        ],
+    ),
+    (
+        "data",
+        [
+            "pnv_ros.images",  # decoding images of any depth
+            "pnv_ros.image_msgs",  # sensor_msgs/Image fields to arrays (no ROS import)
+            "pnv_ros.bags",  # ROS 1 / ROS 2 bags through rosbags (no ROS install)
+            "pnv_ros.features",  # PlaceFeatures, FeatureSet and their files
+            "pnv_ros.matching",  # patch matching and re-ranking
+            "pnv_ros.retrieval",  # global retrieval then re-ranking
+            "pnv_ros.place_map",  # the keyframe map and its file
+            "pnv_ros.viz",  # match images
+        ],
+    ),
+    (
+        "preprocess",
+        [
+            "pnv_ros.preprocess",  # the network input: input_transform, ImageNet mean/std, fit_tensor
+        ],
+    ),
+    (
+        "model parts",
+        [
+            "pnv_ros.model.backbone",  # VGG-16 to conv5_3 and its blocked CPU path
+            "pnv_ros.model.netvlad",  # NetVLAD pooling, patch descriptors, WPCA: PatchNetVLADModel
+            "pnv_ros.model.model_file",  # ModelInfo, safe reading, the authors' VGG-16 format, saving
+            "pnv_ros.model.registry",  # the model cache, official downloads, pinned wheels
+            "pnv_ros.model.dinov2",  # the DINOv2 ViT-S/14 from its pinned ONNX
+        ],
+    ),
+    (
+        "fitting",
+        [
+            "pnv_ros.model.fitting",  # k-means, VLAD and WPCA fitting for any backbone; the fitting set
+        ],
+    ),
+    (
+        "families",
+        [
+            "pnv_ros.model.default_model",  # the VGG-16 family's offline build (the default model)
+            "pnv_ros.model.dinov2_vlad",  # the DINOv2 family: model class, file format, build
+        ],
+    ),
+    (
+        "model",
+        [
+            "pnv_ros.model.families",  # the family table: file ownership, stride, fitting input
+            "pnv_ros.model.checkpoint",  # load_checkpoint / checkpoint_info through the table
+            "pnv_ros.model",  # the package (PEP 562: names load on first use)
+            "pnv_ros.model.refit",  # refit a model's vocabulary on the user's images
+        ],
+    ),
+    (
+        "engines",
+        [
+            "pnv_ros.engines.backends",  # what runs where; the onnxruntime / OpenVINO / TensorRT backbones
+            "pnv_ros.engines.build",  # ONNX export, int8 calibration, TensorRT plans, the cache, load_engine
+            "pnv_ros.engines",  # the package (PEP 562)
+        ],
+    ),
+    (
+        "extract",
+        [
+            "pnv_ros.extract",  # FeatureExtractor and open_extractor
+        ],
+    ),
+    (
+        "applications",
+        [
+            "pnv_ros.export",  # pnv export: the backbone ONNX checked against torch
+            "pnv_ros.detector",  # LoopClosureDetector
+            "pnv_ros.bench",  # pnv bench timings
+        ],
+    ),
+    (
+        "ros",
+        [
+            "pnv_ros.ros.*",  # the node and its parts (the only rclpy users with eval.replay)
+            "pnv_ros.msg.*",  # generated interfaces
+            "pnv_ros.srv.*",
+        ],
+    ),
+    (
+        "tools",
+        [
+            "pnv_ros.eval.*",  # replay through the node, reports
+            "pnv_ros.training.*",  # training and its data
+        ],
+    ),
+    (
+        "cli",
+        [
+            "pnv_ros.cli.*",  # pnv: imports anything, lazily (it is the top)
+        ],
+    ),
+]
 
 #: Imports that point up on purpose: (importer, imported). None: the CLI is the top layer, so its deliberate
 #: lazy imports point down, and the PEP 562 loaders of pnv_ros.model and pnv_ros.engines import their own
@@ -180,8 +219,7 @@ def test_every_import_points_down() -> None:
 
 
 def test_no_import_circle() -> None:
-    graph = {m: {t for t in ts if layer_of(t) is not None and t in _modules() and t != m}
-             for m, ts in _graph().items()}  # fmt: skip
+    graph = {m: {t for t in ts if layer_of(t) is not None and t in _modules() and t != m} for m, ts in _graph().items()}
     # a package's __init__ may name its own modules (lazy loaders); a circle is between distinct modules
     try:
         graphlib.TopologicalSorter(graph).prepare()
@@ -204,8 +242,10 @@ def test_the_core_imports_no_ros() -> None:
 def test_the_checker_sees_function_level_imports(tmp_path: Path) -> None:
     """The walk finds imports inside functions and TYPE_CHECKING blocks, and resolves relative ones."""
     src = tmp_path / "m.py"
-    src.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pnv_ros.extract import X\n"
-                   "def f():\n    from pnv_ros.model import checkpoint\n    import pnv_ros.cli\n")  # fmt: skip
+    src.write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pnv_ros.extract import X\n"
+        "def f():\n    from pnv_ros.model import checkpoint\n    import pnv_ros.cli\n"
+    )
     found = _imports("pnv_ros.model.fitting", src, set(_modules()))
     assert {"pnv_ros.extract", "pnv_ros.model.checkpoint", "pnv_ros.cli"} <= found
-    assert layer_of("pnv_ros.extract") > layer_of("pnv_ros.model.fitting")  # type: ignore[operator]
+    assert layer_of("pnv_ros.extract") > layer_of("pnv_ros.model.fitting")

@@ -31,7 +31,7 @@ def test_rclpy_is_installed_in_ci() -> None:
     assert "rclpy" in sys.modules  # the importorskip above must never skip in CI
 
 
-def _pool_submissions_per_message(executor_cls) -> tuple[float, int]:  # type: ignore[no-untyped-def]
+def _pool_submissions_per_message(executor_cls) -> tuple[float, int]:
     """Odometry at 200 Hz for 2 s into a subscription spun by ``executor_cls`` (4 threads, in this process);
     how often the executor handed a callback to its thread pool per message received, and the messages."""
     from nav_msgs.msg import Odometry
@@ -42,14 +42,15 @@ def _pool_submissions_per_message(executor_cls) -> tuple[float, int]:  # type: i
     try:
         node = rclpy.create_node("executor_probe", context=ctx)
         got: list[int] = []
-        node.create_subscription(Odometry, "probe_odom", lambda m: got.append(1), 100,
-                                 callback_group=MutuallyExclusiveCallbackGroup())  # fmt: skip
+        node.create_subscription(
+            Odometry, "probe_odom", lambda m: got.append(1), 100, callback_group=MutuallyExclusiveCallbackGroup()
+        )
         pub = node.create_publisher(Odometry, "probe_odom", 100)
         ex = executor_cls(num_threads=4, context=ctx)
         ex.add_node(node)
         submitted, submit = [0], ex._executor.submit
 
-        def counting(*a, **k):  # type: ignore[no-untyped-def]
+        def counting(*a, **k):
             submitted[0] += 1
             return submit(*a, **k)
 
@@ -113,9 +114,14 @@ class Client:
         self.node.create_subscription(Header, "loop_closure/processed", self.acks.append, 1000)
         self.clients = {
             n: self.node.create_client(t, f"loop_closure/{n}")
-            for n, t in (("query_place", QueryPlace), ("verify_pair", VerifyPair), ("save_map", MapCommand),
-                         ("load_map", MapCommand), ("reset_map", MapCommand))
-        }  # fmt: skip
+            for n, t in (
+                ("query_place", QueryPlace),
+                ("verify_pair", VerifyPair),
+                ("save_map", MapCommand),
+                ("load_map", MapCommand),
+                ("reset_map", MapCommand),
+            )
+        }
 
     def spin_until(self, cond, timeout: float) -> bool:
         end = time.time() + timeout
@@ -125,14 +131,14 @@ class Client:
                 return True
         return False
 
-    def call(self, name: str, req, timeout: float = 30.0):  # type: ignore[no-untyped-def]
+    def call(self, name: str, req, timeout: float = 30.0):
         c = self.clients[name]
         assert c.wait_for_service(timeout_sec=30), f"service {name} not available"
         fut = c.call_async(req)
         assert self.spin_until(fut.done, timeout), f"service {name} timed out"
         return fut.result()
 
-    def wait_ready(self, pub=None) -> None:  # type: ignore[no-untyped-def]
+    def wait_ready(self, pub=None) -> None:
         assert self.clients["reset_map"].wait_for_service(timeout_sec=120), "node did not come up"
         pub = pub or self.pub
         assert self.spin_until(lambda: pub.get_subscription_count() > 0, 30)
@@ -261,8 +267,13 @@ def test_node_keeps_a_map_it_cannot_load(ros: Client, tmp_path: Path) -> None:
     try:
         ros.wait_ready()
         assert ros.spin_until(
-            lambda: any(s.level == DiagnosticStatus.ERROR and "load_map: site.npz failed to load at start" in s.message
-                        for d in diags for s in d.status), 20)  # fmt: skip
+            lambda: any(
+                s.level == DiagnosticStatus.ERROR and "load_map: site.npz failed to load at start" in s.message
+                for d in diags
+                for s in d.status
+            ),
+            20,
+        )
         r = ros.call("query_place", QueryPlace.Request(mode=QueryPlace.Request.BY_ID, keyframe_id=0, top_n=2**32 - 1))
         assert not r.success and "top_n 4294967295 is above 1000" in r.message, r.message
     finally:
@@ -284,8 +295,17 @@ def test_node_compressed_odometry_pose_markers(ros: Client, tmp_path: Path) -> N
 
     # Frame 63 revisits frame 22 a metre or so aside: enough parallax for a direction (frame 62, from nearly the
     # same spot, gets no pose: the direction is not observable there); its score, 0.11, is under the default.
-    node = start_node(tmp_path, "-p", "compressed:=true", "-p", "matcher:=ransac",
-                      "-p", "exclude_recent_keyframes:=1", "-p", "min_score:=0.05")  # fmt: skip
+    node = start_node(
+        tmp_path,
+        "-p",
+        "compressed:=true",
+        "-p",
+        "matcher:=ransac",
+        "-p",
+        "exclude_recent_keyframes:=1",
+        "-p",
+        "min_score:=0.05",
+    )
     n = ros.node
     pub = n.create_publisher(CompressedImage, "image/compressed", 10)
     pub_info = n.create_publisher(CameraInfo, "camera_info", 10)
@@ -366,8 +386,18 @@ def test_node_robot_inputs(ros: Client, tmp_path: Path, random_ckpt: Path) -> No
     from pnv_ros.place_map import PlaceMap
 
     # use_sim_time without a /clock: diagnostics still come (steady timer); integers for float parameters.
-    node = start_node(tmp_path, "-p", "image_qos:=reliable", "-p", "use_sim_time:=true", "-p", "min_interval_s:=0",
-                      "-p", "memory_budget_mb:=500", *(["-p", "bfloat16:=true"] if CPU_BF16 else []))  # fmt: skip
+    node = start_node(
+        tmp_path,
+        "-p",
+        "image_qos:=reliable",
+        "-p",
+        "use_sim_time:=true",
+        "-p",
+        "min_interval_s:=0",
+        "-p",
+        "memory_budget_mb:=500",
+        *(["-p", "bfloat16:=true"] if CPU_BF16 else []),
+    )
     n = ros.node
     best_effort = n.create_publisher(Image, "image", qos_profile_sensor_data)
     pub_odom = n.create_publisher(Odometry, "odom", 50)
@@ -383,8 +413,11 @@ def test_node_robot_inputs(ros: Client, tmp_path: Path, random_ckpt: Path) -> No
         # -- a best-effort camera against a reliable subscription: the node says so ---------------
         ros.spin_until(lambda: False, 3.0)
         assert ros.spin_until(
-            lambda: any(s.level == DiagnosticStatus.ERROR and "incompatible QoS" in s.message
-                        for d in diags for s in d.status), 20)  # fmt: skip
+            lambda: any(
+                s.level == DiagnosticStatus.ERROR and "incompatible QoS" in s.message for d in diags for s in d.status
+            ),
+            20,
+        )
         assert best_effort.get_subscription_count() == 0  # incompatible: never matched
         # -- odometry a driver never stamped (0): frames find no pose, and diagnostics say so ----------
         assert ros.spin_until(lambda: pub_odom.get_subscription_count() > 0, 30)
@@ -396,8 +429,13 @@ def test_node_robot_inputs(ros: Client, tmp_path: Path, random_ckpt: Path) -> No
             assert ros.spin_until(lambda sec=sec: any(a.stamp.sec == sec for a in acks), 60)
         assert [a.frame_id for a in acks] == ["no_information"] * 3 and not ros.keyframes
         assert ros.spin_until(
-            lambda: any(s.level >= DiagnosticStatus.WARN and "3 x frames without odometry" in s.message
-                        for d in diags for s in d.status), 5)  # fmt: skip
+            lambda: any(
+                s.level >= DiagnosticStatus.WARN and "3 x frames without odometry" in s.message
+                for d in diags
+                for s in d.status
+            ),
+            5,
+        )
         acks.clear()
         # -- a camera that does not move: ten minutes of stamps, one keyframe, no loop -------------
         rng = np.random.default_rng(0)
@@ -456,9 +494,16 @@ def test_node_robot_inputs(ros: Client, tmp_path: Path, random_ckpt: Path) -> No
         g = np.ones(dim, np.float32) / np.sqrt(dim)
         other.add(PlaceFeatures(g, [np.ones((936, dim), np.float32)], (640, 480)), 1)
         other.save(tmp_path / "othermodel.npz")
-        for name, needle in (("garbage", "corrupt"), ("empty", "corrupt"), ("truncated", "corrupt"),
-                             ("nometa", "meta"), ("nocount", "count"), ("othermodel", "64-d"), ("missing", "not exist"),
-                             ("../etc/passwd", "bad map name")):  # fmt: skip
+        for name, needle in (
+            ("garbage", "corrupt"),
+            ("empty", "corrupt"),
+            ("truncated", "corrupt"),
+            ("nometa", "meta"),
+            ("nocount", "count"),
+            ("othermodel", "64-d"),
+            ("missing", "not exist"),
+            ("../etc/passwd", "bad map name"),
+        ):
             r = ros.call("load_map", MapCommand.Request(name=name))
             assert not r.success and needle in r.message and r.keyframes == kf, (name, r.message)
         r = ros.call("query_place", QueryPlace.Request(mode=QueryPlace.Request.BY_ID, keyframe_id=0, top_n=3))

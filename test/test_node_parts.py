@@ -120,8 +120,9 @@ def test_event_log_counts_the_window() -> None:
 
 
 def test_report_values() -> None:
-    vals = D.report_values({"loops": 2}, {"dropped": 1}, {"bad": 0}, {"keyframe": 3},
-                           {"extract": [0.1, 0.3, 0.2], "commit": []})  # fmt: skip
+    vals = D.report_values(
+        {"loops": 2}, {"dropped": 1}, {"bad": 0}, {"keyframe": 3}, {"extract": [0.1, 0.3, 0.2], "commit": []}
+    )
     assert vals["loops"] == "2" and vals["worker_dropped"] == "1" and vals["bad"] == "0"
     assert vals["recent_keyframe"] == "3" and vals["latency_extract_p50_ms"] == "200.0"
     assert vals["latency_extract_max_ms"] == "300.0" and "latency_commit_p50_ms" not in vals
@@ -223,7 +224,7 @@ def test_camera_matrix_from_camera_info() -> None:
     m, other, warning = cam.for_sizes((512, 384))
     assert m is not None and m[0, 0] == 410.0 and not other and warning is None  # P (rectified) before K
     assert cam.update([0.0] * 12, K, 0, 0) == (True, None)  # P empty: K; no size given: any size
-    assert cam.for_sizes((10, 10))[0][0, 0] == 400.0  # type: ignore[index]
+    assert cam.for_sizes((10, 10))[0][0, 0] == 400.0
     bad = [400.0, 0.0, float("nan"), 0.0, 400.0, 192.0, 0.0, 0.0, 1.0]
     ok, warning = cam.update([0.0] * 12, bad, 512, 384)
     assert not ok and warning and "camera_info ignored" in warning and cam.for_sizes((512, 384))[0] is None

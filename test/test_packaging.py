@@ -360,8 +360,11 @@ def test_setup_sh_routes_every_pip_install_through_pip_q() -> None:
     for line in text.splitlines():
         if "pip" in line and "|| true" in line:
             assert "pip check" in line, f"pip failure hidden: {line}"
-    for step in ("-r requirements.txt", "--no-build-isolation -e . --config-settings editable_mode=compat",
-                 "--no-deps patchnetvlad==0.1.8"):  # fmt: skip
+    for step in (
+        "-r requirements.txt",
+        "--no-build-isolation -e . --config-settings editable_mode=compat",
+        "--no-deps patchnetvlad==0.1.8",
+    ):
         assert f"pip_q install -q {step}" in text
 
 
@@ -437,8 +440,17 @@ class _Rec:
 
 
 def _stub_launch(monkeypatch: pytest.MonkeyPatch) -> dict[str, type]:
-    classes = {n: type(n, (_Rec,), {}) for n in ("LaunchDescription", "DeclareLaunchArgument", "LaunchConfiguration",
-                                                 "Node", "ParameterValue", "FindPackageShare")}  # fmt: skip
+    classes = {
+        n: type(n, (_Rec,), {})
+        for n in (
+            "LaunchDescription",
+            "DeclareLaunchArgument",
+            "LaunchConfiguration",
+            "Node",
+            "ParameterValue",
+            "FindPackageShare",
+        )
+    }
     modules = {
         "launch": ["LaunchDescription"],
         "launch.actions": ["DeclareLaunchArgument"],

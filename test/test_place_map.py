@@ -205,13 +205,13 @@ def test_failed_save_leaves_previous_file(fail_at: str, pmap: PlaceMap, tmp_path
     real_add_blocks = pnv_ros.storage.NpzWriter.add_blocks
     calls = []
 
-    def failing(self, name, shape, dtype, blocks):  # type: ignore[no-untyped-def]
+    def failing(self, name, shape, dtype, blocks):
         calls.append(name)
         if fail_at == "second_array" and len(calls) == 2:
             raise OSError(28, "No space left on device (simulated)")
         if fail_at == "midway_through_patches" and name.startswith("patches_"):
 
-            def first_block_then_full(it):  # type: ignore[no-untyped-def]
+            def first_block_then_full(it):
                 yield next(it)
                 raise OSError(28, "No space left on device (simulated)")
 
@@ -269,8 +269,9 @@ def test_spill_folders_of_dead_processes_are_removed(tmp_path: Path, rng, monkey
     assert m.keyframes_on_disk > 0
     (own,) = tmp_path.glob(f"{SPILL_PREFIX}*")
     assert own.name.startswith(f"{SPILL_PREFIX}{os.getpid()}_")
-    gone_pid = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                              text=True, check=True).stdout.strip()  # fmt: skip
+    gone_pid = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    ).stdout.strip()
     gone, unnamed = tmp_path / f"{SPILL_PREFIX}{gone_pid}_x1", tmp_path / f"{SPILL_PREFIX}nopid"
     for d in (gone, unnamed):
         d.mkdir()
@@ -334,7 +335,7 @@ def _with_object_array(path: Path) -> bytes:
     return b.getvalue()
 
 
-def _truncated(fraction: float):  # type: ignore[no-untyped-def]
+def _truncated(fraction: float):
     return lambda p: p.read_bytes()[: int(len(p.read_bytes()) * fraction)]
 
 
@@ -433,8 +434,11 @@ def test_memory_budget_spills_with_same_answers(preset, tmp_path: Path, rng) -> 
     assert isinstance(small.patches(0)[0], np.memmap) and not isinstance(small.patches(29)[0], np.memmap)
     pm = PatchMatcher(preset)
     ids = [0, 7, 19, 28, 29]  # spilled (early and late in the spill file) and in RAM
-    q = PlaceFeatures(feats[7].global_desc, [p + 0.05 * rng.standard_normal(p.shape).astype(np.float32)
-                                             for p in feats[7].patches], (640, 480))  # fmt: skip
+    q = PlaceFeatures(
+        feats[7].global_desc,
+        [p + 0.05 * rng.standard_normal(p.shape).astype(np.float32) for p in feats[7].patches],
+        (640, 480),
+    )
     a = pm.score(q, [full.get(i).features for i in ids]).raw
     b = pm.score(q, [small.get(i).features for i in ids]).raw
     np.testing.assert_array_equal(a, b)
@@ -508,8 +512,10 @@ def test_two_thousand_spilled_keyframes_under_256_file_descriptors(tmp_path: Pat
     r = subprocess.run([sys.executable, "-c", _FD_SCRIPT, str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    print(f"\nfd counts: start {out['fds_start']}, max while adding {out['fds_max']}, "
-          f"after load {out['fds_after_load']}, end {out['fds_end']}")  # fmt: skip
+    print(
+        f"\nfd counts: start {out['fds_start']}, max while adding {out['fds_max']}, "
+        f"after load {out['fds_after_load']}, end {out['fds_end']}"
+    )
     assert out["n"] == 2000 and out["spill_failures"] == 0 and out["trouble"] is None
     assert out["own_ids"] and out["stamps_ok"]  # ids never shift
     assert out["ram"] <= out["budget"] and out["on_disk"] >= 2000 - out["budget"] // KF16
@@ -549,7 +555,7 @@ def test_spill_failing_for_one_scale_loses_nothing(tmp_path: Path, rng, monkeypa
     real = place_map._Column.spill_oldest
     failed = []
 
-    def second_scale_fails_twice(self, k, folder):  # type: ignore[no-untyped-def]
+    def second_scale_fails_twice(self, k, folder):
         if self.p == PERF.num_patches(1) and len(failed) < 2:
             failed.append(k)
             raise OSError(24, "Too many open files (simulated)")
@@ -580,7 +586,7 @@ def test_add_is_all_or_nothing(pmap: PlaceMap, rng, monkeypatch) -> None:
     real_add = pmap.index.add
     fails = [1]
 
-    def faiss_fails_once(descs):  # type: ignore[no-untyped-def]
+    def faiss_fails_once(descs):
         if fails:
             fails.pop()
             raise RuntimeError("Error in faiss::IndexFlat::add (simulated)")
@@ -637,16 +643,29 @@ def test_invariant_check_runs_after_every_add(pmap: PlaceMap, rng) -> None:
 def test_version_1_map_still_loads(patch_dtype: str, tmp_path: Path, rng) -> None:
     n = 40
     feats = [_feat(rng) for _ in range(n)]
-    meta = {"format": "pnv_ros.place_map", "version": 1, "dim": 16, "preset": SPEED.to_dict(), "model_id": MODEL,
-            "index_kind": "flat", "count": n, "patch_dtype": patch_dtype}  # fmt: skip
+    meta = {
+        "format": "pnv_ros.place_map",
+        "version": 1,
+        "dim": 16,
+        "preset": SPEED.to_dict(),
+        "model_id": MODEL,
+        "index_kind": "flat",
+        "count": n,
+        "patch_dtype": patch_dtype,
+    }
     positions = np.full((n, 3), np.nan)
     positions[1] = [1, 2, 3]
     path = tmp_path / "v1.npz"
     with open(path, "wb") as f:  # what pnv_ros wrote before: np.savez of whole arrays
-        np.savez(f, meta=np.array(json.dumps(meta)), stamps=np.arange(n, dtype=np.int64) * 10**9,
-                 **{"global": np.stack([x.global_desc for x in feats])},
-                 image_sizes=np.tile(np.array([[512, 384]], np.int64), (n, 1)), positions=positions,
-                 patches_p5=np.stack([x.patches[0] for x in feats]).astype(patch_dtype))  # fmt: skip
+        np.savez(
+            f,
+            meta=np.array(json.dumps(meta)),
+            stamps=np.arange(n, dtype=np.int64) * 10**9,
+            **{"global": np.stack([x.global_desc for x in feats])},
+            image_sizes=np.tile(np.array([[512, 384]], np.int64), (n, 1)),
+            positions=positions,
+            patches_p5=np.stack([x.patches[0] for x in feats]).astype(patch_dtype),
+        )
     m = PlaceMap.load(path, 16, SPEED, expect_model_id=MODEL)
     assert len(m) == n and m.patch_dtype == np.dtype(patch_dtype) and m.model_id == MODEL
     assert list(m.stamps) == [i * 10**9 for i in range(n)] and m.get(3).features.image_size == (512, 384)

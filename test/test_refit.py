@@ -139,8 +139,9 @@ def test_cli_errors(twelve: Path, tmp_path: Path, capsys: pytest.CaptureFixture)
 
 
 @pytest.mark.slow
-def test_vgg_refit_from_a_folder_and_from_a_bag_is_the_same_file(random_ckpt: Path, twelve: Path,
-                                                                 tmp_path: Path) -> None:  # fmt: skip
+def test_vgg_refit_from_a_folder_and_from_a_bag_is_the_same_file(
+    random_ckpt: Path, twelve: Path, tmp_path: Path
+) -> None:
     from pnv_ros.bags import make_bag
 
     a = refit.refit_model(random_ckpt, refit.folder_images([twelve]), tmp_path / "a.pth.tar")
@@ -161,8 +162,13 @@ def test_vgg_refit_from_a_folder_and_from_a_bag_is_the_same_file(random_ckpt: Pa
     assert ma["sha256"] == file_sha256(a) and ma["refit_of"]["sha256"] == src_info.sha256
     assert (ma["family"], ma["num_clusters"], ma["dim"], ma["fitting"]["images"]) == ("netvlad_vgg16", 16, 64, 12)
     assert ma["fitting"]["source"] == {"kind": "images", "paths": [str(twelve)], "available": 12, "sampled": 12}
-    assert mb["fitting"]["source"] == {"kind": "bag", "path": str(bag), "topic": "/camera/image", "available": 12,
-                                       "sampled": 12}  # fmt: skip
+    assert mb["fitting"]["source"] == {
+        "kind": "bag",
+        "path": str(bag),
+        "topic": "/camera/image",
+        "available": 12,
+        "sampled": 12,
+    }
     assert ma["fitting"]["pca"]["samples"] == 12 * 25 and ma["features"]["input_height"] == 480
 
     # A map made with the refitted vocabulary refuses the original model (same 64 dimensions: by the hash),
@@ -184,15 +190,35 @@ def test_vgg_refit_from_a_folder_and_from_a_bag_is_the_same_file(random_ckpt: Pa
 @pytest.mark.slow
 def test_cli_refits_the_default_model_by_name_and_extract_takes_it(default_ckpt: Path, tmp_path: Path) -> None:
     out = tmp_path / "site.pth.tar"
-    r = run("models", "refit", "default", "--images", str(RTAB), "--max-images", "12", "--dims", "32", "--out",
-            str(out), "-q")  # fmt: skip
+    r = run(
+        "models",
+        "refit",
+        "default",
+        "--images",
+        str(RTAB),
+        "--max-images",
+        "12",
+        "--dims",
+        "32",
+        "--out",
+        str(out),
+        "-q",
+    )
     assert r.returncode == 0, r.stderr
     assert f"wrote {out}" in r.stdout and "on 12 images (12 of 84 sampled), 64 words, 32 dimensions" in r.stdout
     info = checkpoint_info(out)
     assert (info.family, info.num_clusters, info.dim) == ("netvlad_vgg16", 64, 32)
     assert meta_of(out)["refit_of"]["sha256"] == file_sha256(default_ckpt)
-    r = run("extract", "--checkpoint", str(out), "--out", str(tmp_path / "f.npz"), "-q",
-            str(rtab_frame(3)), str(rtab_frame(44)))  # fmt: skip
+    r = run(
+        "extract",
+        "--checkpoint",
+        str(out),
+        "--out",
+        str(tmp_path / "f.npz"),
+        "-q",
+        str(rtab_frame(3)),
+        str(rtab_frame(44)),
+    )
     assert r.returncode == 0, r.stderr
     fs = FeatureSet.load(tmp_path / "f.npz")
     assert fs.dim == 32 and fs.model_id == info.identity and fs.preset.backbone == "vgg16"
@@ -202,16 +228,29 @@ def test_cli_refits_the_default_model_by_name_and_extract_takes_it(default_ckpt:
 
 
 @pytest.mark.slow
-def test_dinov2_refit_keeps_layer_facet_input_and_is_reproducible(dinov2_ckpt: Path, twelve: Path,
-                                                                  tmp_path: Path) -> None:  # fmt: skip
+def test_dinov2_refit_keeps_layer_facet_input_and_is_reproducible(
+    dinov2_ckpt: Path, twelve: Path, tmp_path: Path
+) -> None:
     imgs = tmp_path / "imgs"
     imgs.mkdir()
     for f in twelve.iterdir():
         (imgs / f.name).symlink_to(f.resolve())
     (imgs / "99.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")  # skipped and counted
     out = tmp_path / "dino_site.pth.tar"
-    r = run("models", "refit", "dinov2_vlad", "--images", str(imgs), "--clusters", "16", "--dims", "32",
-            "--out", str(out), "-q")  # fmt: skip
+    r = run(
+        "models",
+        "refit",
+        "dinov2_vlad",
+        "--images",
+        str(imgs),
+        "--clusters",
+        "16",
+        "--dims",
+        "32",
+        "--out",
+        str(out),
+        "-q",
+    )
     assert r.returncode == 0, r.stderr
     assert "12 images (13 of 13 sampled, 1 undecodable skipped), 16 words, 32 dimensions" in r.stdout, r.stdout
     src, src_info = load_checkpoint(dinov2_ckpt)
@@ -225,11 +264,13 @@ def test_dinov2_refit_keeps_layer_facet_input_and_is_reproducible(dinov2_ckpt: P
     assert m["fitting"]["undecodable"] == 1 and "99.png" in m["fitting"]["undecodable_first"][0]
     assert m["features"] == src.config() and m["refit_of"]["sha256"] == src_info.sha256
     # the same inputs again (through the library): byte-identical
-    again = refit.refit_model(dinov2_ckpt, refit.folder_images([imgs]), tmp_path / "again.pth.tar",
-                              num_clusters=16, num_pcs=32)  # fmt: skip
+    again = refit.refit_model(
+        dinov2_ckpt, refit.folder_images([imgs]), tmp_path / "again.pth.tar", num_clusters=16, num_pcs=32
+    )
     assert again.read_bytes() == out.read_bytes()
-    other = refit.refit_model(dinov2_ckpt, refit.folder_images([imgs]), tmp_path / "other.pth.tar",
-                              num_clusters=16, num_pcs=32, seed=1)  # fmt: skip
+    other = refit.refit_model(
+        dinov2_ckpt, refit.folder_images([imgs]), tmp_path / "other.pth.tar", num_clusters=16, num_pcs=32, seed=1
+    )
     assert other.read_bytes() != out.read_bytes() and meta_of(other)["fitting"]["kmeans"]["seed"] == 1
     assert m["fitting"]["kmeans"]["seed"] == 0  # the default: the builders' seed
     r = run("extract", "--checkpoint", str(out), "--out", str(tmp_path / "f.npz"), "-q", str(rtab_frame(5)))

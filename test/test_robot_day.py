@@ -70,8 +70,10 @@ class Robot:
         self.node.create_subscription(Keyframe, "loop_closure/keyframes", self.keyframes.append, 100)
         self.acks: list[Header] = []  # the node's word on every frame it took (keyframe, no_motion, ...)
         self.node.create_subscription(Header, "loop_closure/processed", self.acks.append, 1000)
-        self.srv = {n: self.node.create_client(MapCommand if n != "query_place" else QueryPlace, f"loop_closure/{n}")
-                    for n in ("query_place", "save_map", "load_map")}  # fmt: skip
+        self.srv = {
+            n: self.node.create_client(MapCommand if n != "query_place" else QueryPlace, f"loop_closure/{n}")
+            for n in ("query_place", "save_map", "load_map")
+        }
         self.ex = SingleThreadedExecutor()  # rclpy 9.1's MultiThreadedExecutor spins a core (node.Executor)
         self.ex.add_node(self.node)
         threading.Thread(target=self.ex.spin, daemon=True).start()
@@ -82,8 +84,10 @@ class Robot:
         self.shown: list[tuple[int, int]] = []  # (stamp ns, frame) of every published image
         self.stop = threading.Event()
         self.jitter = np.random.default_rng(0)
-        self.threads = [threading.Thread(target=self._loop, args=(p, h), daemon=True)
-                        for p, h in ((self._publish_image, CAMERA_HZ), (self._publish_odom, ODOM_HZ))]  # fmt: skip
+        self.threads = [
+            threading.Thread(target=self._loop, args=(p, h), daemon=True)
+            for p, h in ((self._publish_image, CAMERA_HZ), (self._publish_odom, ODOM_HZ))
+        ]
 
     @staticmethod
     def _load(i: int) -> np.ndarray:
@@ -93,7 +97,7 @@ class Robot:
         for t in self.threads:
             t.start()
 
-    def _loop(self, fn, hz: float) -> None:  # type: ignore[no-untyped-def]
+    def _loop(self, fn, hz: float) -> None:
         nxt = time.monotonic()
         while not self.stop.is_set():
             fn()
@@ -162,7 +166,7 @@ class Robot:
             if rate is not None:
                 self.rate = rate
 
-    def call(self, name: str, req, timeout: float = 60.0):  # type: ignore[no-untyped-def]
+    def call(self, name: str, req, timeout: float = 60.0):
         c = self.srv[name]
         assert c.wait_for_service(timeout_sec=60), f"service {name} not available"
         fut = c.call_async(req)
@@ -314,12 +318,14 @@ def test_a_day_on_a_robot(tmp_path: Path) -> None:
 
     pairs2 = [(frame_of[lc.query_id], frame_of[lc.match_id]) for lc in day2_loops]
     ok2 = [min(abs(place(q) - place(m)), LAP - abs(place(q) - place(m))) <= 2 for q, m in pairs2]
-    print(f"\nday on a robot: lap 1 {n_lap1} keyframes; standing still {len(still_keyframes)} keyframes, "
-          f"{len(still_loops)} loops; {len(day1_kfs)} keyframes, {len(pairs)} loops, precision {precision:.3f}, "
-          f"recall {recall:.3f} ({len(found & set(revisits))}/{len(revisits)}); after restart "
-          f"{len(day2_kfs)} keyframes, {sum(ok2)}/{len(pairs2)} loops right; frames taken by the node: "
-          f"{ {s: [a.frame_id for a in robot.acks].count(s) for s in {a.frame_id for a in robot.acks}} }; "
-          f"keyframes show frames {[frame_of[i] for i in sorted(frame_of)]}")  # fmt: skip
+    print(
+        f"\nday on a robot: lap 1 {n_lap1} keyframes; standing still {len(still_keyframes)} keyframes, "
+        f"{len(still_loops)} loops; {len(day1_kfs)} keyframes, {len(pairs)} loops, precision {precision:.3f}, "
+        f"recall {recall:.3f} ({len(found & set(revisits))}/{len(revisits)}); after restart "
+        f"{len(day2_kfs)} keyframes, {sum(ok2)}/{len(pairs2)} loops right; frames taken by the node: "
+        f"{ {s: [a.frame_id for a in robot.acks].count(s) for s in {a.frame_id for a in robot.acks}} }; "
+        f"keyframes show frames {[frame_of[i] for i in sorted(frame_of)]}"
+    )
     # Keyframes bounded by the distance driven: at most one per min_travel_m (0.5 m) of the 40 m a lap, plus
     # one per turn and the first.
     assert n_lap1 <= 85 and len(day1_kfs) <= 2 * 85 and len(day2_kfs) <= 25, (n_lap1, len(day1_kfs), len(day2_kfs))

@@ -38,19 +38,26 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("train_cache")
 
 
-def _data(pairs: Path):  # type: ignore[no-untyped-def]
+def _data(pairs: Path):
     from pnv_ros.training.datasets import from_pairs
 
     return from_pairs(pairs / "ref", pairs / "query", pairs / "gt.npy")
 
 
-def _train(pairs: Path, out: Path, cache_dir: Path, epochs: int, resume: Path | None = None, **cfg):  # type: ignore[no-untyped-def]
+def _train(pairs: Path, out: Path, cache_dir: Path, epochs: int, resume: Path | None = None, **cfg):
     from pnv_ros.model.registry import default_checkpoint_path
     from pnv_ros.training.trainer import TrainConfig, train_model
 
     config = TrainConfig(epochs=epochs, lr=0.01, **{**SMALL, **cfg})
-    return train_model(_data(pairs), out, init=None if resume else default_checkpoint_path(), resume=resume,
-                       config=config, cache_dir=cache_dir, log=lambda m: None)  # fmt: skip
+    return train_model(
+        _data(pairs),
+        out,
+        init=None if resume else default_checkpoint_path(),
+        resume=resume,
+        config=config,
+        cache_dir=cache_dir,
+        log=lambda m: None,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -117,9 +124,23 @@ def test_output_loads_in_every_command(two_epochs, tmp_path: Path) -> None:
     for name in ("model_best.pth.tar", "history.json", "training.png"):
         assert (res.work_dir / name).stat().st_size > 0
     assert [h.epoch for h in res.history] == [0, 1, 2]
-    r = subprocess.run([sys.executable, "-m", "pnv_ros.cli", "extract", "--checkpoint", str(res.out), "--out",
-                        str(tmp_path / "f.npz"), "-q", str(CORRIDOR / "query" / "0000050.jpg")],
-                       capture_output=True, text=True, env=os.environ)  # fmt: skip
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pnv_ros.cli",
+            "extract",
+            "--checkpoint",
+            str(res.out),
+            "--out",
+            str(tmp_path / "f.npz"),
+            "-q",
+            str(CORRIDOR / "query" / "0000050.jpg"),
+        ],
+        capture_output=True,
+        text=True,
+        env=os.environ,
+    )
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "f.npz").is_file()
 
@@ -152,17 +173,21 @@ def test_bad_inputs_are_refused(pairs: Path, cache_dir: Path, two_epochs, tmp_pa
     with pytest.raises(ConfigError, match="other images"):
         _train(other, tmp_path / "y.pth.tar", cache_dir, 3, resume=two_epochs.work_dir / "checkpoint.pth.tar")
     with pytest.raises(ConfigError, match="trainable layers"):
-        train_model(_data(pairs), tmp_path / "z.pth.tar", init=two_epochs.out,
-                    config=TrainConfig(layers="conv4", **SMALL))  # fmt: skip
+        train_model(
+            _data(pairs), tmp_path / "z.pth.tar", init=two_epochs.out, config=TrainConfig(layers="conv4", **SMALL)
+        )
     # the same images with other ground truth: its best score would not be comparable
     from pnv_ros.training.datasets import from_pairs
 
     i = np.arange(PLACES)
     np.save(tmp_path / "gt1.npy", (np.abs(i[:, None] - i[None]) <= 1).astype(np.uint8))
     with pytest.raises(ConfigError, match="other ground truth"):
-        train_model(from_pairs(pairs / "ref", pairs / "query", tmp_path / "gt1.npy"), tmp_path / "g.pth.tar",
-                    resume=two_epochs.work_dir / "checkpoint.pth.tar",
-                    config=TrainConfig(epochs=3, **SMALL))  # fmt: skip
+        train_model(
+            from_pairs(pairs / "ref", pairs / "query", tmp_path / "gt1.npy"),
+            tmp_path / "g.pth.tar",
+            resume=two_epochs.work_dir / "checkpoint.pth.tar",
+            config=TrainConfig(epochs=3, **SMALL),
+        )
     # a fresh run into a folder holding a run, or into an input folder: refused before any work
     with pytest.raises(ConfigError, match="holds a run"):
         train_model(_data(pairs), tmp_path / "h.pth.tar", init=two_epochs.out, work_dir=two_epochs.work_dir)
@@ -175,15 +200,27 @@ def test_bad_inputs_are_refused(pairs: Path, cache_dir: Path, two_epochs, tmp_pa
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pnv_ros.cli", *args], capture_output=True, text=True,
-                          env=os.environ)  # fmt: skip
+    return subprocess.run([sys.executable, "-m", "pnv_ros.cli", *args], capture_output=True, text=True, env=os.environ)
 
 
 def test_cli_train(pairs: Path, cache_dir: Path, tmp_path: Path, default_ckpt: Path) -> None:
     """pnv train (layout a) through the command line; a malformed ground truth is one line and writes nothing."""
     out = tmp_path / "m.pth.tar"
-    common = ["train", "--pairs", str(pairs / "ref"), str(pairs / "query"), "--epochs", "1", "--dims", "128",
-              "--negatives", "3", "--cache-dir", str(cache_dir), "-q"]  # fmt: skip
+    common = [
+        "train",
+        "--pairs",
+        str(pairs / "ref"),
+        str(pairs / "query"),
+        "--epochs",
+        "1",
+        "--dims",
+        "128",
+        "--negatives",
+        "3",
+        "--cache-dir",
+        str(cache_dir),
+        "-q",
+    ]
     r = _cli(*common, "--gt", str(pairs / "gt.npy"), "--out", str(out))
     assert r.returncode == 0, r.stderr
     assert "best epoch" in r.stdout and out.is_file()
@@ -203,8 +240,9 @@ def test_add_pca_reproduces_a_built_model(tmp_path: Path, default_ckpt: Path) ->
     fit.mkdir()
     for i in range(0, 96, 4):
         shutil.copy(CORRIDOR / "ref" / f"{i:07d}.jpg", fit / f"{i:07d}.jpg")
-    built = build_default_model(sorted(fit.iterdir()), tmp_path / "built.pth.tar",
-                                wheel_dir=default_ckpt.parent / "wheels")  # fmt: skip
+    built = build_default_model(
+        sorted(fit.iterdir()), tmp_path / "built.pth.tar", wheel_dir=default_ckpt.parent / "wheels"
+    )
     out = tmp_path / "again.pth.tar"
     r = _cli("add-pca", str(built), "--images", str(fit), "--dims", "512", "--out", str(out), "-q")
     assert r.returncode == 0, r.stderr
@@ -228,8 +266,14 @@ def test_dinov2_family_trains_its_aggregation(pairs: Path, cache_dir: Path, tmp_
     from pnv_ros.training.trainer import TrainConfig, train_model
 
     src = resolve_checkpoint("dinov2_vlad")
-    res = train_model(_data(pairs), tmp_path / "d.pth.tar", init=src, config=TrainConfig(epochs=1, lr=0.01, **SMALL),
-                      cache_dir=cache_dir, log=lambda m: None)  # fmt: skip
+    res = train_model(
+        _data(pairs),
+        tmp_path / "d.pth.tar",
+        init=src,
+        config=TrainConfig(epochs=1, lr=0.01, **SMALL),
+        cache_dir=cache_dir,
+        log=lambda m: None,
+    )
     model, info = load_checkpoint(res.out)
     source, _ = load_checkpoint(src)
     assert info.family == "dinov2_vlad" and model.num_pcs == 128

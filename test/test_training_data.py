@@ -157,7 +157,7 @@ def test_positions_rule_errors(sequence: tuple[Path, Path]) -> None:
         (lambda rows: rows[:1], r"has no rows"),
     ],
 )
-def test_positions_malformed(sequence: tuple[Path, Path], tmp_path: Path, edit, match: str) -> None:  # type: ignore[no-untyped-def]
+def test_positions_malformed(sequence: tuple[Path, Path], tmp_path: Path, edit, match: str) -> None:
     d, csv = sequence
     bad = tmp_path / "bad_positions.csv"
     bad.write_text("\n".join(edit(csv.read_text().splitlines())) + "\n")
@@ -225,7 +225,7 @@ def test_bag_drops_undecodable_and_unplaced_frames(tmp_path: Path, monkeypatch: 
     make_bag(d, bag, poses=poses)
     frames = bags.BagReader.frames
 
-    def damaged(self, only=None):  # type: ignore[no-untyped-def]  # frame 3 undecodable, frame 5 without odometry
+    def damaged(self, only=None):  # frame 3 undecodable, frame 5 without odometry
         for fr in frames(self, only):
             if fr.index == 3:
                 fr.rgb, fr.error = None, "broken"
@@ -320,8 +320,9 @@ def _msls_side(d: Path, rows: list[tuple[str, float, float, bool]], first: int) 
 def test_msls_fake(tmp_path: Path) -> None:
     tv = tmp_path / "msls" / "train_val"
     # city a: database at easting 0, 5, 10 (a panorama), 30; queries at 1, 31 and 200 (no positive)
-    _msls_side(tv / "a" / "database", [("d0", 0, 0, False), ("d1", 5, 0, False), ("dp", 10, 0, True),
-                                       ("d3", 30, 0, False)], 0)  # fmt: skip
+    _msls_side(
+        tv / "a" / "database", [("d0", 0, 0, False), ("d1", 5, 0, False), ("dp", 10, 0, True), ("d3", 30, 0, False)], 0
+    )
     _msls_side(tv / "a" / "query", [("q0", 1, 0, False), ("q1", 31, 0, False), ("q2", 200, 0, False)], 10)
     # city b: the same coordinates, another UTM zone: never mixed with a
     _msls_side(tv / "b" / "database", [("e0", 0, 0, False)], 20)
@@ -358,9 +359,18 @@ def _pitts(root: Path, **override: object) -> Path:
         (root / "queries_real" / n).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(QUERY / f"{k:07d}.jpg", root / "queries_real" / n)
     cells = lambda names: np.array(names, dtype=object).reshape(-1, 1)  # noqa: E731 - MATLAB cell arrays (N x 1)
-    s = {"whichSet": "train", "dbImageFns": cells(db), "utmDb": np.array([[0.0, 8.0, 40.0], [0.0, 0.0, 0.0]]),
-         "qImageFns": cells(q), "utmQ": np.array([[3.0, 100.0], [0.0, 0.0]]), "numImages": 3, "numQueries": 2,
-         "posDistThr": 25.0, "posDistSqThr": 625.0, "nonTrivPosDistSqThr": 100.0}  # fmt: skip
+    s = {
+        "whichSet": "train",
+        "dbImageFns": cells(db),
+        "utmDb": np.array([[0.0, 8.0, 40.0], [0.0, 0.0, 0.0]]),
+        "qImageFns": cells(q),
+        "utmQ": np.array([[3.0, 100.0], [0.0, 0.0]]),
+        "numImages": 3,
+        "numQueries": 2,
+        "posDistThr": 25.0,
+        "posDistSqThr": 625.0,
+        "nonTrivPosDistSqThr": 100.0,
+    }
     s.update(override)
     (root / "datasets").mkdir(parents=True, exist_ok=True)
     mat = root / "datasets" / "pitts30k_train.mat"

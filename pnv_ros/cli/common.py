@@ -121,8 +121,14 @@ def preset_of(args: argparse.Namespace) -> Preset:
 def runtime_spec(args: argparse.Namespace) -> RuntimeSpec:
     """The runtime the model options ask for (--device, --engine, --precision, --engine-file, --bf16,
     --bit-depth). Raises EngineError for an unknown engine or precision."""
-    return RuntimeSpec(device=args.device, engine=args.engine, precision=args.precision,
-                       engine_file=args.engine_file, bit_depth=args.bit_depth, bf16=args.bf16)  # fmt: skip
+    return RuntimeSpec(
+        device=args.device,
+        engine=args.engine,
+        precision=args.precision,
+        engine_file=args.engine_file,
+        bit_depth=args.bit_depth,
+        bf16=args.bf16,
+    )
 
 
 def open_extractor(args: argparse.Namespace, preset: Preset) -> FeatureExtractor:

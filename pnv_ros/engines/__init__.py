@@ -48,15 +48,45 @@ import importlib
 from typing import Any
 
 _WHERE = {
-    **dict.fromkeys(("ENGINES", "PRECISIONS", "PACKAGES", "EngineError", "RuntimeSpec", "changes_descriptors",
-                     "variant"), "spec"),
-    **dict.fromkeys(("INPUT_NAME", "OUTPUT_NAME", "Backbone", "OnnxRuntimeBackbone", "OpenVinoBackbone",
-                     "TensorRtBackbone", "check_engine", "supported_precisions"), "backends"),
-    **dict.fromkeys(("CACHE_VERSION", "CALIBRATION_IMAGES", "CALIBRATION_SEED", "FP32_TOLERANCE", "OPSET",
-                     "backbone_module", "backbone_onnx_path", "cache_root", "calibration_batches", "calibration_paths",
-                     "export_backbone_onnx", "load_engine", "model_cache_dir", "quantize_onnx_int8",
-                     "quantize_openvino_int8", "rounding_floor", "torch_onnx_export"), "build"),
-}  # fmt: skip
+    **dict.fromkeys(
+        ("ENGINES", "PRECISIONS", "PACKAGES", "EngineError", "RuntimeSpec", "changes_descriptors", "variant"), "spec"
+    ),
+    **dict.fromkeys(
+        (
+            "INPUT_NAME",
+            "OUTPUT_NAME",
+            "Backbone",
+            "OnnxRuntimeBackbone",
+            "OpenVinoBackbone",
+            "TensorRtBackbone",
+            "check_engine",
+            "supported_precisions",
+        ),
+        "backends",
+    ),
+    **dict.fromkeys(
+        (
+            "CACHE_VERSION",
+            "CALIBRATION_IMAGES",
+            "CALIBRATION_SEED",
+            "FP32_TOLERANCE",
+            "OPSET",
+            "backbone_module",
+            "backbone_onnx_path",
+            "cache_root",
+            "calibration_batches",
+            "calibration_paths",
+            "export_backbone_onnx",
+            "load_engine",
+            "model_cache_dir",
+            "quantize_onnx_int8",
+            "quantize_openvino_int8",
+            "rounding_floor",
+            "torch_onnx_export",
+        ),
+        "build",
+    ),
+}
 __all__ = sorted(_WHERE)
 
 

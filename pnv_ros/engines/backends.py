@@ -146,8 +146,11 @@ class OnnxRuntimeBackbone(Backbone):
         # Threads sleep between runs instead of spinning: on a shared robot CPU (and this 2-core machine) a
         # spinning pool takes cores from the rest of the pipeline and from other processes.
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.device.type == "cuda" else \
-            ["CPUExecutionProvider"]  # fmt: skip
+        providers = (
+            ["CUDAExecutionProvider", "CPUExecutionProvider"]
+            if self.device.type == "cuda"
+            else ["CPUExecutionProvider"]
+        )
         try:
             self.session = ort.InferenceSession(str(path), so, providers=providers)
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types
@@ -172,9 +175,16 @@ class OpenVinoBackbone(Backbone):
             # Spatial size fixed (the preset's), batch free: OpenVINO plans its kernels for the static size.
             model.reshape({model.inputs[0]: ov.PartialShape([-1, 3, *input_size])})
             hint = {"fp32": "f32", "int8": "f32", "bf16": "bf16", "fp16": "f16"}[precision]
-            self.compiled = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": _threads(threads),
-                                                              "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY",
-                                                              "INFERENCE_PRECISION_HINT": hint})  # fmt: skip
+            self.compiled = core.compile_model(
+                model,
+                "CPU",
+                {
+                    "INFERENCE_NUM_THREADS": _threads(threads),
+                    "NUM_STREAMS": 1,
+                    "PERFORMANCE_HINT": "LATENCY",
+                    "INFERENCE_PRECISION_HINT": hint,
+                },
+            )
         except Exception as e:  # noqa: BLE001 - OpenVINO raises RuntimeError for everything
             raise EngineError(f"OpenVINO cannot load {model_path}: {e}") from None
         self.request = self.compiled.create_infer_request()
@@ -217,16 +227,19 @@ class TensorRtBackbone(Backbone):
         if hasattr(trt, "bfloat16"):  # TensorRT 9+ (JetPack 5's 8.5 has none)
             kinds[trt.bfloat16] = torch.bfloat16
         if dt not in kinds:
-            raise EngineError(f"TensorRT engine {self.files[0]}: tensor {name} is {dt}; a backbone engine takes and "
-                              "gives float32 or float16")  # fmt: skip
+            raise EngineError(
+                f"TensorRT engine {self.files[0]}: tensor {name} is {dt}; a backbone engine takes and "
+                "gives float32 or float16"
+            )
         return kinds[dt]
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         x = images.to(self.device, self._torch_dtype(self.input)).contiguous()
         if not self.context.set_input_shape(self.input, tuple(x.shape)):
             raise EngineError(f"TensorRT engine {self.files[0]} does not take input shape {list(x.shape)}")
-        out = torch.empty(tuple(self.context.get_tensor_shape(self.output)), device=self.device,
-                          dtype=self._torch_dtype(self.output))  # fmt: skip
+        out = torch.empty(
+            tuple(self.context.get_tensor_shape(self.output)), device=self.device, dtype=self._torch_dtype(self.output)
+        )
         self.context.set_tensor_address(self.input, x.data_ptr())
         self.context.set_tensor_address(self.output, out.data_ptr())
         stream = torch.cuda.current_stream(self.device)

@@ -73,8 +73,13 @@ def _atomic_target(path: Path) -> Path:
     return Path(tmp)
 
 
-def torch_onnx_export(module: nn.Module, path: Path, example: torch.Tensor, output_names: Sequence[str],
-                      dynamic_axes: dict[str, dict[int, str]]) -> Path:  # fmt: skip
+def torch_onnx_export(
+    module: nn.Module,
+    path: Path,
+    example: torch.Tensor,
+    output_names: Sequence[str],
+    dynamic_axes: dict[str, dict[int, str]],
+) -> Path:
     """``torch.onnx.export`` with the TorchScript exporter (opset 17), written atomically to ``path``.
 
     torch 2.14's default exporter (``dynamo=True``) needs onnxscript, which this project does not install; the
@@ -85,9 +90,17 @@ def torch_onnx_export(module: nn.Module, path: Path, example: torch.Tensor, outp
         module = copy.deepcopy(module).cpu().eval()  # a copy: the caller's model stays on its device
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # the exporter's deprecation notice and tracer warnings (checked by value)
-            torch.onnx.export(module, (example.cpu(),), str(tmp), dynamo=False, input_names=[INPUT_NAME],
-                              output_names=list(output_names), dynamic_axes=dynamic_axes, opset_version=OPSET,
-                              do_constant_folding=True)  # fmt: skip
+            torch.onnx.export(
+                module,
+                (example.cpu(),),
+                str(tmp),
+                dynamo=False,
+                input_names=[INPUT_NAME],
+                output_names=list(output_names),
+                dynamic_axes=dynamic_axes,
+                opset_version=OPSET,
+                do_constant_folding=True,
+            )
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -137,19 +150,31 @@ def _write_meta(artifact: Path, meta: dict[str, Any]) -> None:
 
 
 def _meta(info: ModelInfo, engine: str, precision: str, input_size: tuple[int, int] | None, **extra: Any) -> dict:
-    return {"model": Path(info.path).name, "sha256": info.sha256, "family": info.family,
-            "engine": engine, "precision": precision,
-            "input_size": list(input_size) if input_size else "dynamic",
-            "built": utc_now(), "versions": _versions(),
-            **extra}  # fmt: skip
+    return {
+        "model": Path(info.path).name,
+        "sha256": info.sha256,
+        "family": info.family,
+        "engine": engine,
+        "precision": precision,
+        "input_size": list(input_size) if input_size else "dynamic",
+        "built": utc_now(),
+        "versions": _versions(),
+        **extra,
+    }
 
 
 def _say(log: Log | None, msg: str) -> None:
     (log or _logger.warning)(msg)
 
 
-def backbone_onnx_path(model: PatchNetVLADModel, info: ModelInfo, input_size: tuple[int, int], *,
-                       cache_dir: str | Path | None = None, log: Log | None = None) -> Path:  # fmt: skip
+def backbone_onnx_path(
+    model: PatchNetVLADModel,
+    info: ModelInfo,
+    input_size: tuple[int, int],
+    *,
+    cache_dir: str | Path | None = None,
+    log: Log | None = None,
+) -> Path:
     """The model's float32 backbone ONNX in the cache (dynamic sizes: one file for every input size), built
     once (a few seconds)."""
     path = model_cache_dir(info, cache_dir) / f"backbone-fp32-v{CACHE_VERSION}.onnx"
@@ -166,8 +191,9 @@ def backbone_onnx_path(model: PatchNetVLADModel, info: ModelInfo, input_size: tu
 # Calibration
 
 
-def calibration_paths(n: int = CALIBRATION_IMAGES, seed: int = CALIBRATION_SEED,
-                      folder: str | Path | None = None) -> list[Path]:  # fmt: skip
+def calibration_paths(
+    n: int = CALIBRATION_IMAGES, seed: int = CALIBRATION_SEED, folder: str | Path | None = None
+) -> list[Path]:
     """The int8 calibration images: ``n`` of the corridor set's ref images (``data/corridor_vprbench/ref``,
     found as ``pnv models build-default`` finds it), chosen by a seeded generator, in name order."""
     if folder is None:
@@ -186,8 +212,12 @@ def calibration_batches(paths: Sequence[Path], input_size: tuple[int, int]) -> l
 
 
 def _calibration_record(paths: Sequence[Path]) -> dict[str, Any]:
-    return {"images": [p.name for p in paths], "folder": str(Path(paths[0]).parent) if paths else "",
-            "seed": CALIBRATION_SEED, "count": len(paths)}  # fmt: skip
+    return {
+        "images": [p.name for p in paths],
+        "folder": str(Path(paths[0]).parent) if paths else "",
+        "seed": CALIBRATION_SEED,
+        "count": len(paths),
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -226,14 +256,19 @@ def quantize_onnx_int8(src: Path, dst: Path, batches: Sequence[np.ndarray], tran
             shutil.copyfile(src, pre)
         try:
             quantize_static(
-                str(pre), str(tmp), _Reader(batches), quant_format=QuantFormat.QDQ, per_channel=True,
-                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                str(pre),
+                str(tmp),
+                _Reader(batches),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
                 calibrate_method=CalibrationMethod.MinMax,
                 op_types_to_quantize=["MatMul", "Gemm"] if transformer else ["Conv"],
                 # Without VNNI, u8 x s8 products saturate in 16 bits (VPMADDUBSW): 7-bit weights avoid it.
                 reduce_range=not _cpu_has_vnni(),
                 extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
-            )  # fmt: skip
+            )
             os.replace(tmp, dst)
         finally:
             tmp.unlink(missing_ok=True)
@@ -249,8 +284,9 @@ def _cpu_has_vnni() -> bool:
     return any(f in flags.split() for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
-def quantize_openvino_int8(src: Path, dst_dir: Path, batches: Sequence[np.ndarray], input_size: tuple[int, int],
-                           transformer: bool = False) -> Path:  # fmt: skip
+def quantize_openvino_int8(
+    src: Path, dst_dir: Path, batches: Sequence[np.ndarray], input_size: tuple[int, int], transformer: bool = False
+) -> Path:
     """NNCF post-training quantisation of the ONNX ``src`` for OpenVINO, saved as IR ``dst_dir/model.xml``
     (+ ``.bin``); the folder is built under a temporary name and renamed into place."""
     import nncf
@@ -348,8 +384,9 @@ def load_engine(
     tag = f"{precision}-{h}x{w}-v{CACHE_VERSION}"
     transformer = family_of(model).transformer
     if engine == "onnxruntime" and precision == "fp32":
-        return OnnxRuntimeBackbone(backbone_onnx_path(model, info, input_size, cache_dir=cache_dir, log=log),
-                                   precision, threads, dev)  # fmt: skip
+        return OnnxRuntimeBackbone(
+            backbone_onnx_path(model, info, input_size, cache_dir=cache_dir, log=log), precision, threads, dev
+        )
     if engine == "openvino" and precision in ("fp32", "bf16", "fp16"):
         src = backbone_onnx_path(model, info, input_size, cache_dir=cache_dir, log=log)
         return OpenVinoBackbone(src, precision, input_size, threads)
@@ -373,8 +410,17 @@ def load_engine(
                 quantize_onnx_int8(src, artifact, batches, transformer)
             else:
                 quantize_openvino_int8(src, artifact, batches, input_size, transformer)
-            _write_meta(artifact, _meta(info, engine, precision, input_size, calibration=_calibration_record(paths),
-                                        seconds=round(time.perf_counter() - t0, 1)))  # fmt: skip
+            _write_meta(
+                artifact,
+                _meta(
+                    info,
+                    engine,
+                    precision,
+                    input_size,
+                    calibration=_calibration_record(paths),
+                    seconds=round(time.perf_counter() - t0, 1),
+                ),
+            )
             _say(log, f"built {artifact} in {time.perf_counter() - t0:.0f} s")
         if ort:
             return OnnxRuntimeBackbone(ready, precision, threads, dev)
@@ -387,8 +433,11 @@ def load_engine(
     if dst.is_file():
         return TensorRtBackbone(dst.read_bytes(), dst, precision, dev)
     src = backbone_onnx_path(model, info, input_size, cache_dir=cache_dir, log=log)
-    _say(log, f"building the TensorRT {precision} engine for {Path(info.path).name} at {w}x{h} on {gpu} "
-              f"(once, minutes; cached in {folder})")  # fmt: skip
+    _say(
+        log,
+        f"building the TensorRT {precision} engine for {Path(info.path).name} at {w}x{h} on {gpu} "
+        f"(once, minutes; cached in {folder})",
+    )
     t0 = time.perf_counter()
     plan = _build_trt_plan(src, dst, precision, input_size, max_batch)
     _write_meta(dst, _meta(info, engine, precision, input_size, gpu=gpu, seconds=round(time.perf_counter() - t0, 1)))
@@ -403,8 +452,9 @@ def load_engine(
 FP32_TOLERANCE = 1e-4
 
 
-def rounding_floor(model: PatchNetVLADModel, feats: torch.Tensor, patch_sizes: Sequence[int], strides: Sequence[int],
-                   seed: int = 0) -> float:  # fmt: skip
+def rounding_floor(
+    model: PatchNetVLADModel, feats: torch.Tensor, patch_sizes: Sequence[int], strides: Sequence[int], seed: int = 0
+) -> float:
     """How far torch's own patch descriptors move when its feature map ``feats`` (1, C, h, w) moves by one
     float32 rounding step (each value times 1 +- 2**-23, signs seeded): max abs difference.
 

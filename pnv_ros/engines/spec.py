@@ -66,7 +66,7 @@ class RuntimeSpec:
 
     def replace(self, **changes: object) -> RuntimeSpec:
         """A copy with ``changes`` (checked)."""
-        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+        return dataclasses.replace(self, **changes)
 
 
 __all__ = ["ENGINES", "PACKAGES", "PRECISIONS", "EngineError", "RuntimeSpec", "changes_descriptors", "variant"]

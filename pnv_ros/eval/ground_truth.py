@@ -221,10 +221,10 @@ def _matrix(path: Path, qn: Sequence[str], dbn: Sequence[str]) -> GroundTruth:
     numbers = [_number(n) for n in list(qn) + list(dbn)]
     if loop.shape[0] == loop.shape[1] and all(k is not None for k in numbers):
         nmax = loop.shape[0]
-        if min(numbers) < 1 or max(numbers) > nmax:  # type: ignore[type-var]
+        if min(numbers) < 1 or max(numbers) > nmax:
             raise GroundTruthError(
                 f"ground truth {path}: {nmax}x{nmax} sequence matrix, but frame numbers run "
-                f"{min(numbers)}..{max(numbers)}: the names do not fit it"  # type: ignore[type-var]
+                f"{min(numbers)}..{max(numbers)}: the names do not fit it"
             )
         qi = np.array(numbers[: len(qn)]) - 1
         cols = np.array(numbers[len(qn) :]) - 1
@@ -296,8 +296,12 @@ class _PositivesCSV:
     def check_indices(self) -> None:
         """Indices with numbered files named by a file column but no query_index: are they positions (0-based)
         or file numbers? Neither is guessed."""
-        if (self.base_stated or self.file_numbers or not self.file_col
-                or (self.key_col and all((r[self.key_col] or "").strip().isdecimal() for r in self.rows))):  # fmt: skip
+        if (
+            self.base_stated
+            or self.file_numbers
+            or not self.file_col
+            or (self.key_col and all((r[self.key_col] or "").strip().isdecimal() for r in self.rows))
+        ):
             return
         if all(_number((r[self.file_col] or "").strip()) is not None for r in self.rows):
             raise GroundTruthError(
@@ -320,9 +324,13 @@ class _PositivesCSV:
 
 
 def _positives_csv(
-    rows: list[dict[str, str]], path: Path, qn: Sequence[str], dbn: Sequence[str], positives_as: str | None,
+    rows: list[dict[str, str]],
+    path: Path,
+    qn: Sequence[str],
+    dbn: Sequence[str],
+    positives_as: str | None,
     index_base: int | None,
-) -> GroundTruth:  # fmt: skip
+) -> GroundTruth:
     c = _PositivesCSV(rows, path, positives_as, index_base)
     qnames, dbnames = _Names(qn, "queries", path), _Names(dbn, "database", path)
     listed = {int(r[c.key_col]) for r in rows if c.key_col and (r[c.key_col] or "").strip().isdecimal()}
@@ -511,8 +519,9 @@ def recall_at_n(
     return out
 
 
-def _sequence_csv(rows: list[dict[str, str]], path: Path, n_frames: int, positives_as: str | None,
-                  index_base: int | None) -> SequenceGT:  # fmt: skip
+def _sequence_csv(
+    rows: list[dict[str, str]], path: Path, n_frames: int, positives_as: str | None, index_base: int | None
+) -> SequenceGT:
     c = _PositivesCSV(rows, path, positives_as, index_base)
     if len(rows) != n_frames:
         raise GroundTruthError(f"ground truth {path} has {len(rows)} rows but the sequence has {n_frames} frames")
@@ -574,7 +583,7 @@ def _sequence_csv(rows: list[dict[str, str]], path: Path, n_frames: int, positiv
     return SequenceGT(out)
 
 
-def _all_fit(fn, rows: list[dict[str, str]], c: _PositivesCSV) -> bool:  # type: ignore[no-untyped-def]
+def _all_fit(fn, rows: list[dict[str, str]], c: _PositivesCSV) -> bool:
     try:
         return all(fn(t) is not None for r in rows for t in c.tokens(r))
     except GroundTruthError:
@@ -615,9 +624,13 @@ def load_sequence_gt(
                 )
             if not np.tril(loop, -1).any():
                 upper = int(np.triu(loop, 1).sum())
-                raise _no_positive(path, "between a frame and an earlier one (below the diagonal)",
-                                   f"its {upper} loops lie above it: G[i, j] is frame i against earlier frame j; "
-                                   f"transpose it" if upper else "")  # fmt: skip
+                raise _no_positive(
+                    path,
+                    "between a frame and an earlier one (below the diagonal)",
+                    f"its {upper} loops lie above it: G[i, j] is frame i against earlier frame j; transpose it"
+                    if upper
+                    else "",
+                )
             return SequenceGT(
                 [set(np.flatnonzero(loop[i, :i]).tolist()) for i in range(n_frames)],
                 [set(np.flatnonzero(ign[i, :i]).tolist()) for i in range(n_frames)],

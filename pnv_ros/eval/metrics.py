@@ -38,8 +38,14 @@ def precision_recall(decisions: Sequence[Decision], threshold: float) -> dict[st
     p = tp / len(reported) if reported else 1.0
     r = tp / positives if positives else float("nan")
     f1 = 2 * p * r / (p + r) if positives and (p + r) > 0 else 0.0
-    return {"precision": p, "recall": r, "f1": f1, "reported": len(reported), "true_positives": tp,
-            "positives": positives}  # fmt: skip
+    return {
+        "precision": p,
+        "recall": r,
+        "f1": f1,
+        "reported": len(reported),
+        "true_positives": tp,
+        "positives": positives,
+    }
 
 
 def pr_curve(decisions: Sequence[Decision]) -> dict[str, list[float] | float]:
@@ -61,8 +67,13 @@ def pr_curve(decisions: Sequence[Decision]) -> dict[str, list[float] | float]:
         ap += p * (r - last_r)
         last_r = r
     r100 = max([r for p, r in zip(prec, rec) if p >= 1.0], default=0.0)
-    return {"thresholds": thresholds, "precision": prec, "recall": rec, "average_precision": ap,
-            "recall_at_100_precision": r100}  # fmt: skip
+    return {
+        "thresholds": thresholds,
+        "precision": prec,
+        "recall": rec,
+        "average_precision": ap,
+        "recall_at_100_precision": r100,
+    }
 
 
 def recall_at_n(
@@ -82,5 +93,9 @@ def latency_stats(seconds: Sequence[float]) -> dict[str, float]:
     if not len(seconds):
         return {"p50_ms": float("nan"), "p95_ms": float("nan"), "max_ms": float("nan"), "count": 0}
     a = np.asarray(seconds, dtype=np.float64) * 1000
-    return {"p50_ms": float(np.percentile(a, 50)), "p95_ms": float(np.percentile(a, 95)), "max_ms": float(a.max()),
-            "count": int(a.size)}  # fmt: skip
+    return {
+        "p50_ms": float(np.percentile(a, 50)),
+        "p95_ms": float(np.percentile(a, 95)),
+        "max_ms": float(a.max()),
+        "count": int(a.size),
+    }

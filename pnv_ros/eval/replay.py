@@ -103,18 +103,37 @@ def replay_in_process(
                 kf_frame.append(fr.index)
                 thumbs[fr.index] = _thumb(fr.rgb)
                 c = max(res.candidates, key=lambda x: x.score) if res.candidates else None  # the node's loop
-                records.append(KeyframeRecord(
-                    fr.index, fr.stamp_ns, kf_frame[c.id] if c else -1, c.score if c else 0.0,
-                    c.global_distance if c else float("nan"), c.num_matches if c else 0, c.num_inliers if c else 0,
-                    [kf_frame[x.id] for x in res.candidates], res.timings.get("extract", np.nan),
-                    res.timings.get("rerank", np.nan), res.timings.get("total", np.nan),
-                ))  # fmt: skip
+                records.append(
+                    KeyframeRecord(
+                        fr.index,
+                        fr.stamp_ns,
+                        kf_frame[c.id] if c else -1,
+                        c.score if c else 0.0,
+                        c.global_distance if c else float("nan"),
+                        c.num_matches if c else 0,
+                        c.num_inliers if c else 0,
+                        [kf_frame[x.id] for x in res.candidates],
+                        res.timings.get("extract", np.nan),
+                        res.timings.get("rerank", np.nan),
+                        res.timings.get("total", np.nan),
+                    )
+                )
             if progress:
                 progress(fr.index + 1, total)
     wall = time.perf_counter() - t0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return ReplayResult(records, len(stamps), stamps, wall, rss, det.map.nbytes_per_keyframe(), thumbs, skipped,
-                        det.params.exclude_recent_s, det.params.exclude_recent_keyframes)  # fmt: skip
+    return ReplayResult(
+        records,
+        len(stamps),
+        stamps,
+        wall,
+        rss,
+        det.map.nbytes_per_keyframe(),
+        thumbs,
+        skipped,
+        det.params.exclude_recent_s,
+        det.params.exclude_recent_keyframes,
+    )
 
 
 @dataclass
@@ -143,8 +162,12 @@ def _scan_bag(bag: Path, topic: str | None, bit_depth: int | None) -> _BagScan:
         BagError: the bag or its image topic cannot be read.
     """
     with BagReader(bag, topic, bit_depth=bit_depth) as r:  # stamps and small pictures only: frames are not kept
-        scan = _BagScan(r.topic, r.count, r.msgtype == IMAGE_TYPES[1],
-                        sorted({t for t, ty in r.topics().items() if ty == ODOM_TYPE}))  # fmt: skip
+        scan = _BagScan(
+            r.topic,
+            r.count,
+            r.msgtype == IMAGE_TYPES[1],
+            sorted({t for t, ty in r.topics().items() if ty == ODOM_TYPE}),
+        )
         for f in r.frames():
             scan.stamps.append(f.stamp_ns)
             if f.rgb is None:  # the node acknowledges it as "error"; the stamp keeps the indices aligned
@@ -173,10 +196,22 @@ def _node_command(
     and every detector parameter typed as the node declares it, with min_score 0."""
     exe = str(Path(sys.executable).parent / "loop_closure_node")
     compressed = scan.compressed
-    args = [exe, "--ros-args", "-r", f"{'image/compressed' if compressed else 'image'}:={scan.image_topic}",
-            "-p", f"compressed:={str(compressed).lower()}", "-p", f"preset:={preset_name}",
-            "-p", f"bfloat16:={str(bf16).lower()}", "-p", f"bit_depth:={bit_depth or 0}",
-            "-p", f"engine:={engine}"]  # fmt: skip
+    args = [
+        exe,
+        "--ros-args",
+        "-r",
+        f"{'image/compressed' if compressed else 'image'}:={scan.image_topic}",
+        "-p",
+        f"compressed:={str(compressed).lower()}",
+        "-p",
+        f"preset:={preset_name}",
+        "-p",
+        f"bfloat16:={str(bf16).lower()}",
+        "-p",
+        f"bit_depth:={bit_depth or 0}",
+        "-p",
+        f"engine:={engine}",
+    ]
     if precision:
         args += ["-p", f"precision:={precision}"]
     if engine_file:
@@ -301,8 +336,9 @@ def replay_through_node(
     scan = _scan_bag(bag, topic, bit_depth)
     stamps, skipped = scan.stamps, scan.skipped
     frame_of = {s: i for i, s in enumerate(stamps) if i not in skipped}
-    args = _node_command(scan, preset_name, checkpoint, params, config_file, bf16, bit_depth, engine, precision,
-                         engine_file)  # fmt: skip
+    args = _node_command(
+        scan, preset_name, checkpoint, params, config_file, bf16, bit_depth, engine, precision, engine_file
+    )
     node = _play_into_node(bag, scan, args, progress, node_timeout_s)
     for i, s in enumerate(stamps):  # frames the node could not use though they decode here
         if s in node.errors and i not in skipped:
@@ -316,16 +352,34 @@ def replay_through_node(
             continue
         lc = best.get(s)
         m = frame_of.get(stamp_to_ns(lc.match_stamp), -1) if lc is not None else -1
-        records.append(KeyframeRecord(i, s, m, float(lc.score) if lc else 0.0,
-                                      float(lc.global_distance) if lc else float("nan"),
-                                      int(lc.num_matches) if lc else 0, int(lc.num_inliers) if lc else 0,
-                                      [m] if m >= 0 else []))  # fmt: skip
-    return ReplayResult(records, len(stamps), stamps, node.wall, float("nan"), float("nan"), scan.thumbs,
-                        [skipped[i] for i in sorted(skipped)], params.exclude_recent_s,
-                        params.exclude_recent_keyframes, dict(node.diags))  # fmt: skip
+        records.append(
+            KeyframeRecord(
+                i,
+                s,
+                m,
+                float(lc.score) if lc else 0.0,
+                float(lc.global_distance) if lc else float("nan"),
+                int(lc.num_matches) if lc else 0,
+                int(lc.num_inliers) if lc else 0,
+                [m] if m >= 0 else [],
+            )
+        )
+    return ReplayResult(
+        records,
+        len(stamps),
+        stamps,
+        node.wall,
+        float("nan"),
+        float("nan"),
+        scan.thumbs,
+        [skipped[i] for i in sorted(skipped)],
+        params.exclude_recent_s,
+        params.exclude_recent_keyframes,
+        dict(node.diags),
+    )
 
 
-def _diagnostics(msg, into: dict[str, str]) -> None:  # type: ignore[no-untyped-def]
+def _diagnostics(msg, into: dict[str, str]) -> None:
     """The loop_closure node's key/values of one DiagnosticArray (others' statuses ignored)."""
     for st in msg.status:
         if "loop_closure" in st.name:

@@ -44,10 +44,17 @@ def findable(result: ReplayResult, positives: list[set[int]]) -> list[tuple[set[
 def decisions(result: ReplayResult, positives: list[set[int]]) -> list[Decision]:
     ign = _ignore(positives)
     return [
-        Decision(r.frame, r.match_frame, r.score, r.match_frame in positives[r.frame], bool(ok), r.top_frames,
-                 r.match_frame >= 0 and r.match_frame in ign[r.frame] and r.match_frame not in positives[r.frame])
+        Decision(
+            r.frame,
+            r.match_frame,
+            r.score,
+            r.match_frame in positives[r.frame],
+            bool(ok),
+            r.top_frames,
+            r.match_frame >= 0 and r.match_frame in ign[r.frame] and r.match_frame not in positives[r.frame],
+        )
         for r, (ok, _) in zip(result.records, findable(result, positives))
-    ]  # fmt: skip
+    ]
 
 
 def compute_metrics(result: ReplayResult, positives: list[set[int]], threshold: float) -> dict[str, Any]:
@@ -152,8 +159,14 @@ def _pair_picture(path: Path, result: ReplayResult, a: int, b: int, text: str) -
     Image.fromarray(canvas).save(path)
 
 
-def write_run(out: Path, result: ReplayResult, positives: list[set[int]], threshold: float, info: dict[str, Any],
-              title: str = "loop closure") -> dict[str, Any]:  # fmt: skip
+def write_run(
+    out: Path,
+    result: ReplayResult,
+    positives: list[set[int]],
+    threshold: float,
+    info: dict[str, Any],
+    title: str = "loop closure",
+) -> dict[str, Any]:
     """Write the run folder's files into ``out`` (the caller renames it into place)."""
     metrics = compute_metrics(result, positives, threshold)
     metrics.update(info)
@@ -162,28 +175,69 @@ def write_run(out: Path, result: ReplayResult, positives: list[set[int]], thresh
     (out / "metrics.json").write_text(to_json(metrics))  # strict JSON: an undefined recall is null
     with open(out / "loop_closures.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["frame", "stamp_ns", "match_frame", "score", "accepted", "correct", "has_positive",
-                    "global_distance", "num_matches", "num_inliers", "ignored"])  # fmt: skip
+        w.writerow(
+            [
+                "frame",
+                "stamp_ns",
+                "match_frame",
+                "score",
+                "accepted",
+                "correct",
+                "has_positive",
+                "global_distance",
+                "num_matches",
+                "num_inliers",
+                "ignored",
+            ]
+        )
         for r, d in zip(result.records, ds):  # has_positive: a positive the detector could return
             accepted = int(r.score >= threshold and r.match_frame >= 0 and not d.ignored)
-            w.writerow([r.frame, r.stamp_ns, r.match_frame, f"{r.score:.6f}", accepted,
-                        int(r.match_frame in positives[r.frame]), int(d.has_positive),
-                        f"{r.global_distance:.6f}", r.num_matches, r.num_inliers, int(d.ignored)])  # fmt: skip
+            w.writerow(
+                [
+                    r.frame,
+                    r.stamp_ns,
+                    r.match_frame,
+                    f"{r.score:.6f}",
+                    accepted,
+                    int(r.match_frame in positives[r.frame]),
+                    int(d.has_positive),
+                    f"{r.global_distance:.6f}",
+                    r.num_matches,
+                    r.num_inliers,
+                    int(d.ignored),
+                ]
+            )
     _plots(out, metrics, result, title)
     ex = out / "examples"
     ex.mkdir(exist_ok=True)
-    fps = sorted((r for r, d in zip(result.records, ds) if r.match_frame >= 0 and r.score >= threshold
-                  and not d.correct and not d.ignored), key=lambda r: -r.score)[:5]  # fmt: skip
+    fps = sorted(
+        (
+            r
+            for r, d in zip(result.records, ds)
+            if r.match_frame >= 0 and r.score >= threshold and not d.correct and not d.ignored
+        ),
+        key=lambda r: -r.score,
+    )[:5]
     for r in fps:
-        _pair_picture(ex / f"false_positive_{r.frame}_{r.match_frame}.png", result, r.frame, r.match_frame,
-                      f"FALSE POSITIVE frame {r.frame} -> {r.match_frame}, score {r.score:.3f}")  # fmt: skip
+        _pair_picture(
+            ex / f"false_positive_{r.frame}_{r.match_frame}.png",
+            result,
+            r.frame,
+            r.match_frame,
+            f"FALSE POSITIVE frame {r.frame} -> {r.match_frame}, score {r.score:.3f}",
+        )
     missed = [
         (r, ok) for r, ok in zip(result.records, reach) if ok and not (r.score >= threshold and r.match_frame in ok)
     ]
     for r, ok in missed[:5]:
         truth = min(ok, key=lambda j: abs(j - r.match_frame) if r.match_frame >= 0 else j)
-        _pair_picture(ex / f"missed_{r.frame}_{truth}.png", result, r.frame, truth,
-                      f"MISSED frame {r.frame} (true {truth}); best was {r.match_frame} at {r.score:.3f}")  # fmt: skip
+        _pair_picture(
+            ex / f"missed_{r.frame}_{truth}.png",
+            result,
+            r.frame,
+            truth,
+            f"MISSED frame {r.frame} (true {truth}); best was {r.match_frame} at {r.score:.3f}",
+        )
     at = metrics["at_threshold"]
     lat = metrics["latency"]
     g, sk = metrics["ground_truth"], metrics["skipped_frames"]
@@ -193,46 +247,75 @@ def write_run(out: Path, result: ReplayResult, positives: list[set[int]], thresh
         return " / ".join(format(d[k], fmt) for k in ("p50_ms", "p95_ms", "max_ms"))
 
     rows = [
-        (f"precision / recall / F1 at threshold {threshold:.2f}",
-         f"{at['precision']:.3f} / {at['recall']:.3f} / {at['f1']:.3f}"),
+        (
+            f"precision / recall / F1 at threshold {threshold:.2f}",
+            f"{at['precision']:.3f} / {at['recall']:.3f} / {at['f1']:.3f}",
+        ),
         ("loops reported / true / revisiting frames", f"{at['reported']} / {at['true_positives']} / {at['positives']}"),
         ("average precision (PR area)", f"{metrics['average_precision']:.3f}"),
         ("recall at 100% precision", f"{metrics['recall_at_100_precision']:.3f}"),
         ("retrieval Recall@1/5/10/20", " / ".join(f"{v:.3f}" for v in metrics["retrieval_recall_at_n"].values())),
-        ("revisiting keyframes: with GT positives / findable", f"{g['keyframes_with_positives']} / "
-         f"{g['keyframes_with_findable_positives']}"),
-        ("not findable: positives only in the exclusion window / never keyframes",
-         f"{un['exclusion_window']['count']} / {un['not_keyframes']['count']}"),
+        (
+            "revisiting keyframes: with GT positives / findable",
+            f"{g['keyframes_with_positives']} / {g['keyframes_with_findable_positives']}",
+        ),
+        (
+            "not findable: positives only in the exclusion window / never keyframes",
+            f"{un['exclusion_window']['count']} / {un['not_keyframes']['count']}",
+        ),
         ("loops into ignored frames (not counted)", f"{g['ignored_loops_at_threshold']}"),
         ("keyframes / frames / skipped frames", f"{metrics['keyframes']} / {metrics['frames']} / {sk['count']}"),
         ("keyframes per second", f"{metrics['keyframes_per_second']:.2f}"),
         ("latency extract p50 / p95 / max (ms)", ms3(lat["extract"], ".0f")),
         ("latency re-rank p50 / p95 / max (ms)", ms3(lat["rerank"], ".1f")),
-        ("peak memory (MB) / map bytes per keyframe",
-         f"{metrics['peak_rss_mb']:.0f} / {metrics['map_bytes_per_keyframe']:.0f}"),
-    ]  # fmt: skip
+        (
+            "peak memory (MB) / map bytes per keyframe",
+            f"{metrics['peak_rss_mb']:.0f} / {metrics['map_bytes_per_keyframe']:.0f}",
+        ),
+    ]
     preset_name = info.get("preset", {}).get("name", "?")
     lines = [
-        f"# {title}", "",
+        f"# {title}",
+        "",
         f"Model `{info.get('model', '?')}`, preset `{preset_name}`, mode `{info.get('mode')}`,",
         f"bag `{info.get('bag')}`.",
-        "", "| metric | value |", "|---|---|",
+        "",
+        "| metric | value |",
+        "|---|---|",
         *(f"| {k} | {v} |" for k, v in rows),
-        "", "![precision-recall](pr_curve.png)", "", "![latency](latency.png)", "",
-        "Examples (worst false positives, missed loops) are in `examples/`.", "",
-    ]  # fmt: skip
+        "",
+        "![precision-recall](pr_curve.png)",
+        "",
+        "![latency](latency.png)",
+        "",
+        "Examples (worst false positives, missed loops) are in `examples/`.",
+        "",
+    ]
     if un["exclusion_window"]["count"]:
-        lines += [f"Keyframes whose positives all lie in the exclusion window ({g['exclude_recent_s']:g} s, "
-                  f"{g['exclude_recent_keyframes']} keyframes), not counted in recall: frames "
-                  + ", ".join(map(str, un["exclusion_window"]["frames"])) + ".", ""]  # fmt: skip
+        lines += [
+            f"Keyframes whose positives all lie in the exclusion window ({g['exclude_recent_s']:g} s, "
+            f"{g['exclude_recent_keyframes']} keyframes), not counted in recall: frames "
+            + ", ".join(map(str, un["exclusion_window"]["frames"]))
+            + ".",
+            "",
+        ]
     if un["not_keyframes"]["count"]:
-        lines += ["Keyframes whose positives never became keyframes, not counted in recall: frames "
-                  + ", ".join(map(str, un["not_keyframes"]["frames"])) + ".", ""]  # fmt: skip
+        lines += [
+            "Keyframes whose positives never became keyframes, not counted in recall: frames "
+            + ", ".join(map(str, un["not_keyframes"]["frames"]))
+            + ".",
+            "",
+        ]
     if sk["count"]:
-        lines += [f"## Skipped frames ({sk['count']})", "",
-                  "Frames that cannot be decoded; the detector skipped them, as the node does.", "",
-                  "| frame | stamp (ns) | reason |", "|---|---|---|",
-                  *(f"| {f['frame']} | {f['stamp_ns']} | {f['reason'].replace('|', '/')} |" for f in sk["frames"]),
-                  ""]  # fmt: skip
+        lines += [
+            f"## Skipped frames ({sk['count']})",
+            "",
+            "Frames that cannot be decoded; the detector skipped them, as the node does.",
+            "",
+            "| frame | stamp (ns) | reason |",
+            "|---|---|---|",
+            *(f"| {f['frame']} | {f['stamp_ns']} | {f['reason'].replace('|', '/')} |" for f in sk["frames"]),
+            "",
+        ]
     (out / "report.md").write_text("\n".join(lines))
     return metrics

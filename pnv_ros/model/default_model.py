@@ -126,8 +126,17 @@ def vgg_fitted_state(
     """Fit ``model``'s vocabulary and WPCA on ``maps`` (:func:`fit_vocabulary`, whose keywords these are); the
     checkpoint's state dict in the official format (``encoder.*`` as given, the NetVLAD pool, ``WPCA.0.*``)
     and the fit."""
-    fit = fit_vocabulary(model, maps, rng, model.pool.num_clusters, num_pcs, progress=progress,
-                         fit_clusters=fit_clusters, patches_per_image=patches_per_image, seed=seed)  # fmt: skip
+    fit = fit_vocabulary(
+        model,
+        maps,
+        rng,
+        model.pool.num_clusters,
+        num_pcs,
+        progress=progress,
+        fit_clusters=fit_clusters,
+        patches_per_image=patches_per_image,
+        seed=seed,
+    )
     state = dict(encoder_state)
     pool = model.pool.state_dict()
     for name in ("centroids", "conv.weight", "conv.bias")[: 2 + ("conv.bias" in pool)]:  # the official order

@@ -146,8 +146,12 @@ def expected_dinov2_shapes() -> dict[str, tuple[int, ...]]:
         for ln in ("norm1", "norm2"):
             shapes[p + ln + ".weight"] = (DIM,)
             shapes[p + ln + ".bias"] = (DIM,)
-        for lin in ("attention.attention.query", "attention.attention.key", "attention.attention.value",
-                    "attention.output.dense"):  # fmt: skip
+        for lin in (
+            "attention.attention.query",
+            "attention.attention.key",
+            "attention.attention.value",
+            "attention.output.dense",
+        ):
             shapes[p + lin + ".weight"] = (DIM, DIM)
             shapes[p + lin + ".bias"] = (DIM,)
         shapes[p + "layer_scale1.lambda1"] = (DIM,)
@@ -197,8 +201,10 @@ def dinov2_state_from_onnx(onnx_path: str | Path) -> dict[str, torch.Tensor]:
         elif n == "/backbone/embeddings/Reshape_1":
             pos_patch = take(node.input[0])
     if pos_cls is None or pos_patch is None:
-        raise CheckpointError(f"{onnx_path}: position embedding not found (no /backbone/embeddings/Concat_6 or "
-                              f"/Reshape_1 with an initializer)")  # fmt: skip
+        raise CheckpointError(
+            f"{onnx_path}: position embedding not found (no /backbone/embeddings/Concat_6 or "
+            f"/Reshape_1 with an initializer)"
+        )
     arrays["embeddings.position_embeddings"] = np.concatenate([pos_cls, pos_patch], axis=1)
     shapes = expected_dinov2_shapes()
     state: dict[str, torch.Tensor] = {}

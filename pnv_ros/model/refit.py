@@ -92,8 +92,10 @@ def folder_images(inputs: Sequence[str | Path], max_images: int = MAX_IMAGES) ->
 
     paths = list_images(list(inputs))
     pick = evenly_spaced(len(paths), max_images)
-    return FittingImages([paths[i] for i in pick], {"kind": "images", "paths": [str(p) for p in inputs],
-                                                    "available": len(paths), "sampled": len(pick)})  # fmt: skip
+    return FittingImages(
+        [paths[i] for i in pick],
+        {"kind": "images", "paths": [str(p) for p in inputs], "available": len(paths), "sampled": len(pick)},
+    )
 
 
 class _BagFrames:
@@ -116,8 +118,9 @@ class _BagFrames:
                     yield fr.rgb
 
 
-def bag_images(bag: str | Path, topic: str | None = None, *, max_images: int = MAX_IMAGES,
-               bit_depth: int | None = None) -> FittingImages:  # fmt: skip
+def bag_images(
+    bag: str | Path, topic: str | None = None, *, max_images: int = MAX_IMAGES, bit_depth: int | None = None
+) -> FittingImages:
     """At most ``max_images`` evenly spaced frames of a bag's image topic (its only one when ``topic`` is
     None); only those frames are decoded. BagError for an unreadable bag or a missing or ambiguous topic."""
     from pnv_ros.bags import BagReader
@@ -137,8 +140,9 @@ def is_bag(path: str | Path) -> bool:
     return (p / "metadata.yaml").is_file() if p.is_dir() else p.suffix.lower() in BAG_SUFFIXES
 
 
-def fitting_images(path: str | Path, *, topic: str | None = None, max_images: int = MAX_IMAGES,
-                   bit_depth: int | None = None) -> FittingImages:  # fmt: skip
+def fitting_images(
+    path: str | Path, *, topic: str | None = None, max_images: int = MAX_IMAGES, bit_depth: int | None = None
+) -> FittingImages:
     """A folder of images or a bag (see :func:`is_bag`), sampled as :func:`folder_images` / :func:`bag_images`."""
     if is_bag(path):
         return bag_images(path, topic, max_images=max_images, bit_depth=bit_depth)
@@ -175,8 +179,16 @@ def fitting_geometry(model: PatchNetVLADModel) -> tuple[tuple[int, int], int, tu
     return grid, DESCS_PER_IMAGE, tuple(PCA_PATCH_SIZES)
 
 
-def _check_counts(n: int, k: int, d: int, grid: tuple[int, int], descs_per_image: int, patch_sizes: Sequence[int],
-                  what: str, patches_per_image: int) -> None:  # fmt: skip
+def _check_counts(
+    n: int,
+    k: int,
+    d: int,
+    grid: tuple[int, int],
+    descs_per_image: int,
+    patch_sizes: Sequence[int],
+    what: str,
+    patches_per_image: int,
+) -> None:
     """Refuse, before the work, image counts too small for the k-means or the PCA."""
     if n < MIN_IMAGES:
         raise CheckpointError(f"need at least {MIN_IMAGES} fitting images, got {n}{what}")
@@ -189,12 +201,15 @@ def _check_counts(n: int, k: int, d: int, grid: tuple[int, int], descs_per_image
         )
     descs = n * min(descs_per_image, grid[0] * grid[1])
     if descs < k:
-        raise ConfigError(f"{n} images{what} give {descs} local descriptors, fewer than the {k} clusters asked for: "
-                          "give more images or fewer clusters (--clusters)")  # fmt: skip
+        raise ConfigError(
+            f"{n} images{what} give {descs} local descriptors, fewer than the {k} clusters asked for: "
+            "give more images or fewer clusters (--clusters)"
+        )
 
 
-def _prepare(checkpoint: Path, images: Any, out: Path, source: dict[str, Any] | None
-             ) -> tuple[Any, dict[str, Any], Path, int | None]:  # fmt: skip
+def _prepare(
+    checkpoint: Path, images: Any, out: Path, source: dict[str, Any] | None
+) -> tuple[Any, dict[str, Any], Path, int | None]:
     """refit_model's inputs checked before any work: (images, source record, metadata path, image count or
     None for an iterable of unknown length). Raises OutputError, CheckpointError as refit_model."""
     if isinstance(images, FittingImages):
@@ -210,32 +225,58 @@ def _prepare(checkpoint: Path, images: Any, out: Path, source: dict[str, Any] | 
         raise CheckpointError(f"need at least {MIN_IMAGES} fitting images, got {total}")
     if source is None:
         paths = [p for p in images if isinstance(p, (str, Path))] if isinstance(images, (list, tuple)) else []
-        source = {"kind": "images", "paths": sorted({str(Path(p).parent) for p in paths})} if paths else \
-            {"kind": "arrays"}  # fmt: skip
+        source = (
+            {"kind": "images", "paths": sorted({str(Path(p).parent) for p in paths})} if paths else {"kind": "arrays"}
+        )
     return images, source, meta_path, total
 
 
-def _refit_meta(out: Path, checkpoint: Path, info: Any, features: dict[str, Any], source: dict[str, Any],
-                fit: Any, fitted: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+def _refit_meta(
+    out: Path,
+    checkpoint: Path,
+    info: Any,
+    features: dict[str, Any],
+    source: dict[str, Any],
+    fit: Any,
+    fitted: dict[str, Any],
+) -> dict[str, Any]:
     """The metadata JSON of a refitted model file (``fitted``: what refit_model fitted with)."""
     k, d, seed, per_image = fitted["k"], fitted["d"], fitted["seed"], fitted["per_image"]
     keep_vocabulary, bad, patch_sizes = fitted["keep_vocabulary"], fitted["undecodable"], fitted["patch_sizes"]
     return {
-        "model": out.name, "family": info.family, "sha256": file_sha256(out), "dim": d, "num_clusters": k,
+        "model": out.name,
+        "family": info.family,
+        "sha256": file_sha256(out),
+        "dim": d,
+        "num_clusters": k,
         "built": utc_now(),
-        "refit_of": {"model": str(checkpoint), "sha256": info.sha256, "identity": info.identity,
-                     "num_clusters": info.num_clusters, "dim": info.dim},
+        "refit_of": {
+            "model": str(checkpoint),
+            "sha256": info.sha256,
+            "identity": info.identity,
+            "num_clusters": info.num_clusters,
+            "dim": info.dim,
+        },
         "features": features,
-        "fitting": {"source": source, "images": fitted["images"], "undecodable": len(bad),
-                    "undecodable_first": bad[:5],
-                    "kmeans": "kept from the model" if keep_vocabulary else
-                    {"k": k, "seed": seed, "descriptors": int(fit.descs.shape[0]), "niter": 100},
-                    "pca": {"dim": d, "samples": int(sum(v.shape[0] for v in fit.vecs)),
-                            "patch_sizes": list(patch_sizes) if per_image else [], "patches_per_image": per_image}},
+        "fitting": {
+            "source": source,
+            "images": fitted["images"],
+            "undecodable": len(bad),
+            "undecodable_first": bad[:5],
+            "kmeans": "kept from the model"
+            if keep_vocabulary
+            else {"k": k, "seed": seed, "descriptors": int(fit.descs.shape[0]), "niter": 100},
+            "pca": {
+                "dim": d,
+                "samples": int(sum(v.shape[0] for v in fit.vecs)),
+                "patch_sizes": list(patch_sizes) if per_image else [],
+                "patches_per_image": per_image,
+            },
+        },
         "note": "Whitening PCA fitted on the images above (pnv add-pca); backbone and NetVLAD layer unchanged."
-        if keep_vocabulary else
-        "Vocabulary and whitening PCA refitted on the images above (pnv models refit); backbone unchanged.",
-    }  # fmt: skip
+        if keep_vocabulary
+        else "Vocabulary and whitening PCA refitted on the images above (pnv models refit); backbone unchanged.",
+    }
 
 
 def refit_model(
@@ -324,8 +365,10 @@ def refit_model(
     def on_error(i: int, e: ImageError) -> None:
         bad.append(str(e))
         if total is not None and total - len(bad) < MIN_IMAGES:
-            raise ImageError(f"at most {total - len(bad)} of the {total} images can be decoded, {MIN_IMAGES} are "
-                             f"needed; {len(bad)} cannot, the first: {bad[0]}")  # fmt: skip
+            raise ImageError(
+                f"at most {total - len(bad)} of the {total} images can be decoded, {MIN_IMAGES} are "
+                f"needed; {len(bad)} cannot, the first: {bad[0]}"
+            )
 
     maps = backbone_maps(fitting, images, tensor, total=total or 0, progress=progress, on_error=on_error)
     skipped = f" ({len(bad)} undecodable skipped; the first: {bad[0]})" if bad else ""
@@ -341,8 +384,16 @@ def refit_model(
         state, fit = vgg_fitted_state(encoder, fitting, maps, rng, d, progress=progress, seed=seed, **fit_options)
         save_checkpoint(state, out, d)
         features = {"backbone": "vgg16 conv5_3", "input_height": FIT_SIZE[0], "input_width": FIT_SIZE[1]}
-    fitted = {"images": len(maps), "undecodable": bad, "k": k, "d": d, "seed": seed, "per_image": per_image,
-              "patch_sizes": patch_sizes, "keep_vocabulary": keep_vocabulary}  # fmt: skip
+    fitted = {
+        "images": len(maps),
+        "undecodable": bad,
+        "k": k,
+        "d": d,
+        "seed": seed,
+        "per_image": per_image,
+        "patch_sizes": patch_sizes,
+        "keep_vocabulary": keep_vocabulary,
+    }
     meta = _refit_meta(out, checkpoint, info, features, source, fit, fitted)
     write_text_atomic(meta_path, json.dumps(meta, indent=2) + "\n")
     return out
@@ -364,11 +415,16 @@ class CachedRefit:
     def describe(self) -> str:
         f = self.meta.get("fitting", {})
         src = f.get("source", {})
-        where = f"bag {src.get('path')} ({src.get('topic')})" if src.get("kind") == "bag" else \
-            ", ".join(src.get("paths", [])) or "?"  # fmt: skip
+        where = (
+            f"bag {src.get('path')} ({src.get('topic')})"
+            if src.get("kind") == "bag"
+            else ", ".join(src.get("paths", [])) or "?"
+        )
         skipped = f", {f['undecodable']} undecodable skipped" if f.get("undecodable") else ""
-        return (f"{f.get('images', '?')} images of {where}{skipped}: {self.meta.get('num_clusters', '?')} words, "
-                f"{self.meta.get('dim', '?')} dimensions, model {self.path}")  # fmt: skip
+        return (
+            f"{f.get('images', '?')} images of {where}{skipped}: {self.meta.get('num_clusters', '?')} words, "
+            f"{self.meta.get('dim', '?')} dimensions, model {self.path}"
+        )
 
 
 def _input_files(path: Path) -> list[Path]:
@@ -379,8 +435,14 @@ def _input_files(path: Path) -> list[Path]:
     return list_images([path])
 
 
-def cache_key(checkpoint: str | Path, vocabulary: str | Path, *, topic: str | None = None,
-              bit_depth: int | None = None, max_images: int = MAX_IMAGES) -> str:  # fmt: skip
+def cache_key(
+    checkpoint: str | Path,
+    vocabulary: str | Path,
+    *,
+    topic: str | None = None,
+    bit_depth: int | None = None,
+    max_images: int = MAX_IMAGES,
+) -> str:
     """SHA-256 (hex) of what a refit depends on: the source model's hash, every input file's path, size and
     modification time (an image folder's images; all files of a bag), the topic, bit depth, image bound and
     :data:`REFIT_VERSION`. A changed, added or removed input gives another key, so a restart refits only then."""
@@ -388,8 +450,14 @@ def cache_key(checkpoint: str | Path, vocabulary: str | Path, *, topic: str | No
     for f in _input_files(Path(vocabulary)):
         st = f.stat()
         files.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
-    what = {"version": REFIT_VERSION, "model": file_sha256(checkpoint), "inputs": files, "topic": topic or "",
-            "bit_depth": bit_depth or 0, "max_images": max_images}  # fmt: skip
+    what = {
+        "version": REFIT_VERSION,
+        "model": file_sha256(checkpoint),
+        "inputs": files,
+        "topic": topic or "",
+        "bit_depth": bit_depth or 0,
+        "max_images": max_images,
+    }
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
 

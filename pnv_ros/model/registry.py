@@ -124,7 +124,7 @@ def _base_url() -> str:
     return os.environ.get("PNV_MODELS_URL", DEFAULT_BASE_URL).rstrip("/")
 
 
-def _open(url: str, headers: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+def _open(url: str, headers: dict[str, str] | None = None):
     req = urllib.request.Request(url, headers={"User-Agent": "pnv_ros", **(headers or {})})
     try:
         return urllib.request.urlopen(req, timeout=TIMEOUT_S)
@@ -220,8 +220,17 @@ def fetch_pinned_wheel(dest_dir: Path, name: str, version: str, filename: str, s
     dest_dir.mkdir(parents=True, exist_ok=True)
     wheel = dest_dir / filename
     if not wheel.is_file():
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "-d", str(dest_dir), f"{name}=={version}"]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "-d",
+            str(dest_dir),
+            f"{name}=={version}",
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0 or not wheel.is_file():
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]

@@ -23,7 +23,7 @@ __all__ = [
 ]
 
 
-def array_to_image(arr: np.ndarray, header=None):  # type: ignore[no-untyped-def]
+def array_to_image(arr: np.ndarray, header=None):
     """RGB uint8 array (H, W, 3) to sensor_msgs/Image rgb8."""
     from sensor_msgs.msg import Image
 
@@ -37,31 +37,40 @@ def array_to_image(arr: np.ndarray, header=None):  # type: ignore[no-untyped-def
     return msg
 
 
-def stamp_to_ns(stamp) -> int:  # type: ignore[no-untyped-def]
+def stamp_to_ns(stamp) -> int:
     return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
 
 
-def ns_to_stamp(ns: int):  # type: ignore[no-untyped-def]
+def ns_to_stamp(ns: int):
     from builtin_interfaces.msg import Time
 
     return Time(sec=int(ns // 1_000_000_000), nanosec=int(ns % 1_000_000_000))
 
 
-def loop_closure_msg(lc, header):  # type: ignore[no-untyped-def]
+def loop_closure_msg(lc, header):
     """A :class:`pnv_ros.detector.LoopClosure` to pnv_ros/LoopClosure with the query frame's header (whose frame
     is the relative pose's, both ways)."""
     from pnv_ros.msg import LoopClosure
 
     frame = header.frame_id
-    return LoopClosure(header=header, query_id=lc.query_id, match_id=lc.match_id, method=lc.method,
-                       query_stamp=ns_to_stamp(lc.query_stamp_ns), match_stamp=ns_to_stamp(lc.match_stamp_ns),
-                       match_from_loaded_map=lc.match_from_loaded_map,
-                       score=float(lc.score), global_distance=float(lc.global_distance),
-                       patch_size=lc.patch_size, num_matches=lc.num_matches, num_inliers=lc.num_inliers,
-                       relative_pose=relative_pose_msg(lc.relative_pose, frame, frame))  # fmt: skip
+    return LoopClosure(
+        header=header,
+        query_id=lc.query_id,
+        match_id=lc.match_id,
+        method=lc.method,
+        query_stamp=ns_to_stamp(lc.query_stamp_ns),
+        match_stamp=ns_to_stamp(lc.match_stamp_ns),
+        match_from_loaded_map=lc.match_from_loaded_map,
+        score=float(lc.score),
+        global_distance=float(lc.global_distance),
+        patch_size=lc.patch_size,
+        num_matches=lc.num_matches,
+        num_inliers=lc.num_inliers,
+        relative_pose=relative_pose_msg(lc.relative_pose, frame, frame),
+    )
 
 
-def relative_pose_msg(rp, parent_frame: str, child_frame: str):  # type: ignore[no-untyped-def]
+def relative_pose_msg(rp, parent_frame: str, child_frame: str):
     """A :class:`pnv_ros.geometry.RelativePose` (or None) to pnv_ros/RelativePose."""
     from scipy.spatial.transform import Rotation
 
@@ -85,7 +94,7 @@ def relative_pose_msg(rp, parent_frame: str, child_frame: str):  # type: ignore[
 
 
 @cache
-def _bridge():  # type: ignore[no-untyped-def]
+def _bridge():
     """cv_bridge's converter where it works, else None (looked for once)."""
     try:  # on robots: cv_bridge widens the accepted encodings (bayer, yuv, ...)
         from cv_bridge import CvBridge
@@ -95,7 +104,7 @@ def _bridge():  # type: ignore[no-untyped-def]
         return None
 
 
-def frame_to_array(msg, bit_depth: int | None = None) -> np.ndarray:  # type: ignore[no-untyped-def]
+def frame_to_array(msg, bit_depth: int | None = None) -> np.ndarray:
     """The node's decoder for sensor_msgs/Image or CompressedImage: an RGB (or grey / RGBA) uint8 array (H, W[, C]).
 
     Our checked decoding first (clear errors; the package's one decoder and bit-depth rule); cv_bridge for

@@ -96,8 +96,14 @@ class LoopClosureNode(Node):
             (CameraInfo, "camera_info", self._on_info, "camera_info", sensors),
             (Odometry, "odom", self._on_odom, "odom", MutuallyExclusiveCallbackGroup()),
         ):
-            self.create_subscription(msg_type, topic, fn, qos(g(f"{name}_qos"), g(f"{name}_qos_depth")),
-                                     callback_group=group, event_callbacks=events)  # fmt: skip
+            self.create_subscription(
+                msg_type,
+                topic,
+                fn,
+                qos(g(f"{name}_qos"), g(f"{name}_qos_depth")),
+                callback_group=group,
+                event_callbacks=events,
+            )
         self.pub_loop = self.create_publisher(LoopClosure, "loop_closures", 10)
         self.pub_kf = self.create_publisher(KeyframeMsg, "~/keyframes", 10)
         # One acknowledgement per frame taken from the slot (stamp = the frame's; frame_id =
@@ -106,14 +112,18 @@ class LoopClosureNode(Node):
         self.pub_img = self.create_publisher(Image, "~/match_image", 2)
         self.pub_markers = self.create_publisher(MarkerArray, "~/loop_markers", 10)
         self.pub_diag = self.create_publisher(DiagnosticArray, "/diagnostics", 5)
-        for name, srv, fn in (("query_place", QueryPlace, self._query), ("verify_pair", VerifyPair, self._verify),
-                              ("save_map", MapCommand, self._map_command("save")),
-                              ("load_map", MapCommand, self._map_command("load")),
-                              ("reset_map", MapCommand, self._srv_reset)):  # fmt: skip
+        for name, srv, fn in (
+            ("query_place", QueryPlace, self._query),
+            ("verify_pair", VerifyPair, self._verify),
+            ("save_map", MapCommand, self._map_command("save")),
+            ("load_map", MapCommand, self._map_command("load")),
+            ("reset_map", MapCommand, self._srv_reset),
+        ):
             self.create_service(srv, f"~/{name}", self._service(name, fn), callback_group=services)
         # Diagnostics on the steady clock: with use_sim_time and no /clock they still come.
-        self.create_timer(1.0, self._publish_diagnostics, callback_group=services,
-                          clock=Clock(clock_type=ClockType.STEADY_TIME))  # fmt: skip
+        self.create_timer(
+            1.0, self._publish_diagnostics, callback_group=services, clock=Clock(clock_type=ClockType.STEADY_TIME)
+        )
         self.maps = MapFiles(g("map_dir"), self.detector, self.log, on_load=self._clear_markers)
         self.maps.check_writable()
         self.maps.remove_left_overs()
@@ -123,7 +133,7 @@ class LoopClosureNode(Node):
         self.worker.start()
         self.log.info(ready_message(self.detector, g, self.image_topic))
 
-    def _value(self, name: str):  # type: ignore[no-untyped-def]
+    def _value(self, name: str):
         v = self.get_parameter(name).value
         return float(v) if isinstance(P.BY_NAME[name].default, float) else v
 
@@ -157,7 +167,7 @@ class LoopClosureNode(Node):
         self._events.add("dropped")
         self._ack(msg.header.stamp, "dropped")
 
-    def _on_incompatible_qos(self, event) -> None:  # type: ignore[no-untyped-def]
+    def _on_incompatible_qos(self, event) -> None:
         self._count("qos_incompatible")
         self._events.add("qos_incompatible")
         self.log.error(
@@ -193,13 +203,13 @@ class LoopClosureNode(Node):
         self._events.add(status)
         self._ack(msg.header.stamp, status)
 
-    def _ack(self, stamp, status: str) -> None:  # type: ignore[no-untyped-def]
+    def _ack(self, stamp, status: str) -> None:
         try:
             self.pub_done.publish(Header(stamp=stamp, frame_id=status))
         except Exception:  # noqa: BLE001 - ROS already shut down under this frame
             pass
 
-    def _on_frame_error(self, msg, e: BaseException, tb: str) -> None:  # type: ignore[no-untyped-def]
+    def _on_frame_error(self, msg, e: BaseException, tb: str) -> None:
         self._count("bad")
         self._events.add("error")
         st, ours = msg.header.stamp, isinstance(e, PnvError)  # ours: a bad frame, said in a line; else a traceback
@@ -254,7 +264,7 @@ class LoopClosureNode(Node):
                 f"{jumps})"
             )
 
-    def _publish_loop(self, msg, lc, query_size, gen: int, pos) -> None:  # type: ignore[no-untyped-def]
+    def _publish_loop(self, msg, lc, query_size, gen: int, pos) -> None:
         self.pub_loop.publish(loop_closure_msg(lc, msg.header))
         self.log.info(f"loop: keyframe {lc.query_id} -> {lc.match_id}, score {lc.score:.3f}")
         if self.pub_img.get_subscription_count() > 0:
@@ -278,9 +288,14 @@ class LoopClosureNode(Node):
         recent = self._events.recent(now)
         det = self.detector.stats()
         silent_s = now - (self._last_input if self._last_input is not None else self._started)
-        a = D.assess(recent, silent_s=silent_s, image_topic=self.resolve_topic_name(self.image_topic),
-                     store_trouble=str(det["store_trouble"]), unloadable=self.maps.unloadable,
-                     last_error=self._last_error)  # fmt: skip
+        a = D.assess(
+            recent,
+            silent_s=silent_s,
+            image_topic=self.resolve_topic_name(self.image_topic),
+            store_trouble=str(det["store_trouble"]),
+            unloadable=self.maps.unloadable,
+            last_error=self._last_error,
+        )
         st = DiagnosticStatus(level=bytes([a.level]), name="pnv_ros: loop_closure", hardware_id="pnv_ros")
         st.message = "; ".join(a.problems) or f"{det['map_keyframes']} keyframes, {det['loops']} loops"
         vals = D.report_values(det, self.worker.snapshot(), self.stats, recent, self.latency)
@@ -290,8 +305,8 @@ class LoopClosureNode(Node):
         self.pub_diag.publish(arr)
 
     # -- services: translate messages, nothing else -------------------------------------------
-    def _service(self, name: str, fn):  # type: ignore[no-untyped-def]
-        def handler(req, resp):  # type: ignore[no-untyped-def]
+    def _service(self, name: str, fn):
+        def handler(req, resp):
             try:
                 fn(req, resp)
                 resp.success = True
@@ -307,7 +322,7 @@ class LoopClosureNode(Node):
 
         return handler
 
-    def _query(self, req, resp) -> None:  # type: ignore[no-untyped-def]
+    def _query(self, req, resp) -> None:
         det, high = self.detector, DetectorParams.RANGES["top_n"][1]
         top_n, matcher = req.top_n or None, req.matcher or None
         if req.top_n > high:  # the whole map re-ranked under the detector's lock would stall keyframes meanwhile
@@ -327,7 +342,7 @@ class LoopClosureNode(Node):
         resp.global_distances = [float(c.global_distance) for c in cands]
         resp.message = f"{len(cands)} candidates"
 
-    def _verify(self, req, resp) -> None:  # type: ignore[no-untyped-def]
+    def _verify(self, req, resp) -> None:
         det = self.detector
         if req.id_a == req.id_b:
             raise PnvError(f"id_a and id_b are both {req.id_a}: give two different keyframes")
@@ -337,17 +352,17 @@ class LoopClosureNode(Node):
         resp.relative_pose = relative_pose_msg(pose, self._camera_frame, self._camera_frame)
         resp.message = "ok"
 
-    def _map_command(self, name: str):  # type: ignore[no-untyped-def]
+    def _map_command(self, name: str):
         """save_map or load_map: MapFiles' answer, a failure as the service's."""
 
-        def run(req, resp) -> None:  # type: ignore[no-untyped-def]
+        def run(req, resp) -> None:
             ok, resp.message, _ = getattr(self.maps, name)(req.name)
             if not ok:
                 raise PnvError(resp.message)
 
         return run
 
-    def _srv_reset(self, req, resp) -> None:  # type: ignore[no-untyped-def]
+    def _srv_reset(self, req, resp) -> None:
         self.detector.reset()
         self._clear_markers()
         resp.message = "map reset"

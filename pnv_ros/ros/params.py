@@ -56,49 +56,92 @@ NODE_TABLE: tuple[Param, ...] = (
     Param("preset", "speed", "performance | speed | storage", choices=("performance", "speed", "storage")),
     Param("config_file", "", "override file (.toml/.json/.ini) for the preset"),
     Param("checkpoint", "", "checkpoint path or official model name; '' = offline default"),
-    Param("vocabulary_images", "", "a folder of images or a ROS bag of this environment: at start the checkpoint's "
-          "vocabulary and whitening PCA are refitted on it (at most 300 evenly spaced frames; cached in the model "
-          "cache, so a restart with the same model and files reuses it); '' = off"),
+    Param(
+        "vocabulary_images",
+        "",
+        "a folder of images or a ROS bag of this environment: at start the checkpoint's "
+        "vocabulary and whitening PCA are refitted on it (at most 300 evenly spaced frames; cached in the model "
+        "cache, so a restart with the same model and files reuses it); '' = off",
+    ),
     Param("vocabulary_topic", "", "the image topic of a vocabulary_images bag; '' = its only image topic"),
     Param("device", "", "cpu | cuda | cuda:N; '' = cuda when present"),
     Param("bfloat16", False, "the same as engine torch, precision bf16 (kept for older launch files)"),
-    Param("engine", "torch", "what runs the backbone: torch (exact) | onnxruntime | openvino (CPU) | tensorrt "
-          "(NVIDIA GPU, device cuda); engine files are built at start once and cached beside the models",
-          choices=ENGINES),
-    Param("precision", "", "fp32 | bf16 | fp16 | int8 as the engine allows ('' = fp32; bf16 with bfloat16): int8 "
-          "= onnxruntime or openvino post-training quantisation; its maps are kept apart from float32 ones",
-          choices=("", *PRECISIONS)),
-    Param("engine_file", "", "a ready engine file instead of the cached build: a TensorRT plan (trtexec "
-          "--saveEngine from 'pnv export' ONNX), or an ONNX / OpenVINO .xml of the backbone; '' = build and cache"),
+    Param(
+        "engine",
+        "torch",
+        "what runs the backbone: torch (exact) | onnxruntime | openvino (CPU) | tensorrt "
+        "(NVIDIA GPU, device cuda); engine files are built at start once and cached beside the models",
+        choices=ENGINES,
+    ),
+    Param(
+        "precision",
+        "",
+        "fp32 | bf16 | fp16 | int8 as the engine allows ('' = fp32; bf16 with bfloat16): int8 "
+        "= onnxruntime or openvino post-training quantisation; its maps are kept apart from float32 ones",
+        choices=("", *PRECISIONS),
+    ),
+    Param(
+        "engine_file",
+        "",
+        "a ready engine file instead of the cached build: a TensorRT plan (trtexec "
+        "--saveEngine from 'pnv export' ONNX), or an ONNX / OpenVINO .xml of the backbone; '' = build and cache",
+    ),
     Param("compressed", False, "subscribe to image/compressed instead of image"),
-    Param("bit_depth", 0, "significant bits of a 16-bit camera (e.g. 12 for a 12-bit sensor in mono16); 0 = "
-          "per frame: a PNG's sBIT, else the smallest of 8/10/12/14/16 bits holding the frame's maximum",
-          range=(0, 16)),
-    Param("image_qos", "sensor_data", "image QoS: sensor_data (best effort, what drivers publish) | reliable | "
-          "best_effort | system_default; a best-effort subscription also receives reliable publishers",
-          choices=QOS_CHOICES),
+    Param(
+        "bit_depth",
+        0,
+        "significant bits of a 16-bit camera (e.g. 12 for a 12-bit sensor in mono16); 0 = "
+        "per frame: a PNG's sBIT, else the smallest of 8/10/12/14/16 bits holding the frame's maximum",
+        range=(0, 16),
+    ),
+    Param(
+        "image_qos",
+        "sensor_data",
+        "image QoS: sensor_data (best effort, what drivers publish) | reliable | "
+        "best_effort | system_default; a best-effort subscription also receives reliable publishers",
+        choices=QOS_CHOICES,
+    ),
     Param("image_qos_depth", 1, "image queue depth (latest wins: 1 is enough)", range=(1, 1000)),
     Param("camera_info_qos", "sensor_data", "camera_info QoS (as image_qos)", choices=QOS_CHOICES),
     Param("camera_info_qos_depth", 1, "camera_info queue depth", range=(1, 1000)),
-    Param("odom_qos", "sensor_data", "odometry QoS (as image_qos; best effort hears both kinds of publisher, "
-          "and a lost pose costs nothing)", choices=QOS_CHOICES),
+    Param(
+        "odom_qos",
+        "sensor_data",
+        "odometry QoS (as image_qos; best effort hears both kinds of publisher, and a lost pose costs nothing)",
+        choices=QOS_CHOICES,
+    ),
     Param("odom_qos_depth", 50, "odometry queue depth", range=(1, 10000)),
-    Param("odom_tolerance_s", 0.1, "an image takes the odometry pose nearest its stamp within this (s); when "
-          "the odometry of its instant is late, it waits for it as long (wall seconds)",
-          range=(0.0, 10.0)),
+    Param(
+        "odom_tolerance_s",
+        0.1,
+        "an image takes the odometry pose nearest its stamp within this (s); when "
+        "the odometry of its instant is late, it waits for it as long (wall seconds)",
+        range=(0.0, 10.0),
+    ),
     Param("index_kind", "flat", "FAISS index: flat (exact) | hnsw (maps of 100k+ keyframes)", choices=("flat", "hnsw")),
-    Param("patch_dtype", "float16", "patch storage: float16 (half the memory) | float32",
-          choices=("float16", "float32")),
-    Param("memory_budget_mb", 4096.0, "patch MB kept in RAM; beyond it older keyframes' patches go to memory-mapped "
-          "files in the temp folder (0 = no limit). 4096: about 4,000 keyframes of the speed preset (1 MB each), an "
-          "hour or more of driving, before a robot's RAM fills", range=(0.0, 1e7)),
+    Param(
+        "patch_dtype", "float16", "patch storage: float16 (half the memory) | float32", choices=("float16", "float32")
+    ),
+    Param(
+        "memory_budget_mb",
+        4096.0,
+        "patch MB kept in RAM; beyond it older keyframes' patches go to memory-mapped "
+        "files in the temp folder (0 = no limit). 4096: about 4,000 keyframes of the speed preset (1 MB each), an "
+        "hour or more of driving, before a robot's RAM fills",
+        range=(0.0, 1e7),
+    ),
     Param("map_dir", str(Path.home() / ".ros" / "pnv_maps"), "folder for saved maps"),
     Param("load_map", "", "map name (in map_dir) to load at start"),
-    Param("max_rate_hz", 0.0, "process at most this many frames per second (0 = as fast as extraction goes)",
-          "node", (0.0, 1000.0)),
+    Param(
+        "max_rate_hz",
+        0.0,
+        "process at most this many frames per second (0 = as fast as extraction goes)",
+        "node",
+        (0.0, 1000.0),
+    ),
     Param("save_map_on_shutdown", "", "map name to save at shutdown ('' = don't)", "node"),
     Param("thumbnail_cache", 500, "keyframe thumbnails kept for match images (oldest dropped)", "node", (0, 100000)),
-)  # fmt: skip
+)
 
 #: The detector's parameters: DetectorParams' fields (defaults, help, ranges and choices from its metadata).
 DETECTOR_TABLE: tuple[Param, ...] = _detector_table()

@@ -24,7 +24,7 @@ from std_msgs.msg import Header
 from pnv_ros.bags import BagError, cdr_converter, open_bag, read_messages
 
 
-def _msg_class(msgtype: str):  # type: ignore[no-untyped-def]
+def _msg_class(msgtype: str):
     pkg, kind, name = msgtype.split("/")
     try:
         return getattr(importlib.import_module(f"{pkg}.{kind}"), name)
@@ -63,7 +63,7 @@ class BagPlayer:
                 self.pubs[c.topic] = self.node.create_publisher(cls, self.remap.get(c.topic, c.topic), qos)
             self.conns.append(c)
 
-    def messages(self):  # type: ignore[no-untyped-def]
+    def messages(self):
         """(topic, msgtype, bag time ns, ROS 2 CDR bytes) of the published topics, in time order."""
         for c, t, raw in read_messages(self._reader, self.conns, self.path):
             yield c.topic, c.msgtype, t, self._to_cdr(raw, c.msgtype)
@@ -91,8 +91,14 @@ class BagPlayer:
                 progress(n)
         return n
 
-    def lockstep(self, image_topic: str, node_name: str = "loop_closure", timeout: float = 120.0,
-                 resend_s: float = 10.0, progress: Callable[[int], None] | None = None) -> int:  # fmt: skip
+    def lockstep(
+        self,
+        image_topic: str,
+        node_name: str = "loop_closure",
+        timeout: float = 120.0,
+        resend_s: float = 10.0,
+        progress: Callable[[int], None] | None = None,
+    ) -> int:
         """Publish messages in order; an image goes out only after the node acknowledged the one before
         it, and the messages between two images (odometry) go out right after the first, so the node
         has the odometry of an image's instant while it works on it. An image with no answer after

@@ -28,8 +28,13 @@ def detector_from_parameters(value: Callable[[str], Any], log: Callable[[str], o
     ckpt = resolve_checkpoint(g("checkpoint") or None, announce=log)
     if g("vocabulary_images"):
         ckpt = refit_vocabulary(ckpt, g, log)
-    runtime = RuntimeSpec(device=g("device") or None, engine=g("engine"), precision=g("precision") or None,
-                          engine_file=g("engine_file") or None, bf16=g("bfloat16"))  # fmt: skip
+    runtime = RuntimeSpec(
+        device=g("device") or None,
+        engine=g("engine"),
+        precision=g("precision") or None,
+        engine_file=g("engine_file") or None,
+        bf16=g("bfloat16"),
+    )
     extractor = open_extractor(ckpt, preset, runtime, log=log)
     return LoopClosureDetector(
         extractor,

@@ -42,7 +42,7 @@ class Thumbnails:
         while len(self._items) > self.capacity:
             self._items.popitem(last=False)
 
-    def get(self, generation: int, kf_id: int, size: tuple[int, int]):  # type: ignore[no-untyped-def]
+    def get(self, generation: int, kf_id: int, size: tuple[int, int]):
         """The thumbnail as a PIL image resized to ``size`` (width, height), or None."""
         from PIL import Image as PILImage
 
@@ -52,7 +52,7 @@ class Thumbnails:
 
 def match_picture(
     thumbs: Thumbnails, generation: int, loop, preset: Preset, query_size, match_size
-) -> np.ndarray | None:  # type: ignore[no-untyped-def]  # noqa: E501
+) -> np.ndarray | None:  # noqa: E501
     """Side-by-side picture of a loop's patch matches, or None when a thumbnail is missing."""
     from pnv_ros.viz import match_image
 
@@ -64,7 +64,7 @@ def match_picture(
     return match_image(qi, mi, preset, details, loop.score, title=f"kf {loop.query_id} -> {loop.match_id}")
 
 
-def loop_marker(marker_id: int, frame_id: str, a: np.ndarray, b: np.ndarray, stamp) -> MarkerArray:  # type: ignore[no-untyped-def]
+def loop_marker(marker_id: int, frame_id: str, a: np.ndarray, b: np.ndarray, stamp) -> MarkerArray:
     """One loop edge between two keyframe positions (odometry frame) as a new marker."""
     m = Marker()
     m.header.frame_id, m.header.stamp = frame_id or "odom", stamp
@@ -76,7 +76,7 @@ def loop_marker(marker_id: int, frame_id: str, a: np.ndarray, b: np.ndarray, sta
     return MarkerArray(markers=[m])
 
 
-def clear_markers(frame_id: str, stamp) -> MarkerArray:  # type: ignore[no-untyped-def]
+def clear_markers(frame_id: str, stamp) -> MarkerArray:
     m = Marker()
     m.header.frame_id, m.header.stamp, m.ns, m.action = frame_id or "odom", stamp, "loops", Marker.DELETEALL
     return MarkerArray(markers=[m])

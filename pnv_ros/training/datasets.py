@@ -197,21 +197,41 @@ class TrainingSet:
                 f"cover every place; use a smaller holdout, a smaller --min-gap (in a sequence, frames that close to a "
                 f"validation query are validation places too) or data with more places"
             )
-        info = {"holdout": holdout, "gap": gap, "validation_queries": n_val,
-                "db_taken_out": int(taken[self.db].sum())}  # fmt: skip
-        train = TrainingSet(self.images, self.db[~taken[self.db]], _ints(tq), tp, tn, f"{self.name} (training)",
-                            {**self.source, "split": {"side": "train", **info}},
-                            self.dropped + n_train + gap - len(tq))  # fmt: skip
+        info = {"holdout": holdout, "gap": gap, "validation_queries": n_val, "db_taken_out": int(taken[self.db].sum())}
+        train = TrainingSet(
+            self.images,
+            self.db[~taken[self.db]],
+            _ints(tq),
+            tp,
+            tn,
+            f"{self.name} (training)",
+            {**self.source, "split": {"side": "train", **info}},
+            self.dropped + n_train + gap - len(tq),
+        )
         keep = [k for k in val if len(self.positives[k])]
-        valid = TrainingSet(self.images, self.db, self.queries[keep], [self.positives[k] for k in keep],
-                            [self.non_negatives[k] for k in keep], f"{self.name} (validation)",
-                            {**self.source, "split": {"side": "validation", **info}}, n_val - len(keep))  # fmt: skip
+        valid = TrainingSet(
+            self.images,
+            self.db,
+            self.queries[keep],
+            [self.positives[k] for k in keep],
+            [self.non_negatives[k] for k in keep],
+            f"{self.name} (validation)",
+            {**self.source, "split": {"side": "validation", **info}},
+            n_val - len(keep),
+        )
         return train, valid
 
 
-def _assemble(images: Sequence[ImageSource], db: np.ndarray, candidates: np.ndarray, positives: list[np.ndarray],
-              non_negatives: list[np.ndarray], name: str, source: dict[str, Any],
-              nothing: Callable[[], PnvError]) -> TrainingSet:  # fmt: skip
+def _assemble(
+    images: Sequence[ImageSource],
+    db: np.ndarray,
+    candidates: np.ndarray,
+    positives: list[np.ndarray],
+    non_negatives: list[np.ndarray],
+    name: str,
+    source: dict[str, Any],
+    nothing: Callable[[], PnvError],
+) -> TrainingSet:
     """A TrainingSet of the candidates that have a positive (non-negatives made to include the positives);
     ``nothing()`` is raised when none has."""
     keep = [k for k, p in enumerate(positives) if len(p)]
@@ -294,13 +314,13 @@ def from_pairs(
     opts = {"positives_as": positives_as, "index_base": index_base}
     if positions:
         _check_rule(pos_radius, neg_radius)
-        gt = load_ground_truth(gt_path, qn, dbn, pos_radius, **opts)  # type: ignore[arg-type]
-        near = load_ground_truth(gt_path, qn, dbn, neg_radius, **opts).positives  # type: ignore[arg-type]
+        gt = load_ground_truth(gt_path, qn, dbn, pos_radius, **opts)
+        near = load_ground_truth(gt_path, qn, dbn, neg_radius, **opts).positives
         rule: dict[str, Any] = {"gt_kind": "positions", "pos_radius": pos_radius, "neg_radius": neg_radius}
     else:
         if int(neg_margin) != neg_margin or neg_margin < 0:
             raise ConfigError(f"neg_margin {neg_margin}: the band around each positive is a whole number >= 0")
-        gt = load_ground_truth(gt_path, qn, dbn, **opts)  # type: ignore[arg-type]
+        gt = load_ground_truth(gt_path, qn, dbn, **opts)
         m = int(neg_margin)
         near = [{j for i in p for j in range(max(0, i - m), min(len(ref), i + m + 1))} for p in gt.positives]
         rule = {"gt_kind": "matrix" if gt_path.suffix.lower() != ".csv" else "positives", "neg_margin": m}
@@ -310,16 +330,30 @@ def from_pairs(
     source = {"kind": "pairs", "ref": str(ref_dir), "query": str(query_dir), "gt": str(gt_path), **rule}
     name = f"pairs {ref_dir} + {query_dir} ({gt_path.name})"
     nothing = lambda: GroundTruthError(f"ground truth {gt_path} gives no query a positive")  # noqa: E731
-    return _assemble(list(ref) + list(qry), np.arange(len(ref)), offset + np.arange(len(qry)), positives, non_neg,
-                     name, source, nothing)  # fmt: skip
+    return _assemble(
+        list(ref) + list(qry),
+        np.arange(len(ref)),
+        offset + np.arange(len(qry)),
+        positives,
+        non_neg,
+        name,
+        source,
+        nothing,
+    )
 
 
 # -- sequences: positions CSV and bags -----------------------------------------------------------------------
 
 
-def _sequence_rule(xyz: np.ndarray, frames: np.ndarray, pos_radius: float, neg_radius: float, min_gap: int,
-                   stamps_ns: np.ndarray | None = None,
-                   min_gap_s: float | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:  # fmt: skip
+def _sequence_rule(
+    xyz: np.ndarray,
+    frames: np.ndarray,
+    pos_radius: float,
+    neg_radius: float,
+    min_gap: int,
+    stamps_ns: np.ndarray | None = None,
+    min_gap_s: float | None = None,
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Per frame (row of ``xyz``): positives and non-negatives, as row indices.
 
     frames: (N,) ascending frame numbers (gaps where frames were left out); stamps_ns: (N,) with min_gap_s."""
@@ -339,8 +373,8 @@ def _sequence_rule(xyz: np.ndarray, frames: np.ndarray, pos_radius: float, neg_r
     for i in range(len(xyz)):
         close = np.arange(lo[i], hi[i])
         if order is not None and sorted_stamps is not None:
-            a = np.searchsorted(sorted_stamps, stamps_ns[i] - gap_ns, side="right")  # type: ignore[index]
-            b = np.searchsorted(sorted_stamps, stamps_ns[i] + gap_ns, side="left")  # type: ignore[index]
+            a = np.searchsorted(sorted_stamps, stamps_ns[i] - gap_ns, side="right")
+            b = np.searchsorted(sorted_stamps, stamps_ns[i] + gap_ns, side="left")
             close = np.union1d(close, order[a:b])
         positives.append(np.setdiff1d(_ints(near_pos[i]), close))
         non_neg.append(np.union1d(_ints(near_neg[i]), close))
@@ -428,13 +462,28 @@ def from_positions(
     xyz = _read_positions(positions_csv, paths)
     n = len(paths)
     positives, non_neg = _sequence_rule(xyz, np.arange(n), pos_radius, neg_radius, int(min_gap))
-    source = {"kind": "positions", "images_dir": str(images_dir), "positions": str(positions_csv),
-              "pos_radius": pos_radius, "neg_radius": neg_radius, "min_gap": int(min_gap)}  # fmt: skip
-    return _assemble(paths, np.arange(n), np.arange(n), positives, non_neg,
-                     f"sequence {images_dir} ({positions_csv.name})", source,
-                     lambda: GroundTruthError(f"positions file {positions_csv}: no frame of {images_dir} has another "
-                                              f"within {pos_radius:g} m at least {min_gap} frames away: the sequence "
-                                              f"never revisits a place (or use a larger pos_radius)"))  # fmt: skip
+    source = {
+        "kind": "positions",
+        "images_dir": str(images_dir),
+        "positions": str(positions_csv),
+        "pos_radius": pos_radius,
+        "neg_radius": neg_radius,
+        "min_gap": int(min_gap),
+    }
+    return _assemble(
+        paths,
+        np.arange(n),
+        np.arange(n),
+        positives,
+        non_neg,
+        f"sequence {images_dir} ({positions_csv.name})",
+        source,
+        lambda: GroundTruthError(
+            f"positions file {positions_csv}: no frame of {images_dir} has another "
+            f"within {pos_radius:g} m at least {min_gap} frames away: the sequence "
+            f"never revisits a place (or use a larger pos_radius)"
+        ),
+    )
 
 
 class BagImages:
@@ -460,8 +509,10 @@ class BagImages:
                 n += 1
                 yield fr.rgb
         if n != len(self.frames):
-            raise BagError(f"bag {self.path}: {len(self.frames)} frames expected on {self.topic}, read {n}: "
-                           f"the bag changed since it was indexed; load it again")  # fmt: skip
+            raise BagError(
+                f"bag {self.path}: {len(self.frames)} frames expected on {self.topic}, read {n}: "
+                f"the bag changed since it was indexed; load it again"
+            )
 
 
 def from_bag(
@@ -514,26 +565,52 @@ def from_bag(
             f"{ODOM_TOLERANCE_S:g} s of the image stamp) and decode ({no_position} without a position, "
             f"{undecodable} undecodable); training needs at least {MIN_BAG_FRAMES}: record odometry with the images"
         )
-    positives, non_neg = _sequence_rule(np.array(xyz), np.array(frames), pos_radius, neg_radius, int(min_gap),
-                                        np.array(stamps, dtype=np.int64), min_gap_s)  # fmt: skip
-    source = {"kind": "bag", "path": str(bag), "topic": topic, "frames": count, "kept": len(frames),
-              "no_position": no_position, "undecodable": undecodable, "pos_radius": pos_radius,
-              "neg_radius": neg_radius, "min_gap": int(min_gap), "min_gap_s": min_gap_s}  # fmt: skip
+    positives, non_neg = _sequence_rule(
+        np.array(xyz),
+        np.array(frames),
+        pos_radius,
+        neg_radius,
+        int(min_gap),
+        np.array(stamps, dtype=np.int64),
+        min_gap_s,
+    )
+    source = {
+        "kind": "bag",
+        "path": str(bag),
+        "topic": topic,
+        "frames": count,
+        "kept": len(frames),
+        "no_position": no_position,
+        "undecodable": undecodable,
+        "pos_radius": pos_radius,
+        "neg_radius": neg_radius,
+        "min_gap": int(min_gap),
+        "min_gap_s": min_gap_s,
+    }
     n = len(frames)
     gap = f"{min_gap} frames" + (f" and {min_gap_s:g} s" if min_gap_s else "")
     nothing = lambda: BagError(  # noqa: E731
         f"bag {bag}: no frame on {topic} has another within {pos_radius:g} m at least {gap} away: the recording "
         f"never revisits a place (or use a larger pos_radius)"
     )
-    return _assemble(BagImages(bag, topic, frames, bit_depth), np.arange(n), np.arange(n), positives, non_neg,
-                     f"bag {bag} ({topic})", source, nothing)  # fmt: skip
+    return _assemble(
+        BagImages(bag, topic, frames, bit_depth),
+        np.arange(n),
+        np.arange(n),
+        positives,
+        non_neg,
+        f"bag {bag} ({topic})",
+        source,
+        nothing,
+    )
 
 
 # -- public datasets -----------------------------------------------------------------------------------------
 
 
-def _radius_pairs(db_xy: np.ndarray, q_xy: np.ndarray, pos_radius: float,
-                  neg_radius: float) -> tuple[list[np.ndarray], list[np.ndarray]]:  # fmt: skip
+def _radius_pairs(
+    db_xy: np.ndarray, q_xy: np.ndarray, pos_radius: float, neg_radius: float
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Per query row: database rows within each radius."""
     from scipy.spatial import cKDTree
 
@@ -625,10 +702,11 @@ def from_msls(
     unknown = [c for c in wanted if c not in available]
     if not wanted or unknown:
         raise ConfigError(
-            f"MSLS root {root}: " + (f"no city {', '.join(unknown)}" if unknown else "no city folder")
+            f"MSLS root {root}: "
+            + (f"no city {', '.join(unknown)}" if unknown else "no city folder")
             + f" under {base} with query/ and database/ (cities there: {', '.join(available) or 'none'}; "
             f"the test cities carry no positions)"
-        )  # fmt: skip
+        )
     images: list[Path] = []
     db_idx, q_idx, positives, non_neg = [], [], [], []
     panos = 0
@@ -645,12 +723,26 @@ def from_msls(
         positives += [off + p for p in pos]
         non_neg += [off + n for n in neg]
         per_city[city] = {"db": len(db_paths), "queries": len(q_paths)}
-    source = {"kind": "msls", "root": str(root), "cities": per_city, "pos_radius": pos_radius,
-              "neg_radius": neg_radius, "panoramas_left_out": panos}  # fmt: skip
-    return _assemble(images, np.concatenate(db_idx), np.concatenate(q_idx), positives, non_neg,
-                     f"MSLS {root} ({', '.join(wanted)})", source,
-                     lambda: GroundTruthError(f"MSLS {root}: no query of {', '.join(wanted)} has a database image "
-                                              f"within {pos_radius:g} m"))  # fmt: skip
+    source = {
+        "kind": "msls",
+        "root": str(root),
+        "cities": per_city,
+        "pos_radius": pos_radius,
+        "neg_radius": neg_radius,
+        "panoramas_left_out": panos,
+    }
+    return _assemble(
+        images,
+        np.concatenate(db_idx),
+        np.concatenate(q_idx),
+        positives,
+        non_neg,
+        f"MSLS {root} ({', '.join(wanted)})",
+        source,
+        lambda: GroundTruthError(
+            f"MSLS {root}: no query of {', '.join(wanted)} has a database image within {pos_radius:g} m"
+        ),
+    )
 
 
 def _db_struct(path: Path) -> dict[str, Any]:
@@ -691,9 +783,15 @@ def _db_struct(path: Path) -> dict[str, Any]:
     try:
         db = strings(field("dbImageFns", "dbImage"), "dbImageFns")
         q = strings(field("qImageFns", "qImage"), "qImageFns")
-        out = {"whichSet": str(field("whichSet")), "db": db, "q": q, "utmDb": utm(field("utmDb"), len(db), "utmDb"),
-               "utmQ": utm(field("utmQ"), len(q), "utmQ"), "posDistThr": float(field("posDistThr")),
-               "nonTrivPosDistSqThr": float(field("nonTrivPosDistSqThr"))}  # fmt: skip
+        out = {
+            "whichSet": str(field("whichSet")),
+            "db": db,
+            "q": q,
+            "utmDb": utm(field("utmDb"), len(db), "utmDb"),
+            "utmQ": utm(field("utmQ"), len(q), "utmQ"),
+            "posDistThr": float(field("posDistThr")),
+            "nonTrivPosDistSqThr": float(field("nonTrivPosDistSqThr")),
+        }
         counts = (int(field("numImages", "numDb")), int(field("numQueries", "numQ")))
     except (TypeError, ValueError) as e:
         raise GroundTruthError(f"Pittsburgh file {path}: a field is not of the expected type: {e}") from None
@@ -720,8 +818,9 @@ def from_pittsburgh(
     NetVLAD dbStruct.
     """
     root = Path(root)
-    candidates = [Path(split)] if split.endswith(".mat") else [root / "datasets" / f"{split}.mat",
-                                                                 root / f"{split}.mat"]  # fmt: skip
+    candidates = (
+        [Path(split)] if split.endswith(".mat") else [root / "datasets" / f"{split}.mat", root / f"{split}.mat"]
+    )
     mat = next((p for p in candidates if p.is_file()), None)
     if mat is None:
         raise ConfigError(f"Pittsburgh split {split}: no {' or '.join(map(str, candidates))}")
@@ -733,12 +832,24 @@ def from_pittsburgh(
     q_paths = [root / "queries_real" / n for n in s["q"]]
     _missing_files(db_paths + q_paths, root, "Pittsburgh root")
     pos, neg = _radius_pairs(s["utmDb"], s["utmQ"], pos_radius, neg_radius)
-    source = {"kind": "pittsburgh", "root": str(root), "mat": str(mat), "whichSet": s["whichSet"],
-              "pos_radius": pos_radius, "neg_radius": neg_radius}  # fmt: skip
-    return _assemble(db_paths + q_paths, np.arange(len(db_paths)), len(db_paths) + np.arange(len(q_paths)), pos, neg,
-                     f"Pittsburgh {mat.stem} ({root})", source,
-                     lambda: GroundTruthError(f"Pittsburgh file {mat}: no query has a database image within "
-                                              f"{pos_radius:g} m"))  # fmt: skip
+    source = {
+        "kind": "pittsburgh",
+        "root": str(root),
+        "mat": str(mat),
+        "whichSet": s["whichSet"],
+        "pos_radius": pos_radius,
+        "neg_radius": neg_radius,
+    }
+    return _assemble(
+        db_paths + q_paths,
+        np.arange(len(db_paths)),
+        len(db_paths) + np.arange(len(q_paths)),
+        pos,
+        neg,
+        f"Pittsburgh {mat.stem} ({root})",
+        source,
+        lambda: GroundTruthError(f"Pittsburgh file {mat}: no query has a database image within {pos_radius:g} m"),
+    )
 
 
 # -- one entry point ------------------------------------------------------------------------------------------
@@ -768,28 +879,37 @@ def load_training_set(
     the file's, which are the same 10 and 25 m by default); ``min_gap`` to the positions and bag layouts.
     ConfigError for none or several layouts, or an option of another layout; the loaders' errors otherwise.
     """
-    given = [k for k, v in (("pairs", pairs), ("images", images), ("bag", bag), ("msls", msls),
-                            ("pittsburgh", pittsburgh)) if v is not None]  # fmt: skip
+    given = [
+        k
+        for k, v in (("pairs", pairs), ("images", images), ("bag", bag), ("msls", msls), ("pittsburgh", pittsburgh))
+        if v is not None
+    ]
     if len(given) != 1:
         raise ConfigError(f"give exactly one training data layout ({_FORMS}); got {', '.join(given) or 'none'}")
     kind = given[0]
-    stray = [k for k, v, own in (("gt", gt, "pairs"), ("positions", positions, "images"), ("topic", topic, "bag"),
-                                 ("min_gap_s", min_gap_s, "bag"), ("msls_cities", msls_cities, "msls"))
-             if v is not None and own != kind]  # fmt: skip
+    stray = [
+        k
+        for k, v, own in (
+            ("gt", gt, "pairs"),
+            ("positions", positions, "images"),
+            ("topic", topic, "bag"),
+            ("min_gap_s", min_gap_s, "bag"),
+            ("msls_cities", msls_cities, "msls"),
+        )
+        if v is not None and own != kind
+    ]
     if stray:
         raise ConfigError(f"{', '.join(stray)} do(es) not apply to the {kind} layout ({_FORMS})")
     if kind == "pairs":
-        if gt is None or isinstance(pairs, (str, Path)) or len(pairs) != 2:  # type: ignore[arg-type]
+        if gt is None or isinstance(pairs, (str, Path)) or len(pairs) != 2:
             raise ConfigError(f"pairs needs two folders (reference, query) and gt=FILE ({_FORMS})")
-        return from_pairs(pairs[0], pairs[1], gt, pos_radius=pos_radius, neg_radius=neg_radius,  # type: ignore[index]
-                          neg_margin=neg_margin)  # fmt: skip
+        return from_pairs(pairs[0], pairs[1], gt, pos_radius=pos_radius, neg_radius=neg_radius, neg_margin=neg_margin)
     if kind == "images":
         if positions is None:
             raise ConfigError(f"images needs positions=CSV (name,x,y[,z] in metres) ({_FORMS})")
-        return from_positions(images, positions, pos_radius, neg_radius, min_gap)  # type: ignore[arg-type]
+        return from_positions(images, positions, pos_radius, neg_radius, min_gap)
     if kind == "bag":
-        return from_bag(bag, topic, pos_radius, neg_radius, min_gap, min_gap_s=min_gap_s)  # type: ignore[arg-type]
+        return from_bag(bag, topic, pos_radius, neg_radius, min_gap, min_gap_s=min_gap_s)
     if kind == "msls":
-        return from_msls(msls, msls_cities, pos_radius, neg_radius)  # type: ignore[arg-type]
-    return from_pittsburgh(pittsburgh, pittsburgh_split, pos_radius=pos_radius,  # type: ignore[arg-type]
-                           neg_radius=neg_radius)  # fmt: skip
+        return from_msls(msls, msls_cities, pos_radius, neg_radius)
+    return from_pittsburgh(pittsburgh, pittsburgh_split, pos_radius=pos_radius, neg_radius=neg_radius)

@@ -45,8 +45,10 @@ def trainable_head(model: PatchNetVLADModel, layers: str) -> nn.Module | None:
     if layers == "netvlad":
         return None
     if model.backbone_name != "vgg16":
-        raise ConfigError(f"--layers conv5 trains VGG-16's conv5 block; this model's backbone is frozen "
-                          f"({model.backbone_name}): use --layers netvlad")  # fmt: skip
+        raise ConfigError(
+            f"--layers conv5 trains VGG-16's conv5 block; this model's backbone is frozen "
+            f"({model.backbone_name}): use --layers netvlad"
+        )
     return nn.Sequential(*list(model.encoder.children())[CONV5_START:])
 
 
@@ -128,9 +130,16 @@ def build_cache(
         raise
 
 
-def _compute(images: Iterable[Any], count: int, path: Path, meta_path: Path, tmp: Path,
-             prefix: Callable[[torch.Tensor], torch.Tensor], to_tensor: Callable[[Any], torch.Tensor],
-             progress: Callable[[int, int], None] | None) -> FeatureCache:  # fmt: skip
+def _compute(
+    images: Iterable[Any],
+    count: int,
+    path: Path,
+    meta_path: Path,
+    tmp: Path,
+    prefix: Callable[[torch.Tensor], torch.Tensor],
+    to_tensor: Callable[[Any], torch.Tensor],
+    progress: Callable[[int, int], None] | None,
+) -> FeatureCache:
     maps = None
     errors: dict[int, str] = {}
     with torch.inference_mode():

@@ -123,8 +123,15 @@ def vlad(pool: nn.Module, feats: torch.Tensor) -> torch.Tensor:
 class Trainer:
     """One training run of a NetVLAD model (either family) on a :class:`TrainingSet`'s cached maps."""
 
-    def __init__(self, model: PatchNetVLADModel, cache: FeatureCache, train_set: TrainingSet,
-                 val_set: TrainingSet, config: TrainConfig, device: str = "cpu") -> None:  # fmt: skip
+    def __init__(
+        self,
+        model: PatchNetVLADModel,
+        cache: FeatureCache,
+        train_set: TrainingSet,
+        val_set: TrainingSet,
+        config: TrainConfig,
+        device: str = "cpu",
+    ) -> None:
         self.model, self.cache, self.config, self.device = model, cache, config, torch.device(device)
         self.train_set, self.val_set = _valid_only(train_set, cache.valid), _valid_only(val_set, cache.valid)
         if not len(self.train_set.queries):
@@ -136,8 +143,9 @@ class Trainer:
         self.params = list(model.pool.parameters()) + (list(self.head.parameters()) if self.head else [])
         for p in self.params:
             p.requires_grad = True
-        self.optimizer = torch.optim.SGD(self.params, lr=config.lr, momentum=config.momentum,
-                                         weight_decay=config.weight_decay)  # fmt: skip
+        self.optimizer = torch.optim.SGD(
+            self.params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, config.lr_step, config.lr_gamma)
         self.criterion = nn.TripletMarginLoss(margin=config.margin**0.5, p=2, reduction="sum")
         self.rng = np.random.default_rng(config.seed)
@@ -260,7 +268,7 @@ class Trainer:
             "epoch": st.epoch,
             "state_dict": {
                 k: v.detach().clone() for k, v in self.model.state_dict().items() if not k.startswith("WPCA")
-            },  # fmt: skip
+            },
             "recalls": {int(k): float(v) for k, v in recalls.items()},
             "best_score": float(st.best_score),
             "not_improved": int(st.not_improved),
@@ -285,10 +293,17 @@ class Trainer:
         self.scheduler.load_state_dict(t["scheduler"])
         self.rng.bit_generator.state = json.loads(t["rng"])
         torch.set_rng_state(t["torch_rng"])
-        hist = [EpochLog(**{**h, "recalls": {int(k): v for k, v in h["recalls"].items()}})
-                for h in json.loads(t["history"])]  # fmt: skip
-        self.state = TrainState(int(ckpt["epoch"]), float(ckpt["best_score"]), float(t["best_val_loss"]),
-                                int(t["best_epoch"]), int(ckpt["not_improved"]), hist)  # fmt: skip
+        hist = [
+            EpochLog(**{**h, "recalls": {int(k): v for k, v in h["recalls"].items()}}) for h in json.loads(t["history"])
+        ]
+        self.state = TrainState(
+            int(ckpt["epoch"]),
+            float(ckpt["best_score"]),
+            float(t["best_val_loss"]),
+            int(t["best_epoch"]),
+            int(ckpt["not_improved"]),
+            hist,
+        )
 
     def improves(self, recalls: dict[int, float], val_loss: float) -> bool:
         """The authors' rule, a higher validation Recall@5, and on a tie a lower validation triplet loss (on a
@@ -306,8 +321,9 @@ def _valid_only(ts: TrainingSet, valid: np.ndarray) -> TrainingSet:
             keep_q.append(q)
             pos.append(p)
             non.append(n)
-    return replace(ts, db=ts.db[valid[ts.db]], queries=np.asarray(keep_q, dtype=np.int64), positives=pos,
-                   non_negatives=non)  # fmt: skip
+    return replace(
+        ts, db=ts.db[valid[ts.db]], queries=np.asarray(keep_q, dtype=np.int64), positives=pos, non_negatives=non
+    )
 
 
 def save_training_checkpoint(ckpt: dict[str, Any], path: Path) -> None:
@@ -365,12 +381,17 @@ def _check_work_dir(work: Path, data: TrainingSet, *, fresh: bool, force: bool) 
     """A work dir is never an input folder or inside one (its plot would become a training image), and a
     fresh run does not overwrite another run's checkpoints unless forced."""
     w = work.resolve()
-    folders = {Path(p).resolve().parent for p in data.images if isinstance(p, (str, Path))} \
-        if isinstance(data.images, (list, tuple)) else set()  # fmt: skip
+    folders = (
+        {Path(p).resolve().parent for p in data.images if isinstance(p, (str, Path))}
+        if isinstance(data.images, (list, tuple))
+        else set()
+    )
     for f in folders:
         if w == f or w.is_relative_to(f):
-            raise ConfigError(f"--work-dir {work} is inside the input folder {f}: its files would become "
-                              "training images; give another folder")  # fmt: skip
+            raise ConfigError(
+                f"--work-dir {work} is inside the input folder {f}: its files would become "
+                "training images; give another folder"
+            )
     if fresh and not force and (work / "checkpoint.pth.tar").exists():
         raise ConfigError(
             f"{work} holds a run (checkpoint.pth.tar): continue it with --resume "
@@ -387,9 +408,11 @@ def _check_pca_samples(model: PatchNetVLADModel, train_set: TrainingSet, dims: i
     n = min(len(train_set.db), WPCA_IMAGES)
     per = _pca_samples_per_image(grid, sizes, PATCHES_PER_IMAGE)
     if n * per <= dims:
-        raise ConfigError(f"the whitening PCA is fitted on the {n} training database images ({per} samples each, "
-                          f"{n * per} in all): {dims} dimensions need more; give --dims {n * per - 1} or less, or "
-                          "more images")  # fmt: skip
+        raise ConfigError(
+            f"the whitening PCA is fitted on the {n} training database images ({per} samples each, "
+            f"{n * per} in all): {dims} dimensions need more; give --dims {n * per - 1} or less, or "
+            "more images"
+        )
 
 
 def _labels_digest(data: TrainingSet) -> str:
@@ -421,9 +444,14 @@ def _training_model(state: dict[str, torch.Tensor], dinov2: dict[str, Any] | Non
     if dinov2 is not None:
         from pnv_ros.model.dinov2_vlad import DinoVLADModel
 
-        model: PatchNetVLADModel = DinoVLADModel(k, 0, dinov2["layer"], dinov2["facet"],
-                                                 (dinov2["input_height"], dinov2["input_width"]),
-                                                 dinov2["global_weight"])  # fmt: skip
+        model: PatchNetVLADModel = DinoVLADModel(
+            k,
+            0,
+            dinov2["layer"],
+            dinov2["facet"],
+            (dinov2["input_height"], dinov2["input_width"]),
+            dinov2["global_weight"],
+        )
     else:
         model = PatchNetVLADModel(num_clusters=k, num_pcs=0, vladv2="pool.conv.bias" in state)
     model.load_state_dict(state, strict=True)
@@ -560,7 +588,7 @@ def _starting_point(init: str | Path | None, resume: str | Path | None, config: 
         if init is None:
             raise ConfigError("give a model to start from (--init) or a checkpoint to continue (--resume)")
         loaded, info = load_checkpoint(init)
-        dinov2 = loaded.config() if info.family == "dinov2_vlad" else None  # type: ignore[operator]
+        dinov2 = loaded.config() if info.family == "dinov2_vlad" else None
         model = _training_model(loaded.state_dict(), dinov2)
         init_record = {"model": str(init), "sha256": info.sha256, "identity": info.identity}
     cfg.check()
@@ -574,11 +602,15 @@ def _check_resume_fits(ckpt: dict[str, Any] | None, resume: str | Path | None, d
         ConfigError: the checkpoint's data key or labels digest differ from the given ones.
     """
     if ckpt is not None and ckpt["pnv_train"]["data_key"] != data_key:
-        raise ConfigError(f"--resume {resume} was trained on other images or another frozen backbone than given "
-                          "now: give the same data as the run it continues")  # fmt: skip
+        raise ConfigError(
+            f"--resume {resume} was trained on other images or another frozen backbone than given "
+            "now: give the same data as the run it continues"
+        )
     if ckpt is not None and ckpt["pnv_train"].get("labels") != labels:
-        raise ConfigError(f"--resume {resume} was trained with other ground truth (positives, radii, gaps) than "
-                          "given now: its best score is not comparable; start a new run (--init)")  # fmt: skip
+        raise ConfigError(
+            f"--resume {resume} was trained with other ground truth (positives, radii, gaps) than "
+            "given now: its best score is not comparable; start a new run (--init)"
+        )
 
 
 def _begin(
@@ -594,8 +626,10 @@ def _begin(
     cfg = trainer.config
     if ckpt is not None:
         trainer.restore(ckpt)
-        log(f"resuming after epoch {trainer.state.epoch} (best Recall@5 {trainer.state.best_score:.3f} at epoch "
-            f"{trainer.state.best_epoch})")  # fmt: skip
+        log(
+            f"resuming after epoch {trainer.state.epoch} (best Recall@5 {trainer.state.best_score:.3f} at epoch "
+            f"{trainer.state.best_epoch})"
+        )
         return
     if cfg.recluster:
         n = _recluster(model, trainer, trainer.rng)
@@ -607,8 +641,10 @@ def _begin(
     c = trainer.checkpoint(r, meta)
     save_training_checkpoint(c, work / "model_best.pth.tar")
     save_training_checkpoint(c, work / "checkpoint.pth.tar")  # resumable from here
-    log(f"epoch 0 (start): validation Recall@1/5/10 {r[1]:.3f}/{r[5]:.3f}/{r[10]:.3f}, loss {vloss:.4f} on "
-        f"{len(trainer.val_set.queries)} queries; {len(trainer.train_set.queries)} training queries")  # fmt: skip
+    log(
+        f"epoch 0 (start): validation Recall@1/5/10 {r[1]:.3f}/{r[5]:.3f}/{r[10]:.3f}, loss {vloss:.4f} on "
+        f"{len(trainer.val_set.queries)} queries; {len(trainer.train_set.queries)} training queries"
+    )
 
 
 def _epoch(
@@ -647,12 +683,16 @@ def _epoch(
     loss_s = f"{loss:.4f}" if loss is not None else "-"
     sk = trainer.skipped
     if sk["few_negatives"]:
-        log(f"epoch {st.epoch}: {sk['few_negatives']} queries gave no triplet: fewer than {cfg.negatives} "
+        log(
+            f"epoch {st.epoch}: {sk['few_negatives']} queries gave no triplet: fewer than {cfg.negatives} "
             "negatives left after their non-negatives (a small or dense map): lower --negatives, or give more "
-            "places")  # fmt: skip
-    log(f"epoch {st.epoch}: loss {loss_s} on {n} triplets; validation Recall@1/5/10 "
+            "places"
+        )
+    log(
+        f"epoch {st.epoch}: loss {loss_s} on {n} triplets; validation Recall@1/5/10 "
         f"{r[1]:.3f}/{r[5]:.3f}/{r[10]:.3f}, loss {vloss:.4f}{' (best)' if better else ''}, "
-        f"{st.history[-1].seconds:.0f} s")  # fmt: skip
+        f"{st.history[-1].seconds:.0f} s"
+    )
 
 
 def _save_best_with_wpca(
@@ -683,8 +723,10 @@ def _save_best_with_wpca(
     dims = trainer.config.dims
     best = load_training_checkpoint(work / "model_best.pth.tar")
     if best["pnv_train"].get("run") != run:
-        raise CheckpointError(f"{work / 'model_best.pth.tar'} belongs to another run than {work / 'checkpoint.pth.tar'}"
-                              ": give each run its own --work-dir")  # fmt: skip
+        raise CheckpointError(
+            f"{work / 'model_best.pth.tar'} belongs to another run than {work / 'checkpoint.pth.tar'}"
+            ": give each run its own --work-dir"
+        )
     model.load_state_dict(best["state_dict"], strict=True)
     model.eval()
     db = trainer.train_set.db
@@ -753,17 +795,32 @@ def train_model(
     _check_resume_fits(ckpt, resume, data_key, labels)
 
     t0 = time.perf_counter()
-    cache = build_cache(data.images, len(data.images), Path(cache_dir or models_dir().parent / "training"), data_key,
-                        frozen_prefix(model, cfg.layers), _to_tensor(model),
-                        progress=(lambda i, n: progress("features", i, n)) if progress else None)  # fmt: skip
+    cache = build_cache(
+        data.images,
+        len(data.images),
+        Path(cache_dir or models_dir().parent / "training"),
+        data_key,
+        frozen_prefix(model, cfg.layers),
+        _to_tensor(model),
+        progress=(lambda i, n: progress("features", i, n)) if progress else None,
+    )
     seconds = {"features": elapsed(t0)}
     if cache.errors:
-        log(f"{len(cache.errors)} of {len(cache)} images cannot be used and are left out; "
-            f"the first: {next(iter(cache.errors.values()))}")  # fmt: skip
+        log(
+            f"{len(cache.errors)} of {len(cache)} images cannot be used and are left out; "
+            f"the first: {next(iter(cache.errors.values()))}"
+        )
     trainer = Trainer(model, cache, train_set, val_set, cfg, device)
     run = ckpt["pnv_train"]["run"] if ckpt is not None else f"{data_key}-{labels}-{utc_now()}"
-    meta = {"init": start.init_record, "data_key": data_key, "labels": labels, "data": data.source,
-            "device": device, "dinov2": dinov2, "run": run}  # fmt: skip
+    meta = {
+        "init": start.init_record,
+        "data_key": data_key,
+        "labels": labels,
+        "data": data.source,
+        "device": device,
+        "dinov2": dinov2,
+        "run": run,
+    }
     work.mkdir(parents=True, exist_ok=True)
     _begin(trainer, model, ckpt, meta, work, log)
     st = trainer.state
@@ -779,14 +836,25 @@ def train_model(
     seconds["wpca"] = elapsed(t0)
     seconds["total"] = elapsed(t_start)
     meta_out = {
-        "model": out.name, "family": "dinov2_vlad" if dinov2 else "netvlad_vgg16", "sha256": file_sha256(out),
+        "model": out.name,
+        "family": "dinov2_vlad" if dinov2 else "netvlad_vgg16",
+        "sha256": file_sha256(out),
         "dim": cfg.dims,
-        "num_clusters": model.pool.num_clusters, "built": utc_now(),
-        "trained": {"init": start.init_record, "data": data.source, "config": asdict(cfg),
-                    "best_epoch": st.best_epoch, "best_validation_recall_at_5": st.best_score, "epochs_run": st.epoch,
-                    "training_queries": len(trainer.train_set.queries), "validation_queries":
-                    len(trainer.val_set.queries), "seconds": seconds, "work_dir": str(work),
-                    "wpca": {"images": wpca_images, "samples": int(sum(v.shape[0] for v in fit.vecs))}},
-    }  # fmt: skip
+        "num_clusters": model.pool.num_clusters,
+        "built": utc_now(),
+        "trained": {
+            "init": start.init_record,
+            "data": data.source,
+            "config": asdict(cfg),
+            "best_epoch": st.best_epoch,
+            "best_validation_recall_at_5": st.best_score,
+            "epochs_run": st.epoch,
+            "training_queries": len(trainer.train_set.queries),
+            "validation_queries": len(trainer.val_set.queries),
+            "seconds": seconds,
+            "work_dir": str(work),
+            "wpca": {"images": wpca_images, "samples": int(sum(v.shape[0] for v in fit.vecs))},
+        },
+    }
     write_text_atomic(metadata_path(out), json.dumps(meta_out, indent=2) + "\n")
     return TrainResult(out, work, st.history, st.best_epoch, seconds)
