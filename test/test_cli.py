@@ -538,3 +538,16 @@ def test_eval_run_folder_appears_whole_or_not_at_all(tmp_path: Path) -> None:
     (other / "x").mkdir(parents=True)
     with pytest.raises(OutputError, match="not a run folder"):
         check_run_folder(other, force=True)
+
+
+def test_an_abbreviation_of_one_setting_under_two_names_is_that_setting() -> None:
+    """--min-trav matches --min-travel-m and its older name --min-travel: one setting, not ambiguous (it
+    worked before the older names were kept); a prefix of two settings stays an error."""
+    from pnv_ros.cli import build_parser
+
+    p = build_parser()
+    base = ["eval", "run.bag", "--gt", "gt.txt", "--out", "run"]
+    args = p.parse_args([*base, "--min-trav", "1.5", "--min-int", "2"])
+    assert (args.min_travel_m, args.min_interval_s) == (1.5, 2.0)
+    with pytest.raises(SystemExit):
+        p.parse_args([*base, "--min-t", "1"])  # --min-travel-m or --min-texture

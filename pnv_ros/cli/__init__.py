@@ -28,7 +28,7 @@ from collections.abc import Sequence
 
 from pnv_ros import __version__
 from pnv_ros.cli import bag, bench, evaluate, export, features, models, training
-from pnv_ros.cli.common import Number
+from pnv_ros.cli.common import Number, Parser
 from pnv_ros.errors import PnvError
 
 __all__ = ["Number", "build_parser", "main"]
@@ -39,7 +39,7 @@ _GROUPS = (features, bag, evaluate, bench, export, training, models)
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``pnv`` parser with every command (each group's ``register``)."""
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="pnv",
         description="Patch-NetVLAD place recognition and loop closure (compatible with the authors' checkpoints).",
     )

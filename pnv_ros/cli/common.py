@@ -118,6 +118,19 @@ def preset_of(args: argparse.Namespace) -> Preset:
     return load_preset(args.preset, args.config)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, where an abbreviation that matches several spellings of ONE option is that option.
+
+    ``pnv eval`` keeps older option names beside the current ones (``--min-travel`` and ``--min-travel-m``
+    set the same field), and plain argparse calls ``--min-trav`` ambiguous although both mean the same
+    setting; before the older names were kept, the prefix was unique and worked. Subparsers inherit the class.
+    """
+
+    def _get_option_tuples(self, option_string: str) -> list[Any]:
+        tuples = super()._get_option_tuples(option_string)
+        return tuples[:1] if len({id(t[0]) for t in tuples}) == 1 else tuples
+
+
 def runtime_spec(args: argparse.Namespace) -> RuntimeSpec:
     """The runtime the model options ask for (--device, --engine, --precision, --engine-file, --bf16,
     --bit-depth). Raises EngineError for an unknown engine or precision."""
