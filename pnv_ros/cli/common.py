@@ -149,9 +149,13 @@ def open_extractor(args: argparse.Namespace, preset: Preset) -> FeatureExtractor
     :func:`pnv_ros.extract.open_extractor`: a missing model fails before torch loads.
     Raises CheckpointError, EngineError, ConfigError.
     """
+    from pnv_ros.model.registry import resolve_checkpoint
+
+    runtime = runtime_spec(args)
+    path = resolve_checkpoint(args.checkpoint, announce=say)  # a missing model fails here, before torch loads
     from pnv_ros.extract import open_extractor as open_model
 
-    return open_model(args.checkpoint, preset, runtime_spec(args), log=say, announce=say)
+    return open_model(path, preset, runtime, log=say)
 
 
 def model_path(model: str, announce: Any = None) -> Path:
