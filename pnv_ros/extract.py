@@ -95,8 +95,9 @@ class FeatureExtractor:
         log: where engine builds are announced (default: the module logger).
         reference_arithmetic: pool and project with the reference's order of operations
             (``projection`` "reference", ``PatchNetVLADModel._pool_reference``): on CPU float32 the global and
-            patch descriptors are bit-identical to ``patchnetvlad==0.1.8``'s, at ~1.3-1.6 s more per image
-            (performance preset; docs/results/pooling_exact.md). Off: they agree with it to ~2e-6.
+            patch descriptors are bit-identical to ``patchnetvlad==0.1.8``'s, at a cost (measured +40% of the
+            extraction with the performance preset, +17% speed; docs/results/pooling_exact.md). Off: they agree
+            with it to ~2e-6.
     """
 
     def __init__(
