@@ -93,6 +93,11 @@ class FeatureExtractor:
             model cache's ``engines/`` folder, ``engines.cache_root``).
         threads: engine threads (onnxruntime, OpenVINO); default torch's thread count.
         log: where engine builds are announced (default: the module logger).
+        reference_arithmetic: pool and project with the reference's order of operations
+            (``projection`` "reference", ``PatchNetVLADModel._pool_reference``): on CPU float32 the global and
+            patch descriptors are bit-identical to ``patchnetvlad==0.1.8``'s, at a cost (measured +40% of the
+            extraction with the performance preset, +17% speed; docs/results/pooling_exact.md). Off: they agree
+            with it to ~2e-6.
     """
 
     def __init__(
@@ -111,6 +116,7 @@ class FeatureExtractor:
         engine_cache: str | Path | None = None,
         threads: int | None = None,
         log: Callable[[str], None] | None = None,
+        reference_arithmetic: bool = False,
     ) -> None:
         self.device = torch.device(device) if device is not None else default_device()
         self.model = model.to(self.device).eval()
@@ -144,8 +150,11 @@ class FeatureExtractor:
             self.info = EngineModelInfo(**{f.name: getattr(info, f.name) for f in dataclasses.fields(info)},
                                         variant=tag)  # fmt: skip
         #: the patch WPCA product: int8 engines take the bfloat16 one where the device has bfloat16 products
-        #: (AMX / AVX-512 BF16, CUDA); every other path the reference's exact float32 one (netvlad._pool)
+        #: (AMX / AVX-512 BF16, CUDA); every other path the exact float32 one, or with ``reference_arithmetic``
+        #: the reference's own order of operations (netvlad._pool)
         self.projection = "bf16" if self.precision == "int8" and _bf16_products(self.device) else "exact"
+        if reference_arithmetic:
+            self.projection = "reference"
         self.bf16 = engine == "torch" and self.precision == "bf16"
         self._autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision) if engine == "torch" \
             else None  # fmt: skip
@@ -184,7 +193,8 @@ class FeatureExtractor:
         else:
             dtype = self._autocast or torch.bfloat16
             with torch.autocast(self.device.type, dtype=dtype, enabled=self._autocast is not None):
-                glob, patches = self.model(batch.to(self.device), self.preset.patch_sizes, self.preset.strides)
+                glob, patches = self.model(batch.to(self.device), self.preset.patch_sizes, self.preset.strides,
+                                           self.projection)  # fmt: skip
         return glob.float().cpu().numpy(), [p.float().cpu().contiguous().numpy() for p in patches]
 
     def extract(self, images: Sequence[ImageSource]) -> list[PlaceFeatures]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,6 +26,22 @@ def vlad_normalise(v: torch.Tensor) -> torch.Tensor:
     v = F.normalize(v, p=2, dim=-1)
     v = v.flatten(-2)
     return F.normalize(v, p=2, dim=-1)
+
+
+def _column_norms(v: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """``v.norm(2, 0, keepdim=True)`` with its very bits, ~7x sooner on CPU for a tall (K*C, P) matrix.
+
+    v: (N, P) float32 contiguous; scratch: (N, P) float32 contiguous, overwritten. Returns (1, P).
+    Off the CPU: torch's own norm.
+    torch's norm over a strided dimension adds the squares in order, one row after another (a
+    sequential float32 sum per column) but walks each column separately; numpy's reduction along a
+    C-contiguous array's first axis adds whole rows in the same order (tested bit-identical:
+    test_equivalence compares the descriptors with the reference's).
+    """
+    if v.device.type != "cpu":
+        return v.norm(2, 0, keepdim=True)
+    torch.mul(v, v, out=scratch)
+    return torch.from_numpy(np.sqrt(np.add.reduce(scratch.numpy(), axis=0))).unsqueeze(0)
 
 
 class NetVLADPooling(nn.Module):
@@ -150,7 +167,11 @@ class PatchNetVLADModel(nn.Module):
         return F.normalize(out, p=2, dim=-1)
 
     def forward(
-        self, images: torch.Tensor, patch_sizes: tuple[int, ...] = (), strides: tuple[int, ...] = ()
+        self,
+        images: torch.Tensor,
+        patch_sizes: tuple[int, ...] = (),
+        strides: tuple[int, ...] = (),
+        projection: str = "exact",
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Global and patch descriptors.
 
@@ -168,10 +189,12 @@ class PatchNetVLADModel(nn.Module):
         and WPCA always run in float32. A box sum is a small difference of
         large integral values, and a bfloat16 integral (8-bit mantissa) left
         patch descriptors at a median cosine of 0.73 to float32's.
+
+        ``projection``: as :meth:`_pool`.
         """
         feats = self.backbone(images)
         with torch.autocast(images.device.type, enabled=False):
-            return self._pool(feats.float(), patch_sizes, strides)
+            return self._pool(feats.float(), patch_sizes, strides, projection)
 
     def _pool(
         self,
@@ -186,6 +209,9 @@ class PatchNetVLADModel(nn.Module):
         as the reference rounds it. "bf16": one bfloat16 matrix product (float32 accumulation; AMX or AVX-512
         BF16), ~4-8x sooner on such CPUs; for the int8 engines, whose descriptors are a variant of the model's
         anyway (``pnv_ros.engines.variant``). Integral, box sums and normalisations stay float32 either way.
+        "reference": the reference's arithmetic step for step (:meth:`_pool_reference`): global and patch
+        descriptors bit-identical to ``patchnetvlad==0.1.8``'s on CPU float32, at a cost (see
+        docs/results/pooling_exact.md); "exact" agrees with it to ~2e-6.
 
         Pooled one image at a time: oneDNN picks its product kernels by batch size, and a box sum
         (a small difference of large integral values) turns their last-bit differences into patch
@@ -195,6 +221,8 @@ class PatchNetVLADModel(nn.Module):
         if feats.shape[0] > 1:
             parts = [self._pool(feats[i : i + 1], patch_sizes, strides, projection) for i in range(feats.shape[0])]
             return torch.cat([g for g, _ in parts]), [torch.cat(ps) for ps in zip(*(p for _, p in parts))]
+        if projection == "reference":
+            return self._pool_reference(feats, patch_sizes, strides)
         b, c, h, w = feats.shape
         k = self.pool.num_clusters
         x = F.normalize(feats, p=2, dim=1)
@@ -256,3 +284,62 @@ class PatchNetVLADModel(nn.Module):
             out = torch.matmul(conv.weight.view(self.num_pcs, k * c), v)  # (B, D, P)
             out += conv.bias.view(1, -1, 1)
         return F.normalize(out, p=2, dim=1).transpose(1, 2)
+
+    def _pool_reference(
+        self, feats: torch.Tensor, patch_sizes: tuple[int, ...], strides: tuple[int, ...]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """One image's descriptors with the reference's arithmetic (``PatchNetVLAD.forward``,
+        ``get_square_regions_from_integral`` and ``get_pca_encoding`` of ``patchnetvlad==0.1.8``).
+
+        feats: (1, C, h, w) float32 -> global (1, D), patches [(1, P, D)], as :meth:`_pool`. Every reduction
+        runs on a tensor of the reference's shape and memory layout, so the same kernels sum in the same order:
+        the global VLAD as the sum over the flat (h*w) residual map (not the integral's last cell); each patch
+        box sum divided by p^2, ``F.normalize`` over C then over K*C in the (K*C, P) layout; the WPCA as a
+        convolution over a batch of P 1x1 images (oneDNN rounds a batch of P differently from P pixels of one
+        image), its output normalised per row. Box sums take the reference's corner order (tl - tr - bl + br,
+        its 2x2 dilated kernel's). The normalisations run in place (same values as ``F.normalize``'s).
+        """
+        b, c, h, w = feats.shape
+        k = self.pool.num_clusters
+        x = F.normalize(feats, p=2, dim=1)
+        assign = F.softmax(self.pool.conv(x), dim=1)  # (1, K, h, w)
+        res = self._buffer("residuals", (b, k, c, h, w), x)
+        torch.sub(x.unsqueeze(1), self.pool.centroids.view(1, k, c, 1, 1), out=res)
+        res.mul_(assign.unsqueeze(2))
+        glob = F.normalize(res.view(b, k, c, h * w).sum(dim=-1), p=2, dim=2).view(b, k * c)
+        glob = self._project_reference(F.normalize(glob, p=2, dim=1))
+        integral = self._buffer("integral", (b, k, c, h + 1, w + 1), x, zero=True)
+        torch.cumsum(res, dim=-1, out=integral[..., 1:, 1:])
+        integral.cumsum_(dim=-2)
+        flat = integral.view(b, k * c, h + 1, w + 1)
+        patches: list[torch.Tensor] = []
+        for size, stride in zip(patch_sizes, strides):
+            rows, cols = (h - size) // stride + 1, (w - size) // stride + 1
+            r_end, c_end = (rows - 1) * stride + 1, (cols - 1) * stride + 1
+            v = self._buffer(f"box{size}_{stride}", (b, k * c, rows, cols), flat)
+            torch.sub(flat[..., 0:r_end:stride, 0:c_end:stride],
+                      flat[..., 0:r_end:stride, size : size + c_end : stride], out=v)  # fmt: skip
+            v -= flat[..., size : size + r_end : stride, 0:c_end:stride]
+            v += flat[..., size : size + r_end : stride, size : size + c_end : stride]
+            v.div_(size * size)
+            p = rows * cols
+            v4 = v.view(b, k, c, p)
+            v4.div_(v4.norm(2, 2, keepdim=True).clamp_min_(1e-12))
+            v3 = v.view(b, k * c, p)
+            rows_t = self._buffer("transposed", (p, k * c), v3)  # (P, K*C): the reference's WPCA input
+            v3.div_(_column_norms(v3[0], rows_t.view(k * c, p)).clamp_min_(1e-12))
+            if self.num_pcs <= 0:
+                patches.append(v3.transpose(1, 2))
+                continue
+            rows_t.copy_(v3[0].t())
+            patches.append(self._project_reference(rows_t).unsqueeze(0))
+        return glob, patches
+
+    def _project_reference(self, vlad: torch.Tensor) -> torch.Tensor:
+        """WPCA as ``get_pca_encoding``: a 1x1 convolution over N 1x1 images, then L2 per row.
+        vlad: (N, K*C) contiguous -> (N, D); unchanged without WPCA."""
+        if self.num_pcs <= 0:
+            return vlad
+        conv = self.WPCA[0]
+        out = F.conv2d(vlad.view(*vlad.shape, 1, 1), conv.weight, conv.bias)
+        return F.normalize(out.view(vlad.shape[0], -1), p=2, dim=-1)
