@@ -134,21 +134,32 @@ class FeatureExtractor:
             if engine != "torch" or precision not in (None, "bf16"):
                 raise EngineError(
                     f"bf16 (--bf16, the node's bfloat16) is engine torch at precision bf16; it cannot go with engine "
-                    f"{engine}" + (f" at precision {precision}" if precision else "")
+                    f"{engine}"
+                    + (f" at precision {precision}" if precision else "")
                     + ": give the engine and precision alone"
-                )  # fmt: skip
+                )
             precision = "bf16"
         self.engine_name, self.precision = engine, precision or "fp32"
-        self.backend = load_engine(model, info, preset_size(preset), engine, self.precision, self.device,
-                                   engine_file=engine_file, cache_dir=engine_cache, threads=threads,
-                                   log=log)  # fmt: skip
+        self.backend = load_engine(
+            model,
+            info,
+            preset_size(preset),
+            engine,
+            self.precision,
+            self.device,
+            engine_file=engine_file,
+            cache_dir=engine_cache,
+            threads=threads,
+            log=log,
+        )
         # One inference at a time through an engine: OpenVINO's InferRequest and TensorRT's execution context are
         # not reentrant, and the node extracts from its worker and from query_place (BY_IMAGE) concurrently.
         self._backend_lock = threading.Lock()
         tag = variant(engine, self.precision)
         if tag:  # int8: features of another model as far as files and maps go (see engines.variant)
-            self.info = EngineModelInfo(**{f.name: getattr(info, f.name) for f in dataclasses.fields(info)},
-                                        variant=tag)  # fmt: skip
+            self.info = EngineModelInfo(
+                **{f.name: getattr(info, f.name) for f in dataclasses.fields(info)}, variant=tag
+            )
         #: the patch WPCA product: int8 engines take the bfloat16 one where the device has bfloat16 products
         #: (AMX / AVX-512 BF16, CUDA); every other path the exact float32 one, or with ``reference_arithmetic``
         #: the reference's own order of operations (netvlad._pool)
@@ -156,8 +167,9 @@ class FeatureExtractor:
         if reference_arithmetic:
             self.projection = "reference"
         self.bf16 = engine == "torch" and self.precision == "bf16"
-        self._autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision) if engine == "torch" \
-            else None  # fmt: skip
+        self._autocast = (
+            {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision) if engine == "torch" else None
+        )
         self.bit_depth = bit_depth
         self.batch_size = max(1, int(batch_size)) if batch_size else (8 if self.device.type == "cuda" else 1)
         self._transform = input_transform(preset.image_height, preset.image_width)
@@ -188,13 +200,15 @@ class FeatureExtractor:
         if self.backend is not None:  # the engine runs the backbone; pooling and WPCA are the model's, float32
             with self._backend_lock:
                 feats = self.backend(batch)
-            glob, patches = self.model._pool(feats.to(self.device, torch.float32), self.preset.patch_sizes,
-                                             self.preset.strides, self.projection)  # fmt: skip
+            glob, patches = self.model._pool(
+                feats.to(self.device, torch.float32), self.preset.patch_sizes, self.preset.strides, self.projection
+            )
         else:
             dtype = self._autocast or torch.bfloat16
             with torch.autocast(self.device.type, dtype=dtype, enabled=self._autocast is not None):
-                glob, patches = self.model(batch.to(self.device), self.preset.patch_sizes, self.preset.strides,
-                                           self.projection)  # fmt: skip
+                glob, patches = self.model(
+                    batch.to(self.device), self.preset.patch_sizes, self.preset.strides, self.projection
+                )
         return glob.float().cpu().numpy(), [p.float().cpu().contiguous().numpy() for p in patches]
 
     def extract(self, images: Sequence[ImageSource]) -> list[PlaceFeatures]:
@@ -255,6 +269,17 @@ def open_extractor(
     if isinstance(preset, str):
         preset = get_preset(preset)
     net, info = load_checkpoint(path, device=runtime.device or "cpu")
-    return FeatureExtractor(net, info, preset, device=runtime.device, batch_size=runtime.batch_size, bf16=runtime.bf16,
-                            bit_depth=runtime.bit_depth, engine=runtime.engine, precision=runtime.precision,
-                            engine_file=runtime.engine_file, threads=runtime.threads, log=log)  # fmt: skip
+    return FeatureExtractor(
+        net,
+        info,
+        preset,
+        device=runtime.device,
+        batch_size=runtime.batch_size,
+        bf16=runtime.bf16,
+        bit_depth=runtime.bit_depth,
+        engine=runtime.engine,
+        precision=runtime.precision,
+        engine_file=runtime.engine_file,
+        threads=runtime.threads,
+        log=log,
+    )

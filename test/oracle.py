@@ -19,9 +19,13 @@ def reference_model(ckpt: Path, patch_sizes, strides):
     enc = nn.Sequential(*list(vgg16(weights=None).features.children())[:-2])
     cfg = configparser.ConfigParser()
     cfg["global_params"] = {
-        "pooling": "patchnetvlad", "num_clusters": str(k), "vladv2": "False", "num_pcs": str(d),
-        "patch_sizes": ",".join(map(str, patch_sizes)), "strides": ",".join(map(str, strides)),
-    }  # fmt: skip
+        "pooling": "patchnetvlad",
+        "num_clusters": str(k),
+        "vladv2": "False",
+        "num_pcs": str(d),
+        "patch_sizes": ",".join(map(str, patch_sizes)),
+        "strides": ",".join(map(str, strides)),
+    }
     m = get_model(enc, 512, cfg["global_params"], append_pca_layer=True)
     m.load_state_dict(st)
     return m.eval(), d
@@ -45,7 +49,7 @@ def reference_extract(model, dim: int, image_path: Path):
     return g, patches
 
 
-def reference_matcher(matcher: str, preset):  # type: ignore[no-untyped-def]
+def reference_matcher(matcher: str, preset):
     """The reference PatchMatcher with its keypoints, built once as local_matcher.py does."""
     from patchnetvlad.models.local_matcher import calc_keypoint_centers_from_patches
     from patchnetvlad.tools.patch_matcher import PatchMatcher
@@ -60,20 +64,20 @@ def reference_matcher(matcher: str, preset):  # type: ignore[no-untyped-def]
     return PatchMatcher(name, list(preset.patch_sizes), list(preset.strides), kps, idx)
 
 
-def reference_raw_scores(matcher: str, preset, query_patches, db_patches_list, pm=None) -> np.ndarray:  # type: ignore[no-untyped-def]
+def reference_raw_scores(matcher: str, preset, query_patches, db_patches_list, pm=None) -> np.ndarray:
     """(N, S) raw scores from the reference PatchMatcher; patches as (D, P) arrays."""
     pm = pm or reference_matcher(matcher, preset)
     q = [torch.tensor(a).T for a in query_patches]
     return np.array([pm.match(q, [torch.tensor(a) for a in db])[0] for db in db_patches_list], dtype=np.float64)
 
 
-def reference_fused(raw: np.ndarray, weights) -> np.ndarray:  # type: ignore[no-untyped-def]
+def reference_fused(raw: np.ndarray, weights) -> np.ndarray:
     """(N,) fused scores as local_matcher.py fuses the (N, S) raw scores (``normalise_func``)."""
     from patchnetvlad.models.local_matcher import normalise_func
 
     return normalise_func(raw, raw.shape[1], np.asarray(weights, float))
 
 
-def reference_order(raw: np.ndarray, weights) -> np.ndarray:  # type: ignore[no-untyped-def]
+def reference_order(raw: np.ndarray, weights) -> np.ndarray:
     """(N,) candidate order as local_matcher.py sorts it: ``np.argsort`` of the fused scores."""
     return np.argsort(reference_fused(raw, weights))

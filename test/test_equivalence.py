@@ -89,7 +89,7 @@ def _lap(ckpt: Path, preset_name: str, frames: list[int], reference_arithmetic: 
     return preset, o, r
 
 
-def _ref_feats(refs) -> list[PlaceFeatures]:  # type: ignore[no-untyped-def]
+def _ref_feats(refs) -> list[PlaceFeatures]:
     return [PlaceFeatures(g, [p.T.copy() for p in ps], (640, 480)) for g, ps in refs]
 
 
@@ -153,7 +153,7 @@ def test_default_model_end_to_end_matches_reference(default_ckpt: Path, preset_n
 
 
 @functools.cache
-def _lap_check(default_ckpt: Path, preset_name: str):  # type: ignore[no-untyped-def]
+def _lap_check(default_ckpt: Path, preset_name: str):
     """Per query: (reference raw (40, S), reference fused, reference order, our features, the reference's)."""
     preset, ours, refs = _lap(default_ckpt, preset_name, CANDIDATES + QUERIES)
     rpm = reference_matcher(preset.matcher.value, preset)
@@ -213,8 +213,9 @@ def test_reference_arithmetic_bit_identical_orders(random_ckpt: Path, preset_nam
 
 @pytest.mark.slow
 @pytest.mark.parametrize("preset_name,max_shift,max_fused", [("performance", 4, 0.1), ("speed", 3, 0.05)])
-def test_float16_database_patches_spread(default_ckpt: Path, preset_name: str, max_shift: int,
-                                         max_fused: float) -> None:  # fmt: skip
+def test_float16_database_patches_spread(
+    default_ckpt: Path, preset_name: str, max_shift: int, max_fused: float
+) -> None:
     """Database patches rounded to float16 as PlaceMap stores them, queries float32 (the node's
     re-ranking): the documented spread, measured 3 (performance) and 2 (speed) ranks, fused
     0.062 and 0.023, every top-1 the reference's (docs/compatibility_orders.md)."""

@@ -253,8 +253,11 @@ class PatchNetVLADModel(nn.Module):
         # with little mass in a window the box sum is a small difference of
         # large integral values, so rounding decides its direction and the
         # order must be the same to reproduce the reference's descriptors.
-        torch.sub(integral[..., 0:r_end:stride, 0:c_end:stride],
-                  integral[..., 0:r_end:stride, size : size + c_end : stride], out=v)  # fmt: skip
+        torch.sub(
+            integral[..., 0:r_end:stride, 0:c_end:stride],
+            integral[..., 0:r_end:stride, size : size + c_end : stride],
+            out=v,
+        )
         v -= integral[..., size : size + r_end : stride, 0:c_end:stride]
         v += integral[..., size : size + r_end : stride, size : size + c_end : stride]
         v = v.view(b, k, c, rows * cols)  # (B, K, C, P): box sums, not yet divided by p^2
@@ -317,8 +320,11 @@ class PatchNetVLADModel(nn.Module):
             rows, cols = (h - size) // stride + 1, (w - size) // stride + 1
             r_end, c_end = (rows - 1) * stride + 1, (cols - 1) * stride + 1
             v = self._buffer(f"box{size}_{stride}", (b, k * c, rows, cols), flat)
-            torch.sub(flat[..., 0:r_end:stride, 0:c_end:stride],
-                      flat[..., 0:r_end:stride, size : size + c_end : stride], out=v)  # fmt: skip
+            torch.sub(
+                flat[..., 0:r_end:stride, 0:c_end:stride],
+                flat[..., 0:r_end:stride, size : size + c_end : stride],
+                out=v,
+            )
             v -= flat[..., size : size + r_end : stride, 0:c_end:stride]
             v += flat[..., size : size + r_end : stride, size : size + c_end : stride]
             v.div_(size * size)
