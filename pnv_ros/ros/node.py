@@ -36,18 +36,10 @@ from pnv_ros.config import DetectorParams
 from pnv_ros.errors import PnvError
 from pnv_ros.msg import Keyframe as KeyframeMsg
 from pnv_ros.msg import LoopClosure
+from pnv_ros.ros import conversions as C
 from pnv_ros.ros import diagnostics as D
 from pnv_ros.ros import params as P
 from pnv_ros.ros.camera import CameraMatrix
-from pnv_ros.ros.conversions import (
-    array_to_image,
-    frame_to_array,
-    image_to_array,
-    loop_closure_msg,
-    ns_to_stamp,
-    relative_pose_msg,
-    stamp_to_ns,
-)
 from pnv_ros.ros.executor import Executor
 from pnv_ros.ros.map_files import MapFiles
 from pnv_ros.ros.odometry import OdometryBuffer, valid_pose
@@ -96,14 +88,8 @@ class LoopClosureNode(Node):
             (CameraInfo, "camera_info", self._on_info, "camera_info", sensors),
             (Odometry, "odom", self._on_odom, "odom", MutuallyExclusiveCallbackGroup()),
         ):
-            self.create_subscription(
-                msg_type,
-                topic,
-                fn,
-                qos(g(f"{name}_qos"), g(f"{name}_qos_depth")),
-                callback_group=group,
-                event_callbacks=events,
-            )
+            q = qos(g(f"{name}_qos"), g(f"{name}_qos_depth"))
+            self.create_subscription(msg_type, topic, fn, q, callback_group=group, event_callbacks=events)
         self.pub_loop = self.create_publisher(LoopClosure, "loop_closures", 10)
         self.pub_kf = self.create_publisher(KeyframeMsg, "~/keyframes", 10)
         # One acknowledgement per frame taken from the slot (stamp = the frame's; frame_id =
@@ -121,9 +107,8 @@ class LoopClosureNode(Node):
         ):
             self.create_service(srv, f"~/{name}", self._service(name, fn), callback_group=services)
         # Diagnostics on the steady clock: with use_sim_time and no /clock they still come.
-        self.create_timer(
-            1.0, self._publish_diagnostics, callback_group=services, clock=Clock(clock_type=ClockType.STEADY_TIME)
-        )
+        steady = Clock(clock_type=ClockType.STEADY_TIME)
+        self.create_timer(1.0, self._publish_diagnostics, callback_group=services, clock=steady)
         self.maps = MapFiles(g("map_dir"), self.detector, self.log, on_load=self._clear_markers)
         self.maps.check_writable()
         self.maps.remove_left_overs()
@@ -187,7 +172,7 @@ class LoopClosureNode(Node):
         pose = np.array([p.x, p.y, p.z, q.x, q.y, q.z, q.w])
         if not valid_pose(pose):
             self._events.add("bad_odom")
-        elif not self._odom.add(stamp_to_ns(msg.header.stamp), pose, msg.header.frame_id):
+        elif not self._odom.add(C.stamp_to_ns(msg.header.stamp), pose, msg.header.frame_id):
             self._events.add("late_odom")
 
     def _count(self, key: str) -> None:
@@ -220,14 +205,14 @@ class LoopClosureNode(Node):
 
     def _process(self, msg: Image | CompressedImage) -> str:
         """One frame through the detector's pipeline; returns its status ('keyframe' or why it was skipped)."""
-        stamp = stamp_to_ns(msg.header.stamp)
+        stamp = C.stamp_to_ns(msg.header.stamp)
         pos, ori = self._odom.at(stamp, int(self._value("odom_tolerance_s") * 1e9))
         if pos is None and len(self._odom):  # odometry flows but not at this instant: keyframes by sight alone
             self._events.add("odom_unmatched")
         decoded: list[np.ndarray] = []  # the frame, once admitted and decoded: for the match pictures
 
         def decode(m: Image | CompressedImage) -> np.ndarray:
-            decoded.append(frame_to_array(m, self._value("bit_depth") or None))
+            decoded.append(C.frame_to_array(m, self._value("bit_depth") or None))
             return decoded[0]
 
         res = self.detector.process(msg, stamp, pos, self._camera_matrix, ori, decode=decode)
@@ -259,20 +244,20 @@ class LoopClosureNode(Node):
             self._jumps_seen = jumps
             self._events.add("time_jump")
             self.log.warning(
-                f"time went back: frame stamped {stamp_to_ns(msg.header.stamp) / 1e9:.3f} s after newer frames "
+                f"time went back: frame stamped {C.stamp_to_ns(msg.header.stamp) / 1e9:.3f} s after newer frames "
                 f"(clock reset, use_sim_time restart or a looping bag); a new session segment starts (time jump "
                 f"{jumps})"
             )
 
     def _publish_loop(self, msg, lc, query_size, gen: int, pos) -> None:
-        self.pub_loop.publish(loop_closure_msg(lc, msg.header))
+        self.pub_loop.publish(C.loop_closure_msg(lc, msg.header))
         self.log.info(f"loop: keyframe {lc.query_id} -> {lc.match_id}, score {lc.score:.3f}")
         if self.pub_img.get_subscription_count() > 0:
             with self.detector.lock:
                 match_size = self.detector.map.image_size(lc.match_id)
             pic = match_picture(self._thumbs, gen, lc, self.detector.preset, query_size, match_size)
             if pic is not None:
-                self.pub_img.publish(array_to_image(pic, msg.header))
+                self.pub_img.publish(C.array_to_image(pic, msg.header))
         with self.detector.lock:
             pm = self.detector.map.positions[lc.match_id] if lc.match_id < len(self.detector.map) else None
         if pos is not None and pm is not None and np.isfinite(pm).all():
@@ -328,16 +313,16 @@ class LoopClosureNode(Node):
         if req.top_n > high:  # the whole map re-ranked under the detector's lock would stall keyframes meanwhile
             raise PnvError(f"top_n {req.top_n} is above {high} (the top_n parameter's range); 0 = the parameter")
         if req.mode == QueryPlace.Request.BY_IMAGE:
-            rgb = image_to_array(req.image, bit_depth=self._value("bit_depth") or None)
+            rgb = C.image_to_array(req.image, bit_depth=self._value("bit_depth") or None)
             cands = det.query_image(rgb, top_n, matcher)
         elif req.mode == QueryPlace.Request.BY_ID:
             cands = det.query_keyframe(req.keyframe_id, top_n=top_n, matcher=matcher)
         elif req.mode == QueryPlace.Request.BY_STAMP:
-            cands = det.query_keyframe(stamp_ns=stamp_to_ns(req.stamp), top_n=top_n, matcher=matcher)
+            cands = det.query_keyframe(stamp_ns=C.stamp_to_ns(req.stamp), top_n=top_n, matcher=matcher)
         else:
             raise PnvError(f"unknown mode {req.mode}: use BY_ID (0), BY_STAMP (1) or BY_IMAGE (2)")
         resp.ids = [c.id for c in cands]
-        resp.stamps = [ns_to_stamp(c.stamp_ns) for c in cands]
+        resp.stamps = [C.ns_to_stamp(c.stamp_ns) for c in cands]
         resp.scores = [float(c.score) for c in cands]
         resp.global_distances = [float(c.global_distance) for c in cands]
         resp.message = f"{len(cands)} candidates"
@@ -349,7 +334,7 @@ class LoopClosureNode(Node):
         a, b = det.features_of(req.id_a), det.features_of(req.id_b)
         score, nm, ni, pose = det.verify(a, b, req.matcher or None, self._camera_matrix(a.image_size, b.image_size))
         resp.score, resp.num_matches, resp.num_inliers = score, nm, ni
-        resp.relative_pose = relative_pose_msg(pose, self._camera_frame, self._camera_frame)
+        resp.relative_pose = C.relative_pose_msg(pose, self._camera_frame, self._camera_frame)
         resp.message = "ok"
 
     def _map_command(self, name: str):
