@@ -388,9 +388,11 @@ def summary(res: dict) -> dict:
     return out
 
 
-def write_md(res: dict, path: Path) -> None:
+def _headline_lines(res: dict) -> list[str]:
+    """The page's title, the run and machine description, and the headline table: per engine its
+    median extraction time per keyframe (ms), speed ratio and largest global / patch descriptor
+    differences against torch fp32, re-ranked Recall@1 per set and the RTAB loop's F1."""
     m, keys, summ = res["machine"], res["engines"], res["summary"]
-    ref = summ.get(REFERENCE, {})
     L = [
         "# Inference engines: latency against accuracy",
         "",
@@ -425,61 +427,91 @@ def write_md(res: dict, path: Path) -> None:
             + " | ".join(f"{v:.3f}" for v in s["r1"].values())
             + f" | {_f(s.get('f1'))} |"
         )
-    if res.get("node"):
-        n = res["node"]
-        L += [
-            "",
-            f"**Node end to end per keyframe** (extraction + top-{TOP_N} re-rank + map add; live "
-            f"`loop_closure_node`, speed preset, {label(n['engine'])}, the RTAB-Map bag in lockstep, "
-            f"{n['keyframes']} keyframes): median **{_f(n['total_p50_ms'], '.0f')} ms** (extraction "
-            f"{_f(n['extract_p50_ms'], '.0f')} ms, re-rank + map add {_f(n['commit_p50_ms'], '.0f')} ms; max "
-            f"{_f(n['total_max_ms'], '.0f')} ms); F1 {_f(n['f1'])}.",
-        ]
-    L += ["", "## Against the targets", "", "| target | measured | met |", "|---|---|---|"]
+    return L
+
+
+def _node_lines(n: dict) -> list[str]:
+    """The paragraph on the live node's median end-to-end time per keyframe (ms), from ``res["node"]``."""
+    return [
+        "",
+        f"**Node end to end per keyframe** (extraction + top-{TOP_N} re-rank + map add; live "
+        f"`loop_closure_node`, speed preset, {label(n['engine'])}, the RTAB-Map bag in lockstep, "
+        f"{n['keyframes']} keyframes): median **{_f(n['total_p50_ms'], '.0f')} ms** (extraction "
+        f"{_f(n['extract_p50_ms'], '.0f')} ms, re-rank + map add {_f(n['commit_p50_ms'], '.0f')} ms; max "
+        f"{_f(n['total_max_ms'], '.0f')} ms); F1 {_f(n['f1'])}.",
+    ]
+
+
+def _fp32_target_rows(res: dict, fp32: list[str]) -> list[str]:
+    """Target rows for the float32 engines ``fp32`` (non-empty): global and patch descriptors within
+    ``TARGETS['fp32_diff']`` of torch, and the fastest one's speed-up against ``TARGETS['fp32_speedup']``."""
+    summ = res["summary"]
+    L = []
+    worst = max(summ[k].get("global_max_abs", 0) for k in fp32)
+    L.append(
+        f"| fp32 engines within 1e-4 of torch (global descriptors) | max {worst:.1e} | "
+        f"{'yes' if worst <= TARGETS['fp32_diff'] else 'no'} |"
+    )
+    worst_p = max(summ[k].get("patch_max_abs", 0) for k in fp32)
+    near = worst_p <= 2 * res["rounding_floor"]
+    met = "yes" if worst_p <= TARGETS["fp32_diff"] else "no: within twice torch's own float32 floor" if near else "no"
+    L.append(
+        f"| fp32 engines within 1e-4 of torch (patch descriptors) | max {worst_p:.1e} (torch's own change "
+        f"under one float32 rounding step: up to {res['rounding_floor']:.1e}) | {met} |"
+    )
+    best = max(fp32, key=lambda k: summ[k]["speedup"])
+    sp = summ[best]["speedup"]
+    L.append(
+        f"| fastest fp32 engine >= 1.5x torch fp32 | {label(best)} {sp:.2f}x | "
+        f"{'yes' if sp >= TARGETS['fp32_speedup'] else 'no'} |"
+    )
+    return L
+
+
+def _int8_target_rows(s: dict, ref: dict, k: str) -> list[str]:
+    """Target rows for the int8 engine ``k`` (its summary ``s``; ``ref``: torch fp32's summary): speed-up
+    against ``TARGETS['int8_speedup']``, and re-ranked R@1 per set and sequence F1 at most
+    ``TARGETS['int8_drop']`` below torch fp32."""
+    L = []
+    sp = s["speedup"]
+    L.append(f"| {label(k)} >= 3x torch fp32 | {sp:.2f}x | {'yes' if sp >= TARGETS['int8_speedup'] else 'no'} |")
+    drops = {st: ref.get("r1", {}).get(st, np.nan) - v for st, v in s["r1"].items()}
+    worst = max(drops.values())
+    L.append(
+        f"| {label(k)} re-ranked R@1 at most 0.02 below fp32 on each set | "
+        + ", ".join(f"{st} {s['r1'][st]:.3f} vs {ref['r1'][st]:.3f}" for st in drops)
+        + f" | {'yes' if worst <= TARGETS['int8_drop'] + 1e-9 else 'no'} |"
+    )
+    if "f1" in s and "f1" in ref:
+        d = ref["f1"] - s["f1"]
+        L.append(
+            f"| {label(k)} sequence F1 (RTAB loop) at most 0.02 below fp32 | {s['f1']:.3f} vs {ref['f1']:.3f} "
+            f"| {'yes' if d <= TARGETS['int8_drop'] + 1e-9 else 'no'} |"
+        )
+    return L
+
+
+def _target_lines(res: dict) -> list[str]:
+    """The "Against the targets" section: one row per target in ``TARGETS``, measured and met or not."""
+    keys, summ = res["engines"], res["summary"]
+    ref = summ.get(REFERENCE, {})
+    L = ["", "## Against the targets", "", "| target | measured | met |", "|---|---|---|"]
     fp32 = [k for k in keys if k.endswith(":fp32") and k != REFERENCE]
     int8 = [k for k in keys if k.endswith(":int8")]
     if fp32:
-        worst = max(summ[k].get("global_max_abs", 0) for k in fp32)
-        L.append(
-            f"| fp32 engines within 1e-4 of torch (global descriptors) | max {worst:.1e} | "
-            f"{'yes' if worst <= TARGETS['fp32_diff'] else 'no'} |"
-        )
-        worst_p = max(summ[k].get("patch_max_abs", 0) for k in fp32)
-        near = worst_p <= 2 * res["rounding_floor"]
-        met = (
-            "yes" if worst_p <= TARGETS["fp32_diff"] else "no: within twice torch's own float32 floor" if near else "no"
-        )
-        L.append(
-            f"| fp32 engines within 1e-4 of torch (patch descriptors) | max {worst_p:.1e} (torch's own change "
-            f"under one float32 rounding step: up to {res['rounding_floor']:.1e}) | {met} |"
-        )
-        best = max(fp32, key=lambda k: summ[k]["speedup"])
-        sp = summ[best]["speedup"]
-        L.append(
-            f"| fastest fp32 engine >= 1.5x torch fp32 | {label(best)} {sp:.2f}x | "
-            f"{'yes' if sp >= TARGETS['fp32_speedup'] else 'no'} |"
-        )
+        L += _fp32_target_rows(res, fp32)
     for k in int8:
-        s = summ[k]
-        sp = s["speedup"]
-        L.append(f"| {label(k)} >= 3x torch fp32 | {sp:.2f}x | {'yes' if sp >= TARGETS['int8_speedup'] else 'no'} |")
-        drops = {st: ref.get("r1", {}).get(st, np.nan) - v for st, v in s["r1"].items()}
-        worst = max(drops.values())
-        L.append(
-            f"| {label(k)} re-ranked R@1 at most 0.02 below fp32 on each set | "
-            + ", ".join(f"{st} {s['r1'][st]:.3f} vs {ref['r1'][st]:.3f}" for st in drops)
-            + f" | {'yes' if worst <= TARGETS['int8_drop'] + 1e-9 else 'no'} |"
-        )
-        if "f1" in s and "f1" in ref:
-            d = ref["f1"] - s["f1"]
-            L.append(
-                f"| {label(k)} sequence F1 (RTAB loop) at most 0.02 below fp32 | {s['f1']:.3f} vs {ref['f1']:.3f} "
-                f"| {'yes' if d <= TARGETS['int8_drop'] + 1e-9 else 'no'} |"
-            )
+        L += _int8_target_rows(summ[k], ref, k)
     if res.get("node") and res["node"]["total_p50_ms"] is not None:
         v = res["node"]["total_p50_ms"] / 1000
         L.append(f"| node end to end <= 0.3 s median | {v:.3f} s | {'yes' if v <= TARGETS['node_s'] else 'no'} |")
-    L += [
+    return L
+
+
+def _retrieval_lines(res: dict) -> list[str]:
+    """The "Retrieval per set" table: per set and engine, extraction and re-rank medians (ms), global and
+    re-ranked Recall@1/5, and the descriptor differences against torch fp32."""
+    L = [
         "",
         "## Retrieval per set",
         "",
@@ -488,7 +520,7 @@ def write_md(res: dict, path: Path) -> None:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["retrieval"]:
-        for k in keys:
+        for k in res["engines"]:
             e = r["engines"][k]
             d = e.get("diff_vs_torch_fp32")
             L.append(
@@ -502,30 +534,42 @@ def write_md(res: dict, path: Path) -> None:
                 )
                 + " |"
             )
-    if res.get("sequence"):
-        L += [
-            "",
-            f"## RTAB-Map loop through the detector (`pnv eval` in-process: threshold {THRESHOLD}, top {TOP_N}, "
-            f"exclude recent {EXCLUDE_RECENT_S:g} s)",
-            "",
-            "| engine | keyframes | precision | recall | F1 | AP | accepted loops | same as torch fp32 | only here | "
-            "only torch fp32 |",
-            "|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for k in keys:
-            s = res["sequence"].get(k)
-            if s:
-                L.append(
-                    f"| {label(k)} | {s['keyframes']} | {_f(s['precision'])} | {_f(s['recall'])} | {_f(s['f1'])} | "
-                    f"{_f(s['average_precision'])} | {s['accepted_loops']} | {s.get('loops_same_as_torch_fp32', '')} | "
-                    f"{s.get('loops_only_here', '')} | {s.get('loops_only_torch_fp32', '')} |"
-                )
+    return L
+
+
+def _sequence_lines(res: dict) -> list[str]:
+    """The RTAB-Map loop table (``res["sequence"]``, non-empty): per engine the detector's precision,
+    recall, F1, AP and accepted loops, and how its loops compare with torch fp32's."""
+    L = [
+        "",
+        f"## RTAB-Map loop through the detector (`pnv eval` in-process: threshold {THRESHOLD}, top {TOP_N}, "
+        f"exclude recent {EXCLUDE_RECENT_S:g} s)",
+        "",
+        "| engine | keyframes | precision | recall | F1 | AP | accepted loops | same as torch fp32 | only here | "
+        "only torch fp32 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for k in res["engines"]:
+        s = res["sequence"].get(k)
+        if s:
+            L.append(
+                f"| {label(k)} | {s['keyframes']} | {_f(s['precision'])} | {_f(s['recall'])} | {_f(s['f1'])} | "
+                f"{_f(s['average_precision'])} | {s['accepted_loops']} | {s.get('loops_same_as_torch_fp32', '')} | "
+                f"{s.get('loops_only_here', '')} | {s.get('loops_only_torch_fp32', '')} |"
+            )
+    return L
+
+
+def _notes_lines(res: dict) -> list[str]:
+    """The closing notes: the float32 engines' Recall@1 spread per set (the comparison's noise floor),
+    torch's own patch-descriptor rounding floor, and what extraction and the node's time consist of."""
+    keys = res["engines"]
     fl = res.get("rounding_floor_per_set", {})
     spread = {}
     for r in res["retrieval"]:
         v = [r["engines"][k]["reranked"]["1"] for k in keys if k.endswith(":fp32")]
         spread[r["set"].split()[0]] = (min(v), max(v))
-    L += [
+    return [
         "",
         "## Notes",
         "",
@@ -553,6 +597,19 @@ def write_md(res: dict, path: Path) -> None:
         "Numbers: `engines.json`; plot: `engines.png`.",
         "",
     ]
+
+
+def write_md(res: dict, path: Path) -> None:
+    """Write the engines page (Markdown) for a run's record ``res`` (as in ``engines.json``, with its
+    ``summary``) to ``path``: headline, node end to end, targets, retrieval per set, RTAB loop, notes."""
+    L = _headline_lines(res)
+    if res.get("node"):
+        L += _node_lines(res["node"])
+    L += _target_lines(res)
+    L += _retrieval_lines(res)
+    if res.get("sequence"):
+        L += _sequence_lines(res)
+    L += _notes_lines(res)
     write_page(path, L)
 
 

@@ -159,37 +159,33 @@ def _pair_picture(path: Path, result: ReplayResult, a: int, b: int, text: str) -
     Image.fromarray(canvas).save(path)
 
 
-def write_run(
-    out: Path,
-    result: ReplayResult,
-    positives: list[set[int]],
-    threshold: float,
-    info: dict[str, Any],
-    title: str = "loop closure",
-) -> dict[str, Any]:
-    """Write the run folder's files into ``out`` (the caller renames it into place)."""
-    metrics = compute_metrics(result, positives, threshold)
-    metrics.update(info)
-    ds = decisions(result, positives)
-    reach = [ok for ok, _ in findable(result, positives)]
-    (out / "metrics.json").write_text(to_json(metrics))  # strict JSON: an undefined recall is null
-    with open(out / "loop_closures.csv", "w", newline="") as f:
+_CSV_HEADER = [
+    "frame",
+    "stamp_ns",
+    "match_frame",
+    "score",
+    "accepted",
+    "correct",
+    "has_positive",
+    "global_distance",
+    "num_matches",
+    "num_inliers",
+    "ignored",
+]
+
+
+def _write_loop_closures_csv(
+    path: Path, result: ReplayResult, positives: list[set[int]], ds: list[Decision], threshold: float
+) -> None:
+    """Write ``loop_closures.csv``: one row per keyframe record (columns ``_CSV_HEADER``).
+
+    ``accepted`` is the detector's decision at ``threshold`` (never for a loop into an ignored
+    frame), ``correct`` whether the best match is a positive, ``has_positive`` whether a positive
+    was one the detector could return; scores and distances have 6 decimals.
+    """
+    with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(
-            [
-                "frame",
-                "stamp_ns",
-                "match_frame",
-                "score",
-                "accepted",
-                "correct",
-                "has_positive",
-                "global_distance",
-                "num_matches",
-                "num_inliers",
-                "ignored",
-            ]
-        )
+        w.writerow(_CSV_HEADER)
         for r, d in zip(result.records, ds):  # has_positive: a positive the detector could return
             accepted = int(r.score >= threshold and r.match_frame >= 0 and not d.ignored)
             w.writerow(
@@ -207,9 +203,17 @@ def write_run(
                     int(d.ignored),
                 ]
             )
-    _plots(out, metrics, result, title)
-    ex = out / "examples"
+
+
+def _write_examples(
+    ex: Path, result: ReplayResult, positives: list[set[int]], ds: list[Decision], threshold: float
+) -> None:
+    """Write side-by-side pictures into the folder ``ex`` (created if missing): the 5
+    highest-scoring false positives at ``threshold`` and the first 5 missed loops (a keyframe
+    with a findable positive whose accepted match, if any, is not one), each paired with the
+    findable positive nearest its best match. Pairs without both thumbnails are left out."""
     ex.mkdir(exist_ok=True)
+    reach = [ok for ok, _ in findable(result, positives)]
     fps = sorted(
         (
             r
@@ -238,15 +242,20 @@ def write_run(
             truth,
             f"MISSED frame {r.frame} (true {truth}); best was {r.match_frame} at {r.score:.3f}",
         )
+
+
+def _ms3(d: dict[str, float], fmt: str) -> str:
+    """A latency summary's ``p50 / p95 / max`` (milliseconds) formatted with ``fmt``."""
+    return " / ".join(format(d[k], fmt) for k in ("p50_ms", "p95_ms", "max_ms"))
+
+
+def _summary_rows(metrics: dict[str, Any], threshold: float) -> list[tuple[str, str]]:
+    """The report's metric table as (metric, formatted value) rows, from ``compute_metrics``'s dict."""
     at = metrics["at_threshold"]
     lat = metrics["latency"]
     g, sk = metrics["ground_truth"], metrics["skipped_frames"]
     un = g["unfindable"]
-
-    def ms3(d: dict[str, float], fmt: str) -> str:
-        return " / ".join(format(d[k], fmt) for k in ("p50_ms", "p95_ms", "max_ms"))
-
-    rows = [
+    return [
         (
             f"precision / recall / F1 at threshold {threshold:.2f}",
             f"{at['precision']:.3f} / {at['recall']:.3f} / {at['f1']:.3f}",
@@ -266,31 +275,21 @@ def write_run(
         ("loops into ignored frames (not counted)", f"{g['ignored_loops_at_threshold']}"),
         ("keyframes / frames / skipped frames", f"{metrics['keyframes']} / {metrics['frames']} / {sk['count']}"),
         ("keyframes per second", f"{metrics['keyframes_per_second']:.2f}"),
-        ("latency extract p50 / p95 / max (ms)", ms3(lat["extract"], ".0f")),
-        ("latency re-rank p50 / p95 / max (ms)", ms3(lat["rerank"], ".1f")),
+        ("latency extract p50 / p95 / max (ms)", _ms3(lat["extract"], ".0f")),
+        ("latency re-rank p50 / p95 / max (ms)", _ms3(lat["rerank"], ".1f")),
         (
             "peak memory (MB) / map bytes per keyframe",
             f"{metrics['peak_rss_mb']:.0f} / {metrics['map_bytes_per_keyframe']:.0f}",
         ),
     ]
-    preset_name = info.get("preset", {}).get("name", "?")
-    lines = [
-        f"# {title}",
-        "",
-        f"Model `{info.get('model', '?')}`, preset `{preset_name}`, mode `{info.get('mode')}`,",
-        f"bag `{info.get('bag')}`.",
-        "",
-        "| metric | value |",
-        "|---|---|",
-        *(f"| {k} | {v} |" for k, v in rows),
-        "",
-        "![precision-recall](pr_curve.png)",
-        "",
-        "![latency](latency.png)",
-        "",
-        "Examples (worst false positives, missed loops) are in `examples/`.",
-        "",
-    ]
+
+
+def _unfindable_and_skipped_lines(metrics: dict[str, Any]) -> list[str]:
+    """The report's closing paragraphs: keyframes left out of recall (positives only in the
+    exclusion window, or never keyframes) and a table of skipped frames; each only when non-empty."""
+    g, sk = metrics["ground_truth"], metrics["skipped_frames"]
+    un = g["unfindable"]
+    lines: list[str] = []
     if un["exclusion_window"]["count"]:
         lines += [
             f"Keyframes whose positives all lie in the exclusion window ({g['exclude_recent_s']:g} s, "
@@ -317,5 +316,51 @@ def write_run(
             *(f"| {f['frame']} | {f['stamp_ns']} | {f['reason'].replace('|', '/')} |" for f in sk["frames"]),
             "",
         ]
-    (out / "report.md").write_text("\n".join(lines))
+    return lines
+
+
+def _report_markdown(metrics: dict[str, Any], threshold: float, info: dict[str, Any], title: str) -> str:
+    """The text of ``report.md``: title, run description from ``info`` (model, preset, mode,
+    bag), the metric table, the plots, and the notes on unfindable keyframes and skipped frames."""
+    preset_name = info.get("preset", {}).get("name", "?")
+    lines = [
+        f"# {title}",
+        "",
+        f"Model `{info.get('model', '?')}`, preset `{preset_name}`, mode `{info.get('mode')}`,",
+        f"bag `{info.get('bag')}`.",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        *(f"| {k} | {v} |" for k, v in _summary_rows(metrics, threshold)),
+        "",
+        "![precision-recall](pr_curve.png)",
+        "",
+        "![latency](latency.png)",
+        "",
+        "Examples (worst false positives, missed loops) are in `examples/`.",
+        "",
+    ]
+    lines += _unfindable_and_skipped_lines(metrics)
+    return "\n".join(lines)
+
+
+def write_run(
+    out: Path,
+    result: ReplayResult,
+    positives: list[set[int]],
+    threshold: float,
+    info: dict[str, Any],
+    title: str = "loop closure",
+) -> dict[str, Any]:
+    """Write the run folder's files into ``out`` (the caller renames it into place):
+    ``metrics.json`` (``compute_metrics`` plus ``info``), ``loop_closures.csv``, the plots
+    ``pr_curve.png`` and ``latency.png``, ``examples/`` and ``report.md``. Returns the metrics."""
+    metrics = compute_metrics(result, positives, threshold)
+    metrics.update(info)
+    ds = decisions(result, positives)
+    (out / "metrics.json").write_text(to_json(metrics))  # strict JSON: an undefined recall is null
+    _write_loop_closures_csv(out / "loop_closures.csv", result, positives, ds, threshold)
+    _plots(out, metrics, result, title)
+    _write_examples(out / "examples", result, positives, ds, threshold)
+    (out / "report.md").write_text(_report_markdown(metrics, threshold, info, title))
     return metrics
