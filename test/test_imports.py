@@ -249,3 +249,28 @@ def test_the_checker_sees_function_level_imports(tmp_path: Path) -> None:
     found = _imports("pnv_ros.model.fitting", src, set(_modules()))
     assert {"pnv_ros.extract", "pnv_ros.model.checkpoint", "pnv_ros.cli"} <= found
     assert layer_of("pnv_ros.extract") > layer_of("pnv_ros.model.fitting")
+
+
+#: The size rules of the house (issue 27): the node wires ROS only and each CLI module holds one command group.
+MAX_MODULE_LINES = {"pnv_ros/ros/node.py": 400, "pnv_ros/cli/*.py": 400}
+MAX_FUNCTION_LINES = 120  # outside tests
+
+
+def test_node_and_cli_modules_and_functions_stay_small() -> None:
+    """node.py and each cli module under 400 lines; no function (methods and nested ones included) over 120
+    lines in pnv_ros/, benchmarks/ or scripts/."""
+    for pattern, limit in MAX_MODULE_LINES.items():
+        paths = sorted(REPO.glob(pattern))
+        assert paths, pattern
+        for p in paths:
+            n = len(p.read_text().splitlines())
+            assert n < limit, f"{p.relative_to(REPO)}: {n} lines (limit {limit})"
+    long = []
+    for root in ("pnv_ros", "benchmarks", "scripts"):
+        for p in sorted((REPO / root).rglob("*.py")):
+            for node in ast.walk(ast.parse(p.read_text(), str(p))):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    n = node.end_lineno - node.lineno + 1
+                    if n > MAX_FUNCTION_LINES:
+                        long.append(f"{p.relative_to(REPO)}:{node.lineno} {node.name} ({n} lines)")
+    assert not long, long
