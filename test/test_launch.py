@@ -197,6 +197,8 @@ def _feed_frames(node: Node, proc: subprocess.Popen, log: Path) -> list[int]:
     )
     try:
         assert _spin_until(node, lambda: pub.get_subscription_count() > 0, 30, proc, log), "node not subscribed"
+        # and ours matched to its keyframe publisher: a keyframe announced before that is lost (volatile QoS)
+        assert _spin_until(node, lambda: sub.get_publisher_count() > 0, 30, proc, log), "keyframes not matched"
         for n, i in enumerate(FRAMES, 1):
             arr = np.asarray(PILImage.open(RTAB / f"{i}.jpg").convert("RGB"))
             header = Header(frame_id="camera")
