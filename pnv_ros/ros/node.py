@@ -370,11 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     rclpy.init(args=argv if argv is not None else sys.argv, signal_handler_options=SignalHandlerOptions.NO)
     stop = threading.Event()
 
-    def on_signal(signum: int, frame: object) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: stop.set())
     node, ex = None, None
     try:
         node = LoopClosureNode()
@@ -388,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):  # ignored from here: a late Ctrl-C must not kill the exit
+            signal.signal(sig, signal.SIG_IGN)  # (Python restores SIG_DFL at exit for its handlers, not SIG_IGN)
         if node is not None:
             node.shutdown()  # with ROS still up: the frame in hand is published, the map saved
         if ex is not None:
