@@ -1,7 +1,8 @@
 """The reference implementation (patchnetvlad==0.1.8), called as its own scripts call it, for the side-by-side
 benchmark (compare_reference.py): the model as ``get_model`` builds it, extraction as ``feature_extract.py``,
-the PatchMatcher as ``local_matcher.py``. The same calls as the tests' oracle (test/oracle.py); benchmarks do
-not import test modules. Imports patchnetvlad (a benchmark and test dependency) inside each function.
+the PatchMatcher and the fusion as ``local_matcher.py``. The tests' oracle (test/oracle.py) is this module:
+benchmarks do not import test modules, tests import this one (pytest's ``pythonpath`` is the repository
+root). Imports patchnetvlad (a benchmark and test dependency) inside each function.
 """
 
 from __future__ import annotations
@@ -69,8 +70,23 @@ def reference_matcher(matcher: str, preset: Any) -> Any:
     return PatchMatcher(name, list(preset.patch_sizes), list(preset.strides), kps, idx)
 
 
-def reference_raw_scores(matcher: str, preset: Any, query_patches: Any, db_patches_list: Any) -> np.ndarray:
-    """(N, S) raw scores from the reference PatchMatcher; patches as (D, P) arrays."""
-    pm = reference_matcher(matcher, preset)
+def reference_raw_scores(
+    matcher: str, preset: Any, query_patches: Any, db_patches_list: Any, pm: Any = None
+) -> np.ndarray:
+    """(N, S) raw scores from the reference PatchMatcher (``pm``: one built by :func:`reference_matcher`, else
+    built here); patches as (D, P) arrays."""
+    pm = pm or reference_matcher(matcher, preset)
     q = [torch.tensor(a).T for a in query_patches]
     return np.array([pm.match(q, [torch.tensor(a) for a in db])[0] for db in db_patches_list], dtype=np.float64)
+
+
+def reference_fused(raw: np.ndarray, weights: Any) -> np.ndarray:
+    """(N,) fused scores as local_matcher.py fuses the (N, S) raw scores (``normalise_func``)."""
+    from patchnetvlad.models.local_matcher import normalise_func
+
+    return normalise_func(raw, raw.shape[1], np.asarray(weights, float))
+
+
+def reference_order(raw: np.ndarray, weights: Any) -> np.ndarray:
+    """(N,) candidate order as local_matcher.py sorts it: ``np.argsort`` of the fused scores."""
+    return np.argsort(reference_fused(raw, weights))

@@ -1,83 +1,21 @@
-"""The reference implementation (patchnetvlad==0.1.8) as a test oracle."""
+"""The reference implementation (patchnetvlad==0.1.8) as a test oracle: the calls of benchmarks/reference.py,
+one copy for the benchmarks and the tests (pyproject's pytest ``pythonpath`` puts the repository root on the path).
+"""
 
-from __future__ import annotations
+from benchmarks.reference import (
+    reference_extract,
+    reference_fused,
+    reference_matcher,
+    reference_model,
+    reference_order,
+    reference_raw_scores,
+)
 
-import configparser
-from pathlib import Path
-
-import numpy as np
-import torch
-
-
-def reference_model(ckpt: Path, patch_sizes, strides):
-    from patchnetvlad.models.models_generic import get_model
-    from torch import nn
-    from torchvision.models import vgg16
-
-    st = torch.load(ckpt, weights_only=True)["state_dict"]
-    k, d = st["pool.centroids"].shape[0], st["WPCA.0.bias"].shape[0]
-    enc = nn.Sequential(*list(vgg16(weights=None).features.children())[:-2])
-    cfg = configparser.ConfigParser()
-    cfg["global_params"] = {
-        "pooling": "patchnetvlad",
-        "num_clusters": str(k),
-        "vladv2": "False",
-        "num_pcs": str(d),
-        "patch_sizes": ",".join(map(str, patch_sizes)),
-        "strides": ",".join(map(str, strides)),
-    }
-    m = get_model(enc, 512, cfg["global_params"], append_pca_layer=True)
-    m.load_state_dict(st)
-    return m.eval(), d
-
-
-@torch.no_grad()
-def reference_extract(model, dim: int, image_path: Path):
-    """Global (D,) and per-scale patch descriptors (D, P) as the reference's
-    feature_extract.py computes and saves them."""
-    from patchnetvlad.models.models_generic import get_pca_encoding
-    from patchnetvlad.tools.datasets import input_transform
-    from PIL import Image
-
-    x = input_transform((480, 640))(Image.open(image_path)).unsqueeze(0)
-    loc, glob = model.pool(model.encoder(x))
-    g = get_pca_encoding(model, glob).numpy()[0]
-    patches = []
-    for t in loc:
-        pca = get_pca_encoding(model, t.permute(2, 0, 1).reshape(-1, t.size(1)))
-        patches.append(pca.reshape(t.size(2), t.size(0), dim).permute(1, 2, 0).numpy()[0])
-    return g, patches
-
-
-def reference_matcher(matcher: str, preset):
-    """The reference PatchMatcher with its keypoints, built once as local_matcher.py does."""
-    from patchnetvlad.models.local_matcher import calc_keypoint_centers_from_patches
-    from patchnetvlad.tools.patch_matcher import PatchMatcher
-
-    cfg = {"imageresizeH": str(preset.image_height), "imageresizeW": str(preset.image_width)}
-    kps, idx = [], []
-    for p, s in zip(preset.patch_sizes, preset.strides):
-        k, i = calc_keypoint_centers_from_patches(cfg, p, p, s, s)
-        kps.append(k)
-        idx.append(i)
-    name = {"ransac": "RANSAC", "rapid": "spatialApproximator"}[matcher]
-    return PatchMatcher(name, list(preset.patch_sizes), list(preset.strides), kps, idx)
-
-
-def reference_raw_scores(matcher: str, preset, query_patches, db_patches_list, pm=None) -> np.ndarray:
-    """(N, S) raw scores from the reference PatchMatcher; patches as (D, P) arrays."""
-    pm = pm or reference_matcher(matcher, preset)
-    q = [torch.tensor(a).T for a in query_patches]
-    return np.array([pm.match(q, [torch.tensor(a) for a in db])[0] for db in db_patches_list], dtype=np.float64)
-
-
-def reference_fused(raw: np.ndarray, weights) -> np.ndarray:
-    """(N,) fused scores as local_matcher.py fuses the (N, S) raw scores (``normalise_func``)."""
-    from patchnetvlad.models.local_matcher import normalise_func
-
-    return normalise_func(raw, raw.shape[1], np.asarray(weights, float))
-
-
-def reference_order(raw: np.ndarray, weights) -> np.ndarray:
-    """(N,) candidate order as local_matcher.py sorts it: ``np.argsort`` of the fused scores."""
-    return np.argsort(reference_fused(raw, weights))
+__all__ = [
+    "reference_extract",
+    "reference_fused",
+    "reference_matcher",
+    "reference_model",
+    "reference_order",
+    "reference_raw_scores",
+]
