@@ -42,6 +42,7 @@ right ones. Read the covariance as optimistic by up to ~2x when matches are dirt
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import IntEnum
 
 import numpy as np
 
@@ -111,6 +112,15 @@ GN_MAX_ITERS = 10
 GN_REL_TOL = 1e-8
 
 
+class PoseType(IntEnum):
+    """What a relative pose measures; the values are pnv_ros/RelativePose.msg's constants."""
+
+    NONE = 0  # not estimated (the library returns None instead of a RelativePose)
+    ROTATION_AND_DIRECTION = 1  # monocular with parallax: rotation + unit translation direction
+    ROTATION_ONLY = 2  # monocular without enough parallax: rotation only
+    METRIC = 3  # with depth: rotation + translation in metres
+
+
 @dataclass(frozen=True, eq=False)
 class RelativePose:
     """Rotation and translation direction of the matched (child) camera in the query (parent) camera.
@@ -149,12 +159,21 @@ class RelativePose:
     tangent_basis: np.ndarray
     sigma_px: float
     parallax_px: float
+    type: PoseType = PoseType.ROTATION_AND_DIRECTION
+    translation: np.ndarray | None = None
+    translation_covariance: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         for name in ("rotation", "direction", "rotation_covariance", "direction_covariance", "covariance"):
             a = np.array(getattr(self, name), dtype=np.float64)
             a.setflags(write=False)
             object.__setattr__(self, name, a)
+        for name in ("translation", "translation_covariance"):
+            if getattr(self, name) is not None:
+                a = np.array(getattr(self, name), dtype=np.float64)
+                a.setflags(write=False)
+                object.__setattr__(self, name, a)
+        object.__setattr__(self, "type", PoseType(self.type))
         b = np.array(self.tangent_basis, dtype=np.float64)
         b.setflags(write=False)
         object.__setattr__(self, "tangent_basis", b)

@@ -26,6 +26,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "pnv_ros.config",  # presets, detector settings, engine and precision names (torch-free)
             "pnv_ros.engines.spec",  # engine names, RuntimeSpec, the identity tag (torch-free)
             "pnv_ros.geometry",  # relative pose from matched keypoints
+            "pnv_ros.camera_model",  # camera_info's K, D, model and size: undistortion, rays
             "pnv_ros.index",  # the FAISS global index
             "pnv_ros.eval.ground_truth",  # ground-truth files and tolerances (pure)
             "pnv_ros.eval.metrics",  # recall and precision (pure)
@@ -39,6 +40,8 @@ LAYERS: list[tuple[str, list[str]]] = [
             "pnv_ros.bags",  # ROS 1 / ROS 2 bags through rosbags (no ROS install)
             "pnv_ros.features",  # PlaceFeatures, FeatureSet and their files
             "pnv_ros.matching",  # patch matching and re-ranking
+            "pnv_ros.local_features",  # SIFT keypoints, rays and depth points of a keyframe
+            "pnv_ros.loop_pose",  # a loop's relative pose from local features (METRIC with depth)
             "pnv_ros.retrieval",  # global retrieval then re-ranking
             "pnv_ros.place_map",  # the keyframe map and its file
             "pnv_ros.viz",  # match images
