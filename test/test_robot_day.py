@@ -43,6 +43,7 @@ NODE = str(Path(sys.executable).parent / "loop_closure_node")
 G = np.load(RTAB.parent / "gt_matrix.npy")
 FRAME_S = 0.5  # wall seconds each RTAB-Map frame is shown at least (then until the node made its keyframe)
 CAMERA_HZ, ODOM_HZ = 10.0, 50.0
+DARK_S = 0.25  # wall (= sim, the clock runs 1x while driving) seconds without images either side of a move
 LAP = 40  # places round the loop, 1 m apart
 
 
@@ -83,6 +84,8 @@ class Robot:
         self.sim_ns, self.rate = 1000 * 10**9, 1.0  # sim clock (ns) and its speed against the wall
         self.shown: list[tuple[int, int]] = []  # (stamp ns, frame) of every published image
         self.stop = threading.Event()
+        self.dark = threading.Event()  # the camera publishes nothing while set (see show)
+        self.missed: list[int] = []  # frames shown without a keyframe of them within wait_keyframe's timeout
         self.jitter = np.random.default_rng(0)
         self.threads = [
             threading.Thread(target=self._loop, args=(p, h), daemon=True)
@@ -120,6 +123,8 @@ class Robot:
 
     def _publish_image(self) -> None:
         with self.lock:
+            if self.dark.is_set():
+                return
             stamp = self._advance()
             rgb, frame = self.rgb, self.frame
             self.shown.append((stamp, frame))
@@ -140,11 +145,20 @@ class Robot:
 
     def show(self, frame: int) -> None:
         """Drive to a frame's place and look for FRAME_S, longer if the node has not yet taken a frame from
-        there (a slow CI machine): the test is about what the node decides, not about how fast it is."""
+        there (a slow CI machine): the test is about what the node decides, not about how fast it is.
+
+        The robot moves 1 m at once, so the camera is dark for DARK_S either side of the move: an image is
+        paired with the odometry nearest its stamp (odom_tolerance_s 0.1), and an image of the old place
+        stamped just before the move would otherwise take the new place's pose (a keyframe whose picture
+        and pose disagree, which a real robot moving continuously never produces)."""
         rgb, pose = self._load(frame), place_pose(frame)
+        self.dark.set()
+        time.sleep(DARK_S)
         with self.lock:
             switched = self._advance()
             self.frame, self.rgb, self.pose = frame, rgb, pose
+        time.sleep(DARK_S)
+        self.dark.clear()
         time.sleep(FRAME_S)
         self.wait_keyframe(switched)
 
@@ -156,6 +170,8 @@ class Robot:
             stamp_to_ns(a.stamp) > after_ns and a.frame_id == "keyframe" for a in self.acks[-100:]
         ):
             time.sleep(0.05)
+        if time.time() >= end:
+            self.missed.append(self.frame)  # reported with the checks below
 
     def set_clock(self, sim_ns: int | None = None, rate: float | None = None) -> None:
         with self.lock:
@@ -300,7 +316,8 @@ def test_a_day_on_a_robot(tmp_path: Path) -> None:
     for lc in day2_loops:  # after the restart, keyframes 0..len(day1_kfs)-1 came with the loaded map
         assert lc.match_from_loaded_map is (lc.match_id < len(day1_kfs)), (lc.query_id, lc.match_id)
     assert not still_loops and not still_keyframes, (
-        f"standing still: {len(still_keyframes)} keyframes, {len(still_loops)} loops"
+        f"standing still: {len(still_keyframes)} keyframes, {len(still_loops)} loops; "
+        f"frames shown without a keyframe of them: {robot.missed}"
     )
     # Precision and recall over the revisits (GT matrix of the RTAB-Map loop).
     frame_of = {i: robot.frame_at(s) for i, s in stamp_of.items()}
