@@ -132,7 +132,12 @@ def _inputs(args: argparse.Namespace) -> tuple[CameraModel | None, list[np.ndarr
 
     if args.depth and not args.camera:
         raise ConfigError("--depth needs --camera (the depth images' pixels become 3-D points through it)")
-    camera = CameraModel.load_yaml(args.camera, rectified=args.rectified) if args.camera else None
+    camera = None
+    if args.camera:
+        try:
+            camera = CameraModel.load_yaml(args.camera, rectified=args.rectified)
+        except ValueError as e:  # a matrix of the wrong size (CameraModel.load_yaml checks the fields' presence)
+            raise ConfigError(f"{args.camera}: not a camera_info YAML ({e})") from e
     depths = [read_depth(p, args.depth_scale) for p in args.depth] if args.depth else [None, None]
     return camera, depths
 
