@@ -20,6 +20,73 @@ from pnv_ros.ros.map_files import MapFiles
 from pnv_ros.ros.odometry import OdometryBuffer, valid_pose
 
 
+# -- conversions (pnv_ros.ros.conversions: needs the built messages, not rclpy) ---------------------------------
+def _pose(kind: int):
+    """A RelativePose of each type as pnv_ros.loop_pose builds them (values made up, shapes and conventions real)."""
+    from scipy.spatial.transform import Rotation
+
+    from pnv_ros.geometry import PoseType, RelativePose, tangent_basis
+
+    r = Rotation.from_rotvec([0.1, -0.2, 0.05]).as_matrix()
+    n = {PoseType.ROTATION_ONLY: 3, PoseType.ROTATION_AND_DIRECTION: 5, PoseType.METRIC: 6}[PoseType(kind)]
+    a = np.arange(1.0, n * n + 1).reshape(n, n) / 100.0
+    cov = a @ a.T + np.eye(n) * 1e-3  # symmetric positive definite, every entry different
+    t = np.array([0.3, -0.1, 0.2]) if kind == PoseType.METRIC else None
+    d = (
+        np.zeros(3)
+        if kind == PoseType.ROTATION_ONLY
+        else np.array([0.6, 0.0, 0.8])
+        if t is None
+        else t / np.linalg.norm(t)
+    )
+    b = np.zeros((3, 2)) if kind == PoseType.ROTATION_ONLY else tangent_basis(d)
+    dcov = b @ cov[3:5, 3:5] @ b.T if kind == PoseType.ROTATION_AND_DIRECTION else np.zeros((3, 3))
+    tcov = cov[3:, 3:] if kind == PoseType.METRIC else None
+    return RelativePose(r, d, cov[:3, :3], dcov, 57, 0.8, cov, b, 0.9, 12.0, PoseType(kind), t, tcov)
+
+
+@pytest.mark.parametrize("kind", [1, 2, 3])
+def test_relative_pose_msg_for_each_type(kind: int) -> None:
+    from pnv_ros.msg import RelativePose as Msg
+    from scipy.spatial.transform import Rotation
+
+    from pnv_ros.ros.conversions import relative_pose_msg
+
+    rp = _pose(kind)
+    m = relative_pose_msg(rp, "cam_q", "cam_m")
+    assert m.type == kind and (m.parent_frame_id, m.child_frame_id) == ("cam_q", "cam_m")
+    q = [m.rotation.x, m.rotation.y, m.rotation.z, m.rotation.w]
+    assert np.allclose(Rotation.from_quat(q).as_matrix(), rp.rotation)
+    n = {Msg.ROTATION_ONLY: 3, Msg.ROTATION_AND_DIRECTION: 5, Msg.METRIC: 6}[kind]
+    assert len(m.covariance) == n * n and np.array_equal(np.reshape(m.covariance, (n, n)), rp.covariance)
+    assert np.array_equal(np.reshape(m.rotation_covariance, (3, 3)), rp.covariance[:3, :3])
+    assert np.allclose([m.direction.x, m.direction.y, m.direction.z], rp.direction)
+    assert np.allclose(np.reshape(m.direction_covariance, (3, 3)), rp.direction_covariance)
+    t = [m.translation.x, m.translation.y, m.translation.z]
+    if kind == Msg.METRIC:
+        assert np.allclose(t, [0.3, -0.1, 0.2]) and np.array_equal(
+            np.reshape(m.translation_covariance, (3, 3)), rp.covariance[3:, 3:]
+        )
+    else:
+        assert t == [0.0, 0.0, 0.0] and not any(m.translation_covariance)
+    assert m.inliers == 57 and abs(m.rms_error_px - 0.8) < 1e-6
+
+
+def test_relative_pose_msg_none_and_a_covariance_of_the_wrong_size() -> None:
+    import dataclasses
+
+    from pnv_ros.msg import RelativePose as Msg
+
+    from pnv_ros.geometry import PoseType
+    from pnv_ros.ros.conversions import relative_pose_msg
+
+    m = relative_pose_msg(None, "a", "b")
+    assert m.type == Msg.NONE and len(m.covariance) == 0 and m.rotation.w == 1.0 and not any(m.rotation_covariance)
+    assert Msg.NONE == PoseType.NONE and Msg.METRIC == PoseType.METRIC and Msg.ROTATION_ONLY == PoseType.ROTATION_ONLY
+    with pytest.raises(ValueError, match="METRIC pose has a \\(6, 6\\)"):
+        relative_pose_msg(dataclasses.replace(_pose(PoseType.METRIC), covariance=np.eye(5)), "a", "b")
+
+
 # -- odometry ----------------------------------------------------------------------------------------------------
 def test_a_frame_waits_for_the_odometry_of_its_instant() -> None:
     """The worker can take a frame before the odometry published with it: the pose from before the robot
