@@ -1,9 +1,12 @@
-"""ros2 launch pnv_ros loop_closure.launch.py image:=/camera/image_rect preset:=speed
+"""ros2 launch pnv_ros loop_closure.launch.py image:=/camera/image_rect image_rectified:=true preset:=speed
 
-The same arguments as loop_closure.launch.xml. ``compressed``, ``use_sim_time``, ``preset`` and
-``checkpoint`` override the parameters file. The inputs' QoS is set in the parameters file
-(``image_qos``, ``camera_info_qos``, ``odom_qos``: sensor_data | reliable | best_effort |
-system_default, and their ``*_qos_depth``).
+The same arguments as loop_closure.launch.xml. ``compressed``, ``image_rectified``, ``use_sim_time``,
+``preset`` and ``checkpoint`` override the parameters file. An image_rect topic needs
+``image_rectified:=true`` (camera_info's P, no distortion); a raw image (image_raw) keeps the default false (K
+and D). ``depth`` names an optional depth image registered to the colour camera (16UC1 mm or 32FC1 m): with
+it, loops' relative poses are METRIC. The inputs' QoS is set in the parameters file (``image_qos``,
+``camera_info_qos``, ``odom_qos``, ``depth_qos``: sensor_data | reliable | best_effort | system_default, and
+their ``*_qos_depth``).
 """
 
 from launch.actions import DeclareLaunchArgument
@@ -21,6 +24,8 @@ ARGUMENTS = (
     ("compressed_image", "image/compressed", "compressed image topic (sensor_msgs/CompressedImage)"),
     ("camera_info", "camera_info", "camera info topic"),
     ("odom", "odom", "odometry topic (nav_msgs/Odometry)"),
+    ("depth", "depth", "depth image topic registered to the colour camera (16UC1 mm or 32FC1 m); optional"),
+    ("image_rectified", "false", "true for an image_rect topic (camera_info's P); false for raw images (K and D)"),
     ("compressed", "false", "subscribe to compressed_image instead of image"),
     ("use_sim_time", "false", "use /clock (bag replay, simulation)"),
     ("preset", "speed", "performance | speed | storage"),
@@ -36,6 +41,7 @@ REMAPS = (  # the node's topic name -> the argument that names the real topic
     ("image/compressed", "compressed_image"),
     ("camera_info", "camera_info"),
     ("odom", "odom"),
+    ("depth", "depth"),
 )
 
 
@@ -62,6 +68,7 @@ def generate_launch_description() -> LaunchDescription:
                 "preset": ParameterValue(arg("preset"), value_type=str),
                 "checkpoint": ParameterValue(arg("checkpoint"), value_type=str),
                 "compressed": ParameterValue(arg("compressed"), value_type=bool),
+                "image_rectified": ParameterValue(arg("image_rectified"), value_type=bool),
                 "use_sim_time": ParameterValue(arg("use_sim_time"), value_type=bool),
             },
         ],

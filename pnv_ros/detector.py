@@ -29,7 +29,17 @@ node gives it a ROS message and a decode callable; or :meth:`admit` +
    highest absolute score (0..1, the number that is thresholded and
    published), accepted when it is at least ``min_score`` and, with
    ``temporal_k`` > 1, consistent over k keyframes.
-5. The keyframe joins the map (transactional: see :class:`PlaceMap`).
+5. The keyframe joins the map (transactional: see :class:`PlaceMap`), with its
+   local features (OpenCV SIFT keypoints, descriptors, rays and, with a
+   registered depth image, 3-D points: :mod:`pnv_ros.local_features`),
+   extracted with the patches, outside the lock.
+6. **Relative pose.** An accepted loop's pose comes from the local features
+   of the two keyframes, matched near the patch correspondences that verified
+   the place (:func:`pnv_ros.loop_pose.estimate_loop_pose`): ``METRIC`` when the
+   matched keyframe has depth points, else ``ROTATION_AND_DIRECTION`` or
+   ``ROTATION_ONLY``; None without a camera, local features, rays, evidence, or
+   when the two images differ in size. Parent = query camera, child = matched
+   camera (see :class:`pnv_ros.geometry.RelativePose`).
 """
 
 from __future__ import annotations
@@ -45,12 +55,15 @@ from typing import Any
 import cv2
 import numpy as np
 
+from pnv_ros.camera_model import CameraModel
 from pnv_ros.config import DetectorParams, Matcher, Preset
-from pnv_ros.errors import ImageError
+from pnv_ros.errors import ConfigError, ImageError
 from pnv_ros.extract import FeatureExtractor
 from pnv_ros.features import PlaceFeatures, patch_keypoints, to_image_pixels
-from pnv_ros.geometry import RelativePose, relative_pose
+from pnv_ros.geometry import RelativePose
 from pnv_ros.images import ImageSource, load_image
+from pnv_ros.local_features import LocalFeatures, extract_local_features
+from pnv_ros.loop_pose import estimate_loop_pose
 from pnv_ros.matching import PatchMatcher, ScaleMatch, rerank_order
 from pnv_ros.place_map import PlaceMap
 
@@ -58,6 +71,14 @@ from pnv_ros.place_map import PlaceMap
 #: further back it is a clock jump (new session segment). 1 s: well above the reordering
 #: of multi-threaded camera drivers, well below any clock reset or bag loop.
 OUT_OF_ORDER_S = 1.0
+
+#: What a frame's camera may be: a CameraModel, a (3, 3) camera matrix K (no distortion), or a callable that
+#: gives one (or None) for the image size (width, height), passed as one tuple.
+CameraArg = CameraModel | np.ndarray | Callable[[tuple[int, int]], "CameraModel | np.ndarray | None"] | None
+#: What a frame's depth may be: (H, W) float32 metres registered to the colour image (NaN = no measurement;
+#: see :func:`pnv_ros.local_features.depth_in_metres`), or a callable giving that (or None), called only for an
+#: admitted frame, after decoding.
+DepthArg = np.ndarray | Callable[[], "np.ndarray | None"] | None
 
 
 @dataclass
@@ -79,8 +100,10 @@ class Candidate:
 class LoopClosure:
     """An accepted loop closure between the query keyframe and an older one.
 
-    relative_pose: the match camera in the query camera (rotation + unit direction with
-    covariances, see :mod:`pnv_ros.geometry`), or None without intrinsics or evidence.
+    relative_pose: the match camera in the query camera from the two keyframes' local features
+    (:func:`pnv_ros.loop_pose.estimate_loop_pose`): METRIC (rotation, translation in metres, (6, 6)
+    covariance) when the match has depth points, else ROTATION_AND_DIRECTION or ROTATION_ONLY; None
+    without a camera, local features (or their rays), evidence, or for images of two sizes.
     match_from_loaded_map: the matched keyframe came with a loaded map (an earlier run), not
     from this run: its stamp is that run's clock, which may overlap this one's after a restart.
     """
@@ -241,6 +264,8 @@ class LoopClosureDetector:
         "no_information",
         "no_visual_change",
         "map_changed",
+        "bad_depth",  # a keyframe's depth image not used: another size, not (H, W) float32, no valid depth
+        "bad_camera",  # a keyframe's camera not used: for another image size, or not a camera matrix
     )
 
     def __init__(
@@ -398,11 +423,14 @@ class LoopClosureDetector:
         self.counts[status] += 1
         return Admission(False, status, stamp_ns, time_jump=jump)
 
-    def commit(self, adm: Admission, features: PlaceFeatures, intrinsics: np.ndarray | None = None) -> FrameResult:
-        """An admitted frame's features: visual-change test, retrieval, acceptance, map add.
+    def commit(
+        self, adm: Admission, features: PlaceFeatures, camera: CameraModel | np.ndarray | None = None
+    ) -> FrameResult:
+        """An admitted frame's features: visual-change test, retrieval, acceptance, map add, the loop's pose.
 
-        intrinsics: (3, 3) camera matrix for the relative pose, or None. Raises MapError when
-        the features do not fit the map (nothing is then changed).
+        features: with ``features.local`` (or None) stored with the keyframe. camera: the query image's
+        :class:`CameraModel` (or a (3, 3) K without distortion) for the relative pose, or None (no pose).
+        Raises MapError when the features do not fit the map (nothing is then changed).
         """
         t0 = time.perf_counter()
         with self.lock:
@@ -447,12 +475,12 @@ class LoopClosureDetector:
                     best.details,
                     best.id < s.run_start,
                 )
-                match_size = self.map.image_size(best.id)
-        if result.loop is not None and intrinsics is not None and best is not None and best.details:
-            try:  # the pose is extra evidence: bad intrinsics must not cost the keyframe or its loop
-                result.loop.relative_pose = self._pose(features.image_size, match_size, best.details, intrinsics)
-            except (ValueError, cv2.error, np.linalg.LinAlgError):
-                result.loop.relative_pose = None
+                match = PlaceFeatures(np.empty(0), [], self.map.image_size(best.id), self.map.local_features(best.id))
+        if result.loop is not None and best is not None and best.details:
+            t2 = time.perf_counter()
+            cam = self._camera(camera, features.image_size) if camera is not None else None
+            result.loop.relative_pose = self._pose(features, match, best.details, cam)
+            result.timings["pose"] = time.perf_counter() - t2
         result.timings["commit"] = time.perf_counter() - t0
         return result
 
@@ -461,18 +489,26 @@ class LoopClosureDetector:
         image: ImageSource | PlaceFeatures | Any,
         stamp_ns: int,
         position: np.ndarray | None = None,
-        intrinsics: np.ndarray | Callable[[tuple[int, int]], np.ndarray | None] | None = None,
+        camera: CameraArg = None,
         orientation: np.ndarray | None = None,
         decode: Callable[[Any], np.ndarray] | None = None,
+        depth: DepthArg = None,
     ) -> FrameResult:
         """One frame, the one pipeline: :meth:`admit`, decoding and :meth:`look` (images only), extraction
-        (outside the lock), :meth:`commit`.
+        of the patches and the local features (outside the lock), :meth:`commit`.
 
-        image: a path, array or PIL image; features already extracted (no picture tests then); or whatever
-        ``decode`` turns into an image array (H, W[, C]), such as the node's ROS message. Only an admitted
-        frame is decoded; what ``decode`` raises (ImageError for a bad message) goes to the caller.
-        intrinsics: (3, 3) camera matrix, or a callable giving it (or None) for the image size (width, height),
-        called after the extraction.
+        image: a path, array or PIL image; features already extracted (no picture tests, and only their own
+        ``local`` features, then); or whatever ``decode`` turns into an image array (H, W[, C]), such as the
+        node's ROS message. Only an admitted frame is decoded; what ``decode`` raises (ImageError for a bad
+        message) goes to the caller.
+        camera: the image's :class:`CameraModel`, a (3, 3) camera matrix K (no distortion), or a callable
+            giving either (or None) for the image size (width, height) as one tuple, called after decoding.
+            Without one, keyframes have no rays and loops no pose. A camera for another image size (its
+            ``size``) or a matrix that is not one is not used and is counted (``bad_camera``).
+        depth: (H, W) float32 metres registered to the colour image (NaN = none), or a callable giving it (or
+            None), called only for an admitted frame, after decoding; what it raises goes to the caller. A
+            depth image of another size, not float32 (H, W), or without one valid depth is not used and is
+            counted (``bad_depth``): the keyframe is kept without 3-D points.
         """
         adm = self.admit(stamp_ns, position, orientation)
         if adm.extract and not isinstance(image, PlaceFeatures):
@@ -481,12 +517,50 @@ class LoopClosureDetector:
         if not adm.extract:
             return FrameResult(None, adm.status, time_jump=adm.time_jump)
         t0 = time.perf_counter()
-        feats = image if isinstance(image, PlaceFeatures) else self.extractor.extract_one(image)
+        if isinstance(image, PlaceFeatures):
+            feats, t_local = image, 0.0
+            cam = self._camera(camera, feats.image_size)
+        else:
+            feats = self.extractor.extract_one(image)
+            t1 = time.perf_counter()
+            cam = self._camera(camera, feats.image_size)
+            feats = replace(feats, local=self._local_features(image, cam, depth))
+            t_local = time.perf_counter() - t1
         t_extract = time.perf_counter() - t0
-        result = self.commit(adm, feats, intrinsics(feats.image_size) if callable(intrinsics) else intrinsics)
+        result = self.commit(adm, feats, cam)
         result.timings["extract"] = t_extract
+        result.timings["local_features"] = t_local
         result.timings["total"] = t_extract + result.timings["commit"]
         return result
+
+    def _camera(self, camera: CameraArg, size: tuple[int, int]) -> CameraModel | None:
+        """The CameraModel of an image of ``size`` (width, height) from :meth:`process`'s ``camera``, or None;
+        one that does not fit (another size, not a camera matrix) is counted as ``bad_camera``."""
+        c = camera(tuple(size)) if callable(camera) else camera
+        if c is None:
+            return None
+        try:
+            model = c if isinstance(c, CameraModel) else CameraModel(np.asarray(c, np.float64).reshape(3, 3))
+        except (ConfigError, ValueError):
+            model = None
+        if model is None or (model.size is not None and tuple(model.size) != tuple(size)):
+            with self.lock:
+                self.counts["bad_camera"] += 1
+            return None
+        return model
+
+    def _local_features(self, image: np.ndarray, camera: CameraModel | None, depth: DepthArg) -> LocalFeatures:
+        """SIFT keypoints, rays and depth points of an admitted frame (outside the lock); an unusable depth
+        image is counted (``bad_depth``) and left out."""
+        d = depth() if callable(depth) else depth
+        if d is not None:
+            d = np.asarray(d)
+            size = np.asarray(image).shape[:2]
+            if d.shape != size or d.dtype != np.float32 or not np.isfinite(d).any():
+                with self.lock:
+                    self.counts["bad_depth"] += 1
+                d = None
+        return extract_local_features(image, camera, d)
 
     def _limit(self, session_ns: int, p: DetectorParams) -> int:
         """Keyframe ids below this are candidates: older than the time and count windows of this run."""
@@ -551,8 +625,10 @@ class LoopClosureDetector:
     def features_of(self, kf_id: int) -> PlaceFeatures:
         """A stored keyframe's features (copies: safe to use outside the lock). Raises UnknownPlaceError."""
         with self.lock:
-            f = self.map.get(kf_id).features
-            return PlaceFeatures(f.global_desc.copy(), [np.array(p, np.float32) for p in f.patches], f.image_size)
+            f = self.map.get(kf_id).features  # local features: copies already
+            return PlaceFeatures(
+                f.global_desc.copy(), [np.array(p, np.float32) for p in f.patches], f.image_size, f.local
+            )
 
     def _nearest(self, global_desc: np.ndarray, limit: int, n: int, exclude_id: int | None) -> list[tuple[int, float]]:
         """The global stage: up to ``n`` (id, L2 distance) of keyframes with id < ``limit`` but ``exclude_id``,
@@ -599,37 +675,58 @@ class LoopClosureDetector:
         return [out[j] for j in rerank_order(fused)]
 
     def verify(
-        self, a: PlaceFeatures, b: PlaceFeatures, matcher: str | None = None, intrinsics: np.ndarray | None = None
+        self,
+        a: PlaceFeatures,
+        b: PlaceFeatures,
+        matcher: str | None = None,
+        camera: CameraModel | np.ndarray | None = None,
     ) -> tuple[float, int, int, RelativePose | None]:
-        """Score one pair: (absolute score, matches, inliers (dominant scale), relative pose or None)."""
+        """Score one pair: (absolute score, matches, inliers (dominant scale), relative pose or None).
+
+        The pose (a = query = parent, b = match = child) comes from ``a.local`` and ``b.local`` as a loop's
+        (see :meth:`commit`); None when the score is below ``params.min_score`` (not a loop: the detector
+        would never publish one), without ``camera`` (a :class:`CameraModel` or (3, 3) K), local features,
+        rays, evidence, or for images of two sizes.
+        """
         with self.lock:
             pm = self.matcher_for(matcher)
             sc = pm.score(a, [b], details=True)
             s = int(pm.dominant_scale(sc.raw)[0])
             score = float(pm.absolute(sc.raw)[0])
-        pose = self._pose(a.image_size, b.image_size, sc.details[0], intrinsics) if intrinsics is not None else None
+            least = self._params.min_score
+        cam = self._camera(camera, a.image_size) if camera is not None else None
+        pose = self._pose(a, b, sc.details[0], cam) if score >= least else None
         return score, int(sc.num_matches[0, s]), int(sc.num_inliers[0, s]), pose
 
-    def _pose(
-        self,
-        query_size: tuple[int, int],
-        match_size: tuple[int, int],
-        details: list[ScaleMatch],
-        intrinsics: np.ndarray,
-    ) -> RelativePose | None:
-        """Relative pose from the patch correspondences of the scale with the most inliers; None when the two
-        images differ in size (one camera matrix cannot describe both images' pixels) or with under 8."""
-        if tuple(query_size) != tuple(match_size):
-            return None
+    def patch_pairs(
+        self, query_size: tuple[int, int], match_size: tuple[int, int], details: list[ScaleMatch]
+    ) -> np.ndarray:
+        """(M, 4) float64 image pixels (xq, yq, xm, ym) of the verified patch correspondences of the scale with
+        the most inliers (all its mutual matches when it has none): where the local features are matched."""
         s = int(np.argmax([d.num_inliers for d in details]))
         d = details[s]
         sel = d.inliers if d.inliers.any() else np.ones(d.num_matches, bool)
-        if sel.sum() < 8:
-            return None
         kp = patch_keypoints(self.preset, s)
-        pq = to_image_pixels(kp, self.preset, query_size)[d.query_idx[sel]].astype(np.float64)
-        pm = to_image_pixels(kp, self.preset, match_size)[d.db_idx[sel]].astype(np.float64)
-        return relative_pose(pq, pm, np.asarray(intrinsics, np.float64))
+        pq = to_image_pixels(kp, self.preset, query_size)[d.query_idx[sel]]
+        pm = to_image_pixels(kp, self.preset, match_size)[d.db_idx[sel]]
+        return np.hstack([pq, pm]).astype(np.float64).reshape(-1, 4)
+
+    def _pose(
+        self, query: PlaceFeatures, match: PlaceFeatures, details: list[ScaleMatch], camera: CameraModel | None
+    ) -> RelativePose | None:
+        """The loop's pose from the two keyframes' local features, or None: no camera, no local features or
+        rays on either side, images of two sizes (one camera cannot describe both), or no evidence. Bad input
+        costs the pose, never the keyframe or its loop."""
+        ql, ml = query.local, match.local
+        if camera is None or ql is None or ml is None or ql.rays is None or ml.rays is None:
+            return None
+        if tuple(query.image_size) != tuple(match.image_size):
+            return None
+        try:
+            pairs = self.patch_pairs(query.image_size, match.image_size, details)
+            return estimate_loop_pose(ql, ml, camera, pairs)
+        except (ConfigError, ValueError, cv2.error, np.linalg.LinAlgError):
+            return None
 
     def stats(self) -> dict[str, int | str]:
         """Counters since start (frames, keyframes, loops, skips by reason, time jumps) and map state."""
@@ -641,6 +738,7 @@ class LoopClosureDetector:
                 "spill_failures": self.map.spill_failures,
                 "keyframes_on_disk": self.map.keyframes_on_disk,
                 "ram_patch_bytes": self.map.ram_patch_bytes,
+                "ram_local_bytes": self.map.ram_local_bytes,
                 "bytes_per_keyframe": int(self.map.nbytes_per_keyframe()),
                 "store_trouble": self.map.trouble or "",
             }

@@ -17,6 +17,7 @@ import numpy as np
 
 from pnv_ros.config import Preset
 from pnv_ros.errors import FeaturesError
+from pnv_ros.local_features import LocalFeatures
 from pnv_ros.storage import read_npz, write_npz_atomic
 
 FORMAT = "pnv_ros.features"
@@ -121,11 +122,15 @@ class PlaceFeatures:
         global_desc: (D,) float32, unit length.
         patches: per scale, (P_s, D) float32 unit rows, row-major patch order.
         image_size: (width, height) of the original image.
+        local: the image's local features (SIFT keypoints, rays, depth points) for the relative pose of
+            its loops (:mod:`pnv_ros.local_features`), or None. Stored with a keyframe in the map; feature
+            files (:class:`FeatureSet`) do not keep them.
     """
 
     global_desc: np.ndarray
     patches: list[np.ndarray]
     image_size: tuple[int, int]
+    local: LocalFeatures | None = None
 
     def keypoints(self, preset: Preset) -> list[np.ndarray]:
         """Per scale, patch centres (P_s, 2) in this image's original pixels."""

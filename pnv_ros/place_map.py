@@ -2,7 +2,10 @@
 
 One store holds, per keyframe id (0, 1, 2, ... in insertion order): the
 global descriptor (in the FAISS index only, not twice), the per-scale patch
-descriptors, the ROS stamp, the image size and an optional position.
+descriptors, the ROS stamp, the image size, an optional position and the
+optional local features (:class:`~pnv_ros.local_features.LocalFeatures`:
+SIFT keypoints, descriptors, rays, depth points; a ragged number per
+keyframe) that the relative pose of a later loop to this keyframe needs.
 
 - **Transactional adds.** :meth:`PlaceMap.add` checks and converts
   everything first, adds to FAISS last of what can fail, then commits the
@@ -15,7 +18,9 @@ descriptors, the ROS stamp, the image size and an optional position.
   (memory-mapped), and RAM for the newest keyframes. With a memory budget the
   oldest RAM keyframes move to the spill files; a failed spill (disk full, no
   file descriptors) keeps them in RAM, is counted and reported by
-  :attr:`trouble`, and loses nothing.
+  :attr:`trouble`, and loses nothing. Local features are stored the same way
+  (loaded file | one spill file of 160-byte keypoint records | RAM), count in
+  the same budget and spill with their keyframe's patches.
 - **Files** (``.npz``, uncompressed, never pickled; see :mod:`pnv_ros.storage`)
   record the model identity (checkpoint hash), the full preset and input
   size; :meth:`load` memory-maps the patches, so the budget holds after a
@@ -23,6 +28,11 @@ descriptors, the ROS stamp, the image size and an optional position.
   :meth:`snapshot` takes what a save needs in O(keyframes) small copies (for
   use under a lock) and :meth:`MapSnapshot.write` streams the patches to disk
   afterwards, so a save never stacks the map in RAM nor holds a lock for it.
+  Local features are six optional arrays (``local_offsets``, ``local_flags``,
+  ``local_keypoints``, ``local_descriptors``, ``local_rays``, ``local_points``;
+  see :class:`_LocalColumn`): maps written before them (no such arrays) load
+  with no local features, and an older pnv_ros reads a newer map and ignores
+  them, so the file version stays 2.
 """
 
 from __future__ import annotations
@@ -39,6 +49,7 @@ from pnv_ros.config import Preset
 from pnv_ros.errors import MapError, UnknownPlaceError
 from pnv_ros.features import PlaceFeatures, check_fits
 from pnv_ros.index import GlobalIndex
+from pnv_ros.local_features import LocalFeatures
 from pnv_ros.storage import NpzWriter, read_npz
 
 FORMAT = "pnv_ros.place_map"
@@ -148,6 +159,232 @@ class _Column:
         del self.ram[:k]
 
 
+#: One local-feature keypoint as stored in RAM and in the spill file: keypoint (x, y) px, SIFT descriptor, ray,
+#: 3-D point (metres); NaN ray / point where the keyframe has none. 8 + 128 + 12 + 12 = 160 bytes.
+LOCAL_RECORD = np.dtype([("kp", "<f4", (2,)), ("desc", "u1", (128,)), ("ray", "<f4", (3,)), ("pt", "<f4", (3,))])
+#: Per-keyframe flags of the local features (``local_flags`` in the file).
+HAS_LOCAL, HAS_RAYS, HAS_POINTS = 1, 2, 4
+#: The local-feature arrays of a map file: name -> (row shape, dtype); rows are keypoints of all keyframes in id
+#: order, keyframe i's at ``local_offsets[i]:local_offsets[i + 1]``.
+LOCAL_ARRAYS = {
+    "local_keypoints": ((2,), np.dtype("float32")),
+    "local_descriptors": ((128,), np.dtype("uint8")),
+    "local_rays": ((3,), np.dtype("float32")),
+    "local_points": ((3,), np.dtype("float32")),
+}
+
+
+def local_record(local: LocalFeatures | None) -> tuple[int, np.ndarray]:
+    """A keyframe's local features as (flags, read-only records (N,) of :data:`LOCAL_RECORD`).
+
+    Raises MapError: keypoints not (N, 2) finite, descriptors not (N, 128) uint8, rays not (N, 3) finite, points
+    not (N, 3) finite or NaN."""
+    if local is None:
+        return 0, np.empty(0, LOCAL_RECORD)
+    kp, desc = np.asarray(local.keypoints), np.asarray(local.descriptors)
+    n = kp.shape[0] if kp.ndim == 2 else -1
+    if kp.shape != (n, 2) or not np.isfinite(kp).all():
+        raise MapError(f"local keypoints of shape {kp.shape} are not (N, 2) finite pixels")
+    if desc.shape != (n, 128) or desc.dtype != np.uint8:
+        raise MapError(f"local descriptors {desc.shape} {desc.dtype} do not fit {n} keypoints: (N, 128) uint8")
+    rec = np.empty(n, LOCAL_RECORD)
+    rec["kp"], rec["desc"], flags = kp, desc, HAS_LOCAL
+    for name, key, bit in (("rays", "ray", HAS_RAYS), ("points", "pt", HAS_POINTS)):
+        a = getattr(local, name)
+        if a is None:
+            rec[key] = np.nan
+            continue
+        a = np.asarray(a)
+        if a.shape != (n, 3) or np.isinf(a).any() or (name == "rays" and not np.isfinite(a).all()):
+            raise MapError(f"local {name} of shape {a.shape} do not fit {n} keypoints: (N, 3) finite")
+        rec[key], flags = a, flags | bit
+    rec.setflags(write=False)
+    return flags, rec
+
+
+def _unpack(flags: int, kp, desc, rays, pts) -> LocalFeatures | None:
+    if not flags & HAS_LOCAL:
+        return None
+    c = np.ascontiguousarray
+    return LocalFeatures(
+        c(kp, np.float32),
+        c(desc, np.uint8),
+        c(rays, np.float32) if flags & HAS_RAYS else None,
+        c(pts, np.float32) if flags & HAS_POINTS else None,
+    )
+
+
+class _LocalColumn:
+    """Local features of every keyframe: [loaded file | spill file | RAM], in id order, like :class:`_Column`.
+
+    Loaded: the file's four ``local_*`` arrays (memory-mapped) with offsets (nb + 1,) and flags (nb,). Spill:
+    one append-only file of :data:`LOCAL_RECORD` rows (memory-mapped), made at the first keypoint to spill.
+    RAM: (flags, records) per keyframe.
+    """
+
+    def __init__(self) -> None:
+        self.base: dict[str, np.ndarray] = {k: np.empty((0, *r), d) for k, (r, d) in LOCAL_ARRAYS.items()}
+        self.base_offsets, self.base_flags = np.zeros(1, np.int64), np.zeros(0, np.uint8)
+        self.spill: np.ndarray = np.empty(0, LOCAL_RECORD)
+        self.spill_offsets, self.spill_flags = np.zeros(1, np.int64), np.zeros(0, np.uint8)
+        self.spill_path: Path | None = None
+        self.ram: list[tuple[int, np.ndarray]] = []
+
+    def __len__(self) -> int:
+        return len(self.base_flags) + len(self.spill_flags) + len(self.ram)
+
+    @property
+    def ram_bytes(self) -> int:
+        return sum(r.nbytes for _, r in self.ram)
+
+    @property
+    def keypoints(self) -> int:
+        """Keypoints stored, of all keyframes."""
+        return int(self.base_offsets[-1] + self.spill_offsets[-1]) + sum(len(r) for _, r in self.ram)
+
+    def get(self, i: int) -> LocalFeatures | None:
+        nb, ns = len(self.base_flags), len(self.spill_flags)
+        if i < nb:
+            a, b = self.base_offsets[i], self.base_offsets[i + 1]
+            return _unpack(int(self.base_flags[i]), *(self.base[k][a:b] for k in LOCAL_ARRAYS))
+        if i < nb + ns:
+            a, b = self.spill_offsets[i - nb], self.spill_offsets[i - nb + 1]
+            r = self.spill[a:b]
+            return _unpack(int(self.spill_flags[i - nb]), r["kp"], r["desc"], r["ray"], r["pt"])
+        flags, r = self.ram[i - nb - ns]
+        return _unpack(flags, r["kp"], r["desc"], r["ray"], r["pt"])
+
+    def spill_oldest(self, k: int, folder: Path) -> None:
+        """Append the k oldest RAM keyframes' records to the spill file and map it; on error nothing changes."""
+        rows = self.ram[:k]
+        n_new = sum(len(r) for _, r in rows)
+        total = len(self.spill) + n_new
+        if n_new and self.spill_path is None:
+            fd, name = tempfile.mkstemp(dir=folder, prefix="local_features_", suffix=".bin")
+            os.close(fd)
+            self.spill_path = Path(name)
+            weakref.finalize(self, _unlink, self.spill_path)
+        mapped = self.spill
+        if n_new:
+            size = self.spill_path.stat().st_size
+            try:
+                with open(self.spill_path, "ab") as f:
+                    for _, r in rows:
+                        f.write(memoryview(np.ascontiguousarray(r)).cast("B"))
+                mapped = np.memmap(self.spill_path, dtype=LOCAL_RECORD, mode="r", shape=(total,))
+            except BaseException:
+                try:
+                    os.truncate(self.spill_path, size)
+                except OSError:
+                    pass
+                raise
+        counts = np.array([len(r) for _, r in rows], np.int64)
+        self.spill_offsets = np.concatenate([self.spill_offsets, self.spill_offsets[-1] + np.cumsum(counts)])
+        self.spill_flags = np.concatenate([self.spill_flags, np.array([f for f, _ in rows], np.uint8)])
+        self.spill = mapped
+        del self.ram[:k]
+
+    def snapshot(self, n: int) -> _LocalSnapshot:
+        """What a save of the first n keyframes needs: small copies, references to immutable rows."""
+        return _LocalSnapshot(
+            dict(self.base),
+            self.base_offsets.copy(),
+            self.base_flags.copy(),
+            self.spill,
+            self.spill_offsets.copy(),
+            self.spill_flags.copy(),
+            list(self.ram),
+            n,
+        )
+
+    def load(self, path: Path, data: dict[str, np.ndarray], count: int) -> None:
+        """Take a map file's local arrays (none: no keyframe has local features). Raises MapError when they are
+        partial, of the wrong shape or dtype, inconsistent with each other or hold impossible values."""
+        names = ["local_offsets", "local_flags", *LOCAL_ARRAYS]
+        have = [k for k in names if k in data]
+        if not have:
+            self.base_offsets, self.base_flags = np.zeros(count + 1, np.int64), np.zeros(count, np.uint8)
+            return
+        if len(have) != len(names):
+            raise MapError(
+                f"map file {path} has {', '.join(have)} but lacks {', '.join(sorted(set(names) - set(have)))}"
+            )
+        off, flags = data["local_offsets"], data["local_flags"]
+        if (
+            off.shape != (count + 1,)
+            or off.dtype.kind not in "iu"
+            or flags.shape != (count,)
+            or flags.dtype != np.uint8
+        ):
+            raise MapError(
+                f"map file {path}: local_offsets {off.shape} {off.dtype} / local_flags {flags.shape} {flags.dtype} "
+                f"do not fit {count} keyframes ((count + 1,) integers, (count,) uint8)"
+            )
+        off, flags = np.asarray(off, np.int64), np.asarray(flags, np.uint8)
+        total = len(data["local_keypoints"])
+        counts = np.diff(off)
+        if off[0] != 0 or (counts < 0).any() or off[-1] != total:
+            raise MapError(f"map file {path}: local_offsets are not 0 .. {total} in ascending order")
+        without = (flags & HAS_LOCAL) == 0
+        if (flags & ~np.uint8(HAS_LOCAL | HAS_RAYS | HAS_POINTS)).any() or (
+            without & ((counts > 0) | (flags > 0))
+        ).any():
+            raise MapError(f"map file {path}: local_flags hold unknown bits or keypoints of a keyframe without them")
+        for k, (row, dtype) in LOCAL_ARRAYS.items():
+            a = data[k]
+            if a.shape != (total, *row) or a.dtype != dtype:
+                raise MapError(f"map file {path}: '{k}' is {a.shape} {a.dtype}, expected {(total, *row)} {dtype}")
+        rays_kept = np.repeat(flags & HAS_RAYS > 0, counts)
+        if not np.isfinite(data["local_keypoints"]).all() or not np.isfinite(data["local_rays"][rays_kept]).all():
+            raise MapError(f"map file {path}: local keypoints or rays hold NaN or infinity")
+        if np.isinf(data["local_points"]).any():
+            raise MapError(f"map file {path}: local points hold infinity")
+        self.base = {k: data[k] for k in LOCAL_ARRAYS}
+        self.base_offsets, self.base_flags = off, flags
+
+
+@dataclass
+class _LocalSnapshot:
+    """The local features of a map snapshot; :meth:`write` streams them into its file."""
+
+    base: dict[str, np.ndarray]
+    base_offsets: np.ndarray
+    base_flags: np.ndarray
+    spill: np.ndarray
+    spill_offsets: np.ndarray
+    spill_flags: np.ndarray
+    ram: list[tuple[int, np.ndarray]]
+    n: int
+
+    def _parts(self) -> tuple[np.ndarray, np.ndarray, int, int, int]:
+        nb, ns = len(self.base_flags), len(self.spill_flags)
+        kb, ks, kr = min(self.n, nb), min(max(self.n - nb, 0), ns), max(self.n - nb - ns, 0)
+        counts = np.concatenate(
+            [np.diff(self.base_offsets)[:kb], np.diff(self.spill_offsets)[:ks], [len(r) for _, r in self.ram[:kr]]]
+        ).astype(np.int64)
+        flags = np.concatenate([self.base_flags[:kb], self.spill_flags[:ks], [f for f, _ in self.ram[:kr]]])
+        return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), flags.astype(np.uint8), kb, ks, kr
+
+    def write(self, w: NpzWriter) -> None:
+        offsets, flags, kb, ks, kr = self._parts()
+        w.add("local_offsets", offsets)
+        w.add("local_flags", flags)
+        fields = {"local_keypoints": "kp", "local_descriptors": "desc", "local_rays": "ray", "local_points": "pt"}
+        for k, (row, dtype) in LOCAL_ARRAYS.items():
+            f = fields[k]
+            blocks = [
+                *_blocks(self.base[k], int(self.base_offsets[kb])),
+                *_blocks(self.spill[f], int(self.spill_offsets[ks])),
+                *(r[f] for _, r in self.ram[:kr]),
+            ]
+            w.add_blocks(k, (int(offsets[-1]), *row), dtype, blocks)
+
+
+def _blocks(a: np.ndarray, n: int, block: int = 1 << 16):
+    """The first n rows of a in blocks of at most ``block`` rows."""
+    return (a[i : min(n, i + block)] for i in range(0, n, block))
+
+
 class PlaceMap:
     """Incremental keyframe map. Ids are 0, 1, 2, ... in insertion order.
 
@@ -158,9 +395,10 @@ class PlaceMap:
         index_kind: 'flat' (exact) or 'hnsw' (see :class:`GlobalIndex`).
         patch_dtype: float16 (default: half the memory; re-ranking decisions on
             the RTAB-Map loop unchanged, see test/test_place_map.py) or float32.
-        memory_budget_mb: patch MB kept in RAM (0 = no limit); beyond it the
-            oldest keyframes' patches go to memory-mapped spill files in
-            ``spill_dir`` (a temp folder by default), one per scale.
+        memory_budget_mb: MB of patches and local features kept in RAM (0 = no
+            limit); beyond it the oldest keyframes' patches and local features go
+            to memory-mapped spill files in ``spill_dir`` (a temp folder by
+            default), one per scale and one for local features.
 
     Not thread-safe: one owner (the detector) serialises calls.
     """
@@ -188,11 +426,13 @@ class PlaceMap:
         self._cols = [
             _Column(preset.num_patches(s), self.dim, self.patch_dtype) for s in range(len(preset.patch_sizes))
         ]
+        self._local = _LocalColumn()
         self._n = 0
         self._stamps = np.zeros(0, np.int64)
         self._positions = np.zeros((0, 3), np.float64)
         self._sizes = np.zeros((0, 2), np.int64)
-        self.ram_patch_bytes = 0
+        self.ram_patch_bytes = 0  # RAM bytes of the stored patches (the loaded and spilled ones are on disk)
+        self.ram_local_bytes = 0  # RAM bytes of the stored local features; the budget holds for the two together
         self.spill_failures = 0
         self.trouble: str | None = None  # the store's problem now (a spill failing), for diagnostics
 
@@ -215,7 +455,7 @@ class PlaceMap:
 
     @property
     def keyframes_on_disk(self) -> int:
-        """Keyframes whose patches are memory-mapped (loaded or spilled), not in RAM."""
+        """Keyframes whose patches (and local features) are memory-mapped (loaded or spilled), not in RAM."""
         c = self._cols[0]
         return len(c.base) + len(c.spill)
 
@@ -223,21 +463,25 @@ class PlaceMap:
     def add(self, features: PlaceFeatures, stamp_ns: int, position: np.ndarray | None = None) -> int:
         """Store a keyframe; returns its id. All or nothing: on any error the map is unchanged.
 
-        features: global (D,), patches per scale (P_s, D); position: (3,) or None.
-        Raises MapError when the features do not fit this map.
+        features: global (D,), patches per scale (P_s, D), optional local features (``features.local``: keypoints
+        (N, 2), descriptors (N, 128) uint8, rays (N, 3) or None, points (N, 3) or None; stored as copies);
+        position: (3,) or None. Raises MapError when the features do not fit this map.
         """
         glob = self.check_fits(features)
         patches = [np.array(p, dtype=self.patch_dtype, order="C", copy=True) for p in features.patches]
+        local = local_record(features.local)
         pos = np.full(3, np.nan) if position is None else np.asarray(position, np.float64).reshape(3)
         size = np.asarray(features.image_size, np.int64).reshape(2)
         self._reserve(self._n + 1)
         self.index.add(glob)  # the last step that can fail; everything after it cannot
         for c, p in zip(self._cols, patches):
             c.ram.append(p)
+        self._local.ram.append(local)
         i = self._n
         self._stamps[i], self._positions[i], self._sizes[i] = int(stamp_ns), pos, size
         self._n = i + 1
         self.ram_patch_bytes += sum(p.nbytes for p in patches)
+        self.ram_local_bytes += local[1].nbytes
         self._enforce_budget()
         if check_invariants_enabled():
             self.check()
@@ -273,17 +517,21 @@ class PlaceMap:
         self._stamps, self._positions, self._sizes = stamps, pos, sizes
 
     def _enforce_budget(self) -> None:
-        """Move the oldest RAM keyframes' patches to the spill files; a failure keeps them in RAM."""
-        if not self.memory_budget or self.ram_patch_bytes <= self.memory_budget:
+        """Move the oldest RAM keyframes' patches and local features to the spill files; a failure keeps them in
+        RAM."""
+        ram = self.ram_patch_bytes + self.ram_local_bytes
+        if not self.memory_budget or ram <= self.memory_budget:
             return
+        cols = [*self._cols, self._local]
+        ram_rows = min(len(c.ram) for c in cols)
         per_kf = sum(c.p * c.d for c in self._cols) * self.patch_dtype.itemsize  # RAM rows are patch_dtype
-        ram_rows = min(len(c.ram) for c in self._cols)
-        keep = ram_rows - min(ram_rows - 1, max(SPILL_BATCH, -(-(self.ram_patch_bytes - self.memory_budget) // per_kf)))
+        per_kf += self.ram_local_bytes // max(1, len(self._local.ram))  # the mean of the RAM keyframes
+        keep = ram_rows - min(ram_rows - 1, max(SPILL_BATCH, -(-(ram - self.memory_budget) // per_kf)))
         if keep >= ram_rows:
             return
         try:
             folder = self._spill_folder()
-            for c in self._cols:  # a column left longer by an earlier failed try catches up here
+            for c in cols:  # a column left longer by an earlier failed try catches up here
                 if len(c.ram) > keep:
                     c.spill_oldest(len(c.ram) - keep, folder)
             self.trouble = None  # recovered (disk space freed): the failures stay counted
@@ -292,6 +540,7 @@ class PlaceMap:
             self.trouble = f"patch spill to disk failed ({type(e).__name__}: {e}); keeping them in RAM"
         finally:
             self.ram_patch_bytes = sum(r.nbytes for c in self._cols for r in c.ram)
+            self.ram_local_bytes = self._local.ram_bytes
 
     def _spill_folder(self) -> Path:
         if self._spill_dir is None:
@@ -306,6 +555,7 @@ class PlaceMap:
         lens = {
             "faiss": len(self.index),
             **{f"patches_p{s}": len(c) for s, c in zip(self.preset.patch_sizes, self._cols)},
+            "local_features": len(self._local),
         }
         bad = {k: v for k, v in lens.items() if v != n}
         if bad or len(self._stamps) < n:
@@ -324,16 +574,23 @@ class PlaceMap:
         i = self._check_id(kf_id)
         return [c.row(i) for c in self._cols]
 
+    def local_features(self, kf_id: int) -> LocalFeatures | None:
+        """A keyframe's local features (contiguous copies, safe to use outside the owner's lock), or None when it
+        has none (added without, or from a map written before local features). Raises UnknownPlaceError."""
+        return self._local.get(self._check_id(kf_id))
+
     def image_size(self, kf_id: int) -> tuple[int, int]:
         """(width, height) of a keyframe's original image. Raises UnknownPlaceError."""
         i = self._check_id(kf_id)
         return int(self._sizes[i, 0]), int(self._sizes[i, 1])
 
     def get(self, kf_id: int) -> Keyframe:
-        """One keyframe (global descriptor from the index). Raises UnknownPlaceError."""
+        """One keyframe (global descriptor from the index, local features copied). Raises UnknownPlaceError."""
         i = self._check_id(kf_id)
         pos = self._positions[i]
-        f = PlaceFeatures(self.index.reconstruct(i), [c.row(i) for c in self._cols], self.image_size(i))
+        f = PlaceFeatures(
+            self.index.reconstruct(i), [c.row(i) for c in self._cols], self.image_size(i), self._local.get(i)
+        )
         return Keyframe(i, int(self._stamps[i]), f, None if np.isnan(pos).any() else pos.copy())
 
     def by_stamp(self, stamp_ns: int, tolerance_ns: int = 1_000_000) -> Keyframe:
@@ -347,10 +604,12 @@ class PlaceMap:
         raise UnknownPlaceError(f"no keyframe with stamp {stamp_ns / 1e9:.6f} s (within {tolerance_ns / 1e6:g} ms)")
 
     def nbytes_per_keyframe(self) -> float:
-        """Bytes one keyframe takes: global float32 + patches at patch_dtype + stamp."""
+        """Bytes one keyframe takes: global float32 + patches at patch_dtype + stamp + the mean of its local
+        features (:data:`LOCAL_RECORD`, 160 bytes a keypoint)."""
         if not self._n:
             return 0.0
-        return float(self.dim * 4 + sum(c.p * c.d for c in self._cols) * self.patch_dtype.itemsize + 8)
+        local = self._local.keypoints * LOCAL_RECORD.itemsize / self._n
+        return float(self.dim * 4 + sum(c.p * c.d for c in self._cols) * self.patch_dtype.itemsize + 8) + local
 
     # -- persistence ----------------------------------------------------------------------
     def snapshot(self) -> MapSnapshot:
@@ -379,6 +638,7 @@ class PlaceMap:
             list(self.preset.patch_sizes),
             [(c.p, c.d) for c in self._cols],
             self.patch_dtype,
+            self._local.snapshot(n),
         )
 
     def save(self, path: str | Path) -> None:
@@ -489,6 +749,7 @@ class PlaceMap:
         m._sizes[:count] = np.asarray(data["image_sizes"], np.int64)
         for c, size in zip(m._cols, preset.patch_sizes):
             c.base = data[f"patches_p{size}"]
+        m._local.load(path, data, count)
         # One add for all: an HNSW graph is rebuilt, not stored (0.14 ms a keyframe at 100k;
         # benchmarks/scale_index.py --one-at-a-time measured the same one by one).
         m.index.add(glob)
@@ -498,12 +759,12 @@ class PlaceMap:
 
 
 def _patch_keys(path: Path) -> list[str]:
-    """Names of the patch arrays in a map file, to memory-map (unknown names are harmless)."""
+    """Names of the patch and local-feature arrays in a map file, to memory-map (unknown names are harmless)."""
     import zipfile
 
     try:
         with zipfile.ZipFile(path) as z:
-            return [n[:-4] for n in z.namelist() if n.startswith("patches_p")]
+            return [n[:-4] for n in z.namelist() if n.startswith("patches_p") or n[:-4] in LOCAL_ARRAYS]
     except (OSError, zipfile.BadZipFile):
         return []
 
@@ -521,6 +782,7 @@ class MapSnapshot:
     patch_sizes: list[int]
     shapes: list[tuple[int, int]] = field(default_factory=list)
     patch_dtype: np.dtype = field(default_factory=lambda: np.dtype("float16"))
+    local: _LocalSnapshot | None = None
 
     def write(self, path: str | Path) -> None:
         """Write atomically (temp file, fsync, rename); patches streamed segment by segment.
@@ -536,6 +798,8 @@ class MapSnapshot:
             w.add("positions", self.positions)
             for size, (p, d), segs in zip(self.patch_sizes, self.shapes, self.segments):
                 w.add_blocks(f"patches_p{size}", (n, p, d), self.patch_dtype, _rows(segs, n))
+            if self.local is not None:
+                self.local.write(w)
 
 
 def _rows(segments: list[np.ndarray], n: int, block: int = 16):

@@ -51,6 +51,7 @@ def test_help_listing_and_input_errors_answer_without_torch(tmp_path: Path) -> N
         (["extract", "--checkpoint", missing, "--out", str(tmp_path / "x.npz"), frame], 1),
         (["match", "--db", missing, "--queries", missing, "--out", str(folder)], 1),
         (["match-two", frame, frame, "--out", str(folder)], 1),
+        (["match-two", frame, frame, "--camera", missing, "--json"], 1),
         (["bench", frame, "--out", str(folder)], 1),
         (["eval", missing, "--gt", missing, "--out", str(tmp_path / "run")], 1),
         (["match", "--db", missing, "--queries", missing, "--top-n", "0"], 2),
@@ -551,3 +552,71 @@ def test_an_abbreviation_of_one_setting_under_two_names_is_that_setting() -> Non
     assert (args.min_travel_m, args.min_interval_s) == (1.5, 2.0)
     with pytest.raises(SystemExit):
         p.parse_args([*base, "--min-t", "1"])  # --min-travel-m or --min-texture
+
+
+# -- match-two's relative pose ----------------------------------------------------------------------------------
+TUM = RTAB.parent.parent / "tum_fr1_desk_pairs"
+#: a revisit of pairs.txt (camera centres within 0.5 m and 20 deg) whose patch score passes min_score
+TUM_QUERY, TUM_MATCH = "1305031468.727785", "1305031454.459913"
+
+
+def _tum_depth(rgb_stamp: str) -> str:
+    """associations.txt's depth PNG of a colour frame."""
+    for line in (TUM / "associations.txt").read_text().splitlines():
+        f = line.split()
+        if f and f[0] == rgb_stamp:
+            return str(TUM / f[3])
+    raise AssertionError(rgb_stamp)
+
+
+@pytest.mark.slow
+def test_match_two_json_pose_with_and_without_depth() -> None:
+    """fr1/desk's camera (raw images: K and D) and its registered depth (5000 units a metre): METRIC with depth,
+    a monocular type without; one JSON object on stdout; parent = IMAGE_A (the query)."""
+    a, b = (str(TUM / "rgb" / f"{s}.jpg") for s in (TUM_QUERY, TUM_MATCH))
+    cam = ["--camera", str(TUM / "camera.yaml")]
+    depth = ["--depth", _tum_depth(TUM_QUERY), _tum_depth(TUM_MATCH), "--depth-scale", "5000"]
+    r = run("match-two", "-q", a, b, *cam, *depth, "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    rp = out["relative_pose"]
+    assert out["score"] >= 0.12 and rp["type"] == "METRIC", out
+    t = np.array(rp["translation"])
+    assert 0 < np.linalg.norm(t) < 1.0 and "direction" not in rp  # a revisit: centres within 0.5 m
+    assert np.linalg.norm(rp["rotation_xyzw"]) == pytest.approx(1.0)
+    assert np.shape(rp["rotation_covariance"]) == np.shape(rp["translation_covariance"]) == (3, 3)
+    c = np.reshape(rp["covariance"], (6, 6))
+    assert np.allclose(c[:3, :3], rp["rotation_covariance"]) and np.allclose(c[3:, 3:], rp["translation_covariance"])
+    assert rp["inliers"] >= 20
+    r = run("match-two", "-q", a, b, *cam, "--json")
+    assert r.returncode == 0, r.stderr
+    mono = json.loads(r.stdout)["relative_pose"]
+    assert mono["type"] in ("ROTATION_AND_DIRECTION", "ROTATION_ONLY") and "translation" not in mono, mono
+    assert len(mono["covariance"]) == (25 if mono["type"] == "ROTATION_AND_DIRECTION" else 9)
+    if mono["type"] == "ROTATION_AND_DIRECTION":
+        assert np.linalg.norm(mono["direction"]) == pytest.approx(1.0)
+    r = run("match-two", "-q", a, b, *cam, *depth)  # for a person: the pose too
+    assert r.returncode == 0 and "relative pose (parent = IMAGE_A, child = IMAGE_B): METRIC" in r.stdout, r.stdout
+
+
+def test_match_two_bad_camera_or_depth_is_one_error_line(tmp_path: Path) -> None:
+    """A missing, corrupt or mis-sized depth image, a camera YAML that is none, --depth without --camera: one
+    ``error:`` line, exit 1 (before any model loads: no checkpoint is needed to say so)."""
+    a, b = (str(TUM / "rgb" / f"{s}.jpg") for s in (TUM_QUERY, TUM_MATCH))
+    cam = str(TUM / "camera.yaml")
+    da, db = _tum_depth(TUM_QUERY), _tum_depth(TUM_MATCH)
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(Path(da).read_bytes()[:200])
+    notyaml = tmp_path / "camera.yaml"
+    notyaml.write_text("camera_matrix: {data: [1, 2]}\n")
+    missing = str(tmp_path / "missing.png")
+    nope = ["--checkpoint", str(tmp_path / "no_model.pth")]
+    for args, msg in (
+        (["--camera", cam, "--depth", missing, db], "no such depth image"),
+        (["--camera", cam, "--depth", str(corrupt), db], "cannot read it as an image"),
+        (["--camera", cam, "--depth", a, db], "one channel of 16-bit"),  # a colour JPEG as depth
+        (["--camera", str(notyaml)], "not a camera_info YAML"),
+        (["--camera", str(tmp_path / "none.yaml")], "not a camera_info YAML"),
+        (["--depth", da, db], "--depth needs --camera"),
+    ):
+        _one_error_line(run("match-two", *nope, a, b, *args, "--json"), msg)

@@ -38,7 +38,7 @@ RTAB = REPO / "data" / "rtabmap_samples_loop84" / "images"
 #: launch's timeouts as the launch files declare them (test_packaging checks the two files agree)
 SIGTERM_TIMEOUT, SIGKILL_TIMEOUT = 60, 240  # seconds
 TIMEOUTS_LINE = "launch timeouts: sigterm_timeout={} sigkill_timeout={}"
-NAMESPACE, IMAGE = "/robot1", "/cameras/front/image_rect"
+NAMESPACE, IMAGE, DEPTH = "/robot1", "/cameras/front/image_rect", "/cameras/front/depth_registered/image_rect"
 FRAMES = (1, 20, 40)  # RTAB-Map frames that differ enough to be keyframes without odometry
 
 
@@ -154,7 +154,8 @@ def _start_launch(launch_file: Path, params: Path, log: Path) -> subprocess.Pope
     # launch and launch_ros find themselves and pnv_ros (share/, lib/pnv_ros) through the ament index
     env["AMENT_PREFIX_PATH"] = os.pathsep.join(p for p in (sys.prefix, env.get("AMENT_PREFIX_PATH")) if p)
     env["PYTHONUNBUFFERED"] = "1"
-    args = [f"namespace:={NAMESPACE.strip('/')}", f"image:={IMAGE}", f"params_file:={params}"]
+    args = [f"namespace:={NAMESPACE.strip('/')}", f"image:={IMAGE}", f"params_file:={params}", f"depth:={DEPTH}"]
+    args.append("image_rectified:=true")  # an image_rect topic: camera_info's P, no distortion
     with log.open("w") as out:  # a file, not a pipe: nothing blocks on a full pipe while the node logs
         return subprocess.Popen(
             [sys.executable, __file__, str(launch_file), *args],
@@ -229,12 +230,12 @@ def test_launch_file_runs_the_node(ros: Node, tmp_path: Path, launch_file: str) 
             return IMAGE in subs
 
         assert _spin_until(ros, subscribed, 30, proc, log), subs
-        assert subs[IMAGE] == ["sensor_msgs/msg/Image"]
+        assert subs[IMAGE] == ["sensor_msgs/msg/Image"] and subs.get(DEPTH) == ["sensor_msgs/msg/Image"], subs
         assert f"{NAMESPACE}/camera_info" in subs and f"{NAMESPACE}/odom" in subs, subs
         assert f"{NAMESPACE}/image" not in subs
-        # -- parameters: the file's, and the launch arguments' (preset, compressed) over it ---------
-        got = _get_parameters(ros, [*mine, "preset", "compressed"], proc, log)
-        assert got == {**mine, "preset": "speed", "compressed": False}
+        # -- parameters: the file's, and the launch arguments' (preset, compressed, image_rectified) over it --
+        got = _get_parameters(ros, [*mine, "preset", "compressed", "image_rectified"], proc, log)
+        assert got == {**mine, "preset": "speed", "compressed": False, "image_rectified": True}
         assert _feed_frames(ros, proc, log) == [0, 1, 2]
         # -- Ctrl-C: SIGINT to the launch's process group ------------------------------------
         t0 = time.monotonic()

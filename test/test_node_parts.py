@@ -20,6 +20,73 @@ from pnv_ros.ros.map_files import MapFiles
 from pnv_ros.ros.odometry import OdometryBuffer, valid_pose
 
 
+# -- conversions (pnv_ros.ros.conversions: needs the built messages, not rclpy) ---------------------------------
+def _pose(kind: int):
+    """A RelativePose of each type as pnv_ros.loop_pose builds them (values made up, shapes and conventions real)."""
+    from scipy.spatial.transform import Rotation
+
+    from pnv_ros.geometry import PoseType, RelativePose, tangent_basis
+
+    r = Rotation.from_rotvec([0.1, -0.2, 0.05]).as_matrix()
+    n = {PoseType.ROTATION_ONLY: 3, PoseType.ROTATION_AND_DIRECTION: 5, PoseType.METRIC: 6}[PoseType(kind)]
+    a = np.arange(1.0, n * n + 1).reshape(n, n) / 100.0
+    cov = a @ a.T + np.eye(n) * 1e-3  # symmetric positive definite, every entry different
+    t = np.array([0.3, -0.1, 0.2]) if kind == PoseType.METRIC else None
+    d = (
+        np.zeros(3)
+        if kind == PoseType.ROTATION_ONLY
+        else np.array([0.6, 0.0, 0.8])
+        if t is None
+        else t / np.linalg.norm(t)
+    )
+    b = np.zeros((3, 2)) if kind == PoseType.ROTATION_ONLY else tangent_basis(d)
+    dcov = b @ cov[3:5, 3:5] @ b.T if kind == PoseType.ROTATION_AND_DIRECTION else np.zeros((3, 3))
+    tcov = cov[3:, 3:] if kind == PoseType.METRIC else None
+    return RelativePose(r, d, cov[:3, :3], dcov, 57, 0.8, cov, b, 0.9, 12.0, PoseType(kind), t, tcov)
+
+
+@pytest.mark.parametrize("kind", [1, 2, 3])
+def test_relative_pose_msg_for_each_type(kind: int) -> None:
+    from pnv_ros.msg import RelativePose as Msg
+    from scipy.spatial.transform import Rotation
+
+    from pnv_ros.ros.conversions import relative_pose_msg
+
+    rp = _pose(kind)
+    m = relative_pose_msg(rp, "cam_q", "cam_m")
+    assert m.type == kind and (m.parent_frame_id, m.child_frame_id) == ("cam_q", "cam_m")
+    q = [m.rotation.x, m.rotation.y, m.rotation.z, m.rotation.w]
+    assert np.allclose(Rotation.from_quat(q).as_matrix(), rp.rotation)
+    n = {Msg.ROTATION_ONLY: 3, Msg.ROTATION_AND_DIRECTION: 5, Msg.METRIC: 6}[kind]
+    assert len(m.covariance) == n * n and np.array_equal(np.reshape(m.covariance, (n, n)), rp.covariance)
+    assert np.array_equal(np.reshape(m.rotation_covariance, (3, 3)), rp.covariance[:3, :3])
+    assert np.allclose([m.direction.x, m.direction.y, m.direction.z], rp.direction)
+    assert np.allclose(np.reshape(m.direction_covariance, (3, 3)), rp.direction_covariance)
+    t = [m.translation.x, m.translation.y, m.translation.z]
+    if kind == Msg.METRIC:
+        assert np.allclose(t, [0.3, -0.1, 0.2]) and np.array_equal(
+            np.reshape(m.translation_covariance, (3, 3)), rp.covariance[3:, 3:]
+        )
+    else:
+        assert t == [0.0, 0.0, 0.0] and not any(m.translation_covariance)
+    assert m.inliers == 57 and abs(m.rms_error_px - 0.8) < 1e-6
+
+
+def test_relative_pose_msg_none_and_a_covariance_of_the_wrong_size() -> None:
+    import dataclasses
+
+    from pnv_ros.msg import RelativePose as Msg
+
+    from pnv_ros.geometry import PoseType
+    from pnv_ros.ros.conversions import relative_pose_msg
+
+    m = relative_pose_msg(None, "a", "b")
+    assert m.type == Msg.NONE and len(m.covariance) == 0 and m.rotation.w == 1.0 and not any(m.rotation_covariance)
+    assert Msg.NONE == PoseType.NONE and Msg.METRIC == PoseType.METRIC and Msg.ROTATION_ONLY == PoseType.ROTATION_ONLY
+    with pytest.raises(ValueError, match="METRIC pose has a \\(6, 6\\)"):
+        relative_pose_msg(dataclasses.replace(_pose(PoseType.METRIC), covariance=np.eye(5)), "a", "b")
+
+
 # -- odometry ----------------------------------------------------------------------------------------------------
 def test_a_frame_waits_for_the_odometry_of_its_instant() -> None:
     """The worker can take a frame before the odometry published with it: the pose from before the robot
@@ -220,17 +287,40 @@ def test_camera_matrix_from_camera_info() -> None:
     assert is_camera_matrix(np.reshape(K, (3, 3))) and not is_camera_matrix(np.zeros((3, 3)))
     cam = CameraMatrix()
     assert cam.for_sizes((512, 384)) == (None, False, None)
-    assert cam.update(P_RECT, K, 512, 384) == (True, None)
+    assert cam.update(P_RECT, K, 512, 384, rectified=True) == (True, None)
     m, other, warning = cam.for_sizes((512, 384))
-    assert m is not None and m[0, 0] == 410.0 and not other and warning is None  # P (rectified) before K
-    assert cam.update([0.0] * 12, K, 0, 0) == (True, None)  # P empty: K; no size given: any size
-    assert cam.for_sizes((10, 10))[0][0, 0] == 400.0
+    assert m is not None and m.matrix[0, 0] == 410.0 and not other and warning is None  # P (rectified) before K
+    assert cam.update([0.0] * 12, K, 0, 0, rectified=True) == (True, None)  # P empty: K; no size given: any size
+    assert cam.for_sizes((10, 10))[0].matrix[0, 0] == 400.0
     bad = [400.0, 0.0, float("nan"), 0.0, 400.0, 192.0, 0.0, 0.0, 1.0]
     ok, warning = cam.update([0.0] * 12, bad, 512, 384)
     assert not ok and warning and "camera_info ignored" in warning and cam.for_sizes((512, 384))[0] is None
     assert cam.update([0.0] * 12, bad, 512, 384) == (False, None)  # said once
     cam.update(P_RECT, K, 512, 384)
     assert cam.update([0.0] * 12, bad, 512, 384)[1] is not None  # again after a good one
+
+
+def test_raw_images_take_k_and_d_rectified_ones_p() -> None:
+    """image_rectified false (raw images): K and D, so the distortion moves keypoints; true: P, D ignored.
+    fr1/desk's camera (data/tum_fr1_desk_pairs/camera.yaml): k1 0.2624 moves a corner pixel by pixels."""
+    import yaml
+
+    y = yaml.safe_load((Path(__file__).parent.parent / "data" / "tum_fr1_desk_pairs" / "camera.yaml").read_text())
+    k, d, p = y["camera_matrix"]["data"], y["distortion_coefficients"]["data"], y["projection_matrix"]["data"]
+    cam = CameraMatrix()
+    assert cam.update(p, k, 640, 480, d, "plumb_bob") == (True, None)
+    raw = cam.for_sizes((640, 480))[0]
+    assert raw.distorted and np.allclose(raw.matrix.ravel(), k) and raw.size == (640, 480)
+    corner = np.array([[5.0, 5.0]])
+    assert np.linalg.norm(raw.undistort(corner) - corner) > 5.0  # D applied
+    assert cam.update(p, k, 640, 480, d, "plumb_bob", rectified=True) == (True, None)
+    rect = cam.for_sizes((640, 480))[0]
+    assert not rect.distorted and np.allclose(rect.matrix, np.reshape(p, (3, 4))[:, :3])
+    assert np.allclose(rect.undistort(corner), corner)
+    ok, warning = cam.update(p, k, 640, 480, d, "fisheye_of_my_own")  # a model not applied, D not zero
+    assert not ok and "camera_info ignored" in warning and "fisheye_of_my_own" in warning
+    assert cam.update(P_RECT, [0.0] * 9, 512, 384, [0.0] * 5, "plumb_bob") == (True, None)  # K empty, no D: P
+    assert cam.for_sizes((512, 384))[0].matrix[0, 0] == 410.0
 
 
 def test_camera_matrix_only_for_its_image_size() -> None:
@@ -242,3 +332,64 @@ def test_camera_matrix_only_for_its_image_size() -> None:
     assert cam.for_sizes((512, 384)) == (None, True, None)  # said once per size
     assert cam.for_sizes((1024, 768), (1024, 768))[0] is not None
     assert cam.for_sizes((1024, 768), (640, 480))[0] is None  # every size given must be camera_info's
+
+
+# -- depth -------------------------------------------------------------------------------------------------------
+def _depth_msg(arr: np.ndarray, encoding: str, big_endian: bool = False):
+    """An object with sensor_msgs/Image's fields (what the node hands DepthInput)."""
+    from types import SimpleNamespace
+
+    a = arr.astype(arr.dtype.newbyteorder(">" if big_endian else "<"))
+    return SimpleNamespace(
+        height=a.shape[0],
+        width=a.shape[1],
+        encoding=encoding,
+        is_bigendian=int(big_endian),
+        step=a.shape[1] * a.itemsize,
+        data=a.tobytes(),
+    )
+
+
+def test_depth_pairs_by_stamp_and_skips_bad_depth() -> None:
+    """fr1/desk's registered depth (16-bit PNG, 5000 units a metre) as 16UC1 and as 32FC1 metres: paired with
+    the frame nearest its stamp within the tolerance; bad depth is a counted skip with one warning a kind."""
+    import cv2
+
+    from pnv_ros.ros.depth import DepthInput
+
+    tum = Path(__file__).parent.parent / "data" / "tum_fr1_desk_pairs"
+    png = cv2.imread(str(next((tum / "depth").glob("*.png"))), cv2.IMREAD_UNCHANGED)
+    assert png.dtype == np.uint16 and png.shape == (480, 640)
+    ms, shape = 1_000_000, (480, 640, 3)
+    inp = DepthInput(scale=5000.0)
+    assert inp.for_frame(0, 20 * ms, shape).skip is None and inp.for_frame(0, 20 * ms, shape).depth_m is None
+    inp.add(1000 * ms, _depth_msg(png, "16UC1", big_endian=True))
+    metres = png.astype(np.float32) / 5000
+    metres[png == 0] = np.nan
+    inp.add(1100 * ms, _depth_msg(metres, "32FC1"))
+    a = inp.for_frame(1010 * ms, 20 * ms, shape)  # the 16UC1 one, 10 ms away
+    want = np.where(png > 0, png / 5000.0, np.nan)
+    assert a.skip is None and np.allclose(a.depth_m, want, equal_nan=True)
+    b = inp.for_frame(1095 * ms, 20 * ms, shape)  # the 32FC1 one
+    assert b.skip is None and np.allclose(b.depth_m, want, equal_nan=True, atol=1e-6)
+    c = inp.for_frame(1050 * ms, 20 * ms, shape)  # 50 ms from either
+    assert c.depth_m is None and c.skip == "depth_unmatched" and c.warning
+    bad = (
+        ("depth_empty", _depth_msg(np.full((480, 640), np.nan, np.float32), "32FC1")),
+        ("depth_empty", _depth_msg(np.zeros((480, 640), np.uint16), "16UC1")),
+        ("depth_size", _depth_msg(png[:240, :320], "16UC1")),
+        ("depth_encoding", _depth_msg(np.zeros((480, 640, 3), np.uint8).reshape(480, -1), "rgb8")),
+    )
+    warnings = []
+    for i, (kind, msg) in enumerate(bad):
+        inp.add((2000 + 100 * i) * ms, msg)
+        r = inp.for_frame((2000 + 100 * i) * ms, 20 * ms, shape)
+        assert r.depth_m is None and r.skip == kind, (kind, r)
+        warnings.append(r.warning)
+    assert warnings[0] and warnings[1] is None and warnings[2] and warnings[3]  # once per kind
+    assert "rgb8" in warnings[3] and "320 x 240" in warnings[2]
+    assert inp.counts["depth_empty"] == 2 and inp.counts["depth_size"] == inp.counts["depth_encoding"] == 1
+    msg = _depth_msg(png, "16UC1")
+    msg.data = msg.data[:1000]
+    inp.add(3000 * ms, msg)
+    assert inp.for_frame(3000 * ms, 20 * ms, shape).skip == "depth_malformed"

@@ -35,6 +35,8 @@ LAUNCH_DEFAULTS = {  # argument -> default value as the node receives it ('' = e
     "compressed_image": "image/compressed",
     "camera_info": "camera_info",
     "odom": "odom",
+    "depth": "depth",
+    "image_rectified": "false",
     "compressed": "false",
     "use_sim_time": "false",
     "preset": "speed",
@@ -43,8 +45,14 @@ LAUNCH_DEFAULTS = {  # argument -> default value as the node receives it ('' = e
     "checkpoint": "",
 }
 LAUNCH_ARGS = {*LAUNCH_DEFAULTS, "params_file"}
-LAUNCH_REMAPS = {"image": "image", "image/compressed": "compressed_image", "camera_info": "camera_info", "odom": "odom"}
-LAUNCH_PARAMS = {"preset": str, "checkpoint": str, "compressed": bool, "use_sim_time": bool}
+LAUNCH_REMAPS = {
+    "image": "image",
+    "image/compressed": "compressed_image",
+    "camera_info": "camera_info",
+    "odom": "odom",
+    "depth": "depth",
+}
+LAUNCH_PARAMS = {"preset": str, "checkpoint": str, "compressed": bool, "image_rectified": bool, "use_sim_time": bool}
 
 # Third-party modules the library imports -> (pip requirement, rosdep key or None where rosdistro has none).
 PY_DEPS = {

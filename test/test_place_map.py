@@ -676,3 +676,208 @@ def test_version_1_map_still_loads(patch_dtype: str, tmp_path: Path, rng) -> Non
     m.save(tmp_path / "v2.npz")
     assert json.loads(str(_arrays(tmp_path / "v2.npz")["meta"]))["version"] == 2
     assert len(PlaceMap.load(tmp_path / "v2.npz")) == n + 1
+
+
+# -- 11. local features (real SIFT of fr1/desk frames) -------------------------------------------------
+FR1 = Path(__file__).resolve().parents[1] / "data" / "tum_fr1_desk_pairs"
+
+
+@pytest.fixture(scope="module")
+def fr1_locals() -> list:
+    """Local features of four fr1/desk frames as keyframes get them: camera and depth (two), camera only (no
+    depth points), neither (no rays); and None (a keyframe without local features)."""
+    from PIL import Image
+
+    from pnv_ros.camera_model import CameraModel
+    from pnv_ros.local_features import depth_in_metres, extract_local_features
+
+    cam = CameraModel.load_yaml(FR1 / "camera.yaml")
+    rows = [ln.split() for ln in (FR1 / "associations.txt").read_text().splitlines() if not ln.startswith("#")]
+    out = []
+    for j, (_, rgb, _, depth) in enumerate(rows[:4]):
+        image = np.asarray(Image.open(FR1 / rgb).convert("RGB"))
+        d = depth_in_metres(np.asarray(Image.open(FR1 / depth)), "16UC1", 5000.0) if j < 2 else None
+        out.append(extract_local_features(image, cam if j < 3 else None, d))
+    assert out[0].has_depth and out[2].rays is not None and out[2].points is None and out[3].rays is None
+    return [*out, None]
+
+
+def _same_local(a, b) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    parts = ("keypoints", "descriptors", "rays", "points")
+    return all(
+        (getattr(a, k) is None and getattr(b, k) is None)
+        or (getattr(b, k) is not None and np.array_equal(getattr(a, k), getattr(b, k), equal_nan=True))
+        for k in parts
+    )
+
+
+def _with_local(rng, local) -> PlaceFeatures:
+    return dataclasses.replace(_feat(rng), local=local)
+
+
+def test_local_features_stored_saved_spilled_and_loaded(fr1_locals: list, tmp_path: Path, rng) -> None:
+    locs = [fr1_locals[i % 5] for i in range(12)]
+    feats = [_with_local(rng, loc) for loc in locs]
+    per_kf = KF16 + 1000 * 160  # patches + ~1000 SIFT keypoints of 160 bytes
+    m = PlaceMap(16, SPEED, MODEL, memory_budget_mb=3 * per_kf / 2**20, spill_dir=tmp_path / "spill")
+    _fill(m, feats)
+    m.check()
+    assert m.keyframes_on_disk >= 6 and m.ram_patch_bytes + m.ram_local_bytes <= m.memory_budget
+    assert "local_features_" in " ".join(os.listdir(tmp_path / "spill"))  # spilled with their patches
+    assert all(_same_local(m.local_features(i), loc) for i, loc in enumerate(locs))
+    assert _same_local(m.get(2).features.local, locs[2]) and m.local_features(4) is None
+    got = m.local_features(0)
+    assert got.keypoints.dtype == np.float32 and got.descriptors.dtype == np.uint8 and got.keypoints.flags.c_contiguous
+    assert m.nbytes_per_keyframe() > 16 * 4 + KF16 + 8 + 500 * 160  # the local features count
+    with pytest.raises(UnknownPlaceError, match="unknown keyframe id 12"):
+        m.local_features(12)
+    path = tmp_path / "m.npz"
+    m.save(path)
+    back = PlaceMap.load(path, 16, SPEED, expect_model_id=MODEL, memory_budget_mb=3 * per_kf / 2**20)
+    back.check()
+    assert back.ram_local_bytes == 0 and all(_same_local(back.local_features(i), loc) for i, loc in enumerate(locs))
+    more = [_with_local(rng, fr1_locals[i]) for i in (1, 4, 3, 0)]
+    _fill(back, more, t0=12)
+    back.save(path)  # loaded + spilled + RAM local features, over the file they are mapped from
+    again = PlaceMap.load(path)
+    assert len(again) == 16 and all(_same_local(again.local_features(i), loc) for i, loc in enumerate(locs))
+    assert all(_same_local(again.local_features(12 + j), f.local) for j, f in enumerate(more))
+
+
+def test_a_map_without_local_features_loads_with_none(fr1_locals: list, tmp_path: Path, rng) -> None:
+    plain = PlaceMap(16, SPEED, MODEL)
+    _fill(plain, [_feat(rng) for _ in range(3)])
+    plain.save(tmp_path / "plain.npz")
+    assert all(PlaceMap.load(tmp_path / "plain.npz").local_features(i) is None for i in range(3))
+    # what pnv_ros wrote before local features: the same file without the local_* arrays
+    m = PlaceMap(16, SPEED, MODEL)
+    _fill(m, [_with_local(rng, fr1_locals[0]), _feat(rng)])
+    m.save(tmp_path / "with.npz")
+    a = {k: v for k, v in _arrays(tmp_path / "with.npz").items() if not k.startswith("local_")}
+    (tmp_path / "old.npz").write_bytes(_npz(a))
+    old = PlaceMap.load(tmp_path / "old.npz", 16, SPEED, expect_model_id=MODEL)
+    assert len(old) == 2 and old.local_features(0) is None and old.local_features(1) is None
+    assert old.add(_with_local(rng, fr1_locals[1]), 10**12) == 2 and _same_local(old.local_features(2), fr1_locals[1])
+
+
+@pytest.fixture(scope="module")
+def local_map(fr1_locals: list, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    rng = np.random.default_rng(5)
+    m = PlaceMap(16, SPEED, MODEL)
+    _fill(m, [_with_local(rng, fr1_locals[i % 5]) for i in range(10)])
+    path = tmp_path_factory.mktemp("local") / "local.npz"
+    m.save(path)
+    return path
+
+
+def _local_changed(name: str, change):
+    return lambda p: _with_array(p, name, change(_arrays(p)[name]))
+
+
+def _nan_row(a: np.ndarray, row: int = 0) -> np.ndarray:
+    a = a.copy()
+    a[row] = np.nan
+    return a
+
+
+_LOCAL_MALFORMED = {
+    "offsets_missing": lambda p: _with_array(p, "local_offsets", None),
+    "descriptors_missing": lambda p: _with_array(p, "local_descriptors", None),
+    "offsets_short": _local_changed("local_offsets", lambda a: a[:-1]),
+    "offsets_descending": _local_changed("local_offsets", lambda a: np.r_[a[:3], a[2] - 1, a[4:]]),
+    "offsets_past_the_end": _local_changed("local_offsets", lambda a: np.r_[a[:-1], a[-1] + 5]),
+    "offsets_not_from_zero": _local_changed("local_offsets", lambda a: a + 1),
+    "offsets_float": _local_changed("local_offsets", lambda a: a.astype(np.float64)),
+    "flags_unknown_bit": _local_changed("local_flags", lambda a: a | np.uint8(64)),
+    "flags_int64": _local_changed("local_flags", lambda a: a.astype(np.int64)),
+    "keypoints_without_the_flag": _local_changed("local_flags", lambda a: np.r_[np.uint8(0), a[1:]]),
+    "keypoints_nan": _local_changed("local_keypoints", _nan_row),
+    "keypoints_3d": _local_changed("local_keypoints", lambda a: np.zeros((len(a), 3), np.float32)),
+    "keypoints_one_short": _local_changed("local_keypoints", lambda a: a[:-1]),
+    "descriptors_float": _local_changed("local_descriptors", lambda a: a.astype(np.float32)),
+    "descriptors_64": _local_changed("local_descriptors", lambda a: a[:, :64]),
+    "rays_nan_where_kept": _local_changed("local_rays", _nan_row),
+    "rays_float64": _local_changed("local_rays", lambda a: a.astype(np.float64)),
+    "points_inf": _local_changed("local_points", lambda a: np.full_like(a, np.inf)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_LOCAL_MALFORMED))
+def test_corrupt_local_feature_arrays_raise_map_error(case: str, local_map: Path, tmp_path: Path) -> None:
+    assert len(PlaceMap.load(local_map, 16, SPEED, expect_model_id=MODEL)) == 10  # the good file loads
+    bad = tmp_path / f"{case}.npz"
+    bad.write_bytes(_LOCAL_MALFORMED[case](local_map))
+    with pytest.raises(MapError) as e:
+        PlaceMap.load(bad, expect_dim=16, expect_preset=SPEED, expect_model_id=MODEL)
+    assert type(e.value) is MapError and bad.name in str(e.value)
+
+
+def test_add_with_local_features_is_all_or_nothing(fr1_locals: list, pmap: PlaceMap, rng, monkeypatch) -> None:
+    from pnv_ros.local_features import LocalFeatures
+
+    good = fr1_locals[0]
+    assert pmap.add(_with_local(rng, good), 50 * 10**9) == 5
+    before = (len(pmap), len(pmap.index), pmap.ram_patch_bytes, pmap.ram_local_bytes)
+
+    def unchanged() -> None:
+        pmap.check()
+        assert (len(pmap), len(pmap.index), pmap.ram_patch_bytes, pmap.ram_local_bytes) == before
+        assert _same_local(pmap.local_features(5), good)
+        with pytest.raises(UnknownPlaceError):
+            pmap.local_features(6)
+
+    n = len(good)
+    bad_locals = {
+        "keypoints (N, 3)": LocalFeatures(np.zeros((n, 3), np.float32), good.descriptors),
+        "NaN keypoint": LocalFeatures(_nan_row(good.keypoints), good.descriptors),
+        "float descriptors": LocalFeatures(good.keypoints, good.descriptors.astype(np.float32)),
+        "descriptors for other keypoints": LocalFeatures(good.keypoints, good.descriptors[:-1]),
+        "rays of another length": LocalFeatures(good.keypoints, good.descriptors, good.rays[:-1]),
+        "NaN ray": LocalFeatures(good.keypoints, good.descriptors, _nan_row(good.rays)),
+        "infinite point": LocalFeatures(good.keypoints, good.descriptors, good.rays, np.full((n, 3), np.inf)),
+    }
+    for what, loc in bad_locals.items():
+        with pytest.raises(MapError):
+            pmap.add(_with_local(rng, loc), 99 * 10**9)
+            pytest.fail(f"{what} was accepted")
+        unchanged()
+
+    real_add = pmap.index.add
+
+    def faiss_fails(descs):
+        raise RuntimeError("Error in faiss::IndexFlat::add (simulated)")
+
+    monkeypatch.setattr(pmap.index, "add", faiss_fails)
+    with pytest.raises(RuntimeError, match="simulated"):
+        pmap.add(_with_local(rng, good), 77 * 10**9)
+    unchanged()
+    monkeypatch.setattr(pmap.index, "add", real_add)
+    assert pmap.add(_with_local(rng, fr1_locals[2]), 78 * 10**9) == 6 and _same_local(
+        pmap.local_features(6), fr1_locals[2]
+    )
+
+
+def test_a_failed_local_spill_loses_nothing(fr1_locals: list, tmp_path: Path, rng, monkeypatch) -> None:
+    import pnv_ros.place_map as place_map
+
+    real = place_map._LocalColumn.spill_oldest
+    failed = []
+
+    def fails_twice(self, k, folder):
+        if len(failed) < 2:
+            failed.append(k)
+            raise OSError(28, "No space left on device (simulated)")
+        return real(self, k, folder)
+
+    monkeypatch.setattr(place_map._LocalColumn, "spill_oldest", fails_twice)
+    locs = [fr1_locals[i % 4] for i in range(20)]
+    m = PlaceMap(16, SPEED, MODEL, memory_budget_mb=4 * (KF16 + 160_000) / 2**20, spill_dir=tmp_path / "spill")
+    _fill(m, [_with_local(rng, loc) for loc in locs])
+    assert len(failed) == 2 and m.spill_failures == 2 and m.trouble is None  # caught up by a later spill
+    m.check()
+    assert m.ram_patch_bytes + m.ram_local_bytes <= m.memory_budget
+    assert all(_same_local(m.local_features(i), loc) for i, loc in enumerate(locs))
+    m.save(tmp_path / "m.npz")
+    assert all(_same_local(PlaceMap.load(tmp_path / "m.npz").local_features(i), loc) for i, loc in enumerate(locs))

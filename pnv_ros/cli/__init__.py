@@ -5,7 +5,8 @@ One module per command group, each with its options beside its handler (``regist
 =======================================  ===========================================
 command                                  module
 =======================================  ===========================================
-extract, match, match-two                :mod:`pnv_ros.cli.features`
+extract, match                           :mod:`pnv_ros.cli.features`
+match-two (score, relative pose, JSON)   :mod:`pnv_ros.cli.match_two`
 bag make, bag play                       :mod:`pnv_ros.cli.bag`
 eval                                     :mod:`pnv_ros.cli.evaluate` (+ :mod:`~pnv_ros.cli.detector_options`)
 bench                                    :mod:`pnv_ros.cli.bench`

@@ -1,13 +1,13 @@
-"""``pnv extract``, ``pnv match`` and ``pnv match-two``: features of images, retrieval, a scored pair."""
+"""``pnv extract`` and ``pnv match``: features of images, retrieval (``pnv match-two``: cli.match_two)."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import time
-from pathlib import Path
 from typing import Any
 
+from pnv_ros.cli import match_two
 from pnv_ros.cli.common import (
     COUNT,
     FAST_PRODUCTS_HELP,
@@ -23,7 +23,7 @@ def register(sub: Any) -> None:
     """Add extract, match and match-two to the ``pnv`` subparsers ``sub``."""
     _register_extract(sub)
     _register_match(sub)
-    _register_match_two(sub)
+    match_two.register(sub)
 
 
 def _register_extract(sub: Any) -> None:
@@ -171,58 +171,4 @@ def cmd_match(args: argparse.Namespace) -> int:
         for stage in ("global", "reranked"):
             r = out["recall"][stage]
             print(f"  {stage:9s} " + "  ".join(f"R@{k}={v:.3f}" for k, v in r.items()))
-    return 0
-
-
-def _register_match_two(sub: Any) -> None:
-    sp = sub.add_parser("match-two", help="score two images and draw their matches")
-    add_common_options(sp)
-    sp.add_argument("image_a", metavar="IMAGE_A")
-    sp.add_argument("image_b", metavar="IMAGE_B")
-    sp.add_argument("--matcher", choices=["ransac", "rapid"], default=None, help="override the preset's matcher")
-    sp.add_argument("--out", default=None, help="side-by-side picture (.png) with matched patches joined")
-    sp.set_defaults(func=cmd_match_two)
-
-
-def cmd_match_two(args: argparse.Namespace) -> int:
-    """Score two images against each other; print the score per patch size, draw the matches with --out."""
-    import numpy as np
-
-    from pnv_ros.storage import check_output
-
-    if args.out:
-        check_output(args.out, what="--out", inputs=[args.image_a, args.image_b])
-    from pnv_ros.images import load_image
-    from pnv_ros.matching import PatchMatcher
-    from pnv_ros.viz import match_image, save_png
-
-    ex = open_extractor(args, preset_of(args))
-    preset = ex.preset  # the model's: a DINOv2 model brings its backbone and input size
-    a, b = ex.extract([args.image_a, args.image_b])
-    pm = PatchMatcher(preset, args.matcher)
-    sc = pm.score(a, [b], details=True)
-    absolute = float(pm.absolute(sc.raw)[0])
-    weighted = float(sc.raw[0] @ preset.patch_weights)
-    print(f"score {absolute:.4f} (0..1, higher is better); raw weighted {weighted:.4f} (lower is better)")
-    from pnv_ros.detector import DetectorParams, texture
-
-    least = DetectorParams().min_texture
-    for name in (args.image_a, args.image_b):
-        t = texture(np.asarray(load_image(name, bit_depth=args.bit_depth)))
-        if t < least:
-            print(
-                f"note: {name} has no information (texture {t:.1f} < {least:g} grey levels: a lens cap, darkness "
-                f"or a white-out); the detector never makes it a keyframe, so this score never closes a loop"
-            )
-    for s, size in enumerate(preset.patch_sizes):
-        print(
-            f"  patch {size}: raw {sc.raw[0, s]:.4f}, mutual matches {sc.num_matches[0, s]}, "
-            f"inliers {sc.num_inliers[0, s]}"
-        )
-    if args.out:
-        img_a, img_b = (load_image(p, bit_depth=args.bit_depth) for p in (args.image_a, args.image_b))
-        title = f"{Path(args.image_a).name} | {Path(args.image_b).name}"
-        pic = match_image(img_a, img_b, preset, sc.details[0], absolute, title=title)
-        save_png(pic, args.out)
-        print(f"wrote {args.out}")
     return 0

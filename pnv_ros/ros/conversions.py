@@ -71,24 +71,41 @@ def loop_closure_msg(lc, header):
 
 
 def relative_pose_msg(rp, parent_frame: str, child_frame: str):
-    """A :class:`pnv_ros.geometry.RelativePose` (or None) to pnv_ros/RelativePose."""
+    """A :class:`pnv_ros.geometry.RelativePose` (or None) to pnv_ros/RelativePose, for every type.
+
+    ``type`` is the pose's (None: NONE, identity rotation, empty ``covariance``). ``covariance`` is the
+    joint matrix row-major: 9 (ROTATION_ONLY), 25 (ROTATION_AND_DIRECTION) or 36 (METRIC) values;
+    ``translation`` and ``translation_covariance`` are set for METRIC only (zero otherwise).
+
+    Raises:
+        ValueError: a joint covariance whose size does not fit the pose's type.
+    """
     from scipy.spatial.transform import Rotation
 
+    from pnv_ros.geometry import PoseType
     from pnv_ros.msg import RelativePose
 
     m = RelativePose(parent_frame_id=parent_frame, child_frame_id=child_frame)
     m.rotation.w = 1.0
-    if rp is None:
+    if rp is None or PoseType(rp.type) == PoseType.NONE:
         m.type = RelativePose.NONE
         return m
-    m.type = RelativePose.ROTATION_AND_DIRECTION
+    kind = PoseType(rp.type)
+    cov = np.asarray(rp.covariance, np.float64)
+    want = {PoseType.ROTATION_ONLY: 3, PoseType.ROTATION_AND_DIRECTION: 5, PoseType.METRIC: 6}[kind]
+    if cov.shape != (want, want):
+        raise ValueError(f"a {kind.name} pose has a ({want}, {want}) covariance, got {cov.shape}")
+    m.type = int(kind)
     m.rotation.x, m.rotation.y, m.rotation.z, m.rotation.w = (
         float(v) for v in Rotation.from_matrix(rp.rotation).as_quat()
     )
     m.direction.x, m.direction.y, m.direction.z = (float(v) for v in rp.direction)
     m.rotation_covariance = np.asarray(rp.rotation_covariance, np.float64).ravel().tolist()
     m.direction_covariance = np.asarray(rp.direction_covariance, np.float64).ravel().tolist()
-    m.covariance = np.asarray(rp.covariance, np.float64).ravel().tolist()
+    if kind == PoseType.METRIC:
+        m.translation.x, m.translation.y, m.translation.z = (float(v) for v in rp.translation)
+        m.translation_covariance = np.asarray(rp.translation_covariance, np.float64).ravel().tolist()
+    m.covariance = cov.ravel().tolist()
     m.inliers, m.rms_error_px = int(rp.inliers), float(rp.rms_error_px)
     return m
 

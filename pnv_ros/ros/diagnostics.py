@@ -14,6 +14,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 
+from pnv_ros.ros.depth import SKIPS
+
 #: Diagnostics look back this far (s) for rising bad, dropped or skipped frames.
 DIAG_WINDOW_S = 10.0
 #: Statuses of frames the worker took (not dropped), for the diagnostics window.
@@ -38,6 +40,7 @@ WARNINGS = {
     "late_odom": "odometry older than the newest dropped (two publishers?)",
     "odom_unmatched": "frames without odometry within odom_tolerance_s of their stamp "
     "(odometry stopped, or stamped on another clock?)",
+    **SKIPS,  # depth images skipped: keyframes without 3-D points (pnv_ros.ros.depth)
 }
 
 

@@ -6,20 +6,19 @@ latest-wins worker (:mod:`~pnv_ros.ros.worker`) takes the newest frame and hands
 of its stamp, to the detector's one frame pipeline (:meth:`LoopClosureDetector.process`: admitted before
 anything is decoded, extracted outside its lock). Accepted loops go to ``loop_closures``. Services only
 translate messages: every failure is an answer with ``success: false`` and the reason (traceback in the
-log), never a stopped node. What needs no rclpy lives beside it in ``pnv_ros.ros``: odometry, diagnostics,
-map_files, camera, params, startup; and the executor in executor.
+log), never a stopped node. What needs no rclpy lives beside it in ``pnv_ros.ros``: odometry, depth, diagnostics,
+map_files, camera, params, startup; the executor in executor, the process in run. An optional ``depth``
+image (:mod:`~pnv_ros.ros.depth`) makes loops' relative poses METRIC.
 """
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
 import traceback
 from collections import deque
 
 import numpy as np
-import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from nav_msgs.msg import Odometry
 from rcl_interfaces.msg import SetParametersResult
@@ -32,6 +31,7 @@ from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import Header
 from visualization_msgs.msg import MarkerArray
 
+from pnv_ros.camera_model import CameraModel
 from pnv_ros.config import DetectorParams
 from pnv_ros.errors import PnvError
 from pnv_ros.msg import Keyframe as KeyframeMsg
@@ -40,7 +40,7 @@ from pnv_ros.ros import conversions as C
 from pnv_ros.ros import diagnostics as D
 from pnv_ros.ros import params as P
 from pnv_ros.ros.camera import CameraMatrix
-from pnv_ros.ros.executor import Executor
+from pnv_ros.ros.depth import DepthInput
 from pnv_ros.ros.map_files import MapFiles
 from pnv_ros.ros.odometry import OdometryBuffer, valid_pose
 from pnv_ros.ros.profiles import descriptor, qos
@@ -70,6 +70,7 @@ class LoopClosureNode(Node):
         self._camera_frame = ""  # frame_id of the last image: the relative poses' frames
         self._started = time.monotonic()
         self._camera = CameraMatrix()  # camera_info's
+        self._depth = DepthInput()  # recent depth images, paired with frames by stamp
         self._odom = OdometryBuffer()
         self._thumbs = Thumbnails(g("thumbnail_cache"))
         self._marker_id = 0
@@ -87,6 +88,7 @@ class LoopClosureNode(Node):
             (CompressedImage if g("compressed") else Image, self.image_topic, self._worker_offer, "image", sensors),
             (CameraInfo, "camera_info", self._on_info, "camera_info", sensors),
             (Odometry, "odom", self._on_odom, "odom", MutuallyExclusiveCallbackGroup()),
+            (Image, "depth", self._on_depth, "depth", MutuallyExclusiveCallbackGroup()),
         ):
             q = qos(g(f"{name}_qos"), g(f"{name}_qos_depth"))
             self.create_subscription(msg_type, topic, fn, q, callback_group=group, event_callbacks=events)
@@ -157,11 +159,12 @@ class LoopClosureNode(Node):
         self._events.add("qos_incompatible")
         self.log.error(
             f"a publisher's QoS is incompatible with this node's subscription (policy {event.last_policy_kind}): "
-            "no messages will arrive; set image_qos / camera_info_qos / odom_qos to match the publisher"
+            "no messages will arrive; set image_qos / camera_info_qos / odom_qos / depth_qos to match the publisher"
         )
 
     def _on_info(self, msg: CameraInfo) -> None:
-        ok, warning = self._camera.update(msg.p, msg.k, msg.width, msg.height)
+        rect = self._value("image_rectified")
+        ok, warning = self._camera.update(msg.p, msg.k, msg.width, msg.height, msg.d, msg.distortion_model, rect)
         if not ok:
             self._events.add("bad_camera_info")
         if warning:
@@ -174,6 +177,9 @@ class LoopClosureNode(Node):
             self._events.add("bad_odom")
         elif not self._odom.add(C.stamp_to_ns(msg.header.stamp), pose, msg.header.frame_id):
             self._events.add("late_odom")
+
+    def _on_depth(self, msg: Image) -> None:
+        self._depth.add(C.stamp_to_ns(msg.header.stamp), msg)
 
     def _count(self, key: str) -> None:
         with self._stats_lock:
@@ -215,7 +221,15 @@ class LoopClosureNode(Node):
             decoded.append(C.frame_to_array(m, self._value("bit_depth") or None))
             return decoded[0]
 
-        res = self.detector.process(msg, stamp, pos, self._camera_matrix, ori, decode=decode)
+        def depth() -> np.ndarray | None:  # called for an admitted frame, after decode
+            a = self._depth.for_frame(stamp, int(self._value("depth_tolerance_s") * 1e9), decoded[0].shape)
+            if a.skip:
+                self._events.add(a.skip)
+            if a.warning:
+                self.log.warning(a.warning)
+            return a.depth_m
+
+        res = self.detector.process(msg, stamp, pos, self._camera_for, ori, decode=decode, depth=depth)
         if res.keyframe_id is None:
             return res.status
         for k in self.latency:
@@ -227,15 +241,16 @@ class LoopClosureNode(Node):
             self._publish_loop(msg, res.loop, (int(arr.shape[1]), int(arr.shape[0])), res.generation, pos)
         return "keyframe"
 
-    def _camera_matrix(self, *sizes: tuple[int, int]) -> np.ndarray | None:
-        """camera_info's camera matrix when it is for every image size given ((width, height) each), else None
-        (loops go without a relative pose)."""
-        k, other_size, warning = self._camera.for_sizes(*sizes)
+    def _camera_for(self, *sizes) -> CameraModel | None:
+        """camera_info's camera when it is for every image size given ((width, height) each, or one as two
+        numbers), else None (loops go without a relative pose)."""
+        sizes = ((sizes[0], sizes[1]),) if len(sizes) == 2 and np.isscalar(sizes[0]) else sizes
+        cam, other_size, warning = self._camera.for_sizes(*sizes)
         if other_size:
             self._events.add("camera_info_size")
         if warning:
             self.log.warning(warning)
-        return k
+        return cam
 
     def _note_time_jump(self, msg: Image | CompressedImage) -> None:
         """Log once when this frame's stamp went back (counted by the detector): a new session segment."""
@@ -283,7 +298,7 @@ class LoopClosureNode(Node):
         )
         st = DiagnosticStatus(level=bytes([a.level]), name="pnv_ros: loop_closure", hardware_id="pnv_ros")
         st.message = "; ".join(a.problems) or f"{det['map_keyframes']} keyframes, {det['loops']} loops"
-        vals = D.report_values(det, self.worker.snapshot(), self.stats, recent, self.latency)
+        vals = D.report_values(det, self.worker.snapshot(), {**self.stats, **self._depth.counts}, recent, self.latency)
         st.values = [KeyValue(key=k, value=v) for k, v in vals.items()]
         arr = DiagnosticArray(status=[st])
         arr.header.stamp = self.get_clock().now().to_msg()
@@ -332,7 +347,7 @@ class LoopClosureNode(Node):
         if req.id_a == req.id_b:
             raise PnvError(f"id_a and id_b are both {req.id_a}: give two different keyframes")
         a, b = det.features_of(req.id_a), det.features_of(req.id_b)
-        score, nm, ni, pose = det.verify(a, b, req.matcher or None, self._camera_matrix(a.image_size, b.image_size))
+        score, nm, ni, pose = det.verify(a, b, req.matcher or None, self._camera_for(a.image_size, b.image_size))
         resp.score, resp.num_matches, resp.num_inliers = score, nm, ni
         resp.relative_pose = C.relative_pose_msg(pose, self._camera_frame, self._camera_frame)
         resp.message = "ok"
@@ -360,38 +375,7 @@ class LoopClosureNode(Node):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the node until SIGINT or SIGTERM; then finish the frame in hand (published), save the map if
-    asked, and exit 0. ROS is shut down only after that, and further signals during the shutdown (a second
-    Ctrl-C, launch's SIGTERM after SIGINT) do not cut it short."""
-    import signal
+    """Run the node until SIGINT or SIGTERM, then exit in order (:func:`pnv_ros.ros.run.run`)."""
+    from pnv_ros.ros.run import run
 
-    from rclpy.signals import SignalHandlerOptions
-
-    rclpy.init(args=argv if argv is not None else sys.argv, signal_handler_options=SignalHandlerOptions.NO)
-    stop = threading.Event()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: stop.set())
-    node, ex = None, None
-    try:
-        node = LoopClosureNode()
-        ex = Executor(num_threads=4)
-        ex.add_node(node)
-        spinner = threading.Thread(target=ex.spin, name="pnv-executor", daemon=True)
-        spinner.start()
-        while not stop.wait(0.5) and spinner.is_alive():
-            pass
-    except PnvError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):  # ignored from here: a late Ctrl-C must not kill the exit
-            signal.signal(sig, signal.SIG_IGN)  # (Python restores SIG_DFL at exit for its handlers, not SIG_IGN)
-        if node is not None:
-            node.shutdown()  # with ROS still up: the frame in hand is published, the map saved
-        if ex is not None:
-            ex.shutdown(timeout_sec=5)
-        if node is not None:
-            node.destroy_node()
-        rclpy.try_shutdown()
-    return 0
+    return run(LoopClosureNode, argv)

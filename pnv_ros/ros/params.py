@@ -88,6 +88,12 @@ NODE_TABLE: tuple[Param, ...] = (
     ),
     Param("compressed", False, "subscribe to image/compressed instead of image"),
     Param(
+        "image_rectified",
+        False,
+        "false: the images are raw (image_raw), camera_info's K and D (distortion_model: plumb_bob, "
+        "rational_polynomial, equidistant) apply; true: they are rectified (image_rect), P applies and D is ignored",
+    ),
+    Param(
         "bit_depth",
         0,
         "significant bits of a 16-bit camera (e.g. 12 for a 12-bit sensor in mono16); 0 = "
@@ -111,6 +117,21 @@ NODE_TABLE: tuple[Param, ...] = (
         choices=QOS_CHOICES,
     ),
     Param("odom_qos_depth", 50, "odometry queue depth", range=(1, 10000)),
+    Param(
+        "depth_qos",
+        "sensor_data",
+        "depth image QoS (as image_qos); the optional depth topic: 16UC1 millimetres or 32FC1 metres, "
+        "registered to the colour camera (same size and pixels)",
+        choices=QOS_CHOICES,
+    ),
+    Param("depth_qos_depth", 2, "depth image queue depth", range=(1, 1000)),
+    Param(
+        "depth_tolerance_s",
+        0.02,
+        "a frame takes the depth image nearest its stamp within this (s; 0.02 = TUM RGB-D's associate.py); when "
+        "the depth of its instant is late, it waits for it as long (wall seconds)",
+        range=(0.0, 1.0),
+    ),
     Param(
         "odom_tolerance_s",
         0.1,
