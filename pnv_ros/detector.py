@@ -552,15 +552,20 @@ class LoopClosureDetector:
     def _local_features(self, image: np.ndarray, camera: CameraModel | None, depth: DepthArg) -> LocalFeatures:
         """SIFT keypoints, rays and depth points of an admitted frame (outside the lock); an unusable depth
         image is counted (``bad_depth``) and left out."""
+        from pnv_ros.images import to_uint8
+
+        a = to_uint8(np.asarray(image), "frame")  # the package's one bit-depth rule, as the thumbnail's
+        if a.ndim == 3 and a.shape[2] not in (1, 3):
+            a = a[:, :, :3]  # RGBA: the colour
         d = depth() if callable(depth) else depth
         if d is not None:
             d = np.asarray(d)
-            size = np.asarray(image).shape[:2]
+            size = a.shape[:2]
             if d.shape != size or d.dtype != np.float32 or not np.isfinite(d).any():
                 with self.lock:
                     self.counts["bad_depth"] += 1
                 d = None
-        return extract_local_features(image, camera, d)
+        return extract_local_features(a, camera, d)
 
     def _limit(self, session_ns: int, p: DetectorParams) -> int:
         """Keyframe ids below this are candidates: older than the time and count windows of this run."""

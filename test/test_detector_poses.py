@@ -144,3 +144,19 @@ def test_a_camera_for_another_image_size_costs_the_pose_not_the_loop(run, camera
     r = det.process(q, _ns(QUERY) + 10**9, camera=wrong)  # the query's features again, 1 s later
     assert r.keyframe_id == 3 and r.loop is not None and r.loop.match_id == 1 and r.loop.relative_pose is None
     assert det.counts["bad_camera"] == before + 1
+
+
+def test_depth_without_a_measurement_or_of_another_type_is_counted_not_fatal(run, camera: CameraModel) -> None:
+    """A depth frame of zeros (a sensor fault: all NaN in metres) or raw 16-bit units given as metres: the
+    keyframe is kept, with rays but without 3-D points, and the node can report the count."""
+    det = run[0]
+    image, depth = _frame(MATCH)
+    before, n = det.counts["bad_depth"], len(det.map)
+    r1 = det.process(image, _ns(QUERY) + 2 * 10**9, camera=camera, depth=np.full_like(depth, np.nan))
+    r2 = det.process(
+        image, _ns(QUERY) + 3 * 10**9, camera=camera, depth=lambda: np.nan_to_num(depth * 5000).astype(np.uint16)
+    )
+    assert (r1.keyframe_id, r2.keyframe_id) == (n, n + 1) and det.counts["bad_depth"] == before + 2
+    for i in (n, n + 1):
+        loc = det.map.local_features(i)
+        assert loc.points is None and loc.rays is not None and len(loc) > 100
