@@ -160,3 +160,7 @@ def test_depth_without_a_measurement_or_of_another_type_is_counted_not_fatal(run
     for i in (n, n + 1):
         loc = det.map.local_features(i)
         assert loc.points is None and loc.rays is not None and len(loc) > 100
+    # no camera at all: no pose could use local features, so none are extracted and the depth is not read
+    asked: list = []
+    r3 = det.process(image, _ns(QUERY) + 4 * 10**9, depth=lambda: asked.append(1) or depth)
+    assert r3.keyframe_id == n + 2 and det.map.local_features(n + 2) is None and asked == []
