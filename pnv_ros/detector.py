@@ -478,7 +478,7 @@ class LoopClosureDetector:
                 match = PlaceFeatures(np.empty(0), [], self.map.image_size(best.id), self.map.local_features(best.id))
         if result.loop is not None and best is not None and best.details:
             t2 = time.perf_counter()
-            cam = self._camera(camera, features.image_size) if camera is not None else None
+            cam = self._camera(camera, features.image_size)[0]
             result.loop.relative_pose = self._pose(features, match, best.details, cam)
             result.timings["pose"] = time.perf_counter() - t2
         result.timings["commit"] = time.perf_counter() - t0
@@ -503,10 +503,13 @@ class LoopClosureDetector:
         message) goes to the caller.
         camera: the image's :class:`CameraModel`, a (3, 3) camera matrix K (no distortion), or a callable
             giving either (or None) for the image size (width, height) as one tuple, called after decoding.
-            Without one, keyframes have no rays and loops no pose. A camera for another image size (its
-            ``size``) or a matrix that is not one is not used and is counted (``bad_camera``).
+            Without one (None, or a callable answering None), no local features are extracted (no pose could
+            use them: ~0.15 s a 640 x 480 frame saved) and loops have no pose. A camera for another image size
+            (its ``size``) or a matrix that is not one is not used and is counted (``bad_camera``): the
+            keyframe keeps local features without rays.
         depth: (H, W) float32 metres registered to the colour image (NaN = none), or a callable giving it (or
-            None), called only for an admitted frame, after decoding; what it raises goes to the caller. A
+            None), called only for an admitted frame with a camera, after decoding; what it raises goes to
+            the caller. A
             depth image of another size, not float32 (H, W), or without one valid depth is not used and is
             counted (``bad_depth``): the keyframe is kept without 3-D points.
         """
@@ -519,12 +522,13 @@ class LoopClosureDetector:
         t0 = time.perf_counter()
         if isinstance(image, PlaceFeatures):
             feats, t_local = image, 0.0
-            cam = self._camera(camera, feats.image_size)
+            cam, _ = self._camera(camera, feats.image_size)
         else:
             feats = self.extractor.extract_one(image)
             t1 = time.perf_counter()
-            cam = self._camera(camera, feats.image_size)
-            feats = replace(feats, local=self._local_features(image, cam, depth))
+            cam, rejected = self._camera(camera, feats.image_size)
+            if cam is not None or rejected:  # no camera at all: no pose can use them, so none are extracted
+                feats = replace(feats, local=self._local_features(image, cam, depth))
             t_local = time.perf_counter() - t1
         t_extract = time.perf_counter() - t0
         result = self.commit(adm, feats, cam)
@@ -533,12 +537,13 @@ class LoopClosureDetector:
         result.timings["total"] = t_extract + result.timings["commit"]
         return result
 
-    def _camera(self, camera: CameraArg, size: tuple[int, int]) -> CameraModel | None:
-        """The CameraModel of an image of ``size`` (width, height) from :meth:`process`'s ``camera``, or None;
-        one that does not fit (another size, not a camera matrix) is counted as ``bad_camera``."""
+    def _camera(self, camera: CameraArg, size: tuple[int, int]) -> tuple[CameraModel | None, bool]:
+        """The CameraModel of an image of ``size`` (width, height) from :meth:`process`'s ``camera`` (or None),
+        and whether one was given but rejected: one that does not fit (another size, not a camera matrix) is
+        counted as ``bad_camera``."""
         c = camera(tuple(size)) if callable(camera) else camera
         if c is None:
-            return None
+            return None, False
         try:
             model = c if isinstance(c, CameraModel) else CameraModel(np.asarray(c, np.float64).reshape(3, 3))
         except (ConfigError, ValueError):
@@ -546,21 +551,26 @@ class LoopClosureDetector:
         if model is None or (model.size is not None and tuple(model.size) != tuple(size)):
             with self.lock:
                 self.counts["bad_camera"] += 1
-            return None
-        return model
+            return None, True
+        return model, False
 
     def _local_features(self, image: np.ndarray, camera: CameraModel | None, depth: DepthArg) -> LocalFeatures:
         """SIFT keypoints, rays and depth points of an admitted frame (outside the lock); an unusable depth
         image is counted (``bad_depth``) and left out."""
+        from pnv_ros.images import to_uint8
+
+        a = to_uint8(np.asarray(image), "frame")  # the package's one bit-depth rule, as the thumbnail's
+        if a.ndim == 3 and a.shape[2] not in (1, 3):
+            a = a[:, :, :3]  # RGBA: the colour
         d = depth() if callable(depth) else depth
         if d is not None:
             d = np.asarray(d)
-            size = np.asarray(image).shape[:2]
+            size = a.shape[:2]
             if d.shape != size or d.dtype != np.float32 or not np.isfinite(d).any():
                 with self.lock:
                     self.counts["bad_depth"] += 1
                 d = None
-        return extract_local_features(image, camera, d)
+        return extract_local_features(a, camera, d)
 
     def _limit(self, session_ns: int, p: DetectorParams) -> int:
         """Keyframe ids below this are candidates: older than the time and count windows of this run."""
@@ -694,7 +704,7 @@ class LoopClosureDetector:
             s = int(pm.dominant_scale(sc.raw)[0])
             score = float(pm.absolute(sc.raw)[0])
             least = self._params.min_score
-        cam = self._camera(camera, a.image_size) if camera is not None else None
+        cam = self._camera(camera, a.image_size)[0]
         pose = self._pose(a, b, sc.details[0], cam) if score >= least else None
         return score, int(sc.num_matches[0, s]), int(sc.num_inliers[0, s]), pose
 
