@@ -68,6 +68,7 @@ PY_DEPS = {
     "rosbags": ("rosbags", None),
     "onnx": ("onnx", None),
     "tomli": ("tomli", None),
+    "yaml": ("pyyaml", "python3-yaml"),
     "onnxruntime": ("onnxruntime", None),
     "openvino": ("openvino", None),
     "nncf": ("nncf", None),
