@@ -81,7 +81,7 @@ METRIC_FLOOR = (0.0040, 0.0035)  # rad, m
 DIRECTION_SCALE = (30.0, 48.0)  # variance factors of (w, a)
 DIRECTION_FLOOR = (0.0047, 0.0090)  # rad, rad
 ROTATION_SCALE = 1.0  # variance factor of w (ROTATION_ONLY)
-ROTATION_FLOOR = 0.0  # rad
+ROTATION_FLOOR = 0.0135  # rad
 # -- monocular ---------------------------------------------------------------------------------
 #: RANSAC threshold (ideal pixels) for the essential matrix and the rotation-only fit
 MONO_THRESHOLD_PX = 3.0
@@ -108,17 +108,20 @@ def _as_features(name: str, f: LocalFeatures) -> None:
         raise ConfigError(f"{name}: points {f.points.shape} must be ({n}, 3)")
 
 
-def match_descriptors(query: np.ndarray, match: np.ndarray, ratio: float = RATIO) -> tuple[np.ndarray, np.ndarray]:
+def match_descriptors(
+    query: np.ndarray, match: np.ndarray, ratio: float | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Mutual nearest neighbours passing Lowe's ratio test (L2 on SIFT descriptors).
 
     Args:
-        query, match: (Nq, 128), (Nm, 128) uint8 descriptors; ratio: ``RATIO``.
+        query, match: (Nq, 128), (Nm, 128) uint8 descriptors; ratio: None = ``RATIO``.
 
     Returns:
         ``(iq, im)``: (K,) int index arrays into query and match.
     """
     import cv2
 
+    ratio = RATIO if ratio is None else float(ratio)
     if len(query) < 2 or len(match) < 2:
         return np.zeros(0, int), np.zeros(0, int)
     bf = cv2.BFMatcher(cv2.NORM_L2)
