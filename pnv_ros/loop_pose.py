@@ -417,3 +417,31 @@ def estimate_loop_pose(
             if pose is not None:
                 return pose
     return _monocular(rq, rm, k)
+
+
+def ros_pose_covariance(pose: RelativePose) -> np.ndarray:
+    """(6, 6) covariance of a METRIC pose in ROS ``PoseWithCovariance`` order (x, y, z, rx, ry, rz): the
+    contract's (w, dt) reordered to (dt, w); both are about the parent (query) camera's axes.
+
+    Raises:
+        ConfigError: a pose that is not METRIC.
+    """
+    if pose.type != PoseType.METRIC:
+        raise ConfigError(f"a {pose.type.name} pose has no 6x6 covariance")
+    order = [3, 4, 5, 0, 1, 2]
+    return pose.covariance[np.ix_(order, order)].copy()
+
+
+def gtsam_pose3_covariance(pose: RelativePose) -> np.ndarray:
+    """(6, 6) covariance of a METRIC pose for GTSAM ``Pose3`` ``between(query, match) = Pose3(Rot3(R), t)``,
+    in Pose3's tangent order (omega_body, v_body): ``blockdiag(R^T, R^T) C blockdiag(R, R)`` (to first
+    order, ``T_true = T Exp(xi)`` with xi = (R^T w, R^T dt)); feed it to ``noiseModel.Gaussian.Covariance``.
+
+    Raises:
+        ConfigError: a pose that is not METRIC.
+    """
+    if pose.type != PoseType.METRIC:
+        raise ConfigError(f"a {pose.type.name} pose has no 6x6 covariance")
+    a = np.zeros((6, 6))
+    a[:3, :3] = a[3:, 3:] = pose.rotation.T
+    return a @ pose.covariance @ a.T
