@@ -141,8 +141,7 @@ def pose_errors(pose: RelativePose | None, truth: np.ndarray) -> dict:
     if pose.type != PoseType.ROTATION_ONLY and np.linalg.norm(pose.direction) > 0:
         out["dir_deg"] = float(np.degrees(np.arccos(np.clip(d_gt @ pose.direction, -1.0, 1.0))))
     if pose.type == PoseType.ROTATION_AND_DIRECTION:
-        b = pose.tangent_basis
-        a = b.T @ d_gt / max(float(d_gt @ pose.direction), 1e-9)  # tangent coordinates of d_gt
+        a = _tangent_coordinates(pose, d_gt)
         e = np.concatenate([w, a])
         out["nees_dir"] = float(a @ np.linalg.solve(pose.covariance[3:, 3:], a))
         out["nees_joint"] = float(e @ np.linalg.solve(pose.covariance, e))
@@ -197,8 +196,13 @@ def summarize(name: str, rows: list[dict]) -> dict:
     return out
 
 
-def run_local(pairs, feats, frames, camera, patch, depth: bool, guided: bool) -> list[dict]:
-    """estimate_loop_pose on every pair; rows of :func:`pose_errors` with ``ms``."""
+def run_local(pairs, feats, frames, camera, patch, depth: bool, radius: float | None) -> list[dict]:
+    """estimate_loop_pose on every pair (guided by the patch pairs within ``radius`` px, or not: None); rows
+    of :func:`pose_errors` with ``ms``."""
+    import pnv_ros.loop_pose as lp
+
+    guided, saved = radius is not None, lp.GUIDANCE_RADIUS_PX
+    lp.GUIDANCE_RADIUS_PX = radius if guided else saved
     rows = []
     for q, m in pairs:
         fq, fm = feats[q], feats[m] if depth else without_depth(feats[m])
@@ -208,6 +212,7 @@ def run_local(pairs, feats, frames, camera, patch, depth: bool, guided: bool) ->
         ms = 1e3 * (time.perf_counter() - t)
         truth = np.linalg.inv(frames[q].pose) @ frames[m].pose
         rows.append({**pose_errors(pose, truth), "ms": ms, "q": frames[q].stamp, "m": frames[m].stamp})
+    lp.GUIDANCE_RADIUS_PX = saved
     return rows
 
 
@@ -253,12 +258,104 @@ def table(summaries: list[dict]) -> list[str]:
     return lines
 
 
+# -- calibration (--calibrate): how loop_pose's METRIC_*, DIRECTION_* and ROTATION_* constants were fitted ----
+def _tangent_coordinates(pose: RelativePose, d: np.ndarray) -> np.ndarray:
+    """(2,) coordinates along ``tangent_basis`` of the unit vector d (the sphere's log map at the estimate:
+    length = angle to it), defined for any angle (a division by d . direction would blow up past 90 deg)."""
+    b = pose.tangent_basis.T @ d
+    n = float(np.linalg.norm(b))
+    ang = float(np.arccos(np.clip(d @ pose.direction, -1.0, 1.0)))
+    return b / n * ang if n > 1e-12 else np.zeros(2)
+
+
+def _error_vector(pose: RelativePose, truth: np.ndarray) -> np.ndarray:
+    """The ground truth's error in the pose's covariance coordinates: (w, dt), (w, a) or w."""
+    w = rotation_log(truth[:3, :3] @ pose.rotation.T)
+    if pose.type == PoseType.METRIC:
+        return np.concatenate([w, truth[:3, 3] - pose.translation])
+    if pose.type == PoseType.ROTATION_AND_DIRECTION:
+        return np.concatenate([w, _tangent_coordinates(pose, truth[:3, 3] / np.linalg.norm(truth[:3, 3]))])
+    return w
+
+
+def _scaled(c: np.ndarray, x: np.ndarray, blocks: tuple[int, ...]) -> np.ndarray:
+    """``D C D + diag(floor^2)`` with x = (log scale, log floor) per block, as loop_pose.calibrated."""
+    from pnv_ros.loop_pose import calibrated
+
+    return calibrated(c, blocks, tuple(np.exp(x[0::2])), tuple(np.exp(x[1::2])))
+
+
+def fit_calibration(data: list[tuple[np.ndarray, np.ndarray]], blocks: tuple[int, ...]) -> np.ndarray:
+    """Maximum likelihood (e ~ N(0, D C D + F)) of per-block (log variance scale, log floor) over (e, C)."""
+    from scipy.optimize import minimize
+
+    def nll(x):
+        tot = 0.0
+        for e, c in data:
+            s = _scaled(c, x, blocks)
+            tot += 0.5 * (e @ np.linalg.solve(s, e) + np.linalg.slogdet(s)[1])
+        return tot
+
+    x0 = np.tile([0.0, np.log(0.005)], len(blocks))
+    return minimize(nll, x0, method="Nelder-Mead", options={"maxiter": 8000, "xatol": 1e-5, "fatol": 1e-7}).x
+
+
+def _nees(data, x, blocks) -> np.ndarray:
+    return np.array([e @ np.linalg.solve(_scaled(c, x, blocks), e) for e, c in data])
+
+
+def calibrate(frames, feats, camera, revisits) -> dict:
+    """Fit the covariance constants with loop_pose's calibration turned off (scale 1, floor 0): METRIC and
+    ROTATION_AND_DIRECTION on the revisits, ROTATION_ONLY on consecutive frames (fr1/desk's only pairs with
+    too little parallax). Prints the fit, the NEES means and a two-fold cross-validation."""
+    import pnv_ros.loop_pose as lp
+
+    saved = {n: getattr(lp, n) for n in ("METRIC_SCALE", "METRIC_FLOOR", "DIRECTION_SCALE", "DIRECTION_FLOOR")}
+    saved |= {"ROTATION_SCALE": lp.ROTATION_SCALE, "ROTATION_FLOOR": lp.ROTATION_FLOOR}
+    lp.METRIC_SCALE, lp.METRIC_FLOOR = (1.0, 1.0), (0.0, 0.0)
+    lp.DIRECTION_SCALE, lp.DIRECTION_FLOOR = (1.0, 1.0), (0.0, 0.0)
+    lp.ROTATION_SCALE, lp.ROTATION_FLOOR = 1.0, 0.0
+    data: dict[str, list] = {"METRIC": [], "ROTATION_AND_DIRECTION": [], "ROTATION_ONLY": []}
+    try:
+        consecutive = [(i + 1, i) for i in range(len(frames) - 1) if i in feats and i + 1 in feats]
+        for pairs, depth in ((revisits, True), (revisits, False), (consecutive, False)):
+            for q, m in pairs:
+                pose = estimate_loop_pose(feats[q], feats[m] if depth else without_depth(feats[m]), camera)
+                if pose is not None and (pairs is consecutive) == (pose.type == PoseType.ROTATION_ONLY):
+                    truth = np.linalg.inv(frames[q].pose) @ frames[m].pose
+                    data[pose.type.name].append((_error_vector(pose, truth), pose.covariance.copy()))
+    finally:
+        for n, v in saved.items():
+            setattr(lp, n, v)
+    out = {}
+    for name, blocks in (("METRIC", (3, 3)), ("ROTATION_AND_DIRECTION", (3, 2)), ("ROTATION_ONLY", (3,))):
+        d = data[name]
+        if len(d) < 4:
+            continue
+        x = fit_calibration(d, blocks)
+        cv = [
+            float(_nees(b, fit_calibration(a, blocks), blocks).mean())
+            for a, b in ((d[0::2], d[1::2]), (d[1::2], d[0::2]))
+        ]
+        out[name] = {
+            "pairs": len(d),
+            "scale": np.exp(x[0::2]).round(2).tolist(),
+            "floor": np.exp(x[1::2]).round(5).tolist(),
+            "nees_mean": float(_nees(d, x, blocks).mean()),
+            "nees_mean_2fold": cv,
+        }
+        print(name, out[name], flush=True)
+    return out
+
+
 def main() -> None:
     import common
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", default=str(common.REPO.parent / "shared" / "data" / "tum_rgbd_fr1_desk"))
     ap.add_argument("--no-model", action="store_true", help="skip the patch model (no today's row, no guidance)")
+    ap.add_argument("--calibrate", action="store_true", help="fit loop_pose's covariance constants (slow: all frames)")
+    ap.add_argument("--radii", default="48", help="guidance radii to measure, px (comma-separated)")
     ap.add_argument("--md", default=str(common.RESULTS / "loop_poses.md"))
     ap.add_argument("--json", default=str(common.RESULTS / "loop_poses.json"))
     a = ap.parse_args()
@@ -267,6 +364,8 @@ def main() -> None:
     revisits, controls = build_pairs(frames)
     print(f"{len(frames)} frames, {len(revisits)} revisit pairs, {len(controls)} controls", flush=True)
     idx = sorted({i for p in revisits + controls for i in p})
+    if a.calibrate:
+        idx = list(range(len(frames)))
     feats, t_ex = {}, []
     for i in idx:
         feats[i], dt = load_local(frames[i], camera)
@@ -274,17 +373,21 @@ def main() -> None:
     record = common.header(
         data=str(root), revisits=len(revisits), controls=len(controls), sift_ms=1e3 * float(np.mean(t_ex))
     )
+    if a.calibrate:
+        record["calibration"] = calibrate(frames, feats, camera, revisits)
     patch = None if a.no_model else run_patch(revisits + controls, frames, camera, root, None)
+    radii = [float(r) for r in a.radii.split(",") if r.strip()]
     summaries, rows_all = [], {}
     for kind, pairs in (("revisit", revisits), ("control", controls)):
-        variants = [("local, depth", True, False), ("local, no depth", False, False)]
+        variants = [("local, depth", True, None), ("local, no depth", False, None)]
         if patch is not None:
-            variants += [("local guided, depth", True, True), ("local guided, no depth", False, True)]
+            for r in radii:
+                variants += [(f"local guided {r:g} px, depth", True, r), (f"local guided {r:g} px, no depth", False, r)]
             rows = [patch[p][2] for p in pairs]
             rows_all[f"{kind}: patch (today)"] = rows
             summaries.append(summarize(f"{kind}: patch (today)", rows))
-        for name, depth, guided in variants:
-            rows = run_local(pairs, feats, frames, camera, patch, depth, guided)
+        for name, depth, radius in variants:
+            rows = run_local(pairs, feats, frames, camera, patch, depth, radius)
             rows_all[f"{kind}: {name}"] = rows
             summaries.append(summarize(f"{kind}: {name}", rows))
     lines = table(summaries)
@@ -292,7 +395,44 @@ def main() -> None:
     record["summaries"] = summaries
     record["rows"] = rows_all
     common.write_json(a.json, record)
-    common.write_md(a.md, ["# Loop poses on TUM fr1/desk", "", f"`{record['command']}`", "", *lines])
+    common.write_md(a.md, page(record, patch, revisits, controls, lines))
+
+
+def page(record: dict, patch: dict | None, revisits, controls, lines: list[str]) -> list[str]:
+    """The generated results page."""
+    from pnv_ros.config import DetectorParams
+
+    out = [
+        "# Loop poses on TUM fr1/desk (generated by benchmarks/loop_poses.py)",
+        "",
+        f"`{record['command']}`, {record['date']}; {common_machine_line(record)}.",
+        "",
+        f"{record['revisits']} revisit pairs, {record['controls']} non-revisit controls (rule: the script's docstring). "
+        f"SIFT extraction {record['sift_ms']:.0f} ms per frame (1000 keypoints, depth points), once per keyframe; "
+        "ms / pair is the pose alone (for `patch (today)`: LoopClosureDetector.verify, patch scoring included).",
+        "",
+        *lines,
+        "",
+        "NEES: means over the pairs with a pose; rot: 3-D of w; dir: 2-D tangent coordinates (ROTATION_AND_DIRECTION); "
+        "6-D: (w, dt) of METRIC. Ideal means in the header. Errors against T_q^-1 T_m of the motion-capture poses.",
+    ]
+    if patch is not None:
+        ms = DetectorParams().min_score
+        sr = np.array([patch[p][0] for p in revisits])
+        sc = np.array([patch[p][0] for p in controls])
+        out += [
+            "",
+            f"Patch scores (default model, speed preset): revisits median {np.median(sr):.3f}, "
+            f"{int((sr >= ms).sum())} of {len(sr)} at or above min_score {ms}; controls max {sc.max():.3f}, "
+            f"{int((sc >= ms).sum())} of {len(sc)} at or above it (the detector publishes no pose below it).",
+        ]
+    return out
+
+
+def common_machine_line(record: dict) -> str:
+    import common
+
+    return common.machine_line(record["machine"])
 
 
 if __name__ == "__main__":
