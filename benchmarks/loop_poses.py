@@ -355,7 +355,7 @@ def main() -> None:
     ap.add_argument("--data", default=str(common.REPO.parent / "shared" / "data" / "tum_rgbd_fr1_desk"))
     ap.add_argument("--no-model", action="store_true", help="skip the patch model (no today's row, no guidance)")
     ap.add_argument("--calibrate", action="store_true", help="fit loop_pose's covariance constants (slow: all frames)")
-    ap.add_argument("--radii", default="48", help="guidance radii to measure, px (comma-separated)")
+    ap.add_argument("--radii", default="96", help="guidance radii to measure, px (comma-separated)")
     ap.add_argument("--md", default=str(common.RESULTS / "loop_poses.md"))
     ap.add_argument("--json", default=str(common.RESULTS / "loop_poses.json"))
     a = ap.parse_args()
