@@ -16,8 +16,10 @@ Convention (docs/poses.md): parent = query camera, child = matched camera, optic
 (parent axes, m); the METRIC covariance is of ``(w, dt)``, rotation first.
 
 Covariances are ``sigma^2 inv(J^T J)`` at the optimum (J in pixels per parameter, ideal pixels of the query
-camera), sigma the residual standard deviation floored per pose type, then multiplied by a per-type factor
-measured against ground truth (NEES) in benchmarks/loop_poses.py; constants below give their sources.
+camera), sigma the inliers' residual standard deviation floored at ``SIGMA_FLOOR_PX``, then calibrated
+against ground truth as ``D C D + diag(floor^2)`` (:func:`calibrated`; ``METRIC_*``, ``DIRECTION_*``,
+``ROTATION_*``, fitted by benchmarks/loop_poses.py --calibrate); constants below give their sources.
+When the match has depth but PnP finds too few inliers, the monocular path is tried (it needs more inliers).
 """
 
 from __future__ import annotations
@@ -38,8 +40,9 @@ from pnv_ros.geometry import (
 from pnv_ros.local_features import LocalFeatures
 
 # -- matching ---------------------------------------------------------------------------------
-#: Lowe's ratio test: best / second-best descriptor distance below this (Lowe, IJCV 2004 uses 0.8;
-#: measured on fr1/desk in benchmarks/loop_poses.py)
+#: Lowe's ratio test: best / second-best descriptor distance below this (Lowe, IJCV 2004: 0.8). Measured on
+#: fr1/desk's 69 revisits (unguided, depth / no depth without a pose): 0.7 -> 3 / 14, 0.8 -> 0 / 3,
+#: 0.9 -> 0 / 5 with a monocular rotation p90 of 2.8 deg (1.9 at 0.8) and 2-3x the time
 RATIO = 0.8
 #: patch guidance radius, image pixels: a local match is kept when a verified patch correspondence has its
 #: query centre within this of the query keypoint and its match centre within this of the match keypoint.
@@ -58,11 +61,15 @@ MIN_METRIC_INLIERS = 15
 #: revisits with 22 and 28 inliers were wrong by 15 and 26 deg (a near-planar desk view), the next with 34
 #: was right; 30 keeps 66 of 69 revisits
 MIN_MONO_INLIERS = 30
-#: fewest matches with a 3-D point to try METRIC (PnP needs 4; RANSAC needs many more to be reliable)
-MIN_METRIC_POINTS = 12
+#: fewest matches with a 3-D point to try METRIC (EPnP needs 4 a sample; below MIN_METRIC_INLIERS no
+#: result can pass anyway, this only skips the RANSAC early)
+MIN_METRIC_POINTS = 15
 # -- METRIC ------------------------------------------------------------------------------------
-#: RANSAC reprojection threshold (ideal pixels) of cv2.solvePnPRansac; SIFT keypoints of fr1/desk's raw
-#: 640x480 Kinect images reproject within ~1-2 px after undistortion; measured in benchmarks/loop_poses.py
+#: RANSAC reprojection threshold (ideal pixels) of cv2.solvePnPRansac (EPnP samples). Measured on fr1/desk's
+#: 69 revisits: 2 px -> 2 without a pose, 4 px -> 0, 8 px -> 0 with the same errors (rotation 0.71-0.73 deg
+#: median, translation 1.0 cm); inlier residual sigmas are 0.8-1.8 px. The final inliers are chosen by the
+#: data's own noise (INLIER_SIGMAS). 500 iterations at confidence 0.999: OpenCV's default 100 stops early
+#: when a quarter of 30 matches are inliers
 PNP_THRESHOLD_PX = 4.0
 PNP_ITERATIONS = 500
 PNP_CONFIDENCE = 0.999
@@ -80,6 +87,9 @@ SIGMA_FLOOR_PX = 0.5
 #: fr1 intrinsics and distortion, 0-20 ms colour-depth offset, depth noise) do not average out over n points.
 #: The floors are what no residual shows (ground truth interpolated at the colour stamp, motion blur).
 #: Two-fold cross-validation (fit on even pairs, test on odd and back) gives METRIC NEES means 7.0 and 5.2.
+#: ROTATION_ONLY: fitted on fr1/desk's consecutive frames (0.1 s apart, 14 of 190 rotation-only; no revisit
+#: is): the fit puts the scale at 0 and the floor at 0.0135 rad; the scale is kept at 1 so that a bad fit
+#: (large residuals) still widens the covariance. Numbers and the fit: docs/poses.md.
 METRIC_SCALE = (23.0, 18.0)  # variance factors of (w, dt)
 METRIC_FLOOR = (0.0040, 0.0035)  # rad, m
 DIRECTION_SCALE = (30.0, 48.0)  # variance factors of (w, a)
@@ -87,14 +97,19 @@ DIRECTION_FLOOR = (0.0047, 0.0090)  # rad, rad
 ROTATION_SCALE = 1.0  # variance factor of w (ROTATION_ONLY)
 ROTATION_FLOOR = 0.0135  # rad
 # -- monocular ---------------------------------------------------------------------------------
-#: RANSAC threshold (ideal pixels) for the essential matrix and the rotation-only fit
+#: RANSAC threshold (ideal pixels) for the essential matrix and the rotation-only fit. Measured on fr1/desk's
+#: revisits without depth: 1.5 px -> 5 without a pose, 3 px -> 3 (rotation p90 1.9 deg), 6 px -> 4 with a
+#: rotation p90 of 4.7 deg and direction p90 of 23 deg (wrong matches pass)
 MONO_THRESHOLD_PX = 3.0
 #: a ROTATION_AND_DIRECTION pose needs this many residual sigmas of median rotation-compensated parallax
 #: (geometry.MIN_PARALLAX_SIGMAS, 10, was measured on synthetic scenes); below it: ROTATION_ONLY
 MIN_PARALLAX_SIGMAS = 10.0
+#: 2-point samples of the rotation-only RANSAC: with 50 % inliers 200 samples miss all-inlier ones with
+#: probability 0.75^200 ~ 1e-25
 ROTATION_RANSAC_ITERATIONS = 200
 #: seeded RANSAC: the same pair gives the same pose (numpy Generator seed)
 RANSAC_SEED = 0
+#: Gauss-Newton steps per refinement (the start is within a RANSAC threshold: 2-4 steps converge)
 GN_MAX_ITERS = 10
 
 
