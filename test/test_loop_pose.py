@@ -213,3 +213,35 @@ def test_bad_inputs_raise() -> None:
         lp.estimate_loop_pose(LocalFeatures(f.keypoints, f.descriptors[:5]), _features(m), cam)
     empty = LocalFeatures(np.zeros((0, 2), np.float32), np.zeros((0, 128), np.uint8))
     assert lp.estimate_loop_pose(empty, _features(m), cam) is None
+
+
+def test_depth_points_follow_the_depth_image() -> None:
+    """3-D points: z is the PNG depth / 5000 at the keypoint (median of a smooth window), x/z and y/z the ray's."""
+    from pnv_ros.errors import ImageError
+
+    q = _pairs("revisit")[0][0]
+    f = _features(q)
+    raw = cv2.imread(str(_set()[1][q][1]), cv2.IMREAD_UNCHANGED)
+    ok = np.isfinite(f.points).all(axis=1)
+    assert f.has_depth and ok.sum() > 0.5 * len(f)
+    kp = np.rint(f.keypoints[ok]).astype(int)
+    z_png = raw[kp[:, 1], kp[:, 0]] / 5000.0
+    valid = z_png > 0
+    np.testing.assert_allclose(f.points[ok][valid, 2], z_png[valid], rtol=0.06)  # DEPTH_EDGE_REL 5 % of the median
+    np.testing.assert_allclose(
+        f.points[ok][:, :2] / f.points[ok][:, 2:], f.rays[ok][:, :2] / f.rays[ok][:, 2:], rtol=1e-5
+    )
+    with pytest.raises(ImageError, match="not 16UC1"):
+        depth_in_metres(raw, "8UC1")
+    with pytest.raises(ImageError, match="uint16"):
+        depth_in_metres(raw.astype(np.float32), "16UC1")
+    with pytest.raises(ImageError, match=r"\(H, W\)"):
+        depth_in_metres(raw[None], "16UC1")
+    with pytest.raises(ImageError, match="depth image"):
+        extract_local_features(_image(q), _set()[3], np.zeros((10, 10), np.float32))
+    q2, m2 = _pairs("revisit")[2]
+    raw2 = cv2.imread(str(_set()[1][m2][1]), cv2.IMREAD_UNCHANGED)
+    none = extract_local_features(_image(m2), _set()[3], depth_in_metres(np.zeros_like(raw2), "16UC1", 5000.0))
+    assert none.points is not None and not none.has_depth
+    pose = lp.estimate_loop_pose(_features(q2), none, _set()[3])  # all-zero depth: the monocular pose
+    assert pose is not None and pose.type != PoseType.METRIC
