@@ -16,8 +16,10 @@ Convention (docs/poses.md): parent = query camera, child = matched camera, optic
 (parent axes, m); the METRIC covariance is of ``(w, dt)``, rotation first.
 
 Covariances are ``sigma^2 inv(J^T J)`` at the optimum (J in pixels per parameter, ideal pixels of the query
-camera), sigma the residual standard deviation floored per pose type, then multiplied by a per-type factor
-measured against ground truth (NEES) in benchmarks/loop_poses.py; constants below give their sources.
+camera), sigma the inliers' residual standard deviation floored at ``SIGMA_FLOOR_PX``, then calibrated
+against ground truth as ``D C D + diag(floor^2)`` (:func:`calibrated`; ``METRIC_*``, ``DIRECTION_*``,
+``ROTATION_*``, fitted by benchmarks/loop_poses.py --calibrate); constants below give their sources.
+When the match has depth but PnP finds too few inliers, the monocular path is tried (it needs more inliers).
 """
 
 from __future__ import annotations
@@ -38,23 +40,36 @@ from pnv_ros.geometry import (
 from pnv_ros.local_features import LocalFeatures
 
 # -- matching ---------------------------------------------------------------------------------
-#: Lowe's ratio test: best / second-best descriptor distance below this (Lowe, IJCV 2004 uses 0.8;
-#: measured on fr1/desk in benchmarks/loop_poses.py)
+#: Lowe's ratio test: best / second-best descriptor distance below this (Lowe, IJCV 2004: 0.8). Measured on
+#: fr1/desk's 69 revisits (unguided, depth / no depth without a pose): 0.7 -> 3 / 14, 0.8 -> 0 / 3,
+#: 0.9 -> 0 / 5 with a monocular rotation p90 of 2.8 deg (1.9 at 0.8) and 2-3x the time
 RATIO = 0.8
 #: patch guidance radius, image pixels: a local match is kept when a verified patch correspondence has its
 #: query centre within this of the query keypoint and its match centre within this of the match keypoint.
-#: Patch centres land 16 px (median) from where the ground truth puts them on fr1/desk (issue 28) and the
-#: default model's patches span ~60 image px; measured in benchmarks/loop_poses.py
-GUIDANCE_RADIUS_PX = 48.0
+#: Patch centres land 16 px (median) from where the ground truth puts them on fr1/desk (issue 28), and a
+#: speed-preset patch (5 x 5 cells of 16 network px) spans ~90 image px. Measured on fr1/desk's 69 revisits
+#: (docs/results/loop_poses.md, --radii 24,48,96,160): 24 px leaves 5 (depth) / 18 (no depth) without a pose,
+#: 48 px 0 / 6, 96 px 0 / 4 with the unguided errors (rotation 0.72 deg median, translation 1.0 / 2.1 cm);
+#: guidance does not improve accuracy there (SIFT's ratio test already rejects most wrong matches) but
+#: halves the time spent on non-revisits. 96 keeps the evidence and the speed-up
+GUIDANCE_RADIUS_PX = 96.0
 # -- evidence ----------------------------------------------------------------------------------
-#: fewest inliers for any pose; measured on fr1/desk: revisit pairs give >= 40 PnP / epipolar inliers
-#: among SIFT mutual matches, non-revisit controls <= 12 (benchmarks/loop_poses.py)
-MIN_INLIERS = 20
-#: fewest matches with a 3-D point to try METRIC (PnP needs 4; RANSAC needs many more to be reliable)
-MIN_METRIC_POINTS = 12
+#: fewest PnP inliers for METRIC. Measured on fr1/desk (benchmarks/loop_poses.py, 69 revisits, 20 controls):
+#: no control reaches 8 PnP inliers; revisits have 16-241 (the one with 16 is right: 1.3 deg, 2 cm)
+MIN_METRIC_INLIERS = 15
+#: fewest epipolar / rotation inliers for a monocular pose. Measured on fr1/desk: no control reaches 8; two
+#: revisits with 22 and 28 inliers were wrong by 15 and 26 deg (a near-planar desk view), the next with 34
+#: was right; 30 keeps 66 of 69 revisits
+MIN_MONO_INLIERS = 30
+#: fewest matches with a 3-D point to try METRIC (EPnP needs 4 a sample; below MIN_METRIC_INLIERS no
+#: result can pass anyway, this only skips the RANSAC early)
+MIN_METRIC_POINTS = 15
 # -- METRIC ------------------------------------------------------------------------------------
-#: RANSAC reprojection threshold (ideal pixels) of cv2.solvePnPRansac; SIFT keypoints of fr1/desk's raw
-#: 640x480 Kinect images reproject within ~1-2 px after undistortion; measured in benchmarks/loop_poses.py
+#: RANSAC reprojection threshold (ideal pixels) of cv2.solvePnPRansac (EPnP samples). Measured on fr1/desk's
+#: 69 revisits: 2 px -> 2 without a pose, 4 px -> 0, 8 px -> 0 with the same errors (rotation 0.71-0.73 deg
+#: median, translation 1.0 cm); inlier residual sigmas are 0.8-1.8 px. The final inliers are chosen by the
+#: data's own noise (INLIER_SIGMAS). 500 iterations at confidence 0.999: OpenCV's default 100 stops early
+#: when a quarter of 30 matches are inliers
 PNP_THRESHOLD_PX = 4.0
 PNP_ITERATIONS = 500
 PNP_CONFIDENCE = 0.999
@@ -64,21 +79,37 @@ MAD_TO_SIGMA = 1.4826
 #: residual sigma floor per feature type (ideal pixels): SIFT's sub-pixel keypoint localisation is good to
 #: ~0.3-0.5 px on sharp images; the floor only matters for (near) noise-free data
 SIGMA_FLOOR_PX = 0.5
-#: covariance factors (variance scale) per pose type, from the NEES of fr1/desk's revisit pairs
-#: (benchmarks/loop_poses.py): the residual sigma misses depth noise, correlated keypoint errors
-#: and the small bias of the rolling-shutter Kinect images; 1.0 until measured
-METRIC_COV_SCALE = 1.0
-DIRECTION_COV_SCALE = 1.0
-ROTATION_COV_SCALE = 1.0
+#: Calibration of the covariances on fr1/desk against ground truth (benchmarks/loop_poses.py --calibrate): the
+#: reported covariance is ``D C D + diag(floor^2)``, C the residual covariance above, D = diag(sqrt(scale)) per
+#: block (rotation, translation / direction), fitted by maximum likelihood of the revisit pairs' errors
+#: (Gaussian, e ~ N(0, D C D + F)). The scales (variance, ~20-50) say the keypoint residuals are not
+#: independent: errors shared by all points of an image (rolling shutter of the moving Kinect, the published
+#: fr1 intrinsics and distortion, 0-20 ms colour-depth offset, depth noise) do not average out over n points.
+#: The floors are what no residual shows (ground truth interpolated at the colour stamp, motion blur).
+#: Two-fold cross-validation (fit on even pairs, test on odd and back) gives METRIC NEES means 7.0 and 5.2.
+#: ROTATION_ONLY: fitted on fr1/desk's consecutive frames (0.1 s apart, 14 of 190 rotation-only; no revisit
+#: is): the fit puts the scale at 0 and the floor at 0.0135 rad; the scale is kept at 1 so that a bad fit
+#: (large residuals) still widens the covariance. Numbers and the fit: docs/poses.md.
+METRIC_SCALE = (23.0, 18.0)  # variance factors of (w, dt)
+METRIC_FLOOR = (0.0040, 0.0035)  # rad, m
+DIRECTION_SCALE = (30.0, 48.0)  # variance factors of (w, a)
+DIRECTION_FLOOR = (0.0047, 0.0090)  # rad, rad
+ROTATION_SCALE = 1.0  # variance factor of w (ROTATION_ONLY)
+ROTATION_FLOOR = 0.0135  # rad
 # -- monocular ---------------------------------------------------------------------------------
-#: RANSAC threshold (ideal pixels) for the essential matrix and the rotation-only fit
+#: RANSAC threshold (ideal pixels) for the essential matrix and the rotation-only fit. Measured on fr1/desk's
+#: revisits without depth: 1.5 px -> 5 without a pose, 3 px -> 3 (rotation p90 1.9 deg), 6 px -> 4 with a
+#: rotation p90 of 4.7 deg and direction p90 of 23 deg (wrong matches pass)
 MONO_THRESHOLD_PX = 3.0
 #: a ROTATION_AND_DIRECTION pose needs this many residual sigmas of median rotation-compensated parallax
 #: (geometry.MIN_PARALLAX_SIGMAS, 10, was measured on synthetic scenes); below it: ROTATION_ONLY
 MIN_PARALLAX_SIGMAS = 10.0
+#: 2-point samples of the rotation-only RANSAC: with 50 % inliers 200 samples miss all-inlier ones with
+#: probability 0.75^200 ~ 1e-25
 ROTATION_RANSAC_ITERATIONS = 200
 #: seeded RANSAC: the same pair gives the same pose (numpy Generator seed)
 RANSAC_SEED = 0
+#: Gauss-Newton steps per refinement (the start is within a RANSAC threshold: 2-4 steps converge)
 GN_MAX_ITERS = 10
 
 
@@ -96,17 +127,20 @@ def _as_features(name: str, f: LocalFeatures) -> None:
         raise ConfigError(f"{name}: points {f.points.shape} must be ({n}, 3)")
 
 
-def match_descriptors(query: np.ndarray, match: np.ndarray, ratio: float = RATIO) -> tuple[np.ndarray, np.ndarray]:
+def match_descriptors(
+    query: np.ndarray, match: np.ndarray, ratio: float | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Mutual nearest neighbours passing Lowe's ratio test (L2 on SIFT descriptors).
 
     Args:
-        query, match: (Nq, 128), (Nm, 128) uint8 descriptors; ratio: ``RATIO``.
+        query, match: (Nq, 128), (Nm, 128) uint8 descriptors; ratio: None = ``RATIO``.
 
     Returns:
         ``(iq, im)``: (K,) int index arrays into query and match.
     """
     import cv2
 
+    ratio = RATIO if ratio is None else float(ratio)
     if len(query) < 2 or len(match) < 2:
         return np.zeros(0, int), np.zeros(0, int)
     bf = cv2.BFMatcher(cv2.NORM_L2)
@@ -148,6 +182,16 @@ def _ideal(rays: np.ndarray, k: np.ndarray) -> np.ndarray:
 
 def _robust_sigma(r: np.ndarray) -> float:
     return max(MAD_TO_SIGMA * float(np.median(np.abs(r))), SIGMA_FLOOR_PX)
+
+
+def calibrated(cov: np.ndarray, blocks: tuple[int, ...], scale: tuple[float, ...], floor: tuple[float, ...]):
+    """``D C D + diag(floor^2)`` of a (n, n) covariance C whose coordinates come in blocks of the given sizes,
+    D = diag(sqrt(scale)) blockwise; floor in the coordinates' units (rad, m). Stays symmetric positive
+    (semi)definite: a congruence plus a non-negative diagonal."""
+    d = np.concatenate([np.full(b, np.sqrt(s)) for b, s in zip(blocks, scale, strict=True)])
+    f = np.concatenate([np.full(b, fl**2) for b, fl in zip(blocks, floor, strict=True)])
+    out = d[:, None] * cov * d[None, :] + np.diag(f)
+    return 0.5 * (out + out.T)
 
 
 # -- METRIC ------------------------------------------------------------------------------------
@@ -206,7 +250,7 @@ def _metric_pose(pts: np.ndarray, uv: np.ndarray, k: np.ndarray) -> RelativePose
         confidence=PNP_CONFIDENCE,
         flags=cv2.SOLVEPNP_EPNP,
     )
-    if not ok or inl is None or len(inl) < MIN_INLIERS:
+    if not ok or inl is None or len(inl) < MIN_METRIC_INLIERS:
         return None
     rot = cv2.Rodrigues(rvec)[0]
     t = tvec.ravel().astype(np.float64)
@@ -218,7 +262,7 @@ def _metric_pose(pts: np.ndarray, uv: np.ndarray, k: np.ndarray) -> RelativePose
         e = np.linalg.norm(r_all.reshape(-1, 2), axis=1)
         new_sel = e <= max(INLIER_SIGMAS * _robust_sigma(r_all.reshape(-1, 2)[sel].ravel()), SIGMA_FLOOR_PX)
         new_sel &= (pts @ rot.T + t)[:, 2] > 0
-        if new_sel.sum() < MIN_INLIERS:
+        if new_sel.sum() < MIN_METRIC_INLIERS:
             return None
         if np.array_equal(new_sel, sel):
             break
@@ -228,10 +272,9 @@ def _metric_pose(pts: np.ndarray, uv: np.ndarray, k: np.ndarray) -> RelativePose
     n = int(sel.sum())
     sigma2 = max(float(r @ r) / (r.size - 6), SIGMA_FLOOR_PX**2)
     try:
-        cov = METRIC_COV_SCALE * sigma2 * np.linalg.inv(jac.T @ jac)
+        cov = calibrated(sigma2 * np.linalg.inv(jac.T @ jac), (3, 3), METRIC_SCALE, METRIC_FLOOR)
     except np.linalg.LinAlgError:
         return None
-    cov = 0.5 * (cov + cov.T)
     if not np.isfinite(cov).all():
         return None
     norm = float(np.linalg.norm(t))
@@ -274,7 +317,7 @@ def _rotation_residuals(rot, rq, rm, uvq, k):
 def _rotation_only(rq: np.ndarray, rm: np.ndarray, k: np.ndarray) -> RelativePose | None:
     """Rotation mapping match rays rm onto query rays rq (n, 3), RANSAC + Gauss-Newton, (3, 3) covariance."""
     n = len(rq)
-    if n < MIN_INLIERS:
+    if n < MIN_MONO_INLIERS:
         return None
     f = 0.5 * (k[0, 0] + k[1, 1])
     thr = MONO_THRESHOLD_PX / f  # radians, about
@@ -286,7 +329,7 @@ def _rotation_only(rq: np.ndarray, rm: np.ndarray, k: np.ndarray) -> RelativePos
         count = int((np.linalg.norm(rq - rm @ rot.T, axis=1) < thr).sum())
         if count > best_count:
             best, best_count = rot, count
-    if best is None or best_count < MIN_INLIERS:
+    if best is None or best_count < MIN_MONO_INLIERS:
         return None
     sel = np.linalg.norm(rq - rm @ best.T, axis=1) < thr
     rot = _kabsch(rq[sel], rm[sel])
@@ -301,15 +344,14 @@ def _rotation_only(rq: np.ndarray, rm: np.ndarray, k: np.ndarray) -> RelativePos
         r_all, _ = _rotation_residuals(rot, rq, rm, uvq, k)
         e = np.linalg.norm(r_all.reshape(-1, 2), axis=1)
         new_sel = e <= INLIER_SIGMAS * _robust_sigma(r_all.reshape(-1, 2)[sel].ravel())
-        if new_sel.sum() < MIN_INLIERS:
+        if new_sel.sum() < MIN_MONO_INLIERS:
             return None
         if np.array_equal(new_sel, sel):
             break
         sel = new_sel
     r, jac = _rotation_residuals(rot, rq[sel], rm[sel], uvq[sel], k)
     sigma2 = max(float(r @ r) / (r.size - 3), SIGMA_FLOOR_PX**2)
-    cov = ROTATION_COV_SCALE * sigma2 * np.linalg.inv(jac.T @ jac)
-    cov = 0.5 * (cov + cov.T)
+    cov = calibrated(sigma2 * np.linalg.inv(jac.T @ jac), (3,), (ROTATION_SCALE,), (ROTATION_FLOOR,))
     return RelativePose(
         rotation=rot,
         direction=np.zeros(3),
@@ -327,9 +369,11 @@ def _rotation_only(rq: np.ndarray, rm: np.ndarray, k: np.ndarray) -> RelativePos
 
 def _monocular(rq: np.ndarray, rm: np.ndarray, k: np.ndarray) -> RelativePose | None:
     uvq, uvm = _ideal(rq, k), _ideal(rm, k)
-    pose = relative_pose(uvq, uvm, k, threshold_px=MONO_THRESHOLD_PX, min_inliers=MIN_INLIERS, min_parallax_sigmas=0)
+    pose = relative_pose(
+        uvq, uvm, k, threshold_px=MONO_THRESHOLD_PX, min_inliers=MIN_MONO_INLIERS, min_parallax_sigmas=0
+    )
     if pose is not None and pose.parallax_px >= MIN_PARALLAX_SIGMAS * pose.sigma_px:
-        cov = DIRECTION_COV_SCALE * pose.covariance
+        cov = calibrated(pose.covariance, (3, 2), DIRECTION_SCALE, DIRECTION_FLOOR)
         b = pose.tangent_basis
         return dataclasses.replace(
             pose, covariance=cov, rotation_covariance=cov[:3, :3], direction_covariance=b @ cov[3:, 3:] @ b.T
@@ -356,7 +400,8 @@ def estimate_loop_pose(
     Returns:
         A :class:`RelativePose` of type METRIC (``translation`` metres, (6, 6) covariance of (w, dt)),
         ROTATION_AND_DIRECTION ((5, 5) of (w, a)) or ROTATION_ONLY ((3, 3) of w); None when there are fewer
-        than ``MIN_INLIERS`` geometrically consistent matches (not the same place, or too little overlap).
+        than ``MIN_METRIC_INLIERS`` (with depth) or ``MIN_MONO_INLIERS`` (without) geometrically consistent
+        matches (not the same place, or too little overlap).
 
     Raises:
         ConfigError: inputs that are not LocalFeatures of consistent shapes, a camera that is not a
@@ -376,7 +421,7 @@ def estimate_loop_pose(
             query.keypoints[iq].astype(np.float64), match.keypoints[im].astype(np.float64), pp, GUIDANCE_RADIUS_PX
         )
         iq, im = iq[keep], im[keep]
-    if len(iq) < MIN_INLIERS:
+    if len(iq) < min(MIN_METRIC_INLIERS, MIN_MONO_INLIERS):
         return None
     k = camera.matrix
     rq = (query.rays if query.rays is not None else camera.rays(query.keypoints))[iq].astype(np.float64)
@@ -391,3 +436,31 @@ def estimate_loop_pose(
             if pose is not None:
                 return pose
     return _monocular(rq, rm, k)
+
+
+def ros_pose_covariance(pose: RelativePose) -> np.ndarray:
+    """(6, 6) covariance of a METRIC pose in ROS ``PoseWithCovariance`` order (x, y, z, rx, ry, rz): the
+    contract's (w, dt) reordered to (dt, w); both are about the parent (query) camera's axes.
+
+    Raises:
+        ConfigError: a pose that is not METRIC.
+    """
+    if pose.type != PoseType.METRIC:
+        raise ConfigError(f"a {pose.type.name} pose has no 6x6 covariance")
+    order = [3, 4, 5, 0, 1, 2]
+    return pose.covariance[np.ix_(order, order)].copy()
+
+
+def gtsam_pose3_covariance(pose: RelativePose) -> np.ndarray:
+    """(6, 6) covariance of a METRIC pose for GTSAM ``Pose3`` ``between(query, match) = Pose3(Rot3(R), t)``,
+    in Pose3's tangent order (omega_body, v_body): ``blockdiag(R^T, R^T) C blockdiag(R, R)`` (to first
+    order, ``T_true = T Exp(xi)`` with xi = (R^T w, R^T dt)); feed it to ``noiseModel.Gaussian.Covariance``.
+
+    Raises:
+        ConfigError: a pose that is not METRIC.
+    """
+    if pose.type != PoseType.METRIC:
+        raise ConfigError(f"a {pose.type.name} pose has no 6x6 covariance")
+    a = np.zeros((6, 6))
+    a[:3, :3] = a[3:, 3:] = pose.rotation.T
+    return a @ pose.covariance @ a.T
