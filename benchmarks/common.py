@@ -8,6 +8,7 @@ Benchmarks run as scripts (``.venv/bin/python benchmarks/NAME.py``): their own f
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import sys
@@ -93,11 +94,23 @@ def write_md(path: str | Path, lines: Iterable[str]) -> Path:
     return path
 
 
+def _finite(x: Any) -> Any:
+    """The record with every NaN or infinite float as None (null): JSON (RFC 8259) has no NaN."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
 def write_json(path: str | Path, record: Any) -> Path:
-    """Write a run's numbers as indented JSON atomically, creating its folder. Returns the path."""
+    """Write a run's numbers as indented JSON atomically, creating its folder (NaN and inf as null: strict JSON
+    that any reader takes). Returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, json.dumps(record, indent=1) + "\n")
+    write_text_atomic(path, json.dumps(_finite(record), indent=1, allow_nan=False) + "\n")
     return path
 
 

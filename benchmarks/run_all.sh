@@ -7,7 +7,7 @@ DATA=${DATA:-../shared/data}
 OUT=${OUT:-out/bench}
 mkdir -p "$OUT"
 PY=.venv/bin/python
-STEPS=${STEPS:-1234567}  # e.g. STEPS=345 to skip the timing steps
+STEPS=${STEPS:-12345678}  # e.g. STEPS=345 to skip the timing steps
 step() { [[ $STEPS == *$1* ]]; }
 if step 1; then
 echo "== 1. side by side with the reference (extraction, re-ranking, floors, memory)"
@@ -47,4 +47,8 @@ if step 7; then
 echo "== 7. model families: VGG-16 default vs dinov2_vlad (recall, sequences, cost; writes docs/results/model_families.*)"
 .venv/bin/pnv models build dinov2_vlad -q  # no-op when present
 $PY benchmarks/model_families.py --data "$DATA" --out "$OUT/model_families"
+fi
+if step 8; then
+echo "== 8. loop poses on TUM fr1/desk: patch centres (before) vs local features, with and without depth (docs/results/loop_poses.*)"
+$PY benchmarks/loop_poses.py --data "$DATA/tum_rgbd_fr1_desk" --calibrate --radii 24,48,96,160
 fi

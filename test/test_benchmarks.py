@@ -42,3 +42,22 @@ def test_gpu_check_runs_on_cpu(random_ckpt: Path, tmp_path: Path) -> None:
     assert set(report["rerank_ms_per_query_top100"]) == {"speed", "performance"}
     assert all(v > 0 for v in report["rerank_ms_per_query_top100"].values())
     assert "re-rank top-100 speed (rapid)" in r.stdout
+
+
+def test_loop_poses_benchmark_on_the_shipped_pairs(tmp_path: Path) -> None:
+    """benchmarks/loop_poses.py end to end on data/tum_fr1_desk_pairs (the full fr1/desk set is not in a clone):
+    every revisit METRIC with depth and close to ground truth, no control posed, strict JSON."""
+    md, js = tmp_path / "poses.md", tmp_path / "poses.json"
+    cmd = [sys.executable, str(REPO / "benchmarks/loop_poses.py"), "--data", str(REPO / "data/tum_fr1_desk_pairs")]
+    r = subprocess.run([*cmd, "--no-model", "--md", str(md), "--json", str(js)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    text = js.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    rec = {s["method"]: s for s in json.loads(text)["summaries"]}
+    metric = rec["revisit: local, depth"]
+    assert metric["pairs"] >= 5 and metric["METRIC"] == metric["pairs"] and metric["none"] == 0
+    assert metric["trans_cm"][0] < 5.0 and metric["rot_deg"][0] < 2.0
+    assert 1.0 < metric["nees6"] < 20.0
+    for name in ("control: local, depth", "control: local, no depth"):
+        assert rec[name]["pairs"] >= 2 and rec[name]["none"] == rec[name]["pairs"]
+    assert "revisit: local, depth" in md.read_text()
