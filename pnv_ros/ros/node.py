@@ -148,6 +148,7 @@ class LoopClosureNode(Node):
     def _worker_offer(self, msg: Image | CompressedImage) -> None:
         self._last_input = time.monotonic()
         self._camera_frame = msg.header.frame_id
+        self._depth.pin(C.stamp_to_ns(msg.header.stamp))  # its depth outlives the ring while the frame waits
         self.worker.offer(msg)
 
     def _on_drop(self, msg: Image | CompressedImage) -> None:
