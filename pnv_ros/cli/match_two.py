@@ -107,7 +107,8 @@ def read_depth(path: str | Path, scale: float = DEFAULT_DEPTH_SCALE) -> np.ndarr
 
 def pose_json(pose: RelativePose | None, reason: str = "") -> dict[str, Any]:
     """A relative pose as JSON: ``type`` (its name), ``rotation_xyzw``, ``translation`` (metres, METRIC) or
-    ``direction`` (unit, ROTATION_AND_DIRECTION), ``rotation_covariance`` (3 x 3, rad^2), ``translation_covariance``
+    ``direction`` (unit) and ``tangent_basis`` (3 x 2, the basis B of the covariance's direction angles) for
+    ROTATION_AND_DIRECTION, ``rotation_covariance`` (3 x 3, rad^2), ``translation_covariance``
     (3 x 3, m^2, METRIC), ``covariance`` (row-major: 9 / 25 / 36 by type), ``inliers``, ``rms_error_px``;
     ``{"type": "NONE", "covariance": []}`` for no pose, with ``"reason"`` when one is given. Conventions:
     :class:`pnv_ros.geometry.RelativePose`."""
@@ -125,6 +126,7 @@ def pose_json(pose: RelativePose | None, reason: str = "") -> dict[str, Any]:
         out["translation"] = pose.translation.tolist()
     elif pose.type == PoseType.ROTATION_AND_DIRECTION:
         out["direction"] = pose.direction.tolist()
+        out["tangent_basis"] = pose.tangent_basis.tolist()  # (3, 2): the covariance's a = its 2 coordinates
     out["rotation_covariance"] = pose.rotation_covariance.tolist()
     if pose.type == PoseType.METRIC:
         out["translation_covariance"] = pose.translation_covariance.tolist()
