@@ -429,3 +429,28 @@ def test_depth_of_a_pinned_frame_outlives_the_ring() -> None:
     for i in range(MAX_PINS + 3):
         inp.pin((6000 + i) * ms)
     assert len(inp._pins) == MAX_PINS
+
+
+def test_depth_of_another_frame_id_is_used_with_one_warning() -> None:
+    """A depth image whose frame_id is not the colour image's (a RealSense's unaligned depth/image_rect_raw is
+    640 x 480 like its colour stream) is used but said, once per pair of frames; registered depth (the colour
+    camera's frame_id) is said nothing."""
+    from types import SimpleNamespace
+
+    import cv2
+
+    from pnv_ros.ros.depth import DepthInput
+
+    tum = Path(__file__).parent.parent / "data" / "tum_fr1_desk_pairs"
+    png = cv2.imread(str(next((tum / "depth").glob("*.png"))), cv2.IMREAD_UNCHANGED)
+    ms, shape, colour = 1_000_000, (480, 640, 3), "camera_color_optical_frame"
+    inp = DepthInput()
+    answers = []
+    for i, frame in enumerate((colour, "camera_depth_optical_frame", "camera_depth_optical_frame", colour)):
+        msg = _depth_msg(png, "16UC1")
+        msg.header = SimpleNamespace(frame_id=frame)
+        inp.add((1000 + 100 * i) * ms, msg)
+        answers.append(inp.for_frame((1000 + 100 * i) * ms, 20 * ms, shape, colour))
+    assert all(a.depth_m is not None and a.skip is None for a in answers)
+    assert [a.warning is not None for a in answers] == [False, True, False, False]
+    assert "'camera_depth_optical_frame' is not the colour image's 'camera_color_optical_frame'" in answers[1].warning

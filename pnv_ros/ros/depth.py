@@ -85,6 +85,7 @@ class DepthInput:
         self._cond = threading.Condition()
         self._ring: deque[tuple[int, Any]] = deque(maxlen=capacity)
         self._warned: set[str] = set()
+        self._frames_warned: set[tuple[str, str]] = set()  # (colour frame, depth frame) pairs said
         self._pins: dict[int, tuple[int, Any] | None] = {}  # colour stamp -> (stamp, msg) nearest it so far
         self.scale = scale
         self.counts = {k: 0 for k in SKIPS}
@@ -132,9 +133,16 @@ class DepthInput:
             s, msg = min(candidates, key=lambda e: abs(e[0] - stamp_ns))
         return msg if abs(s - stamp_ns) <= tolerance_ns else None
 
-    def for_frame(self, stamp_ns: int, tolerance_ns: int, image_shape: tuple[int, ...]) -> DepthAnswer:
+    def for_frame(
+        self, stamp_ns: int, tolerance_ns: int, image_shape: tuple[int, ...], image_frame: str = ""
+    ) -> DepthAnswer:
         """The depth (H, W) float32 metres (NaN = none) for the colour frame of this stamp and shape, or why
-        not. No depth ever received is no skip (a camera without depth): an empty answer."""
+        not. No depth ever received is no skip (a camera without depth): an empty answer. A depth image whose
+        header.frame_id is not the colour image's ``image_frame`` is used, with a warning once per pair of
+        frames: registered depth carries the colour camera's frame (a RealSense's aligned_depth_to_color,
+        depth_image_proc's register); the depth camera's own (``depth/image_rect_raw``) is not registered, and
+        its points would make wrong METRIC poses (some recorded sets, TUM's bags, keep the depth frame's name on
+        registered depth: hence a warning, not a skip)."""
         if not len(self):
             return DepthAnswer()
         msg = self.nearest(stamp_ns, tolerance_ns)
@@ -155,7 +163,16 @@ class DepthInput:
                 "depth_empty", f"the {enc} depth image has no valid depth (all zero, NaN or out of range)"
             )
         self._warned.clear()  # good depth again: the next trouble is said again
-        return DepthAnswer(depth_m)
+        frame = str(getattr(getattr(msg, "header", None), "frame_id", "") or "")
+        if not image_frame or not frame or frame == image_frame or (image_frame, frame) in self._frames_warned:
+            return DepthAnswer(depth_m)
+        self._frames_warned.add((image_frame, frame))
+        return DepthAnswer(
+            depth_m,
+            warning=f"the depth image's frame_id {frame!r} is not the colour image's {image_frame!r}: depth must be "
+            "registered to the colour camera (a RealSense's aligned_depth_to_color/image_raw, depth_image_proc's "
+            "register); unregistered depth makes wrong METRIC poses",
+        )
 
     def _skip(self, kind: str, reason: str) -> DepthAnswer:
         self.counts[kind] += 1
