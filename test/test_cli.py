@@ -599,6 +599,47 @@ def test_match_two_json_pose_with_and_without_depth() -> None:
     assert r.returncode == 0 and "relative pose (parent = IMAGE_A, child = IMAGE_B): METRIC" in r.stdout, r.stdout
 
 
+def _tum_pose(parent: str, child: str) -> np.ndarray:
+    """(4, 4) ground truth of the child camera in the parent camera (groundtruth_at_rgb.txt: optical centres in
+    the world, tx ty tz qx qy qz qw): X_parent = R X_child + t."""
+    from scipy.spatial.transform import Rotation
+
+    gt = {}
+    for line in (TUM / "groundtruth_at_rgb.txt").read_text().splitlines():
+        f = line.split()
+        if f and not f[0].startswith("#"):
+            m = np.eye(4)
+            m[:3, :3], m[:3, 3] = Rotation.from_quat([float(v) for v in f[4:8]]).as_matrix(), [float(v) for v in f[1:4]]
+            gt[f[0]] = m
+    return np.linalg.inv(gt[parent]) @ gt[child]
+
+
+@pytest.mark.slow
+def test_match_two_min_score_gives_the_pose_of_a_low_scoring_revisit() -> None:
+    """pairs.txt's first revisit scores below min_score with the default model: NONE with the reason by default;
+    --min-score 0 gives its METRIC pose, which agrees with the ground truth within its covariance (chi-square,
+    6 DoF, 0.999: 22.46)."""
+    from scipy.spatial.transform import Rotation
+
+    q, m = next(f[:2] for f in map(str.split, (TUM / "pairs.txt").read_text().splitlines()) if f[-1:] == ["revisit"])
+    args = [str(TUM / "rgb" / f"{s}.jpg") for s in (q, m)] + ["--camera", str(TUM / "camera.yaml"), "--json"]
+    args += ["--depth", _tum_depth(q), _tum_depth(m), "--depth-scale", "5000"]
+    r = run("match-two", "-q", *args)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["score"] < 0.12 and out["relative_pose"]["type"] == "NONE", out
+    assert "below min_score 0.12" in out["relative_pose"]["reason"]
+    r = run("match-two", "-q", *args, "--min-score", "0")
+    assert r.returncode == 0, r.stderr
+    rp = json.loads(r.stdout)["relative_pose"]
+    assert rp["type"] == "METRIC", rp
+    want = _tum_pose(q, m)
+    w = Rotation.from_matrix(want[:3, :3] @ Rotation.from_quat(rp["rotation_xyzw"]).as_matrix().T).as_rotvec()
+    e = np.concatenate([w, want[:3, 3] - np.array(rp["translation"])])
+    assert e @ np.linalg.solve(np.reshape(rp["covariance"], (6, 6)), e) < 22.46, e
+    assert run("match-two", "-q", *args, "--min-score", "1.5").returncode == 2  # out of range: argparse
+
+
 def test_match_two_bad_camera_or_depth_is_one_error_line(tmp_path: Path) -> None:
     """A missing, corrupt or mis-sized depth image, a camera YAML that is none, --depth without --camera: one
     ``error:`` line, exit 1 (before any model loads: no checkpoint is needed to say so)."""

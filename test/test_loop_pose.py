@@ -245,3 +245,20 @@ def test_depth_points_follow_the_depth_image() -> None:
     assert none.points is not None and not none.has_depth
     pose = lp.estimate_loop_pose(_features(q2), none, _set()[3])  # all-zero depth: the monocular pose
     assert pose is not None and pose.type != PoseType.METRIC
+
+
+def test_tangent_basis_follows_the_recipe_of_the_message() -> None:
+    """RelativePose.msg and docs/poses.md spell out the direction covariance's basis B for backends outside
+    Python (i = the smallest |d_k|, first on ties; b1 = normalize(d x e_i); b2 = d x b1): it is
+    geometry.tangent_basis, orthonormal and orthogonal to d, on random and tied directions."""
+    rng = np.random.default_rng(7)
+    dirs = [*rng.normal(size=(50, 3)), [0.0, 0.0, 1.0], [1.0, 1.0, 0.0], [1.0, 1.0, 1.0], [0.0, -1.0, 0.0]]
+    for v in dirs:
+        d = np.asarray(v, float) / np.linalg.norm(v)
+        i = int(np.argmin(np.abs(d)))
+        b1 = np.cross(d, np.eye(3)[i])
+        b1 /= np.linalg.norm(b1)
+        recipe = np.column_stack([b1, np.cross(d, b1)])
+        got = tangent_basis(d)
+        assert np.allclose(got, recipe, atol=1e-12), (d, got, recipe)
+        assert np.allclose(got.T @ got, np.eye(2)) and np.allclose(d @ got, 0.0)

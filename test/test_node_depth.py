@@ -134,3 +134,56 @@ def test_node_depth_metric_loop_and_bad_depth(ros: Client, tmp_path: Path) -> No
     assert "Traceback" not in out, out[-3000:]
     for needle in ("no valid depth", "the depth image is 320 x 240, the colour image 640 x 480", "'rgb8'"):
         assert out.count(needle) == 1, (needle, out[-3000:])
+
+
+@pytest.mark.slow
+def test_node_depth_streamed_at_30_hz(ros: Client, tmp_path: Path) -> None:
+    """A RealSense streams depth at 30 Hz whether or not the node is busy: each colour frame's depth image comes
+    just before it, then more keep coming while the keyframe is extracted (longer than the node's 8-message
+    depth ring lasts, 0.27 s, on a CPU). The frame still gets its own depth, and the revisit is METRIC."""
+    from diagnostic_msgs.msg import DiagnosticArray
+
+    node = start_node(
+        tmp_path, "-p", "image_qos:=reliable", "-p", "min_visual_change:=0.0", "-p", "exclude_recent_keyframes:=0"
+    )
+    n = ros.node
+    pub_depth = n.create_publisher(Image, "depth", 10)
+    pub_info = n.create_publisher(CameraInfo, "camera_info", 10)
+    diags: list[DiagnosticArray] = []
+    n.create_subscription(DiagnosticArray, "/diagnostics", diags.append, 50)
+    ros.loops.clear()
+    ros.acks.clear()
+    try:
+        ros.wait_ready()
+        assert ros.spin_until(lambda: pub_depth.get_subscription_count() and pub_info.get_subscription_count(), 30)
+        sent = []
+        for stamp in (MATCH, FILLER, QUERY):
+            d_stamp, mm = _depth_of(stamp)
+            sec, frac = d_stamp.split(".")
+            t0 = int(sec) * 10**9 + int(frac.ljust(9, "0"))
+            pub_info.publish(_camera_info(stamp))
+            pub_depth.publish(_image(mm, "16UC1", d_stamp))
+            ros.pub.publish(
+                _image(np.asarray(PILImage.open(TUM / "rgb" / f"{stamp}.jpg").convert("RGB")), "rgb8", stamp)
+            )
+            mine = lambda a, stamp=stamp: f"{a.stamp.sec}.{a.stamp.nanosec:09d}".startswith(stamp)  # noqa: E731
+            k = 0
+            while not any(map(mine, ros.acks)) and k < 30 * 120:
+                k += 1
+                t = t0 + k * 33_333_333  # the stream goes on: later depth images, the same picture
+                pub_depth.publish(_image(mm, "16UC1", f"{t // 10**9}.{t % 10**9:09d}"))
+                ros.spin_until(lambda: False, 1 / 30)
+            sent.append(k)
+            assert next(a.frame_id for a in ros.acks if mine(a)) == "keyframe"
+        assert ros.spin_until(lambda: ros.loops, 10), "no loop"
+        assert ros.loops[-1].relative_pose.type == RelativePose.METRIC, (ros.loops[-1].relative_pose.type, sent)
+
+        def unmatched() -> str | None:
+            vals = [{kv.key: kv.value for kv in s.values} for d in diags for s in d.status]
+            return next((v["depth_unmatched"] for v in reversed(vals) if "depth_unmatched" in v), None)
+
+        assert ros.spin_until(lambda: unmatched() is not None, 10)
+        assert unmatched() == "0", (unmatched(), sent)
+    finally:
+        out = stop_node(node)
+    assert node.returncode == 0, out[-3000:]

@@ -393,3 +393,64 @@ def test_depth_pairs_by_stamp_and_skips_bad_depth() -> None:
     msg.data = msg.data[:1000]
     inp.add(3000 * ms, msg)
     assert inp.for_frame(3000 * ms, 20 * ms, shape).skip == "depth_malformed"
+
+
+def test_depth_of_a_pinned_frame_outlives_the_ring() -> None:
+    """A depth camera streams at 30 Hz while a keyframe takes longer than the ring (8 messages, 0.27 s) to
+    extract: the depth image nearest a frame pinned on arrival is still found when the frame is handled; an
+    unpinned frame's is gone (depth_unmatched), and pins are bounded (MAX_PINS)."""
+    import cv2
+
+    from pnv_ros.ros.depth import MAX_PINS, DepthInput
+
+    tum = Path(__file__).parent.parent / "data" / "tum_fr1_desk_pairs"
+    png = cv2.imread(str(next((tum / "depth").glob("*.png"))), cv2.IMREAD_UNCHANGED)
+    ms, shape, period = 1_000_000, (480, 640, 3), 33_333_333
+    own = _depth_msg(png, "16UC1")
+    filler = _depth_msg(np.full_like(png, 5000), "16UC1")  # 1 m everywhere: not the frame's depth
+    inp = DepthInput(scale=5000.0)
+    inp.add(995 * ms, own)  # the frame's depth, 5 ms before its colour image
+    inp.pin(1000 * ms)  # the colour frame arrives
+    for i in range(1, 31):  # one second of depth while the frame waits and is extracted
+        inp.add(995 * ms + i * period, filler)
+    a = inp.for_frame(1000 * ms, 20 * ms, shape)
+    assert a.skip is None and np.allclose(a.depth_m, np.where(png > 0, png / 5000.0, np.nan), equal_nan=True)
+    late = DepthInput(scale=5000.0)  # the same stream, no pin: what the ring alone keeps
+    late.add(995 * ms, own)
+    for i in range(1, 31):
+        late.add(995 * ms + i * period, filler)
+    assert late.for_frame(1000 * ms, 20 * ms, shape).skip == "depth_unmatched"
+    # a depth image arriving after its pinned frame is taken when nearer; pins stay bounded
+    inp.pin(5000 * ms)
+    inp.add(5010 * ms, own)
+    for i in range(1, 31):
+        inp.add(5010 * ms + i * period, filler)
+    assert np.allclose(inp.for_frame(5000 * ms, 20 * ms, shape).depth_m, a.depth_m, equal_nan=True)
+    for i in range(MAX_PINS + 3):
+        inp.pin((6000 + i) * ms)
+    assert len(inp._pins) == MAX_PINS
+
+
+def test_depth_of_another_frame_id_is_used_with_one_warning() -> None:
+    """A depth image whose frame_id is not the colour image's (a RealSense's unaligned depth/image_rect_raw is
+    640 x 480 like its colour stream) is used but said, once per pair of frames; registered depth (the colour
+    camera's frame_id) is said nothing."""
+    from types import SimpleNamespace
+
+    import cv2
+
+    from pnv_ros.ros.depth import DepthInput
+
+    tum = Path(__file__).parent.parent / "data" / "tum_fr1_desk_pairs"
+    png = cv2.imread(str(next((tum / "depth").glob("*.png"))), cv2.IMREAD_UNCHANGED)
+    ms, shape, colour = 1_000_000, (480, 640, 3), "camera_color_optical_frame"
+    inp = DepthInput()
+    answers = []
+    for i, frame in enumerate((colour, "camera_depth_optical_frame", "camera_depth_optical_frame", colour)):
+        msg = _depth_msg(png, "16UC1")
+        msg.header = SimpleNamespace(frame_id=frame)
+        inp.add((1000 + 100 * i) * ms, msg)
+        answers.append(inp.for_frame((1000 + 100 * i) * ms, 20 * ms, shape, colour))
+    assert all(a.depth_m is not None and a.skip is None for a in answers)
+    assert [a.warning is not None for a in answers] == [False, True, False, False]
+    assert "'camera_depth_optical_frame' is not the colour image's 'camera_color_optical_frame'" in answers[1].warning

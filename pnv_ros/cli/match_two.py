@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pnv_ros.cli.common import POSITIVE, add_common_options, open_extractor, preset_of
+from pnv_ros.cli.common import POSITIVE, Number, add_common_options, open_extractor, preset_of
 from pnv_ros.errors import ImageError
 
 if TYPE_CHECKING:
@@ -36,7 +36,9 @@ def register(sub: Any) -> None:
         description=(
             "Scores IMAGE_A against IMAGE_B. With --camera, the relative pose of their cameras (parent = IMAGE_A, "
             "the query; child = IMAGE_B, the match): ROTATION_AND_DIRECTION or ROTATION_ONLY from one camera, "
-            "METRIC (translation in metres) with --depth. No pose below the detector's min_score."
+            "METRIC (translation in metres) with --depth. No pose below --min-score (the detector's min_score, "
+            "0.12: what the node would publish as a loop); --min-score 0 measures the pose of any pair, e.g. a loop "
+            "proposed by odometry, its local features deciding (fewer than 15 / 30 consistent matches: NONE)."
         ),
     )
     add_common_options(sp)
@@ -66,6 +68,12 @@ def register(sub: Any) -> None:
         type=POSITIVE,
         default=DEFAULT_DEPTH_SCALE,
         help="units a metre of 16-bit depth (default 1000: millimetres; TUM RGB-D: 5000)",
+    )
+    sp.add_argument(
+        "--min-score",
+        type=Number(float, 0.0, 1.0),
+        default=None,
+        help="least patch score for a pose (default: the detector's min_score, 0.12); 0: the pose of any pair",
     )
     sp.add_argument("--json", action="store_true", help="print one JSON object: score, relative_pose, ...")
     sp.set_defaults(func=cmd_match_two)
@@ -97,17 +105,19 @@ def read_depth(path: str | Path, scale: float = DEFAULT_DEPTH_SCALE) -> np.ndarr
     return depth_in_metres(d, kinds[str(d.dtype)], scale)
 
 
-def pose_json(pose: RelativePose | None) -> dict[str, Any]:
+def pose_json(pose: RelativePose | None, reason: str = "") -> dict[str, Any]:
     """A relative pose as JSON: ``type`` (its name), ``rotation_xyzw``, ``translation`` (metres, METRIC) or
-    ``direction`` (unit, ROTATION_AND_DIRECTION), ``rotation_covariance`` (3 x 3, rad^2), ``translation_covariance``
+    ``direction`` (unit) and ``tangent_basis`` (3 x 2, the basis B of the covariance's direction angles) for
+    ROTATION_AND_DIRECTION, ``rotation_covariance`` (3 x 3, rad^2), ``translation_covariance``
     (3 x 3, m^2, METRIC), ``covariance`` (row-major: 9 / 25 / 36 by type), ``inliers``, ``rms_error_px``;
-    ``{"type": "NONE", "covariance": []}`` for no pose. Conventions: :class:`pnv_ros.geometry.RelativePose`."""
+    ``{"type": "NONE", "covariance": []}`` for no pose, with ``"reason"`` when one is given. Conventions:
+    :class:`pnv_ros.geometry.RelativePose`."""
     from scipy.spatial.transform import Rotation
 
     from pnv_ros.geometry import PoseType
 
     if pose is None or pose.type == PoseType.NONE:
-        return {"type": "NONE", "covariance": []}
+        return {"type": "NONE", "covariance": [], **({"reason": reason} if reason else {})}
     out: dict[str, Any] = {
         "type": pose.type.name,
         "rotation_xyzw": Rotation.from_matrix(pose.rotation).as_quat().tolist(),
@@ -116,6 +126,7 @@ def pose_json(pose: RelativePose | None) -> dict[str, Any]:
         out["translation"] = pose.translation.tolist()
     elif pose.type == PoseType.ROTATION_AND_DIRECTION:
         out["direction"] = pose.direction.tolist()
+        out["tangent_basis"] = pose.tangent_basis.tolist()  # (3, 2): the covariance's a = its 2 coordinates
     out["rotation_covariance"] = pose.rotation_covariance.tolist()
     if pose.type == PoseType.METRIC:
         out["translation_covariance"] = pose.translation_covariance.tolist()
@@ -179,7 +190,8 @@ def cmd_match_two(args: argparse.Namespace) -> int:
             dataclasses.replace(f, local=_local(im, name, camera, d))
             for f, im, name, d in zip((a, b), images, (args.image_a, args.image_b), depths)
         )
-    det = LoopClosureDetector(ex, DetectorParams())
+    least = DetectorParams().min_score if args.min_score is None else args.min_score
+    det = LoopClosureDetector(ex, DetectorParams(min_score=least))
     score, num_matches, num_inliers, pose = det.verify(a, b, args.matcher, camera)
     sc = det.matcher_for(args.matcher).score(a, [b], details=True)
     if args.json:
@@ -189,7 +201,7 @@ def cmd_match_two(args: argparse.Namespace) -> int:
             "score": score,
             "num_matches": num_matches,
             "num_inliers": num_inliers,
-            "relative_pose": pose_json(pose),
+            "relative_pose": pose_json(pose, _none_reason(camera is not None, score, least) if pose is None else ""),
         }
         print(json.dumps(out))
     else:
@@ -207,7 +219,7 @@ def cmd_match_two(args: argparse.Namespace) -> int:
                 f"  patch {size}: raw {sc.raw[0, s]:.4f}, mutual matches {sc.num_matches[0, s]}, "
                 f"inliers {sc.num_inliers[0, s]}"
             )
-        print(_pose_text(pose, camera is not None, score, DetectorParams().min_score))
+        print(_pose_text(pose, camera is not None, score, least))
     if args.out:
         title = f"{Path(args.image_a).name} | {Path(args.image_b).name}"
         save_png(match_image(images[0], images[1], preset, sc.details[0], score, title=title), args.out)
@@ -221,14 +233,7 @@ def _pose_text(pose: RelativePose | None, camera: bool, score: float, min_score:
 
     head = "relative pose (parent = IMAGE_A, child = IMAGE_B)"
     if pose is None:
-        why = (
-            "give --camera"
-            if not camera
-            else f"score below min_score {min_score:g}"
-            if score < min_score
-            else "too few local feature matches"
-        )
-        return f"{head}: NONE ({why})"
+        return f"{head}: NONE ({_none_reason(camera, score, min_score)})"
     from scipy.spatial.transform import Rotation
 
     rv = Rotation.from_matrix(pose.rotation).as_rotvec()
@@ -242,3 +247,12 @@ def _pose_text(pose: RelativePose | None, camera: bool, score: float, min_score:
         d = pose.direction
         text += f", direction [{d[0]:.3f} {d[1]:.3f} {d[2]:.3f}]"
     return text + f", {pose.inliers} inliers"
+
+
+def _none_reason(camera: bool, score: float, min_score: float) -> str:
+    """Why a pair has no pose, in words."""
+    if not camera:
+        return "give --camera"
+    if score < min_score:
+        return f"score {score:.3f} below min_score {min_score:g} (--min-score 0 measures it anyway)"
+    return "too few geometrically consistent local feature matches"

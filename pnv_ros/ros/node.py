@@ -148,6 +148,7 @@ class LoopClosureNode(Node):
     def _worker_offer(self, msg: Image | CompressedImage) -> None:
         self._last_input = time.monotonic()
         self._camera_frame = msg.header.frame_id
+        self._depth.pin(C.stamp_to_ns(msg.header.stamp))  # its depth outlives the ring while the frame waits
         self.worker.offer(msg)
 
     def _on_drop(self, msg: Image | CompressedImage) -> None:
@@ -222,7 +223,8 @@ class LoopClosureNode(Node):
             return decoded[0]
 
         def depth() -> np.ndarray | None:  # called for an admitted frame, after decode
-            a = self._depth.for_frame(stamp, int(self._value("depth_tolerance_s") * 1e9), decoded[0].shape)
+            tol = int(self._value("depth_tolerance_s") * 1e9)
+            a = self._depth.for_frame(stamp, tol, decoded[0].shape, msg.header.frame_id)
             if a.skip:
                 self._events.add(a.skip)
             if a.warning:
