@@ -21,8 +21,8 @@ Poses (parent = query, child = match, ``X_parent = R X_child + t``) are compared
 
 Rows:
 
-- ``patch (today)``: LoopClosureDetector.verify with K (patch centres of the default model's verified
-  matches, geometry.relative_pose, as pnv_ros/detector.py's _pose), raw pixels as today;
+- ``patch (today)``: the pose before issue 28 (patch centres of the default model's verified matches,
+  geometry.relative_pose with K on raw pixels, as that detector's _pose did);
 - ``local, no depth`` / ``local, depth``: estimate_loop_pose on SIFT features (camera with distortion), with
   ``guided``: only local matches near the verified patch correspondences (``--no-model`` skips the model).
 """
@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from pnv_ros.camera_model import CameraModel
-from pnv_ros.geometry import PoseType, RelativePose, rotation_log
+from pnv_ros.geometry import PoseType, RelativePose, relative_pose, rotation_log
 from pnv_ros.local_features import LocalFeatures, depth_in_metres, extract_local_features
 from pnv_ros.loop_pose import estimate_loop_pose
 
@@ -156,22 +156,22 @@ def pose_errors(pose: RelativePose | None, truth: np.ndarray) -> dict:
 
 def patch_pairs_of(det, a, b, k: np.ndarray) -> tuple[float, np.ndarray, RelativePose | None, float]:
     """Score, the verified patch correspondences (M, 4) image px (xq, yq, xm, ym) of the scale with the most
-    inliers (as detector._pose picks them), today's patch-centre pose (verify with K), and its time (s)."""
-    from pnv_ros.features import patch_keypoints, to_image_pixels
-
+    inliers (LoopClosureDetector.patch_pairs), the patch-centre pose of the code before issue 28 (its
+    detector's ``_pose``: geometry.relative_pose on those centres, raw pixels, None under 8), and the time of
+    scoring + that pose (s)."""
     t = time.perf_counter()
-    score, _m, _i, pose = det.verify(a, b, intrinsics=k)
-    dt = time.perf_counter() - t
     with det.lock:
-        sc = det.matcher_for(None).score(a, [b], details=True)
-    details = sc.details[0]
-    s = int(np.argmax([d.num_inliers for d in details]))
-    d = details[s]
-    sel = d.inliers if d.inliers.any() else np.ones(d.num_matches, bool)
-    kp = patch_keypoints(det.preset, s)
-    pq = to_image_pixels(kp, det.preset, a.image_size)[d.query_idx[sel]]
-    pm = to_image_pixels(kp, det.preset, b.image_size)[d.db_idx[sel]]
-    return score, np.column_stack([pq, pm]).astype(np.float64), pose, dt
+        pm = det.matcher_for(None)
+        sc = pm.score(a, [b], details=True)
+        score = float(pm.absolute(sc.raw)[0])
+    pairs = det.patch_pairs(a.image_size, b.image_size, sc.details[0])
+    pose = None
+    if len(pairs) >= 8:
+        try:
+            pose = relative_pose(pairs[:, :2], pairs[:, 2:], k)
+        except (ValueError, np.linalg.LinAlgError):
+            pose = None
+    return score, pairs, pose, time.perf_counter() - t
 
 
 def _stat(rows: list[dict], key: str) -> tuple[float, float]:
@@ -409,7 +409,7 @@ def page(record: dict, patch: dict | None, revisits, controls, lines: list[str])
         "",
         f"{record['revisits']} revisit pairs, {record['controls']} non-revisit controls (rule: the script's docstring). "
         f"SIFT extraction {record['sift_ms']:.0f} ms per frame (1000 keypoints, depth points), once per keyframe; "
-        "ms / pair is the pose alone (for `patch (today)`: LoopClosureDetector.verify, patch scoring included).",
+        "ms / pair is the pose alone (for `patch (today)`: patch scoring included).",
         "",
         *lines,
         "",

@@ -35,8 +35,8 @@ node gives it a ROS message and a decode callable; or :meth:`admit` +
    extracted with the patches, outside the lock.
 6. **Relative pose.** An accepted loop's pose comes from the local features
    of the two keyframes, matched near the patch correspondences that verified
-   the place (:func:`pnv_ros.loop_pose.estimate_loop_pose`): ``METRIC`` when the
-   matched keyframe has depth points, else ``ROTATION_AND_DIRECTION`` or
+   the place (:func:`pnv_ros.loop_pose.estimate_loop_pose`): ``METRIC`` when either
+   keyframe has depth points (the match's, else the query's, inverted), else ``ROTATION_AND_DIRECTION`` or
    ``ROTATION_ONLY``; None without a camera, local features, rays, evidence, or
    when the two images differ in size. Parent = query camera, child = matched
    camera (see :class:`pnv_ros.geometry.RelativePose`).
@@ -102,7 +102,7 @@ class LoopClosure:
 
     relative_pose: the match camera in the query camera from the two keyframes' local features
     (:func:`pnv_ros.loop_pose.estimate_loop_pose`): METRIC (rotation, translation in metres, (6, 6)
-    covariance) when the match has depth points, else ROTATION_AND_DIRECTION or ROTATION_ONLY; None
+    covariance) when either keyframe has depth points, else ROTATION_AND_DIRECTION or ROTATION_ONLY; None
     without a camera, local features (or their rays), evidence, or for images of two sizes.
     match_from_loaded_map: the matched keyframe came with a loaded map (an earlier run), not
     from this run: its stamp is that run's clock, which may overlap this one's after a restart.

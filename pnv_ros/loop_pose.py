@@ -5,7 +5,8 @@ Patch-NetVLAD verifies the place; the pose comes from the keyframes' SIFT featur
 near the verified patch correspondences, then:
 
 - the match keyframe has 3-D points (depth): ``METRIC`` by ``cv2.solvePnPRansac`` (match points, query ideal
-  pixels) refined by Gauss-Newton on the reprojection error, 6x6 covariance of ``(w, dt)``;
+  pixels) refined by Gauss-Newton on the reprojection error, 6x6 covariance of ``(w, dt)``; else the query
+  keyframe's points in the match image, the result :func:`inverted` (a match made before depth arrived);
 - no depth, enough parallax: ``ROTATION_AND_DIRECTION`` by :func:`pnv_ros.geometry.relative_pose` on ideal
   pixels, its (5, 5) covariance of ``(w, a)``;
 - no depth, too little parallax: ``ROTATION_ONLY``, the rotation that maps match bearings onto query bearings
@@ -277,27 +278,53 @@ def _metric_pose(pts: np.ndarray, uv: np.ndarray, k: np.ndarray) -> RelativePose
         return None
     if not np.isfinite(cov).all():
         return None
+    x = pts[sel] @ rot.T + t
+    par = np.linalg.norm(_ideal(x, k) - _ideal(pts[sel] @ rot.T, k), axis=1)
+    return _metric_result(rot, t, cov, n, float(np.sqrt(np.mean(r**2))), float(np.sqrt(sigma2)), float(np.median(par)))
+
+
+def _metric_result(
+    rot: np.ndarray, t: np.ndarray, cov: np.ndarray, n: int, rms_px: float, sigma_px: float, parallax_px: float
+) -> RelativePose:
+    """A METRIC RelativePose from (R, t) and the (6, 6) covariance of (w, dt); the direction fields follow."""
     norm = float(np.linalg.norm(t))
     d = t / norm if norm > 1e-9 else np.zeros(3)
     basis = tangent_basis(d) if norm > 1e-9 else np.zeros((3, 2))
     proj = (np.eye(3) - np.outer(d, d)) / max(norm, 1e-9)
-    x = pts[sel] @ rot.T + t
-    par = np.linalg.norm(_ideal(x, k) - _ideal(pts[sel] @ rot.T, k), axis=1)
     return RelativePose(
         rotation=rot,
         direction=d,
         rotation_covariance=cov[:3, :3],
         direction_covariance=proj @ cov[3:, 3:] @ proj.T if norm > 1e-9 else np.zeros((3, 3)),
         inliers=n,
-        rms_error_px=float(np.sqrt(np.mean(r**2))),
+        rms_error_px=rms_px,
         covariance=cov,
         tangent_basis=basis,
-        sigma_px=float(np.sqrt(sigma2)),
-        parallax_px=float(np.median(par)),
+        sigma_px=sigma_px,
+        parallax_px=parallax_px,
         type=PoseType.METRIC,
         translation=t,
         translation_covariance=cov[3:, 3:],
     )
+
+
+def inverted(pose: RelativePose) -> RelativePose:
+    """The METRIC pose the other way round: (R, t) -> (R^T, -R^T t), its covariance carried to first order.
+
+    With ``R_true = exp([w]x) R`` and ``t_true = t + dt``, the inverse's perturbation is ``w' = -R^T w`` and
+    ``dt' = -R^T [t]x w - R^T dt``: ``C' = J C J^T`` with ``J = [[-R^T, 0], [-R^T [t]x, -R^T]]``.
+
+    Raises:
+        ConfigError: a pose that is not METRIC.
+    """
+    if pose.type != PoseType.METRIC or pose.translation is None:
+        raise ConfigError(f"only a METRIC pose is inverted here, not {pose.type.name}")
+    rt, t = pose.rotation.T, pose.translation
+    tx = np.array([[0.0, -t[2], t[1]], [t[2], 0.0, -t[0]], [-t[1], t[0], 0.0]])
+    jac = np.block([[-rt, np.zeros((3, 3))], [-rt @ tx, -rt]])
+    cov = jac @ pose.covariance @ jac.T
+    cov = 0.5 * (cov + cov.T)
+    return _metric_result(rt, -rt @ t, cov, pose.inliers, pose.rms_error_px, pose.sigma_px, pose.parallax_px)
 
 
 # -- ROTATION_ONLY -----------------------------------------------------------------------------
@@ -391,7 +418,7 @@ def estimate_loop_pose(
 
     Args:
         query, match: the two keyframes' local features. Rays are taken from the features, or computed with
-            ``camera`` from the keypoints when None. ``match.points`` (metres, NaN rows) gives METRIC.
+            ``camera`` from the keypoints when None. ``match.points`` (metres, NaN rows) gives METRIC, else ``query.points`` (inverted).
         camera: the query's camera; its ``matrix`` scales pixel residuals (ideal pixels).
         patch_pairs: (M, 4) float image pixels (xq, yq, xm, ym) of the verified patch correspondences
             (inliers of the dominant scale), or None: local matches are kept only within
@@ -428,13 +455,18 @@ def estimate_loop_pose(
     rm = (match.rays if match.rays is not None else camera.rays(match.keypoints))[im].astype(np.float64)
     front = (rq[:, 2] > 1e-6) & (rm[:, 2] > 1e-6)  # ideal pixels exist (fisheye rays may point sideways)
     iq, im, rq, rm = iq[front], im[front], rq[front], rm[front]
-    if match.points is not None:
-        pts = match.points[im].astype(np.float64)
+    # METRIC from the side with depth: the match's points seen in the query image; else the query's points
+    # seen in the match image, inverted (a match keyframe made before depth arrived, or looking at a wall
+    # beyond the sensor's range while the query is near it)
+    for points, idx, rays, flip in ((match.points, im, rq, False), (query.points, iq, rm, True)):
+        if points is None:
+            continue
+        pts = points[idx].astype(np.float64)
         ok = np.isfinite(pts).all(axis=1)
         if ok.sum() >= MIN_METRIC_POINTS:
-            pose = _metric_pose(pts[ok], _ideal(rq[ok], k), k)
+            pose = _metric_pose(pts[ok], _ideal(rays[ok], k), k)
             if pose is not None:
-                return pose
+                return inverted(pose) if flip else pose
     return _monocular(rq, rm, k)
 
 

@@ -104,7 +104,7 @@ def test_revisits_without_depth_are_monocular() -> None:
     cam = _set()[3]
     got = 0
     for q, m in _pairs("revisit"):
-        pose = lp.estimate_loop_pose(_features(q), _mono(_features(m)), cam)
+        pose = lp.estimate_loop_pose(_mono(_features(q)), _mono(_features(m)), cam)
         if pose is None:
             continue
         got += 1
@@ -124,6 +124,7 @@ def test_controls_give_no_pose() -> None:
     for q, m in _pairs("control"):
         assert lp.estimate_loop_pose(_features(q), _features(m), cam) is None
         assert lp.estimate_loop_pose(_features(q), _mono(_features(m)), cam) is None
+        assert lp.estimate_loop_pose(_mono(_features(q)), _mono(_features(m)), cam) is None
 
 
 def test_pure_rotation_gives_rotation_only() -> None:
@@ -243,7 +244,7 @@ def test_depth_points_follow_the_depth_image() -> None:
     raw2 = cv2.imread(str(_set()[1][m2][1]), cv2.IMREAD_UNCHANGED)
     none = extract_local_features(_image(m2), _set()[3], depth_in_metres(np.zeros_like(raw2), "16UC1", 5000.0))
     assert none.points is not None and not none.has_depth
-    pose = lp.estimate_loop_pose(_features(q2), none, _set()[3])  # all-zero depth: the monocular pose
+    pose = lp.estimate_loop_pose(_mono(_features(q2)), none, _set()[3])  # all-zero depth: the monocular pose
     assert pose is not None and pose.type != PoseType.METRIC
 
 
@@ -262,3 +263,43 @@ def test_tangent_basis_follows_the_recipe_of_the_message() -> None:
         got = tangent_basis(d)
         assert np.allclose(got, recipe, atol=1e-12), (d, got, recipe)
         assert np.allclose(got.T @ got, np.eye(2)) and np.allclose(d @ got, 0.0)
+
+
+def test_depth_on_the_query_side_only_is_metric() -> None:
+    """A match keyframe without depth (made before the depth driver started) and a query with it: the query's
+    points seen in the match image, inverted; as close to ground truth as the other way round."""
+    cam = _set()[3]
+    for q, m in _pairs("revisit"):
+        pose = lp.estimate_loop_pose(_features(q), _mono(_features(m)), cam)
+        assert pose is not None and pose.type == PoseType.METRIC, (q, m)
+        truth = _truth(q, m)
+        assert _rot_err_deg(truth, pose.rotation) < 4.0
+        assert np.linalg.norm(truth[:3, 3] - pose.translation) < 0.08
+        # the roles swapped (the ratio test is one-sided, so the matches differ a little): the same pose
+        swapped = lp.inverted(lp.estimate_loop_pose(_mono(_features(m)), _features(q), cam))
+        assert _rot_err_deg(pose.rotation, swapped.rotation) < 2.0
+        assert np.linalg.norm(pose.translation - swapped.translation) < 0.03
+
+
+def test_inverted_carries_the_covariance() -> None:
+    """inverted(): the covariance of the inverse pose matches the spread of inverses of poses sampled in the
+    documented perturbation (R_true = exp([w]x) R, t_true = t + dt)."""
+    q, m = _pairs("revisit")[0]
+    pose = lp.estimate_loop_pose(_features(q), _features(m), _set()[3])
+    inv = lp.inverted(pose)
+    np.testing.assert_allclose(inv.rotation, pose.rotation.T)
+    np.testing.assert_allclose(inv.translation, -pose.rotation.T @ pose.translation)
+    rng = np.random.default_rng(0)
+    samples = rng.multivariate_normal(np.zeros(6), pose.covariance, 20000)
+    err = []
+    for x in samples:
+        r = rotation_exp(x[:3]) @ pose.rotation
+        t = pose.translation + x[3:]
+        ri, ti = r.T, -r.T @ t
+        err.append(np.concatenate([rotation_log(ri @ inv.rotation.T), ti - inv.translation]))
+    emp = np.cov(np.array(err).T)
+    scale = np.sqrt(np.outer(np.diag(inv.covariance), np.diag(inv.covariance)))
+    np.testing.assert_allclose(emp / scale, inv.covariance / scale, atol=0.05)
+    mono = [lp.estimate_loop_pose(_mono(_features(a)), _mono(_features(b)), _set()[3]) for a, b in _pairs("revisit")]
+    with pytest.raises(ConfigError, match="METRIC"):
+        lp.inverted(next(p for p in mono if p is not None))
