@@ -418,7 +418,8 @@ def estimate_loop_pose(
 
     Args:
         query, match: the two keyframes' local features. Rays are taken from the features, or computed with
-            ``camera`` from the keypoints when None. ``match.points`` (metres, NaN rows) gives METRIC, else ``query.points`` (inverted).
+            ``camera`` from the keypoints when None. ``match.points`` (metres, NaN rows) gives METRIC, else
+            ``query.points`` (the pose :func:`inverted`).
         camera: the query's camera; its ``matrix`` scales pixel residuals (ideal pixels).
         patch_pairs: (M, 4) float image pixels (xq, yq, xm, ym) of the verified patch correspondences
             (inliers of the dominant scale), or None: local matches are kept only within
