@@ -122,6 +122,7 @@ def load_local(frame: Frame, camera: CameraModel) -> tuple[LocalFeatures, float]
 
 
 def without_depth(f: LocalFeatures) -> LocalFeatures:
+    """The features of a camera without depth (the "no depth" rows take it from both keyframes)."""
     return LocalFeatures(f.keypoints, f.descriptors, f.rays, None)
 
 
@@ -205,7 +206,7 @@ def run_local(pairs, feats, frames, camera, patch, depth: bool, radius: float | 
     lp.GUIDANCE_RADIUS_PX = radius if guided else saved
     rows = []
     for q, m in pairs:
-        fq, fm = feats[q], feats[m] if depth else without_depth(feats[m])
+        fq, fm = (feats[q], feats[m]) if depth else (without_depth(feats[q]), without_depth(feats[m]))
         pp = patch[(q, m)][1] if guided else None
         t = time.perf_counter()
         pose = estimate_loop_pose(fq, fm, camera, pp)
@@ -320,7 +321,8 @@ def calibrate(frames, feats, camera, revisits) -> dict:
         consecutive = [(i + 1, i) for i in range(len(frames) - 1) if i in feats and i + 1 in feats]
         for pairs, depth in ((revisits, True), (revisits, False), (consecutive, False)):
             for q, m in pairs:
-                pose = estimate_loop_pose(feats[q], feats[m] if depth else without_depth(feats[m]), camera)
+                fq, fm = (feats[q], feats[m]) if depth else (without_depth(feats[q]), without_depth(feats[m]))
+                pose = estimate_loop_pose(fq, fm, camera)
                 if pose is not None and (pairs is consecutive) == (pose.type == PoseType.ROTATION_ONLY):
                     truth = np.linalg.inv(frames[q].pose) @ frames[m].pose
                     data[pose.type.name].append((_error_vector(pose, truth), pose.covariance.copy()))
