@@ -29,10 +29,22 @@ DISTORTION_MODELS = {"plumb_bob": 5, "rational_polynomial": 8, "equidistant": 4}
 UNDISTORT_CRITERIA = (3, 20, 1e-9)  # cv2.TERM_CRITERIA_COUNT | cv2.TERM_CRITERIA_EPS, max iterations, epsilon
 
 
+def is_camera_matrix(m: np.ndarray) -> bool:
+    """A 3 x 3 pinhole camera matrix: finite, fx and fy > 0, last row 0 0 1."""
+    m = np.asarray(m, dtype=np.float64)
+    return bool(
+        m.shape == (3, 3)
+        and np.isfinite(m).all()
+        and m[0, 0] > 0
+        and m[1, 1] > 0
+        and abs(m[2, 2] - 1.0) < 1e-6
+        and not m[2, :2].any()
+    )
+
+
 def _camera_matrix(m, what: str) -> np.ndarray:
     k = np.asarray(m, dtype=np.float64).reshape(3, 3)
-    ok = np.isfinite(k).all() and k[0, 0] > 0 and k[1, 1] > 0 and abs(k[2, 2] - 1.0) < 1e-6 and not k[2, :2].any()
-    if not ok:
+    if not is_camera_matrix(k):
         raise ConfigError(f"{what} is not a camera matrix (finite, fx, fy > 0, last row 0 0 1): {k.ravel().tolist()}")
     return k
 

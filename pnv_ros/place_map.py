@@ -109,6 +109,33 @@ def _unlink(path: Path) -> None:
         pass
 
 
+def _spill_file(owner: object, folder: Path, prefix: str) -> Path:
+    """A new empty spill file in folder, removed when owner is collected (a file of its own: ids of dead
+    objects are reused)."""
+    fd, name = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=".bin")
+    os.close(fd)
+    path = Path(name)
+    weakref.finalize(owner, _unlink, path)
+    return path
+
+
+def _append_and_map(path: Path, rows: list[np.ndarray], dtype, shape: tuple[int, ...]) -> np.memmap:
+    """Append the rows' bytes to a spill file and map the whole file read-only as ``shape`` of ``dtype``; on any
+    error the file is cut back to its old length (nothing changes) and the error goes on."""
+    size = path.stat().st_size
+    try:
+        with open(path, "ab") as f:
+            for r in rows:
+                f.write(memoryview(np.ascontiguousarray(r).reshape(-1)).cast("B"))
+        return np.memmap(path, dtype=dtype, mode="r", shape=shape)
+    except BaseException:
+        try:
+            os.truncate(path, size)
+        except OSError:
+            pass
+        raise
+
+
 class _Column:
     """Patches (N, P, D) of one scale: [loaded file | spill file | RAM], in id order."""
 
@@ -138,24 +165,9 @@ class _Column:
         """Append the k oldest RAM rows to this scale's spill file and map it; on error nothing changes."""
         rows = self.ram[:k]
         if self.spill_path is None:  # a file of its own (ids of dead objects are reused), removed with the column
-            fd, name = tempfile.mkstemp(dir=folder, prefix=f"patches_{self.p}x{self.d}_", suffix=".bin")
-            os.close(fd)
-            self.spill_path = Path(name)
-            weakref.finalize(self, _unlink, self.spill_path)
-        size = self.spill_path.stat().st_size
+            self.spill_path = _spill_file(self, folder, f"patches_{self.p}x{self.d}_")
         n = len(self.spill) + len(rows)
-        try:
-            with open(self.spill_path, "ab") as f:
-                for r in rows:
-                    f.write(memoryview(np.ascontiguousarray(r).reshape(-1)).cast("B"))
-            mapped = np.memmap(self.spill_path, dtype=self.dtype, mode="r", shape=(n, self.p, self.d))
-        except BaseException:
-            try:
-                os.truncate(self.spill_path, size)
-            except OSError:
-                pass
-            raise
-        self.spill = mapped
+        self.spill = _append_and_map(self.spill_path, rows, self.dtype, (n, self.p, self.d))
         del self.ram[:k]
 
 
@@ -260,24 +272,10 @@ class _LocalColumn:
         n_new = sum(len(r) for _, r in rows)
         total = len(self.spill) + n_new
         if n_new and self.spill_path is None:
-            fd, name = tempfile.mkstemp(dir=folder, prefix="local_features_", suffix=".bin")
-            os.close(fd)
-            self.spill_path = Path(name)
-            weakref.finalize(self, _unlink, self.spill_path)
+            self.spill_path = _spill_file(self, folder, "local_features_")
         mapped = self.spill
         if n_new:
-            size = self.spill_path.stat().st_size
-            try:
-                with open(self.spill_path, "ab") as f:
-                    for _, r in rows:
-                        f.write(memoryview(np.ascontiguousarray(r)).cast("B"))
-                mapped = np.memmap(self.spill_path, dtype=LOCAL_RECORD, mode="r", shape=(total,))
-            except BaseException:
-                try:
-                    os.truncate(self.spill_path, size)
-                except OSError:
-                    pass
-                raise
+            mapped = _append_and_map(self.spill_path, [r for _, r in rows], LOCAL_RECORD, (total,))
         counts = np.array([len(r) for _, r in rows], np.int64)
         self.spill_offsets = np.concatenate([self.spill_offsets, self.spill_offsets[-1] + np.cumsum(counts)])
         self.spill_flags = np.concatenate([self.spill_flags, np.array([f for f, _ in rows], np.uint8)])

@@ -68,8 +68,9 @@ def ros():
     rclpy.shutdown()
 
 
-@pytest.mark.slow
-def test_node_depth_metric_loop_and_bad_depth(ros: Client, tmp_path: Path) -> None:
+def _start_with_depth(ros: Client, tmp_path: Path):
+    """The node (every frame a keyframe candidate, no recency exclusion) and this side's depth and camera_info
+    publishers and /diagnostics list."""
     from diagnostic_msgs.msg import DiagnosticArray
 
     node = start_node(
@@ -80,6 +81,12 @@ def test_node_depth_metric_loop_and_bad_depth(ros: Client, tmp_path: Path) -> No
     pub_info = n.create_publisher(CameraInfo, "camera_info", 10)
     diags: list[DiagnosticArray] = []
     n.create_subscription(DiagnosticArray, "/diagnostics", diags.append, 50)
+    return node, pub_depth, pub_info, diags
+
+
+@pytest.mark.slow
+def test_node_depth_metric_loop_and_bad_depth(ros: Client, tmp_path: Path) -> None:
+    node, pub_depth, pub_info, diags = _start_with_depth(ros, tmp_path)
     ros.loops.clear()
     ros.keyframes.clear()
     ros.acks.clear()
@@ -141,16 +148,7 @@ def test_node_depth_streamed_at_30_hz(ros: Client, tmp_path: Path) -> None:
     """A RealSense streams depth at 30 Hz whether or not the node is busy: each colour frame's depth image comes
     just before it, then more keep coming while the keyframe is extracted (longer than the node's 8-message
     depth ring lasts, 0.27 s, on a CPU). The frame still gets its own depth, and the revisit is METRIC."""
-    from diagnostic_msgs.msg import DiagnosticArray
-
-    node = start_node(
-        tmp_path, "-p", "image_qos:=reliable", "-p", "min_visual_change:=0.0", "-p", "exclude_recent_keyframes:=0"
-    )
-    n = ros.node
-    pub_depth = n.create_publisher(Image, "depth", 10)
-    pub_info = n.create_publisher(CameraInfo, "camera_info", 10)
-    diags: list[DiagnosticArray] = []
-    n.create_subscription(DiagnosticArray, "/diagnostics", diags.append, 50)
+    node, pub_depth, pub_info, diags = _start_with_depth(ros, tmp_path)
     ros.loops.clear()
     ros.acks.clear()
     try:

@@ -17,15 +17,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from pnv_ros.camera_model import CameraModel
+from pnv_ros.camera_model import CameraModel, is_camera_matrix
 from pnv_ros.errors import ConfigError
-
-
-def is_camera_matrix(m: np.ndarray) -> bool:
-    """A 3 x 3 pinhole camera matrix: finite, fx and fy > 0, last row 0 0 1."""
-    return bool(
-        np.isfinite(m).all() and m[0, 0] > 0 and m[1, 1] > 0 and abs(m[2, 2] - 1.0) < 1e-6 and not m[2, :2].any()
-    )
 
 
 def camera_from_info(
