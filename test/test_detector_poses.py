@@ -119,9 +119,14 @@ def test_verify_poses_only_pairs_above_min_score(run, camera: CameraModel) -> No
         assert s2 == score and none is None
     finally:
         det.params = params
-    # without depth points on the matched side: the monocular types from the same local features
+    # without depth points on the matched side: METRIC from the query's points (inverted), as close
     flat = dataclasses.replace(m, local=dataclasses.replace(m.local, points=None))
-    *_, mono = det.verify(q, flat, camera=camera)
+    *_, inv = det.verify(q, flat, camera=camera)
+    assert inv is not None and inv.type == PoseType.METRIC
+    assert np.linalg.norm(inv.translation - pose.translation) < 0.03
+    # without depth on either side: the monocular types from the same local features
+    q_flat = dataclasses.replace(q, local=dataclasses.replace(q.local, points=None))
+    *_, mono = det.verify(q_flat, flat, camera=camera)
     assert mono is not None and mono.type in (PoseType.ROTATION_AND_DIRECTION, PoseType.ROTATION_ONLY)
     assert mono.translation is None and mono.covariance.shape == ((5, 5) if mono.type == 1 else (3, 3))
     r_gt, _ = _gt(QUERY, MATCH)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from conftest import CPU_BF16, RTAB, rtab_frame
 from PIL import Image as PILImage
 
@@ -22,6 +23,8 @@ from pnv_ros.msg import Keyframe, LoopClosure, RelativePose  # noqa: E402
 from pnv_ros.srv import MapCommand, QueryPlace, VerifyPair  # noqa: E402
 from sensor_msgs.msg import Image  # noqa: E402
 from std_msgs.msg import Header  # noqa: E402
+
+FR1 = RTAB.parents[1] / "tum_fr1_desk_pairs"  # fr1/desk RGB-D frames (CC BY 4.0, see its README)
 
 NODE = str(Path(sys.executable).parent / "loop_closure_node")
 G = np.load(RTAB.parent / "gt_matrix.npy")
@@ -321,9 +324,13 @@ def test_node_compressed_odometry_pose_markers(ros: Client, tmp_path: Path) -> N
         ros.wait_ready(pub)
         assert ros.spin_until(lambda: pub_odom.get_subscription_count() > 0, 30)
         assert ros.spin_until(lambda: pub_info.get_subscription_count() > 0, 30)
-        info = CameraInfo(width=512, height=384)
-        info.k = [400.0, 0.0, 256.0, 0.0, 400.0, 192.0, 0.0, 0.0, 1.0]
-        info.p = [400.0, 0.0, 256.0, 0.0, 0.0, 400.0, 192.0, 0.0, 0.0, 0.0, 1.0, 0.0]  # as image_proc gives it
+        # fr1/desk's raw colour camera (K, plumb_bob D, P), as camera_calibration wrote it
+        cam = yaml.safe_load((FR1 / "camera.yaml").read_text())
+        info = CameraInfo(width=cam["image_width"], height=cam["image_height"])
+        info.k = cam["camera_matrix"]["data"]
+        info.d = cam["distortion_coefficients"]["data"]
+        info.distortion_model = cam["distortion_model"]
+        info.p = cam["projection_matrix"]["data"]
         pub_info.publish(info)
 
         def send(sec: int, data: bytes, x: float) -> str:
@@ -341,24 +348,26 @@ def test_node_compressed_odometry_pose_markers(ros: Client, tmp_path: Path) -> N
             return next(a.frame_id for a in acks if a.stamp.sec == sec)
 
         assert send(1, b"\xff\xd8\xff\xe0 definitely not a jpeg", 0.0) == "error"
-        assert send(2, rtab_frame(22).read_bytes(), 0.0) == "keyframe"
-        assert send(3, rtab_frame(3).read_bytes(), 5.0) == "keyframe"
-        assert send(30, rtab_frame(63).read_bytes(), 0.5) == "keyframe"  # revisits frame 22
+        # fr1/desk (raw JPEGs): a place, another place (score 0.02 against the revisit), the revisit (score 0.21)
+        assert send(2, (FR1 / "rgb/1305031454.459913.jpg").read_bytes(), 0.0) == "keyframe"
+        assert send(3, (FR1 / "rgb/1305031453.359684.jpg").read_bytes(), 5.0) == "keyframe"
+        assert send(30, (FR1 / "rgb/1305031468.727785.jpg").read_bytes(), 0.5) == "keyframe"  # revisits 2
         assert ros.spin_until(lambda: len(ros.loops) >= 1 and markers and pictures, 30)
         # camera_info for another size (a full-resolution camera_info beside a resized image): no relative pose
-        info = CameraInfo(width=1024, height=768)
-        info.k = [800.0, 0.0, 512.0, 0.0, 800.0, 384.0, 0.0, 0.0, 1.0]
-        assert send(31, rtab_frame(63).read_bytes(), 2.0) == "keyframe"  # frame 22 again (30 is too recent)
+        info = CameraInfo(width=1280, height=960)
+        info.k = [1034.6, 0.0, 637.2, 0.0, 1033.0, 510.6, 0.0, 0.0, 1.0]
+        assert send(31, (FR1 / "rgb/1305031468.727785.jpg").read_bytes(), 2.0) == "keyframe"  # 2 again
         assert ros.spin_until(lambda: any(lc.query_stamp.sec == 31 for lc in ros.loops), 30)
     finally:
         out = stop_node(node)
     other_size = next(lc for lc in ros.loops if lc.query_stamp.sec == 31)
     assert other_size.relative_pose.type == RelativePose.NONE and other_size.match_stamp.sec == 2
-    assert "camera_info is for 1024 x 768 images but the image is 512 x 384" in out
+    assert "camera_info is for 1280 x 960 images but the image is 640 x 480" in out
     lc = next(lc for lc in ros.loops if lc.query_stamp.sec == 30)
     assert lc.query_stamp.sec == 30 and lc.match_stamp.sec == 2 and lc.method == "ransac" and lc.num_inliers > 0
     rp = lc.relative_pose
-    assert rp.type == RelativePose.ROTATION_AND_DIRECTION  # camera_info was given: a direction, never a position
+    # camera_info without depth: a direction, never a position (from SIFT features, distortion applied)
+    assert rp.type == RelativePose.ROTATION_AND_DIRECTION and len(rp.covariance) == 25
     assert abs(np.linalg.norm([rp.direction.x, rp.direction.y, rp.direction.z]) - 1.0) < 1e-6
     assert rp.inliers >= 8 and np.trace(np.reshape(rp.rotation_covariance, (3, 3))) > 0
     assert rp.parent_frame_id == rp.child_frame_id == "odom"

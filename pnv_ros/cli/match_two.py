@@ -181,7 +181,8 @@ def cmd_match_two(args: argparse.Namespace) -> int:
     from pnv_ros.images import load_image
     from pnv_ros.viz import match_image, save_png
 
-    images = [np.asarray(load_image(p, bit_depth=args.bit_depth)) for p in (args.image_a, args.image_b)]
+    pictures = [load_image(p, bit_depth=args.bit_depth) for p in (args.image_a, args.image_b)]  # PIL images
+    images = [np.asarray(im) for im in pictures]
     ex = open_extractor(args, preset_of(args))
     preset = ex.preset  # the model's: a DINOv2 model brings its backbone and input size
     a, b = ex.extract(images)
@@ -222,7 +223,7 @@ def cmd_match_two(args: argparse.Namespace) -> int:
         print(_pose_text(pose, camera is not None, score, least))
     if args.out:
         title = f"{Path(args.image_a).name} | {Path(args.image_b).name}"
-        save_png(match_image(images[0], images[1], preset, sc.details[0], score, title=title), args.out)
+        save_png(match_image(pictures[0], pictures[1], preset, sc.details[0], score, title=title), args.out)
         print(f"wrote {args.out}", file=sys.stderr if args.json else sys.stdout)  # stdout: the JSON alone
     return 0
 
