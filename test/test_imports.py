@@ -27,6 +27,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "pnv_ros.engines.spec",  # engine names, RuntimeSpec, the identity tag (torch-free)
             "pnv_ros.geometry",  # relative pose from matched keypoints
             "pnv_ros.camera_model",  # camera_info's K, D, model and size: undistortion, rays
+            "pnv_ros.trajectory",  # stamped poses, the odometry drift model, ATE / RPE (evo), loop pose errors
             "pnv_ros.index",  # the FAISS global index
             "pnv_ros.eval.ground_truth",  # ground-truth files and tolerances (pure)
             "pnv_ros.eval.metrics",  # recall and precision (pure)
@@ -37,6 +38,7 @@ LAYERS: list[tuple[str, list[str]]] = [
         [
             "pnv_ros.images",  # decoding images of any depth
             "pnv_ros.image_msgs",  # sensor_msgs/Image fields to arrays (no ROS import)
+            "pnv_ros.tum",  # TUM RGB-D folders (rgb.txt, depth.txt, associations) and trajectory files
             "pnv_ros.bags",  # ROS 1 / ROS 2 bags through rosbags (no ROS install)
             "pnv_ros.features",  # PlaceFeatures, FeatureSet and their files
             "pnv_ros.matching",  # patch matching and re-ranking

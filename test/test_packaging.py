@@ -66,6 +66,7 @@ PY_DEPS = {
     "torchvision": ("torchvision", "python3-pytorch-pip"),
     "faiss": ("faiss-cpu", None),
     "rosbags": ("rosbags", None),
+    "evo": ("evo", None),
     "onnx": ("onnx", None),
     "tomli": ("tomli", None),
     "yaml": ("pyyaml", "python3-yaml"),
