@@ -263,7 +263,8 @@ RPE_DELTA_M = 1.0
 
 
 def rpe(truth: Trajectory, estimate: Trajectory, delta_m: float = RPE_DELTA_M) -> dict[str, float]:
-    """Relative pose error RMSE over pose pairs ``delta_m`` metres of path apart (evo's ``RPE``, no alignment):
+    """Relative pose error RMSE over every pose pair ``delta_m`` metres of path apart (evo's ``RPE``, all pairs,
+    no alignment; TUM's evaluate_rpe.py also takes all pairs):
     ``{"translation_rmse_m", "rotation_rmse_deg", "pairs"}``; NaN values and 0 pairs when the path is shorter.
 
     Raises:
@@ -278,7 +279,7 @@ def rpe(truth: Trajectory, estimate: Trajectory, delta_m: float = RPE_DELTA_M) -
         ("translation_rmse_m", metrics.PoseRelation.translation_part),
         ("rotation_rmse_deg", metrics.PoseRelation.rotation_angle_deg),
     ):
-        r = metrics.RPE(rel, delta=delta_m, delta_unit=Unit.meters, all_pairs=False)
+        r = metrics.RPE(rel, delta=delta_m, delta_unit=Unit.meters, all_pairs=True)
         try:
             r.process_data((_evo(truth), _evo(estimate)))
         except metrics.MetricsException:  # no pair that far apart
