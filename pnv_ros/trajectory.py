@@ -219,7 +219,8 @@ class DriftModel:
 
 
 # -- errors ------------------------------------------------------------------------------------
-def _evo(traj: Trajectory):
+def to_evo(traj: Trajectory):
+    """evo's ``PoseTrajectory3D`` of ``traj`` (a new object: evo's ``align`` changes it in place)."""
     from evo.core.trajectory import PoseTrajectory3D
 
     q = traj.quaternions
@@ -250,7 +251,7 @@ def ate_rmse(truth: Trajectory, estimate: Trajectory) -> float:
     _same_stamps(truth, estimate, "ATE")
     if len(truth) < 3:
         raise TrajectoryError(f"ATE needs at least 3 poses to align, got {len(truth)}")
-    ref, est = _evo(truth), _evo(estimate)
+    ref, est = to_evo(truth), to_evo(estimate)
     est.align(ref, correct_scale=False)
     ape = metrics.APE(metrics.PoseRelation.translation_part)
     ape.process_data((ref, est))
@@ -281,7 +282,7 @@ def rpe(truth: Trajectory, estimate: Trajectory, delta_m: float = RPE_DELTA_M) -
     ):
         r = metrics.RPE(rel, delta=delta_m, delta_unit=Unit.meters, all_pairs=True)
         try:
-            r.process_data((_evo(truth), _evo(estimate)))
+            r.process_data((to_evo(truth), to_evo(estimate)))
         except metrics.MetricsException:  # no pair that far apart
             return {"translation_rmse_m": float("nan"), "rotation_rmse_deg": float("nan"), "pairs": 0}
         out[key] = float(r.get_statistic(metrics.StatisticsType.rmse))

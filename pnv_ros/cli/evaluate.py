@@ -38,6 +38,14 @@ def register(sub: Any) -> None:
     sp.add_argument("--gt-radius", type=POSITIVE, default=None, help="distance threshold for a positions GT")
     sp.add_argument("--gt-min-gap", type=NON_NEGATIVE, default=0.0, help="minimum time gap (s) for a positions GT")
     add_gt_csv_options(sp)
+    sp.add_argument(
+        "--gt-poses",
+        default=None,
+        metavar="FILE",
+        help="ground-truth poses: a TUM trajectory file (t tx ty tz qx qy qz qw) or a CSV name,x,y[,z] with a row per "
+        "frame; adds 'trajectory' (odometry ATE / RPE at the keyframes, evo) and 'loop_transforms' (METRIC loop "
+        "poses against it) to metrics.json, and trajectory.png",
+    )
     sp.add_argument("--out", required=True, metavar="RUN_DIR")
     sp.add_argument("--force", action="store_true", help="replace an existing RUN_DIR")
     sp.add_argument("--node", action="store_true", help="through a live loop_closure_node (bag played in lockstep)")
@@ -53,7 +61,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from pnv_ros.eval.run_folder import check_run_folder, write_run_folder
 
     out = Path(args.out)
-    check_run_folder(out, force=args.force, inputs=[args.bag, args.gt] + ([args.config] if args.config else []))
+    extra_inputs = [p for p in (args.config, args.gt_poses) if p]
+    check_run_folder(out, force=args.force, inputs=[args.bag, args.gt, *extra_inputs])
     preset = preset_of(args)
     with BagReader(Path(args.bag), args.topic) as r:  # fail early: topic, count
         n_frames, topic = r.count, r.topic
@@ -65,6 +74,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         positives_as=args.gt_positives,
         index_base=args.gt_index_base,
     )
+    if args.gt_poses:
+        from pnv_ros.eval.trajectory_eval import GroundTruthPoses
+
+        GroundTruthPoses(args.gt_poses, n_frames)  # a bad file fails before the replay
     params = detector_params(args)
     from pnv_ros.eval.report import write_run  # torch: after the input checks
 
@@ -96,9 +109,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "params": params.__dict__,
         "args": {k: v for k, v in vars(args).items() if k != "func"},
     }
-    m = write_run_folder(
-        out, lambda folder: write_run(folder, result, positives, params.min_score, info, title=Path(args.bag).name)
-    )
+    if args.gt_poses:
+        info["gt_poses"] = str(args.gt_poses)
+
+    def write(folder: Path) -> dict[str, Any]:
+        if args.gt_poses:
+            from pnv_ros.eval.trajectory_eval import trajectory_metrics
+
+            plot = folder / "trajectory.png"
+            info.update(trajectory_metrics(Path(args.bag), result, args.gt_poses, params.min_score, topic, plot=plot))
+        return write_run(folder, result, positives, params.min_score, info, title=Path(args.bag).name)
+
+    m = write_run_folder(out, write)
     at, skipped = m["at_threshold"], m["skipped_frames"]["count"]
     print(
         f"wrote {out}: {m['keyframes']} keyframes, precision {at['precision']:.3f}, recall {at['recall']:.3f}, "
@@ -106,6 +128,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         f"R@100%P {m['recall_at_100_precision']:.3f}"
         + (f"; {skipped} frame(s) skipped (cannot be decoded: see report.md)" if skipped else "")
     )
+    if "trajectory" in m:
+        tr, lt = m["trajectory"], m["loop_transforms"]
+        ate = "-" if tr["ate_rmse_m_odometry"] is None else format(tr["ate_rmse_m_odometry"], ".3f")
+        print(
+            f"trajectory: odometry ATE {ate} m at {tr['keyframes_with_odometry']} keyframes; {lt['count']} METRIC "
+            f"loop pose(s): median {lt['median_translation_error_m']:.3f} m / "
+            f"{lt['median_rotation_error_deg']:.2f} deg, NEES mean {lt['nees_mean']:.1f}"
+        )
     return 0
 
 

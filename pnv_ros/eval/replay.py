@@ -22,6 +22,11 @@ import numpy as np
 from pnv_ros.bags import IMAGE_TYPES, ODOM_TYPE, BagError, BagReader
 from pnv_ros.detector import DetectorParams, LoopClosureDetector
 from pnv_ros.extract import FeatureExtractor
+from pnv_ros.geometry import RelativePose
+
+#: a frame takes the bag's depth image nearest its stamp within this (ns): the node's depth_tolerance_s default
+#: (0.02 s, TUM RGB-D's associate.py)
+DEPTH_TOLERANCE_NS = 20_000_000
 
 
 @dataclass
@@ -39,6 +44,8 @@ class KeyframeRecord:
     t_extract: float = float("nan")
     t_rerank: float = float("nan")
     t_total: float = float("nan")
+    #: the loop's relative pose (query camera = parent), None without a loop, a camera or evidence
+    relative_pose: RelativePose | None = None
 
 
 @dataclass
@@ -81,7 +88,9 @@ def replay_in_process(
     topic: str | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> ReplayResult:
-    """Every image of the bag through a LoopClosureDetector in this process."""
+    """Every image of the bag through a LoopClosureDetector in this process, with the bag's odometry pose
+    (position and orientation), its camera (the first camera_info) and, for admitted frames, its registered depth
+    image nearest the frame's stamp (within ``DEPTH_TOLERANCE_NS``), as the node gets them."""
     det = LoopClosureDetector(extractor, params.replace(min_score=0.0))
     records: list[KeyframeRecord] = []
     kf_frame: list[int] = []
@@ -91,6 +100,7 @@ def replay_in_process(
     t0 = time.perf_counter()
     with BagReader(bag, topic, bit_depth=extractor.bit_depth) as r:
         total = r.count
+        camera = r.camera_model()
         for fr in r.frames():
             stamps.append(fr.stamp_ns)
             if fr.rgb is None:  # as the node: logged, skipped, the run goes on
@@ -98,7 +108,14 @@ def replay_in_process(
                 if progress:
                     progress(fr.index + 1, total)
                 continue
-            res = det.process(fr.rgb, fr.stamp_ns, fr.position)
+            res = det.process(
+                fr.rgb,
+                fr.stamp_ns,
+                fr.position,
+                camera=camera,
+                orientation=fr.orientation,
+                depth=lambda s=fr.stamp_ns: r.depth_at(s, DEPTH_TOLERANCE_NS),
+            )
             if res.keyframe_id is not None:
                 kf_frame.append(fr.index)
                 thumbs[fr.index] = _thumb(fr.rgb)
@@ -116,6 +133,9 @@ def replay_in_process(
                         res.timings.get("extract", np.nan),
                         res.timings.get("rerank", np.nan),
                         res.timings.get("total", np.nan),
+                        res.loop.relative_pose
+                        if res.loop is not None and c is not None and res.loop.match_id == c.id
+                        else None,
                     )
                 )
             if progress:

@@ -340,8 +340,42 @@ def _report_markdown(metrics: dict[str, Any], threshold: float, info: dict[str, 
         "Examples (worst false positives, missed loops) are in `examples/`.",
         "",
     ]
+    lines += _trajectory_lines(metrics)
     lines += _unfindable_and_skipped_lines(metrics)
     return "\n".join(lines)
+
+
+def _trajectory_lines(metrics: dict[str, Any]) -> list[str]:
+    """report.md's trajectory section (``pnv eval --gt-poses``): ATE, RPE, the METRIC loop poses' errors, the plot."""
+    tr, lt = metrics.get("trajectory"), metrics.get("loop_transforms")
+    if not tr or not lt:
+        return []
+
+    def f(v: Any, fmt: str) -> str:
+        return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
+
+    rpe = tr.get("rpe_odometry") or {}
+    return [
+        "## Trajectory",
+        "",
+        f"Against `{tr['ground_truth']}` at {tr['keyframes_with_odometry']} keyframes ({tr['alignment']}).",
+        "",
+        "| | value |",
+        "|---|---|",
+        f"| ATE RMSE, odometry | {f(tr['ate_rmse_m_odometry'], '.3f')} m |",
+        f"| ATE RMSE, optimised | {f(tr['ate_rmse_m_optimized'], '.3f')} m |",
+        f"| RPE over {tr['rpe_delta_m']:g} m, odometry | {f(rpe.get('translation_rmse_m'), '.3f')} m, "
+        f"{f(rpe.get('rotation_rmse_deg'), '.2f')} deg |",
+        f"| METRIC loop poses | {lt['count']} |",
+        f"| loop pose error, median | {f(lt['median_translation_error_m'], '.3f')} m, "
+        f"{f(lt['median_rotation_error_deg'], '.2f')} deg |",
+        f"| loop pose error, p95 | {f(lt['p95_translation_error_m'], '.3f')} m, "
+        f"{f(lt['p95_rotation_error_deg'], '.2f')} deg |",
+        f"| loop pose NEES, mean (6 if the covariances are right) | {f(lt['nees_mean'], '.2f')} |",
+        "",
+        "![top view](trajectory.png)",
+        "",
+    ]
 
 
 def write_run(

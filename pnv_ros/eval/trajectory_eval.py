@@ -1,0 +1,228 @@
+"""Trajectory metrics of an evaluation run (``pnv eval BAG --gt-poses FILE``): the odometry (and, with a pose graph,
+the optimised trajectory) against ground truth at the keyframes, and the accepted METRIC loops' relative poses
+against the ground-truth relative pose. No ROS.
+
+Ground-truth poses (``--gt-poses``): a TUM trajectory file (``t tx ty tz qx qy qz qw``; any name not ending in
+``.csv``), sampled at the keyframes' stamps (linear / slerp between its poses: :meth:`Trajectory.at`); or a CSV
+``name,x,y[,z]`` with one row per bag frame in frame order (positions only: no orientation, so no loop poses
+are scored and the ATE is of positions, which is all it ever measures).
+
+metrics.json gets (:func:`trajectory_metrics`):
+
+- ``trajectory``: ``keyframes`` (with odometry and ground truth), ``ate_rmse_m_odometry`` (position ATE after the
+  SE(3) alignment, evo), ``rpe_odometry`` (evo's RPE over ``delta_m`` of path), ``ate_rmse_m_optimized`` (None
+  until a pose graph's trajectory is given);
+- ``loop_transforms``: ``count`` (accepted loops with a METRIC pose), ``median_translation_error_m``,
+  ``median_rotation_error_deg``, ``p95_translation_error_m``, ``p95_rotation_error_deg``, ``nees_mean`` and
+  ``pose_types`` (accepted loops by pose type).
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pnv_ros.bags import BagReader
+from pnv_ros.errors import GroundTruthError
+from pnv_ros.eval.replay import ReplayResult
+from pnv_ros.geometry import PoseType
+from pnv_ros.trajectory import (
+    RPE_DELTA_M,
+    Trajectory,
+    ate_rmse,
+    loop_transform_error,
+    loop_transform_summary,
+    rpe,
+)
+from pnv_ros.tum import read_trajectory
+
+#: a keyframe takes the bag's odometry nearest its stamp within this (ns): the node's odom_tolerance_s default
+ODOM_TOLERANCE_NS = 100_000_000
+
+
+class GroundTruthPoses:
+    """Ground-truth poses of a bag's frames: ``at(frames, stamps_ns)`` gives a Trajectory (stamps in seconds);
+    ``oriented``: whether orientations are known (a TUM file) or only positions (a CSV)."""
+
+    def __init__(self, path: str | Path, n_frames: int) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise GroundTruthError(f"ground-truth poses {self.path} do not exist")
+        self.oriented = self.path.suffix.lower() != ".csv"
+        self._traj = read_trajectory(self.path) if self.oriented else None
+        self._xyz = None if self.oriented else _positions_csv(self.path, n_frames)
+
+    def at(self, frames: list[int], stamps_ns: list[int]) -> Trajectory:
+        """The poses of these bag frames (indices) at their stamps (ns).
+
+        Raises:
+            TrajectoryError: stamps outside a TUM file's time.
+        """
+        t = np.asarray(stamps_ns, np.float64) / 1e9
+        if self._traj is not None:
+            return self._traj.at(t)
+        xyz = np.zeros((0, 3)) if self._xyz is None else self._xyz
+        return Trajectory(t, xyz[frames], np.tile([0.0, 0.0, 0.0, 1.0], (len(frames), 1)))
+
+    def matrices(self, frames: list[int], stamps_ns: list[int]) -> np.ndarray:
+        """(N, 4, 4) world-from-camera poses of these frames, in any order (repeats allowed)."""
+        order = sorted(set(zip(stamps_ns, frames)))
+        at = self.at([f for _, f in order], [s for s, _ in order]).matrices()
+        where = {sf: k for k, sf in enumerate(order)}
+        return np.stack([at[where[(s, f)]] for s, f in zip(stamps_ns, frames)]) if frames else np.zeros((0, 4, 4))
+
+
+def _positions_csv(path: Path, n_frames: int) -> np.ndarray:
+    """(n_frames, 3) positions of a ``name,x,y[,z]`` CSV, one row per frame in bag order."""
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        xyz = np.array([[float(r["x"]), float(r["y"]), float(r.get("z") or 0.0)] for r in rows])
+    except (OSError, KeyError, ValueError, TypeError) as e:
+        raise GroundTruthError(
+            f"ground-truth poses {path}: need columns name,x,y[,z] ({type(e).__name__}: {e})"
+        ) from None
+    if len(xyz) != n_frames:
+        raise GroundTruthError(f"ground-truth poses {path} have {len(xyz)} rows but the bag has {n_frames} frames")
+    if not np.isfinite(xyz).all():
+        raise GroundTruthError(f"ground-truth poses {path}: a position is not finite")
+    return xyz
+
+
+def nearest_odometry(odom: list[tuple[int, np.ndarray, np.ndarray]], stamps_ns: list[int]) -> list[int | None]:
+    """For each stamp, the index into ``odom`` (``BagReader.odometry_poses``) nearest within ``ODOM_TOLERANCE_NS``,
+    or None."""
+    if not odom:
+        return [None] * len(stamps_ns)
+    ostamps = np.array([s for s, _, _ in odom], np.int64)
+    out: list[int | None] = []
+    for s in stamps_ns:
+        j = int(np.argmin(np.abs(ostamps - s)))
+        out.append(j if abs(int(ostamps[j]) - s) <= ODOM_TOLERANCE_NS else None)
+    return out
+
+
+def trajectory_metrics(
+    bag: Path,
+    result: ReplayResult,
+    gt_poses: str | Path,
+    threshold: float,
+    topic: str | None = None,
+    optimized: Trajectory | None = None,
+    plot: Path | None = None,
+) -> dict[str, Any]:
+    """``{"trajectory": ..., "loop_transforms": ...}`` of a replay (the module doc says what each holds).
+
+    optimized: the pose graph's keyframe poses (stamps in seconds, those of keyframes), or None.
+    plot: a PNG path for :func:`top_view` (drawn when there is odometry at 3 keyframes or more).
+
+    Raises:
+        GroundTruthError, TumError, TrajectoryError: ground-truth poses that cannot be read or do not cover the
+            keyframes.
+    """
+    gt = GroundTruthPoses(gt_poses, result.n_frames)
+    recs = result.records
+    with BagReader(bag, topic) as r:
+        odom = r.odometry_poses()
+    idx = nearest_odometry(odom, [x.stamp_ns for x in recs])
+    with_odom = [(x, j) for x, j in zip(recs, idx) if j is not None]
+    traj: dict[str, Any] = {
+        "keyframes": len(recs),
+        "keyframes_with_odometry": len(with_odom),
+        "alignment": "SE(3) Umeyama of the estimate onto the ground truth, no scale (evo APE, translation part)",
+        "ate_rmse_m_odometry": None,
+        "rpe_odometry": None,
+        "ate_rmse_m_optimized": None,
+        "rpe_delta_m": RPE_DELTA_M,
+        "ground_truth": str(gt_poses),
+    }
+    truth = est = None
+    if len(with_odom) >= 3:
+        truth = gt.at([x.frame for x, _ in with_odom], [x.stamp_ns for x, _ in with_odom])
+        est = Trajectory(
+            truth.stamps, np.array([odom[j][1] for _, j in with_odom]), np.array([odom[j][2] for _, j in with_odom])
+        )
+        traj["ate_rmse_m_odometry"] = ate_rmse(truth, est)
+        traj["rpe_odometry"] = rpe(truth, est) if gt.oriented else None
+        if plot is not None:
+            loops = [(x.frame, x.match_frame) for x in recs if x.match_frame >= 0 and x.score >= threshold]
+            top_view(plot, truth, est, optimized, loops, {x.frame: x.stamp_ns for x in recs}, result.stamps_ns)
+    if optimized is not None and len(optimized) >= 3:
+        frame_of = {x.stamp_ns: x.frame for x in recs}
+        ns = [int(round(t * 1e9)) for t in optimized.stamps]
+        truth = gt.at([frame_of.get(s, 0) for s in ns], ns)
+        traj["ate_rmse_m_optimized"] = ate_rmse(truth, optimized)
+        traj["rpe_optimized"] = rpe(truth, optimized) if gt.oriented else None
+    return {"trajectory": traj, "loop_transforms": _loop_transforms(result, gt, threshold)}
+
+
+def _loop_transforms(result: ReplayResult, gt: GroundTruthPoses, threshold: float) -> dict[str, Any]:
+    """Errors of the accepted loops' METRIC poses (score >= threshold) against the ground truth."""
+    accepted = [x for x in result.records if x.match_frame >= 0 and x.score >= threshold]
+    types: dict[str, int] = {t.name: 0 for t in PoseType}
+    for x in accepted:
+        types[x.relative_pose.type.name if x.relative_pose is not None else PoseType.NONE.name] += 1
+    metric = [x for x in accepted if x.relative_pose is not None and x.relative_pose.type == PoseType.METRIC]
+    errors = []
+    if gt.oriented and metric:
+        stamps = result.stamps_ns
+        q = gt.matrices([x.frame for x in metric], [x.stamp_ns for x in metric])
+        m = gt.matrices([x.match_frame for x in metric], [stamps[x.match_frame] for x in metric])
+        errors = [loop_transform_error(x.relative_pose, a, b) for x, a, b in zip(metric, q, m) if x.relative_pose]
+    out: dict[str, Any] = dict(loop_transform_summary(errors))
+    out["pose_types"] = types
+    if not gt.oriented:
+        out["note"] = "the ground truth has no orientations (a positions CSV): no loop pose is scored"
+    return out
+
+
+def _aligned(truth: Trajectory, est: Trajectory) -> np.ndarray:
+    """(N, 3) positions of ``est`` after the SE(3) alignment onto ``truth`` (the ATE's)."""
+    from pnv_ros.trajectory import to_evo
+
+    e = to_evo(est)
+    e.align(to_evo(truth), correct_scale=False)
+    return np.asarray(e.positions_xyz)
+
+
+def top_view(
+    path: Path,
+    truth: Trajectory,
+    odometry: Trajectory,
+    optimized: Trajectory | None,
+    loops: list[tuple[int, int]],
+    kf_stamps: dict[int, int],
+    frame_stamps: list[int],
+) -> None:
+    """A top view (world x-y) of the ground truth, the odometry and the optimised trajectory (each aligned onto the
+    ground truth as the ATE aligns it) at the keyframes, with the accepted loops drawn between the ground-truth
+    positions of their two frames."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 5), dpi=110)
+    where = {round(t * 1e6): p for t, p in zip(truth.stamps, truth.positions)}  # microseconds: float-safe keys
+    for q, m in loops:
+        a = where.get(round(kf_stamps.get(q, -1) / 1e3))
+        b = where.get(round(frame_stamps[m] / 1e3)) if m < len(frame_stamps) else None
+        if a is not None and b is not None:
+            ax.plot([a[0], b[0]], [a[1], b[1]], "-", color="tab:orange", lw=0.8, alpha=0.7)
+    ax.plot(truth.positions[:, 0], truth.positions[:, 1], "k-", lw=1.5, label="ground truth")
+    o = _aligned(truth, odometry)
+    ax.plot(o[:, 0], o[:, 1], "-", color="tab:red", lw=1, label="odometry (aligned)")
+    if optimized is not None and len(optimized) >= 3:
+        t = truth.at(optimized.stamps) if len(optimized) != len(truth) else truth
+        p = _aligned(t, optimized)
+        ax.plot(p[:, 0], p[:, 1], "-", color="tab:blue", lw=1, label="optimised (aligned)")
+    ax.plot([], [], "-", color="tab:orange", lw=0.8, label=f"accepted loops ({len(loops)})")
+    ax.set(xlabel="x (m)", ylabel="y (m)", title="top view at the keyframes")
+    ax.set_aspect("equal", adjustable="datalim")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
