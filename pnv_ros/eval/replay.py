@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pnv_ros.bags import IMAGE_TYPES, ODOM_TYPE, BagError, BagReader
+from pnv_ros.bags import IMAGE_TYPES, INFO_TYPE, ODOM_TYPE, BagError, BagReader
 from pnv_ros.detector import DetectorParams, LoopClosureDetector
 from pnv_ros.extract import FeatureExtractor
 from pnv_ros.geometry import RelativePose
@@ -173,6 +173,9 @@ class _BagScan:
     skipped: dict[int, SkippedFrame] = field(default_factory=dict)
     #: bag times (ns) of messages that cannot be deserialised: never published
     undeserialisable: set[int] = field(default_factory=set)
+    #: the depth topic (16UC1 / 32FC1 Image) and the camera_info topic, remapped to the node's when present
+    depth_topic: str | None = None
+    info_topic: str | None = None
 
 
 def _scan_bag(bag: Path, topic: str | None, bit_depth: int | None) -> _BagScan:
@@ -187,6 +190,8 @@ def _scan_bag(bag: Path, topic: str | None, bit_depth: int | None) -> _BagScan:
             r.count,
             r.msgtype == IMAGE_TYPES[1],
             sorted({t for t, ty in r.topics().items() if ty == ODOM_TYPE}),
+            depth_topic=r.depth_topic,
+            info_topic=min((t for t, ty in r.topics().items() if ty == INFO_TYPE), default=None),
         )
         for f in r.frames():
             scan.stamps.append(f.stamp_ns)
@@ -238,6 +243,10 @@ def _node_command(
         args += ["-p", f"engine_file:={engine_file}"]
     if len(scan.odom_topics) == 1:
         args += ["-r", f"odom:={scan.odom_topics[0]}"]
+    if scan.depth_topic:
+        args += ["-r", f"depth:={scan.depth_topic}"]
+    if scan.info_topic:
+        args += ["-r", f"camera_info:={scan.info_topic}"]
     defaults = DetectorParams()
     for name, value in params.replace(min_score=0.0).__dict__.items():
         if name == "matcher" and not value:
@@ -295,7 +304,8 @@ def _play_into_node(
     player = None
     t0 = time.perf_counter()
     try:
-        player = BagPlayer(bag, topics=[image_topic, *scan.odom_topics[:1]])  # not /tf, /rosout...: no one listens
+        extra = [t for t in (scan.depth_topic, scan.info_topic) if t]
+        player = BagPlayer(bag, topics=[image_topic, *scan.odom_topics[:1], *extra])  # not /tf, /rosout...
         if undeserialisable:  # neither the player nor the node's middleware can read these: not sent
             every = player.messages
             player.messages = lambda: (m for m in every() if not (m[0] == image_topic and m[2] in undeserialisable))
@@ -382,6 +392,7 @@ def replay_through_node(
                 int(lc.num_matches) if lc else 0,
                 int(lc.num_inliers) if lc else 0,
                 [m] if m >= 0 else [],
+                relative_pose=metric_pose_of(lc.relative_pose) if lc else None,
             )
         )
     return ReplayResult(
@@ -396,6 +407,35 @@ def replay_through_node(
         params.exclude_recent_s,
         params.exclude_recent_keyframes,
         dict(node.diags),
+    )
+
+
+def metric_pose_of(msg) -> RelativePose | None:
+    """The :class:`RelativePose` of a METRIC pnv_ros/RelativePose message (rotation, translation, 6x6 covariance of
+    (w, dt)); None for the other types (the trajectory metrics score METRIC poses only)."""
+    from scipy.spatial.transform import Rotation
+
+    from pnv_ros.geometry import PoseType, tangent_basis
+
+    if int(msg.type) != int(PoseType.METRIC) or len(msg.covariance) != 36:
+        return None
+    q, t = msg.rotation, np.array([msg.translation.x, msg.translation.y, msg.translation.z])
+    cov = np.asarray(msg.covariance, np.float64).reshape(6, 6)
+    d = np.array([msg.direction.x, msg.direction.y, msg.direction.z])
+    return RelativePose(
+        rotation=Rotation.from_quat([q.x, q.y, q.z, q.w]).as_matrix(),
+        direction=d,
+        rotation_covariance=cov[:3, :3],
+        direction_covariance=np.asarray(msg.direction_covariance, np.float64).reshape(3, 3),
+        inliers=int(msg.inliers),
+        rms_error_px=float(msg.rms_error_px),
+        covariance=cov,
+        tangent_basis=tangent_basis(d) if np.linalg.norm(d) > 0 else np.zeros((3, 2)),
+        sigma_px=float("nan"),
+        parallax_px=float("nan"),
+        type=PoseType.METRIC,
+        translation=t,
+        translation_covariance=cov[3:, 3:],
     )
 
 
