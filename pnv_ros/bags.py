@@ -71,6 +71,36 @@ def read_poses(path: Path) -> dict[str, np.ndarray]:
 _TOPIC = re.compile(r"/?[A-Za-z_][A-Za-z0-9_]*(/[A-Za-z_][A-Za-z0-9_]*)*")
 
 
+def _image_poses(paths: list[Path], poses: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(position, quaternion) by image stem from ``poses``: a CSV ``name,x,y[,z]`` (no orientation), or a TUM
+    trajectory file (any other suffix) for images named by their stamps in seconds (TUM's ``rgb/<stamp>.png``),
+    interpolated there.
+
+    Raises:
+        BagError: an image without a pose, or not named by a stamp for a TUM file; TumError, TrajectoryError: as
+            read_trajectory and Trajectory.at.
+    """
+    if poses.suffix.lower() == ".csv":
+        pos = read_poses(poses)
+        missing = [p.stem for p in paths if p.stem not in pos]
+        if missing:
+            raise BagError(f"poses file {poses} has no pose for {len(missing)} image(s), e.g. {missing[:3]}")
+        return pos, {}
+    from pnv_ros.tum import read_trajectory
+
+    try:
+        stamps = {p.stem: float(p.stem) for p in paths}
+    except ValueError:
+        raise BagError(
+            f"poses {poses} is a TUM trajectory (not .csv): the images must be named by their stamps in seconds "
+            f"(e.g. 1305031453.359684.png), not {paths[0].name}"
+        ) from None
+    keys = sorted(set(stamps.values()))
+    at = read_trajectory(poses).at(keys)
+    k = {t: i for i, t in enumerate(keys)}
+    return {s: at.positions[k[t]] for s, t in stamps.items()}, {s: at.quaternions[k[t]] for s, t in stamps.items()}
+
+
 def _check_topics(*names: str) -> None:
     for name in names:
         if not _TOPIC.fullmatch(name):
@@ -141,11 +171,7 @@ def make_bag(
     if fmt not in ("mcap", "sqlite3"):
         raise BagError(f"format {fmt!r}: use mcap or sqlite3")
     paths = list_images(images_dir if isinstance(images_dir, list) else [images_dir])
-    pos = read_poses(poses) if poses else None
-    if pos is not None:
-        missing = [p.stem for p in paths if p.stem not in pos]
-        if missing:
-            raise BagError(f"poses file {poses} has no pose for {len(missing)} image(s), e.g. {missing[:3]}")
+    pos, ori = _image_poses(paths, poses) if poses else (None, {})
     if out.exists():
         raise BagError(f"{out} exists: choose a new bag path")
     ts = _typestore()
@@ -162,7 +188,8 @@ def make_bag(
             w.write(conn, t, ts.serialize_cdr(_image_msg(T, header, p, compressed), itype))
             count += 1
             if oconn is not None and pos is not None:
-                w.write(oconn, t, ts.serialize_cdr(_odom(T, header, pos[p.stem]), ODOM_TYPE))
+                o = _odom(T, header, pos[p.stem], ori.get(p.stem, (0.0, 0.0, 0.0, 1.0)))
+                w.write(oconn, t, ts.serialize_cdr(o, ODOM_TYPE))
                 count += 1
     return count
 
@@ -573,6 +600,18 @@ class BagReader:
                 if abs(int(ostamps[j]) - stamp) <= 100_000_000:
                     pos, ori = odom[j][1], odom[j][2]
             yield Frame(i, stamp, rgb, m.header.frame_id, pos, error, ori)
+
+    def stamps(self) -> list[int]:
+        """Header stamps (ns) of every image message in bag order, without decoding the images (the bag time of a
+        message that cannot be deserialised, as in ``frames``)."""
+        out = []
+        for c, t, raw in read_messages(self._reader, self._conns, self.path):
+            try:
+                st = self._reader.deserialize(raw, c.msgtype).header.stamp
+                out.append(st.sec * 1_000_000_000 + st.nanosec)
+            except Exception:  # noqa: BLE001 - as in frames
+                out.append(int(t))
+        return out
 
     def raw_messages(self, topics: list[str] | None = None) -> Iterator[tuple[str, str, int, bytes]]:
         """(topic, msgtype, bag time ns, ROS 2 CDR bytes) of every message, in time order."""

@@ -17,6 +17,9 @@ from test_tum import PAIRS, tum_copy
 
 from pnv_ros.bags import BagReader
 from pnv_ros.camera_model import CameraModel
+from pnv_ros.errors import GroundTruthError
+from pnv_ros.eval.ground_truth import load_sequence_gt
+from pnv_ros.eval.trajectory_eval import GroundTruthPoses, loop_positives
 from pnv_ros.trajectory import DriftModel, Trajectory, ate_rmse
 from pnv_ros.tum import DEPTH_UNITS_PER_M, read_associations, read_trajectory
 
@@ -149,10 +152,8 @@ def test_eval_gt_poses_reports_trajectory_and_loop_poses(tum_dir: Path, tmp_path
     )
     assert r.returncode == 0, r.stderr
     gt = read_trajectory(GT)
-    positions = tmp_path / "positions.csv"
-    positions.write_text("name,x,y,z\n" + "".join(f"{k},{p[0]},{p[1]},{p[2]}\n" for k, p in enumerate(gt.positions)))
     out = tmp_path / "run"
-    loop_gt = ["--gt", str(positions), "--gt-radius", "0.5", "--gt-min-gap", "8"]
+    loop_gt = ["--gt-radius", "0.5", "--gt-min-gap", "8"]  # no --gt: the loops of --gt-poses
     r = pnv("eval", str(bag), *loop_gt, "--gt-poses", str(GT), "--out", str(out), "-q", "--exclude-recent", "5")
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((out / "metrics.json").read_text())
@@ -173,6 +174,41 @@ def test_eval_gt_poses_reports_trajectory_and_loop_poses(tum_dir: Path, tmp_path
     assert 0 < lt["nees_mean"] < 100
     assert (out / "trajectory.png").is_file() and "## Trajectory" in (out / "report.md").read_text()
     assert "trajectory: odometry ATE" in r.stdout
+    assert m["at_threshold"]["precision"] == 1.0 and m["ground_truth"]["frames_with_positives"] >= 4
+
+
+def test_loop_positives_of_poses_equal_the_positions_csv_reading(tmp_path: Path) -> None:
+    gt = read_trajectory(GT)
+    positions = tmp_path / "positions.csv"
+    positions.write_text("name,x,y,z\n" + "".join(f"{k},{p[0]},{p[1]},{p[2]}\n" for k, p in enumerate(gt.positions)))
+    stamps = [round(t * 1e6) * 1000 for t in gt.stamps]
+    got = loop_positives(GroundTruthPoses(GT, 16), stamps, 0.5, 8.0)
+    want = load_sequence_gt(positions, 16, stamps_ns=stamps, radius=0.5, min_gap_s=8.0)
+    assert got == want and sum(map(bool, got)) >= 4
+    assert loop_positives(GroundTruthPoses(positions, 16), stamps, 0.5, 8.0) == want
+    with pytest.raises(GroundTruthError, match="no frame comes within 0.01 m"):
+        loop_positives(GroundTruthPoses(GT, 16), stamps, 0.01, 8.0)
+    with pytest.raises(GroundTruthError, match="have 16 rows but the bag has 15 frames"):
+        GroundTruthPoses(positions, 15)
+
+
+def test_bag_make_image_folder_with_tum_poses(tmp_path: Path) -> None:
+    bag = tmp_path / "b"
+    r = pnv("bag", "make", str(PAIRS / "rgb"), "--poses", str(GT), "--out", str(bag))
+    assert r.returncode == 0, r.stderr
+    odom, gt = _odometry(bag), read_trajectory(GT)  # images named by their stamps: the poses there
+    assert np.allclose(odom.positions, gt.positions) and np.allclose(
+        np.abs((odom.quaternions * gt.quaternions).sum(1)), 1
+    )
+    named = tmp_path / "named"
+    named.mkdir()
+    for k, f in enumerate(sorted((PAIRS / "rgb").glob("*.jpg"))[:3]):
+        (named / f"{k}.jpg").symlink_to(f)
+    r = pnv("bag", "make", str(named), "--poses", str(GT), "--out", str(tmp_path / "c"))
+    assert r.returncode == 1 and "outside the trajectory's time" in r.stderr, r.stderr  # stems 0, 1, 2 are stamps
+    (named / "x.jpg").symlink_to(sorted((PAIRS / "rgb").glob("*.jpg"))[3])
+    r = pnv("bag", "make", str(named), "--poses", str(GT), "--out", str(tmp_path / "c"))
+    assert r.returncode == 1 and "must be named by their stamps" in r.stderr, r.stderr
 
 
 def test_eval_gt_poses_bad_file_fails_before_the_replay(tmp_path: Path) -> None:

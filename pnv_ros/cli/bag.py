@@ -30,8 +30,8 @@ def register(sub: Any) -> None:
     b.add_argument(
         "--poses",
         default=None,
-        help="CSV name,x,y[,z] (name = image stem), or with --tum a TUM trajectory file (t tx ty tz qx qy qz qw): "
-        "adds nav_msgs/Odometry on /odom",
+        help="CSV name,x,y[,z] (name = image stem), or a TUM trajectory file (t tx ty tz qx qy qz qw; images named "
+        "by their stamps, or --tum): adds nav_msgs/Odometry on /odom",
     )
     t = b.add_argument_group("TUM RGB-D (--tum)")
     t.add_argument(

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from pnv_ros.cli.common import NON_NEGATIVE, POSITIVE, add_common_options, open_extractor, preset_of, say
 from pnv_ros.cli.detector_options import add_detector_options, detector_params
 from pnv_ros.cli.features import add_gt_csv_options
+from pnv_ros.errors import PnvError
 
 if TYPE_CHECKING:
     from pnv_ros.config import DetectorParams, Preset
@@ -33,7 +34,10 @@ def register(sub: Any) -> None:
     add_common_options(sp)
     sp.add_argument("bag", metavar="BAG")
     sp.add_argument(
-        "--gt", required=True, help="GT matrix (.npy/.bmp/.png, frames x frames), CSV of positives, or positions CSV"
+        "--gt",
+        default=None,
+        help="GT matrix (.npy/.bmp/.png, frames x frames), CSV of positives, or positions CSV; without it, the loops "
+        "of --gt-poses: frames within --gt-radius and at least --gt-min-gap s apart",
     )
     sp.add_argument("--gt-radius", type=POSITIVE, default=None, help="distance threshold for a positions GT")
     sp.add_argument("--gt-min-gap", type=NON_NEGATIVE, default=0.0, help="minimum time gap (s) for a positions GT")
@@ -61,23 +65,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from pnv_ros.eval.run_folder import check_run_folder, write_run_folder
 
     out = Path(args.out)
-    extra_inputs = [p for p in (args.config, args.gt_poses) if p]
-    check_run_folder(out, force=args.force, inputs=[args.bag, args.gt, *extra_inputs])
+    if args.gt is None and (args.gt_poses is None or args.gt_radius is None):
+        raise PnvError("give the loop ground truth: --gt FILE, or --gt-poses FILE with --gt-radius")
+    extra_inputs = [p for p in (args.gt, args.config, args.gt_poses) if p]
+    check_run_folder(out, force=args.force, inputs=[args.bag, *extra_inputs])
     preset = preset_of(args)
     with BagReader(Path(args.bag), args.topic) as r:  # fail early: topic, count
         n_frames, topic = r.count, r.topic
-    positives = load_sequence_gt(
-        args.gt,
-        n_frames,
-        radius=args.gt_radius,
-        min_gap_s=args.gt_min_gap,
-        positives_as=args.gt_positives,
-        index_base=args.gt_index_base,
-    )
+        stamps = r.stamps() if args.gt is None else []
     if args.gt_poses:
-        from pnv_ros.eval.trajectory_eval import GroundTruthPoses
+        from pnv_ros.eval.trajectory_eval import GroundTruthPoses, loop_positives
 
-        GroundTruthPoses(args.gt_poses, n_frames)  # a bad file fails before the replay
+        gt_poses = GroundTruthPoses(args.gt_poses, n_frames)  # a bad file fails before the replay
+    if args.gt is None:
+        positives = loop_positives(gt_poses, stamps, args.gt_radius, args.gt_min_gap)
+    else:
+        positives = load_sequence_gt(
+            args.gt,
+            n_frames,
+            radius=args.gt_radius,
+            min_gap_s=args.gt_min_gap,
+            positives_as=args.gt_positives,
+            index_base=args.gt_index_base,
+        )
     params = detector_params(args)
     from pnv_ros.eval.report import write_run  # torch: after the input checks
 
@@ -102,7 +112,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "mode": "node" if args.node else "in-process",
         "bag": str(args.bag),
         "topic": topic,
-        "gt": str(args.gt),
+        "gt": str(args.gt) if args.gt else f"--gt-poses within {args.gt_radius:g} m, {args.gt_min_gap:g} s apart",
         "model": model_id,
         "checkpoint": str(ckpt),
         "preset": preset.to_dict(),

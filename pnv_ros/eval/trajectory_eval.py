@@ -27,6 +27,7 @@ import numpy as np
 
 from pnv_ros.bags import BagReader
 from pnv_ros.errors import GroundTruthError
+from pnv_ros.eval.ground_truth import SequenceGT
 from pnv_ros.eval.replay import ReplayResult
 from pnv_ros.geometry import PoseType
 from pnv_ros.trajectory import (
@@ -73,6 +74,28 @@ class GroundTruthPoses:
         at = self.at([f for _, f in order], [s for s, _ in order]).matrices()
         where = {sf: k for k, sf in enumerate(order)}
         return np.stack([at[where[(s, f)]] for s, f in zip(stamps_ns, frames)]) if frames else np.zeros((0, 4, 4))
+
+
+def loop_positives(gt: GroundTruthPoses, stamps_ns: list[int], radius: float, min_gap_s: float) -> SequenceGT:
+    """Loop ground truth from poses: frame j < i is a positive of frame i when their camera centres are within
+    ``radius`` metres and their stamps at least ``min_gap_s`` apart (``pnv eval --gt-poses`` without ``--gt``).
+
+    Raises:
+        GroundTruthError: no frame has a positive; TrajectoryError: stamps outside a TUM file's time.
+    """
+    frames = list(range(len(stamps_ns)))
+    xyz = gt.matrices(frames, list(stamps_ns))[:, :3, 3]
+    st = np.asarray(stamps_ns, np.float64) / 1e9
+    out = []
+    for i in frames:
+        d = np.linalg.norm(xyz[:i] - xyz[i], axis=1)
+        out.append(set(np.flatnonzero((d <= radius) & (st[i] - st[:i] >= min_gap_s)).tolist()))
+    if not any(out):
+        raise GroundTruthError(
+            f"ground-truth poses {gt.path}: no frame comes within {radius:g} m of a frame {min_gap_s:g} s older "
+            f"(a larger --gt-radius?)"
+        )
+    return SequenceGT(out)
 
 
 def _positions_csv(path: Path, n_frames: int) -> np.ndarray:
