@@ -176,20 +176,21 @@ class DriftModel:
             TrajectoryError: an unknown key or a value that is not a number.
         """
         kw: dict[str, Any] = {}
+        floats = ("yaw_per_m", "scale_error", "sigma_m", "sigma_yaw")
         for item in filter(None, (s.strip() for s in spec.split(","))):
             key, _, value = item.partition("=")
             key = key.strip()
+            if key not in (*floats, "seed", "up"):
+                raise TrajectoryError(
+                    f"drift {item!r}: unknown key {key!r} (yaw_per_m, scale_error, sigma_m, sigma_yaw, seed, up)"
+                )
             try:
                 if key == "seed":
                     kw[key] = int(value)
                 elif key == "up":
                     kw[key] = tuple(float(v) for v in value.split(":"))
-                elif key in ("yaw_per_m", "scale_error", "sigma_m", "sigma_yaw"):
-                    kw[key] = float(value)
                 else:
-                    raise TrajectoryError(
-                        f"drift {item!r}: unknown key {key!r} (yaw_per_m, scale_error, sigma_m, sigma_yaw, seed, up)"
-                    )
+                    kw[key] = float(value)
             except ValueError:
                 raise TrajectoryError(f"drift {item!r}: {value!r} is not a number") from None
         model = cls(**kw)

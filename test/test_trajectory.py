@@ -33,7 +33,7 @@ def gt() -> Trajectory:
 
 def _transformed(traj: Trajectory, rot: Rotation, shift: np.ndarray) -> Trajectory:
     return Trajectory(
-        traj.stamps, rot.apply(traj.positions) + shift, (rot * Rotation.from_quat(traj.quaternions)).as_quat()
+        traj.stamps, rot.apply(np.array(traj.positions)) + shift, (rot * Rotation.from_quat(traj.quaternions)).as_quat()
     )
 
 
