@@ -154,12 +154,13 @@ def test_eval_gt_poses_reports_trajectory_and_loop_poses(tum_dir: Path, tmp_path
     gt = read_trajectory(GT)
     out = tmp_path / "run"
     loop_gt = ["--gt-radius", "0.5", "--gt-min-gap", "8"]  # no --gt: the loops of --gt-poses
-    r = pnv("eval", str(bag), *loop_gt, "--gt-poses", str(GT), "--out", str(out), "-q", "--exclude-recent", "5")
+    every = ["--min-travel", "0", "--exclude-recent", "5", "--exclude-recent-keyframes", "0"]  # 16 keyframes
+    r = pnv("eval", str(bag), *loop_gt, "--gt-poses", str(GT), "--out", str(out), "-q", *every)
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((out / "metrics.json").read_text())
     tr, lt = m["trajectory"], m["loop_transforms"]
     kf = tr["keyframes_with_odometry"]
-    assert kf == m["keyframes"] >= 10
+    assert kf == m["keyframes"] == 16
     assert tr["ate_rmse_m_odometry"] > 0.01 and tr["ate_rmse_m_optimized"] is None
     # the same ATE from the drift model at the keyframes' frames (independently of the bag and the replay)
     with open(out / "loop_closures.csv") as f:
