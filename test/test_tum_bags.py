@@ -154,7 +154,7 @@ def test_eval_gt_poses_reports_trajectory_and_loop_poses(tum_dir: Path, tmp_path
     gt = read_trajectory(GT)
     out = tmp_path / "run"
     loop_gt = ["--gt-radius", "0.5", "--gt-min-gap", "8"]  # no --gt: the loops of --gt-poses
-    every = ["--min-travel", "0", "--exclude-recent", "5", "--exclude-recent-keyframes", "0"]  # 16 keyframes
+    every = ["--min-travel-m", "0", "--exclude-recent-s", "5", "--exclude-recent-keyframes", "0"]  # 16 keyframes
     r = pnv("eval", str(bag), *loop_gt, "--gt-poses", str(GT), "--out", str(out), "-q", *every)
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((out / "metrics.json").read_text())
