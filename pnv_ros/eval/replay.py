@@ -317,7 +317,16 @@ def _play_into_node(
                 f"loop_closure_node did not subscribe to {image_topic}: " + (out.strip()[-600:] or "timed out")
             )
         total = scan.total
-        player.lockstep(image_topic, progress=(lambda n: progress(n, total)) if progress else None)
+        try:
+            player.lockstep(image_topic, progress=(lambda n: progress(n, total)) if progress else None)
+        except BagError as e:  # say what the node said: its log is the only clue to why it stopped answering
+            proc.terminate()
+            try:
+                out = proc.communicate(timeout=30)[0]
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                out = proc.communicate()[0]
+            raise BagError(f"{e}; the node's last output: {(out or '').strip()[-1500:] or '(none)'}") from None
         keyframes = {stamp_to_ns(a.stamp) for a in player.acks if a.frame_id == "keyframe"}  # first ack per stamp wins
         errors = {stamp_to_ns(a.stamp) for a in player.acks if a.frame_id == "error"} - keyframes
         end = time.time() + 5  # late loop closures, and a diagnostics message (1 Hz) after the last keyframe
