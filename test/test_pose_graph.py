@@ -327,3 +327,11 @@ def test_wrong_inputs_raise_clear_errors() -> None:
     with pytest.raises(ConfigError, match="positive definite"):
         g.add_loop(1, 0, _relative(PoseType.ROTATION_ONLY, np.eye(3), np.zeros(3), -np.eye(3)))
     assert len(g.loops) == 0 and len(g) == 2
+
+
+def test_the_parameter_table_in_docs_is_current() -> None:
+    from pnv_ros.ros.pose_graph_params import markdown
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "pose_graph.md").read_text()
+    start = text.index("-->\n", text.index("<!-- parameters:")) + 4
+    assert text[start : text.index("<!-- /parameters -->")] == markdown(), "regenerate docs/pose_graph.md's table"

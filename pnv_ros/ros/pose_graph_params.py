@@ -94,3 +94,12 @@ def extrinsic(text: str) -> np.ndarray:
     t[:3, :3] = Rotation.from_quat(v[3:] / np.linalg.norm(v[3:])).as_matrix()
     t[:3, 3] = v[:3]
     return t
+
+
+def markdown() -> str:
+    """The parameter section of docs/pose_graph.md (between its ``<!-- parameters -->`` markers)."""
+    out = ["| parameter | default | range or choices | description |", "|---|---|---|---|"]
+    for p in TABLE:
+        changeable = " (changeable at run time)" if p.kind == "node" else ""
+        out.append(f"| `{p.name}` | {P._value(p.default)} | {P._allowed(p)} | {P._cell(p.description)}{changeable} |")
+    return "\n".join(out) + "\n"
