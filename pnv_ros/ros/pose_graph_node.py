@@ -26,9 +26,12 @@ import numpy as np
 from geometry_msgs.msg import PoseStamped, TransformStamped
 from nav_msgs.msg import Odometry
 from nav_msgs.msg import Path as PathMsg
+from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.clock import Clock, ClockType
 from rclpy.node import Node
+from rclpy.parameter import Parameter
+from rclpy.qos import DurabilityPolicy, QoSProfile
 from scipy.spatial.transform import Rotation
 
 from pnv_ros.errors import PnvError
@@ -137,8 +140,9 @@ class PoseGraphNode(Node):
         self.create_subscription(Odometry, "odom", self._on_odom, q, callback_group=MutuallyExclusiveCallbackGroup())
         self.create_subscription(KeyframeMsg, "keyframes", self._on_keyframe, 100, callback_group=inputs)
         self.create_subscription(LoopClosure, "loop_closures", self._on_loop, 100, callback_group=inputs)
-        self.pub_path = self.create_publisher(PathMsg, "~/path", 10)
-        self.pub_cam = self.create_publisher(PathMsg, "~/keyframe_poses", 10)
+        latched = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL)  # a late rviz gets the last one
+        self.pub_path = self.create_publisher(PathMsg, "~/path", latched)
+        self.pub_cam = self.create_publisher(PathMsg, "~/keyframe_poses", latched)
         self.pub_tf_stamped = self.create_publisher(TransformStamped, "~/map_to_odom", 10)
         self.pub_tf = self.create_publisher(TFMessage, "/tf", 100) if TFMessage is not None else None
         services = ReentrantCallbackGroup()
@@ -148,11 +152,23 @@ class PoseGraphNode(Node):
         self.create_timer(1.0 / TF_RATE_HZ, self._publish_tf, callback_group=services, clock=steady)
         if self.pub_tf is None:
             self.log.warning("tf2_msgs is not installed: map -> odom goes to ~/map_to_odom only, not to /tf")
+        self.add_on_set_parameters_callback(self._check_parameters)
+        if len(self.graph):
+            self._publish()  # the loaded graph's path (latched)
         self.log.info(f"pose graph ready: {len(self.graph)} keyframes, {len(self.graph.loops)} loops")
 
     def _value(self, name: str):
         v = self.get_parameter(name).value
         return float(v) if isinstance(G.BY_NAME[name].default, float) else v
+
+    def _check_parameters(self, params: list[Parameter]) -> SetParametersResult:
+        """Refuse a change whose value is out of its range or choices (save_map_on_shutdown: not a map name)."""
+        try:
+            for p in params:
+                G.check(p.name, p.value)
+        except PnvError as e:
+            return SetParametersResult(successful=False, reason=str(e))
+        return SetParametersResult(successful=True)
 
     # -- inputs -----------------------------------------------------------------------------------
     def _on_odom(self, msg: Odometry) -> None:
