@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loop_poses import build_pairs, load_local, load_set  # noqa: E402
+from loop_poses import build_pairs, load_local, load_set, without_depth  # noqa: E402
 
 from pnv_ros.geometry import PoseType, rotation_exp  # noqa: E402
 from pnv_ros.loop_pose import estimate_loop_pose  # noqa: E402
@@ -59,6 +59,7 @@ def main() -> None:
     ap.add_argument("--yaw-per-m", type=float, default=0.15, help="odometry yaw bias, rad per metre")
     ap.add_argument("--scale", type=float, default=1.05, help="odometry scale error")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-depth", action="store_true", help="monocular loops (the features without depth)")
     args = ap.parse_args()
     frames, camera = load_set(args.data)
     gt = [f.pose for f in frames]
@@ -67,9 +68,13 @@ def main() -> None:
     need = sorted({i for p in revisits for i in p})
     t = time.perf_counter()
     feats = {i: load_local(frames[i], camera)[0] for i in need}
+    if args.no_depth:
+        feats = {i: without_depth(f) for i, f in feats.items()}
     poses = {(q, m): estimate_loop_pose(feats[q], feats[m], camera) for q, m in revisits}
     print(f"{len(revisits)} revisits, {len(need)} frames' features, {time.perf_counter() - t:.1f} s")
-    metric = {p: v for p, v in poses.items() if v is not None and v.type == PoseType.METRIC}
+    metric = {p: v for p, v in poses.items() if v is not None and v.type != PoseType.NONE}
+    kinds = [v.type.name for v in metric.values()]
+    print({k: kinds.count(k) for k in sorted(set(kinds))})
     by_query = {q: (m, metric[(q, m)]) for q, m in metric}
     wrong_q = sorted(by_query)[len(by_query) // 2]
     before = ate(gt, np.array(odom))
@@ -90,9 +95,12 @@ def main() -> None:
                     g.add_loop(k, far, by_query[k][1])
             el = time.perf_counter() - t
             after = ate(gt, g.optimized_poses())
+            errors = g.loop_errors()
+            told = f", wrong loop's error {errors[list(by_query).index(wrong_q) + 1]:.0f}" if wrong else ""
             print(
                 f"{name:8s} wrong={wrong!s:5s} loops {len(g.loops):3d}  ATE odometry {before:.3f} m -> "
-                f"optimised {after:.3f} m ({100 * (1 - after / before):.0f} % less), {el:.2f} s"
+                f"optimised {after:.3f} m ({100 * (1 - after / before):.0f} % less), {el:.2f} s, "
+                f"loop error median {np.median(errors):.1f}{told}"
             )
 
 

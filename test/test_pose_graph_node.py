@@ -216,3 +216,20 @@ def test_pose_graph_node_path_tf_save_and_restart(ros: Client, tmp_path: Path) -
         out = stop(node)
     assert node.returncode == 0, out[-3000:]
     assert f"loaded: {N} keyframes, {len(LOOPS) + 1} loops" in out
+
+
+def test_loop_messages_of_every_type_read_back_as_the_library_loop() -> None:
+    from pnv_ros.pose_graph import Loop
+    from pnv_ros.ros.pose_graph_node import loop_from_msg
+
+    gt, rng = _ground_truth(), np.random.default_rng(4)
+    for kind in (PoseType.METRIC, PoseType.ROTATION_AND_DIRECTION, PoseType.ROTATION_ONLY):
+        rp = _measured(gt, 45, 4, kind, rng)
+        msg = LoopClosure(query_id=45, match_id=4)
+        msg.relative_pose = relative_pose_msg(rp, "camera", "camera")
+        got, want = loop_from_msg(msg), Loop.from_pose(45, 4, rp)
+        assert (got.query_id, got.match_id, got.type) == (45, 4, kind)
+        np.testing.assert_allclose(got.rotation, want.rotation, atol=1e-12)
+        np.testing.assert_allclose(got.vector, want.vector, atol=1e-12)
+        np.testing.assert_allclose(got.gtsam_covariance(), want.gtsam_covariance(), rtol=1e-9, atol=1e-18)
+    assert loop_from_msg(LoopClosure(query_id=1, match_id=0)) is None  # NONE: no pose, no factor
