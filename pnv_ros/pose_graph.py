@@ -470,6 +470,34 @@ class PoseGraph:
         return graph
 
 
+def odometry_step_covariance(prev: np.ndarray, cur: np.ndarray, rotation: np.ndarray) -> np.ndarray | None:
+    """The covariance of an odometry step from two ``nav_msgs/Odometry`` pose covariances, or None.
+
+    prev, cur: (6, 6) pose covariances of the previous and the current keyframe's odometry messages, ROS order
+    (x, y, z, rx, ry, rz), in the odometry frame's axes (``header.frame_id``). A dead-reckoning odometry's
+    covariance grows by the step's: ``cur - prev`` (first order, the growth from the step alone).
+    rotation: (3, 3) the current camera's rotation in the odometry frame (``R_odom_cam``): the step's error is
+    in the camera's (body) axes in GTSAM's Pose3 tangent.
+
+    Returns the (6, 6) step covariance in Pose3 order (rotation, translation; rad^2, m^2), or None when the
+    messages carry none (all zero), a constant one (``cur - prev`` zero) or one that shrank (not positive
+    definite): then the drift model applies (the node's parameters).
+    """
+    d = np.asarray(cur, np.float64) - np.asarray(prev, np.float64)
+    if not (np.all(np.isfinite(d)) and np.any(d)):
+        return None
+    order = [3, 4, 5, 0, 1, 2]  # ROS (trans, rot) -> Pose3 (rot, trans)
+    a = np.zeros((6, 6))
+    a[:3, :3] = a[3:, 3:] = np.asarray(rotation, np.float64).T
+    c = a @ d[np.ix_(order, order)] @ a.T
+    c = 0.5 * (c + c.T)
+    try:
+        np.linalg.cholesky(c)
+    except np.linalg.LinAlgError:
+        return None
+    return c
+
+
 # -- checks -----------------------------------------------------------------------------------------
 def _array(data: dict[str, np.ndarray], name: str, shape: tuple[int, ...], kind: type) -> np.ndarray:
     if name not in data:

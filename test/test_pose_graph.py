@@ -335,3 +335,25 @@ def test_the_parameter_table_in_docs_is_current() -> None:
     text = (Path(__file__).resolve().parents[1] / "docs" / "pose_graph.md").read_text()
     start = text.index("-->\n", text.index("<!-- parameters:")) + 4
     assert text[start : text.index("<!-- /parameters -->")] == markdown(), "regenerate docs/pose_graph.md's table"
+
+
+def test_odometry_step_covariance_from_message_covariances() -> None:
+    from pnv_ros.pose_graph import odometry_step_covariance
+
+    r = _rz(np.pi / 2) @ R_BODY_CAM  # the camera's rotation in the odometry frame
+    grow = np.diag([1.0, 4.0, 9.0, 0.01, 0.04, 0.09]) * 1e-4  # ROS order: x y z (m^2), rx ry rz (rad^2)
+    prev = np.diag([5.0, 5.0, 5.0, 0.1, 0.1, 0.1]) * 1e-4
+    c = odometry_step_covariance(prev, prev + grow, r)
+    # Pose3 order (rotation, translation), each block in the camera's axes: R^T C R.
+    np.testing.assert_allclose(c[:3, :3], r.T @ grow[3:, 3:] @ r, atol=1e-15)
+    np.testing.assert_allclose(c[3:, 3:], r.T @ grow[:3, :3] @ r, atol=1e-15)
+    np.testing.assert_allclose(c[:3, 3:], 0.0, atol=1e-15)
+    # No covariance, a constant one, or one that shrank: None (the drift model applies).
+    assert odometry_step_covariance(np.zeros((6, 6)), np.zeros((6, 6)), r) is None
+    assert odometry_step_covariance(prev, prev, r) is None
+    assert odometry_step_covariance(prev + grow, prev, r) is None
+    # The graph takes it as the step's covariance.
+    g = PoseGraph()
+    g.add_keyframe(0, 0, np.eye(4))
+    g.add_keyframe(1, 1, _pose(r, np.array([0.1, 0.0, 0.0])), covariance=c)
+    np.testing.assert_allclose(g._odometry_cov[1], c)

@@ -32,6 +32,7 @@ from pnv_ros.ros.conversions import relative_pose_msg  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 NODE = [sys.executable, str(REPO / "scripts" / "pose_graph_node")]
 STEP_NS = 500_000_000  # keyframes 0.5 s apart
+TOL_M = 1e-3  # m (and rad): the node's graph against the library's, built in another order (see below)
 WRONG_AT = 30  # keyframe 30 claims to see keyframe 10 (2 m away) 0.5 m ahead
 
 
@@ -100,6 +101,9 @@ class Feed:
 
     def keyframe(self, k: int, pose: np.ndarray) -> None:
         ns = STEP_NS * (k + 1)
+        # Odometry flows (as a real one at tens of Hz): a pose 50 ms before the keyframe's own, so that a keyframe
+        # that overtakes its pose waits for it (OdometryBuffer waits only for odometry within the tolerance).
+        self.odom.publish(_odom_msg(pose, ns - 50_000_000))
         self.odom.publish(_odom_msg(pose, ns))
         m = Keyframe(id=k, map_keyframes=k + 1)
         _stamp(m, ns)
@@ -156,14 +160,20 @@ def test_pose_graph_node_path_tf_save_and_restart(ros: Client, tmp_path: Path) -
         sent = _drive(feed, lib, odom, gt, range(N))
         want = lib.optimized_poses()
 
-        def final() -> bool:  # a loop can overtake its keyframe (two topics): wait for the end state, not a count
-            return bool(feed.cams) and len(feed.cams[-1].poses) == N and np.allclose(_poses(feed.cams[-1])[0], want)
+        # Keyframes and loops come on two topics: a loop can overtake its keyframe or fall behind the next one,
+        # and the node then adds it at another point of the stream than the library here. iSAM2 under a robust
+        # kernel is path dependent (it stops relinearising within RELINEARIZE_THRESHOLD): the end states agree
+        # to TOL_M, not bit for bit. Wait for that end state, not for a count of messages.
+        def diff() -> float:
+            if not feed.cams or len(feed.cams[-1].poses) != N:
+                return np.inf
+            return float(np.abs(_poses(feed.cams[-1])[0] - want).max())
 
-        assert ros.spin_until(final, 60), f"{len(feed.cams)} updates for {sent} sent"
+        assert ros.spin_until(lambda: diff() < TOL_M, 60), f"{len(feed.cams)} updates for {sent}; off by {diff()}"
         cams, stamps = _poses(feed.cams[-1])
         base, _ = _poses(feed.paths[-1])
         # The node's graph is the library's: same poses, one per keyframe, stamped with the keyframe's stamp.
-        np.testing.assert_allclose(cams, lib.optimized_poses(), atol=1e-5)
+        np.testing.assert_allclose(cams, lib.optimized_poses(), atol=TOL_M)
         np.testing.assert_allclose(base, cams, atol=1e-9)  # camera_extrinsic: identity (odometry of the camera)
         assert stamps == [STEP_NS * (k + 1) for k in range(N)]
         assert feed.cams[-1].header.frame_id == "map"
@@ -179,7 +189,7 @@ def test_pose_graph_node_path_tf_save_and_restart(ros: Client, tmp_path: Path) -
         r, p = tf.transform.rotation, tf.transform.translation
         t[:3, :3] = Rotation.from_quat([r.x, r.y, r.z, r.w]).as_matrix()
         t[:3, 3] = [p.x, p.y, p.z]
-        np.testing.assert_allclose(t, lib.map_to_odom(), atol=1e-5)
+        np.testing.assert_allclose(t, lib.map_to_odom(), atol=TOL_M)
         assert tf.header.stamp.sec * 10**9 + tf.header.stamp.nanosec == STEP_NS * N
         # Services: a bad name is refused with the reason; a save writes <name>.graph.npz.
         bad = feed.call("save_map", "../x")
@@ -193,7 +203,7 @@ def test_pose_graph_node_path_tf_save_and_restart(ros: Client, tmp_path: Path) -
     assert node.returncode == 0, out[-3000:]
     saved = PoseGraph.load(tmp_path / "run1.graph.npz")
     assert saved.ids == list(range(N)) and len(saved.loops) == len(LOOPS) + 1
-    np.testing.assert_allclose(saved.optimized_poses(), lib.optimized_poses(), atol=1e-5)
+    np.testing.assert_allclose(saved.optimized_poses(), lib.optimized_poses(), atol=TOL_M)
 
     # A restart loads the graph; its odometry starts again at the identity (a new frame), one keyframe at the
     # place of keyframe 5: the new segment sits at its odometry pose until a loop ties it to the map.
@@ -208,8 +218,9 @@ def test_pose_graph_node_path_tf_save_and_restart(ros: Client, tmp_path: Path) -
         np.testing.assert_allclose(cams[N], np.eye(4), atol=1e-6)
         true = np.linalg.inv(gt[5]) @ gt[5]  # the same place: identity
         cov = np.diag([0.005**2] * 3 + [0.01**2] * 3)
+        before = len(feed.cams)
         feed.loop_closure(N, 5, _relative(PoseType.METRIC, true[:3, :3], np.array([0.0, 0.0, 0.01]), cov))
-        assert ros.spin_until(lambda: len(feed.cams) >= 2, 30)
+        assert ros.spin_until(lambda: len(feed.cams) > before, 30)
         cams, _ = _poses(feed.cams[-1])
         assert np.linalg.norm(cams[N][:3, 3] - saved.optimized_poses()[5][:3, 3]) < 0.05
     finally:

@@ -38,7 +38,7 @@ from pnv_ros.errors import PnvError
 from pnv_ros.geometry import PoseType
 from pnv_ros.msg import Keyframe as KeyframeMsg
 from pnv_ros.msg import LoopClosure
-from pnv_ros.pose_graph import Loop, PoseGraph
+from pnv_ros.pose_graph import Loop, PoseGraph, odometry_step_covariance
 from pnv_ros.ros import conversions as C
 from pnv_ros.ros import pose_graph_params as G
 from pnv_ros.ros.odometry import OdometryBuffer, valid_pose
@@ -130,6 +130,8 @@ class PoseGraphNode(Node):
         self._odom = OdometryBuffer(capacity=20000)
         self._odom_child = ""
         self._odom_stamp = None  # the newest odometry stamp (builtin_interfaces/Time)
+        self._odom_cov: deque[tuple[int, np.ndarray]] = deque(maxlen=20000)  # (stamp ns, 6x6 pose covariance)
+        self._last_cov: np.ndarray | None = None  # the previous keyframe's odometry covariance
         self.graph = PoseGraph(self.settings)
         self._new_segment = False  # the next keyframe starts a segment: its odometry frame is not the graph's
         if self._value("load_map"):
@@ -178,6 +180,15 @@ class PoseGraphNode(Node):
             self.stats["bad_odom"] += 1
         elif self._odom.add(C.stamp_to_ns(msg.header.stamp), pose, msg.header.frame_id):
             self._odom_child, self._odom_stamp = msg.child_frame_id, msg.header.stamp
+            cov = np.asarray(msg.pose.covariance, np.float64).reshape(6, 6)
+            self._odom_cov.append((C.stamp_to_ns(msg.header.stamp), cov))
+
+    def _covariance_at(self, stamp: int) -> np.ndarray:
+        """The odometry message covariance nearest ``stamp`` (zeros when none)."""
+        items = list(self._odom_cov)
+        if not items:
+            return np.zeros((6, 6))
+        return min(items, key=lambda sc: abs(sc[0] - stamp))[1]
 
     def _on_keyframe(self, msg: KeyframeMsg) -> None:
         stamp = C.stamp_to_ns(msg.header.stamp)
@@ -192,8 +203,12 @@ class PoseGraphNode(Node):
                 self.log.warning(f"keyframe {msg.id} is already in the graph (a reset map?); ignored")
                 return
             cam = pose_matrix(pos, ori) @ self.extrinsic
-            self.graph.add_keyframe(msg.id, stamp, cam, new_segment=self._new_segment)
-            self._new_segment = False
+            cov_now = self._covariance_at(stamp)
+            step = None  # the message's covariance growth since the last keyframe, else the drift model
+            if self._last_cov is not None and not self._new_segment:
+                step = odometry_step_covariance(self._last_cov, cov_now, cam[:3, :3])
+            self.graph.add_keyframe(msg.id, stamp, cam, covariance=step, new_segment=self._new_segment)
+            self._new_segment, self._last_cov = False, cov_now
             self._add_pending()
         self._publish()
 
