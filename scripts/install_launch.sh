@@ -18,7 +18,7 @@ VENV=$(realpath "${PNV_VENV:-$PWD/.venv}")
 PYBIN=$VENV/bin/python
 SRC=${1:-${PNV_LAUNCH_SRC:-../shared/ros/launch_src}}
 PACKAGES=(launch launch_xml launch_yaml launch_ros)
-EXECUTABLES=(loop_closure_node)  # CMakeLists.txt's install(PROGRAMS scripts/... DESTINATION lib/pnv_ros)
+EXECUTABLES=(loop_closure_node pose_graph_node)  # CMakeLists.txt's install(PROGRAMS scripts/... DESTINATION lib/pnv_ros)
 for p in "${PACKAGES[@]}" composition_interfaces; do
   test -f "$SRC/$p/package.xml" || { echo "error: $SRC/$p/package.xml not found (PNV_LAUNCH_SRC names the sources)"; exit 1; }
 done

@@ -44,6 +44,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "pnv_ros.matching",  # patch matching and re-ranking
             "pnv_ros.local_features",  # SIFT keypoints, rays and depth points of a keyframe
             "pnv_ros.loop_pose",  # a loop's relative pose from local features (METRIC with depth)
+            "pnv_ros.pose_graph",  # the reference GTSAM backend: keyframes, odometry and loop factors, iSAM2
             "pnv_ros.retrieval",  # global retrieval then re-ranking
             "pnv_ros.place_map",  # the keyframe map and its file
             "pnv_ros.viz",  # match images

@@ -91,7 +91,7 @@ def test_executables_are_where_launch_ros_looks() -> None:
     assert m, "scripts/install_launch.sh: EXECUTABLES=(...) not found"
     linked = set(m.group(1).split())
     scripts = set(re.findall(r"^\s+(\S+) = pnv_ros\.ros\.", (REPO / "setup.cfg").read_text(), re.M))
-    assert cmake == linked == scripts == {"loop_closure_node"}
+    assert cmake == linked == scripts == {"loop_closure_node", "pose_graph_node"}
     for exe in linked:
         path = Path(sys.prefix) / "lib" / "pnv_ros" / exe
         assert os.access(path, os.X_OK), f"{path} missing: run scripts/install_launch.sh"

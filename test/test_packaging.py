@@ -74,6 +74,8 @@ PY_DEPS = {
     "openvino": ("openvino", None),
     "nncf": ("nncf", None),
     "tensorrt": ("tensorrt", None),
+    "gtsam": ("gtsam", None),
+    "evo": ("evo", None),
 }
 #: imported only by an engine that is asked for (pnv_ros.engines): module -> the setup.cfg extra that brings it,
 #: or None where the platform brings it (TensorRT: NVIDIA's wheel, JetPack)

@@ -177,9 +177,10 @@ BY_NAME = {p.name: p for p in TABLE}
 DETECTOR_NAMES = tuple(p.name for p in TABLE if p.kind == "detector")
 
 
-def check(name: str, value: Any) -> None:
-    """Raise ConfigError when a value is outside its parameter's range or choices."""
-    p = BY_NAME.get(name)
+def check(name: str, value: Any, by_name: dict[str, Param] | None = None) -> None:
+    """Raise ConfigError when a value is outside its parameter's range or choices (``by_name``: another node's
+    table by name, e.g. :data:`pnv_ros.ros.pose_graph_params.BY_NAME`; default this node's)."""
+    p = (BY_NAME if by_name is None else by_name).get(name)
     if p is None:
         return  # parameters of ROS itself (use_sim_time, ...)
     want = type(p.default)

@@ -1,0 +1,340 @@
+"""pose_graph_node: the reference backend, ROS plumbing around :class:`pnv_ros.pose_graph.PoseGraph`.
+
+Inputs: ``odom`` (nav_msgs/Odometry: the base frame in the odometry frame), ``keyframes`` (pnv_ros/Keyframe, the
+loop-closure node's ``~/keyframes``) and ``loop_closures`` (pnv_ros/LoopClosure). Each keyframe takes the
+odometry pose nearest its stamp (:class:`~pnv_ros.ros.odometry.OdometryBuffer`), composed with the
+``camera_extrinsic`` parameter into its camera's pose; a loop whose keyframes are not in the graph yet waits
+(at most :data:`MAX_PENDING`). Outputs after every change: ``~/path`` (nav_msgs/Path of the optimised base
+poses in ``map_frame``, one per keyframe, stamped with its image's stamp), ``~/keyframe_poses`` (the same for
+the camera optical frame: what a TUM ground truth describes), ``~/map_to_odom`` (geometry_msgs/TransformStamped)
+and, where tf2_msgs is installed (every ROS 2 install; not the pip venv's PyPI wheels), the same transform on
+``/tf`` (stamped with the newest odometry stamp, re-sent at :data:`TF_RATE_HZ`). Services ``~/save_map`` and
+``~/load_map`` (pnv_ros/MapCommand) write and read ``<map_dir>/<name>.graph.npz``; after a load (at start with
+``load_map``, or by the service) the next keyframe starts a new segment (a new odometry frame: no odometry factor
+to the loaded keyframes, a weak prior until a loop ties it to the map).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import traceback
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+from geometry_msgs.msg import PoseStamped, TransformStamped
+from nav_msgs.msg import Odometry
+from nav_msgs.msg import Path as PathMsg
+from rcl_interfaces.msg import SetParametersResult
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+from rclpy.clock import Clock, ClockType
+from rclpy.node import Node
+from rclpy.parameter import Parameter
+from rclpy.qos import DurabilityPolicy, QoSProfile
+from scipy.spatial.transform import Rotation
+
+from pnv_ros.errors import PnvError
+from pnv_ros.geometry import PoseType
+from pnv_ros.msg import Keyframe as KeyframeMsg
+from pnv_ros.msg import LoopClosure
+from pnv_ros.pose_graph import Loop, PoseGraph, odometry_step_covariance
+from pnv_ros.ros import conversions as C
+from pnv_ros.ros import pose_graph_params as G
+from pnv_ros.ros.odometry import OdometryBuffer, valid_pose
+from pnv_ros.ros.params import map_file_name
+from pnv_ros.ros.profiles import descriptor, qos
+from pnv_ros.srv import MapCommand
+
+try:  # every ROS 2 install has it; PyPI has no wheel of it (the pip venv publishes ~/map_to_odom only)
+    from tf2_msgs.msg import TFMessage
+except ImportError:  # pragma: no cover - depends on the install
+    TFMessage = None
+
+#: Loops kept while their keyframes have not arrived (the oldest dropped beyond): keyframes and loops come on
+#: two topics, and a loop can overtake its query keyframe.
+MAX_PENDING = 1000
+#: How often map -> odom is re-sent on /tf (Hz), as SLAM nodes do (slam_toolbox: 50 Hz by default; 20 is enough
+#: for a transform that changes only with a loop).
+TF_RATE_HZ = 20.0
+
+
+def pose_matrix(position, quaternion_xyzw) -> np.ndarray:
+    """(4, 4) from a position (3,) and a quaternion (x, y, z, w) (normalised here)."""
+    q = np.asarray(quaternion_xyzw, dtype=np.float64)
+    t = np.eye(4)
+    t[:3, :3] = Rotation.from_quat(q / np.linalg.norm(q)).as_matrix()
+    t[:3, 3] = position
+    return t
+
+
+def loop_from_msg(msg: LoopClosure) -> Loop | None:
+    """The graph's :class:`Loop` of a LoopClosure message; None when its relative pose is NONE.
+
+    Raises:
+        PnvError: a covariance whose size does not fit the pose's type.
+    """
+    rp = msg.relative_pose
+    kind = PoseType(int(rp.type))
+    if kind == PoseType.NONE:
+        return None
+    dim = {PoseType.ROTATION_ONLY: 3, PoseType.ROTATION_AND_DIRECTION: 5, PoseType.METRIC: 6}[kind]
+    cov = np.asarray(rp.covariance, dtype=np.float64)
+    if cov.size != dim * dim:
+        raise PnvError(f"loop {msg.query_id}->{msg.match_id}: a {kind.name} pose with {cov.size} covariance values")
+    q = rp.rotation
+    rot = pose_matrix(np.zeros(3), [q.x, q.y, q.z, q.w])[:3, :3]
+    vec = {
+        PoseType.METRIC: [rp.translation.x, rp.translation.y, rp.translation.z],
+        PoseType.ROTATION_AND_DIRECTION: [rp.direction.x, rp.direction.y, rp.direction.z],
+        PoseType.ROTATION_ONLY: [0.0, 0.0, 0.0],
+    }[kind]
+    return Loop(int(msg.query_id), int(msg.match_id), kind, rot, np.array(vec), cov.reshape(dim, dim))
+
+
+def _transform(parent: str, child: str, stamp, t: np.ndarray) -> TransformStamped:
+    m = TransformStamped()
+    m.header.frame_id, m.header.stamp, m.child_frame_id = parent, stamp, child
+    m.transform.translation.x, m.transform.translation.y, m.transform.translation.z = (float(v) for v in t[:3, 3])
+    x, y, z, w = Rotation.from_matrix(t[:3, :3]).as_quat()
+    m.transform.rotation.x, m.transform.rotation.y, m.transform.rotation.z, m.transform.rotation.w = x, y, z, w
+    return m
+
+
+def _pose_stamped(frame: str, stamp_ns: int, t: np.ndarray) -> PoseStamped:
+    m = PoseStamped()
+    m.header.frame_id, m.header.stamp = frame, C.ns_to_stamp(stamp_ns)
+    p, o = m.pose.position, m.pose.orientation
+    p.x, p.y, p.z = (float(v) for v in t[:3, 3])
+    o.x, o.y, o.z, o.w = (float(v) for v in Rotation.from_matrix(t[:3, :3]).as_quat())
+    return m
+
+
+class PoseGraphNode(Node):
+    """The ``pose_graph`` node: parameters, topics and services around one :class:`PoseGraph`."""
+
+    def __init__(self) -> None:
+        super().__init__("pose_graph")
+        for p in G.TABLE:
+            self.declare_parameter(p.name, p.default, descriptor(p))
+        for p in G.TABLE:  # a bad value stops the start with a reason
+            G.check(p.name, self._value(p.name))
+        self.log = self.get_logger()
+        self.settings = G.settings(self._value)
+        self.extrinsic = G.extrinsic(self._value("camera_extrinsic"))
+        self.map_dir = Path(self._value("map_dir"))
+        self.stats = {"keyframes_without_odometry": 0, "duplicate_keyframes": 0, "loops_without_pose": 0}
+        self.stats.update({"bad_loops": 0, "pending_dropped": 0, "bad_odom": 0})
+        self._lock = threading.Lock()
+        self._pending: deque[Loop] = deque(maxlen=MAX_PENDING)
+        self._odom = OdometryBuffer(capacity=20000)
+        self._odom_child = ""
+        self._odom_stamp = None  # the newest odometry stamp (builtin_interfaces/Time)
+        self._odom_cov: deque[tuple[int, np.ndarray]] = deque(maxlen=20000)  # (stamp ns, 6x6 pose covariance)
+        self._last_cov: np.ndarray | None = None  # the previous keyframe's odometry covariance
+        self.graph = PoseGraph(self.settings)
+        self._new_segment = False  # the next keyframe starts a segment: its odometry frame is not the graph's
+        if self._value("load_map"):
+            self._load(self._value("load_map"))
+
+        inputs = MutuallyExclusiveCallbackGroup()  # keyframes and loops in order; odometry beside them
+        q = qos(self._value("odom_qos"), self._value("odom_qos_depth"))
+        self.create_subscription(Odometry, "odom", self._on_odom, q, callback_group=MutuallyExclusiveCallbackGroup())
+        self.create_subscription(KeyframeMsg, "keyframes", self._on_keyframe, 100, callback_group=inputs)
+        self.create_subscription(LoopClosure, "loop_closures", self._on_loop, 100, callback_group=inputs)
+        latched = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL)  # a late rviz gets the last one
+        self.pub_path = self.create_publisher(PathMsg, "~/path", latched)
+        self.pub_cam = self.create_publisher(PathMsg, "~/keyframe_poses", latched)
+        self.pub_tf_stamped = self.create_publisher(TransformStamped, "~/map_to_odom", 10)
+        self.pub_tf = self.create_publisher(TFMessage, "/tf", 100) if TFMessage is not None else None
+        services = ReentrantCallbackGroup()
+        for name, fn in (("save_map", self._srv_save), ("load_map", self._srv_load)):
+            self.create_service(MapCommand, f"~/{name}", self._service(name, fn), callback_group=services)
+        steady = Clock(clock_type=ClockType.STEADY_TIME)  # with use_sim_time and no /clock it still runs
+        self.create_timer(1.0 / TF_RATE_HZ, self._publish_tf, callback_group=services, clock=steady)
+        if self.pub_tf is None:
+            self.log.warning("tf2_msgs is not installed: map -> odom goes to ~/map_to_odom only, not to /tf")
+        self.add_on_set_parameters_callback(self._check_parameters)
+        if len(self.graph):
+            self._publish()  # the loaded graph's path (latched)
+        self.log.info(f"pose graph ready: {len(self.graph)} keyframes, {len(self.graph.loops)} loops")
+
+    def _value(self, name: str):
+        v = self.get_parameter(name).value
+        return float(v) if isinstance(G.BY_NAME[name].default, float) else v
+
+    def _check_parameters(self, params: list[Parameter]) -> SetParametersResult:
+        """Refuse a change whose value is out of its range or choices (save_map_on_shutdown: not a map name)."""
+        try:
+            for p in params:
+                G.check(p.name, p.value)
+        except PnvError as e:
+            return SetParametersResult(successful=False, reason=str(e))
+        return SetParametersResult(successful=True)
+
+    # -- inputs -----------------------------------------------------------------------------------
+    def _on_odom(self, msg: Odometry) -> None:
+        p, q = msg.pose.pose.position, msg.pose.pose.orientation
+        pose = np.array([p.x, p.y, p.z, q.x, q.y, q.z, q.w])
+        if not valid_pose(pose):
+            self.stats["bad_odom"] += 1
+        elif self._odom.add(C.stamp_to_ns(msg.header.stamp), pose, msg.header.frame_id):
+            self._odom_child, self._odom_stamp = msg.child_frame_id, msg.header.stamp
+            cov = np.asarray(msg.pose.covariance, np.float64).reshape(6, 6)
+            self._odom_cov.append((C.stamp_to_ns(msg.header.stamp), cov))
+
+    def _covariance_at(self, stamp: int) -> np.ndarray:
+        """The odometry message covariance nearest ``stamp`` (zeros when none)."""
+        items = list(self._odom_cov)
+        if not items:
+            return np.zeros((6, 6))
+        return min(items, key=lambda sc: abs(sc[0] - stamp))[1]
+
+    def _on_keyframe(self, msg: KeyframeMsg) -> None:
+        stamp = C.stamp_to_ns(msg.header.stamp)
+        pos, ori = self._odom.at(stamp, int(self._value("odom_tolerance_s") * 1e9))
+        if pos is None:
+            self.stats["keyframes_without_odometry"] += 1
+            self.log.warning(f"keyframe {msg.id}: no odometry within odom_tolerance_s of its stamp; left out")
+            return
+        with self._lock:
+            if msg.id in self.graph:
+                self.stats["duplicate_keyframes"] += 1
+                self.log.warning(f"keyframe {msg.id} is already in the graph (a reset map?); ignored")
+                return
+            cam = pose_matrix(pos, ori) @ self.extrinsic
+            cov_now = self._covariance_at(stamp)
+            step = None  # the message's covariance growth since the last keyframe, else the drift model
+            if self._last_cov is not None and not self._new_segment:
+                step = odometry_step_covariance(self._last_cov, cov_now, cam[:3, :3])
+            self.graph.add_keyframe(msg.id, stamp, cam, covariance=step, new_segment=self._new_segment)
+            self._new_segment, self._last_cov = False, cov_now
+            self._add_pending()
+        self._publish()
+
+    def _on_loop(self, msg: LoopClosure) -> None:
+        try:
+            loop = loop_from_msg(msg)
+        except PnvError as e:
+            self.stats["bad_loops"] += 1
+            self.log.warning(str(e))
+            return
+        if loop is None:
+            self.stats["loops_without_pose"] += 1
+            return
+        with self._lock:
+            if len(self._pending) == self._pending.maxlen:
+                self.stats["pending_dropped"] += 1
+            self._pending.append(loop)
+            added = self._add_pending()
+        if added:
+            self._publish()
+
+    def _add_pending(self) -> int:
+        """Add the waiting loops whose keyframes are in the graph (under the lock); returns how many."""
+        added, keep = 0, deque(maxlen=MAX_PENDING)
+        for loop in self._pending:
+            if loop.query_id in self.graph and loop.match_id in self.graph:
+                try:
+                    self.graph.add_loop(loop.query_id, loop.match_id, loop)
+                    added += 1
+                    self.log.info(f"loop {loop.query_id} -> {loop.match_id} ({loop.type.name}) in the graph")
+                except PnvError as e:
+                    self.stats["bad_loops"] += 1
+                    self.log.warning(f"loop {loop.query_id} -> {loop.match_id} refused: {e}")
+            else:
+                keep.append(loop)
+        self._pending = keep
+        return added
+
+    # -- outputs ----------------------------------------------------------------------------------
+    def _frames(self) -> tuple[str, str]:
+        return self._value("map_frame"), self._value("odom_frame") or self._odom.frame_id or "odom"
+
+    def _publish(self) -> None:
+        with self._lock:
+            stamps, cams = self.graph.stamps, self.graph.optimized_poses()
+        map_frame, _ = self._frames()
+        now = self.get_clock().now().to_msg()
+        base_from_cam = np.linalg.inv(self.extrinsic)
+        for pub, poses in ((self.pub_path, cams @ base_from_cam), (self.pub_cam, cams)):
+            msg = PathMsg()
+            msg.header.frame_id, msg.header.stamp = map_frame, now
+            msg.poses = [_pose_stamped(map_frame, int(s), t) for s, t in zip(stamps, poses)]
+            pub.publish(msg)
+        self._publish_tf()
+
+    def _publish_tf(self) -> None:
+        if self._odom_stamp is None:
+            return
+        with self._lock:
+            t = self.graph.map_to_odom()
+        map_frame, odom_frame = self._frames()
+        m = _transform(map_frame, odom_frame, self._odom_stamp, t)
+        self.pub_tf_stamped.publish(m)
+        if self.pub_tf is not None:
+            self.pub_tf.publish(TFMessage(transforms=[m]))
+
+    # -- files and services -----------------------------------------------------------------------
+    def graph_path(self, name: str) -> Path:
+        """``<map_dir>/<name>.graph.npz`` (the name checked as a map name)."""
+        return self.map_dir / (map_file_name(name)[: -len(".npz")] + ".graph.npz")
+
+    def _load(self, name: str) -> None:
+        path = self.graph_path(name)
+        try:
+            graph = PoseGraph.load(path, self.settings)
+        except PnvError as e:
+            self.log.error(f"graph {path} not loaded: {e}; starting an empty graph")
+            return
+        with self._lock:
+            self.graph, self._pending, self._new_segment = graph, deque(maxlen=MAX_PENDING), len(graph) > 0
+        self.log.info(f"graph {path} loaded: {len(graph)} keyframes, {len(graph.loops)} loops")
+
+    def _service(self, name: str, fn):
+        def handler(req, resp):
+            try:
+                resp.message = fn(req.name)
+                resp.success = True
+            except PnvError as e:
+                resp.success, resp.message = False, str(e)
+            except Exception as e:  # noqa: BLE001 - a request never stops the node
+                self.log.error(f"{name} failed: {type(e).__name__}: {e}\n{traceback.format_exc()}")
+                resp.success, resp.message = False, f"{name} failed: {type(e).__name__}: {e}"
+            resp.keyframes = len(self.graph)
+            return resp
+
+        return handler
+
+    def _srv_save(self, name: str) -> str:
+        path = self.graph_path(name)
+        with self._lock:
+            self.graph.save(path)
+            n = len(self.graph)
+        return f"graph saved to {path}: {n} keyframes"
+
+    def _srv_load(self, name: str) -> str:
+        path = self.graph_path(name)
+        graph = PoseGraph.load(path, self.settings)
+        with self._lock:
+            self.graph, self._pending, self._new_segment = graph, deque(maxlen=MAX_PENDING), len(graph) > 0
+        self._publish()
+        return f"graph {path} loaded: {len(graph)} keyframes, {len(graph.loops)} loops"
+
+    def shutdown(self) -> None:
+        """Save the graph if save_map_on_shutdown names a map."""
+        name = self._value("save_map_on_shutdown")
+        if name:
+            t0 = time.monotonic()
+            try:
+                msg = self._srv_save(name)
+                self.log.info(f"{msg} ({time.monotonic() - t0:.2f} s)")
+            except PnvError as e:
+                self.log.error(f"graph not saved at shutdown: {e}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the node until SIGINT or SIGTERM (:func:`pnv_ros.ros.run.run`)."""
+    from pnv_ros.ros.run import run
+
+    return run(PoseGraphNode, argv)

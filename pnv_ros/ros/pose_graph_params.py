@@ -1,0 +1,105 @@
+"""pose_graph_node's parameters as a table, in :mod:`pnv_ros.ros.params`' style (its :class:`Param`). No rclpy.
+
+The backend's settings map one to one onto :class:`pnv_ros.pose_graph.PoseGraphSettings`' fields (defaults, help,
+ranges and choices from their metadata); the node's own parameters (frames, the camera extrinsic, inputs, files)
+are :data:`NODE_TABLE`. ``map_dir``, ``load_map`` and ``save_map_on_shutdown`` have the loop-closure node's names
+and defaults, so one parameters file (or launch argument) gives both nodes the same map: the graph is the file
+``<map name>.graph.npz`` beside the loop-closure node's ``<map name>.npz``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any
+
+import numpy as np
+
+from pnv_ros.errors import ConfigError
+from pnv_ros.pose_graph import PoseGraphSettings
+from pnv_ros.ros import params as P
+from pnv_ros.ros.params import Param
+
+#: The node's own parameters: read-only at start, then the changeable ones.
+NODE_TABLE: tuple[Param, ...] = (
+    Param("map_frame", "map", "the optimised poses' frame (the parent of odom on /tf)"),
+    Param("odom_frame", "", "the odometry frame (the child of map on /tf); '' = the odometry messages' frame_id"),
+    Param(
+        "camera_extrinsic",
+        "0 0 0 0 0 0 1",
+        "the camera optical frame in the odometry's child (base) frame: 'x y z qx qy qz qw' (m, unit quaternion); "
+        "the default identity is for odometry of the camera itself (TUM RGB-D's ground truth)",
+    ),
+    Param(
+        "odom_qos",
+        "reliable",
+        "odometry QoS (as the loop-closure node's image_qos): reliable by default, every pose counts here",
+        choices=P.QOS_CHOICES,
+    ),
+    Param("odom_qos_depth", 100, "odometry queue depth", range=(1, 10000)),
+    Param(
+        "odom_tolerance_s",
+        0.1,
+        "a keyframe takes the odometry pose nearest its stamp within this (s); when that pose is late it "
+        "waits for it as long (wall seconds); a keyframe without one is left out of the graph (its loops too)",
+        range=(0.0, 10.0),
+    ),
+    Param("map_dir", P.BY_NAME["map_dir"].default, "folder of the maps; the graph is <map name>.graph.npz there"),
+    Param("load_map", "", "map name whose graph (<name>.graph.npz in map_dir) is loaded at start; '' = none"),
+    Param("save_map_on_shutdown", "", "map name whose graph is saved at shutdown ('' = don't)", "node"),
+)
+
+
+def _settings_table() -> tuple[Param, ...]:
+    """The backend's settings, from :class:`PoseGraphSettings`' fields (read at start)."""
+    return tuple(
+        Param(f.name, f.default, f.metadata["help"], "startup", f.metadata.get("range"), f.metadata.get("choices"))
+        for f in fields(PoseGraphSettings)
+    )
+
+
+#: Every parameter, in the order the node declares them.
+SETTINGS_TABLE: tuple[Param, ...] = _settings_table()
+TABLE: tuple[Param, ...] = (
+    *(p for p in NODE_TABLE if p.kind == "startup"),
+    *SETTINGS_TABLE,
+    *(p for p in NODE_TABLE if p.kind != "startup"),
+)
+BY_NAME = {p.name: p for p in TABLE}
+
+
+def check(name: str, value: Any) -> None:
+    """Raise ConfigError when a value is outside its parameter's range or choices (or, for camera_extrinsic,
+    not seven numbers with a non-zero quaternion)."""
+    P.check(name, value, BY_NAME)
+    if name == "camera_extrinsic":
+        extrinsic(value)
+
+
+def settings(get: Any) -> PoseGraphSettings:
+    """PoseGraphSettings from the parameters (``get(name)`` gives a value). Raises ConfigError."""
+    return PoseGraphSettings(**{p.name: get(p.name) for p in SETTINGS_TABLE})
+
+
+def extrinsic(text: str) -> np.ndarray:
+    """(4, 4) ``T_base_cam`` from 'x y z qx qy qz qw'. Raises ConfigError."""
+    from scipy.spatial.transform import Rotation
+
+    try:
+        v = np.array([float(x) for x in str(text).split()])
+    except ValueError:
+        v = np.zeros(0)
+    if v.shape != (7,) or not np.all(np.isfinite(v)) or np.linalg.norm(v[3:]) < 1e-9:
+        raise ConfigError(f"camera_extrinsic = {text!r}: give 'x y z qx qy qz qw' (seven numbers, a unit quaternion)")
+    t = np.eye(4)
+    t[:3, :3] = Rotation.from_quat(v[3:] / np.linalg.norm(v[3:])).as_matrix()
+    t[:3, 3] = v[:3]
+    return t
+
+
+def markdown() -> str:
+    """The parameter section of docs/pose_graph.md (between its ``<!-- parameters -->`` markers)."""
+    out = ["| parameter | default | range or choices | description |", "|---|---|---|---|"]
+    for p in TABLE:
+        changeable = " (changeable at run time)" if p.kind == "node" else ""
+        out.append(f"| `{p.name}` | {P._value(p.default)} | {P._allowed(p)} | {P._cell(p.description)}{changeable} |")
+    return "\n".join(out) + "\n"

@@ -1,0 +1,246 @@
+"""pose_graph_node as a user runs it: its executable wrapper (scripts/pose_graph_node, what colcon installs) in a
+separate process, fed over loopback-only DDS with the synthetic drive of test_pose_graph (odometry with a seeded
+drift, the loop_closure node's keyframes and loops, one wrong loop). Checks the optimised path and keyframe poses
+against the library run in this process, map -> odom, the graph saved at shutdown, and a restart that loads it
+and goes on in a new odometry frame."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+rclpy = pytest.importorskip("rclpy")  # test_node.test_rclpy_is_installed_in_ci fails loudly where absent
+from geometry_msgs.msg import TransformStamped  # noqa: E402
+from nav_msgs.msg import Odometry  # noqa: E402
+from nav_msgs.msg import Path as PathMsg  # noqa: E402
+from pnv_ros.msg import Keyframe, LoopClosure  # noqa: E402
+from pnv_ros.srv import MapCommand  # noqa: E402
+from scipy.spatial.transform import Rotation  # noqa: E402
+from test_node import Client  # noqa: E402
+from test_pose_graph import LOOPS, N, _ate, _ground_truth, _measured, _odometry, _relative  # noqa: E402
+
+from pnv_ros.geometry import PoseType  # noqa: E402
+from pnv_ros.pose_graph import PoseGraph  # noqa: E402
+from pnv_ros.ros.conversions import relative_pose_msg  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+NODE = [sys.executable, str(REPO / "scripts" / "pose_graph_node")]
+STEP_NS = 500_000_000  # keyframes 0.5 s apart
+TOL_M = 1e-3  # m (and rad): the node's graph against the library's, built in another order (see below)
+WRONG_AT = 30  # keyframe 30 claims to see keyframe 10 (2 m away) 0.5 m ahead
+
+
+def start(map_dir: Path, *params: str) -> subprocess.Popen:
+    args = [*NODE, "--ros-args", "-r", "keyframes:=loop_closure/keyframes", "-p", f"map_dir:={map_dir}", *params]
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
+
+
+def stop(p: subprocess.Popen) -> str:
+    p.send_signal(signal.SIGINT)
+    try:
+        out, _ = p.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        out, _ = p.communicate()
+    return out
+
+
+def _stamp(msg, ns: int) -> None:
+    msg.header.stamp.sec, msg.header.stamp.nanosec = ns // 10**9, ns % 10**9
+
+
+def _odom_msg(pose: np.ndarray, ns: int) -> Odometry:
+    m = Odometry()
+    _stamp(m, ns)
+    m.header.frame_id, m.child_frame_id = "odom", "camera"
+    p, q = m.pose.pose.position, m.pose.pose.orientation
+    p.x, p.y, p.z = (float(v) for v in pose[:3, 3])
+    q.x, q.y, q.z, q.w = (float(v) for v in Rotation.from_matrix(pose[:3, :3]).as_quat())
+    return m
+
+
+def _poses(path: PathMsg) -> tuple[np.ndarray, list[int]]:
+    out, stamps = [], []
+    for ps in path.poses:
+        t = np.eye(4)
+        o, p = ps.pose.orientation, ps.pose.position
+        t[:3, :3] = Rotation.from_quat([o.x, o.y, o.z, o.w]).as_matrix()
+        t[:3, 3] = [p.x, p.y, p.z]
+        out.append(t)
+        stamps.append(ps.header.stamp.sec * 10**9 + ps.header.stamp.nanosec)
+    return np.array(out), stamps
+
+
+class Feed:
+    """This side's publishers and subscriptions."""
+
+    def __init__(self, c: Client) -> None:
+        n = c.node
+        self.c = c
+        self.odom = n.create_publisher(Odometry, "odom", 100)
+        self.kf = n.create_publisher(Keyframe, "loop_closure/keyframes", 100)
+        self.loop = n.create_publisher(LoopClosure, "loop_closures", 100)
+        self.paths: list[PathMsg] = []
+        self.cams: list[PathMsg] = []
+        self.tf: list[TransformStamped] = []
+        n.create_subscription(PathMsg, "pose_graph/path", self.paths.append, 100)
+        n.create_subscription(PathMsg, "pose_graph/keyframe_poses", self.cams.append, 100)
+        n.create_subscription(TransformStamped, "pose_graph/map_to_odom", self.tf.append, 100)
+        self.services = {s: n.create_client(MapCommand, f"pose_graph/{s}") for s in ("save_map", "load_map")}
+
+    def wait_ready(self) -> None:
+        assert self.services["save_map"].wait_for_service(timeout_sec=60), "pose_graph_node did not come up"
+        for pub in (self.odom, self.kf, self.loop):
+            assert self.c.spin_until(lambda p=pub: p.get_subscription_count() > 0, 30)
+
+    def keyframe(self, k: int, pose: np.ndarray) -> None:
+        ns = STEP_NS * (k + 1)
+        # Odometry flows (as a real one at tens of Hz): a pose 50 ms before the keyframe's own, so that a keyframe
+        # that overtakes its pose waits for it (OdometryBuffer waits only for odometry within the tolerance).
+        self.odom.publish(_odom_msg(pose, ns - 50_000_000))
+        self.odom.publish(_odom_msg(pose, ns))
+        m = Keyframe(id=k, map_keyframes=k + 1)
+        _stamp(m, ns)
+        self.kf.publish(m)
+        rclpy.spin_once(self.c.node, timeout_sec=0.01)
+
+    def loop_closure(self, q: int, m: int, rp) -> None:
+        msg = LoopClosure(query_id=q, match_id=m, score=0.5, method="ransac")
+        msg.relative_pose = relative_pose_msg(rp, "camera", "camera")
+        self.loop.publish(msg)
+        rclpy.spin_once(self.c.node, timeout_sec=0.01)
+
+    def call(self, name: str, map_name: str):
+        fut = self.services[name].call_async(MapCommand.Request(name=map_name))
+        assert self.c.spin_until(fut.done, 30), f"{name} timed out"
+        return fut.result()
+
+
+@pytest.fixture(scope="module")
+def ros():
+    rclpy.init()
+    c = Client()
+    yield c
+    c.node.destroy_node()
+    rclpy.shutdown()
+
+
+def _drive(feed: Feed, lib: PoseGraph, odom: list[np.ndarray], gt: list[np.ndarray], ks: range) -> int:
+    """Keyframes ``ks`` with their loops (and the wrong one) to the node and to ``lib``; returns the updates sent."""
+    rng = np.random.default_rng(1)
+    loops, sent = dict(LOOPS), 0
+    for k in ks:
+        feed.keyframe(k, odom[k])
+        lib.add_keyframe(k, STEP_NS * (k + 1), odom[k], new_segment=k == ks[0] and len(lib) > 0)
+        sent += 1
+        extra = [(k, loops[k], _measured(gt, k, loops[k], PoseType.METRIC, rng))] if k in loops else []
+        if k == WRONG_AT:
+            cov = np.diag([0.005**2] * 3 + [0.01**2] * 3)
+            extra.append((k, 10, _relative(PoseType.METRIC, np.eye(3), np.array([0.0, 0.0, 0.5]), cov)))
+        for q, m, rp in extra:
+            feed.loop_closure(q, m, rp)
+            lib.add_loop(q, m, rp)
+            sent += 1
+    return sent
+
+
+def test_pose_graph_node_path_tf_save_and_restart(ros: Client, tmp_path: Path) -> None:
+    gt, odom = _ground_truth(), _odometry(_ground_truth())
+    node = start(tmp_path, "-p", "save_map_on_shutdown:=run1")
+    try:
+        feed = Feed(ros)
+        feed.wait_ready()
+        lib = PoseGraph()
+        sent = _drive(feed, lib, odom, gt, range(N))
+        want = lib.optimized_poses()
+
+        # Keyframes and loops come on two topics: a loop can overtake its keyframe or fall behind the next one,
+        # and the node then adds it at another point of the stream than the library here. iSAM2 under a robust
+        # kernel is path dependent (it stops relinearising within RELINEARIZE_THRESHOLD): the end states agree
+        # to TOL_M, not bit for bit. Wait for that end state, not for a count of messages.
+        def diff() -> float:
+            if not feed.cams or len(feed.cams[-1].poses) != N:
+                return np.inf
+            return float(np.abs(_poses(feed.cams[-1])[0] - want).max())
+
+        assert ros.spin_until(lambda: diff() < TOL_M, 60), f"{len(feed.cams)} updates for {sent}; off by {diff()}"
+        cams, stamps = _poses(feed.cams[-1])
+        base, _ = _poses(feed.paths[-1])
+        # The node's graph is the library's: same poses, one per keyframe, stamped with the keyframe's stamp.
+        np.testing.assert_allclose(cams, lib.optimized_poses(), atol=TOL_M)
+        np.testing.assert_allclose(base, cams, atol=1e-9)  # camera_extrinsic: identity (odometry of the camera)
+        assert stamps == [STEP_NS * (k + 1) for k in range(N)]
+        assert feed.cams[-1].header.frame_id == "map"
+        # The drift is corrected and the wrong loop did not bend the map.
+        assert _ate(gt, cams) <= 0.4 * _ate(gt, np.array(odom))
+        assert lib.loop_errors()[0] > 30  # the wrong loop (the first sent), left out by the kernel
+        # map -> odom: the newest keyframe's correction, on the newest odometry stamp.
+        seen = len(feed.tf)
+        assert ros.spin_until(lambda: len(feed.tf) > seen + 2, 10)  # sent after the last update
+        tf = feed.tf[-1]
+        assert (tf.header.frame_id, tf.child_frame_id) == ("map", "odom")
+        t = np.eye(4)
+        r, p = tf.transform.rotation, tf.transform.translation
+        t[:3, :3] = Rotation.from_quat([r.x, r.y, r.z, r.w]).as_matrix()
+        t[:3, 3] = [p.x, p.y, p.z]
+        np.testing.assert_allclose(t, lib.map_to_odom(), atol=TOL_M)
+        assert tf.header.stamp.sec * 10**9 + tf.header.stamp.nanosec == STEP_NS * N
+        # Services: a bad name is refused with the reason; a save writes <name>.graph.npz.
+        bad = feed.call("save_map", "../x")
+        assert not bad.success and "bad map name" in bad.message
+        ok = feed.call("save_map", "copy")
+        assert ok.success and ok.keyframes == N and (tmp_path / "copy.graph.npz").is_file()
+        missing = feed.call("load_map", "nothing")
+        assert not missing.success and "does not exist" in missing.message
+    finally:
+        out = stop(node)
+    assert node.returncode == 0, out[-3000:]
+    saved = PoseGraph.load(tmp_path / "run1.graph.npz")
+    assert saved.ids == list(range(N)) and len(saved.loops) == len(LOOPS) + 1
+    np.testing.assert_allclose(saved.optimized_poses(), lib.optimized_poses(), atol=TOL_M)
+
+    # A restart loads the graph; its odometry starts again at the identity (a new frame), one keyframe at the
+    # place of keyframe 5: the new segment sits at its odometry pose until a loop ties it to the map.
+    node = start(tmp_path, "-p", "load_map:=run1")
+    try:
+        feed = Feed(ros)
+        feed.wait_ready()
+        feed.keyframe(N, np.eye(4))
+        assert ros.spin_until(lambda: feed.cams and len(feed.cams[-1].poses) == N + 1, 30)
+        cams, _ = _poses(feed.cams[-1])
+        np.testing.assert_allclose(cams[:N], saved.optimized_poses(), atol=1e-5)
+        np.testing.assert_allclose(cams[N], np.eye(4), atol=1e-6)
+        true = np.linalg.inv(gt[5]) @ gt[5]  # the same place: identity
+        cov = np.diag([0.005**2] * 3 + [0.01**2] * 3)
+        before = len(feed.cams)
+        feed.loop_closure(N, 5, _relative(PoseType.METRIC, true[:3, :3], np.array([0.0, 0.0, 0.01]), cov))
+        assert ros.spin_until(lambda: len(feed.cams) > before, 30)
+        cams, _ = _poses(feed.cams[-1])
+        assert np.linalg.norm(cams[N][:3, 3] - saved.optimized_poses()[5][:3, 3]) < 0.05
+    finally:
+        out = stop(node)
+    assert node.returncode == 0, out[-3000:]
+    assert f"loaded: {N} keyframes, {len(LOOPS) + 1} loops" in out
+
+
+def test_loop_messages_of_every_type_read_back_as_the_library_loop() -> None:
+    from pnv_ros.pose_graph import Loop
+    from pnv_ros.ros.pose_graph_node import loop_from_msg
+
+    gt, rng = _ground_truth(), np.random.default_rng(4)
+    for kind in (PoseType.METRIC, PoseType.ROTATION_AND_DIRECTION, PoseType.ROTATION_ONLY):
+        rp = _measured(gt, 45, 4, kind, rng)
+        msg = LoopClosure(query_id=45, match_id=4)
+        msg.relative_pose = relative_pose_msg(rp, "camera", "camera")
+        got, want = loop_from_msg(msg), Loop.from_pose(45, 4, rp)
+        assert (got.query_id, got.match_id, got.type) == (45, 4, kind)
+        np.testing.assert_allclose(got.rotation, want.rotation, atol=1e-12)
+        np.testing.assert_allclose(got.vector, want.vector, atol=1e-12)
+        np.testing.assert_allclose(got.gtsam_covariance(), want.gtsam_covariance(), rtol=1e-9, atol=1e-18)
+    assert loop_from_msg(LoopClosure(query_id=1, match_id=0)) is None  # NONE: no pose, no factor
