@@ -75,7 +75,6 @@ PY_DEPS = {
     "nncf": ("nncf", None),
     "tensorrt": ("tensorrt", None),
     "gtsam": ("gtsam", None),
-    "evo": ("evo", None),
 }
 #: imported only by an engine that is asked for (pnv_ros.engines): module -> the setup.cfg extra that brings it,
 #: or None where the platform brings it (TensorRT: NVIDIA's wheel, JetPack)
