@@ -1,17 +1,23 @@
 """pose_graph_node: the reference backend, ROS plumbing around :class:`pnv_ros.pose_graph.PoseGraph`.
 
-Inputs: ``odom`` (nav_msgs/Odometry: the base frame in the odometry frame), ``keyframes`` (pnv_ros/Keyframe, the
-loop-closure node's ``~/keyframes``) and ``loop_closures`` (pnv_ros/LoopClosure). Each keyframe takes the
-odometry pose nearest its stamp (:class:`~pnv_ros.ros.odometry.OdometryBuffer`), composed with the
-``camera_extrinsic`` parameter into its camera's pose; a loop whose keyframes are not in the graph yet waits
-(at most :data:`MAX_PENDING`). Outputs after every change: ``~/path`` (nav_msgs/Path of the optimised base
-poses in ``map_frame``, one per keyframe, stamped with its image's stamp), ``~/keyframe_poses`` (the same for
-the camera optical frame: what a TUM ground truth describes), ``~/map_to_odom`` (geometry_msgs/TransformStamped)
-and, where tf2_msgs is installed (every ROS 2 install; not the pip venv's PyPI wheels), the same transform on
-``/tf`` (stamped with the newest odometry stamp, re-sent at :data:`TF_RATE_HZ`). Services ``~/save_map`` and
-``~/load_map`` (pnv_ros/MapCommand) write and read ``<map_dir>/<name>.graph.npz``; after a load (at start with
-``load_map``, or by the service) the next keyframe starts a new segment (a new odometry frame: no odometry factor
-to the loaded keyframes, a weak prior until a loop ties it to the map).
+Inputs: ``keyframes`` (pnv_ros/Keyframe, the loop-closure node's ``~/keyframes``), ``loop_closures``
+(pnv_ros/LoopClosure) and ``odom`` (nav_msgs/Odometry: the base frame in the odometry frame). A keyframe of the
+loop-closure node carries the odometry message it was paired with (``has_odometry``: pose, covariance, frames,
+stamp): the node takes that, with no pairing of its own and so no race between two topics. A keyframe without
+(a third-party source) takes the ``odom`` pose nearest its stamp within ``odom_tolerance_s`` once the odometry has
+reached its stamp; until then it waits (at most ``odom_wait_s`` wall seconds), and the keyframes behind it wait in
+order (the odometry factors chain consecutive keyframes). The pose is composed with the ``camera_extrinsic``
+parameter into the camera's; a loop whose keyframes are not in the graph yet waits (at most :data:`MAX_PENDING`).
+An odometry reset (the keyframe's odometry frame_id changed, or its odometry stamp went back) starts a new segment
+(:meth:`PoseGraph.add_keyframe`'s ``new_segment``). Outputs after every change: ``~/path`` (nav_msgs/Path of the
+optimised base poses in ``map_frame``, one per keyframe, stamped with its image's stamp), ``~/keyframe_poses``
+(the same for the camera optical frame: what a TUM ground truth describes), ``~/map_to_odom``
+(geometry_msgs/TransformStamped) and the same transform on ``/tf`` (stamped with the newest odometry stamp,
+re-sent at :data:`TF_RATE_HZ`; tf2_msgs comes with every ROS 2 install, and scripts/setup.sh builds
+vendor/tf2_msgs into the pip venv). Services ``~/save_map`` and ``~/load_map`` (pnv_ros/MapCommand) write and
+read ``<map_dir>/<name>.graph.npz``; after a load (at start with ``load_map``, or by the service) the next
+keyframe starts a new segment (a new odometry frame: no odometry factor to the loaded keyframes, a weak prior
+until a loop ties it to the map).
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ from pnv_ros.ros.params import map_file_name
 from pnv_ros.ros.profiles import descriptor, qos
 from pnv_ros.srv import MapCommand
 
-try:  # every ROS 2 install has it; PyPI has no wheel of it (the pip venv publishes ~/map_to_odom only)
+try:  # every ROS 2 install has it; PyPI has no wheel of it (scripts/setup.sh builds vendor/tf2_msgs there)
     from tf2_msgs.msg import TFMessage
 except ImportError:  # pragma: no cover - depends on the install
     TFMessage = None
