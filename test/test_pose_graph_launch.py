@@ -72,9 +72,11 @@ def test_combined_launch_wires_the_backend_to_the_loop_closure_node(ros, tmp_pat
         assert _spin_until(ros, up, 120, proc, log), f"nodes not up:\n{log.read_text()[-4000:]}"
         subs: dict = {}
 
-        def wired() -> bool:
+        topics = [f"{NAMESPACE}/{t}" for t in ("loop_closure/keyframes", "loop_closures", "odom")]
+
+        def wired() -> bool:  # discovery reports a node's subscriptions one by one: wait for all three
             subs.update(ros.get_subscriber_names_and_types_by_node("pose_graph", NAMESPACE))
-            return f"{NAMESPACE}/loop_closure/keyframes" in subs
+            return all(t in subs for t in topics)
 
         assert _spin_until(ros, wired, 30, proc, log), subs
         assert subs[f"{NAMESPACE}/loop_closure/keyframes"] == ["pnv_ros/msg/Keyframe"]
