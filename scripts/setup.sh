@@ -25,6 +25,9 @@ pip_q install -q --no-build-isolation -e . --config-settings editable_mode=compa
 # Test-only oracle: the authors' package, without its pinned dependencies.
 pip_q install -q --no-deps patchnetvlad==0.1.8
 scripts/build_interfaces.sh
+# tf2_msgs has no PyPI wheel: the vendored TFMessage (vendor/tf2_msgs), only where none can be imported (a
+# sourced ROS 2 install has the real one), so that pose_graph_node publishes /tf in the pip mode too.
+.venv/bin/python -c "import tf2_msgs.msg" 2> /dev/null || scripts/build_interfaces.sh vendor/tf2_msgs
 # ROS 2 launch (not on PyPI) from the upstream sources beside the checkout, for the launch files and their test.
 LAUNCH_SRC=${PNV_LAUNCH_SRC:-../shared/ros/launch_src}
 if [ -d "$LAUNCH_SRC" ]; then

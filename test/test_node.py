@@ -319,6 +319,8 @@ def test_node_compressed_odometry_pose_markers(ros: Client, tmp_path: Path) -> N
     n.create_subscription(Header, "loop_closure/processed", acks.append, 100)
     n.create_subscription(MarkerArray, "loop_closure/loop_markers", markers.append, 10)
     n.create_subscription(Image, "loop_closure/match_image", pictures.append, 10)
+    kfs: list[Keyframe] = []
+    n.create_subscription(Keyframe, "loop_closure/keyframes", kfs.append, 100)
     ros.loops.clear()
     try:
         ros.wait_ready(pub)
@@ -337,7 +339,9 @@ def test_node_compressed_odometry_pose_markers(ros: Client, tmp_path: Path) -> N
             pub_info.publish(info)  # with every frame, as camera drivers do
             o = Odometry()
             o.header.stamp.sec = sec
+            o.header.frame_id, o.child_frame_id = "odom", "base_link"
             o.pose.pose.position.x = x
+            o.pose.covariance[0] = o.pose.covariance[35] = 0.01 * sec  # x and yaw variance grow
             pub_odom.publish(o)
             ros.spin_until(lambda: False, 0.2)
             m = CompressedImage(format="jpeg", data=data)
@@ -360,6 +364,13 @@ def test_node_compressed_odometry_pose_markers(ros: Client, tmp_path: Path) -> N
         assert ros.spin_until(lambda: any(lc.query_stamp.sec == 31 for lc in ros.loops), 30)
     finally:
         out = stop_node(node)
+    # Each keyframe carries the odometry message it was paired with (pose_graph_node needs no pairing of its own).
+    kf = next(k for k in kfs if k.header.stamp.sec == 3)
+    assert kf.has_odometry and kf.odometry.header.stamp.sec == 3 and kf.odometry.pose.pose.position.x == 5.0
+    assert (kf.odometry.header.frame_id, kf.odometry_child_frame_id) == ("odom", "base_link")
+    cov = np.reshape(kf.odometry.pose.covariance, (6, 6))
+    assert cov[0, 0] == cov[5, 5] == pytest.approx(0.03) and np.count_nonzero(cov) == 2
+    assert [k.header.stamp.sec for k in kfs] == [2, 3, 30, 31] and all(k.has_odometry for k in kfs)
     other_size = next(lc for lc in ros.loops if lc.query_stamp.sec == 31)
     assert other_size.relative_pose.type == RelativePose.NONE and other_size.match_stamp.sec == 2
     assert "camera_info is for 1280 x 960 images but the image is 640 x 480" in out

@@ -123,6 +123,23 @@ def test_one_late_odometry_message_is_dropped_a_clock_reset_clears() -> None:
     assert odom.at(5050 * ms, 20 * ms) == (None, None) and odom.at(1000 * ms, 20 * ms)[0][0] == 7.0
 
 
+def test_a_sample_is_the_whole_odometry_message_a_keyframe_carries() -> None:
+    """sample(): the stored message nearest the stamp with its covariance and frames (what pnv_ros/Keyframe
+    carries); wait=False answers at once even while odometry flows behind the stamp."""
+    odom, ms, q = OdometryBuffer(capacity=4), 1_000_000, [0.0, 0, 0, 1]
+    cov = np.diag([1.0, 2, 3, 4, 5, 6])
+    for t in range(6):  # more than the capacity: the ring keeps the newest four
+        odom.add(1000 * ms + t * 100 * ms, np.r_[t, 0, 0, q], "odom", cov * t, "base_link")
+    s = odom.sample(1290 * ms, 20 * ms)
+    assert s.stamp_ns == 1300 * ms and s.position[0] == 3.0 and (s.frame_id, s.child_frame_id) == ("odom", "base_link")
+    np.testing.assert_array_equal(s.covariance, cov * 3)
+    assert odom.newest_stamp == 1500 * ms and odom.sample(1100 * ms, 20 * ms) is None  # left the ring
+    t = time.monotonic()
+    assert odom.sample(1550 * ms, 100 * ms, wait=False).stamp_ns == 1500 * ms and time.monotonic() - t < 0.05
+    odom.add(1600 * ms, np.r_[9.0, 0, 0, q], "odom")  # no covariance given: zeros
+    assert not odom.sample(1600 * ms, 0).covariance.any()
+
+
 def test_a_pose_needs_finite_values_and_a_quaternion() -> None:
     assert valid_pose(np.r_[1.0, 2, 3, 0, 0, 0, 1])
     assert not valid_pose(np.r_[np.nan, 0, 0, 0, 0, 0, 1])

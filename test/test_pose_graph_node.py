@@ -1,8 +1,10 @@
 """pose_graph_node as a user runs it: its executable wrapper (scripts/pose_graph_node, what colcon installs) in a
 separate process, fed over loopback-only DDS with the synthetic drive of test_pose_graph (odometry with a seeded
-drift, the loop_closure node's keyframes and loops, one wrong loop). Checks the optimised path and keyframe poses
-against the library run in this process, map -> odom, the graph saved at shutdown, and a restart that loads it
-and goes on in a new odometry frame."""
+drift, the loop_closure node's keyframes carrying their odometry, loops, one wrong loop). Checks the optimised
+path and keyframe poses against the library run in this process, map -> odom on /tf and ~/map_to_odom, the graph
+saved at shutdown, a restart that loads it and goes on in a new odometry frame, the optimised ATE with and without
+the wrong loop (two runs), and keyframes without odometry of their own (a third-party source): they wait for the
+odom topic, and an odometry reset starts a new segment."""
 
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from pnv_ros.srv import MapCommand  # noqa: E402
 from scipy.spatial.transform import Rotation  # noqa: E402
 from test_node import Client  # noqa: E402
 from test_pose_graph import LOOPS, N, _ate, _ground_truth, _measured, _odometry, _relative  # noqa: E402
+from tf2_msgs.msg import TFMessage  # noqa: E402  (the pip mode: vendor/tf2_msgs, scripts/setup.sh)
 
 from pnv_ros.geometry import PoseType  # noqa: E402
 from pnv_ros.pose_graph import PoseGraph  # noqa: E402
@@ -55,14 +58,28 @@ def _stamp(msg, ns: int) -> None:
     msg.header.stamp.sec, msg.header.stamp.nanosec = ns // 10**9, ns % 10**9
 
 
-def _odom_msg(pose: np.ndarray, ns: int) -> Odometry:
+def _set_pose(m, pose: np.ndarray) -> None:
+    p, q = m.position, m.orientation
+    p.x, p.y, p.z = (float(v) for v in pose[:3, 3])
+    q.x, q.y, q.z, q.w = (float(v) for v in Rotation.from_matrix(pose[:3, :3]).as_quat())
+
+
+def _odom_msg(pose: np.ndarray, ns: int, frame: str = "odom") -> Odometry:
     m = Odometry()
     _stamp(m, ns)
-    m.header.frame_id, m.child_frame_id = "odom", "camera"
+    m.header.frame_id, m.child_frame_id = frame, "camera"
     p, q = m.pose.pose.position, m.pose.pose.orientation
     p.x, p.y, p.z = (float(v) for v in pose[:3, 3])
     q.x, q.y, q.z, q.w = (float(v) for v in Rotation.from_matrix(pose[:3, :3]).as_quat())
     return m
+
+
+def _matrix(tf: TransformStamped) -> np.ndarray:
+    t = np.eye(4)
+    r, p = tf.transform.rotation, tf.transform.translation
+    t[:3, :3] = Rotation.from_quat([r.x, r.y, r.z, r.w]).as_matrix()
+    t[:3, 3] = [p.x, p.y, p.z]
+    return t
 
 
 def _poses(path: PathMsg) -> tuple[np.ndarray, list[int]]:
@@ -89,9 +106,11 @@ class Feed:
         self.paths: list[PathMsg] = []
         self.cams: list[PathMsg] = []
         self.tf: list[TransformStamped] = []
+        self.tf_topic: list[TransformStamped] = []  # /tf (a real tf2_msgs/TFMessage subscriber, as tf2 listens)
         n.create_subscription(PathMsg, "pose_graph/path", self.paths.append, 100)
         n.create_subscription(PathMsg, "pose_graph/keyframe_poses", self.cams.append, 100)
         n.create_subscription(TransformStamped, "pose_graph/map_to_odom", self.tf.append, 100)
+        n.create_subscription(TFMessage, "/tf", lambda m: self.tf_topic.extend(m.transforms), 100)
         self.services = {s: n.create_client(MapCommand, f"pose_graph/{s}") for s in ("save_map", "load_map")}
 
     def wait_ready(self) -> None:
@@ -99,12 +118,19 @@ class Feed:
         for pub in (self.odom, self.kf, self.loop):
             assert self.c.spin_until(lambda p=pub: p.get_subscription_count() > 0, 30)
 
-    def keyframe(self, k: int, pose: np.ndarray) -> None:
-        ns = STEP_NS * (k + 1)
-        # Odometry flows (as a real one at tens of Hz): a pose 50 ms before the keyframe's own, so that a keyframe
-        # that overtakes its pose waits for it (OdometryBuffer waits only for odometry within the tolerance).
-        self.odom.publish(_odom_msg(pose, ns - 50_000_000))
-        self.odom.publish(_odom_msg(pose, ns))
+    def keyframe(self, k: int, pose: np.ndarray, ns: int | None = None, frame: str = "odom") -> None:
+        """Keyframe ``k`` as loop_closure_node sends it: with the odometry it paired (pose, stamp, frame)."""
+        ns = STEP_NS * (k + 1) if ns is None else ns
+        m = Keyframe(id=k, map_keyframes=k + 1, has_odometry=True, odometry_child_frame_id="camera")
+        _stamp(m, ns)
+        _stamp(m.odometry, ns)
+        m.odometry.header.frame_id = frame
+        _set_pose(m.odometry.pose.pose, pose)
+        self.kf.publish(m)
+        rclpy.spin_once(self.c.node, timeout_sec=0.01)
+
+    def bare_keyframe(self, k: int, ns: int) -> None:
+        """Keyframe ``k`` from a third-party source: no odometry of its own."""
         m = Keyframe(id=k, map_keyframes=k + 1)
         _stamp(m, ns)
         self.kf.publish(m)
@@ -131,7 +157,9 @@ def ros():
     rclpy.shutdown()
 
 
-def _drive(feed: Feed, lib: PoseGraph, odom: list[np.ndarray], gt: list[np.ndarray], ks: range) -> int:
+def _drive(
+    feed: Feed, lib: PoseGraph, odom: list[np.ndarray], gt: list[np.ndarray], ks: range, wrong: bool = True
+) -> int:
     """Keyframes ``ks`` with their loops (and the wrong one) to the node and to ``lib``; returns the updates sent."""
     rng = np.random.default_rng(1)
     loops, sent = dict(LOOPS), 0
@@ -140,7 +168,7 @@ def _drive(feed: Feed, lib: PoseGraph, odom: list[np.ndarray], gt: list[np.ndarr
         lib.add_keyframe(k, STEP_NS * (k + 1), odom[k], new_segment=k == ks[0] and len(lib) > 0)
         sent += 1
         extra = [(k, loops[k], _measured(gt, k, loops[k], PoseType.METRIC, rng))] if k in loops else []
-        if k == WRONG_AT:
+        if k == WRONG_AT and wrong:
             cov = np.diag([0.005**2] * 3 + [0.01**2] * 3)
             extra.append((k, 10, _relative(PoseType.METRIC, np.eye(3), np.array([0.0, 0.0, 0.5]), cov)))
         for q, m, rp in extra:
@@ -183,14 +211,12 @@ def test_pose_graph_node_path_tf_save_and_restart(ros: Client, tmp_path: Path) -
         # map -> odom: the newest keyframe's correction, on the newest odometry stamp.
         seen = len(feed.tf)
         assert ros.spin_until(lambda: len(feed.tf) > seen + 2, 10)  # sent after the last update
-        tf = feed.tf[-1]
-        assert (tf.header.frame_id, tf.child_frame_id) == ("map", "odom")
-        t = np.eye(4)
-        r, p = tf.transform.rotation, tf.transform.translation
-        t[:3, :3] = Rotation.from_quat([r.x, r.y, r.z, r.w]).as_matrix()
-        t[:3, 3] = [p.x, p.y, p.z]
-        np.testing.assert_allclose(t, lib.map_to_odom(), atol=TOL_M)
-        assert tf.header.stamp.sec * 10**9 + tf.header.stamp.nanosec == STEP_NS * N
+        assert ros.spin_until(lambda: len(feed.tf_topic) > 2, 10)  # /tf: re-sent at TF_RATE_HZ
+        for tf in (feed.tf[-1], feed.tf_topic[-1]):
+            assert (tf.header.frame_id, tf.child_frame_id) == ("map", "odom")
+            np.testing.assert_allclose(_matrix(tf), lib.map_to_odom(), atol=TOL_M)
+            assert tf.header.stamp.sec * 10**9 + tf.header.stamp.nanosec == STEP_NS * N  # the newest odometry
+        assert np.linalg.norm(lib.map_to_odom()[:3, 3]) > 0.05  # a correction, not the identity
         # Services: a bad name is refused with the reason; a save writes <name>.graph.npz.
         bad = feed.call("save_map", "../x")
         assert not bad.success and "bad map name" in bad.message
@@ -228,6 +254,28 @@ def test_pose_graph_node_path_tf_save_and_restart(ros: Client, tmp_path: Path) -
     assert node.returncode == 0, out[-3000:]
     assert f"loaded: {N} keyframes, {len(LOOPS) + 1} loops" in out
 
+    # The same run without the wrong loop: the wrong one changes the node's optimised ATE by less than 10 %.
+    with_wrong = _ate(gt, saved.optimized_poses())
+    (tmp_path / "clean").mkdir()
+    node = start(tmp_path / "clean")
+    try:
+        feed = Feed(ros)
+        feed.wait_ready()
+        clean = PoseGraph()
+        _drive(feed, clean, odom, gt, range(N), wrong=False)
+        want = clean.optimized_poses()
+        assert ros.spin_until(lambda: feed.cams and _close(feed.cams[-1], want), 60)
+        without = _ate(gt, _poses(feed.cams[-1])[0])
+    finally:
+        out = stop(node)
+    assert node.returncode == 0, out[-3000:]
+    assert abs(with_wrong - without) < 0.1 * without, (with_wrong, without)
+    assert without <= 0.4 * _ate(gt, np.array(odom))
+
+
+def _close(path: PathMsg, want: np.ndarray) -> bool:
+    return len(path.poses) == len(want) and float(np.abs(_poses(path)[0] - want).max()) < TOL_M
+
 
 def test_loop_messages_of_every_type_read_back_as_the_library_loop() -> None:
     from pnv_ros.pose_graph import Loop
@@ -244,3 +292,50 @@ def test_loop_messages_of_every_type_read_back_as_the_library_loop() -> None:
         np.testing.assert_allclose(got.vector, want.vector, atol=1e-12)
         np.testing.assert_allclose(got.gtsam_covariance(), want.gtsam_covariance(), rtol=1e-9, atol=1e-18)
     assert loop_from_msg(LoopClosure(query_id=1, match_id=0)) is None  # NONE: no pose, no factor
+
+
+def test_keyframes_without_odometry_wait_for_it_and_an_odometry_reset_starts_a_segment(
+    ros: Client, tmp_path: Path
+) -> None:
+    """A third-party keyframe source (has_odometry false): each keyframe here comes *before* its odometry (the
+    race the loop-closure node's keyframes avoid by carrying theirs): it waits and joins the graph once the odom
+    topic reaches its stamp. Keyframe 5's odometry never comes (the next is 0.5 s later, beyond
+    odom_tolerance_s): it is left out, the rest go on. Keyframe 10's odometry has another frame_id, keyframe 15's
+    stamps jump back (an odometry restart): each starts a segment. Keyframe 20 waits for odometry that never
+    comes: left out after odom_wait_s. Then keyframes that carry their odometry continue the graph."""
+    gt = _ground_truth()
+    odom = _odometry(gt)
+    node = start(tmp_path, "-p", "odom_wait_s:=1.0")
+    sent: dict[int, np.ndarray] = {}
+    try:
+        feed = Feed(ros)
+        feed.wait_ready()
+        for k in range(20):
+            frame = "odom" if k < 10 else "odom_b"
+            ns = STEP_NS * (k + 1) if k < 15 else STEP_NS * (k - 14)  # 15: the odometry clock restarts
+            feed.bare_keyframe(k, ns)
+            ros.spin_until(lambda: False, 0.05)  # the keyframe is there first
+            if k != 5:
+                feed.odom.publish(_odom_msg(odom[k], ns - 50_000_000, frame))
+                feed.odom.publish(_odom_msg(odom[k], ns, frame))
+                sent[k] = odom[k]
+        feed.bare_keyframe(20, STEP_NS * 6 + 400_000_000)  # odometry stops before its stamp
+        feed.keyframe(21, odom[21], STEP_NS * 7, "odom_b")  # carries its own: waits behind 20, then joins
+        sent[21] = odom[21]
+        ids = sorted(sent)
+        assert ros.spin_until(lambda: feed.cams and len(feed.cams[-1].poses) == len(ids), 30), (
+            f"{len(feed.cams[-1].poses) if feed.cams else 0} of {len(ids)} keyframes"
+        )
+        cams, stamps = _poses(feed.cams[-1])
+        # No loops: every segment sits at its odometry poses (the first fixed, the later ones by a weak prior).
+        np.testing.assert_allclose(cams, np.array([sent[k] for k in ids]), atol=1e-5)
+        ok = feed.call("save_map", "bare")
+        assert ok.success and ok.keyframes == len(ids)
+    finally:
+        out = stop(node)
+    assert node.returncode == 0, out[-3000:]
+    graph = PoseGraph.load(tmp_path / "bare.graph.npz")
+    assert graph.ids == ids and graph.segment_starts == [0, 10, 15]
+    assert "keyframe 5: no odometry" in out and "keyframe 20: no odometry" in out
+    assert "keyframe 10: odometry reset (frame 'odom' -> 'odom_b'" in out and "keyframe 15: odometry reset" in out
+    assert "keyframe 21: odometry reset" not in out

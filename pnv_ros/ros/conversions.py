@@ -16,6 +16,7 @@ __all__ = [
     "decode_image",
     "frame_to_array",
     "image_to_array",
+    "keyframe_msg",
     "loop_closure_msg",
     "ns_to_stamp",
     "relative_pose_msg",
@@ -68,6 +69,22 @@ def loop_closure_msg(lc, header):
         num_inliers=lc.num_inliers,
         relative_pose=relative_pose_msg(lc.relative_pose, frame, frame),
     )
+
+
+def keyframe_msg(header, kf_id: int, map_keyframes: int, odom=None):
+    """pnv_ros/Keyframe with the image's header and, when ``odom`` (a
+    :class:`pnv_ros.ros.odometry.OdometrySample`) is given, the odometry pose paired with it (has_odometry)."""
+    from pnv_ros.msg import Keyframe
+
+    msg = Keyframe(header=header, id=int(kf_id), map_keyframes=int(map_keyframes))
+    if odom is not None:
+        msg.has_odometry, msg.odometry_child_frame_id = True, odom.child_frame_id
+        msg.odometry.header.stamp, msg.odometry.header.frame_id = ns_to_stamp(odom.stamp_ns), odom.frame_id
+        p, q = msg.odometry.pose.pose.position, msg.odometry.pose.pose.orientation
+        p.x, p.y, p.z = (float(v) for v in odom.position)
+        q.x, q.y, q.z, q.w = (float(v) for v in odom.orientation)
+        msg.odometry.pose.covariance = np.asarray(odom.covariance, np.float64).reshape(36)
+    return msg
 
 
 def relative_pose_msg(rp, parent_frame: str, child_frame: str):

@@ -176,7 +176,9 @@ class LoopClosureNode(Node):
         pose = np.array([p.x, p.y, p.z, q.x, q.y, q.z, q.w])
         if not valid_pose(pose):
             self._events.add("bad_odom")
-        elif not self._odom.add(C.stamp_to_ns(msg.header.stamp), pose, msg.header.frame_id):
+        elif not self._odom.add(
+            C.stamp_to_ns(msg.header.stamp), pose, msg.header.frame_id, msg.pose.covariance, msg.child_frame_id
+        ):
             self._events.add("late_odom")
 
     def _on_depth(self, msg: Image) -> None:
@@ -213,7 +215,8 @@ class LoopClosureNode(Node):
     def _process(self, msg: Image | CompressedImage) -> str:
         """One frame through the detector's pipeline; returns its status ('keyframe' or why it was skipped)."""
         stamp = C.stamp_to_ns(msg.header.stamp)
-        pos, ori = self._odom.at(stamp, int(self._value("odom_tolerance_s") * 1e9))
+        odom = self._odom.sample(stamp, int(self._value("odom_tolerance_s") * 1e9))  # the keyframe carries it
+        pos, ori = (None, None) if odom is None else (odom.position, odom.orientation)
         if pos is None and len(self._odom):  # odometry flows but not at this instant: keyframes by sight alone
             self._events.add("odom_unmatched")
         decoded: list[np.ndarray] = []  # the frame, once admitted and decoded: for the match pictures
@@ -238,7 +241,7 @@ class LoopClosureNode(Node):
             self.latency[k].append(res.timings[k])
         arr = decoded[0]
         self._thumbs.put(res.generation, res.keyframe_id, arr)
-        self.pub_kf.publish(KeyframeMsg(header=msg.header, id=res.keyframe_id, map_keyframes=res.keyframe_id + 1))
+        self.pub_kf.publish(C.keyframe_msg(msg.header, res.keyframe_id, res.keyframe_id + 1, odom))
         if res.loop is not None:
             self._publish_loop(msg, res.loop, (int(arr.shape[1]), int(arr.shape[0])), res.generation, pos)
         return "keyframe"

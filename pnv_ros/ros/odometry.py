@@ -8,8 +8,26 @@ queues; like :mod:`pnv_ros.ros.worker` it is plain Python so that tests need no 
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 
 import numpy as np
+
+
+@dataclass(frozen=True)
+class OdometrySample:
+    """One stored odometry message: what a keyframe carries (pnv_ros/Keyframe's odometry fields).
+
+    stamp_ns: its stamp (integer ns); position (3,) m and orientation (4,) quaternion x, y, z, w: the base frame
+    ``child_frame_id`` in the odometry frame ``frame_id``; covariance (6, 6) as nav_msgs/Odometry's pose
+    covariance (x, y, z, rot x, rot y, rot z; m^2, rad^2; zeros when the message gave none).
+    """
+
+    stamp_ns: int
+    position: np.ndarray
+    orientation: np.ndarray
+    covariance: np.ndarray
+    frame_id: str
+    child_frame_id: str
 
 
 class OdometryBuffer:
@@ -30,6 +48,8 @@ class OdometryBuffer:
         self._cond = threading.Condition()
         self._stamps = np.zeros(capacity, np.int64)
         self._poses = np.zeros((capacity, 7))
+        self._cov = np.zeros((capacity, 36))
+        self._frames: list[tuple[str, str]] = [("", "")] * capacity  # (frame_id, child_frame_id) per pose
         self._n = self._head = 0
         self.frame_id = ""
 
@@ -39,8 +59,17 @@ class OdometryBuffer:
     def _newest(self) -> int | None:
         return int(self._stamps[(self._head - 1) % len(self._stamps)]) if self._n else None
 
-    def add(self, stamp_ns: int, pose: np.ndarray, frame_id: str) -> bool:
-        """Store a pose (7,); False (not stored) for one older than the newest by less than CLOCK_RESET_NS."""
+    @property
+    def newest_stamp(self) -> int | None:
+        """The newest pose's stamp (ns), None when empty."""
+        with self._cond:
+            return self._newest()
+
+    def add(
+        self, stamp_ns: int, pose: np.ndarray, frame_id: str, covariance: np.ndarray | None = None, child_frame_id=""
+    ) -> bool:
+        """Store a pose (7,) (and its message's (36,) or (6, 6) covariance, zeros when None, and child frame);
+        False (not stored) for one older than the newest by less than CLOCK_RESET_NS."""
         with self._cond:
             last = self._newest()
             if last is not None and stamp_ns < last:
@@ -48,6 +77,8 @@ class OdometryBuffer:
                     return False
                 self._n = self._head = 0
             self._stamps[self._head], self._poses[self._head] = stamp_ns, pose
+            self._cov[self._head] = 0.0 if covariance is None else np.asarray(covariance, np.float64).reshape(36)
+            self._frames[self._head] = (frame_id, child_frame_id)
             self._head = (self._head + 1) % len(self._stamps)
             self._n = min(self._n + 1, len(self._stamps))
             self.frame_id = frame_id
@@ -61,21 +92,28 @@ class OdometryBuffer:
         instant's pose not yet here), waits up to the tolerance (wall seconds) for a newer one; odometry
         that stopped longer ago than the tolerance is not waited for.
         """
+        s = self.sample(stamp_ns, tolerance_ns)
+        return (None, None) if s is None else (s.position, s.orientation)
+
+    def sample(self, stamp_ns: int, tolerance_ns: int, wait: bool = True) -> OdometrySample | None:
+        """The stored message nearest the stamp within tolerance (None when none); waits as :meth:`at` does
+        unless ``wait`` is False."""
 
         def settled() -> bool:
             n = self._newest()
             return n is None or not 0 < stamp_ns - n <= tolerance_ns
 
         with self._cond:
-            self._cond.wait_for(settled, timeout=tolerance_ns / 1e9)
+            if wait:
+                self._cond.wait_for(settled, timeout=tolerance_ns / 1e9)
             if not self._n:
-                return None, None
+                return None
             d = np.abs(self._stamps[: self._n] - stamp_ns)
             i = int(np.argmin(d))
             if d[i] > tolerance_ns:
-                return None, None
-            pose = self._poses[i].copy()
-        return pose[:3], pose[3:]
+                return None
+            pose, cov, frames = self._poses[i].copy(), self._cov[i].reshape(6, 6).copy(), self._frames[i]
+            return OdometrySample(int(self._stamps[i]), pose[:3], pose[3:], cov, *frames)
 
 
 def valid_pose(pose: np.ndarray) -> bool:

@@ -1,17 +1,23 @@
 """pose_graph_node: the reference backend, ROS plumbing around :class:`pnv_ros.pose_graph.PoseGraph`.
 
-Inputs: ``odom`` (nav_msgs/Odometry: the base frame in the odometry frame), ``keyframes`` (pnv_ros/Keyframe, the
-loop-closure node's ``~/keyframes``) and ``loop_closures`` (pnv_ros/LoopClosure). Each keyframe takes the
-odometry pose nearest its stamp (:class:`~pnv_ros.ros.odometry.OdometryBuffer`), composed with the
-``camera_extrinsic`` parameter into its camera's pose; a loop whose keyframes are not in the graph yet waits
-(at most :data:`MAX_PENDING`). Outputs after every change: ``~/path`` (nav_msgs/Path of the optimised base
-poses in ``map_frame``, one per keyframe, stamped with its image's stamp), ``~/keyframe_poses`` (the same for
-the camera optical frame: what a TUM ground truth describes), ``~/map_to_odom`` (geometry_msgs/TransformStamped)
-and, where tf2_msgs is installed (every ROS 2 install; not the pip venv's PyPI wheels), the same transform on
-``/tf`` (stamped with the newest odometry stamp, re-sent at :data:`TF_RATE_HZ`). Services ``~/save_map`` and
-``~/load_map`` (pnv_ros/MapCommand) write and read ``<map_dir>/<name>.graph.npz``; after a load (at start with
-``load_map``, or by the service) the next keyframe starts a new segment (a new odometry frame: no odometry factor
-to the loaded keyframes, a weak prior until a loop ties it to the map).
+Inputs: ``keyframes`` (pnv_ros/Keyframe, the loop-closure node's ``~/keyframes``), ``loop_closures``
+(pnv_ros/LoopClosure) and ``odom`` (nav_msgs/Odometry: the base frame in the odometry frame). A keyframe of the
+loop-closure node carries the odometry message it was paired with (``has_odometry``: pose, covariance, frames,
+stamp): the node takes that, with no pairing of its own and so no race between two topics. A keyframe without
+(a third-party source) takes the ``odom`` pose nearest its stamp within ``odom_tolerance_s`` once the odometry has
+reached its stamp; until then it waits (at most ``odom_wait_s`` wall seconds), and the keyframes behind it wait in
+order (the odometry factors chain consecutive keyframes). The pose is composed with the ``camera_extrinsic``
+parameter into the camera's; a loop whose keyframes are not in the graph yet waits (at most :data:`MAX_PENDING`).
+An odometry reset (the keyframe's odometry frame_id changed, or its odometry stamp went back) starts a new segment
+(:meth:`PoseGraph.add_keyframe`'s ``new_segment``). Outputs after every change: ``~/path`` (nav_msgs/Path of the
+optimised base poses in ``map_frame``, one per keyframe, stamped with its image's stamp), ``~/keyframe_poses``
+(the same for the camera optical frame: what a TUM ground truth describes), ``~/map_to_odom``
+(geometry_msgs/TransformStamped) and the same transform on ``/tf`` (stamped with the newest odometry stamp,
+re-sent at :data:`TF_RATE_HZ`; tf2_msgs comes with every ROS 2 install, and scripts/setup.sh builds
+vendor/tf2_msgs into the pip venv). Services ``~/save_map`` and ``~/load_map`` (pnv_ros/MapCommand) write and
+read ``<map_dir>/<name>.graph.npz``; after a load (at start with ``load_map``, or by the service) the next
+keyframe starts a new segment (a new odometry frame: no odometry factor to the loaded keyframes, a weak prior
+until a loop ties it to the map).
 """
 
 from __future__ import annotations
@@ -41,12 +47,12 @@ from pnv_ros.msg import LoopClosure
 from pnv_ros.pose_graph import Loop, PoseGraph, odometry_step_covariance
 from pnv_ros.ros import conversions as C
 from pnv_ros.ros import pose_graph_params as G
-from pnv_ros.ros.odometry import OdometryBuffer, valid_pose
+from pnv_ros.ros.odometry import OdometryBuffer, OdometrySample, valid_pose
 from pnv_ros.ros.params import map_file_name
 from pnv_ros.ros.profiles import descriptor, qos
 from pnv_ros.srv import MapCommand
 
-try:  # every ROS 2 install has it; PyPI has no wheel of it (the pip venv publishes ~/map_to_odom only)
+try:  # every ROS 2 install has it; PyPI has no wheel of it (scripts/setup.sh builds vendor/tf2_msgs there)
     from tf2_msgs.msg import TFMessage
 except ImportError:  # pragma: no cover - depends on the install
     TFMessage = None
@@ -124,14 +130,14 @@ class PoseGraphNode(Node):
         self.extrinsic = G.extrinsic(self._value("camera_extrinsic"))
         self.map_dir = Path(self._value("map_dir"))
         self.stats = {"keyframes_without_odometry": 0, "duplicate_keyframes": 0, "loops_without_pose": 0}
-        self.stats.update({"bad_loops": 0, "pending_dropped": 0, "bad_odom": 0})
-        self._lock = threading.Lock()
+        self.stats.update({"bad_loops": 0, "pending_dropped": 0, "bad_odom": 0, "odometry_resets": 0})
+        self._lock = threading.Lock()  # the graph and both queues
         self._pending: deque[Loop] = deque(maxlen=MAX_PENDING)
+        self._waiting: deque[tuple[KeyframeMsg, float]] = deque()  # keyframes in order, (msg, monotonic arrival)
         self._odom = OdometryBuffer(capacity=20000)
-        self._odom_child = ""
         self._odom_stamp = None  # the newest odometry stamp (builtin_interfaces/Time)
-        self._odom_cov: deque[tuple[int, np.ndarray]] = deque(maxlen=20000)  # (stamp ns, 6x6 pose covariance)
-        self._last_cov: np.ndarray | None = None  # the previous keyframe's odometry covariance
+        self._last: OdometrySample | None = None  # the odometry of the newest keyframe in the graph
+        self._last_stamp: int | None = None  # the newest keyframe's stamp (ns)
         self.graph = PoseGraph(self.settings)
         self._new_segment = False  # the next keyframe starts a segment: its odometry frame is not the graph's
         if self._value("load_map"):
@@ -151,7 +157,7 @@ class PoseGraphNode(Node):
         for name, fn in (("save_map", self._srv_save), ("load_map", self._srv_load)):
             self.create_service(MapCommand, f"~/{name}", self._service(name, fn), callback_group=services)
         steady = Clock(clock_type=ClockType.STEADY_TIME)  # with use_sim_time and no /clock it still runs
-        self.create_timer(1.0 / TF_RATE_HZ, self._publish_tf, callback_group=services, clock=steady)
+        self.create_timer(1.0 / TF_RATE_HZ, self._tick, callback_group=services, clock=steady)
         if self.pub_tf is None:
             self.log.warning("tf2_msgs is not installed: map -> odom goes to ~/map_to_odom only, not to /tf")
         self.add_on_set_parameters_callback(self._check_parameters)
@@ -176,41 +182,89 @@ class PoseGraphNode(Node):
     def _on_odom(self, msg: Odometry) -> None:
         p, q = msg.pose.pose.position, msg.pose.pose.orientation
         pose = np.array([p.x, p.y, p.z, q.x, q.y, q.z, q.w])
+        stamp = C.stamp_to_ns(msg.header.stamp)
         if not valid_pose(pose):
             self.stats["bad_odom"] += 1
-        elif self._odom.add(C.stamp_to_ns(msg.header.stamp), pose, msg.header.frame_id):
-            self._odom_child, self._odom_stamp = msg.child_frame_id, msg.header.stamp
-            cov = np.asarray(msg.pose.covariance, np.float64).reshape(6, 6)
-            self._odom_cov.append((C.stamp_to_ns(msg.header.stamp), cov))
-
-    def _covariance_at(self, stamp: int) -> np.ndarray:
-        """The odometry message covariance nearest ``stamp`` (zeros when none)."""
-        items = list(self._odom_cov)
-        if not items:
-            return np.zeros((6, 6))
-        return min(items, key=lambda sc: abs(sc[0] - stamp))[1]
+        elif self._odom.add(stamp, pose, msg.header.frame_id, msg.pose.covariance, msg.child_frame_id):
+            self._odom_stamp = msg.header.stamp
+            if self._waiting and stamp >= C.stamp_to_ns(self._waiting[0][0].header.stamp):
+                self._drain()  # the first waiting keyframe's odometry has come
 
     def _on_keyframe(self, msg: KeyframeMsg) -> None:
-        stamp = C.stamp_to_ns(msg.header.stamp)
-        pos, ori = self._odom.at(stamp, int(self._value("odom_tolerance_s") * 1e9))
-        if pos is None:
-            self.stats["keyframes_without_odometry"] += 1
-            self.log.warning(f"keyframe {msg.id}: no odometry within odom_tolerance_s of its stamp; left out")
-            return
         with self._lock:
-            if msg.id in self.graph:
-                self.stats["duplicate_keyframes"] += 1
-                self.log.warning(f"keyframe {msg.id} is already in the graph (a reset map?); ignored")
-                return
-            cam = pose_matrix(pos, ori) @ self.extrinsic
-            cov_now = self._covariance_at(stamp)
-            step = None  # the message's covariance growth since the last keyframe, else the drift model
-            if self._last_cov is not None and not self._new_segment:
-                step = odometry_step_covariance(self._last_cov, cov_now, cam[:3, :3])
-            self.graph.add_keyframe(msg.id, stamp, cam, covariance=step, new_segment=self._new_segment)
-            self._new_segment, self._last_cov = False, cov_now
-            self._add_pending()
-        self._publish()
+            if len(self._waiting) >= MAX_PENDING:
+                self.stats["keyframes_without_odometry"] += 1
+                self.log.warning(f"keyframe {self._waiting.popleft()[0].id}: {MAX_PENDING} wait; left out")
+            self._waiting.append((msg, time.monotonic()))
+        self._drain()
+
+    def _drain(self) -> None:
+        """Add the waiting keyframes, in order, whose odometry is settled, and the loops they complete."""
+        with self._lock:
+            n = len(self.graph)
+            while self._waiting:
+                msg, arrived = self._waiting[0]
+                od = self._odometry_of(msg, time.monotonic() - arrived > self._value("odom_wait_s"))
+                if od is False:
+                    break  # its odometry is still to come: it, and the keyframes behind it, wait
+                self._waiting.popleft()
+                if od is None:
+                    self.stats["keyframes_without_odometry"] += 1
+                    self.log.warning(f"keyframe {msg.id}: no odometry within odom_tolerance_s of its stamp; left out")
+                else:
+                    self._add_keyframe(msg, od)
+            added = len(self.graph) - n
+            if added:
+                self._add_pending()
+        if added:
+            self._publish()
+
+    def _odometry_of(self, msg: KeyframeMsg, timed_out: bool) -> OdometrySample | None | bool:
+        """The keyframe's own odometry (has_odometry), else the odom topic's pose nearest its stamp within
+        odom_tolerance_s once a pose at or after the stamp has come (or ``timed_out``); None: none; False: wait."""
+        if msg.has_odometry:
+            o = msg.odometry
+            p, q = o.pose.pose.position, o.pose.pose.orientation
+            pose = np.array([p.x, p.y, p.z, q.x, q.y, q.z, q.w])
+            if not valid_pose(pose):
+                self.stats["bad_odom"] += 1
+                return None
+            cov = np.asarray(o.pose.covariance, np.float64).reshape(6, 6)
+            stamp = C.stamp_to_ns(o.header.stamp)
+            return OdometrySample(stamp, pose[:3], pose[3:], cov, o.header.frame_id, msg.odometry_child_frame_id)
+        stamp, newest = C.stamp_to_ns(msg.header.stamp), self._odom.newest_stamp
+        # The keyframes' clock went back (a restart, a bag loop): the odometry from before is stale until the
+        # odometry's clock has gone back too (OdometryBuffer then drops it).
+        stale = self._last_stamp is not None and stamp < self._last_stamp and (newest or 0) >= self._last_stamp
+        if stale:
+            return None if timed_out else False
+        if not timed_out and (newest is None or newest < stamp):
+            return False
+        return self._odom.sample(stamp, int(self._value("odom_tolerance_s") * 1e9), wait=False)
+
+    def _add_keyframe(self, msg: KeyframeMsg, od: OdometrySample) -> None:
+        """One keyframe into the graph (under the lock); an odometry reset (its frame changed, its stamp went
+        back) starts a new segment."""
+        if msg.id in self.graph:
+            self.stats["duplicate_keyframes"] += 1
+            self.log.warning(f"keyframe {msg.id} is already in the graph (a reset map?); ignored")
+            return
+        last, segment = self._last, self._new_segment
+        if last is not None and (od.frame_id != last.frame_id or od.stamp_ns < last.stamp_ns):
+            self.stats["odometry_resets"] += 1
+            segment = True
+            self.log.warning(
+                f"keyframe {msg.id}: odometry reset (frame {last.frame_id!r} -> {od.frame_id!r}, stamp "
+                f"{last.stamp_ns / 1e9:.3f} -> {od.stamp_ns / 1e9:.3f} s): a new segment"
+            )
+        cam = pose_matrix(od.position, od.orientation) @ self.extrinsic
+        step = None  # the message's covariance growth since the last keyframe, else the drift model
+        if last is not None and not segment:
+            step = odometry_step_covariance(last.covariance, od.covariance, cam[:3, :3])
+        self.graph.add_keyframe(msg.id, C.stamp_to_ns(msg.header.stamp), cam, covariance=step, new_segment=segment)
+        self._new_segment, self._last, self._last_stamp = False, od, C.stamp_to_ns(msg.header.stamp)
+        if msg.has_odometry and (self._odom_stamp is None or segment or od.stamp_ns > C.stamp_to_ns(self._odom_stamp)):
+            self._odom_stamp = msg.odometry.header.stamp
 
     def _on_loop(self, msg: LoopClosure) -> None:
         try:
@@ -249,7 +303,8 @@ class PoseGraphNode(Node):
 
     # -- outputs ----------------------------------------------------------------------------------
     def _frames(self) -> tuple[str, str]:
-        return self._value("map_frame"), self._value("odom_frame") or self._odom.frame_id or "odom"
+        last = self._last.frame_id if self._last is not None else ""
+        return self._value("map_frame"), self._value("odom_frame") or last or self._odom.frame_id or "odom"
 
     def _publish(self) -> None:
         with self._lock:
@@ -262,6 +317,12 @@ class PoseGraphNode(Node):
             msg.header.frame_id, msg.header.stamp = map_frame, now
             msg.poses = [_pose_stamped(map_frame, int(s), t) for s, t in zip(stamps, poses)]
             pub.publish(msg)
+        self._publish_tf()
+
+    def _tick(self) -> None:
+        """The timer: keyframes whose odometry wait ran out, and map -> odom re-sent."""
+        if self._waiting:
+            self._drain()
         self._publish_tf()
 
     def _publish_tf(self) -> None:
@@ -289,6 +350,7 @@ class PoseGraphNode(Node):
             return
         with self._lock:
             self.graph, self._pending, self._new_segment = graph, deque(maxlen=MAX_PENDING), len(graph) > 0
+            self._last = self._last_stamp = None
         self.log.info(f"graph {path} loaded: {len(graph)} keyframes, {len(graph.loops)} loops")
 
     def _service(self, name: str, fn):
@@ -318,6 +380,7 @@ class PoseGraphNode(Node):
         graph = PoseGraph.load(path, self.settings)
         with self._lock:
             self.graph, self._pending, self._new_segment = graph, deque(maxlen=MAX_PENDING), len(graph) > 0
+            self._last = self._last_stamp = None
         self._publish()
         return f"graph {path} loaded: {len(graph)} keyframes, {len(graph.loops)} loops"
 

@@ -39,9 +39,16 @@ NODE_TABLE: tuple[Param, ...] = (
     Param(
         "odom_tolerance_s",
         0.1,
-        "a keyframe takes the odometry pose nearest its stamp within this (s); when that pose is late it "
-        "waits for it as long (wall seconds); a keyframe without one is left out of the graph (its loops too)",
+        "a keyframe that carries no odometry (has_odometry false: not from loop_closure_node) takes the pose of "
+        "the odom topic nearest its stamp within this (s); without one it is left out of the graph (its loops too)",
         range=(0.0, 10.0),
+    ),
+    Param(
+        "odom_wait_s",
+        2.0,
+        "such a keyframe waits (wall s) for odometry at or after its stamp, and the keyframes and loops behind it "
+        "wait with it; then it takes the nearest pose there is",
+        range=(0.0, 60.0),
     ),
     Param("map_dir", P.BY_NAME["map_dir"].default, "folder of the maps; the graph is <map name>.graph.npz there"),
     Param("load_map", "", "map name whose graph (<name>.graph.npz in map_dir) is loaded at start; '' = none"),

@@ -29,7 +29,7 @@ def run(make_node: Callable[[], Any], argv: list[str] | None = None) -> int:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: stop.set())
-    node, ex = None, None
+    node, ex, spinner = None, None, None
     try:
         node = make_node()
         ex = Executor(num_threads=4)
@@ -48,6 +48,8 @@ def run(make_node: Callable[[], Any], argv: list[str] | None = None) -> int:
             node.shutdown()  # with ROS still up: the frame in hand is published, the map saved
         if ex is not None:
             ex.shutdown(timeout_sec=5)
+        if spinner is not None:  # out of rclpy's C++ first: a daemon thread still in it at interpreter exit is
+            spinner.join(timeout=5)  # killed there, an abort ("terminate called without an active exception")
         if node is not None:
             node.destroy_node()
         rclpy.try_shutdown()
