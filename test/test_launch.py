@@ -227,7 +227,8 @@ def test_launch_file_runs_the_node(ros: Node, tmp_path: Path, launch_file: str) 
 
         def subscribed() -> bool:
             subs.update(ros.get_subscriber_names_and_types_by_node("loop_closure", NAMESPACE))
-            return IMAGE in subs
+            # every subscription, not only the first seen: discovery reports them one by one
+            return all(t in subs for t in (IMAGE, DEPTH, f"{NAMESPACE}/camera_info", f"{NAMESPACE}/odom"))
 
         assert _spin_until(ros, subscribed, 30, proc, log), subs
         assert subs[IMAGE] == ["sensor_msgs/msg/Image"] and subs.get(DEPTH) == ["sensor_msgs/msg/Image"], subs
