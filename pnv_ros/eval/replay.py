@@ -29,6 +29,13 @@ from pnv_ros.geometry import RelativePose
 DEPTH_TOLERANCE_NS = 20_000_000
 
 
+#: the node's inputs that a replay subscribes ``reliable`` (their ``<name>_qos`` parameters): the node's default,
+#: sensor-data QoS (best effort), loses a whole raw frame when one of its UDP fragments is lost, which is every
+#: 640x480 rgb8 frame under Fast DDS's default 512 kB shared-memory segment (docs/node.md); the lockstep player
+#: would then wait for an acknowledgement that never comes
+RELIABLE_INPUTS = ("image", "depth", "camera_info", "odom")
+
+
 @dataclass
 class KeyframeRecord:
     """One keyframe's outcome. frame: index in the bag; match_frame -1 = no candidate."""
@@ -241,6 +248,8 @@ def _node_command(
         args += ["-p", f"precision:={precision}"]
     if engine_file:
         args += ["-p", f"engine_file:={engine_file}"]
+    for name in RELIABLE_INPUTS:  # lockstep: every message counts, and a lost fragment is resent
+        args += ["-p", f"{name}_qos:=reliable"]
     if len(scan.odom_topics) == 1:
         args += ["-r", f"odom:={scan.odom_topics[0]}"]
     if scan.depth_topic:
