@@ -12,6 +12,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -342,7 +343,8 @@ class _GraphSide:
         from pnv_ros.msg import LoopClosure
 
         self.node, self.min_score, self.inject = node, relay_min_score, inject or {}
-        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self._log = tempfile.TemporaryFile("w+")  # not a pipe: a node that logs much would block on a full one
+        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, text=True)
         self.relay = node.create_publisher(
             LoopClosure, EVAL_LOOPS_TOPIC, QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE)
         )
@@ -401,10 +403,12 @@ class _GraphSide:
         if self.proc.poll() is None:
             self.proc.terminate()
         try:
-            return (self.proc.communicate(timeout=30)[0] or "").strip()
+            self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            return (self.proc.communicate()[0] or "").strip()
+            self.proc.wait()
+        self._log.seek(0)
+        return self._log.read().strip()
 
     def result(self, frame_of: dict[int, int], rule: str) -> PoseGraphOutput:
         """The graph's answer: its last keyframe poses, the loops relayed (bag frame pairs)."""
