@@ -24,10 +24,10 @@ from std_msgs.msg import Header
 from pnv_ros.bags import BagError, cdr_converter, open_bag, read_messages
 
 #: seconds a lockstep replay leaves between the messages of an image's instant and the image: the node is idle then
-#: (it acknowledged the previous image) and its executor takes a message off its queue within milliseconds. Without
-#: it TUM fr1/desk (10 Hz odometry, stored after each image at its stamp) gave the node 40 keyframes (frames
-#: without odometry admitted by sight), where in process (and with it) 24. (Waiting for reliable acknowledgements took ~1.5 s
-#: per image: Fast DDS acknowledges on its heartbeat period.)
+#: (it acknowledged the previous image) and its executor takes a message off its queue within milliseconds.
+#: Without it TUM fr1/desk (10 Hz odometry, stored after each image at its stamp) gave the node 40 keyframes
+#: (frames without odometry admitted by sight), where in process (and with it) 24. (Waiting for reliable
+#: acknowledgements took ~1.5 s per image: Fast DDS acknowledges on its heartbeat period.)
 SETTLE_S = 0.03
 
 
