@@ -10,8 +10,9 @@ are scored and the ATE is of positions, which is all it ever measures).
 metrics.json gets (:func:`trajectory_metrics`):
 
 - ``trajectory``: ``keyframes`` (with odometry and ground truth), ``ate_rmse_m_odometry`` (position ATE after the
-  SE(3) alignment, evo), ``rpe_odometry`` (evo's RPE over ``delta_m`` of path), ``ate_rmse_m_optimized`` (None
-  until a pose graph's trajectory is given);
+  SE(3) alignment, evo), ``rpe_odometry`` (evo's RPE over ``delta_m`` of path), ``ate_rmse_m_optimized`` and
+  ``rpe_optimized`` of the pose graph's keyframe poses (:func:`optimize_in_process`, or ``pose_graph_node``'s
+  through ``--node``; None without one), ``pose_graph`` (which graph, its keyframes and loops);
 - ``loop_transforms``: ``count`` (accepted loops with a METRIC pose), ``median_translation_error_m``,
   ``median_rotation_error_deg``, ``p95_translation_error_m``, ``p95_rotation_error_deg``, ``nees_mean`` and
   ``pose_types`` (accepted loops by pose type).
