@@ -47,8 +47,9 @@ def register(sub: Any) -> None:
         default=None,
         metavar="FILE",
         help="ground-truth poses: a TUM trajectory file (t tx ty tz qx qy qz qw) or a CSV name,x,y[,z] with a row per "
-        "frame; adds 'trajectory' (odometry ATE / RPE at the keyframes, evo) and 'loop_transforms' (METRIC loop "
-        "poses against it) to metrics.json, and trajectory.png",
+        "frame; adds 'trajectory' (odometry and pose-graph-optimised ATE / RPE at the keyframes, evo; the pose graph "
+        "is pose_graph_node with --node, pnv_ros.pose_graph in process) and 'loop_transforms' (METRIC loop poses "
+        "against it) to metrics.json, and trajectory.png",
     )
     sp.add_argument("--out", required=True, metavar="RUN_DIR")
     sp.add_argument("--force", action="store_true", help="replace an existing RUN_DIR")
@@ -124,10 +125,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     def write(folder: Path) -> dict[str, Any]:
         if args.gt_poses:
-            from pnv_ros.eval.trajectory_eval import trajectory_metrics
+            from pnv_ros.eval.trajectory_eval import optimize_in_process, trajectory_metrics
 
-            plot = folder / "trajectory.png"
-            info.update(trajectory_metrics(Path(args.bag), result, args.gt_poses, params.min_score, topic, plot=plot))
+            bag, plot = Path(args.bag), folder / "trajectory.png"
+            graph = result.pose_graph if args.node else optimize_in_process(bag, result, params.min_score, topic)
+            info.update(
+                trajectory_metrics(bag, result, args.gt_poses, params.min_score, topic, plot=plot, pose_graph=graph)
+            )
         return write_run(folder, result, positives, params.min_score, info, title=Path(args.bag).name)
 
     m = write_run_folder(out, write)
@@ -140,9 +144,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     if "trajectory" in m:
         tr, lt = m["trajectory"], m["loop_transforms"]
-        ate = "-" if tr["ate_rmse_m_odometry"] is None else format(tr["ate_rmse_m_odometry"], ".3f")
+        ate, opt = (
+            "-" if v is None else format(v, ".3f") for v in (tr["ate_rmse_m_odometry"], tr["ate_rmse_m_optimized"])
+        )
         print(
-            f"trajectory: odometry ATE {ate} m at {tr['keyframes_with_odometry']} keyframes; {lt['count']} METRIC "
+            f"trajectory: odometry ATE {ate} m at {tr['keyframes_with_odometry']} keyframes, optimised {opt} m "
+            f"({tr.get('pose_graph', {}).get('loops', 0)} loops in the pose graph); {lt['count']} METRIC "
             f"loop pose(s): median {lt['median_translation_error_m']:.3f} m / "
             f"{lt['median_rotation_error_deg']:.2f} deg, NEES mean {lt['nees_mean']:.1f}"
         )
@@ -176,6 +183,7 @@ def _replay(
             engine=args.engine,
             precision=args.precision,
             engine_file=args.engine_file,
+            pose_graph=bool(args.gt_poses),
         )
         return result, preset, node_model_id(ckpt, args.engine, args.precision)  # int8: the node's features tagged
     ex = open_extractor(args, preset)

@@ -12,6 +12,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,10 +24,30 @@ from pnv_ros.bags import IMAGE_TYPES, INFO_TYPE, ODOM_TYPE, BagError, BagReader
 from pnv_ros.detector import DetectorParams, LoopClosureDetector
 from pnv_ros.extract import FeatureExtractor
 from pnv_ros.geometry import RelativePose
+from pnv_ros.trajectory import Trajectory
 
 #: a frame takes the bag's depth image nearest its stamp within this (ns): the node's depth_tolerance_s default
 #: (0.02 s, TUM RGB-D's associate.py)
 DEPTH_TOLERANCE_NS = 20_000_000
+
+
+#: which loops a replay's pose graph gets (metrics.json ``trajectory.pose_graph.loops_rule``)
+ACCEPTED_LOOPS_RULE = (
+    "the accepted loops: score >= min_score (the loop node's own rule; with temporal_k > 1 those the detector "
+    "published at its real min_score); a loop whose relative pose is NONE adds nothing"
+)
+#: the loop node's keyframes topic (its ``~/keyframes``; the node is named ``loop_closure``)
+LOOP_NODE_KEYFRAMES = "/loop_closure/keyframes"
+#: where a replay relays the loop node's accepted loops to ``pose_graph_node`` (its ``loop_closures`` remapped): the
+#: loop node runs with min_score 0 for the precision-recall curve, so its own topic carries rejected loops too
+EVAL_LOOPS_TOPIC = "/pnv_eval/accepted_loop_closures"
+#: the pose graph's optimised keyframe poses (camera optical frame; latched nav_msgs/Path)
+GRAPH_KEYFRAME_POSES = "/pose_graph/keyframe_poses"
+#: the node's inputs that a replay subscribes ``reliable`` (their ``<name>_qos`` parameters): the node's default,
+#: sensor-data QoS (best effort), loses a whole raw frame when one of its UDP fragments is lost, which is every
+#: 640x480 rgb8 frame under Fast DDS's default 512 kB shared-memory segment (docs/node.md); the lockstep player
+#: would then wait for an acknowledgement that never comes
+RELIABLE_INPUTS = ("image", "depth", "camera_info", "odom")
 
 
 @dataclass
@@ -58,6 +79,28 @@ class SkippedFrame:
 
 
 @dataclass
+class PoseGraphOutput:
+    """A pose graph's answer to a replay (``pose_graph_node`` through ``--node``, or
+    :func:`pnv_ros.eval.trajectory_eval.optimize_in_process`).
+
+    trajectory: the optimised keyframe poses (camera optical frame in the map frame, stamps in seconds, in
+        keyframe order), None when the graph gave none.
+    loops: the loops given to the graph, (query frame, match frame) bag indices, in the order given.
+    keyframes: keyframes in the graph.
+    source: what optimised it ("pose_graph_node" or "in-process PoseGraph").
+    loops_rule: which loops the graph got (the accepted ones: how they were chosen).
+    """
+
+    trajectory: Trajectory | None
+    loops: list[tuple[int, int]]
+    keyframes: int
+    source: str
+    loops_rule: str = ""
+    #: loops published to the graph besides the detector's (a test's wrong loop)
+    injected: int = 0
+
+
+@dataclass
 class ReplayResult:
     records: list[KeyframeRecord]
     n_frames: int
@@ -72,6 +115,8 @@ class ReplayResult:
     exclude_recent_keyframes: int = 0
     #: through a node: its last /diagnostics key/values (latency_total_p50_ms ...); in-process: empty
     node_diagnostics: dict[str, str] = field(default_factory=dict)
+    #: through a node with its pose graph (``pose_graph_node``): the graph's answer; else None
+    pose_graph: PoseGraphOutput | None = None
 
 
 def _thumb(rgb: np.ndarray, width: int = 320) -> np.ndarray:
@@ -215,10 +260,12 @@ def _node_command(
     engine: str,
     precision: str | None,
     engine_file: str | None,
+    min_score: float = 0.0,
 ) -> list[str]:
     """The loop_closure_node command line: remaps so the node hears exactly what the bag holds
     for it (the image topic, raw or compressed, and odometry when there is one odometry topic),
-    and every detector parameter typed as the node declares it, with min_score 0."""
+    and every detector parameter typed as the node declares it, with ``min_score`` (0: every keyframe's best
+    candidate is published, for the precision-recall curve)."""
     exe = str(Path(sys.executable).parent / "loop_closure_node")
     compressed = scan.compressed
     args = [
@@ -241,6 +288,8 @@ def _node_command(
         args += ["-p", f"precision:={precision}"]
     if engine_file:
         args += ["-p", f"engine_file:={engine_file}"]
+    for name in RELIABLE_INPUTS:  # lockstep: every message counts, and a lost fragment is resent
+        args += ["-p", f"{name}_qos:=reliable"]
     if len(scan.odom_topics) == 1:
         args += ["-r", f"odom:={scan.odom_topics[0]}"]
     if scan.depth_topic:
@@ -248,7 +297,7 @@ def _node_command(
     if scan.info_topic:
         args += ["-r", f"camera_info:={scan.info_topic}"]
     defaults = DetectorParams()
-    for name, value in params.replace(min_score=0.0).__dict__.items():
+    for name, value in params.replace(min_score=min_score).__dict__.items():
         if name == "matcher" and not value:
             continue
         kind = type(getattr(defaults, name))  # ROS parameters are typed: 10 is not 10.0
@@ -258,6 +307,138 @@ def _node_command(
     if config_file:
         args += ["-p", f"config_file:={config_file}"]
     return args
+
+
+def _pose_graph_command(odom_topic: str) -> list[str]:
+    """The pose_graph_node command line (the installed executable beside this Python, else the repository's
+    ``scripts/pose_graph_node`` run by it): the bag's odometry, the loop node's ``~/keyframes``, and the loops
+    the replay relays (:data:`EVAL_LOOPS_TOPIC`) for ``loop_closures``; every other parameter its default."""
+    exe = Path(sys.executable).parent / "pose_graph_node"
+    cmd = (
+        [str(exe)]
+        if exe.is_file()
+        else [sys.executable, str(Path(__file__).parents[2] / "scripts" / "pose_graph_node")]
+    )
+    return [
+        *cmd,
+        "--ros-args",
+        "-r",
+        f"odom:={odom_topic}",
+        "-r",
+        f"keyframes:={LOOP_NODE_KEYFRAMES}",
+        "-r",
+        f"loop_closures:={EVAL_LOOPS_TOPIC}",
+    ]
+
+
+class _GraphSide:
+    """``pose_graph_node`` beside the loop node during a lockstep replay: started here, fed the loop node's loops
+    that pass ``relay_min_score`` (relayed on :data:`EVAL_LOOPS_TOPIC`) and, after the ``n``-th acknowledged image,
+    ``inject[n]`` (LoopClosure messages: a test's wrong loop); its latched ``~/keyframe_poses`` collected."""
+
+    def __init__(self, node, args: list[str], relay_min_score: float, inject: dict[int, list] | None) -> None:
+        from nav_msgs.msg import Path as PathMsg
+        from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+
+        from pnv_ros.msg import LoopClosure
+
+        self.node, self.min_score, self.inject = node, relay_min_score, inject or {}
+        self._log = tempfile.TemporaryFile("w+")  # not a pipe: a node that logs much would block on a full one
+        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, text=True)
+        self.relay = node.create_publisher(
+            LoopClosure, EVAL_LOOPS_TOPIC, QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE)
+        )
+        self.relayed: list = []
+        self.injected = 0
+        self.path = None
+        self.changed = time.monotonic()  # the last relayed loop or path
+        latched = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL)
+        node.create_subscription(PathMsg, GRAPH_KEYFRAME_POSES, self._on_path, latched)
+
+    def _on_path(self, msg) -> None:
+        self.path, self.changed = msg, time.monotonic()
+
+    def on_loop(self, msg) -> None:
+        """A loop of the loop node: relayed to the graph when it is accepted."""
+        if float(msg.score) >= self.min_score:
+            self.relay.publish(msg)
+            self.relayed.append(msg)
+            self.changed = time.monotonic()
+
+    def after_image(self, n: int) -> None:
+        for msg in self.inject.get(n, []):
+            self.relay.publish(msg)
+            self.injected += 1
+
+    def wait_ready(self, odom_pub, timeout_s: float) -> None:
+        """Until the graph hears odometry, keyframes and relayed loops and publishes its keyframe poses.
+
+        Raises:
+            BagError: it did not within ``timeout_s`` (its output said), or it exited.
+        """
+        end = time.time() + timeout_s
+        while time.time() < end and self.proc.poll() is None:
+            if (
+                self.relay.get_subscription_count() > 0
+                and odom_pub.get_subscription_count() > 1  # the loop node's and the graph's
+                and self.node.count_subscribers(LOOP_NODE_KEYFRAMES) > 0
+                and self.node.count_publishers(GRAPH_KEYFRAME_POSES) > 0
+            ):
+                return
+            _spin(self.node, 0.05)
+        raise BagError(f"pose_graph_node did not start within {timeout_s:.0f} s: {self.output()[-1500:] or '(none)'}")
+
+    def settle(self, keyframes: int, quiet_s: float = 1.0, timeout_s: float = 30.0) -> None:
+        """Spin until the graph's keyframe poses hold ``keyframes`` poses and nothing changed for ``quiet_s``
+        (a keyframe the graph left out for want of odometry: until ``timeout_s``)."""
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            _spin(self.node, 0.05)
+            full = self.path is not None and len(self.path.poses) >= keyframes
+            if full and time.monotonic() - self.changed >= quiet_s:
+                return
+
+    def output(self) -> str:
+        """The node's output, once it is stopped (stopped here)."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.seek(0)
+        return self._log.read().strip()
+
+    def result(self, frame_of: dict[int, int], rule: str) -> PoseGraphOutput:
+        """The graph's answer: its last keyframe poses, the loops relayed (bag frame pairs)."""
+        from pnv_ros.ros.conversions import stamp_to_ns
+
+        traj = None
+        if self.path is not None and self.path.poses:
+            ps = self.path.poses
+            traj = Trajectory(
+                np.array([stamp_to_ns(p.header.stamp) for p in ps], np.float64) / 1e9,
+                np.array([[p.pose.position.x, p.pose.position.y, p.pose.position.z] for p in ps]),
+                np.array(
+                    [
+                        [p.pose.orientation.x, p.pose.orientation.y, p.pose.orientation.z, p.pose.orientation.w]
+                        for p in ps
+                    ]
+                ),
+            )
+        loops = [
+            (frame_of.get(stamp_to_ns(m.query_stamp), -1), frame_of.get(stamp_to_ns(m.match_stamp), -1))
+            for m in self.relayed
+        ]
+        n = 0 if traj is None else len(traj)
+        return PoseGraphOutput(traj, loops, n, "pose_graph_node", rule, self.injected)
+
+
+def _spin(node, timeout_s: float) -> None:
+    import rclpy  # not at the top: the in-process replay runs without ROS
+
+    rclpy.spin_once(node, timeout_sec=timeout_s)
 
 
 @dataclass
@@ -274,6 +455,8 @@ class _NodeRun:
     errors: set[int]
     #: seconds from starting the player to the end of the late-message wait
     wall: float
+    #: the pose graph's answer (None without one)
+    pose_graph: PoseGraphOutput | None = None
 
 
 def _play_into_node(
@@ -282,12 +465,15 @@ def _play_into_node(
     args: list[str],
     progress: Callable[[int, int], None] | None,
     node_timeout_s: float,
+    graph: tuple[list[str], float, dict[int, list] | None] | None = None,
 ) -> _NodeRun:
     """Start the node (``args``), play the bag into it in lockstep and collect its output;
-    the node and rclpy are shut down whatever happens.
+    the node and rclpy are shut down whatever happens. ``graph``: (pose_graph_node's command, the relay's
+    min_score, loops to inject: :class:`_GraphSide`) to run the pose graph beside it.
 
     Raises:
-        BagError: the node did not subscribe to the image topic within ``node_timeout_s`` s.
+        BagError: the node did not subscribe to the image topic within ``node_timeout_s`` s, or the pose graph
+            node did not start.
     """
     import rclpy
     from diagnostic_msgs.msg import DiagnosticArray
@@ -301,7 +487,7 @@ def _play_into_node(
     rclpy.init()
     loops: list = []
     diags: dict[str, str] = {}
-    player = None
+    player = side = None
     t0 = time.perf_counter()
     try:
         extra = [t for t in (scan.depth_topic, scan.info_topic) if t]
@@ -309,16 +495,28 @@ def _play_into_node(
         if undeserialisable:  # neither the player nor the node's middleware can read these: not sent
             every = player.messages
             player.messages = lambda: (m for m in every() if not (m[0] == image_topic and m[2] in undeserialisable))
-        player.node.create_subscription(LoopClosure, "loop_closures", loops.append, 1000)
+        if graph is not None:
+            side = _GraphSide(player.node, *graph)
+        on_loop = loops.append if side is None else (lambda m: (loops.append(m), side.on_loop(m)))
+        player.node.create_subscription(LoopClosure, "loop_closures", on_loop, 1000)
         player.node.create_subscription(DiagnosticArray, "/diagnostics", lambda m: _diagnostics(m, diags), 10)
         if not player.wait_for_subscribers(node_timeout_s, alive=lambda: proc.poll() is None):
             out = proc.communicate(timeout=10)[0] if proc.poll() is not None else ""
             raise BagError(
                 f"loop_closure_node did not subscribe to {image_topic}: " + (out.strip()[-600:] or "timed out")
             )
+        if side is not None:
+            side.wait_ready(player.pubs[scan.odom_topics[0]], node_timeout_s)
         total = scan.total
+
+        def step(n: int) -> None:
+            if side is not None:
+                side.after_image(n)
+            if progress:
+                progress(n, total)
+
         try:
-            player.lockstep(image_topic, progress=(lambda n: progress(n, total)) if progress else None)
+            player.lockstep(image_topic, progress=step)
         except BagError as e:  # say what the node said: its log is the only clue to why it stopped answering
             proc.terminate()
             try:
@@ -332,8 +530,14 @@ def _play_into_node(
         end = time.time() + 5  # late loop closures, and a diagnostics message (1 Hz) after the last keyframe
         while time.time() < end:
             rclpy.spin_once(player.node, timeout_sec=0.05)
+        if side is not None:
+            side.settle(len(keyframes))
         wall = time.perf_counter() - t0
+        frame_of = {s: i for i, s in enumerate(scan.stamps) if i not in scan.skipped}
+        graph_out = None if side is None else side.result(frame_of, ACCEPTED_LOOPS_RULE)
     finally:
+        if side is not None:
+            side.output()
         if player is not None:
             player.close()
         rclpy.try_shutdown()
@@ -343,7 +547,7 @@ def _play_into_node(
         except subprocess.TimeoutExpired:
             proc.kill()
             out, _ = proc.communicate()
-    return _NodeRun(loops, diags, keyframes, errors, wall)
+    return _NodeRun(loops, diags, keyframes, errors, wall, graph_out)
 
 
 def replay_through_node(
@@ -360,6 +564,8 @@ def replay_through_node(
     engine: str = "torch",
     precision: str | None = None,
     engine_file: str | None = None,
+    pose_graph: bool = False,
+    inject_loops: dict[int, list] | None = None,
 ) -> ReplayResult:
     """Play the bag into a live loop_closure_node (lockstep) and record its output.
 
@@ -369,16 +575,44 @@ def replay_through_node(
     The node's last /diagnostics values (its per-keyframe latency medians over
     its last 100 keyframes, ``latency_total_p50_ms`` ...) come back in
     ``ReplayResult.node_diagnostics``.
+
+    ``pose_graph`` (with one odometry topic in the bag): ``pose_graph_node`` runs beside it on the same odometry
+    and the node's ``~/keyframes``; the replay relays it the node's accepted loops (score >= ``params.min_score``,
+    the node's own rule) on :data:`EVAL_LOOPS_TOPIC`; with ``temporal_k`` > 1, whose consistency depends on which
+    candidates pass, the node runs with the real min_score instead (then only accepted loops are published and
+    the precision-recall curve covers scores above it) and every loop is relayed. Its optimised keyframe poses
+    come back in ``ReplayResult.pose_graph``. ``inject_loops``: {n: [LoopClosure messages]} published to the graph
+    (not the detector's records) after the n-th image is acknowledged (a wrong loop, in tests).
+
+    Raises:
+        BagError: the bag cannot be read or played, the node (or the pose graph node) did not start or stopped
+            answering (its output in the message).
     """
     from pnv_ros.ros.conversions import stamp_to_ns
 
     scan = _scan_bag(bag, topic, bit_depth)
     stamps, skipped = scan.stamps, scan.skipped
     frame_of = {s: i for i, s in enumerate(stamps) if i not in skipped}
+    graph = None
+    node_min_score = 0.0
+    if pose_graph and len(scan.odom_topics) == 1:
+        node_min_score = params.min_score if params.temporal_k > 1 else 0.0
+        relay_min = 0.0 if params.temporal_k > 1 else params.min_score
+        graph = (_pose_graph_command(scan.odom_topics[0]), relay_min, inject_loops)
     args = _node_command(
-        scan, preset_name, checkpoint, params, config_file, bf16, bit_depth, engine, precision, engine_file
+        scan,
+        preset_name,
+        checkpoint,
+        params,
+        config_file,
+        bf16,
+        bit_depth,
+        engine,
+        precision,
+        engine_file,
+        node_min_score,
     )
-    node = _play_into_node(bag, scan, args, progress, node_timeout_s)
+    node = _play_into_node(bag, scan, args, progress, node_timeout_s, graph)
     for i, s in enumerate(stamps):  # frames the node could not use though they decode here
         if s in node.errors and i not in skipped:
             skipped[i] = SkippedFrame(i, s, "the node reported an error for it (see its log)")
@@ -416,6 +650,7 @@ def replay_through_node(
         params.exclude_recent_s,
         params.exclude_recent_keyframes,
         dict(node.diags),
+        node.pose_graph,
     )
 
 

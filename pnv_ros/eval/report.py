@@ -354,18 +354,21 @@ def _trajectory_lines(metrics: dict[str, Any]) -> list[str]:
     def f(v: Any, fmt: str) -> str:
         return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
 
-    rpe = tr.get("rpe_odometry") or {}
+    rpe, rpe_opt, graph = tr.get("rpe_odometry") or {}, tr.get("rpe_optimized") or {}, tr.get("pose_graph")
+    by = f" by {graph['source']}, {graph['keyframes']} keyframes, {graph['loops']} loops" if graph else ""
     return [
         "## Trajectory",
         "",
         f"Against `{tr['ground_truth']}` at {tr['keyframes_with_odometry']} keyframes ({tr['alignment']}).",
-        "",
+        *(["", f"The pose graph got {graph['loops_rule']}.", ""] if graph else [""]),
         "| | value |",
         "|---|---|",
         f"| ATE RMSE, odometry | {f(tr['ate_rmse_m_odometry'], '.3f')} m |",
-        f"| ATE RMSE, optimised | {f(tr['ate_rmse_m_optimized'], '.3f')} m |",
+        f"| ATE RMSE, optimised{by} | {f(tr['ate_rmse_m_optimized'], '.3f')} m |",
         f"| RPE over {tr['rpe_delta_m']:g} m, odometry | {f(rpe.get('translation_rmse_m'), '.3f')} m, "
         f"{f(rpe.get('rotation_rmse_deg'), '.2f')} deg |",
+        f"| RPE over {tr['rpe_delta_m']:g} m, optimised | {f(rpe_opt.get('translation_rmse_m'), '.3f')} m, "
+        f"{f(rpe_opt.get('rotation_rmse_deg'), '.2f')} deg |",
         f"| METRIC loop poses | {lt['count']} |",
         f"| loop pose error, median | {f(lt['median_translation_error_m'], '.3f')} m, "
         f"{f(lt['median_rotation_error_deg'], '.2f')} deg |",

@@ -10,8 +10,9 @@ are scored and the ATE is of positions, which is all it ever measures).
 metrics.json gets (:func:`trajectory_metrics`):
 
 - ``trajectory``: ``keyframes`` (with odometry and ground truth), ``ate_rmse_m_odometry`` (position ATE after the
-  SE(3) alignment, evo), ``rpe_odometry`` (evo's RPE over ``delta_m`` of path), ``ate_rmse_m_optimized`` (None
-  until a pose graph's trajectory is given);
+  SE(3) alignment, evo), ``rpe_odometry`` (evo's RPE over ``delta_m`` of path), ``ate_rmse_m_optimized`` and
+  ``rpe_optimized`` of the pose graph's keyframe poses (:func:`optimize_in_process`, or ``pose_graph_node``'s
+  through ``--node``; None without one), ``pose_graph`` (which graph, its keyframes and loops);
 - ``loop_transforms``: ``count`` (accepted loops with a METRIC pose), ``median_translation_error_m``,
   ``median_rotation_error_deg``, ``p95_translation_error_m``, ``p95_rotation_error_deg``, ``nees_mean`` and
   ``pose_types`` (accepted loops by pose type).
@@ -28,8 +29,9 @@ import numpy as np
 from pnv_ros.bags import BagReader
 from pnv_ros.errors import GroundTruthError
 from pnv_ros.eval.ground_truth import SequenceGT
-from pnv_ros.eval.replay import ReplayResult
+from pnv_ros.eval.replay import ACCEPTED_LOOPS_RULE, PoseGraphOutput, ReplayResult
 from pnv_ros.geometry import PoseType
+from pnv_ros.pose_graph import PoseGraph, PoseGraphSettings
 from pnv_ros.trajectory import (
     RPE_DELTA_M,
     Trajectory,
@@ -128,6 +130,57 @@ def nearest_odometry(odom: list[tuple[int, np.ndarray, np.ndarray]], stamps_ns: 
     return out
 
 
+def keyframe_odometry(bag: Path, result: ReplayResult, topic: str | None = None) -> list[np.ndarray | None]:
+    """Each keyframe record's odometry pose (4, 4; the bag's odometry nearest its stamp within
+    ``ODOM_TOLERANCE_NS``, taken as the camera optical frame's pose: TUM bags' odometry is the camera's own, as
+    ``pose_graph_node``'s default ``camera_extrinsic``), or None."""
+    with BagReader(bag, topic) as r:
+        odom = r.odometry_poses()
+    idx = nearest_odometry(odom, [x.stamp_ns for x in result.records])
+    out: list[np.ndarray | None] = []
+    for j in idx:
+        if j is None:
+            out.append(None)
+            continue
+        out.append(Trajectory(np.zeros(1), odom[j][1][None], odom[j][2][None]).matrices()[0])
+    return out
+
+
+def optimize_in_process(
+    bag: Path,
+    result: ReplayResult,
+    threshold: float,
+    topic: str | None = None,
+    settings: PoseGraphSettings | None = None,
+) -> PoseGraphOutput:
+    """An in-process replay's keyframes and accepted loops through :class:`pnv_ros.pose_graph.PoseGraph` (the
+    settings ``pose_graph_node`` has by default unless given), as the node's would be: keyframes in their order
+    at their odometry pose (:func:`keyframe_odometry`; one without odometry is left out, with its loops), each
+    keyframe's accepted loop (``score >= threshold``, a relative pose that is not NONE) right after it.
+
+    Raises:
+        ConfigError: a loop pose whose covariance is not symmetric positive definite (the detector never makes one).
+    """
+    graph = PoseGraph(settings or PoseGraphSettings())
+    kf_of = {x.frame: k for k, x in enumerate(result.records)}  # a fresh detector numbers keyframes 0, 1, ...
+    loops: list[tuple[int, int]] = []
+    for k, (x, pose) in enumerate(zip(result.records, keyframe_odometry(bag, result, topic))):
+        if pose is None:
+            continue
+        graph.add_keyframe(k, x.stamp_ns, pose)
+        rp, m = x.relative_pose, kf_of.get(x.match_frame)
+        if x.match_frame < 0 or x.score < threshold or rp is None or rp.type == PoseType.NONE or m is None:
+            continue
+        if m not in graph:  # its match had no odometry
+            continue
+        graph.add_loop(k, m, rp)
+        loops.append((x.frame, x.match_frame))
+    traj = None
+    if len(graph):
+        traj = Trajectory.from_matrices(graph.stamps / 1e9, graph.optimized_poses())
+    return PoseGraphOutput(traj, loops, len(graph), "in-process PoseGraph", ACCEPTED_LOOPS_RULE)
+
+
 def trajectory_metrics(
     bag: Path,
     result: ReplayResult,
@@ -136,10 +189,13 @@ def trajectory_metrics(
     topic: str | None = None,
     optimized: Trajectory | None = None,
     plot: Path | None = None,
+    pose_graph: PoseGraphOutput | None = None,
 ) -> dict[str, Any]:
     """``{"trajectory": ..., "loop_transforms": ...}`` of a replay (the module doc says what each holds).
 
     optimized: the pose graph's keyframe poses (stamps in seconds, those of keyframes), or None.
+    pose_graph: the graph's answer (its trajectory is ``optimized`` when that is None); described in
+        ``trajectory.pose_graph`` (source, keyframes, loops given, which loops).
     plot: a PNG path for :func:`top_view` (drawn when there is odometry at 3 keyframes or more).
 
     Raises:
@@ -148,6 +204,8 @@ def trajectory_metrics(
     """
     gt = GroundTruthPoses(gt_poses, result.n_frames)
     recs = result.records
+    if optimized is None and pose_graph is not None:
+        optimized = pose_graph.trajectory
     with BagReader(bag, topic) as r:
         odom = r.odometry_poses()
     idx = nearest_odometry(odom, [x.stamp_ns for x in recs])
@@ -159,9 +217,17 @@ def trajectory_metrics(
         "ate_rmse_m_odometry": None,
         "rpe_odometry": None,
         "ate_rmse_m_optimized": None,
+        "rpe_optimized": None,
         "rpe_delta_m": RPE_DELTA_M,
         "ground_truth": str(gt_poses),
     }
+    if pose_graph is not None:
+        traj["pose_graph"] = {
+            "source": pose_graph.source,
+            "keyframes": pose_graph.keyframes,
+            "loops": len(pose_graph.loops),
+            "loops_rule": pose_graph.loops_rule,
+        }
     truth = est = None
     if len(with_odom) >= 3:
         truth = gt.at([x.frame for x, _ in with_odom], [x.stamp_ns for x, _ in with_odom])
@@ -174,9 +240,9 @@ def trajectory_metrics(
             loops = [(x.frame, x.match_frame) for x in recs if x.match_frame >= 0 and x.score >= threshold]
             top_view(plot, truth, est, optimized, loops, {x.frame: x.stamp_ns for x in recs}, result.stamps_ns)
     if optimized is not None and len(optimized) >= 3:
-        frame_of = {x.stamp_ns: x.frame for x in recs}
-        ns = [int(round(t * 1e9)) for t in optimized.stamps]
-        truth = gt.at([frame_of.get(s, 0) for s in ns], ns)
+        kf_ns = np.array([x.stamp_ns for x in recs], np.int64)  # seconds as float64 lose ~100 ns: the nearest
+        near = [int(np.argmin(np.abs(kf_ns - t * 1e9))) for t in optimized.stamps]
+        truth = gt.at([recs[k].frame for k in near], [int(kf_ns[k]) for k in near])
         traj["ate_rmse_m_optimized"] = ate_rmse(truth, optimized)
         traj["rpe_optimized"] = rpe(truth, optimized) if gt.oriented else None
     return {"trajectory": traj, "loop_transforms": _loop_transforms(result, gt, threshold)}

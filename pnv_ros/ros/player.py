@@ -23,6 +23,13 @@ from std_msgs.msg import Header
 
 from pnv_ros.bags import BagError, cdr_converter, open_bag, read_messages
 
+#: seconds a lockstep replay leaves between the messages of an image's instant and the image: the node is idle then
+#: (it acknowledged the previous image) and its executor takes a message off its queue within milliseconds.
+#: Without it TUM fr1/desk (10 Hz odometry, stored after each image at its stamp) gave the node 40 keyframes
+#: (frames without odometry admitted by sight), where in process (and with it) 24. (Waiting for reliable
+#: acknowledgements took ~1.5 s per image: Fast DDS acknowledges on its heartbeat period.)
+SETTLE_S = 0.03
+
 
 def _msg_class(msgtype: str):
     pkg, kind, name = msgtype.split("/")
@@ -100,8 +107,9 @@ class BagPlayer:
         progress: Callable[[int], None] | None = None,
     ) -> int:
         """Publish messages in order; an image goes out only after the node acknowledged the one before
-        it, and the messages between two images (odometry) go out right after the first, so the node
-        has the odometry of an image's instant while it works on it. An image with no answer after
+        it, and after the messages between it and the next image (odometry, depth, camera_info of its
+        instant, which a bag may store after it at the same time), so the node has them before it starts
+        on the image (its odometry wait does not cover a pose one image period late). An image with no answer after
         ``resend_s`` is sent again (it may have raced discovery); the detector skips stamps it has
         seen, so a re-send never adds a keyframe twice."""
         self.acks: list[Header] = []
@@ -129,24 +137,37 @@ class BagPlayer:
         return n
 
     def _images_then_theirs(self, image_topic: str) -> Iterator[tuple[bytes, tuple[int, int]]]:
-        """Publish the bag in order, yielding each image (raw CDR, (sec, nanosec)) once the messages that follow
-        it up to the next image are out; the next image goes out only when the caller asks for it."""
+        """Publish the bag in order, but each image only after the messages that follow it up to the next image,
+        yielding it (raw CDR, (sec, nanosec)) once published; the next image goes out only when the caller asks
+        for it."""
         from rclpy.serialization import deserialize_message
 
         image_cls = self.pubs[image_topic].msg_type
-        pending = None
+        pending, used = None, set()
         for topic, _, _, raw in self.messages():
             if topic != image_topic:
                 self.pubs[topic].publish(raw)
+                used.add(topic)
                 rclpy.spin_once(self.node, timeout_sec=0.0)
                 continue
             if pending is not None:
+                self._settle(used)
+                self.pubs[image_topic].publish(pending[0])
                 yield pending
             st = deserialize_message(raw, image_cls).header.stamp
-            pending = (raw, (st.sec, st.nanosec))
-            self.pubs[topic].publish(raw)
+            pending, used = (raw, (st.sec, st.nanosec)), set()
         if pending is not None:
+            self._settle(used)
+            self.pubs[image_topic].publish(pending[0])
             yield pending
+
+    def _settle(self, topics: set[str]) -> None:
+        """:data:`SETTLE_S` for the node's executor to hand what went out on ``topics`` to its callbacks, when
+        anything did: an image whose odometry sits unread in the node's queue would be handled without it (the
+        node waits for a late pose only when the newest one it has is less than ``odom_tolerance_s`` older; a
+        10 Hz odometry's is not)."""
+        if topics:
+            time.sleep(SETTLE_S)
 
     def close(self) -> None:
         self.node.destroy_node()
