@@ -157,15 +157,28 @@ def test_metric_loops_remove_most_of_the_drift() -> None:
 
 
 def test_one_wrong_loop_barely_changes_the_map_under_the_cauchy_kernel() -> None:
-    gt, _odom, right = _graph(PoseType.METRIC)
-    _gt, _odom, wrong = _graph(PoseType.METRIC, wrong_at=30)
+    gt, _odom, right = _graph(PoseType.METRIC, PoseGraphSettings(max_loop_error=0.0))
+    _gt, _odom, wrong = _graph(PoseType.METRIC, PoseGraphSettings(max_loop_error=0.0), wrong_at=30)
     clean, bent = _ate(gt, right.optimized_poses()), _ate(gt, wrong.optimized_poses())
     assert abs(bent - clean) < 0.1 * clean, f"ATE {clean:.4f} m -> {bent:.4f} m with one wrong loop"
     errors = wrong.loop_errors()
     assert errors[-1 - sum(k > 30 for k, _ in LOOPS)] > 10 * kernel_k(6)  # the wrong loop, told apart
+    assert wrong.rejected_loops == []  # max_loop_error 0: nothing removed
     # Without the kernel the same wrong loop bends the map: the kernel is what protects it.
-    _gt, _odom, plain = _graph(PoseType.METRIC, PoseGraphSettings(robust_kernel="none"), wrong_at=30)
+    _gt, _odom, plain = _graph(
+        PoseType.METRIC, PoseGraphSettings(robust_kernel="none", max_loop_error=0.0), wrong_at=30
+    )
     assert _ate(gt, plain.optimized_poses()) > 2 * clean
+
+
+def test_a_wrong_loop_is_removed_and_leaves_the_map_as_without_it() -> None:
+    gt, _odom, right = _graph(PoseType.METRIC)
+    _gt, _odom, wrong = _graph(PoseType.METRIC, wrong_at=30)
+    assert [(lp.query_id, lp.match_id) for lp in wrong.rejected_loops] == [(30, 10)]
+    assert right.rejected_loops == [] and len(wrong.loops) == len(right.loops) == len(LOOPS)
+    assert max(right.loop_errors()) < PoseGraphSettings().max_loop_error  # no right loop comes near the gate
+    np.testing.assert_allclose(wrong.optimized_poses(), right.optimized_poses(), atol=1e-4)
+    assert abs(_ate(gt, wrong.optimized_poses()) - _ate(gt, right.optimized_poses())) < 1e-4
 
 
 def test_monocular_loops_correct_the_drift_as_far_as_they_constrain() -> None:
@@ -221,9 +234,11 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
     np.testing.assert_allclose(h.optimized_poses(), g.optimized_poses(), atol=1e-5)
     np.testing.assert_allclose(h.loop_errors(), g.loop_errors(), rtol=0.01, atol=0.01)
     # The loaded graph goes on: a new keyframe and a new loop.
-    h.add_keyframe(N, 500_000_000 * N, odom[-1] @ _pose(np.eye(3), np.array([0.0, 0.0, 0.2])))
-    h.add_loop(N, 11, _measured(gt + [gt[11]], N, 11, PoseType.ROTATION_ONLY, np.random.default_rng(2)))
+    step = _pose(np.eye(3), np.array([0.0, 0.0, 0.2]))
+    h.add_keyframe(N, 500_000_000 * N, odom[-1] @ step)
+    assert h.add_loop(N, 11, _measured(gt + [gt[-1] @ step], N, 11, PoseType.ROTATION_ONLY, np.random.default_rng(2)))
     assert len(h) == N + 1 and len(h.loops) == len(g.loops) + 1
+    assert [(lp.query_id, lp.match_id) for lp in g.rejected_loops] == [(30, 10)]  # the wrong loop: not saved
     # Another kernel on load; the file's odometry covariances stay.
     assert PoseGraph.load(path, PoseGraphSettings(robust_kernel="huber")).settings.robust_kernel == "huber"
 

@@ -207,7 +207,7 @@ def test_pose_graph_node_path_tf_save_and_restart(ros: Client, tmp_path: Path) -
         assert feed.cams[-1].header.frame_id == "map"
         # The drift is corrected and the wrong loop did not bend the map.
         assert _ate(gt, cams) <= 0.4 * _ate(gt, np.array(odom))
-        assert lib.loop_errors()[0] > 30  # the wrong loop (the first sent), left out by the kernel
+        assert [(lp.query_id, lp.match_id) for lp in lib.rejected_loops] == [(WRONG_AT, 10)]  # removed (gate)
         # map -> odom: the newest keyframe's correction, on the newest odometry stamp.
         seen = len(feed.tf)
         assert ros.spin_until(lambda: len(feed.tf) > seen + 2, 10)  # sent after the last update
@@ -227,8 +227,9 @@ def test_pose_graph_node_path_tf_save_and_restart(ros: Client, tmp_path: Path) -
     finally:
         out = stop(node)
     assert node.returncode == 0, out[-3000:]
+    assert f"loop {WRONG_AT} -> 10 removed: its error at the optimum is above max_loop_error" in out
     saved = PoseGraph.load(tmp_path / "run1.graph.npz")
-    assert saved.ids == list(range(N)) and len(saved.loops) == len(LOOPS) + 1
+    assert saved.ids == list(range(N)) and len(saved.loops) == len(LOOPS)  # the wrong loop removed
     np.testing.assert_allclose(saved.optimized_poses(), lib.optimized_poses(), atol=TOL_M)
 
     # A restart loads the graph; its odometry starts again at the identity (a new frame), one keyframe at the
@@ -252,7 +253,7 @@ def test_pose_graph_node_path_tf_save_and_restart(ros: Client, tmp_path: Path) -
     finally:
         out = stop(node)
     assert node.returncode == 0, out[-3000:]
-    assert f"loaded: {N} keyframes, {len(LOOPS) + 1} loops" in out
+    assert f"loaded: {N} keyframes, {len(LOOPS)} loops" in out  # the wrong loop was removed, not saved
 
     # The same run without the wrong loop: the wrong one changes the node's optimised ATE by less than 10 %.
     with_wrong = _ate(gt, saved.optimized_poses())

@@ -131,6 +131,7 @@ class PoseGraphNode(Node):
         self.map_dir = Path(self._value("map_dir"))
         self.stats = {"keyframes_without_odometry": 0, "duplicate_keyframes": 0, "loops_without_pose": 0}
         self.stats.update({"bad_loops": 0, "pending_dropped": 0, "bad_odom": 0, "odometry_resets": 0})
+        self.stats["rejected_loops"] = 0
         self._lock = threading.Lock()  # the graph and both queues
         self._pending: deque[Loop] = deque(maxlen=MAX_PENDING)
         self._waiting: deque[tuple[KeyframeMsg, float]] = deque()  # keyframes in order, (msg, monotonic arrival)
@@ -290,9 +291,17 @@ class PoseGraphNode(Node):
         for loop in self._pending:
             if loop.query_id in self.graph and loop.match_id in self.graph:
                 try:
-                    self.graph.add_loop(loop.query_id, loop.match_id, loop)
+                    before = len(self.graph.rejected_loops)
+                    kept = self.graph.add_loop(loop.query_id, loop.match_id, loop)
                     added += 1
                     self.log.info(f"loop {loop.query_id} -> {loop.match_id} ({loop.type.name}) in the graph")
+                    for bad in self.graph.rejected_loops[before:]:
+                        self.stats["rejected_loops"] += 1
+                        self.log.warning(
+                            f"loop {bad.query_id} -> {bad.match_id} removed: its error at the optimum is above "
+                            f"max_loop_error ({self.settings.max_loop_error:g} sigmas); a wrong loop"
+                            + ("" if kept else " (the new one)")
+                        )
                 except PnvError as e:
                     self.stats["bad_loops"] += 1
                     self.log.warning(f"loop {loop.query_id} -> {loop.match_id} refused: {e}")
