@@ -96,7 +96,8 @@ def main() -> None:
             el = time.perf_counter() - t
             after = ate(gt, g.optimized_poses())
             errors = g.loop_errors()
-            told = f", wrong loop's error {errors[list(by_query).index(wrong_q) + 1]:.0f}" if wrong else ""
+            removed = [(lp.query_id, lp.match_id) for lp in g.rejected_loops]
+            told = f", removed {removed}" if removed else ""
             print(
                 f"{name:8s} wrong={wrong!s:5s} loops {len(g.loops):3d}  ATE odometry {before:.3f} m -> "
                 f"optimised {after:.3f} m ({100 * (1 - after / before):.0f} % less), {el:.2f} s, "
