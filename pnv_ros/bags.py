@@ -539,6 +539,7 @@ class BagReader:
         """The depth image nearest ``stamp_ns`` within ``tolerance_ns`` as (H, W) float32 metres (NaN = none), or
         None (no depth topic, none that close, or one that cannot be decoded: the frame goes without, as the
         node's)."""
+        from pnv_ros.image_msgs import depth_to_array
         from pnv_ros.local_features import depth_in_metres
 
         if self.depth_topic is None:
@@ -564,8 +565,8 @@ class BagReader:
                 m = self._reader.deserialize(raw, c.msgtype)
                 if m.header.stamp.sec * 1_000_000_000 + m.header.stamp.nanosec != stamp:
                     continue
-                return depth_in_metres(_depth_array(m), str(m.encoding))
-            except (PnvError, ValueError):  # ImageError, a buffer that does not fit
+                return depth_in_metres(*depth_to_array(m))
+            except PnvError:  # ImageError: an encoding or a buffer that does not fit
                 return None
         return None
 
@@ -624,19 +625,9 @@ class BagReader:
         return {c.topic: c.msgtype for c in self._reader.connections}
 
 
-#: depth encodings (REP 118) -> their dtype: 16UC1 millimetres, 32FC1 metres (pnv_ros.ros.depth reads the same)
-DEPTH_ENCODINGS = {"16UC1": np.uint16, "32FC1": np.float32}
-
-
-def _depth_array(msg) -> np.ndarray:
-    """(H, W) array of a 16UC1 / 32FC1 sensor_msgs/Image. Raises ValueError for a buffer that does not fit."""
-    dtype = np.dtype(DEPTH_ENCODINGS[str(msg.encoding)]).newbyteorder(">" if msg.is_bigendian else "<")
-    h, w, step = int(msg.height), int(msg.width), int(msg.step)
-    data = np.asarray(msg.data, np.uint8)
-    if h <= 0 or w <= 0 or step < w * dtype.itemsize or data.size < step * h:
-        raise ValueError(f"malformed depth image: {w} x {h}, step {step}, {data.size} bytes")
-    rows = data[: step * h].reshape(h, step)[:, : w * dtype.itemsize]
-    return rows.copy().view(dtype).reshape(h, w).astype(dtype.newbyteorder("="), copy=False)
+#: encodings that make an Image topic a depth topic (REP 118: 16UC1 millimetres, 32FC1 metres; not mono16, which a
+#: camera also publishes); decoded by :func:`pnv_ros.image_msgs.depth_to_array`
+DEPTH_ENCODINGS = ("16UC1", "32FC1")
 
 
 def _fmt(topics: dict[str, str]) -> str:

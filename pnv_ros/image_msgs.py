@@ -15,6 +15,8 @@ decoded by :func:`pnv_ros.images.decode_bytes` (EXIF orientation applied, a
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from pnv_ros.errors import ImageError
@@ -79,3 +81,28 @@ def compressed_to_array(msg, *, bit_depth: int | None = None) -> np.ndarray:
 def decode_image(msg, compressed: bool, *, bit_depth: int | None = None) -> np.ndarray:
     """Either kind of image message to a uint8 RGB (or grey / RGBA) array."""
     return compressed_to_array(msg, bit_depth=bit_depth) if compressed else image_to_array(msg, bit_depth=bit_depth)
+
+
+#: depth encodings taken (REP 118: 16UC1 millimetres, 32FC1 metres; mono16 is read as 16UC1) -> their dtype
+DEPTH_ENCODINGS = {"16UC1": np.uint16, "mono16": np.uint16, "32FC1": np.float32}
+
+
+def depth_to_array(msg: Any) -> tuple[np.ndarray, str]:
+    """(the (H, W) array as its encoding stores it, the encoding) of a sensor_msgs/Image depth message (an rclpy
+    message or a rosbags one: only its fields are read).
+
+    Raises:
+        ImageError: an encoding not in :data:`DEPTH_ENCODINGS`, or a buffer that does not fit height, width and
+            step.
+    """
+    enc = str(msg.encoding)
+    if enc not in DEPTH_ENCODINGS:
+        raise ImageError(f"depth encoding {enc!r} is not 16UC1 (millimetres) or 32FC1 (metres)")
+    dtype = np.dtype(DEPTH_ENCODINGS[enc]).newbyteorder(">" if msg.is_bigendian else "<")
+    h, w, step = int(msg.height), int(msg.width), int(msg.step)
+    data = msg.data if isinstance(msg.data, (bytes, bytearray, memoryview)) else np.asarray(msg.data, np.uint8)
+    size = data.size if isinstance(data, np.ndarray) else len(data)
+    if h <= 0 or w <= 0 or step < w * dtype.itemsize or size < step * h:
+        raise ImageError(f"malformed depth image: {w} x {h}, step {step}, {size} bytes")
+    rows = np.frombuffer(data, np.uint8, count=step * h).reshape(h, step)[:, : w * dtype.itemsize]
+    return rows.copy().view(dtype).reshape(h, w).astype(dtype.newbyteorder("="), copy=False), enc

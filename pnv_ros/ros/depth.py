@@ -26,10 +26,9 @@ from typing import Any
 import numpy as np
 
 from pnv_ros.errors import ImageError
+from pnv_ros.image_msgs import depth_to_array
 from pnv_ros.local_features import MM_PER_M, depth_in_metres
 
-#: depth encodings taken (REP 118: 16UC1 millimetres, 32FC1 metres; mono16 is read as 16UC1)
-DEPTH_ENCODINGS = {"16UC1": np.uint16, "mono16": np.uint16, "32FC1": np.float32}
 #: skip kinds, the diagnostics' event names: what each means
 SKIPS = {
     "depth_encoding": "depth images of an encoding other than 16UC1 / 32FC1 skipped",
@@ -41,25 +40,6 @@ SKIPS = {
 #: colour frames pinned at once: the worker's one-place slot, the frame in hand and spare (pins of frames the
 #: worker dropped are released by newer ones)
 MAX_PINS = 4
-
-
-def depth_to_array(msg: Any) -> tuple[np.ndarray, str]:
-    """(the (H, W) array as its encoding stores it, the encoding) of a sensor_msgs/Image depth message.
-
-    Raises:
-        ImageError: an encoding not in :data:`DEPTH_ENCODINGS`, or a buffer that does not fit height, width and
-            step.
-    """
-    enc = str(msg.encoding)
-    if enc not in DEPTH_ENCODINGS:
-        raise ImageError(f"depth encoding {enc!r} is not 16UC1 (millimetres) or 32FC1 (metres)")
-    dtype = np.dtype(DEPTH_ENCODINGS[enc]).newbyteorder(">" if msg.is_bigendian else "<")
-    h, w, step = int(msg.height), int(msg.width), int(msg.step)
-    data = bytes(msg.data) if not isinstance(msg.data, (bytes, bytearray, memoryview)) else msg.data
-    if h <= 0 or w <= 0 or step < w * dtype.itemsize or len(data) < step * h:
-        raise ImageError(f"malformed depth image: {w} x {h}, step {step}, {len(data)} bytes")
-    rows = np.frombuffer(data, np.uint8, count=step * h).reshape(h, step)[:, : w * dtype.itemsize]
-    return rows.copy().view(dtype).reshape(h, w).astype(dtype.newbyteorder("="), copy=False), enc
 
 
 @dataclass
