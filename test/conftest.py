@@ -104,3 +104,17 @@ def rtab_lap1_map(default_extractor, rtab_features: list, tmp_path_factory: pyte
     path = tmp_path_factory.mktemp("lap1") / "lap1.npz"
     assert lap1.save_map(path) == 40
     return path
+
+
+@pytest.fixture(scope="module")
+def ros():
+    """rclpy up in this process with test_node's ``Client`` (a listener of the loop-closure node's outputs), for
+    the real-process node tests of a module; test_launch and test_robot_day define their own."""
+    import rclpy
+    from test_node import Client
+
+    rclpy.init()
+    c = Client()
+    yield c
+    c.node.destroy_node()
+    rclpy.shutdown()

@@ -147,15 +147,6 @@ class Client:
         assert self.spin_until(lambda: pub.get_subscription_count() > 0, 30)
 
 
-@pytest.fixture(scope="module")
-def ros():
-    rclpy.init()
-    c = Client()
-    yield c
-    c.node.destroy_node()
-    rclpy.shutdown()
-
-
 @pytest.mark.slow
 def test_node_end_to_end(ros: Client, tmp_path_factory: pytest.TempPathFactory, rtab_lap1_map: Path) -> None:
     """The first lap is a map made in-process (conftest's rtab_lap1_map: the library's detector, frames 1-40 one

@@ -59,15 +59,6 @@ def _depth_of(rgb_stamp: str) -> tuple[str, np.ndarray]:
     raise AssertionError(rgb_stamp)
 
 
-@pytest.fixture(scope="module")
-def ros():
-    rclpy.init()
-    c = Client()
-    yield c
-    c.node.destroy_node()
-    rclpy.shutdown()
-
-
 def _start_with_depth(ros: Client, tmp_path: Path):
     """The node (every frame a keyframe candidate, no recency exclusion) and this side's depth and camera_info
     publishers and /diagnostics list."""

@@ -37,6 +37,24 @@ def tum_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tum_copy(tmp_path_factory.mktemp("tum") / "fr1_desk")
 
 
+def _make_drifted(tum_dir: Path, bag: Path, spec: str):
+    """``pnv bag make TUM_DIR --tum --camera --poses GT --drift SPEC --out BAG`` (the completed process)."""
+    return pnv(
+        "bag",
+        "make",
+        str(tum_dir),
+        "--tum",
+        "--camera",
+        str(CAMERA),
+        "--poses",
+        str(GT),
+        "--drift",
+        spec,
+        "--out",
+        str(bag),
+    )
+
+
 def _odometry(bag: Path) -> Trajectory:
     with BagReader(bag) as r:
         odom = r.odometry_poses()
@@ -80,20 +98,7 @@ def test_bag_make_tum_drift_is_the_seeded_model(tum_dir: Path, tmp_path: Path) -
     outs = []
     for name in ("a", "b"):
         bag = tmp_path / name
-        r = pnv(
-            "bag",
-            "make",
-            str(tum_dir),
-            "--tum",
-            "--camera",
-            str(CAMERA),
-            "--poses",
-            str(GT),
-            "--drift",
-            spec,
-            "--out",
-            str(bag),
-        )
+        r = _make_drifted(tum_dir, bag, spec)
         assert r.returncode == 0, r.stderr
         outs.append((_odometry(bag), r.stdout))
     (a, text), (b, _) = outs
@@ -136,20 +141,7 @@ def test_eval_gt_poses_reports_trajectory_and_loop_poses(tum_dir: Path, tmp_path
     against the ground truth; the odometry's ATE is the drift model's at the keyframes."""
     bag = tmp_path / "fr1.bag"
     spec = "seed=1"
-    r = pnv(
-        "bag",
-        "make",
-        str(tum_dir),
-        "--tum",
-        "--camera",
-        str(CAMERA),
-        "--poses",
-        str(GT),
-        "--drift",
-        spec,
-        "--out",
-        str(bag),
-    )
+    r = _make_drifted(tum_dir, bag, spec)
     assert r.returncode == 0, r.stderr
     gt = read_trajectory(GT)
     out = tmp_path / "run"
