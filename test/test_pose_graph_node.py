@@ -128,8 +128,12 @@ class Feed:
         self.kf.publish(m)
         rclpy.spin_once(self.c.node, timeout_sec=0.01)
 
-    def loop_closure(self, q: int, m: int, rp) -> None:
+    def loop_closure(self, q: int, m: int, rp, stamps: tuple[int, int] | None = None) -> None:
+        """A loop by ids; with ``stamps`` (query, match ns) as loop_closure_node sends it (its keyframes' stamps)."""
         msg = LoopClosure(query_id=q, match_id=m, score=0.5, method="ransac")
+        if stamps is not None:
+            _stamp_time(msg.query_stamp, stamps[0])
+            _stamp_time(msg.match_stamp, stamps[1])
         msg.relative_pose = relative_pose_msg(rp, "camera", "camera")
         self.loop.publish(msg)
         rclpy.spin_once(self.c.node, timeout_sec=0.01)
@@ -159,6 +163,10 @@ def _drive(
             lib.add_loop(q, m, rp)
             sent += 1
     return sent
+
+
+def _close_tf(tf, want: np.ndarray) -> bool:
+    return bool(np.abs(_matrix(tf) - want).max() < TOL_M)
 
 
 def test_pose_graph_node_path_tf_save_and_restart(ros: Client, tmp_path: Path) -> None:
@@ -192,13 +200,17 @@ def test_pose_graph_node_path_tf_save_and_restart(ros: Client, tmp_path: Path) -
         assert _ate(gt, cams) <= 0.4 * _ate(gt, np.array(odom))
         assert [(lp.query_id, lp.match_id) for lp in lib.rejected_loops] == [(WRONG_AT, 10)]  # removed (gate)
         # map -> odom: the newest keyframe's correction, on the newest odometry stamp.
-        seen, seen_topic = len(feed.tf), len(feed.tf_topic)
-        assert ros.spin_until(lambda: len(feed.tf) > seen + 2, 10)  # sent after the last update
-        assert ros.spin_until(lambda: len(feed.tf_topic) > seen_topic + 2, 10)  # /tf: re-sent at TF_RATE_HZ
-        for tf in (feed.tf[-1], feed.tf_topic[-1]):
+        # The last one sent is the final graph's: each change goes out at once (1 us after the previous stamp when
+        # the odometry has not moved on), and the timer re-sends only newer odometry stamps: no stamp twice
+        # (tf2 would drop the repeat with TF_REPEATED_DATA).
+        assert ros.spin_until(lambda: feed.tf and _close_tf(feed.tf[-1], lib.map_to_odom()), 10)
+        assert ros.spin_until(lambda: feed.tf_topic and _close_tf(feed.tf_topic[-1], lib.map_to_odom()), 10)
+        for sent in (feed.tf, feed.tf_topic):
+            stamps = [t.header.stamp.sec * 10**9 + t.header.stamp.nanosec for t in sent]
+            assert len(set(stamps)) == len(stamps) and stamps == sorted(stamps), stamps[-10:]
+            tf = sent[-1]
             assert (tf.header.frame_id, tf.child_frame_id) == ("map", "odom")
-            np.testing.assert_allclose(_matrix(tf), lib.map_to_odom(), atol=TOL_M)
-            assert tf.header.stamp.sec * 10**9 + tf.header.stamp.nanosec == STEP_NS * N  # the newest odometry
+            assert STEP_NS * N <= stamps[-1] < STEP_NS * N + 10**6  # the newest odometry's stamp (+ 1 us a change)
         assert np.linalg.norm(lib.map_to_odom()[:3, 3]) > 0.05  # a correction, not the identity
         # Services: a bad name is refused with the reason; a save writes <name>.graph.npz.
         bad = feed.call("save_map", "../x")
@@ -323,3 +335,33 @@ def test_keyframes_without_odometry_wait_for_it_and_an_odometry_reset_starts_a_s
     assert "keyframe 5: no odometry" in out and "keyframe 20: no odometry" in out
     assert "keyframe 10: odometry reset (frame 'odom' -> 'odom_b'" in out and "keyframe 15: odometry reset" in out
     assert "keyframe 21: odometry reset" not in out
+
+
+def _stamp_time(t, ns: int) -> None:
+    t.sec, t.nanosec = divmod(int(ns), 10**9)
+
+
+def test_keyframe_ids_that_restart_become_new_keys_and_loops_find_keyframes_by_stamp(ros: Client, tmp_path: Path):
+    """The loop-closure node's ids count from 0 per map (reset_map, a respawn): ids 0-4 coming again with new
+    stamps are new graph keys 10-14 after the first map's 0-9 (the odometry chain goes on), and a loop of the new
+    map (4 -> 1, with its keyframes' stamps) ties keys 14 and 11, not the old keyframes 4 and 1."""
+    gt, odom = _ground_truth(), _odometry(_ground_truth())
+    node = start(tmp_path)
+    try:
+        feed = Feed(ros)
+        feed.wait_ready()
+        lib = PoseGraph()
+        for k in range(15):
+            feed.keyframe(k % 10, odom[k], ns=STEP_NS * (k + 1))
+            lib.add_keyframe(k, STEP_NS * (k + 1), odom[k])
+        rp = _measured(gt, 14, 11, PoseType.METRIC, np.random.default_rng(3))
+        feed.loop_closure(4, 1, rp, stamps=(STEP_NS * 15, STEP_NS * 12))
+        lib.add_loop(14, 11, rp)
+        assert ros.spin_until(lambda: feed.cams and _close(feed.cams[-1], lib.optimized_poses()), 60)
+        cams, stamps = _poses(feed.cams[-1])
+        assert stamps == [STEP_NS * (k + 1) for k in range(15)]
+    finally:
+        out = stop(node)
+    assert node.returncode == 0, out[-3000:]
+    assert "keyframe id 0 came again with another stamp" in out and "graph keys from 10 on" in out
+    assert "loop 14 -> 11 (METRIC) in the graph" in out and "already in the graph" not in out

@@ -13,7 +13,7 @@ An odometry reset (the keyframe's odometry frame_id changed, or its odometry sta
 optimised base poses in ``map_frame``, one per keyframe, stamped with its image's stamp), ``~/keyframe_poses``
 (the same for the camera optical frame: what a TUM ground truth describes), ``~/map_to_odom``
 (geometry_msgs/TransformStamped) and the same transform on ``/tf`` (stamped with the newest odometry stamp,
-re-sent at :data:`TF_RATE_HZ`; tf2_msgs comes with every ROS 2 install, and scripts/setup.sh builds
+re-sent at :data:`TF_RATE_HZ` as the odometry moves on, never twice with one stamp; tf2_msgs comes with every ROS 2 install, and scripts/setup.sh builds
 vendor/tf2_msgs into the pip venv). Services ``~/save_map`` and ``~/load_map`` (pnv_ros/MapCommand) write and
 read ``<map_dir>/<name>.graph.npz``; after a load (at start with ``load_map``, or by the service) the next
 keyframe starts a new segment (a new odometry frame: no odometry factor to the loaded keyframes, a weak prior
@@ -22,6 +22,7 @@ until a loop ties it to the map).
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 import traceback
@@ -131,9 +132,13 @@ class PoseGraphNode(Node):
         self.map_dir = Path(self._value("map_dir"))
         self.stats = {"keyframes_without_odometry": 0, "duplicate_keyframes": 0, "loops_without_pose": 0}
         self.stats.update({"bad_loops": 0, "pending_dropped": 0, "bad_odom": 0, "odometry_resets": 0})
-        self.stats["rejected_loops"] = 0
+        self.stats["rejected_loops"] = self.stats["id_restarts"] = 0
         self._lock = threading.Lock()  # the graph and both queues
-        self._pending: deque[Loop] = deque(maxlen=MAX_PENDING)
+        self._pending: deque[tuple[Loop, int, int]] = deque(maxlen=MAX_PENDING)  # (loop, query / match stamp ns)
+        self._tf_stamp: int | None = None  # the stamp (ns) of the last map -> odom sent
+        self._offset = 0  # graph key = loop-closure node's keyframe id + offset (moved when its ids restart)
+        self._key_by_stamp: dict[int, int] = {}  # image stamp (ns) -> graph key
+        self._stamp_of_key: dict[int, int] = {}
         self._waiting: deque[tuple[KeyframeMsg, float]] = deque()  # keyframes in order, (msg, monotonic arrival)
         self._odom = OdometryBuffer(capacity=20000)
         self._odom_stamp = None  # the newest odometry stamp (builtin_interfaces/Time)
@@ -246,10 +251,23 @@ class PoseGraphNode(Node):
     def _add_keyframe(self, msg: KeyframeMsg, od: OdometrySample) -> None:
         """One keyframe into the graph (under the lock); an odometry reset (its frame changed, its stamp went
         back) starts a new segment."""
-        if msg.id in self.graph:
-            self.stats["duplicate_keyframes"] += 1
-            self.log.warning(f"keyframe {msg.id} is already in the graph (a reset map?); ignored")
-            return
+        stamp = C.stamp_to_ns(msg.header.stamp)
+        key = self._offset + msg.id
+        if key in self.graph:
+            if self._stamp_of_key.get(key) == stamp:
+                self.stats["duplicate_keyframes"] += 1
+                self.log.warning(f"keyframe {msg.id} (stamp {stamp / 1e9:.3f} s) is already in the graph; ignored")
+                return
+            # Same id, another image: the loop-closure node started a new map (reset_map, load_map of another map,
+            # a respawn: ids count from 0 per map). Its keyframes become new graph keys after every existing one;
+            # loops find their keyframes by stamp, so none attaches to an old keyframe that had the same id.
+            self._offset = max(self.graph.ids) + 1 - msg.id
+            key = self._offset + msg.id
+            self.stats["id_restarts"] += 1
+            self.log.warning(
+                f"keyframe id {msg.id} came again with another stamp: the loop-closure node started a new map; "
+                f"its keyframes are graph keys from {key} on (the odometry chain goes on)"
+            )
         last, segment = self._last, self._new_segment
         if last is not None and (od.frame_id != last.frame_id or od.stamp_ns < last.stamp_ns):
             self.stats["odometry_resets"] += 1
@@ -262,8 +280,15 @@ class PoseGraphNode(Node):
         step = None  # the message's covariance growth since the last keyframe, else the drift model
         if last is not None and not segment:
             step = odometry_step_covariance(last.covariance, od.covariance, cam[:3, :3])
-        self.graph.add_keyframe(msg.id, C.stamp_to_ns(msg.header.stamp), cam, covariance=step, new_segment=segment)
-        self._new_segment, self._last, self._last_stamp = False, od, C.stamp_to_ns(msg.header.stamp)
+        try:
+            self.graph.add_keyframe(key, stamp, cam, covariance=step, new_segment=segment)
+        except PnvError as e:
+            if step is None:
+                raise
+            self.log.warning(f"keyframe {msg.id}: odometry covariance refused ({e}); the drift model instead")
+            self.graph.add_keyframe(key, stamp, cam, covariance=None, new_segment=segment)
+        self._key_by_stamp[stamp], self._stamp_of_key[key] = key, stamp
+        self._new_segment, self._last, self._last_stamp = False, od, stamp
         if msg.has_odometry and (self._odom_stamp is None or segment or od.stamp_ns > C.stamp_to_ns(self._odom_stamp)):
             self._odom_stamp = msg.odometry.header.stamp
 
@@ -280,7 +305,7 @@ class PoseGraphNode(Node):
         with self._lock:
             if len(self._pending) == self._pending.maxlen:
                 self.stats["pending_dropped"] += 1
-            self._pending.append(loop)
+            self._pending.append((loop, C.stamp_to_ns(msg.query_stamp), C.stamp_to_ns(msg.match_stamp)))
             added = self._add_pending()
         if added:
             self._publish()
@@ -288,8 +313,14 @@ class PoseGraphNode(Node):
     def _add_pending(self) -> int:
         """Add the waiting loops whose keyframes are in the graph (under the lock); returns how many."""
         added, keep = 0, deque(maxlen=MAX_PENDING)
-        for loop in self._pending:
-            if loop.query_id in self.graph and loop.match_id in self.graph:
+        for item in self._pending:
+            loop, query_stamp, match_stamp = item
+            # the keyframes by their image stamps (ids repeat across the loop node's maps); ids when a
+            # third-party loop gives no stamps
+            q = self._key_by_stamp.get(query_stamp) if query_stamp else self._offset + loop.query_id
+            m = self._key_by_stamp.get(match_stamp) if match_stamp else self._offset + loop.match_id
+            if q is not None and m is not None and q in self.graph and m in self.graph:
+                loop = dataclasses.replace(loop, query_id=q, match_id=m)
                 try:
                     before = len(self.graph.rejected_loops)
                     kept = self.graph.add_loop(loop.query_id, loop.match_id, loop)
@@ -306,7 +337,7 @@ class PoseGraphNode(Node):
                     self.stats["bad_loops"] += 1
                     self.log.warning(f"loop {loop.query_id} -> {loop.match_id} refused: {e}")
             else:
-                keep.append(loop)
+                keep.append(item)
         self._pending = keep
         return added
 
@@ -326,21 +357,30 @@ class PoseGraphNode(Node):
             msg.header.frame_id, msg.header.stamp = map_frame, now
             msg.poses = [_pose_stamped(map_frame, int(s), t) for s, t in zip(stamps, poses)]
             pub.publish(msg)
-        self._publish_tf()
+        self._publish_tf(changed=True)
 
     def _tick(self) -> None:
         """The timer: keyframes whose odometry wait ran out, and map -> odom re-sent."""
         if self._waiting:
             self._drain()
-        self._publish_tf()
+        self._publish_tf(changed=False)
 
-    def _publish_tf(self) -> None:
+    def _publish_tf(self, changed: bool) -> None:
+        """map -> odom, stamped with the newest odometry stamp. Never twice with one stamp (tf2 drops a repeat and
+        warns TF_REPEATED_DATA): the timer re-sends only when the odometry moved on; a changed transform (a loop)
+        before the odometry moved on goes out 1 microsecond after the last one sent."""
         if self._odom_stamp is None:
             return
+        stamp = C.stamp_to_ns(self._odom_stamp)
+        if self._tf_stamp is not None and stamp <= self._tf_stamp:
+            if not changed:
+                return
+            stamp = self._tf_stamp + 1000
+        self._tf_stamp = stamp
         with self._lock:
             t = self.graph.map_to_odom()
         map_frame, odom_frame = self._frames()
-        m = _transform(map_frame, odom_frame, self._odom_stamp, t)
+        m = _transform(map_frame, odom_frame, C.ns_to_stamp(stamp), t)
         self.pub_tf_stamped.publish(m)
         if self.pub_tf is not None:
             self.pub_tf.publish(TFMessage(transforms=[m]))
@@ -358,9 +398,17 @@ class PoseGraphNode(Node):
             self.log.error(f"graph {path} not loaded: {e}; starting an empty graph")
             return
         with self._lock:
-            self.graph, self._pending, self._new_segment = graph, deque(maxlen=MAX_PENDING), len(graph) > 0
+            self._adopt(graph)
             self._last = self._last_stamp = None
         self.log.info(f"graph {path} loaded: {len(graph)} keyframes, {len(graph.loops)} loops")
+
+    def _adopt(self, graph: PoseGraph) -> None:
+        """Make a loaded graph this node's (under the lock): its keys are the ids of the loop-closure node's map
+        saved with it; the next keyframe starts a new segment (a new odometry frame)."""
+        self.graph, self._pending, self._new_segment = graph, deque(maxlen=MAX_PENDING), len(graph) > 0
+        self._offset = 0
+        self._key_by_stamp = {int(t): k for k, t in zip(graph.ids, graph.stamps)}
+        self._stamp_of_key = {k: t for t, k in self._key_by_stamp.items()}
 
     def _service(self, name: str, fn):
         def handler(req, resp):
@@ -388,7 +436,7 @@ class PoseGraphNode(Node):
         path = self.graph_path(name)
         graph = PoseGraph.load(path, self.settings)
         with self._lock:
-            self.graph, self._pending, self._new_segment = graph, deque(maxlen=MAX_PENDING), len(graph) > 0
+            self._adopt(graph)
             self._last = self._last_stamp = None
         self._publish()
         return f"graph {path} loaded: {len(graph)} keyframes, {len(graph.loops)} loops"
