@@ -36,6 +36,11 @@ import numpy as np
 from pnv_ros.errors import PnvError
 from pnv_ros.geometry import PoseType, RelativePose, rotation_log
 
+#: A stamp this close (s) to a trajectory pose takes that pose's neighbourhood as measured, whatever the gaps
+#: around it (a ground-truth file given at the frames' own stamps, as data/tum_fr1_desk_pairs'): half the 20 ms
+#: of TUM RGB-D's associate.py.
+SAMPLE_TOLERANCE_S = 0.01
+
 
 class TrajectoryError(PnvError, ValueError):
     """A trajectory cannot be used: stamps not increasing, bad quaternions, stamps outside its time, too few poses."""
@@ -113,13 +118,17 @@ class Trajectory:
         """Metres travelled (sum of the distances between consecutive positions)."""
         return float(np.linalg.norm(np.diff(self.positions, axis=0), axis=1).sum())
 
-    def at(self, stamps: Iterable[float], tolerance_s: float = END_TOLERANCE_S) -> Trajectory:
+    def at(
+        self, stamps: Iterable[float], tolerance_s: float = END_TOLERANCE_S, max_gap_s: float | None = None
+    ) -> Trajectory:
         """The poses at ``stamps`` (seconds, increasing): positions linear, orientations slerp between the two
         neighbouring poses; a stamp up to ``tolerance_s`` before the first / after the last takes that end pose.
+        ``max_gap_s``: refuse a stamp whose two neighbouring poses are further apart (a motion-capture dropout:
+        interpolating across it makes up a pose), unless it is within :data:`SAMPLE_TOLERANCE_S` of one of them.
 
         Raises:
-            TrajectoryError: a stamp further outside the trajectory's time, or a trajectory of one pose asked
-                for another stamp.
+            TrajectoryError: a stamp further outside the trajectory's time, or in a gap wider than ``max_gap_s``,
+                or a trajectory of one pose asked for another stamp.
         """
         from scipy.spatial.transform import Rotation, Slerp
 
@@ -132,6 +141,17 @@ class Trajectory:
                 f"(+- {tolerance_s:g} s), e.g. {t[out[0]]:.6f}: the trajectory does not cover the sequence"
             )
         tc = np.clip(t, lo, hi)
+        if max_gap_s is not None and len(self) > 1:
+            right = np.clip(np.searchsorted(self.stamps, tc), 1, len(self) - 1)
+            gap = self.stamps[right] - self.stamps[right - 1]
+            near = np.minimum(tc - self.stamps[right - 1], self.stamps[right] - tc) <= SAMPLE_TOLERANCE_S
+            bad = np.flatnonzero((gap > max_gap_s) & ~near)
+            if bad.size:
+                i = bad[0]
+                raise TrajectoryError(
+                    f"{bad.size} stamp(s) fall in gaps of the trajectory wider than {max_gap_s:g} s, e.g. "
+                    f"{t[i]:.6f} in {self.stamps[right[i] - 1]:.6f}..{self.stamps[right[i]]:.6f} s: no pose to compare"
+                )
         if len(self) == 1:
             return Trajectory(t, np.repeat(self.positions, len(t), 0), np.repeat(self.quaternions, len(t), 0))
         pos = np.stack([np.interp(tc, self.stamps, self.positions[:, i]) for i in range(3)], axis=1)
@@ -192,10 +212,16 @@ class DriftModel:
                 else:
                     kw[key] = float(value)
             except ValueError:
-                raise TrajectoryError(f"drift {item!r}: {value!r} is not a number") from None
+                kind = "an integer" if key == "seed" else "a number"
+                raise TrajectoryError(f"drift {item!r}: {value!r} is not {kind}") from None
         model = cls(**kw)
+        values = (model.yaw_per_m, model.scale_error, model.sigma_m, model.sigma_yaw, *model.up)
+        if not np.all(np.isfinite(values)):
+            raise TrajectoryError(f"drift {spec!r}: every value must be finite")
         if len(model.up) != 3 or not np.linalg.norm(model.up) > 0 or min(model.sigma_m, model.sigma_yaw) < 0:
             raise TrajectoryError(f"drift {spec!r}: up must be 3 numbers not all 0, sigmas not negative")
+        if not -1.0 < model.scale_error < 1.0:
+            raise TrajectoryError(f"drift {spec!r}: scale_error must be in (-1, 1) (a fraction of each step)")
         return model
 
     def apply(self, truth: Trajectory) -> Trajectory:

@@ -118,8 +118,14 @@ def test_drift_spec_parsing() -> None:
     assert DriftModel.parse("") == DriftModel()
     with pytest.raises(TrajectoryError, match="unknown key 'yaw'"):
         DriftModel.parse("yaw=0.1")
+    with pytest.raises(TrajectoryError, match="is not an integer"):
+        DriftModel.parse("seed=1.5")
     with pytest.raises(TrajectoryError, match="is not a number"):
-        DriftModel.parse("seed=x")
+        DriftModel.parse("sigma_m=x")
+    with pytest.raises(TrajectoryError, match="finite"):
+        DriftModel.parse("yaw_per_m=nan")
+    with pytest.raises(TrajectoryError, match=r"scale_error must be in \(-1, 1\)"):
+        DriftModel.parse("scale_error=-2")
     with pytest.raises(TrajectoryError, match="up must be"):
         DriftModel.parse("up=0:0:0")
 
@@ -182,3 +188,14 @@ def test_loop_transform_summary() -> None:
     assert s["p95_translation_error_m"] == pytest.approx(np.percentile(np.arange(1, 21) * 0.01, 95))
     empty = loop_transform_summary([])
     assert empty["count"] == 0 and np.isnan(empty["nees_mean"])
+
+
+def test_a_gap_in_the_ground_truth_is_refused_not_bridged() -> None:
+    """A motion-capture dropout: 0.0-1.0 s at 100 Hz, then nothing until 4.0 s."""
+    t = np.r_[np.arange(0.0, 1.0, 0.01), np.arange(4.0, 5.0, 0.01)]
+    traj = Trajectory(t, np.c_[t, np.zeros((len(t), 2))], np.tile([0.0, 0.0, 0.0, 1.0], (len(t), 1)))
+    assert traj.at([0.505, 4.5], max_gap_s=0.25).positions[:, 0] == pytest.approx([0.505, 4.5])
+    assert traj.at([2.0]).positions[0, 0] == pytest.approx(2.0)  # without max_gap_s: interpolated
+    with pytest.raises(TrajectoryError, match=r"gaps of the trajectory wider than 0.25 s, e.g. 2.000000 in 0.99"):
+        traj.at([0.5, 2.0], max_gap_s=0.25)
+    assert traj.at([0.995, 4.005], max_gap_s=0.25).positions[:, 0] == pytest.approx([0.995, 4.005])  # at a pose

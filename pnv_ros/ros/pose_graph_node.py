@@ -10,14 +10,14 @@ order (the odometry factors chain consecutive keyframes). The pose is composed w
 parameter into the camera's; a loop whose keyframes are not in the graph yet waits (at most :data:`MAX_PENDING`).
 An odometry reset (the keyframe's odometry frame_id changed, or its odometry stamp went back) starts a new segment
 (:meth:`PoseGraph.add_keyframe`'s ``new_segment``). Outputs after every change: ``~/path`` (nav_msgs/Path of the
-optimised base poses in ``map_frame``, one per keyframe, stamped with its image's stamp), ``~/keyframe_poses``
-(the same for the camera optical frame: what a TUM ground truth describes), ``~/map_to_odom``
-(geometry_msgs/TransformStamped) and the same transform on ``/tf`` (stamped with the newest odometry stamp,
-re-sent at :data:`TF_RATE_HZ` as the odometry moves on, never twice with one stamp; tf2_msgs comes with every ROS 2 install, and scripts/setup.sh builds
-vendor/tf2_msgs into the pip venv). Services ``~/save_map`` and ``~/load_map`` (pnv_ros/MapCommand) write and
-read ``<map_dir>/<name>.graph.npz``; after a load (at start with ``load_map``, or by the service) the next
-keyframe starts a new segment (a new odometry frame: no odometry factor to the loaded keyframes, a weak prior
-until a loop ties it to the map).
+optimised base poses in ``map_frame``, one per keyframe, stamped with its image's stamp), ``~/keyframe_poses`` (the
+same for the camera optical frame: what a TUM ground truth describes), ``~/map_to_odom``
+(geometry_msgs/TransformStamped) and the same transform on ``/tf`` (stamped with the newest odometry stamp, re-sent
+at :data:`TF_RATE_HZ` as the odometry moves on, never twice with one stamp; tf2_msgs comes with every ROS 2 install,
+and scripts/setup.sh builds vendor/tf2_msgs into the pip venv). Services ``~/save_map`` and ``~/load_map``
+(pnv_ros/MapCommand) write and read ``<map_dir>/<name>.graph.npz``; after a load (at start with ``load_map``, or by
+the service) the next keyframe starts a new segment (a new odometry frame: no odometry factor to the loaded
+keyframes, a weak prior until a loop ties it to the map).
 """
 
 from __future__ import annotations
