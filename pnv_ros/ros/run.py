@@ -53,4 +53,4 @@ def run(make_node: Callable[[], Any], argv: list[str] | None = None) -> int:
         if node is not None:
             node.destroy_node()
         rclpy.try_shutdown()
-    return 0
+    return 0 if stop.is_set() else 1  # not stopped by a signal: the executor died (a callback raised)
