@@ -132,7 +132,7 @@ class PoseGraphNode(Node):
         self.map_dir = Path(self._value("map_dir"))
         self.stats = {"keyframes_without_odometry": 0, "duplicate_keyframes": 0, "loops_without_pose": 0}
         self.stats.update({"bad_loops": 0, "pending_dropped": 0, "bad_odom": 0, "odometry_resets": 0})
-        self.stats["rejected_loops"] = self.stats["id_restarts"] = 0
+        self.stats["rejected_loops"] = self.stats["id_restarts"] = self.stats["bad_keyframes"] = 0
         self._lock = threading.Lock()  # the graph and both queues
         self._pending: deque[tuple[Loop, int, int]] = deque(maxlen=MAX_PENDING)  # (loop, query / match stamp ns)
         self._tf_stamp: int | None = None  # the stamp (ns) of the last map -> odom sent
@@ -218,7 +218,11 @@ class PoseGraphNode(Node):
                     self.stats["keyframes_without_odometry"] += 1
                     self.log.warning(f"keyframe {msg.id}: no odometry within odom_tolerance_s of its stamp; left out")
                 else:
-                    self._add_keyframe(msg, od)
+                    try:
+                        self._add_keyframe(msg, od)
+                    except PnvError as e:  # the graph refused it (and stays as it was): the node goes on
+                        self.stats["bad_keyframes"] += 1
+                        self.log.error(f"keyframe {msg.id} left out: {e}")
             added = len(self.graph) - n
             if added:
                 self._add_pending()
