@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 rclpy = pytest.importorskip("rclpy")  # test_node.test_rclpy_is_installed_in_ci fails loudly where absent
+from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
 from geometry_msgs.msg import TransformStamped  # noqa: E402
 from nav_msgs.msg import Odometry  # noqa: E402
 from nav_msgs.msg import Path as PathMsg  # noqa: E402
@@ -103,7 +104,14 @@ class Feed:
         n.create_subscription(PathMsg, "pose_graph/keyframe_poses", self.cams.append, 100)
         n.create_subscription(TransformStamped, "pose_graph/map_to_odom", self.tf.append, 100)
         n.create_subscription(TFMessage, "/tf", lambda m: self.tf_topic.extend(m.transforms), 100)
+        self.diags: list[dict[str, str]] = []  # pose_graph's /diagnostics values
+        n.create_subscription(DiagnosticArray, "/diagnostics", self._diag, 10)
         self.services = {s: n.create_client(MapCommand, f"pose_graph/{s}") for s in ("save_map", "load_map")}
+
+    def _diag(self, msg) -> None:
+        for st in msg.status:
+            if st.name == "pnv_ros: pose_graph":
+                self.diags.append({kv.key: kv.value for kv in st.values} | {"level": int(st.level[0])})
 
     def wait_ready(self) -> None:
         assert self.services["save_map"].wait_for_service(timeout_sec=60), "pose_graph_node did not come up"
@@ -360,6 +368,9 @@ def test_keyframe_ids_that_restart_become_new_keys_and_loops_find_keyframes_by_s
         assert ros.spin_until(lambda: feed.cams and _close(feed.cams[-1], lib.optimized_poses()), 60)
         cams, stamps = _poses(feed.cams[-1])
         assert stamps == [STEP_NS * (k + 1) for k in range(15)]
+        # /diagnostics (1 Hz) counts it; nothing was lost, so OK
+        want = {"keyframes": "15", "loops": "1", "id_restarts": "1", "duplicate_keyframes": "0", "level": 0}
+        assert ros.spin_until(lambda: feed.diags and want.items() <= feed.diags[-1].items(), 10), feed.diags[-1:]
     finally:
         out = stop(node)
     assert node.returncode == 0, out[-3000:]

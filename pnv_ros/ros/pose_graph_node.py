@@ -30,6 +30,7 @@ from collections import deque
 from pathlib import Path
 
 import numpy as np
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import PoseStamped, TransformStamped
 from nav_msgs.msg import Odometry
 from nav_msgs.msg import Path as PathMsg
@@ -164,6 +165,8 @@ class PoseGraphNode(Node):
             self.create_service(MapCommand, f"~/{name}", self._service(name, fn), callback_group=services)
         steady = Clock(clock_type=ClockType.STEADY_TIME)  # with use_sim_time and no /clock it still runs
         self.create_timer(1.0 / TF_RATE_HZ, self._tick, callback_group=services, clock=steady)
+        self.pub_diag = self.create_publisher(DiagnosticArray, "/diagnostics", 5)
+        self.create_timer(1.0, self._diagnose, callback_group=services, clock=steady)
         if self.pub_tf is None:
             self.log.warning("tf2_msgs is not installed: map -> odom goes to ~/map_to_odom only, not to /tf")
         self.add_on_set_parameters_callback(self._check_parameters)
@@ -388,6 +391,21 @@ class PoseGraphNode(Node):
         self.pub_tf_stamped.publish(m)
         if self.pub_tf is not None:
             self.pub_tf.publish(TFMessage(transforms=[m]))
+
+    def _diagnose(self) -> None:
+        """/diagnostics at 1 Hz: the graph's size and every counter; WARN while keyframes were lost (left out for
+        want of odometry, refused by the graph) or loops dropped from a full queue, naming them."""
+        with self._lock:
+            values = {"keyframes": len(self.graph), "loops": len(self.graph.loops), "pending_loops": len(self._pending)}
+            values.update(self.stats)
+        lost = {k: values[k] for k in ("keyframes_without_odometry", "bad_keyframes", "pending_dropped") if values[k]}
+        level = DiagnosticStatus.WARN if lost else DiagnosticStatus.OK
+        message = ", ".join(f"{k} {v}" for k, v in lost.items()) or f"{values['keyframes']} keyframes"
+        st = DiagnosticStatus(level=level, name="pnv_ros: pose_graph", message=message, hardware_id="pnv_ros")
+        st.values = [KeyValue(key=k, value=str(v)) for k, v in values.items()]
+        arr = DiagnosticArray(status=[st])
+        arr.header.stamp = self.get_clock().now().to_msg()
+        self.pub_diag.publish(arr)
 
     # -- files and services -----------------------------------------------------------------------
     def graph_path(self, name: str) -> Path:
