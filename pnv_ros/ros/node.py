@@ -84,6 +84,7 @@ class LoopClosureNode(Node):
         services = ReentrantCallbackGroup()
         events = SubscriptionEventCallbacks(incompatible_qos=self._on_incompatible_qos)
         self.image_topic = "image/compressed" if g("compressed") else "image"
+        subs = {}
         for msg_type, topic, fn, name, group in (
             (CompressedImage if g("compressed") else Image, self.image_topic, self._worker_offer, "image", sensors),
             (CameraInfo, "camera_info", self._on_info, "camera_info", sensors),
@@ -91,7 +92,8 @@ class LoopClosureNode(Node):
             (Image, "depth", self._on_depth, "depth", MutuallyExclusiveCallbackGroup()),
         ):
             q = qos(g(f"{name}_qos"), g(f"{name}_qos_depth"))
-            self.create_subscription(msg_type, topic, fn, q, callback_group=group, event_callbacks=events)
+            subs[name] = self.create_subscription(msg_type, topic, fn, q, callback_group=group, event_callbacks=events)
+        self._odom_sub = subs["odom"]  # its publisher count: whether a frame waits for the first pose
         self.pub_loop = self.create_publisher(LoopClosure, "loop_closures", 10)
         self.pub_kf = self.create_publisher(KeyframeMsg, "~/keyframes", 10)
         # One acknowledgement per frame taken from the slot (stamp = the frame's; frame_id =
@@ -215,7 +217,8 @@ class LoopClosureNode(Node):
     def _process(self, msg: Image | CompressedImage) -> str:
         """One frame through the detector's pipeline; returns its status ('keyframe' or why it was skipped)."""
         stamp = C.stamp_to_ns(msg.header.stamp)
-        odom = self._odom.sample(stamp, int(self._value("odom_tolerance_s") * 1e9))  # the keyframe carries it
+        tol, expected = int(self._value("odom_tolerance_s") * 1e9), self._odom_sub.get_publisher_count() > 0
+        odom = self._odom.sample(stamp, tol, expected=expected)  # the keyframe carries it
         pos, ori = (None, None) if odom is None else (odom.position, odom.orientation)
         if pos is None and len(self._odom):  # odometry flows but not at this instant: keyframes by sight alone
             self._events.add("odom_unmatched")

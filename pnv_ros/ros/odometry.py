@@ -37,7 +37,10 @@ class OdometryBuffer:
     ``frame_id`` (that of the newest pose). A frame can reach the worker before the odometry of its own
     instant (the two topics are separate queues; a loaded machine serves them late): :meth:`at` then waits,
     at most the tolerance in wall time, for a pose at or after the frame's stamp, rather than take the pose
-    from before the robot moved.
+    from before the robot moved, or none at all: with odometry at the camera's rate (TUM's 10 Hz, stamps
+    100.01 ms apart against the default 0.1 s tolerance) the pose before is more than the tolerance older,
+    so odometry that flows is one whose newest pose is at most the tolerance plus one odometry period
+    (capped at the tolerance) older than the frame.
     """
 
     #: a stamp this far (ns) behind the newest is a clock that went back (a restart, a bag loop): the older poses
@@ -58,6 +61,14 @@ class OdometryBuffer:
 
     def _newest(self) -> int | None:
         return int(self._stamps[(self._head - 1) % len(self._stamps)]) if self._n else None
+
+    def _period(self) -> int | None:
+        """ns between the two newest poses (None with fewer than two)."""
+        if self._n < 2:
+            return None
+        return int(
+            self._stamps[(self._head - 1) % len(self._stamps)] - self._stamps[(self._head - 2) % len(self._stamps)]
+        )
 
     @property
     def newest_stamp(self) -> int | None:
@@ -88,20 +99,26 @@ class OdometryBuffer:
     def at(self, stamp_ns: int, tolerance_ns: int) -> tuple[np.ndarray, np.ndarray] | tuple[None, None]:
         """(position (3,), quaternion xyzw (4,)) nearest the stamp within tolerance, or (None, None).
 
-        When the newest pose is older than the stamp by at most the tolerance (odometry flowing, this
-        instant's pose not yet here), waits up to the tolerance (wall seconds) for a newer one; odometry
-        that stopped longer ago than the tolerance is not waited for.
+        When the newest pose is older than the stamp by at most the tolerance plus the odometry's period
+        (the interval between its two newest poses, up to the tolerance; the tolerance while there is only
+        one pose): odometry flowing, this
+        instant's pose not yet here; waits up to the tolerance (wall seconds) for a pose at or after the
+        stamp. Odometry that stopped longer ago is not waited for.
         """
         s = self.sample(stamp_ns, tolerance_ns)
         return (None, None) if s is None else (s.position, s.orientation)
 
-    def sample(self, stamp_ns: int, tolerance_ns: int, wait: bool = True) -> OdometrySample | None:
+    def sample(
+        self, stamp_ns: int, tolerance_ns: int, wait: bool = True, expected: bool = False
+    ) -> OdometrySample | None:
         """The stored message nearest the stamp within tolerance (None when none); waits as :meth:`at` does
-        unless ``wait`` is False."""
+        unless ``wait`` is False, and with ``expected`` (odometry has a publisher) also for a first pose."""
 
         def settled() -> bool:
-            n = self._newest()
-            return n is None or not 0 < stamp_ns - n <= tolerance_ns
+            n, period = self._newest(), self._period()
+            if n is None:
+                return not expected
+            return not 0 < stamp_ns - n <= tolerance_ns + min(tolerance_ns, tolerance_ns if period is None else period)
 
         with self._cond:
             if wait:

@@ -109,7 +109,8 @@ class BagPlayer:
         """Publish messages in order; an image goes out only after the node acknowledged the one before
         it, and after the messages between it and the next image (odometry, depth, camera_info of its
         instant, which a bag may store after it at the same time), so the node has them before it starts
-        on the image (its odometry wait does not cover a pose one image period late). An image with no answer after
+        on the image (the node also waits, up to ``odom_tolerance_s``, for a pose still on its way). An image with
+        no answer after
         ``resend_s`` is sent again (it may have raced discovery); the detector skips stamps it has
         seen, so a re-send never adds a keyframe twice."""
         self.acks: list[Header] = []
@@ -163,9 +164,8 @@ class BagPlayer:
 
     def _settle(self, topics: set[str]) -> None:
         """:data:`SETTLE_S` for the node's executor to hand what went out on ``topics`` to its callbacks, when
-        anything did: an image whose odometry sits unread in the node's queue would be handled without it (the
-        node waits for a late pose only when the newest one it has is less than ``odom_tolerance_s`` older; a
-        10 Hz odometry's is not)."""
+        anything did: an image whose odometry sits unread in the node's queue waits for it (up to
+        ``odom_tolerance_s``, :class:`pnv_ros.ros.odometry.OdometryBuffer`), and is handled without it after."""
         if topics:
             time.sleep(SETTLE_S)
 
