@@ -55,6 +55,9 @@ fi
 if step 9; then
 echo "== 9. closing the loop on TUM fr1/desk: drifted odometry, live loop_closure_node + pose_graph_node, ATE before/after (docs/results/closing_the_loop/)"
 T="$DATA/tum_rgbd_fr1_desk"
+# --node starts rclpy processes: loopback-only DDS and a domain of their own (on a robot, your own DDS setup)
+export FASTDDS_DEFAULT_PROFILES_FILE=${FASTDDS_DEFAULT_PROFILES_FILE:-$PWD/test/fastdds_loopback.xml}
+export ROS_DOMAIN_ID=${ROS_DOMAIN_ID:-93}
 rm -rf "$OUT/fr1_desk.bag" "$OUT/runs/fr1_desk_node" "$OUT/runs/fr1_desk"
 .venv/bin/pnv bag make "$T" --tum --camera "$T/camera.yaml" --poses "$T/groundtruth_at_rgb.txt" --drift --compressed --out "$OUT/fr1_desk.bag"
 for mode in "" --node; do
