@@ -386,7 +386,7 @@ def test_a_long_straight_run_without_loops_stays_solvable() -> None:
 def test_a_loop_claiming_an_impossible_precision_is_refused_and_the_graph_goes_on() -> None:
     gt, _odom, g = _graph(PoseType.METRIC)
     before = g.optimized_poses()
-    loop = _relative(PoseType.METRIC, np.eye(3), np.zeros(3), np.diag([1e-20] + [1e-4] * 5))
+    loop = _relative(PoseType.METRIC, np.eye(3), np.array([0.0, 0.0, 0.5]), np.diag([1e-20] + [1e-4] * 5))
     with pytest.raises(ConfigError, match="MIN_SIGMA"):
         g.add_loop(N - 1, 0, loop)
     np.testing.assert_allclose(g.optimized_poses(), before, atol=1e-9)
