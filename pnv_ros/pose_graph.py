@@ -465,6 +465,12 @@ class PoseGraph:
         """(n, 4, 4) odometry poses in the order of :attr:`ids`."""
         return np.array(self._odometry).reshape(-1, 4, 4)
 
+    def stamp(self, kf_id: int) -> int:
+        """The image stamp (ns) of keyframe ``kf_id`` (raises :class:`UnknownPlaceError`)."""
+        if int(kf_id) not in self._index:
+            raise UnknownPlaceError(f"keyframe {kf_id} is not in the pose graph")
+        return self._stamps[self._index[int(kf_id)]]
+
     @property
     def stamps(self) -> np.ndarray:
         """(n,) keyframe stamps, integer ns (int64), in the order of :attr:`ids`."""
@@ -608,6 +614,14 @@ def _array(data: dict[str, np.ndarray], name: str, shape: tuple[int, ...], kind:
     if np.issubdtype(a.dtype, np.floating) and not np.all(np.isfinite(a)):
         raise ValueError(f"array {name!r} holds NaN or infinity")
     return a
+
+
+def pose_matrix(position: Any, quaternion_xyzw: Any) -> np.ndarray:
+    """(4, 4) from a position (3,) and a quaternion (x, y, z, w), normalised here (ROS messages, parameters)."""
+    from scipy.spatial.transform import Rotation
+
+    q = np.asarray(quaternion_xyzw, dtype=np.float64)
+    return _rigid(Rotation.from_quat(q / np.linalg.norm(q)).as_matrix(), position)
 
 
 def _rigid(rotation: Any, translation: Any) -> np.ndarray:

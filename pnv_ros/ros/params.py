@@ -43,12 +43,18 @@ class Param:
         return self.kind == "startup"
 
 
+def fields_table(settings: type, kind: str) -> tuple[Param, ...]:
+    """One :class:`Param` of ``kind`` per field of the dataclass ``settings``: its default, and the help, range
+    and choices of its metadata (the one source of a node's table, the CLI's options and the docs)."""
+    return tuple(
+        Param(f.name, f.default, f.metadata["help"], kind, f.metadata.get("range"), f.metadata.get("choices"))
+        for f in fields(settings)
+    )
+
+
 def _detector_table() -> tuple[Param, ...]:
     """The detector's parameters, from :class:`DetectorParams`' fields: default, help, range and choices."""
-    return tuple(
-        Param(f.name, f.default, f.metadata["help"], "detector", f.metadata["range"], f.metadata["choices"])
-        for f in fields(DetectorParams)
-    )
+    return fields_table(DetectorParams, "detector")
 
 
 #: The node's own parameters (inputs, QoS, engine, maps): read-only at start, then the changeable ones.
@@ -244,6 +250,12 @@ def _allowed(p: Param) -> str:
     return ""
 
 
+def table_row(p: Param, note: str = "") -> str:
+    """``| name | default | range or choices | description |`` of a parameter, Markdown (``note`` after the
+    description)."""
+    return f"| `{p.name}` | {_value(p.default)} | {_allowed(p)} | {_cell(p.description)}{note} |"
+
+
 def cli_option(name: str) -> str:
     """The ``pnv eval`` option of a detector parameter: ``min_score`` -> ``--min-score``."""
     return "--" + name.replace("_", "-")
@@ -278,7 +290,7 @@ def markdown() -> str:
         out += ["", f"## {title}", "", "| parameter | default | range or choices | description |", "|---|---|---|---|"]
         for p in NODE_TABLE:
             if p.kind == kind:
-                out.append(f"| `{p.name}` | {_value(p.default)} | {_allowed(p)} | {_cell(p.description)} |")
+                out.append(table_row(p))
     return "\n".join(out) + "\n"
 
 

@@ -46,7 +46,7 @@ from pnv_ros.errors import PnvError
 from pnv_ros.geometry import PoseType
 from pnv_ros.msg import Keyframe as KeyframeMsg
 from pnv_ros.msg import LoopClosure
-from pnv_ros.pose_graph import Loop, PoseGraph, odometry_step_covariance
+from pnv_ros.pose_graph import LOOP_DIMS, Loop, PoseGraph, odometry_step_covariance, pose_matrix
 from pnv_ros.ros import conversions as C
 from pnv_ros.ros import pose_graph_params as G
 from pnv_ros.ros.odometry import OdometryBuffer, OdometrySample, valid_pose
@@ -67,15 +67,6 @@ MAX_PENDING = 1000
 TF_RATE_HZ = 20.0
 
 
-def pose_matrix(position, quaternion_xyzw) -> np.ndarray:
-    """(4, 4) from a position (3,) and a quaternion (x, y, z, w) (normalised here)."""
-    q = np.asarray(quaternion_xyzw, dtype=np.float64)
-    t = np.eye(4)
-    t[:3, :3] = Rotation.from_quat(q / np.linalg.norm(q)).as_matrix()
-    t[:3, 3] = position
-    return t
-
-
 def loop_from_msg(msg: LoopClosure) -> Loop | None:
     """The graph's :class:`Loop` of a LoopClosure message; None when its relative pose is NONE.
 
@@ -86,7 +77,7 @@ def loop_from_msg(msg: LoopClosure) -> Loop | None:
     kind = PoseType(int(rp.type))
     if kind == PoseType.NONE:
         return None
-    dim = {PoseType.ROTATION_ONLY: 3, PoseType.ROTATION_AND_DIRECTION: 5, PoseType.METRIC: 6}[kind]
+    dim = LOOP_DIMS[kind]
     cov = np.asarray(rp.covariance, dtype=np.float64)
     if cov.size != dim * dim:
         raise PnvError(f"loop {msg.query_id}->{msg.match_id}: a {kind.name} pose with {cov.size} covariance values")
@@ -139,7 +130,6 @@ class PoseGraphNode(Node):
         self._tf_stamp: int | None = None  # the stamp (ns) of the last map -> odom sent
         self._offset = 0  # graph key = loop-closure node's keyframe id + offset (moved when its ids restart)
         self._key_by_stamp: dict[int, int] = {}  # image stamp (ns) -> graph key
-        self._stamp_of_key: dict[int, int] = {}
         self._waiting: deque[tuple[KeyframeMsg, float]] = deque()  # keyframes in order, (msg, monotonic arrival)
         self._odom = OdometryBuffer(capacity=20000)
         self._odom_stamp = None  # the newest odometry stamp (builtin_interfaces/Time)
@@ -261,7 +251,7 @@ class PoseGraphNode(Node):
         stamp = C.stamp_to_ns(msg.header.stamp)
         key = self._offset + msg.id
         if key in self.graph:
-            if self._stamp_of_key.get(key) == stamp:
+            if self.graph.stamp(key) == stamp:
                 self.stats["duplicate_keyframes"] += 1
                 self.log.warning(f"keyframe {msg.id} (stamp {stamp / 1e9:.3f} s) is already in the graph; ignored")
                 return
@@ -294,7 +284,7 @@ class PoseGraphNode(Node):
                 raise
             self.log.warning(f"keyframe {msg.id}: odometry covariance refused ({e}); the drift model instead")
             self.graph.add_keyframe(key, stamp, cam, covariance=None, new_segment=segment)
-        self._key_by_stamp[stamp], self._stamp_of_key[key] = key, stamp
+        self._key_by_stamp[stamp] = key
         self._new_segment, self._last, self._last_stamp = False, od, stamp
         if msg.has_odometry and (self._odom_stamp is None or segment or od.stamp_ns > C.stamp_to_ns(self._odom_stamp)):
             self._odom_stamp = msg.odometry.header.stamp
@@ -430,7 +420,6 @@ class PoseGraphNode(Node):
         self.graph, self._pending, self._new_segment = graph, deque(maxlen=MAX_PENDING), len(graph) > 0
         self._offset = 0
         self._key_by_stamp = {int(t): k for k, t in zip(graph.ids, graph.stamps)}
-        self._stamp_of_key = {k: t for t, k in self._key_by_stamp.items()}
 
     def _service(self, name: str, fn):
         def handler(req, resp):

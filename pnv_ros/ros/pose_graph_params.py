@@ -9,13 +9,12 @@ and defaults, so one parameters file (or launch argument) gives both nodes the s
 
 from __future__ import annotations
 
-from dataclasses import fields
 from typing import Any
 
 import numpy as np
 
 from pnv_ros.errors import ConfigError
-from pnv_ros.pose_graph import PoseGraphSettings
+from pnv_ros.pose_graph import PoseGraphSettings, pose_matrix
 from pnv_ros.ros import params as P
 from pnv_ros.ros.params import Param
 
@@ -56,16 +55,9 @@ NODE_TABLE: tuple[Param, ...] = (
 )
 
 
-def _settings_table() -> tuple[Param, ...]:
-    """The backend's settings, from :class:`PoseGraphSettings`' fields (read at start)."""
-    return tuple(
-        Param(f.name, f.default, f.metadata["help"], "startup", f.metadata.get("range"), f.metadata.get("choices"))
-        for f in fields(PoseGraphSettings)
-    )
-
-
 #: Every parameter, in the order the node declares them.
-SETTINGS_TABLE: tuple[Param, ...] = _settings_table()
+#: The backend's settings, from :class:`PoseGraphSettings`' fields (read at start).
+SETTINGS_TABLE: tuple[Param, ...] = P.fields_table(PoseGraphSettings, "startup")
 TABLE: tuple[Param, ...] = (
     *(p for p in NODE_TABLE if p.kind == "startup"),
     *SETTINGS_TABLE,
@@ -89,24 +81,18 @@ def settings(get: Any) -> PoseGraphSettings:
 
 def extrinsic(text: str) -> np.ndarray:
     """(4, 4) ``T_base_cam`` from 'x y z qx qy qz qw'. Raises ConfigError."""
-    from scipy.spatial.transform import Rotation
-
     try:
         v = np.array([float(x) for x in str(text).split()])
     except ValueError:
         v = np.zeros(0)
     if v.shape != (7,) or not np.all(np.isfinite(v)) or np.linalg.norm(v[3:]) < 1e-9:
         raise ConfigError(f"camera_extrinsic = {text!r}: give 'x y z qx qy qz qw' (seven numbers, a unit quaternion)")
-    t = np.eye(4)
-    t[:3, :3] = Rotation.from_quat(v[3:] / np.linalg.norm(v[3:])).as_matrix()
-    t[:3, 3] = v[:3]
-    return t
+    return pose_matrix(v[:3], v[3:])
 
 
 def markdown() -> str:
     """The parameter section of docs/pose_graph.md (between its ``<!-- parameters -->`` markers)."""
     out = ["| parameter | default | range or choices | description |", "|---|---|---|---|"]
     for p in TABLE:
-        changeable = " (changeable at run time)" if p.kind == "node" else ""
-        out.append(f"| `{p.name}` | {P._value(p.default)} | {P._allowed(p)} | {P._cell(p.description)}{changeable} |")
+        out.append(P.table_row(p, " (changeable at run time)" if p.kind == "node" else ""))
     return "\n".join(out) + "\n"
