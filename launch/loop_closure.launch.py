@@ -45,6 +45,26 @@ REMAPS = (  # the node's topic name -> the argument that names the real topic
 )
 
 
+#: launch arguments that override the parameters file, typed (an empty checkpoint stays '': untyped, YAML would
+#: read it as null)
+TYPED = (("preset", str), ("checkpoint", str), ("compressed", bool), ("image_rectified", bool), ("use_sim_time", bool))
+
+
+def loop_closure_node(params_file, *more: dict) -> Node:
+    """The node, its arguments' remaps and typed overrides over ``params_file``, then the ``more`` parameters
+    (loop_closure_with_pose_graph.launch.py adds the map arguments it shares)."""
+    arg = LaunchConfiguration
+    return Node(
+        package="pnv_ros",
+        executable="loop_closure_node",
+        name="loop_closure",
+        namespace=arg("namespace"),
+        output="screen",
+        parameters=[params_file, {n: ParameterValue(arg(n), value_type=t) for n, t in TYPED}, *more],
+        remappings=[(topic, arg(name)) for topic, name in REMAPS],
+    )
+
+
 def generate_launch_description() -> LaunchDescription:
     arg = LaunchConfiguration
     declared = [DeclareLaunchArgument(n, default_value=d, description=text) for n, d, text in ARGUMENTS]
@@ -55,23 +75,4 @@ def generate_launch_description() -> LaunchDescription:
             description="parameters file (default: the preset's, in share/pnv_ros/config)",
         )
     )
-    node = Node(
-        package="pnv_ros",
-        executable="loop_closure_node",
-        name="loop_closure",
-        namespace=arg("namespace"),
-        output="screen",
-        parameters=[
-            arg("params_file"),
-            {
-                # Typed: an empty checkpoint stays '' (untyped, YAML would read it as null).
-                "preset": ParameterValue(arg("preset"), value_type=str),
-                "checkpoint": ParameterValue(arg("checkpoint"), value_type=str),
-                "compressed": ParameterValue(arg("compressed"), value_type=bool),
-                "image_rectified": ParameterValue(arg("image_rectified"), value_type=bool),
-                "use_sim_time": ParameterValue(arg("use_sim_time"), value_type=bool),
-            },
-        ],
-        remappings=[(topic, arg(name)) for topic, name in REMAPS],
-    )
-    return LaunchDescription([*declared, node])
+    return LaunchDescription([*declared, loop_closure_node(arg("params_file"))])

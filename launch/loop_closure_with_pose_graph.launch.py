@@ -16,14 +16,13 @@ from pathlib import Path
 from launch.actions import DeclareLaunchArgument, OpaqueFunction
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
-from launch_ros.parameter_descriptions import ParameterValue
 from launch_ros.substitutions import FindPackageShare
 
 from launch import LaunchDescription
 
 
 def _launch_module(name: str):
-    """The launch file ``name`` beside this one, as a module (its ARGUMENTS and REMAPS: one source for both)."""
+    """The launch file ``name`` beside this one, as a module (its ARGUMENTS and its node: one source for both)."""
     spec = importlib.util.spec_from_file_location(name.replace(".", "_"), Path(__file__).resolve().with_name(name))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -38,37 +37,14 @@ MAP_ARGUMENTS = (
     ("load_map", "map name loaded at start by both nodes: <name>.npz and <name>.graph.npz ('' = the files')"),
     ("save_map_on_shutdown", "map name both nodes save at shutdown ('' = the parameters files')"),
 )
-_TYPED = (("preset", str), ("checkpoint", str), ("compressed", bool), ("image_rectified", bool))
 
 
 def _nodes(context) -> list[Node]:
-    arg = LaunchConfiguration
-    shared = {n: v for n, _ in MAP_ARGUMENTS if (v := arg(n).perform(context))}
-    sim = {"use_sim_time": ParameterValue(arg("use_sim_time"), value_type=bool)}
-    loop = Node(
-        package="pnv_ros",
-        executable="loop_closure_node",
-        name="loop_closure",
-        namespace=arg("namespace"),
-        output="screen",
-        parameters=[
-            arg("params_file"),
-            {n: ParameterValue(arg(n), value_type=t) for n, t in _TYPED},  # typed, as loop_closure.launch.py
-            sim,
-            shared,
-        ],
-        remappings=[(topic, arg(name)) for topic, name in LOOP.REMAPS],
-    )
-    graph = Node(
-        package="pnv_ros",
-        executable="pose_graph_node",
-        name="pose_graph",
-        namespace=arg("namespace"),
-        output="screen",
-        parameters=[arg("pose_graph_params_file"), sim, shared],
-        remappings=[(topic, arg(name)) for topic, name in GRAPH.REMAPS],
-    )
-    return [loop, graph]
+    shared = {n: v for n, _ in MAP_ARGUMENTS if (v := LaunchConfiguration(n).perform(context))}
+    return [
+        LOOP.loop_closure_node(LaunchConfiguration("params_file"), shared),
+        GRAPH.pose_graph_node(LaunchConfiguration("pose_graph_params_file"), shared),
+    ]
 
 
 def generate_launch_description() -> LaunchDescription:

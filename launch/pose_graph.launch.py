@@ -26,8 +26,22 @@ ARGUMENTS = (
 REMAPS = (("odom", "odom"), ("keyframes", "keyframes"), ("loop_closures", "loop_closures"))
 
 
-def generate_launch_description() -> LaunchDescription:
+def pose_graph_node(params_file, *more: dict) -> Node:
+    """The node, its arguments' remaps and ``use_sim_time`` over ``params_file``, then the ``more`` parameters
+    (loop_closure_with_pose_graph.launch.py adds the map arguments it shares)."""
     arg = LaunchConfiguration
+    return Node(
+        package="pnv_ros",
+        executable="pose_graph_node",
+        name="pose_graph",
+        namespace=arg("namespace"),
+        output="screen",
+        parameters=[params_file, {"use_sim_time": ParameterValue(arg("use_sim_time"), value_type=bool)}, *more],
+        remappings=[(topic, arg(name)) for topic, name in REMAPS],
+    )
+
+
+def generate_launch_description() -> LaunchDescription:
     declared = [DeclareLaunchArgument(n, default_value=d, description=text) for n, d, text in ARGUMENTS]
     declared.append(
         DeclareLaunchArgument(
@@ -36,13 +50,4 @@ def generate_launch_description() -> LaunchDescription:
             description="parameters file (default: share/pnv_ros/config/pose_graph.yaml)",
         )
     )
-    node = Node(
-        package="pnv_ros",
-        executable="pose_graph_node",
-        name="pose_graph",
-        namespace=arg("namespace"),
-        output="screen",
-        parameters=[arg("params_file"), {"use_sim_time": ParameterValue(arg("use_sim_time"), value_type=bool)}],
-        remappings=[(topic, arg(name)) for topic, name in REMAPS],
-    )
-    return LaunchDescription([*declared, node])
+    return LaunchDescription([*declared, pose_graph_node(LaunchConfiguration("params_file"))])

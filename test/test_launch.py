@@ -149,13 +149,13 @@ def _params_file(tmp_path: Path, map_dir: Path) -> tuple[Path, dict]:
     return path, mine
 
 
-def _start_launch(launch_file: Path, params: Path, log: Path) -> subprocess.Popen:
+def launch(launch_file: Path, args: list[str], log: Path) -> subprocess.Popen:
+    """``launch_file`` with launch arguments ``args`` in its own process group (this file run as a script), its
+    output to ``log``."""
     env = os.environ.copy()  # conftest's loopback profile, domain and log folder; PYTHONPATH (this checkout)
     # launch and launch_ros find themselves and pnv_ros (share/, lib/pnv_ros) through the ament index
     env["AMENT_PREFIX_PATH"] = os.pathsep.join(p for p in (sys.prefix, env.get("AMENT_PREFIX_PATH")) if p)
     env["PYTHONUNBUFFERED"] = "1"
-    args = [f"namespace:={NAMESPACE.strip('/')}", f"image:={IMAGE}", f"params_file:={params}", f"depth:={DEPTH}"]
-    args.append("image_rectified:=true")  # an image_rect topic: camera_info's P, no distortion
     with log.open("w") as out:  # a file, not a pipe: nothing blocks on a full pipe while the node logs
         return subprocess.Popen(
             [sys.executable, __file__, str(launch_file), *args],
@@ -164,6 +164,27 @@ def _start_launch(launch_file: Path, params: Path, log: Path) -> subprocess.Pope
             env=env,
             start_new_session=True,
         )
+
+
+def interrupt(proc: subprocess.Popen) -> float:
+    """Ctrl-C: SIGINT to the launch's process group; the seconds until it exited."""
+    t0 = time.monotonic()
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.wait(timeout=SIGTERM_TIMEOUT + 30)
+    return time.monotonic() - t0
+
+
+def kill_left(proc: subprocess.Popen) -> None:
+    """SIGKILL to the process group of a launch still running (a test that failed before ``interrupt``)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _start_launch(launch_file: Path, params: Path, log: Path) -> subprocess.Popen:
+    args = [f"namespace:={NAMESPACE.strip('/')}", f"image:={IMAGE}", f"params_file:={params}", f"depth:={DEPTH}"]
+    args.append("image_rectified:=true")  # an image_rect topic: camera_info's P, no distortion
+    return launch(launch_file, args, log)
 
 
 def _get_parameters(node: Node, names: list[str], proc: subprocess.Popen, log: Path) -> dict:
@@ -239,14 +260,9 @@ def test_launch_file_runs_the_node(ros: Node, tmp_path: Path, launch_file: str) 
         assert got == {**mine, "preset": "speed", "compressed": False, "image_rectified": True}
         assert _feed_frames(ros, proc, log) == [0, 1, 2]
         # -- Ctrl-C: SIGINT to the launch's process group ------------------------------------
-        t0 = time.monotonic()
-        os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(timeout=SIGTERM_TIMEOUT + 30)
-        stopped_s = time.monotonic() - t0
+        stopped_s = interrupt(proc)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        kill_left(proc)
     out = log.read_text()
     assert proc.returncode == 0, out[-4000:]
     assert TIMEOUTS_LINE.format(SIGTERM_TIMEOUT, SIGKILL_TIMEOUT) in out, out[-4000:]

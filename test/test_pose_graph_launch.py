@@ -8,28 +8,32 @@ then SIGINT to the launch's process group: both nodes save the same map name in 
 
 from __future__ import annotations
 
-import os
 import re
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image as PILImage
-from test_launch import FRAMES, IMAGE, NAMESPACE, RTAB, SIGTERM_TIMEOUT, _params_file, _spin_until, ros  # noqa: F401
+from test_launch import (  # noqa: F401 - ros: the fixture
+    FRAMES,
+    IMAGE,
+    NAMESPACE,
+    RTAB,
+    SIGTERM_TIMEOUT,
+    _params_file,
+    _spin_until,
+    interrupt,
+    kill_left,
+    launch,
+    ros,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 LAUNCH = REPO / "launch" / "loop_closure_with_pose_graph.launch.py"
-LAUNCHER = REPO / "test" / "test_launch.py"  # run as a script: the launch process
 
 
 def _start(map_dir: Path, params: Path, log: Path) -> subprocess.Popen:
-    env = os.environ.copy()  # conftest's loopback profile, domain and log folder; PYTHONPATH (this checkout)
-    env["AMENT_PREFIX_PATH"] = os.pathsep.join(p for p in (sys.prefix, env.get("AMENT_PREFIX_PATH")) if p)
-    env["PYTHONUNBUFFERED"] = "1"
     args = [
         f"namespace:={NAMESPACE.strip('/')}",
         f"image:={IMAGE}",
@@ -39,14 +43,7 @@ def _start(map_dir: Path, params: Path, log: Path) -> subprocess.Popen:
         "save_map_on_shutdown:=both",  # over the loop-closure node's file (shutdown_map) and the backend's ('')
         "image_rectified:=true",
     ]
-    with log.open("w") as out:
-        return subprocess.Popen(
-            [sys.executable, str(LAUNCHER), str(LAUNCH), *args],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
+    return launch(LAUNCH, args, log)
 
 
 @pytest.mark.slow
@@ -105,14 +102,9 @@ def test_combined_launch_wires_the_backend_to_the_loop_closure_node(ros, tmp_pat
         assert all(k.has_odometry for k in keyframes) and [k.odometry.pose.pose.position.x for k in keyframes] == want
         assert [p.pose.position.x for p in paths[-1].poses] == pytest.approx(want, abs=1e-6)
         assert [p.header.stamp.sec for p in paths[-1].poses] == list(FRAMES)
-        t0 = time.monotonic()
-        os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(timeout=SIGTERM_TIMEOUT + 30)
-        stopped_s = time.monotonic() - t0
+        stopped_s = interrupt(proc)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        kill_left(proc)
     out = log.read_text()
     assert proc.returncode == 0, out[-4000:]
     assert (map_dir / "both.npz").is_file() and (map_dir / "both.graph.npz").is_file(), out[-4000:]
