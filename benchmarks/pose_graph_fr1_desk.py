@@ -23,6 +23,7 @@ from loop_poses import build_pairs, load_local, load_set, without_depth  # noqa:
 from pnv_ros.geometry import PoseType, rotation_exp  # noqa: E402
 from pnv_ros.loop_pose import estimate_loop_pose  # noqa: E402
 from pnv_ros.pose_graph import PoseGraph, PoseGraphSettings  # noqa: E402
+from pnv_ros.trajectory import Trajectory, ate_rmse  # noqa: E402
 
 
 def drifted(gt: list[np.ndarray], yaw_per_m: float, scale: float, seed: int) -> list[np.ndarray]:
@@ -41,16 +42,9 @@ def drifted(gt: list[np.ndarray], yaw_per_m: float, scale: float, seed: int) -> 
 
 
 def ate(gt: list[np.ndarray], est: np.ndarray) -> float:
-    from evo.core import metrics
-    from evo.core.trajectory import PoseTrajectory3D
-
+    """Position ATE RMSE (m) after SE(3) alignment: :func:`pnv_ros.trajectory.ate_rmse` (evo's APE)."""
     stamps = np.arange(len(gt), dtype=float)
-    ref = PoseTrajectory3D(poses_se3=list(gt), timestamps=stamps)
-    traj = PoseTrajectory3D(poses_se3=list(est), timestamps=stamps)
-    traj.align(ref, correct_scale=False)
-    ape = metrics.APE(metrics.PoseRelation.translation_part)
-    ape.process_data((ref, traj))
-    return float(ape.get_statistic(metrics.StatisticsType.rmse))
+    return ate_rmse(Trajectory.from_matrices(stamps, np.array(gt)), Trajectory.from_matrices(stamps, np.array(est)))
 
 
 def main() -> None:

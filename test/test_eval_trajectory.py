@@ -119,21 +119,14 @@ def _wrong_loop(query: int, match: int):
 
 
 def _graph_ate(bag: Path, res, truth, settings=None, wrong=None, wrong_after: int = -1) -> float:
-    """ATE of :class:`PoseGraph` (``settings``, None: the defaults) over a replay's keyframes and accepted loops,
-    in stream order, with ``wrong`` (a :class:`Loop`) added after keyframe ``wrong_after``."""
-    from pnv_ros.eval.trajectory_eval import keyframe_odometry
-    from pnv_ros.pose_graph import PoseGraph, PoseGraphSettings
-    from pnv_ros.trajectory import Trajectory, ate_rmse
+    """ATE of the in-process graph (:func:`optimize_in_process`, ``settings``, None: the defaults) over a replay's
+    keyframes and accepted loops, with ``wrong`` (a :class:`Loop`) added after keyframe ``wrong_after``."""
+    from pnv_ros.eval.trajectory_eval import optimize_in_process
+    from pnv_ros.trajectory import ate_rmse
 
-    g = PoseGraph(settings or PoseGraphSettings())
-    kf = {x.frame: k for k, x in enumerate(res.records)}
-    for k, (x, pose) in enumerate(zip(res.records, keyframe_odometry(bag, res))):
-        g.add_keyframe(k, x.stamp_ns, pose)
-        if wrong is not None and k == wrong_after:
-            g.add_loop(wrong.query_id, wrong.match_id, wrong)
-        if x.match_frame >= 0 and x.score >= DetectorParams().min_score and x.relative_pose is not None:
-            g.add_loop(k, kf[x.match_frame], x.relative_pose)
-    return ate_rmse(truth, Trajectory.from_matrices(g.stamps / 1e9, g.optimized_poses()))
+    inject = {wrong_after: [wrong]} if wrong is not None else None
+    out = optimize_in_process(bag, res, DetectorParams().min_score, settings=settings, inject_loops=inject)
+    return ate_rmse(truth, out.trajectory)
 
 
 @pytest.mark.slow

@@ -13,12 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from evo.core import metrics
-from evo.core.trajectory import PoseTrajectory3D
 
 from pnv_ros.errors import ConfigError, MapError, UnknownPlaceError
 from pnv_ros.geometry import PoseType, RelativePose, rotation_exp, rotation_log, tangent_basis
 from pnv_ros.pose_graph import PoseGraph, PoseGraphSettings, kernel_k
+from pnv_ros.trajectory import Trajectory, ate_rmse
 
 PER_LAP = 40
 N = 50
@@ -102,14 +101,9 @@ def _measured(gt: list[np.ndarray], q: int, m: int, kind: PoseType, rng: np.rand
 
 
 def _ate(gt: list[np.ndarray], est: np.ndarray) -> float:
-    """Position ATE RMSE (m) after SE(3) alignment, as evo computes it."""
+    """Position ATE RMSE (m) after SE(3) alignment (:func:`pnv_ros.trajectory.ate_rmse`: evo's), poses 1 s apart."""
     stamps = np.arange(len(gt), dtype=float)
-    ref = PoseTrajectory3D(poses_se3=list(gt), timestamps=stamps)
-    traj = PoseTrajectory3D(poses_se3=list(est), timestamps=stamps)
-    traj.align(ref, correct_scale=False)
-    ape = metrics.APE(metrics.PoseRelation.translation_part)
-    ape.process_data((ref, traj))
-    return float(ape.get_statistic(metrics.StatisticsType.rmse))
+    return ate_rmse(Trajectory.from_matrices(stamps, np.array(gt)), Trajectory.from_matrices(stamps, np.array(est)))
 
 
 #: loops of the second pass onto the first: keyframe k (k >= PER_LAP + 2) saw keyframe k - PER_LAP - 1, one step

@@ -31,7 +31,7 @@ from pnv_ros.errors import GroundTruthError
 from pnv_ros.eval.ground_truth import SequenceGT
 from pnv_ros.eval.replay import ACCEPTED_LOOPS_RULE, PoseGraphOutput, ReplayResult
 from pnv_ros.geometry import PoseType
-from pnv_ros.pose_graph import PoseGraph, PoseGraphSettings
+from pnv_ros.pose_graph import Loop, PoseGraph, PoseGraphSettings
 from pnv_ros.trajectory import (
     RPE_DELTA_M,
     Trajectory,
@@ -156,11 +156,14 @@ def optimize_in_process(
     threshold: float,
     topic: str | None = None,
     settings: PoseGraphSettings | None = None,
+    inject_loops: dict[int, list[Loop]] | None = None,
 ) -> PoseGraphOutput:
     """An in-process replay's keyframes and accepted loops through :class:`pnv_ros.pose_graph.PoseGraph` (the
     settings ``pose_graph_node`` has by default unless given), as the node's would be: keyframes in their order
     at their odometry pose (:func:`keyframe_odometry`; one without odometry is left out, with its loops), each
     keyframe's accepted loop (``score >= threshold``, a relative pose that is not NONE) right after it.
+    ``inject_loops``: {keyframe number: loops (graph keys = keyframe numbers)} added right after that keyframe, as
+    :func:`~pnv_ros.eval.replay.replay_through_node`'s (a test's wrong loop); not counted in the output's loops.
 
     Raises:
         ConfigError: a loop pose whose covariance is not symmetric positive definite (the detector never makes one).
@@ -172,6 +175,8 @@ def optimize_in_process(
         if pose is None:
             continue
         graph.add_keyframe(k, x.stamp_ns, pose)
+        for loop in (inject_loops or {}).get(k, []):
+            graph.add_loop(loop.query_id, loop.match_id, loop)
         rp, m = x.relative_pose, kf_of.get(x.match_frame)
         if x.match_frame < 0 or x.score < threshold or rp is None or rp.type == PoseType.NONE or m is None:
             continue
