@@ -518,12 +518,7 @@ def _play_into_node(
         try:
             player.lockstep(image_topic, progress=step)
         except BagError as e:  # say what the node said: its log is the only clue to why it stopped answering
-            proc.terminate()
-            try:
-                out = proc.communicate(timeout=30)[0]
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                out = proc.communicate()[0]
+            out = _stop(proc)
             raise BagError(f"{e}; the node's last output: {(out or '').strip()[-1500:] or '(none)'}") from None
         keyframes = {stamp_to_ns(a.stamp) for a in player.acks if a.frame_id == "keyframe"}  # first ack per stamp wins
         errors = {stamp_to_ns(a.stamp) for a in player.acks if a.frame_id == "error"} - keyframes
@@ -541,13 +536,18 @@ def _play_into_node(
         if player is not None:
             player.close()
         rclpy.try_shutdown()
-        proc.terminate()
-        try:
-            out, _ = proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, _ = proc.communicate()
+        _stop(proc)
     return _NodeRun(loops, diags, keyframes, errors, wall, graph_out)
+
+
+def _stop(proc: subprocess.Popen) -> str:
+    """SIGTERM to the node (SIGKILL after 30 s); its output (empty once read)."""
+    proc.terminate()
+    try:
+        return proc.communicate(timeout=30)[0] or ""
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.communicate()[0] or ""
 
 
 def replay_through_node(
