@@ -138,21 +138,28 @@ class LocalServer:
             kw.update(user=self._ids[0], group=self._ids[1], extra_groups=[])
         return kw
 
-    def _prepare_folders(self) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        if self._ids:
-            import pwd
+    def _check_reachable(self) -> None:
+        """Raise FleetError when the server user cannot pass through an existing folder above the data folder."""
+        if not self._ids:
+            return
+        import pwd
 
-            uid, gid = self._ids
-            gids = {gid, *os.getgrouplist(pwd.getpwuid(uid).pw_name, gid)}
-            for folder in reversed(self.data_dir.parents):
-                if not _searchable(folder, uid, gids):
-                    raise FleetError(
-                        f"user {self.user} cannot reach {self.data_dir}: {folder} is closed to it "
-                        f"(mode {folder.stat().st_mode & 0o777:o}); choose a data folder under an open one "
-                        f"such as /tmp or /var/lib, or chmod o+x {folder}"
-                    )
-            os.chown(self.data_dir, uid, gid)
+        uid, gid = self._ids
+        gids = {gid, *os.getgrouplist(pwd.getpwuid(uid).pw_name, gid)}
+        for folder in reversed(self.data_dir.parents):
+            if folder.exists() and not _searchable(folder, uid, gids):
+                raise FleetError(
+                    f"user {self.user} cannot reach {self.data_dir}: {folder} is closed to it "
+                    f"(mode {folder.stat().st_mode & 0o777:o}); choose a data folder under an open one "
+                    f"such as /tmp or /var/lib, or chmod o+x {folder}"
+                )
+
+    def _prepare_folders(self) -> None:
+        self._check_reachable()  # before making anything
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._check_reachable()  # folders just made under a strict umask
+        if self._ids:
+            os.chown(self.data_dir, *self._ids)
         self.data_dir.chmod(0o700)
         self.socket_dir.mkdir(mode=0o700, exist_ok=True)
         if self._ids:
