@@ -215,16 +215,19 @@ class FleetStore:
                 raise FleetError(f"{redact(self.dsn)} holds no fleet store: run pnv fleet init DSN first")
             version, dim = meta
             check_version(version)
-            with conn.transaction():
-                conn.execute("LOCK TABLE " + _MODELS + " IN SHARE ROW EXCLUSIVE MODE")  # one binder at a time
-                cols = "id, identity, dim, preset, patch_dtype"
-                row = conn.execute(f"SELECT {cols} FROM {_MODELS} ORDER BY id").fetchone()
-                if row is None:
-                    row = conn.execute(
-                        f"INSERT INTO {_MODELS} (identity, dim, preset, patch_dtype) VALUES (%s, %s, %s, %s) "
-                        f"RETURNING {cols}",
-                        (self.model_id, self.dim, json.dumps(self.preset.to_dict()), self.patch_dtype.name),
-                    ).fetchone()
+            cols = "id, identity, dim, preset, patch_dtype"
+            row = conn.execute(f"SELECT {cols} FROM {_MODELS} ORDER BY id").fetchone()
+            if row is None:  # an unbound store: bind it (a read-only role with a bound store never locks)
+                with conn.transaction():
+                    conn.execute("LOCK TABLE " + _MODELS + " IN SHARE ROW EXCLUSIVE MODE")  # one binder at a time
+                    row = (
+                        conn.execute(f"SELECT {cols} FROM {_MODELS} ORDER BY id").fetchone()
+                        or conn.execute(
+                            f"INSERT INTO {_MODELS} (identity, dim, preset, patch_dtype) VALUES (%s, %s, %s, %s) "
+                            f"RETURNING {cols}",
+                            (self.model_id, self.dim, json.dumps(self.preset.to_dict()), self.patch_dtype.name),
+                        ).fetchone()
+                    )
         except psycopg.OperationalError as e:
             raise FleetUnavailableError(f"lost the fleet database {redact(self.dsn)}: {_first_line(e)}") from None
         ref, identity, model_dim, preset, patch_dtype = row
