@@ -303,3 +303,33 @@ def test_pnv_fleet_serve_prints_a_dsn_and_stops_on_sigterm(own_server_dir: Path)
         if p.poll() is None:
             p.kill()
             p.wait()
+
+
+# ------------------------------------------------------------------------------------------------ the benchmark
+
+
+def test_fleet_scale_benchmark_runs_end_to_end(tmp_path: Path, rng) -> None:
+    """benchmarks/fleet_scale.py at a tiny size on random seed descriptors: strict JSON, every measure there, the
+    exact search its own reference, the page written."""
+    import json
+
+    from pnv_ros.features import FeatureSet
+
+    seeds = tmp_path / "seeds.npz"
+    places = [random_features(rng, 0) for _ in range(12)]
+    FeatureSet.from_places([f"s{i}" for i in range(12)], places, SPEED, RANDOM_MODEL).save(seeds)
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(Path(__file__).resolve().parents[1] / "benchmarks" / "fleet_scale.py")]
+    cmd += ["--features", str(seeds), "--sizes", "300", "--blob-sample", "10", "--queries", "8", "--robots", "3"]
+    cmd += ["--ef", "40,100", "--top-n", "5", "--exclude-recent", "10", "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rec = json.loads((out / "fleet_scale.json").read_text())
+    (row,) = rec["rows"]
+    assert row["n"] == 300 and row["insert"]["blob_sample"] == 10
+    assert 0.3e6 < row["insert"]["bytes_per_keyframe_db"] < 3e6  # ~0.96 MB of float16 patches a keyframe
+    assert row["insert"]["last_seq_robot0"] == 99
+    for found in row["fleet"].values():
+        assert set(found) == {"exact", "hnsw_ef40", "hnsw_ef100"}
+        assert all(0.0 <= v["recall_at_1"] <= 1.0 and v["p50_ms"] > 0 for k, v in found.items() if k != "exact")
+    assert "| fleet hnsw_ef100 |" in (out / "fleet_scale.md").read_text()

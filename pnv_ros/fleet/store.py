@@ -105,7 +105,7 @@ def redact(dsn: str) -> str:
     except Exception:  # noqa: BLE001 - psycopg raises ProgrammingError for bad syntax; show nothing of it then
         return "(unparsable DSN)"
     parts.pop("password", None)
-    return make_conninfo(**{k: v for k, v in parts.items() if v is not None})
+    return make_conninfo(**{k: v for k, v in parts.items() if v is not None}) or "(libpq's defaults: PG* variables)"
 
 
 def connect(dsn: str, connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S):
