@@ -264,6 +264,37 @@ def test_kill_9_of_the_server_loses_no_committed_row(own_server_dir: Path, rng) 
         server.stop()
 
 
+@pytest.mark.slow
+def test_a_loopback_server_takes_only_its_password(own_server_dir: Path) -> None:
+    """tcp=True: 127.0.0.1 only, SCRAM password authentication with the password in a 0600 libpq password file
+    that the DSN names (no secret in the DSN); a wrong password is refused; a restart makes a new password."""
+    import socket
+
+    import psycopg
+
+    from pnv_ros.fleet.server import LocalServer
+
+    with socket.socket() as probe:  # a free loopback port
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = LocalServer(own_server_dir / "db", port=port, tcp=True)
+    try:
+        dsn = server.start()
+        assert dsn == f"host=127.0.0.1 port={port} dbname=pnv_fleet user=postgres passfile={server.passfile}"
+        assert server.passfile.stat().st_mode & 0o777 == 0o600
+        assert init_store(dsn) is True
+        with psycopg.connect(dsn) as c:
+            assert c.execute("SHOW listen_addresses").fetchone()[0] == "127.0.0.1"
+            assert c.execute("SELECT inet_server_addr()::text").fetchone()[0] == "127.0.0.1/32"
+        with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+            psycopg.connect(f"host=127.0.0.1 port={port} dbname=pnv_fleet user=postgres password=guess")
+        old = server.passfile.read_text()
+        server.stop()
+        assert init_store(server.start()) is False and server.passfile.read_text() != old
+    finally:
+        server.stop()
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="the folder check is for a server started by root")
 def test_a_data_folder_the_server_user_cannot_reach_is_refused(tmp_path: Path) -> None:
     from pnv_ros.fleet.server import LocalServer

@@ -38,6 +38,13 @@ def register(sub: Any) -> None:
     serve.add_argument(
         "--dim", type=Number(int, 1, 2000), default=512, help="descriptor dimension of the store it creates"
     )
+    serve.add_argument(
+        "--port",
+        type=Number(int, 1024, 65535),
+        default=None,
+        help="also listen on 127.0.0.1:PORT (loopback only; password authentication, the password in "
+        "DIR/pgpass, which the printed DSN names); default: the Unix socket only",
+    )
     serve.add_argument("--no-init", action="store_true", help="do not create the fleet store's tables")
     serve.set_defaults(func=cmd_serve)
 
@@ -58,7 +65,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from pnv_ros.fleet.server import LocalServer
     from pnv_ros.fleet.store import init_store
 
-    server = LocalServer(args.data, run_as=args.user)
+    tcp = args.port is not None
+    server = LocalServer(args.data, run_as=args.user, port=args.port if tcp else 5432, tcp=tcp)
     stop = []
 
     def on_term(signum: int, frame: object) -> None:

