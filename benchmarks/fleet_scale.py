@@ -123,21 +123,9 @@ def fill(store: FleetStore, fs: FeatureSet, descs: np.ndarray, which: np.ndarray
     }
 
 
-def uses_hnsw(store: FleetStore, q: np.ndarray, a, ex: RecentExclusion, ef: int) -> bool:
-    """Whether the planner answers the filtered top-N with the HNSW index (a small table may be scanned)."""
-    sql = (
-        "EXPLAIN SELECT id FROM pnv_fleet.keyframes WHERE NOT (robot_id = %s AND session = %s AND seq >= %s) "
-        "ORDER BY global <-> %b LIMIT %s"
-    )
-
-    def explain(conn) -> str:
-        with conn.transaction():
-            conn.execute("SELECT set_config('hnsw.iterative_scan', 'relaxed_order', true)")
-            conn.execute("SELECT set_config('hnsw.ef_search', %s, true)", (str(ef),))
-            rows = conn.execute(sql, (ex.robot_id, ex.session, ex.from_seq, q, a.top_n)).fetchall()
-        return "\n".join(r[0] for r in rows)
-
-    return "keyframes_global_hnsw" in store._run("explain", explain)
+def plan(explained: str) -> str:
+    """What answered a search: the HNSW index or a scan of the table."""
+    return "hnsw" if "keyframes_global_hnsw" in explained else "seq scan"
 
 
 def fleet_search(store: FleetStore, queries: np.ndarray, a, last_seq: int) -> dict:
@@ -148,7 +136,11 @@ def fleet_search(store: FleetStore, queries: np.ndarray, a, last_seq: int) -> di
         t = time.perf_counter()
         truth.append([h.id for h in store.search(q, a.top_n, exclude=ex, exact=True)])
         lat.append(1000 * (time.perf_counter() - t))
-    out["exact"] = {"p50_ms": float(np.median(lat)), "p95_ms": float(np.percentile(lat, 95))}
+    out["exact"] = {
+        "p50_ms": float(np.median(lat)),
+        "p95_ms": float(np.percentile(lat, 95)),
+        "plan": plan(store.explain(queries[0], a.top_n, exclude=ex, exact=True)),
+    }
     for ef in a.ef:
         lat, r1, rn = [], [], []
         for q, tr in zip(queries, truth):
@@ -162,7 +154,7 @@ def fleet_search(store: FleetStore, queries: np.ndarray, a, last_seq: int) -> di
             "p95_ms": float(np.percentile(lat, 95)),
             "recall_at_1": float(np.mean(r1)),
             f"recall_at_{a.top_n}": float(np.mean(rn)),
-            "plan": "hnsw" if uses_hnsw(store, queries[0], a, ex, ef) else "seq scan",
+            "plan": plan(store.explain(queries[0], a.top_n, exclude=ex, ef_search=ef)),
         }
     return out
 

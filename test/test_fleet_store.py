@@ -159,7 +159,7 @@ def test_search_leaves_out_only_the_robots_own_recent_keyframes(fleet_db: str, d
     """Robot B (second lap) searches the fleet: its own recent keyframes (by sequence number) are left out, its
     older ones, its earlier session and robot A's (first lap) are not; B's clock is behind A's, which does not
     matter. The nearest of A's keyframes is a ground-truth revisit (gt.csv: 48 sees 6..10); HNSW agrees with the
-    exact search on this small store."""
+    exact search on this small store (and the approximate path really is the HNSW index)."""
     init_store(fleet_db)
     ids = {}
     with FleetStore.open(fleet_db, default_extractor.dim, SPEED, default_extractor.info.identity) as s:
@@ -174,9 +174,10 @@ def test_search_leaves_out_only_the_robots_own_recent_keyframes(fleet_db: str, d
         hits = s.search(q, 10, exclude=RecentExclusion("B", "b1", 1))
         assert {h.id for h in hits} == {ids[f] for f in (10, 14, 18, 46, "b0")}
         assert [h.distance for h in hits] == sorted(h.distance for h in hits)
-        assert [h.id for h in hits] == [
-            h.id for h in s.search(q, 10, exclude=RecentExclusion("B", "b1", 1), exact=True)
-        ]
+        exact = s.search(q, 10, exclude=RecentExclusion("B", "b1", 1), exact=True)
+        assert [h.id for h in hits] == [h.id for h in exact]
+        assert "keyframes_global_hnsw" in s.explain(q, 10, exclude=RecentExclusion("B", "b1", 1))  # even on 7 rows
+        assert "keyframes_global_hnsw" not in s.explain(q, 10, exact=True)
         others = s.search(q, 10, exclude=RecentExclusion("B", "b1", 0))
         assert ids[46] not in {h.id for h in others} and ids["b0"] in {h.id for h in others}
         first_a = next(h for h in others if h.robot_id == "A")

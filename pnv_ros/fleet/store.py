@@ -383,37 +383,70 @@ class FleetStore:
     ) -> list[FleetHit]:
         """The ``top_n`` keyframes nearest (L2) to a global descriptor (D,), nearest first, without ``exclude``'s.
 
-        HNSW (approximate) with ``ef_search`` = max(the store's, top_n) and pgvector's iterative scan
-        (``relaxed_order``), so a filter never leaves fewer than top_n when there are more; ``exact``: a
+        Approximate (default): the HNSW index, always (``enable_seqscan`` off: pgvector's cost estimate grows
+        with ef_search, and at 10k rows the planner chose a 35 ms sequential scan over a 2 ms index scan at
+        ef_search 800; benchmarks/fleet_scale.py), ``hnsw.ef_search`` = max(``ef_search`` or the store's,
+        top_n), and pgvector's iterative scan (``relaxed_order``) so that a filter leaves top_n when there are
+        more (up to ``hnsw.max_scan_tuples``, 20,000 by default); results re-sorted by distance. ``exact``: a
         sequential scan (the recall benchmark's reference). Raises FleetError, FleetUnavailableError."""
-        q = np.asarray(global_desc, np.float32).reshape(-1)
-        if q.shape != (self.dim,) or not np.isfinite(q).all():
-            raise FleetError(f"query descriptor of shape {q.shape} is not {self.dim} finite numbers")
-        k = int(top_n)
-        if k <= 0:
+        sql, args, settings = self._search_query(global_desc, top_n, exclude, exact, ef_search)
+        if args is None:
             return []
-        where, args = "", []
-        if exclude is not None:
-            where = "WHERE NOT (robot_id = %s AND session = %s AND seq >= %s)"
-            args = [exclude.robot_id, exclude.session, int(exclude.from_seq)]
-        sql = (
-            f"SELECT id, robot_id, session, seq, stamp_ns, global <-> %b AS d FROM {_KF} {where} "
-            "ORDER BY global <-> %b LIMIT %s"
-        )
-        ef = max(int(ef_search or self.ef_search), k)
 
         def read(conn) -> list[FleetHit]:
             with conn.transaction():
-                if exact:
-                    conn.execute("SELECT set_config('enable_indexscan', 'off', true)")
-                else:
-                    conn.execute("SELECT set_config('hnsw.ef_search', %s, true)", (str(ef),))
-                    conn.execute("SELECT set_config('hnsw.iterative_scan', 'relaxed_order', true)")
-                rows = conn.execute(sql, (q, *args, q, k)).fetchall()
+                for name, value in settings:
+                    conn.execute("SELECT set_config(%s, %s, true)", (name, value))
+                rows = conn.execute(sql, args).fetchall()
             hits = [FleetHit(int(i), r, s, int(n), int(t), float(d)) for i, r, s, n, t, d in rows]
             return sorted(hits, key=lambda h: h.distance)  # relaxed_order may return near-ties out of order
 
         return self._run("searching", read)
+
+    def explain(
+        self,
+        global_desc: np.ndarray,
+        top_n: int,
+        *,
+        exclude: RecentExclusion | None = None,
+        exact: bool = False,
+        ef_search: int | None = None,
+    ) -> str:
+        """PostgreSQL's plan (``EXPLAIN``) of :meth:`search` with the same arguments and settings."""
+        sql, args, settings = self._search_query(global_desc, top_n, exclude, exact, ef_search)
+
+        def read(conn) -> str:
+            with conn.transaction():
+                for name, value in settings:
+                    conn.execute("SELECT set_config(%s, %s, true)", (name, value))
+                return "\n".join(r[0] for r in conn.execute("EXPLAIN " + sql, args).fetchall())
+
+        return self._run("explaining", read) if args is not None else ""
+
+    def _search_query(self, global_desc, top_n, exclude, exact, ef_search):
+        """(SQL, its arguments or None when nothing is asked, the SET LOCAL settings) of a search."""
+        q = np.asarray(global_desc, np.float32).reshape(-1)
+        if q.shape != (self.dim,) or not np.isfinite(q).all():
+            raise FleetError(f"query descriptor of shape {q.shape} is not {self.dim} finite numbers")
+        k = int(top_n)
+        where, extra = "", []
+        if exclude is not None:
+            where = "WHERE NOT (robot_id = %s AND session = %s AND seq >= %s)"
+            extra = [exclude.robot_id, exclude.session, int(exclude.from_seq)]
+        sql = (
+            f"SELECT id, robot_id, session, seq, stamp_ns, global <-> %b AS d FROM {_KF} {where} "
+            "ORDER BY global <-> %b LIMIT %s"
+        )
+        if exact:
+            settings = [("enable_indexscan", "off")]
+        else:
+            ef = max(int(ef_search or self.ef_search), k)
+            settings = [
+                ("enable_seqscan", "off"),
+                ("hnsw.ef_search", str(ef)),
+                ("hnsw.iterative_scan", "relaxed_order"),
+            ]
+        return sql, ((q, *extra, q, k) if k > 0 else None), settings
 
     def fetch(self, ids: list[int]) -> list[FleetKeyframe]:
         """The keyframes with these fleet ids (in the order given) with global descriptor, patches, local
