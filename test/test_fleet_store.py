@@ -209,6 +209,53 @@ def test_a_loop_edge_is_stored_once_per_unordered_pair(fleet_db: str, rng) -> No
         assert len(s.loop_edges()) == 2  # the refused ones left nothing
 
 
+def test_the_same_keyframe_sent_at_once_from_four_connections_is_stored_once(fleet_db: str, rng) -> None:
+    """What the outbox relies on: re-sends (a lost COMMIT reply, a restarted uploader) racing each other make one
+    row per (robot, session, seq), and every sender gets its id."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    init_store(fleet_db)
+    feats = [random_features(rng, 5) for _ in range(6)]
+
+    def send(_: int) -> list[tuple[int, bool]]:
+        with FleetStore.open(fleet_db, 512, SPEED, RANDOM_MODEL) as s:  # one store per thread
+            return [s.add(f, robot_id="A", session="a1", seq=i, stamp_ns=i) for i, f in enumerate(feats)]
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(send, range(4)))
+    for i in range(len(feats)):
+        answers = [r[i] for r in results]
+        assert len({kid for kid, _ in answers}) == 1  # everyone got the same id
+        assert sum(new for _, new in answers) == 1  # exactly one stored it
+    with FleetStore.open(fleet_db, 512, SPEED, RANDOM_MODEL) as s:
+        assert s.count() == len(feats)
+        assert [k.seq for k in s.fetch([kid for kid, _ in results[0]])] == list(range(len(feats)))
+
+
+def test_two_models_binding_an_empty_store_at_once_one_wins(fleet_db: str) -> None:
+    """Robots of four models start on an empty store at once: the table lock lets exactly one bind it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import psycopg
+
+    init_store(fleet_db)
+    models = [f"model{i}:512:{i:012d}" for i in range(4)]
+
+    def bind(model: str) -> str:
+        try:
+            FleetStore.open(fleet_db, 512, SPEED, model).close()
+            return model
+        except FleetError as e:
+            assert "comes from model" in str(e)
+            return ""
+
+    with ThreadPoolExecutor(4) as pool:
+        won = [m for m in pool.map(bind, models) if m]
+    assert len(won) == 1
+    with psycopg.connect(fleet_db) as c:
+        assert c.execute("SELECT identity FROM pnv_fleet.models").fetchall() == [(won[0],)]
+
+
 def test_features_that_do_not_fit_are_refused_and_nothing_is_stored(fleet_db: str, rng) -> None:
     init_store(fleet_db)
     good = random_features(rng)
