@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from pnv_ros.config import Preset
-from pnv_ros.errors import FleetError, FleetUnavailableError
+from pnv_ros.errors import FleetError, FleetUnavailableError, MapError
 from pnv_ros.features import PlaceFeatures, check_fits
 from pnv_ros.fleet.schema import NAMESPACE, check_version, init_schema, read_meta
 from pnv_ros.local_features import LocalFeatures
@@ -291,7 +291,7 @@ class FleetStore:
             blobs.append(np.ascontiguousarray(p, self.patch_dtype).tobytes())
         try:
             flags, records = local_record(features.local)
-        except Exception as e:  # MapError from the map's own checks: the same rule, this store's error
+        except MapError as e:  # the map's own checks: the same rule, this store's error
             raise FleetError(str(e)) from None
         w, h = (int(v) for v in features.image_size)
         if w < 1 or h < 1:
