@@ -1,0 +1,179 @@
+"""The outbox (pnv_ros.fleet.outbox) on a real PostgreSQL + pgvector: keyframes of a real PlaceMap go up while
+the database is up; a ``kill -9`` of the server mid-stream and a restart lose none and duplicate none, and the
+producer's ``add`` never waits for the network. Random unit descriptors: only the bookkeeping is tested."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_fleet_store import RANDOM_MODEL, SPEED, random_features
+
+from pnv_ros.features import PlaceFeatures
+from pnv_ros.fleet.outbox import Outbox
+from pnv_ros.fleet.store import FleetStore, init_store
+from pnv_ros.place_map import PlaceMap
+
+#: Short waits for the tests (the defaults are 1 s doubling to 30 s): a restart is retried within a second.
+BACKOFF = (0.2, 1.0)
+
+
+@pytest.fixture
+def outbox_db(fleet_server) -> str:
+    """A new database with an empty store on the session's server; its DSN. Dropped afterwards."""
+    import psycopg
+
+    name = f"o_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(fleet_server.dsn("postgres"), autocommit=True) as c:
+        c.execute(f'CREATE DATABASE "{name}"')
+    init_store(fleet_server.dsn(name))
+    yield fleet_server.dsn(name)
+    with psycopg.connect(fleet_server.dsn("postgres"), autocommit=True) as c:
+        c.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+def keyframes(rng: np.random.Generator, n: int) -> list[PlaceFeatures]:
+    """n keyframes with distinct random global descriptors and local features; patches from a pool of 3 (random
+    ~1 MB float16 patch sets are slow to draw; the upload does not look at them)."""
+    pool = [random_features(rng, 0).patches for _ in range(3)]
+    out = []
+    for i in range(n):
+        f = random_features(rng, 8)
+        out.append(PlaceFeatures(f.global_desc, pool[i % 3], f.image_size, f.local))
+    return out
+
+
+def new_map() -> PlaceMap:
+    return PlaceMap(512, SPEED, RANDOM_MODEL)
+
+
+def opener(dsn: str):
+    return lambda: FleetStore.open(dsn, 512, SPEED, RANDOM_MODEL, connect_timeout_s=2)
+
+
+def stored_rows(dsn: str) -> list[tuple[str, str, int]]:
+    import psycopg
+
+    with psycopg.connect(dsn) as c:
+        return c.execute("SELECT robot_id, session, seq FROM pnv_fleet.keyframes ORDER BY session, seq").fetchall()
+
+
+def test_the_outbox_uploads_each_generation_under_its_session_and_a_resend_stores_nothing(outbox_db, rng) -> None:
+    lock = threading.RLock()
+    feats = keyframes(rng, 8)
+    first, second = new_map(), new_map()
+    with Outbox(opener(outbox_db), "A", lock, first, session="s1", backoff_s=BACKOFF) as box:
+        for i, f in enumerate(feats[:5]):
+            assert box.add(f, 1000 + i, np.array([i, 0.0, 0.0])) == i
+        assert box.track(second, "s2") == "s2" == box.session  # a reset: a new map is a new session
+        for i, f in enumerate(feats[5:]):
+            box.add(f, 2000 + i)
+        assert box.flush(30)
+        st = box.status()
+        assert (st.state, st.level, st.pending, st.uploaded, st.duplicates, st.failures) == ("idle", "OK", 0, 8, 0, 0)
+        ids = [box.fleet_id("s2", seq) for seq in range(3)]
+    assert stored_rows(outbox_db) == [("A", "s1", i) for i in range(5)] + [("A", "s2", i) for i in range(3)]
+    with FleetStore.open(outbox_db, 512, SPEED, RANDOM_MODEL) as s:
+        got = s.fetch([i for i in ids if i is not None])
+    assert len(got) == 3
+    for k, f in zip(got, feats[5:]):
+        np.testing.assert_array_equal(k.features.global_desc, f.global_desc)
+        np.testing.assert_array_equal(k.features.patches[0], np.asarray(f.patches[0], np.float16))
+        np.testing.assert_array_equal(k.features.local.descriptors, f.local.descriptors)
+        assert k.position is None
+    # an uploader restarted from an older watermark (a crash before it was saved): everything again, nothing new
+    with Outbox(opener(outbox_db), "A", lock, first, session="s1", backoff_s=BACKOFF) as box:
+        assert box.flush(30)
+        assert (box.status().uploaded, box.status().duplicates) == (5, 5)
+    assert len(stored_rows(outbox_db)) == 8
+
+
+def test_a_store_of_another_model_stops_the_uploads_not_the_producer(outbox_db, rng) -> None:
+    FleetStore.open(outbox_db, 512, SPEED, "other:512:fedcba987654").close()  # bound to another model
+    lock = threading.RLock()
+    with Outbox(opener(outbox_db), "A", lock, new_map(), backoff_s=BACKOFF) as box:
+        feats = keyframes(rng, 3)
+        box.add(feats[0], 1)
+        assert not box.flush(10)
+        for i, f in enumerate(feats[1:]):
+            box.add(f, 2 + i)  # the local map goes on
+        st = box.status()
+    assert (st.state, st.level, st.pending, st.uploaded) == ("failed", "ERROR", 3, 0)
+    assert "comes from model other:512:fedcba987654" in st.last_error
+    assert stored_rows(outbox_db) == []
+
+
+@pytest.fixture
+def own_server_dir():
+    root = Path(tempfile.mkdtemp(prefix="pnv_fleet_outbox_"))
+    root.chmod(0o755)  # open to pass for the server's user (see conftest's fleet_server)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_database_mid_stream_loses_nothing_duplicates_nothing_and_never_blocks(
+    own_server_dir: Path, rng
+) -> None:
+    """A producer adds a keyframe every 50 ms (a fast keyframe rate); the server is killed with SIGKILL after 15,
+    stays down for 25 more (WARN: pending keyframes, failures), and is restarted while 20 more arrive. Afterwards
+    the store holds exactly seq 0..59 of the session, each the map's keyframe; the longest ``add`` while the
+    database was down stays far below the connect timeout and the first backoff (it never waited for them)."""
+    from pnv_ros.fleet.server import LocalServer
+
+    server = LocalServer(own_server_dir / "db")
+    n, kill_at, restart_at = 60, 15, 40
+    feats = keyframes(rng, n)
+    lock = threading.RLock()
+    place_map = new_map()
+    try:
+        dsn = server.start()
+        init_store(dsn)
+        box = Outbox(opener(dsn), "A", lock, place_map, session="run1", backoff_s=BACKOFF)
+        durations, down_status, restarter = [], None, None
+        try:
+            for i, f in enumerate(feats):
+                if i == kill_at:
+                    os.kill(server.pid, signal.SIGKILL)
+                    assert server.wait(10) == -signal.SIGKILL
+                if i == restart_at:
+                    down_status = box.status()
+                    restarter = threading.Thread(target=server.start)
+                    restarter.start()
+                t0 = time.perf_counter()
+                assert box.add(f, 10**9 * (i + 1), np.array([float(i), 0.0, 0.0])) == i
+                durations.append(time.perf_counter() - t0)
+                time.sleep(0.05)
+            restarter.join(60)
+            assert server.pid is not None
+            assert box.flush(60), box.status()
+            st = box.status()
+        finally:
+            box.close()
+        assert down_status.state == "unavailable" and down_status.level == "WARN", down_status
+        assert down_status.pending >= restart_at - kill_at - 1 and down_status.failures >= 1
+        assert down_status.oldest_pending_s > 0.5  # down for 25 x 50 ms: the oldest waits since the kill
+        assert "fleet database" in down_status.last_error  # "lost the ..." or "cannot reach the ..."
+        assert (st.state, st.level, st.pending, st.uploaded) == ("idle", "OK", 0, n)
+        assert stored_rows(dsn) == [("A", "run1", i) for i in range(n)]  # nothing lost, nothing twice
+        with FleetStore.open(dsn, 512, SPEED, RANDOM_MODEL) as s:
+            got = s.fetch([box.fleet_id("run1", i) for i in range(n)])
+        for i, k in enumerate(got):
+            np.testing.assert_array_equal(k.features.global_desc, feats[i].global_desc)
+            assert k.stamp_ns == 10**9 * (i + 1) and k.position[0] == i
+        worst_down = max(durations[kill_at:])
+        print(
+            f"add while down: max {worst_down * 1e3:.2f} ms, p50 {np.median(durations[kill_at:]) * 1e3:.2f} ms; "
+            f"while up: max {max(durations[:kill_at]) * 1e3:.2f} ms; failures {st.failures}, re-sends {st.duplicates}"
+        )
+        assert worst_down < 0.1  # the first backoff is 0.2 s, the connect timeout 2 s: never waited for them
+    finally:
+        server.stop()
