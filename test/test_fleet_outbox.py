@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from test_fleet_store import RANDOM_MODEL, SPEED, random_features
 
+from pnv_ros.errors import FleetError
 from pnv_ros.features import PlaceFeatures
 from pnv_ros.fleet.outbox import Outbox
 from pnv_ros.fleet.store import FleetStore, init_store
@@ -73,14 +74,29 @@ def test_the_outbox_uploads_each_generation_under_its_session_and_a_resend_store
     with Outbox(opener(outbox_db), "A", lock, first, session="s1", backoff_s=BACKOFF) as box:
         for i, f in enumerate(feats[:5]):
             assert box.add(f, 1000 + i, np.array([i, 0.0, 0.0])) == i
+        box.add_loop_edge(4, 0.7, "rapid", match_id=0)  # queued before either end is stored
+        with pytest.raises(FleetError, match="keyframe 9 is not one of this run's"):
+            box.add_loop_edge(9, 0.7, "rapid", match_id=0)
+        with pytest.raises(FleetError, match="match_id .* or match_fleet_id"):
+            box.add_loop_edge(4, 0.7, "rapid")
         assert box.track(second, "s2") == "s2" == box.session  # a reset: a new map is a new session
         for i, f in enumerate(feats[5:]):
             box.add(f, 2000 + i)
         assert box.flush(30)
+        s1_first = stored_ids(outbox_db, "s1")[1]
+        box.add_loop_edge(2, 0.6, "rapid", match_fleet_id=s1_first)  # to a keyframe of the earlier session
+        box.add_loop_edge(2, 0.6, "rapid", match_fleet_id=10**9)  # a fleet id the store does not hold
+        assert box.flush(30)
         st = box.status()
         assert (st.state, st.level, st.pending, st.uploaded, st.duplicates, st.failures) == ("idle", "OK", 0, 8, 0, 0)
+        assert (st.edges_pending, st.edges_uploaded, st.edges_dropped) == (0, 2, 1)
+        assert "no such keyframe" in st.last_error
         ids = [box.fleet_id("s2", seq) for seq in range(3)]
     assert stored_rows(outbox_db) == [("A", "s1", i) for i in range(5)] + [("A", "s2", i) for i in range(3)]
+    s1 = stored_ids(outbox_db, "s1")
+    with FleetStore.open(outbox_db, 512, SPEED, RANDOM_MODEL) as s:
+        edges = [(e.query_id, e.match_id, e.reporter) for e in s.loop_edges()]
+    assert edges == [(s1[4], s1[0], "A"), (ids[2], s1[1], "A")]
     with FleetStore.open(outbox_db, 512, SPEED, RANDOM_MODEL) as s:
         got = s.fetch([i for i in ids if i is not None])
     assert len(got) == 3
@@ -94,6 +110,15 @@ def test_the_outbox_uploads_each_generation_under_its_session_and_a_resend_store
         assert box.flush(30)
         assert (box.status().uploaded, box.status().duplicates) == (5, 5)
     assert len(stored_rows(outbox_db)) == 8
+
+
+def stored_ids(dsn: str, session: str) -> list[int]:
+    """The fleet ids of a session's keyframes in seq order."""
+    import psycopg
+
+    with psycopg.connect(dsn) as c:
+        sql = "SELECT id FROM pnv_fleet.keyframes WHERE session = %s ORDER BY seq"
+        return [r[0] for r in c.execute(sql, (session,)).fetchall()]
 
 
 def test_a_store_of_another_model_stops_the_uploads_not_the_producer(outbox_db, rng) -> None:
@@ -177,6 +202,8 @@ def test_kill_9_of_the_database_mid_stream_loses_nothing_duplicates_nothing_and_
                 t0 = time.perf_counter()
                 assert box.add(f, 10**9 * (i + 1), np.array([float(i), 0.0, 0.0])) == i
                 durations.append(time.perf_counter() - t0)
+                if i % 10 == 9:
+                    box.add_loop_edge(i, 0.5, "rapid", match_id=i - 9)  # loops found while up, down, restarting
                 time.sleep(0.05)
             restarter.join(60)
             assert server.pid is not None
@@ -189,7 +216,12 @@ def test_kill_9_of_the_database_mid_stream_loses_nothing_duplicates_nothing_and_
         assert down_status.oldest_pending_s > 0.5  # down for 25 x 50 ms: the oldest waits since the kill
         assert "fleet database" in down_status.last_error  # "lost the ..." or "cannot reach the ..."
         assert (st.state, st.level, st.pending, st.uploaded) == ("idle", "OK", 0, n)
+        assert (st.edges_pending, st.edges_uploaded, st.edges_dropped) == (0, n // 10, 0)
         assert stored_rows(dsn) == [("A", "run1", i) for i in range(n)]  # nothing lost, nothing twice
+        ids = stored_ids(dsn, "run1")
+        with FleetStore.open(dsn, 512, SPEED, RANDOM_MODEL) as s:
+            edges = sorted((e.query_id, e.match_id) for e in s.loop_edges())
+        assert edges == [(ids[i], ids[i - 9]) for i in range(9, n, 10)]
         with FleetStore.open(dsn, 512, SPEED, RANDOM_MODEL) as s:
             got = s.fetch([box.fleet_id("run1", i) for i in range(n)])
         for i, k in enumerate(got):

@@ -18,6 +18,8 @@ only that lock and a condition variable: it never waits for the network.
   model in the store, another schema version) stops the uploads: ERROR; the producer carries on, local only.
 - **Generations.** :meth:`Outbox.track` starts a new map generation; the uploader first finishes the older
   generations' pending keyframes under their own sessions (it keeps a reference to their map objects).
+- **Loop edges** (:meth:`Outbox.add_loop_edge`) wait in memory until both ends are stored (their fleet ids
+  known), then go up after the pending keyframes, once per unordered pair (the store's primary key).
 - **Loss.** Keyframes not uploaded when the process ends are lost unless the map is saved (the map file records
   no watermark yet: see NOTES-30-fleet.md).
 """
@@ -55,7 +57,9 @@ class OutboxStatus:
     not yet confirmed by the store; uploaded: keyframes the store confirmed (``duplicates`` of them were stored
     already: re-sends); failures: uploads or connections that found the database unreachable;
     oldest_pending_s: seconds since the oldest pending keyframe was added (0 when none or unknown);
-    retry_in_s: seconds until the next try while backing off; last_error: the last failure's message."""
+    retry_in_s: seconds until the next try while backing off; last_error: the last failure's message;
+    edges_pending / edges_uploaded: loop edges waiting / confirmed (new or stored already); edges_dropped: loop
+    edges the store refused (a fleet id it does not hold)."""
 
     state: str
     pending: int
@@ -65,6 +69,9 @@ class OutboxStatus:
     oldest_pending_s: float
     retry_in_s: float
     last_error: str
+    edges_pending: int = 0
+    edges_uploaded: int = 0
+    edges_dropped: int = 0
 
     @property
     def level(self) -> str:
@@ -87,6 +94,25 @@ class _Generation:
 
     def pending(self) -> int:
         return max(0, len(self.map) - self.next)
+
+
+@dataclass
+class _Edge:
+    """A loop edge waiting for its ends' fleet ids: the query is a keyframe of ``gen``; the match is one too
+    (``match_id``) or a keyframe already in the fleet store (``match_fleet_id``)."""
+
+    gen: _Generation
+    query_id: int
+    match_id: int | None
+    match_fleet_id: int | None
+    score: float
+    method: str
+
+    def ends(self) -> tuple[int, int] | None:
+        """(query, match) fleet ids once both are known, else None."""
+        q = self.gen.fleet_ids.get(self.query_id - self.gen.start)
+        m = self.match_fleet_id if self.match_id is None else self.gen.fleet_ids.get(self.match_id - self.gen.start)
+        return None if q is None or m is None else (q, m)
 
 
 class Outbox:
@@ -121,6 +147,8 @@ class Outbox:
         self.backoff_s = (float(backoff_s[0]), float(backoff_s[1]))
         self._cv = threading.Condition()
         self._gens: list[_Generation] = []
+        self._edges: list[_Edge] = []
+        self._edges_uploaded = self._edges_dropped = 0
         self._state, self._last_error = "idle", ""
         self._uploaded = self._duplicates = self._failures = 0
         self._delay, self._retry_at, self._closed = 0.0, 0.0, False
@@ -172,15 +200,43 @@ class Outbox:
                     break
             self._cv.notify_all()
 
+    def add_loop_edge(
+        self,
+        query_id: int,
+        score: float,
+        method: str,
+        *,
+        match_id: int | None = None,
+        match_fleet_id: int | None = None,
+    ) -> None:
+        """Queue a loop from keyframe ``query_id`` of the current map to keyframe ``match_id`` of the same map or
+        to ``match_fleet_id`` (another robot's or an earlier session's keyframe, from a fleet search); sent once
+        both ends are in the store (:meth:`FleetStore.add_loop_edge`: once per unordered pair, reporter =
+        robot_id). Raises FleetError (neither or both matches given, an id not of this run, no map tracked)."""
+        if (match_id is None) == (match_fleet_id is None):
+            raise FleetError("give the loop's match as match_id (this map) or match_fleet_id (the fleet store)")
+        with self._cv:
+            if not self._gens:
+                raise FleetError("the outbox follows no map: call track first")
+            gen = self._gens[-1]
+            mid = None if match_id is None else int(match_id)
+            fid = None if match_fleet_id is None else int(match_fleet_id)
+            for kf in (int(query_id), mid):
+                if kf is not None and not gen.start <= kf < len(gen.map):
+                    raise FleetError(f"keyframe {kf} is not one of this run's ({gen.start}..{len(gen.map) - 1})")
+            self._edges.append(_Edge(gen, int(query_id), mid, fid, float(score), method))
+            self._cv.notify_all()
+
     # -- what it is doing ----------------------------------------------------------------------------------
     def status(self) -> OutboxStatus:
         """A snapshot of the counts (cheap: no lock of the map, no network)."""
         now = time.monotonic()
         with self._cv:
             pending = sum(g.pending() for g in self._gens)
+            busy = pending or self._edges
             oldest = min((t for g in self._gens for i, t in g.added_at.items() if i >= g.next), default=None)
             return OutboxStatus(
-                self._state if pending or self._state in ("failed", "closed") else "idle",
+                self._state if busy or self._state in ("failed", "closed") else "idle",
                 pending,
                 self._uploaded,
                 self._duplicates,
@@ -188,6 +244,9 @@ class Outbox:
                 0.0 if oldest is None or not pending else now - oldest,
                 max(0.0, self._retry_at - now) if self._state == "unavailable" else 0.0,
                 self._last_error,
+                len(self._edges),
+                self._edges_uploaded,
+                self._edges_dropped,
             )
 
     def fleet_id(self, session: str, seq: int) -> int | None:
@@ -202,7 +261,7 @@ class Outbox:
         """Wait until nothing is pending (True), uploads failed or ``timeout_s`` passed (False)."""
         deadline = time.monotonic() + timeout_s
         with self._cv:
-            while any(g.pending() for g in self._gens):
+            while self._edges or any(g.pending() for g in self._gens):
                 left = deadline - time.monotonic()
                 if left <= 0 or self._state in ("failed", "closed"):
                     return False
@@ -224,15 +283,15 @@ class Outbox:
         self.close()
 
     # -- the uploader thread -------------------------------------------------------------------------------
-    def _next(self) -> tuple[_Generation, int] | None:
-        """The next keyframe to send (under ``_cv``): the oldest generation's watermark; finished older
-        generations are dropped (their confirmed ids with them)."""
+    def _next(self) -> tuple[_Generation, int] | _Edge | None:
+        """The next thing to send (under ``_cv``): the oldest generation's watermark keyframe, else the first loop
+        edge whose ends are both stored. Finished older generations are dropped (their queued edges keep them)."""
         while len(self._gens) > 1 and not self._gens[0].pending():
             self._gens.pop(0)
         for gen in self._gens:
             if gen.pending():
                 return gen, gen.next
-        return None
+        return next((e for e in self._edges if e.ends() is not None), None)
 
     def _run(self) -> None:
         store: FleetStore | None = None
@@ -247,9 +306,12 @@ class Outbox:
                     if job is None:
                         self._cv.wait(wait if wait > 0 else IDLE_POLL_S)
                         continue
-                gen, kf_id = job
                 try:
                     store = store or self._open_store()
+                    if isinstance(job, _Edge):
+                        self._send_edge(store, job)
+                        continue
+                    gen, kf_id = job
                     fid, new = self._send(store, gen, kf_id)
                 except FleetUnavailableError as e:
                     if store is not None:
@@ -289,6 +351,24 @@ class Outbox:
             stamp_ns=kf.stamp_ns,
             position=kf.position,
         )
+
+    def _send_edge(self, store: FleetStore, edge: _Edge) -> None:
+        """Send a loop edge whose ends are stored; a refused one is dropped (counted), the others go on."""
+        q, m = edge.ends() or (0, 0)
+        try:
+            store.add_loop_edge(q, m, edge.score, method=edge.method, reporter=self.robot_id)
+            dropped, error = False, ""
+        except FleetUnavailableError:
+            raise
+        except FleetError as e:
+            dropped, error = True, str(e)
+        with self._cv:
+            self._edges.remove(edge)
+            self._edges_dropped += dropped
+            self._edges_uploaded += not dropped
+            self._last_error = error or self._last_error
+            self._state, self._delay, self._retry_at = "uploading", 0.0, 0.0
+            self._cv.notify_all()
 
     def _backoff(self, e: FleetUnavailableError) -> None:
         with self._cv:
