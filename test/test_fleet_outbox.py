@@ -162,6 +162,57 @@ def test_a_database_that_hangs_never_holds_up_the_producer(rng) -> None:
         assert max(durations) < 0.15, durations  # the connect attempts take 2 s each: never waited for
 
 
+def server_processes(postmaster: int) -> list[int]:
+    """The postmaster and its children (each child makes itself a process group leader: killpg misses them)."""
+    children = []
+    for d in os.listdir("/proc"):
+        try:
+            stat = Path(f"/proc/{d}/stat").read_text() if d.isdigit() else ""
+        except OSError:
+            continue
+        if stat and int(stat.rsplit(")", 1)[1].split()[1]) == postmaster:
+            children.append(int(d))
+    return [postmaster, *children]
+
+
+@pytest.mark.slow
+def test_a_frozen_server_is_a_stall_warning_and_nothing_is_lost(own_server_dir: Path, rng) -> None:
+    """The server's processes stopped (SIGSTOP) with the uploader's connection open: its upload neither fails nor
+    ends; after the stall time the status says WARN while the producer goes on; resumed (SIGCONT), all arrive."""
+    from pnv_ros.fleet.server import LocalServer
+
+    server = LocalServer(own_server_dir / "db")
+    feats = keyframes(rng, 8)
+    try:
+        dsn = server.start()
+        init_store(dsn)
+        with Outbox(opener(dsn), "A", threading.RLock(), new_map(), backoff_s=BACKOFF, stall_s=1.0) as box:
+            for i, f in enumerate(feats[:3]):
+                box.add(f, i + 1)
+            assert box.flush(30) and box.status().level == "OK"
+            frozen = server_processes(server.pid)
+            for pid in frozen:  # the postmaster first: it starts no process after
+                os.kill(pid, signal.SIGSTOP)
+            try:
+                t0 = time.perf_counter()
+                for i, f in enumerate(feats[3:], 3):
+                    box.add(f, i + 1)
+                worst = time.perf_counter() - t0
+                time.sleep(1.5)
+                st = box.status()
+            finally:
+                for pid in frozen:
+                    os.kill(pid, signal.SIGCONT)
+            assert st.stalled and st.level == "WARN" and st.pending == 5 and st.oldest_pending_s > 1.0, st
+            assert worst < 0.5  # five adds while the upload hangs
+            assert box.flush(60), box.status()
+            st = box.status()
+        assert (st.level, st.pending, st.uploaded, st.stalled) == ("OK", 0, 8, False)
+        assert stored_rows(dsn) == [("A", stored_rows(dsn)[0][1], i) for i in range(8)]
+    finally:
+        server.stop()
+
+
 @pytest.fixture
 def own_server_dir():
     root = Path(tempfile.mkdtemp(prefix="pnv_fleet_outbox_"))

@@ -43,6 +43,10 @@ from pnv_ros.place_map import PlaceMap
 #: Seconds of the first wait after the database was unreachable, and the most: 1 s doubling to 30 s
 #: (NOTES-30-fleet.md: a local server restarts in ~3 s here; 30 s bounds a long outage's retry rate).
 DEFAULT_BACKOFF_S = (1.0, 30.0)
+#: Seconds a keyframe may wait before the outbox says WARN even when no error came back: an upload takes ~10 ms
+#: (benchmarks/fleet_scale.py: 8.8 ms p50 with blobs), so 10 s of waiting means the upload is stuck (a frozen
+#: server holding the connection open: nothing fails, nothing moves).
+DEFAULT_STALL_S = 10.0
 #: Seconds the idle uploader sleeps between looks at the map when no :meth:`Outbox.added` woke it (keyframes
 #: added to the map by other code are picked up within this time).
 IDLE_POLL_S = 0.5
@@ -59,7 +63,8 @@ class OutboxStatus:
     oldest_pending_s: seconds since the oldest pending keyframe was added (0 when none or unknown);
     retry_in_s: seconds until the next try while backing off; last_error: the last failure's message;
     edges_pending / edges_uploaded: loop edges waiting / confirmed (new or stored already); edges_dropped: loop
-    edges the store refused (a fleet id it does not hold)."""
+    edges the store refused (a fleet id it does not hold); stalled: the oldest pending keyframe has waited longer
+    than the outbox's ``stall_s``."""
 
     state: str
     pending: int
@@ -72,13 +77,15 @@ class OutboxStatus:
     edges_pending: int = 0
     edges_uploaded: int = 0
     edges_dropped: int = 0
+    stalled: bool = False
 
     @property
     def level(self) -> str:
-        """'OK', 'WARN' (the database unreachable: keyframes wait) or 'ERROR' (uploads stopped)."""
+        """'OK', 'WARN' (the database unreachable, or the oldest keyframe waiting longer than the stall time:
+        keyframes wait) or 'ERROR' (uploads stopped)."""
         if self.state == "failed":
             return "ERROR"
-        return "WARN" if self.state == "unavailable" else "OK"
+        return "WARN" if self.state == "unavailable" or self.stalled else "OK"
 
 
 @dataclass
@@ -126,6 +133,7 @@ class Outbox:
         place_map: the map to follow from the start (or call :meth:`track`); session: its session (default: a
             new UUID); start: its first keyframe id of this run (earlier ones came from a loaded map).
         backoff_s: (first, most) seconds to wait after the database could not be reached.
+        stall_s: seconds a keyframe may wait before :meth:`status` says stalled (WARN), :data:`DEFAULT_STALL_S`.
 
     Raises FleetError for an empty robot id. Close it (or use it as a context manager) to stop the thread.
     """
@@ -140,11 +148,13 @@ class Outbox:
         session: str | None = None,
         start: int = 0,
         backoff_s: tuple[float, float] = DEFAULT_BACKOFF_S,
+        stall_s: float = DEFAULT_STALL_S,
     ) -> None:
         if not robot_id:
             raise FleetError("the outbox needs a robot_id")
         self.robot_id, self._open_store, self.lock = robot_id, open_store, lock
         self.backoff_s = (float(backoff_s[0]), float(backoff_s[1]))
+        self.stall_s = float(stall_s)
         self._cv = threading.Condition()
         self._gens: list[_Generation] = []
         self._edges: list[_Edge] = []
@@ -235,18 +245,20 @@ class Outbox:
             pending = sum(g.pending() for g in self._gens)
             busy = pending or self._edges
             oldest = min((t for g in self._gens for i, t in g.added_at.items() if i >= g.next), default=None)
+            waited = 0.0 if oldest is None or not pending else now - oldest
             return OutboxStatus(
                 self._state if busy or self._state in ("failed", "closed") else "idle",
                 pending,
                 self._uploaded,
                 self._duplicates,
                 self._failures,
-                0.0 if oldest is None or not pending else now - oldest,
+                waited,
                 max(0.0, self._retry_at - now) if self._state == "unavailable" else 0.0,
                 self._last_error,
                 len(self._edges),
                 self._edges_uploaded,
                 self._edges_dropped,
+                waited > self.stall_s,
             )
 
     def fleet_id(self, session: str, seq: int) -> int | None:
