@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_fleet_store import RANDOM_MODEL, SPEED, random_features
+from test_fleet_store import RANDOM_MODEL, SPEED, random_features, server_processes
 
 from pnv_ros.errors import FleetError
 from pnv_ros.features import PlaceFeatures
@@ -160,19 +160,6 @@ def test_a_database_that_hangs_never_holds_up_the_producer(rng) -> None:
         assert st.oldest_pending_s > 2.5
         print(f"add while the database hangs: max {max(durations) * 1e3:.2f} ms, failures {st.failures}")
         assert max(durations) < 0.15, durations  # the connect attempts take 2 s each: never waited for
-
-
-def server_processes(postmaster: int) -> list[int]:
-    """The postmaster and its children (each child makes itself a process group leader: killpg misses them)."""
-    children = []
-    for d in os.listdir("/proc"):
-        try:
-            stat = Path(f"/proc/{d}/stat").read_text() if d.isdigit() else ""
-        except OSError:
-            continue
-        if stat and int(stat.rsplit(")", 1)[1].split()[1]) == postmaster:
-            children.append(int(d))
-    return [postmaster, *children]
 
 
 @pytest.mark.slow

@@ -285,6 +285,35 @@ def own_server_dir():
     shutil.rmtree(root, ignore_errors=True)
 
 
+def server_processes(postmaster: int) -> list[int]:
+    """The postmaster and its children (each child makes itself a process group leader: killpg misses them)."""
+    children = []
+    for d in os.listdir("/proc"):
+        try:
+            stat = Path(f"/proc/{d}/stat").read_text() if d.isdigit() else ""
+        except OSError:
+            continue
+        if stat and int(stat.rsplit(")", 1)[1].split()[1]) == postmaster:
+            children.append(int(d))
+    return [postmaster, *children]
+
+
+def wait_gone(pids: list[int], timeout_s: float = 10.0) -> None:
+    """Wait until these processes have exited (zombies count as exited)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    for pid in pids:
+        while time.monotonic() < deadline:
+            try:
+                if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                    break
+            except OSError:
+                break
+            time.sleep(0.02)
+    assert time.monotonic() < deadline, f"server processes {pids} still run"
+
+
 @pytest.mark.slow
 def test_kill_9_of_the_server_loses_no_committed_row(own_server_dir: Path, rng) -> None:
     from pnv_ros.fleet.server import LocalServer
@@ -297,8 +326,10 @@ def test_kill_9_of_the_server_loses_no_committed_row(own_server_dir: Path, rng) 
         with FleetStore.open(dsn, 512, SPEED, RANDOM_MODEL) as s:
             ids = [s.add(f, robot_id="A", session="a1", seq=i, stamp_ns=i)[0] for i, f in enumerate(feats)]
             assert s.add_loop_edge(ids[5], ids[0], 0.7, method="rapid", reporter="A")
+            processes = server_processes(server.pid)
             os.kill(server.pid, signal.SIGKILL)
             assert server.wait(10) == -signal.SIGKILL
+            wait_gone(processes)  # its backends exit when they notice the postmaster's death: not at once
             with pytest.raises(FleetUnavailableError, match="lost the fleet database"):
                 s.count()
             server.start()
