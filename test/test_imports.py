@@ -31,6 +31,9 @@ LAYERS: list[tuple[str, list[str]]] = [
             "pnv_ros.index",  # the FAISS global index
             "pnv_ros.eval.ground_truth",  # ground-truth files and tolerances (pure)
             "pnv_ros.eval.metrics",  # recall and precision (pure)
+            "pnv_ros.fleet",  # the fleet store's package (docstring only)
+            "pnv_ros.fleet.schema",  # the fleet store's versioned tables (PostgreSQL + pgvector DDL)
+            "pnv_ros.fleet.server",  # a local PostgreSQL + pgvector, unprivileged, Unix socket only
         ],
     ),
     (
@@ -47,6 +50,8 @@ LAYERS: list[tuple[str, list[str]]] = [
             "pnv_ros.pose_graph",  # the reference GTSAM backend: keyframes, odometry and loop factors, iSAM2
             "pnv_ros.retrieval",  # global retrieval then re-ranking
             "pnv_ros.place_map",  # the keyframe map and its file
+            "pnv_ros.fleet.store",  # FleetStore: many robots' keyframes in PostgreSQL + pgvector
+            "pnv_ros.fleet.outbox",  # the outbox: a robot's keyframes to the fleet store in a thread, never blocking
             "pnv_ros.viz",  # match images
         ],
     ),

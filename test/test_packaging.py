@@ -75,10 +75,13 @@ PY_DEPS = {
     "nncf": ("nncf", None),
     "tensorrt": ("tensorrt", None),
     "gtsam": ("gtsam", None),
+    "psycopg": ("psycopg", None),
+    "pgvector": ("pgvector", None),
 }
-#: imported only by an engine that is asked for (pnv_ros.engines): module -> the setup.cfg extra that brings it,
+#: imported only by an engine that is asked for (pnv_ros.engines) or by the fleet store (pnv_ros.fleet, inside its
+#: functions): module -> the setup.cfg extra that brings it,
 #: or None where the platform brings it (TensorRT: NVIDIA's wheel, JetPack)
-OPTIONAL_DEPS = {"openvino": "openvino", "nncf": "openvino", "tensorrt": None}
+OPTIONAL_DEPS = {"openvino": "openvino", "nncf": "openvino", "tensorrt": None, "psycopg": "fleet", "pgvector": "fleet"}
 ROS_MODULES = {"rclpy", "rcl_interfaces", "builtin_interfaces", "ament_index_python", "cv_bridge", "rosidl_runtime_py"}
 
 
@@ -188,7 +191,8 @@ def test_setup_cfg_requires_what_the_library_imports_without_exact_torch_pins() 
     for module, extra in OPTIONAL_DEPS.items():
         if extra:
             assert PY_DEPS[module][0] in _requirements(extras[extra]), f"{module}: not in the {extra!r} extra"
-    for path in [*(REPO / "pnv_ros" / "engines").glob("*.py"), REPO / "pnv_ros" / "export.py"]:
+    optional_users = [*(REPO / "pnv_ros" / "engines").glob("*.py"), *(REPO / "pnv_ros" / "fleet").glob("*.py")]
+    for path in [*optional_users, REPO / "pnv_ros" / "export.py"]:
         engines = path.read_text()
         for module in OPTIONAL_DEPS:  # imported inside the engine that needs it, never at the top
             assert not re.search(rf"^(import|from) {module}\b", engines, re.M), f"{path}: {module} imported at the top"

@@ -13,6 +13,7 @@ bench                                    :mod:`pnv_ros.cli.bench`
 export                                   :mod:`pnv_ros.cli.export`
 train, add-pca                           :mod:`pnv_ros.cli.training`
 models list/download/build/refit/...     :mod:`pnv_ros.cli.models`
+fleet init, fleet serve                  :mod:`pnv_ros.cli.fleet`
 =======================================  ===========================================
 
 :mod:`pnv_ros.cli.common` holds the shared options, number types and the one extractor assembly.
@@ -28,14 +29,14 @@ import sys
 from collections.abc import Sequence
 
 from pnv_ros import __version__
-from pnv_ros.cli import bag, bench, evaluate, export, features, models, training
+from pnv_ros.cli import bag, bench, evaluate, export, features, fleet, models, training
 from pnv_ros.cli.common import Number, Parser
 from pnv_ros.errors import PnvError
 
 __all__ = ["Number", "build_parser", "main"]
 
 #: The command groups in the order ``pnv --help`` lists them.
-_GROUPS = (features, bag, evaluate, bench, export, training, models)
+_GROUPS = (features, bag, evaluate, bench, export, training, models, fleet)
 
 
 def build_parser() -> argparse.ArgumentParser:
