@@ -50,7 +50,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
@@ -67,10 +67,18 @@ from pnv_ros.loop_pose import estimate_loop_pose
 from pnv_ros.matching import PatchMatcher, ScaleMatch, rerank_order
 from pnv_ros.place_map import PlaceMap
 
+if TYPE_CHECKING:  # the fleet's modules are imported by whoever makes a FleetMember
+    from pnv_ros.fleet.member import FleetCandidate, FleetMember
+    from pnv_ros.fleet.store import FleetKeyframe
+
 #: A stamp at most this much older than the previous frame's is out of order (skipped);
 #: further back it is a clock jump (new session segment). 1 s: well above the reordering
 #: of multi-threaded camera drivers, well below any clock reset or bag loop.
 OUT_OF_ORDER_S = 1.0
+
+#: Seconds a service query (:meth:`LoopClosureDetector.query`) waits for the fleet's candidates: 5 s, longer
+#: than a frame's deadline (a graph optimizer asking is not the camera's frame rate), within a service timeout.
+SERVICE_WAIT_S = 5.0
 
 #: What a frame's camera may be: a CameraModel, a (3, 3) camera matrix K (no distortion), or a callable that
 #: gives one (or None) for the image size (width, height), passed as one tuple.
@@ -83,7 +91,12 @@ DepthArg = np.ndarray | Callable[[], "np.ndarray | None"] | None
 
 @dataclass
 class Candidate:
-    """A re-ranked candidate. score: absolute 0..1, higher better; counts from ``patch_size``'s scale."""
+    """A re-ranked candidate. score: absolute 0..1, higher better; counts from ``patch_size``'s scale.
+
+    A candidate from the fleet store (:attr:`from_fleet`: another robot's keyframe or an earlier session of this
+    robot) has ``id`` -1 and its origin in ``robot_id``, ``session``, ``seq`` and ``fleet_id`` (the store's id);
+    a local one has ``fleet_id`` -1 and empty origin fields.
+    """
 
     id: int
     stamp_ns: int
@@ -94,6 +107,14 @@ class Candidate:
     num_inliers: int
     patch_size: int
     details: list[ScaleMatch] | None = None
+    fleet_id: int = -1
+    robot_id: str = ""
+    session: str = ""
+    seq: int = -1
+
+    @property
+    def from_fleet(self) -> bool:
+        return self.id < 0
 
 
 @dataclass
@@ -106,6 +127,11 @@ class LoopClosure:
     without a camera, local features (or their rays), evidence, or for images of two sizes.
     match_from_loaded_map: the matched keyframe came with a loaded map (an earlier run), not
     from this run: its stamp is that run's clock, which may overlap this one's after a restart.
+    match_from_fleet: the match came from the fleet store (another robot, or an earlier session of this robot;
+    ``match_id`` is then 0 and the match is not in the local map). match_robot_id, match_session, match_seq: the
+    match's key in the fleet (robot, session = one map generation of that robot, number in that session; for a
+    local match of this run: this robot, its current session, ``match_id`` minus the run's first id; empty / -1
+    without a fleet or for a match from a loaded map). match_fleet_id: the store's id, -1 while not stored.
     """
 
     query_id: int
@@ -121,6 +147,11 @@ class LoopClosure:
     relative_pose: RelativePose | None = None
     details: list[ScaleMatch] | None = None  # per scale, the patch matches behind the score
     match_from_loaded_map: bool = False
+    match_from_fleet: bool = False
+    match_robot_id: str = ""
+    match_session: str = ""
+    match_seq: int = -1
+    match_fleet_id: int = -1
 
 
 @dataclass
@@ -292,6 +323,14 @@ class LoopClosureDetector:
         self.session = Session()
         self.generation = 0  # bumped by reset and load: frames admitted before are dropped
         self.counts = dict.fromkeys(self.COUNTERS, 0)
+        self.fleet: FleetMember | None = None
+
+    def join_fleet(self, member: FleetMember) -> None:
+        """Take part in a fleet: keyframes of this run (and every later map) go up through ``member``'s outbox,
+        and each query also searches the fleet store (:class:`~pnv_ros.fleet.member.FleetMember`)."""
+        with self.lock:
+            self.fleet = member
+            member.track(self.map, self.session.run_start)
 
     @property
     def model_id(self) -> str:
@@ -325,6 +364,8 @@ class LoopClosureDetector:
         with self.lock:
             self.map = self.new_map()
             self._new_session(0)
+            if self.fleet is not None:
+                self.fleet.track(self.map, 0)
 
     def load_map(self, path: str | Path) -> int:
         """Replace the map by a saved one (checked against this model and preset); a new run
@@ -344,6 +385,8 @@ class LoopClosureDetector:
         with self.lock:
             self.map = m
             self._new_session(len(m))
+            if self.fleet is not None:
+                self.fleet.track(m, len(m))
         return len(m)
 
     def save_map(self, path: str | Path) -> int:
@@ -433,6 +476,8 @@ class LoopClosureDetector:
         Raises MapError when the features do not fit the map (nothing is then changed).
         """
         t0 = time.perf_counter()
+        remote = self._fleet_lookup(features.global_desc)  # outside the lock: waits at most the fleet's deadline
+        t_fleet = time.perf_counter() - t0
         with self.lock:
             s, p = self.session, self._params
             if adm.generation != self.generation:
@@ -441,41 +486,34 @@ class LoopClosureDetector:
                     None, "map_changed", timings={"commit": time.perf_counter() - t0}, time_jump=adm.time_jump
                 )
             self.map.check_fits(features)  # a MapError before anything is matched or changed
-            cands = self._candidates(features, self._limit(adm.session_ns, p), p.top_n, None, None, details=True)
+            limit = self._limit(adm.session_ns, p)
+            cands = self._candidates(features, limit, p.top_n, None, None, details=True, remote=remote)
             t1 = time.perf_counter()
             kf_id = self.map.add(features, adm.stamp_ns, adm.position)
+            if self.fleet is not None:
+                self.fleet.added(kf_id, self.map)
             s.add(adm.session_ns)
             s.last_kf = _LastKeyframe(adm.session_ns, adm.thumb, adm.position, adm.orientation)
             self.counts["keyframes"] += 1
             best = max(cands, key=lambda c: c.score) if cands else None  # ties: the re-ranked order
             best = best if best is not None and best.score >= p.min_score else None
-            s.history.append(best.id if best else None)
+            s.history.append(None if best is None else self._history_key(best))
             result = FrameResult(
                 kf_id,
                 "keyframe",
                 cands,
-                timings={"rerank": t1 - t0},
+                timings={"rerank": t1 - t0 - t_fleet, "fleet": t_fleet},
                 time_jump=adm.time_jump,
                 generation=adm.generation,
             )
             if best is not None and self._consistent(p):
                 self.counts["loops"] += 1
-                result.loop = LoopClosure(
-                    kf_id,
-                    adm.stamp_ns,
-                    best.id,
-                    best.stamp_ns,
-                    best.score,
-                    best.global_distance,
-                    best.num_matches,
-                    best.num_inliers,
-                    best.patch_size,
-                    Matcher.parse(p.matcher or self.preset.matcher).value,
-                    None,
-                    best.details,
-                    best.id < s.run_start,
-                )
-                match = PlaceFeatures(np.empty(0), [], self.map.image_size(best.id), self.map.local_features(best.id))
+                result.loop = self._loop(kf_id, adm.stamp_ns, best, Matcher.parse(p.matcher or self.preset.matcher))
+                if best.from_fleet:
+                    match = next(r.keyframe.features for r in remote if r.keyframe.id == best.fleet_id)
+                else:
+                    size, local = self.map.image_size(best.id), self.map.local_features(best.id)
+                    match = PlaceFeatures(np.empty(0), [], size, local)
         if result.loop is not None and best is not None and best.details:
             t2 = time.perf_counter()
             cam = self._camera(camera, features.image_size)[0]
@@ -582,11 +620,54 @@ class LoopClosureDetector:
         return min(by_time, by_count)
 
     def _consistent(self, p: DetectorParams) -> bool:
+        """The last k keyframes' best candidates are of one origin (this map, or one fleet session) and within
+        ``temporal_tolerance`` of each other (keyframe ids, or sequence numbers in that session)."""
         k = p.temporal_k
         recent = list(self.session.history)[-k:]
         if len(recent) < k or any(r is None for r in recent):
             return False
-        return all(abs(a - b) <= p.temporal_tolerance for a, b in zip(recent, recent[1:]))
+        return all(a[0] == b[0] and abs(a[1] - b[1]) <= p.temporal_tolerance for a, b in zip(recent, recent[1:]))
+
+    @staticmethod
+    def _history_key(c: Candidate) -> tuple[tuple[str, str], int]:
+        """A candidate's place in its own sequence: ((robot, session), seq) from the fleet, (('', ''), id) here."""
+        return ((c.robot_id, c.session), c.seq) if c.from_fleet else (("", ""), c.id)
+
+    def _loop(self, kf_id: int, stamp_ns: int, best: Candidate, matcher: Matcher) -> LoopClosure:
+        """The accepted loop to ``best`` with the match's origin (under the lock); its edge queued for the fleet."""
+        run_start, fleet = self.session.run_start, self.fleet
+        lc = LoopClosure(
+            kf_id,
+            stamp_ns,
+            max(best.id, 0),
+            best.stamp_ns,
+            best.score,
+            best.global_distance,
+            best.num_matches,
+            best.num_inliers,
+            best.patch_size,
+            matcher.value,
+            None,
+            best.details,
+            0 <= best.id < run_start,
+        )
+        if best.from_fleet:
+            lc.match_from_fleet, lc.match_robot_id, lc.match_session = True, best.robot_id, best.session
+            lc.match_seq, lc.match_fleet_id = best.seq, best.fleet_id
+        elif fleet is not None:
+            lc.match_robot_id = fleet.robot_id
+            if best.id >= run_start:
+                lc.match_session, lc.match_seq = fleet.session, best.id - run_start
+                lc.match_fleet_id = fleet.fleet_id(lc.match_seq)
+        if fleet is not None:
+            fleet.loop(kf_id, lc.score, lc.method, match_id=best.id, match_fleet_id=best.fleet_id)
+        return lc
+
+    def _fleet_lookup(self, global_desc: np.ndarray, wait_s: float | None = None) -> list[FleetCandidate]:
+        """Fleet candidates for a descriptor (none without a fleet, or when its answer is late: see
+        :meth:`FleetMember.lookup`). Called outside the lock."""
+        fleet = self.fleet
+        return [] if fleet is None else fleet.lookup(global_desc, wait_s=wait_s)
 
     # -- retrieval and verification -------------------------------------------------------
     def query(
@@ -597,10 +678,12 @@ class LoopClosureDetector:
         exclude_id: int | None = None,
         limit: int | None = None,
     ) -> list[Candidate]:
-        """Re-ranked candidates (best first by fused score) among keyframe ids < limit (all when None)."""
+        """Re-ranked candidates (best first by fused score) among keyframe ids < limit (all when None), and with a
+        fleet its candidates too (:meth:`join_fleet`; waiting up to :data:`SERVICE_WAIT_S` for them)."""
+        remote = self._fleet_lookup(features.global_desc, wait_s=SERVICE_WAIT_S)
         with self.lock:
             n = len(self.map) if limit is None else limit
-            return self._candidates(features, n, top_n or self._params.top_n, matcher, exclude_id)
+            return self._candidates(features, n, top_n or self._params.top_n, matcher, exclude_id, remote=remote)
 
     def query_image(self, image: np.ndarray, top_n: int | None = None, matcher: str | None = None) -> list[Candidate]:
         """:meth:`query` for an image (H, W[, C]) that is not in the map (extracted outside the lock).
@@ -657,32 +740,50 @@ class LoopClosureDetector:
         matcher: str | None,
         exclude_id: int | None,
         details: bool = False,
+        remote: list[FleetCandidate] | tuple = (),
     ) -> list[Candidate]:
+        """The local top ``n`` below ``limit`` and the fleet's ``remote`` candidates, re-ranked together by one
+        matcher (under the lock). Fleet keyframes of this robot that the local map holds (a loaded map that was
+        uploaded) are left out: the local copy answers."""
         pairs = self._nearest(features.global_desc, limit, n, exclude_id)
-        if not pairs:
+        remote = [r for r in remote if not self._held_locally(r.keyframe)]
+        if not pairs and not remote:
             return []
         pm = self.matcher_for(matcher)
-        sc = pm.score(
-            features, [PlaceFeatures(np.empty(0), self.map.patches(i), (0, 0)) for i, _ in pairs], details=details
-        )
-        fused = pm.fuse(sc.raw, np.array([d for _, d in pairs]))
+        dbs = [PlaceFeatures(np.empty(0), self.map.patches(i), (0, 0)) for i, _ in pairs]
+        dbs += [PlaceFeatures(np.empty(0), r.keyframe.features.patches, (0, 0)) for r in remote]
+        sc = pm.score(features, dbs, details=details)
+        dists = [d for _, d in pairs] + [r.distance for r in remote]
+        fused = pm.fuse(sc.raw, np.array(dists))
         absolute, dom = pm.absolute(sc.raw), pm.dominant_scale(sc.raw)
         stamps = self.map.stamps
+        origins = [(i, int(stamps[i]), -1, "", "", -1) for i, _ in pairs]
+        origins += [(-1, k.stamp_ns, k.id, k.robot_id, k.session, k.seq) for k in (r.keyframe for r in remote)]
         out = [
             Candidate(
                 i,
-                int(stamps[i]),
+                stamp,
                 float(absolute[j]),
                 float(fused[j]),
-                d,
+                dists[j],
                 int(sc.num_matches[j, dom[j]]),
                 int(sc.num_inliers[j, dom[j]]),
                 int(self.preset.patch_sizes[dom[j]]),
                 sc.details[j] if details else None,
+                fleet_id,
+                robot,
+                session,
+                seq,
             )
-            for j, (i, d) in enumerate(pairs)
+            for j, (i, stamp, fleet_id, robot, session, seq) in enumerate(origins)
         ]
         return [out[j] for j in rerank_order(fused)]
+
+    def _held_locally(self, kf: FleetKeyframe) -> bool:
+        """A fleet keyframe of this robot whose stamp a local keyframe has: the same keyframe, uploaded by an
+        earlier run whose map was loaded (under the lock)."""
+        fleet = self.fleet
+        return fleet is not None and kf.robot_id == fleet.robot_id and bool(np.any(self.map.stamps == kf.stamp_ns))
 
     def verify(
         self,
@@ -751,4 +852,5 @@ class LoopClosureDetector:
                 "ram_local_bytes": self.map.ram_local_bytes,
                 "bytes_per_keyframe": int(self.map.nbytes_per_keyframe()),
                 "store_trouble": self.map.trouble or "",
+                **({} if self.fleet is None else self.fleet.status()[2]),
             }

@@ -4,6 +4,7 @@ small real test data: random-weight checkpoints, images from the repo's sets."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -118,6 +119,27 @@ def ros():
     yield c
     c.node.destroy_node()
     rclpy.shutdown()
+
+
+@contextlib.contextmanager
+def fleet_database(server, prefix: str = "t", init: bool = False):
+    """A new database on a fleet test server (with an empty store when ``init``); yields its DSN, then drops it."""
+    import uuid
+
+    import psycopg
+
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server.dsn("postgres"), autocommit=True) as c:
+        c.execute(f'CREATE DATABASE "{name}"')
+    try:
+        if init:
+            from pnv_ros.fleet.store import init_store
+
+            init_store(server.dsn(name))
+        yield server.dsn(name)
+    finally:
+        with psycopg.connect(server.dsn("postgres"), autocommit=True) as c:
+            c.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="session")

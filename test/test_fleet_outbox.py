@@ -10,11 +10,11 @@ import signal
 import tempfile
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import fleet_database
 from test_fleet_store import RANDOM_MODEL, SPEED, random_features, server_processes
 
 from pnv_ros.errors import FleetError
@@ -30,15 +30,8 @@ BACKOFF = (0.2, 1.0)
 @pytest.fixture
 def outbox_db(fleet_server) -> str:
     """A new database with an empty store on the session's server; its DSN. Dropped afterwards."""
-    import psycopg
-
-    name = f"o_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(fleet_server.dsn("postgres"), autocommit=True) as c:
-        c.execute(f'CREATE DATABASE "{name}"')
-    init_store(fleet_server.dsn(name))
-    yield fleet_server.dsn(name)
-    with psycopg.connect(fleet_server.dsn("postgres"), autocommit=True) as c:
-        c.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    with fleet_database(fleet_server, "o", init=True) as dsn:
+        yield dsn
 
 
 def keyframes(rng: np.random.Generator, n: int) -> list[PlaceFeatures]:

@@ -11,12 +11,11 @@ import signal
 import subprocess
 import sys
 import tempfile
-import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import rtab_frame
+from conftest import fleet_database, rtab_frame
 
 from pnv_ros.config import get_preset
 from pnv_ros.errors import FleetError, FleetUnavailableError
@@ -32,14 +31,8 @@ RANDOM_MODEL = "random_test:512:0123456789ab"
 @pytest.fixture
 def fleet_db(fleet_server) -> str:
     """A new, empty database on the session's server; its DSN. Dropped afterwards."""
-    import psycopg
-
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(fleet_server.dsn("postgres"), autocommit=True) as c:
-        c.execute(f'CREATE DATABASE "{name}"')
-    yield fleet_server.dsn(name)
-    with psycopg.connect(fleet_server.dsn("postgres"), autocommit=True) as c:
-        c.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    with fleet_database(fleet_server) as dsn:
+        yield dsn
 
 
 def random_features(rng: np.random.Generator, n_local: int = 20) -> PlaceFeatures:

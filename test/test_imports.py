@@ -52,6 +52,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "pnv_ros.place_map",  # the keyframe map and its file
             "pnv_ros.fleet.store",  # FleetStore: many robots' keyframes in PostgreSQL + pgvector
             "pnv_ros.fleet.outbox",  # the outbox: a robot's keyframes to the fleet store in a thread, never blocking
+            "pnv_ros.fleet.member",  # FleetMember: a robot's uploads and fleet queries (with a deadline)
             "pnv_ros.viz",  # match images
         ],
     ),

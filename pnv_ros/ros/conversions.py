@@ -62,6 +62,11 @@ def loop_closure_msg(lc, header):
         query_stamp=ns_to_stamp(lc.query_stamp_ns),
         match_stamp=ns_to_stamp(lc.match_stamp_ns),
         match_from_loaded_map=lc.match_from_loaded_map,
+        match_from_fleet=lc.match_from_fleet,
+        match_robot_id=lc.match_robot_id,
+        match_session=lc.match_session,
+        match_seq=max(lc.match_seq, 0),
+        match_fleet_id=lc.match_fleet_id,
         score=float(lc.score),
         global_distance=float(lc.global_distance),
         patch_size=lc.patch_size,
@@ -69,6 +74,19 @@ def loop_closure_msg(lc, header):
         num_inliers=lc.num_inliers,
         relative_pose=relative_pose_msg(lc.relative_pose, frame, frame),
     )
+
+
+def fill_candidates(resp, cands) -> None:
+    """QueryPlace's response from re-ranked :class:`pnv_ros.detector.Candidate` s (best first): ids (0 for a fleet
+    candidate), stamps, scores, distances and each one's fleet origin."""
+    resp.ids = [max(c.id, 0) for c in cands]
+    resp.stamps = [ns_to_stamp(c.stamp_ns) for c in cands]
+    resp.scores = [float(c.score) for c in cands]
+    resp.global_distances = [float(c.global_distance) for c in cands]
+    resp.from_fleet = [c.from_fleet for c in cands]
+    resp.robot_ids, resp.sessions = [c.robot_id for c in cands], [c.session for c in cands]
+    resp.seqs, resp.fleet_ids = [max(c.seq, 0) for c in cands], [c.fleet_id for c in cands]
+    resp.message = f"{len(cands)} candidates"
 
 
 def keyframe_msg(header, kf_id: int, map_keyframes: int, odom=None):

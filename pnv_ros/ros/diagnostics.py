@@ -90,6 +90,7 @@ def assess(
     store_trouble: str = "",
     unloadable: str | None = None,
     last_error: str = "",
+    fleet: tuple[str, str] | None = None,
 ) -> Assessment:
     """The node's level and problems.
 
@@ -97,9 +98,12 @@ def assess(
     'qos_incompatible' and the kinds of :data:`WARNINGS`). silent_s: seconds since the last image (since the
     start when none came). image_topic: the resolved image topic, for the no-input warning. store_trouble: the
     map store's trouble ('' = none). unloadable: the map file that failed to load at start, if any.
-    last_error: the reason of the last bad frame.
+    last_error: the reason of the last bad frame. fleet: the fleet member's (level 'OK' | 'WARN' | 'ERROR',
+    problem) (:meth:`pnv_ros.fleet.member.FleetMember.status`), None without a fleet.
     """
     a = Assessment()
+    if fleet is not None and fleet[0] != "OK":
+        a.flag(Level.ERROR if fleet[0] == "ERROR" else Level.WARN, fleet[1])
     if store_trouble:
         a.flag(Level.ERROR, f"map store: {store_trouble}")
     if unloadable is not None:

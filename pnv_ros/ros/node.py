@@ -44,7 +44,7 @@ from pnv_ros.ros.depth import DepthInput
 from pnv_ros.ros.map_files import MapFiles
 from pnv_ros.ros.odometry import OdometryBuffer, valid_pose
 from pnv_ros.ros.profiles import descriptor, qos
-from pnv_ros.ros.startup import detector_from_parameters, ready_message
+from pnv_ros.ros.startup import close_fleet, detector_from_parameters, fleet_from_parameters, ready_message
 from pnv_ros.ros.viz import Thumbnails, clear_markers, loop_marker, match_picture
 from pnv_ros.ros.worker import LatestWinsWorker
 from pnv_ros.srv import MapCommand, QueryPlace, VerifyPair
@@ -62,6 +62,7 @@ class LoopClosureNode(Node):
             P.check(p.name, g(p.name))
         self.log = self.get_logger()
         self.detector = detector_from_parameters(g, self.log.info)
+        self.fleet = fleet_from_parameters(self.detector, g)  # None without fleet_dsn
         self.stats = {"bad": 0, "qos_incompatible": 0, "service_errors": 0}
         self._stats_lock = threading.Lock()
         self.latency: dict[str, deque] = {k: deque(maxlen=100) for k in ("extract", "commit", "total")}
@@ -274,6 +275,10 @@ class LoopClosureNode(Node):
 
     def _publish_loop(self, msg, lc, query_size, gen: int, pos) -> None:
         self.pub_loop.publish(C.loop_closure_msg(lc, msg.header))
+        if lc.match_from_fleet:  # not in this map: no thumbnail, and its position is in another odometry frame
+            where = f"robot {lc.match_robot_id} session {lc.match_session[:8]} keyframe {lc.match_seq}"
+            self.log.info(f"loop: keyframe {lc.query_id} -> {where} (fleet), score {lc.score:.3f}")
+            return
         self.log.info(f"loop: keyframe {lc.query_id} -> {lc.match_id}, score {lc.score:.3f}")
         if self.pub_img.get_subscription_count() > 0:
             with self.detector.lock:
@@ -301,6 +306,7 @@ class LoopClosureNode(Node):
             silent_s=silent_s,
             image_topic=self.resolve_topic_name(self.image_topic),
             store_trouble=str(det["store_trouble"]),
+            fleet=None if self.fleet is None else self.fleet.status()[:2],
             unloadable=self.maps.unloadable,
             last_error=self._last_error,
         )
@@ -344,17 +350,18 @@ class LoopClosureNode(Node):
             cands = det.query_keyframe(stamp_ns=C.stamp_to_ns(req.stamp), top_n=top_n, matcher=matcher)
         else:
             raise PnvError(f"unknown mode {req.mode}: use BY_ID (0), BY_STAMP (1) or BY_IMAGE (2)")
-        resp.ids = [c.id for c in cands]
-        resp.stamps = [C.ns_to_stamp(c.stamp_ns) for c in cands]
-        resp.scores = [float(c.score) for c in cands]
-        resp.global_distances = [float(c.global_distance) for c in cands]
-        resp.message = f"{len(cands)} candidates"
+        C.fill_candidates(resp, cands)
 
     def _verify(self, req, resp) -> None:
         det = self.detector
-        if req.id_a == req.id_b:
+        if req.fleet_id_b > 0:  # another robot's keyframe (query_place's fleet_ids)
+            if self.fleet is None:
+                raise PnvError(f"fleet_id_b {req.fleet_id_b}: this node has no fleet (fleet_dsn is empty)")
+            a, b = det.features_of(req.id_a), self.fleet.keyframe(req.fleet_id_b).features
+        elif req.id_a == req.id_b:
             raise PnvError(f"id_a and id_b are both {req.id_a}: give two different keyframes")
-        a, b = det.features_of(req.id_a), det.features_of(req.id_b)
+        else:
+            a, b = det.features_of(req.id_a), det.features_of(req.id_b)
         score, nm, ni, pose = det.verify(a, b, req.matcher or None, self._camera_for(a.image_size, b.image_size))
         resp.score, resp.num_matches, resp.num_inliers = score, nm, ni
         resp.relative_pose = C.relative_pose_msg(pose, self._camera_frame, self._camera_frame)
@@ -380,6 +387,8 @@ class LoopClosureNode(Node):
         if not self.worker.stop(timeout=30):
             self.log.warning("the worker did not finish its frame within 30 s")
         self.maps.save_on_shutdown(self._value("save_map_on_shutdown"))
+        if self.fleet is not None:  # what the database has not confirmed within the wait is lost (see docs/fleet.md)
+            close_fleet(self.fleet, self.log.warning)
 
 
 def main(argv: list[str] | None = None) -> int:

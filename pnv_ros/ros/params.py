@@ -21,6 +21,7 @@ from typing import Any
 
 from pnv_ros.config import ENGINES, PRECISIONS, DetectorParams
 from pnv_ros.errors import ConfigError
+from pnv_ros.fleet.member import DEFAULT_DEADLINE_S, DEFAULT_TOP_N
 
 #: QoS choices for the inputs. sensor_data = best effort, volatile, keep last (what camera drivers
 #: publish with); reliable / best_effort = that reliability with the given depth.
@@ -156,6 +157,26 @@ NODE_TABLE: tuple[Param, ...] = (
         "files in the temp folder (0 = no limit). 4096: about 4,000 keyframes of the speed preset (1 MB each), an "
         "hour or more of driving, before a robot's RAM fills",
         range=(0.0, 1e7),
+    ),
+    Param(
+        "fleet_dsn",
+        "",
+        "a fleet store shared by many robots (PostgreSQL + pgvector; libpq connection string, e.g. from pnv fleet "
+        "serve): every keyframe is uploaded, every query also searches other robots' keyframes and this robot's "
+        "earlier sessions; '' = this node's map only",
+    ),
+    Param("robot_id", "", "this robot's name in the fleet (unique per robot; required with fleet_dsn)"),
+    Param(
+        "fleet_top_n",
+        DEFAULT_TOP_N,
+        "fleet candidates re-ranked per keyframe besides the local top_n (each costs a ~1 MB fetch, then cached)",
+        range=(1, 100),
+    ),
+    Param(
+        "fleet_deadline_s",
+        DEFAULT_DEADLINE_S,
+        "seconds a keyframe waits for the fleet's candidates before going on with its local ones (counted late)",
+        range=(0.01, 10.0),
     ),
     Param("map_dir", str(Path.home() / ".ros" / "pnv_maps"), "folder for saved maps"),
     Param("load_map", "", "map name (in map_dir) to load at start"),

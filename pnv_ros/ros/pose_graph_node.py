@@ -122,7 +122,12 @@ class PoseGraphNode(Node):
         self.settings = G.settings(self._value)
         self.extrinsic = G.extrinsic(self._value("camera_extrinsic"))
         self.map_dir = Path(self._value("map_dir"))
-        self.stats = {"keyframes_without_odometry": 0, "duplicate_keyframes": 0, "loops_without_pose": 0}
+        self.stats = {
+            "keyframes_without_odometry": 0,
+            "duplicate_keyframes": 0,
+            "loops_without_pose": 0,
+            "fleet_loops_ignored": 0,
+        }
         self.stats.update({"bad_loops": 0, "pending_dropped": 0, "bad_odom": 0, "odometry_resets": 0})
         self.stats["rejected_loops"] = self.stats["id_restarts"] = self.stats["bad_keyframes"] = 0
         self._lock = threading.Lock()  # the graph and both queues
@@ -290,6 +295,9 @@ class PoseGraphNode(Node):
             self._odom_stamp = msg.odometry.header.stamp
 
     def _on_loop(self, msg: LoopClosure) -> None:
+        if msg.match_from_fleet:  # another robot's keyframe (or an earlier session's): not in this robot's graph
+            self.stats["fleet_loops_ignored"] += 1
+            return
         try:
             loop = loop_from_msg(msg)
         except PnvError as e:

@@ -14,6 +14,7 @@ from pnv_ros.config import load_preset
 from pnv_ros.detector import LoopClosureDetector
 from pnv_ros.engines.spec import RuntimeSpec
 from pnv_ros.extract import open_extractor
+from pnv_ros.fleet.member import FleetMember
 from pnv_ros.model.registry import resolve_checkpoint
 from pnv_ros.ros import params as P
 
@@ -43,6 +44,50 @@ def detector_from_parameters(value: Callable[[str], Any], log: Callable[[str], o
         patch_dtype=g("patch_dtype"),
         memory_budget_mb=g("memory_budget_mb"),
     )
+
+
+def fleet_from_parameters(detector: LoopClosureDetector, value: Callable[[str], Any]) -> FleetMember | None:
+    """With ``fleet_dsn``: a :class:`FleetMember` for ``robot_id`` joined to the detector (nothing connects yet:
+    a database that is down at start is a WARN, not a failed start); None without. Raises FleetError (no
+    robot_id, bad settings) and ConfigError when the fleet extra is not installed."""
+    if not value("fleet_dsn"):
+        return None
+    import importlib.util
+
+    from pnv_ros.errors import ConfigError
+    from pnv_ros.fleet.member import FleetMember, FleetSettings
+
+    if importlib.util.find_spec("psycopg") is None or importlib.util.find_spec("pgvector") is None:
+        raise ConfigError("fleet_dsn needs the fleet extra: pip install 'pnv_ros[fleet]' (psycopg, pgvector)")
+    settings = FleetSettings(
+        value("fleet_dsn"),
+        value("robot_id"),
+        top_n=value("fleet_top_n"),
+        deadline_s=value("fleet_deadline_s"),
+    )
+    m = detector.map
+    member = FleetMember(
+        settings,
+        dim=detector.extractor.dim,
+        preset=detector.preset,
+        model_id=detector.model_id,
+        patch_dtype=m.patch_dtype.name,
+        lock=detector.lock,
+    )
+    detector.join_fleet(member)
+    return member
+
+
+#: Seconds the node waits at shutdown for the fleet uploads still pending (~10 ms each when the database answers).
+FLEET_FLUSH_S = 10.0
+
+
+def close_fleet(member: FleetMember, warn: Callable[[str], object], wait_s: float = FLEET_FLUSH_S) -> None:
+    """At shutdown: wait up to ``wait_s`` for the pending uploads, say how many are left, stop the threads."""
+    if not member.outbox.flush(wait_s):
+        left = member.outbox.status().pending
+        warn(f"fleet: {left} keyframes not uploaded at shutdown (database unreachable); save the map to keep them")
+    member.close()
 
 
 def refit_vocabulary(ckpt: Path, value: Callable[[str], Any], log: Callable[[str], object]) -> Path:
