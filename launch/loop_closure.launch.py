@@ -1,7 +1,7 @@
 """ros2 launch pnv_ros loop_closure.launch.py image:=/camera/image_rect image_rectified:=true preset:=speed
 
 The same arguments as loop_closure.launch.xml. ``compressed``, ``image_rectified``, ``use_sim_time``,
-``preset`` and ``checkpoint`` override the parameters file. An image_rect topic needs
+``preset``, ``checkpoint``, ``fleet_dsn`` and ``robot_id`` override the parameters file. An image_rect topic needs
 ``image_rectified:=true`` (camera_info's P, no distortion); a raw image (image_raw) keeps the default false (K
 and D). ``depth`` names an optional depth image registered to the colour camera (16UC1 mm or 32FC1 m): with
 it, loops' relative poses are METRIC. The inputs' QoS is set in the parameters file (``image_qos``,
@@ -30,6 +30,8 @@ ARGUMENTS = (
     ("use_sim_time", "false", "use /clock (bag replay, simulation)"),
     ("preset", "speed", "performance | speed | storage"),
     ("checkpoint", "", "checkpoint path or official model name; '' = the offline default model"),
+    ("fleet_dsn", "", "a fleet store shared by many robots (libpq connection string); '' = this node's map only"),
+    ("robot_id", "", "this robot's name in the fleet (unique per robot; required with fleet_dsn)"),
     # launch's own names (ExecuteLocal reads these launch configurations; its defaults are 5 s and 5 s): seconds
     # from Ctrl-C to SIGTERM, then to SIGKILL. save_map_on_shutdown writes the whole map (about 1 MB a keyframe,
     # speed preset) and a SIGKILL mid-save keeps only the previous file: room for a large map on slow storage.
@@ -47,7 +49,15 @@ REMAPS = (  # the node's topic name -> the argument that names the real topic
 
 #: launch arguments that override the parameters file, typed (an empty checkpoint stays '': untyped, YAML would
 #: read it as null)
-TYPED = (("preset", str), ("checkpoint", str), ("compressed", bool), ("image_rectified", bool), ("use_sim_time", bool))
+TYPED = (
+    ("preset", str),
+    ("checkpoint", str),
+    ("fleet_dsn", str),
+    ("robot_id", str),
+    ("compressed", bool),
+    ("image_rectified", bool),
+    ("use_sim_time", bool),
+)
 
 
 def loop_closure_node(params_file, *more: dict) -> Node:
