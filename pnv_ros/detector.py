@@ -385,15 +385,18 @@ class LoopClosureDetector:
         with self.lock:
             self.map = m
             self._new_session(len(m))
-            if self.fleet is not None:
-                self.fleet.track(m, len(m))
+            if self.fleet is not None:  # what an earlier run of this robot left unsent goes first
+                self.fleet.resume(m, m.notes.get("fleet"), len(m))
         return len(m)
 
     def save_map(self, path: str | Path) -> int:
-        """Save the map atomically; the lock is held only to take a snapshot. Returns the count.
-        Raises OSError (the previous file stays)."""
+        """Save the map atomically; the lock is held only to take a snapshot. Returns the count. In a fleet the
+        file also records which keyframes are not uploaded yet (:meth:`FleetMember.watermarks`), which
+        :meth:`load_map` sends. Raises OSError (the previous file stays)."""
         with self.lock:
             snap = self.map.snapshot()
+            if self.fleet is not None:  # the uploads' watermarks: a run that loads the file sends the rest
+                snap.note("fleet", self.fleet.watermarks(self.map))
         snap.write(path)
         return len(snap.stamps)
 

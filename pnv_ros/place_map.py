@@ -433,6 +433,8 @@ class PlaceMap:
         self.ram_local_bytes = 0  # RAM bytes of the stored local features; the budget holds for the two together
         self.spill_failures = 0
         self.trouble: str | None = None  # the store's problem now (a spill failing), for diagnostics
+        #: what the owner noted in the file this map was loaded from (``MapSnapshot.notes``; {} for a new map)
+        self.notes: dict = {}
 
     def __len__(self) -> int:
         return self._n
@@ -752,6 +754,8 @@ class PlaceMap:
         # benchmarks/scale_index.py --one-at-a-time measured the same one by one).
         m.index.add(glob)
         m._n = count
+        notes = meta.get("notes", {})
+        m.notes = notes if isinstance(notes, dict) else {}
         m.check()
         return m
 
@@ -781,6 +785,11 @@ class MapSnapshot:
     shapes: list[tuple[int, int]] = field(default_factory=list)
     patch_dtype: np.dtype = field(default_factory=lambda: np.dtype("float16"))
     local: _LocalSnapshot | None = None
+
+    def note(self, key: str, value: object) -> None:
+        """Record an owner's note in the file's metadata (JSON; e.g. the fleet's upload watermarks), read back
+        as :attr:`PlaceMap.notes` after a load; the map's own keys are not affected."""
+        self.meta.setdefault("notes", {})[key] = value
 
     def write(self, path: str | Path) -> None:
         """Write atomically (temp file, fsync, rename); patches streamed segment by segment.

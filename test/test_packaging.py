@@ -43,6 +43,8 @@ LAUNCH_DEFAULTS = {  # argument -> default value as the node receives it ('' = e
     "sigterm_timeout": "60",  # launch reads these two by name: room for save_map_on_shutdown (README, Shutdown)
     "sigkill_timeout": "240",
     "checkpoint": "",
+    "fleet_dsn": "",
+    "robot_id": "",
 }
 LAUNCH_ARGS = {*LAUNCH_DEFAULTS, "params_file"}
 LAUNCH_REMAPS = {
@@ -52,7 +54,15 @@ LAUNCH_REMAPS = {
     "odom": "odom",
     "depth": "depth",
 }
-LAUNCH_PARAMS = {"preset": str, "checkpoint": str, "compressed": bool, "image_rectified": bool, "use_sim_time": bool}
+LAUNCH_PARAMS = {
+    "preset": str,
+    "checkpoint": str,
+    "fleet_dsn": str,
+    "robot_id": str,
+    "compressed": bool,
+    "image_rectified": bool,
+    "use_sim_time": bool,
+}
 
 # Third-party modules the library imports -> (pip requirement, rosdep key or None where rosdistro has none).
 PY_DEPS = {
@@ -398,7 +408,8 @@ def test_xml_launch_declares_the_arguments_and_wires_them() -> None:
     args, node = _xml_launch()
     assert set(args) == LAUNCH_ARGS
     for name, default in LAUNCH_DEFAULTS.items():
-        value = yaml.safe_load(args[name]) if name == "checkpoint" else args[name]  # '' = YAML's empty string
+        empty_strings = ("checkpoint", "fleet_dsn", "robot_id")
+        value = yaml.safe_load(args[name]) if name in empty_strings else args[name]  # '' = YAML's empty string
         assert value == default, (name, args[name])
     assert args["params_file"] == "$(find-pkg-share pnv_ros)/config/$(var preset).yaml"
     assert (node.get("pkg"), node.get("exec"), node.get("name")) == ("pnv_ros", "loop_closure_node", "loop_closure")

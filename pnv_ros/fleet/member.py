@@ -135,6 +135,28 @@ class FleetMember:
         """Upload ``place_map``'s keyframes from ``start`` (this run's first) as a new session; returns it."""
         return self.outbox.track(place_map, None, start)
 
+    def resume(self, place_map: PlaceMap, saved: object, start: int) -> int:
+        """A loaded map: first send what its file says an earlier run of this robot had not uploaded (``saved``:
+        the file's ``fleet`` note, :meth:`watermarks` of that run; generations of another robot are not this
+        robot's to send), under their own sessions; then follow the map from ``start`` as a new session.
+        Returns the keyframes still to send from earlier runs."""
+        left = 0
+        for g in saved if isinstance(saved, list) else []:
+            try:
+                robot, session, first, end, done = g["robot_id"], g["session"], g["start"], g["end"], g["uploaded"]
+                ok = robot == self.robot_id and isinstance(session, str) and 0 <= first <= done <= end <= start
+            except (KeyError, TypeError):
+                ok = False
+            if ok and done < end:
+                self.outbox.track(place_map, session, int(first), int(done), int(end))
+                left += int(end) - int(done)
+        self.track(place_map, start)
+        return left
+
+    def watermarks(self, place_map: PlaceMap) -> list[dict]:
+        """What a saved ``place_map`` records of its uploads (:meth:`Outbox.watermarks`)."""
+        return self.outbox.watermarks(place_map)
+
     @property
     def session(self) -> str:
         """The current session (a UUID per map generation: the node's start, each reset and load)."""

@@ -96,11 +96,12 @@ class _Generation:
     session: str
     start: int
     next: int
+    end: int | None = None  # the generation's last id + 1 when it is closed (a loaded map's earlier session)
     added_at: dict[int, float] = field(default_factory=dict)  # id -> monotonic time of its add (pending only)
     fleet_ids: dict[int, int] = field(default_factory=dict)  # seq -> fleet id of the confirmed keyframes
 
     def pending(self) -> int:
-        return max(0, len(self.map) - self.next)
+        return max(0, (len(self.map) if self.end is None else min(self.end, len(self.map))) - self.next)
 
 
 @dataclass
@@ -169,13 +170,19 @@ class Outbox:
 
     # -- the producer's side (never waits for the network) -------------------------------------------------
     def track(
-        self, place_map: PlaceMap, session: str | None = None, start: int = 0, uploaded: int | None = None
+        self,
+        place_map: PlaceMap,
+        session: str | None = None,
+        start: int = 0,
+        uploaded: int | None = None,
+        end: int | None = None,
     ) -> str:
-        """Follow a (new) map generation: keyframes ``start``.. go up as seq 0.. of ``session`` (default: a new
-        UUID), from ``uploaded`` (default ``start``: none confirmed yet). Earlier generations' pending keyframes
-        are uploaded first. Returns the session."""
+        """Follow a (new) map generation: keyframes ``start``.. (up to ``end``, default: all that come) go up as
+        seq 0.. of ``session`` (default: a new UUID), from ``uploaded`` (default ``start``: none confirmed yet).
+        Earlier generations' pending keyframes are uploaded first. Returns the session."""
         session = session or str(uuid.uuid4())
-        gen = _Generation(place_map, session, int(start), int(start if uploaded is None else uploaded))
+        first = int(start if uploaded is None else uploaded)
+        gen = _Generation(place_map, session, int(start), first, None if end is None else int(end))
         with self._cv:
             self._gens.append(gen)
             self._cv.notify_all()
@@ -260,6 +267,23 @@ class Outbox:
                 self._edges_dropped,
                 waited > self.stall_s,
             )
+
+    def watermarks(self, place_map: PlaceMap) -> list[dict]:
+        """The generations that upload ``place_map``'s keyframes, oldest first, as JSON-able dicts (robot_id,
+        session, start, end, uploaded): what a saved map records so that a run that loads it sends the rest
+        (:meth:`track` with these values)."""
+        with self._cv:
+            return [
+                {
+                    "robot_id": self.robot_id,
+                    "session": g.session,
+                    "start": g.start,
+                    "end": len(g.map) if g.end is None else g.end,
+                    "uploaded": g.next,
+                }
+                for g in self._gens
+                if g.map is place_map
+            ]
 
     def fleet_id(self, session: str, seq: int) -> int | None:
         """The fleet id of a confirmed keyframe of a tracked generation, or None (pending, or unknown)."""

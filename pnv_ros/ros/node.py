@@ -386,9 +386,9 @@ class LoopClosureNode(Node):
         """Finish the frame in hand (published), then save the map if save_map_on_shutdown names one."""
         if not self.worker.stop(timeout=30):
             self.log.warning("the worker did not finish its frame within 30 s")
-        self.maps.save_on_shutdown(self._value("save_map_on_shutdown"))
-        if self.fleet is not None:  # what the database has not confirmed within the wait is lost (see docs/fleet.md)
+        if self.fleet is not None:  # uploads first: the saved map then records what is still unsent
             close_fleet(self.fleet, self.log.warning)
+        self.maps.save_on_shutdown(self._value("save_map_on_shutdown"))
 
 
 def main(argv: list[str] | None = None) -> int:
