@@ -37,6 +37,7 @@ Writes fleet_scale.{json,md,png} into ``--out`` and, with ``--docs DIR``, into D
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import subprocess
 import sys
@@ -324,7 +325,9 @@ def configure(server: LocalServer, dsn: str, a) -> None:
     server.start()
 
 
-def run_size(n: int, seeds: Seeds, a, rng: np.random.Generator, root: Path) -> dict:
+def run_size(n: int, seeds: Seeds, a, rng: np.random.Generator, root: Path, done=None) -> dict:
+    """One size: the fleet store's measures, then the local map's. ``done(row)`` is called with the row after
+    each of the two (the row's ``local`` empty the first time), so a long local build loses nothing."""
     fs = seeds.sets[0][0]
     t0 = time.perf_counter()
     which = rng.integers(0, len(seeds.globals_), n)
@@ -353,8 +356,14 @@ def run_size(n: int, seeds: Seeds, a, rng: np.random.Generator, root: Path) -> d
     finally:
         if server is not None:
             server.stop()
-    local = local_side(seeds, descs, sets, a)
-    return {"n": n, "insert": ins, "fleet": found, "local": local, "wall_s": time.perf_counter() - t0}
+    row = {"n": n, "insert": ins, "fleet": found, "local": {}, "wall_s": time.perf_counter() - t0}
+    if done is not None:
+        done(row)
+    row["local"] = local_side(seeds, descs, sets, a)
+    row["wall_s"] = time.perf_counter() - t0
+    if done is not None:
+        done(row)
+    return row
 
 
 def _f(v, fmt: str) -> str:
@@ -386,7 +395,7 @@ def page(rec: dict) -> list[str]:
             f"{i['bulk_ms_per_keyframe']:.3f} | {_f(i.get('probe_ms_per_keyframe'), '.3f')} | "
             f"{_f(i['add_ms_p50'], '.1f')} / {_f(i['add_ms_p95'], '.1f')} | "
             f"{i['descriptor_bytes_per_keyframe']:,.0f} | {_f(i['blob_bytes_per_keyframe'], ',.0f')} | "
-            f"{i['bytes_per_keyframe_db'] / 1e6:.3f} | {loc['bytes_per_keyframe'] / 1e6:.3f} |"
+            f"{i['bytes_per_keyframe_db'] / 1e6:.3f} | {_f(loc.get('bytes_per_keyframe', None) and loc['bytes_per_keyframe'] / 1e6, '.3f')} |"
         )
     names = list(rec["rows"][0]["fleet"]) if rec["rows"] else []
     for name in names:
@@ -410,7 +419,8 @@ def page(rec: dict) -> list[str]:
     lines += ["", "Local FAISS, ms per keyframe added one at a time at that size / one-add build s:", ""]
     for r in rec["rows"]:
         loc = r["local"]
-        parts = [f"{k} {loc[k + '_add_ms']:.3f} ms / {loc[k + '_build_s']:.1f} s" for k in rec["args"]["local_kinds"]]
+        kinds = [k for k in rec["args"]["local_kinds"] if k + "_add_ms" in loc]
+        parts = [f"{k} {loc[k + '_add_ms']:.3f} ms / {loc[k + '_build_s']:.1f} s" for k in kinds] or ["not measured"]
         lines.append(f"- {r['n']:,}: {', '.join(parts)}; whole size run {r['wall_s'] / 60:.1f} min")
     return lines
 
@@ -490,7 +500,13 @@ def main() -> None:
     )
     ap.add_argument("--out", default="out/fleet_scale")
     ap.add_argument("--docs", help="also write fleet_scale.{json,md,png} here (docs/results)")
+    ap.add_argument("--from-json", help="only redraw the .md and .png of this fleet_scale.json (into --docs)")
     a = ap.parse_args()
+    if a.from_json:
+        rec = json.loads(Path(a.from_json).read_text())
+        common.write_md(Path(a.docs or a.out) / "fleet_scale.md", page(rec))
+        plot(rec, Path(a.docs or a.out) / "fleet_scale.png")
+        return
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     seeds = load_seeds(a.features, out)
@@ -503,10 +519,16 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="pnv_fleet_bench_"))
     root.chmod(0o755)  # open to pass for the server's user (see pnv_ros.fleet.server)
     rec["rows"] = []
+    folders = [out] + ([Path(a.docs)] if a.docs else [])
+
+    def done(row: dict) -> None:
+        rec["rows"][-1] = row
+        write(rec, folders)  # each size as soon as it is measured, the local map's part when it comes
+
     try:
         for s in a.sizes.split(","):
-            rec["rows"].append(run_size(int(s), seeds, a, rng, root))
-            write(rec, [out] + ([Path(a.docs)] if a.docs else []))  # each size as soon as it is measured
+            rec["rows"].append(None)
+            run_size(int(s), seeds, a, rng, root, done)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print("\n".join(page(rec)))
