@@ -496,7 +496,7 @@ def test_pnv_fleet_serve_prints_a_dsn_and_stops_on_sigterm(own_server_dir: Path)
 
 def test_fleet_scale_benchmark_runs_end_to_end(tmp_path: Path, rng) -> None:
     """benchmarks/fleet_scale.py at a tiny size on random seed descriptors: strict JSON, every measure there, the
-    exact search its own reference, the page written."""
+    database's exact search agreeing with the numpy reference, the page and the plot written."""
     import json
 
     from pnv_ros.features import FeatureSet
@@ -519,3 +519,6 @@ def test_fleet_scale_benchmark_runs_end_to_end(tmp_path: Path, rng) -> None:
         assert set(found) == {"exact", "hnsw_ef40", "hnsw_ef100"}
         assert all(0.0 <= v["recall_at_1"] <= 1.0 and v["p50_ms"] > 0 for k, v in found.items() if k != "exact")
     assert "| fleet hnsw_ef100 |" in (out / "fleet_scale.md").read_text()
+    assert row["insert"]["index"] == "after" and row["insert"]["probe_ms_per_keyframe"] > 0  # both ways timed
+    assert all(v["exact"]["recall_at_1"] == 1.0 for v in row["fleet"].values())  # the database agrees with numpy
+    assert (out / "fleet_scale.png").read_bytes()[:4] == b"\x89PNG"
