@@ -397,15 +397,9 @@ class FleetStore:
         if args is None:
             return []
 
-        def read(conn) -> list[FleetHit]:
-            with conn.transaction():
-                for name, value in settings:
-                    conn.execute("SELECT set_config(%s, %s, true)", (name, value))
-                rows = conn.execute(sql, args).fetchall()
-            hits = [FleetHit(int(i), r, s, int(n), int(t), float(d)) for i, r, s, n, t, d in rows]
-            return sorted(hits, key=lambda h: h.distance)  # relaxed_order may return near-ties out of order
-
-        return self._run("searching", read)
+        rows = self._run("searching", lambda conn: _with_settings(conn, settings, sql, args))
+        hits = [FleetHit(int(i), r, s, int(n), int(t), float(d)) for i, r, s, n, t, d in rows]
+        return sorted(hits, key=lambda h: h.distance)  # relaxed_order may return near-ties out of order
 
     def explain(
         self,
@@ -418,14 +412,10 @@ class FleetStore:
     ) -> str:
         """PostgreSQL's plan (``EXPLAIN``) of :meth:`search` with the same arguments and settings."""
         sql, args, settings = self._search_query(global_desc, top_n, exclude, exact, ef_search)
-
-        def read(conn) -> str:
-            with conn.transaction():
-                for name, value in settings:
-                    conn.execute("SELECT set_config(%s, %s, true)", (name, value))
-                return "\n".join(r[0] for r in conn.execute("EXPLAIN " + sql, args).fetchall())
-
-        return self._run("explaining", read) if args is not None else ""
+        if args is None:
+            return ""
+        rows = self._run("explaining", lambda conn: _with_settings(conn, settings, "EXPLAIN " + sql, args))
+        return "\n".join(r[0] for r in rows)
 
     def _search_query(self, global_desc, top_n, exclude, exact, ef_search):
         """(SQL, its arguments or None when nothing is asked, the SET LOCAL settings) of a search."""
@@ -511,6 +501,14 @@ class FleetStore:
         )
         rows = self._run("listing loop edges", lambda c: c.execute(sql, args).fetchall())
         return [LoopEdge(int(q), int(m), float(s), me, r, c) for q, m, s, me, r, c in rows]
+
+
+def _with_settings(conn, settings: list[tuple[str, str]], sql: str, args: tuple) -> list[tuple]:
+    """The rows of ``sql`` in a transaction with the ``settings`` (SET LOCAL through ``set_config``)."""
+    with conn.transaction():
+        for name, value in settings:
+            conn.execute("SELECT set_config(%s, %s, true)", (name, value))
+        return conn.execute(sql, args).fetchall()
 
 
 def _decode_local(flags: int, blob: bytes) -> LocalFeatures | None:
