@@ -220,6 +220,9 @@ class FleetMember:
         except FleetError as e:
             self._note_error(e, unavailable=False)
             raise
+        except Exception as e:  # noqa: BLE001 - anything else: reported, never raised into the caller's frame
+            self._note_error(FleetError(f"{type(e).__name__}: {e}"), unavailable=False)
+            raise FleetError(f"fleet query failed: {type(e).__name__}: {e}") from None
         with self._lock:
             self._query_error, self._query_failed = "", False
         return [FleetCandidate(kf, h.distance) for h, kf in zip(hits, kfs)]
