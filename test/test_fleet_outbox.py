@@ -193,6 +193,47 @@ def test_a_frozen_server_is_a_stall_warning_and_nothing_is_lost(own_server_dir: 
         server.stop()
 
 
+@pytest.mark.slow
+def test_a_member_closes_in_bounded_time_while_its_query_hangs_on_a_frozen_server(own_server_dir: Path, rng) -> None:
+    """The server frozen (SIGSTOP) with the member's query connection open: lookups answer [] within the deadline,
+    and close() returns within its timeouts leaving no thread that would hold the interpreter's exit (before, the
+    query thread was a ThreadPoolExecutor's: close() and the node's shutdown waited for the hung query forever)."""
+    from pnv_ros.fleet.member import FleetMember, FleetSettings
+    from pnv_ros.fleet.server import LocalServer
+
+    server = LocalServer(own_server_dir / "db")
+    try:
+        dsn = server.start()
+        init_store(dsn)
+        settings = FleetSettings(dsn, "A", deadline_s=0.3)
+        member = FleetMember(
+            settings, dim=512, preset=SPEED, model_id=RANDOM_MODEL, patch_dtype="float16", lock=threading.RLock()
+        )
+        member.track(new_map(), 0)
+        assert member.lookup(random_features(rng).global_desc, wait_s=30) == []  # connected: an empty store
+        assert member.counts["answered"] == 1
+        frozen = server_processes(server.pid)
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            t0 = time.perf_counter()
+            assert member.lookup(random_features(rng).global_desc) == []
+            assert member.lookup(random_features(rng).global_desc) == []  # the first is still running: at once
+            waited = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            member.close(timeout_s=1.0)
+            closing = time.perf_counter() - t0
+            stuck = [t.name for t in threading.enumerate() if t.name.startswith("fleet-") and not t.daemon]
+        finally:
+            for pid in frozen:
+                os.kill(pid, signal.SIGCONT)
+        print(f"lookups while frozen: {waited:.2f} s; close: {closing:.2f} s")
+        assert member.counts["late"] == 2 and waited < 0.6
+        assert closing < 3.0 and stuck == [], (closing, stuck)
+    finally:
+        server.stop()
+
+
 @pytest.fixture
 def own_server_dir():
     root = Path(tempfile.mkdtemp(prefix="pnv_fleet_outbox_"))

@@ -18,11 +18,12 @@ answer's keyframes still land in the cache for the next frame.
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
@@ -79,6 +80,46 @@ class FleetSettings:
             )
 
 
+class _QueryThread:
+    """One daemon thread that runs submitted calls in order, each answered through a Future. Not a
+    ``ThreadPoolExecutor``: its worker is joined at shutdown and at interpreter exit, so a query stuck on a hung
+    database (no answer, no error: a frozen server or a dead link) held the node's shutdown forever."""
+
+    def __init__(self, name: str) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable, *args: object) -> Future:
+        fut: Future = Future()
+        self._jobs.put((fut, fn, args))
+        return fut
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            fut, fn, args = job
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn(*args))
+            except BaseException as e:  # noqa: BLE001 - handed to the waiter through the future
+                fut.set_exception(e)
+
+    def shutdown(self, timeout_s: float) -> bool:
+        """Cancel the calls not started, stop after the running one; True when the thread ended within
+        ``timeout_s`` (else it is left running, a daemon, on its stuck call)."""
+        while True:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job[0].cancel()
+        self._jobs.put(None)
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()
+
+
 @dataclass(frozen=True)
 class FleetCandidate:
     """A fleet keyframe found for a query: the stored keyframe (features, origin) and its global L2 distance."""
@@ -119,7 +160,7 @@ class FleetMember:
 
         self._open_store = open_store or default_open
         self.outbox = Outbox(self._open_store, settings.robot_id, lock)
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"fleet-query-{settings.robot_id}")
+        self._pool = _QueryThread(f"fleet-query-{settings.robot_id}")
         self._store: FleetStore | None = None  # the query thread's own
         self._busy: Future | None = None
         self._cache: OrderedDict[int, FleetKeyframe] = OrderedDict()
@@ -292,8 +333,8 @@ class FleetMember:
         return level, "; ".join(problems), values
 
     def close(self, timeout_s: float = 10.0) -> None:
-        """Stop the outbox (what is pending stays unsent) and the query thread; close the stores."""
+        """Stop the outbox (what is pending stays unsent) and the query thread, each waited for at most
+        ``timeout_s`` (a call stuck on a hung database is left to its daemon thread); close the stores."""
         self.outbox.close(timeout_s)
-        self._pool.shutdown(wait=True, cancel_futures=True)
-        if self._store is not None:
+        if self._pool.shutdown(timeout_s) and self._store is not None:
             self._store.close()
