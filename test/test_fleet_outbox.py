@@ -129,6 +129,28 @@ def test_a_store_of_another_model_stops_the_uploads_not_the_producer(outbox_db, 
     assert stored_rows(outbox_db) == []
 
 
+def test_uploads_refused_for_want_of_a_store_go_on_once_the_admin_makes_it(fleet_server, rng) -> None:
+    """A robot started before ``pnv fleet init``: ERROR (no store) while the map goes on; once the store is made,
+    the pending keyframes go up without a restart (before, the uploader thread ended at the first refusal)."""
+    with fleet_database(fleet_server, "o", init=False) as dsn:
+        with Outbox(opener(dsn), "A", threading.RLock(), new_map(), session="s1", backoff_s=BACKOFF) as box:
+            feats = keyframes(rng, 4)
+            for i, f in enumerate(feats[:2]):
+                box.add(f, i + 1)
+            assert not box.flush(5)
+            st = box.status()
+            assert (st.state, st.level, st.pending) == ("failed", "ERROR", 2) and "pnv fleet init" in st.last_error
+            init_store(dsn)
+            for i, f in enumerate(feats[2:], 2):
+                box.add(f, i + 1)
+            deadline = time.monotonic() + 30  # flush answers False at once while the state is still 'failed'
+            while box.status().pending and time.monotonic() < deadline:
+                time.sleep(0.2)
+            st = box.status()
+        assert (st.level, st.pending, st.uploaded) == ("OK", 0, 4), st
+        assert stored_rows(dsn) == [("A", "s1", i) for i in range(4)]
+
+
 def test_a_database_that_hangs_never_holds_up_the_producer(rng) -> None:
     """A server that takes the TCP connection and never answers (a hung host): each connection attempt of the
     uploader waits out its 2 s timeout, meanwhile the producer's adds take only their memory copies."""
