@@ -89,7 +89,10 @@ def close_fleet(member: FleetMember, warn: Callable[[str], object], wait_s: floa
     """At shutdown: wait up to ``wait_s`` for the pending uploads, say how many are left, stop the threads."""
     if not member.outbox.flush(wait_s):
         left = member.outbox.status().pending
-        warn(f"fleet: {left} keyframes not uploaded at shutdown (database unreachable); save the map to keep them")
+        warn(
+            f"fleet: {left} keyframes not uploaded at shutdown (database unreachable): they are lost to the fleet "
+            "(a saved map keeps them for this robot only; a loaded map's keyframes are never uploaded)"
+        )
     member.close(CLOSE_WAIT_S)
 
 
