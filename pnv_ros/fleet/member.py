@@ -21,7 +21,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -49,6 +49,10 @@ DEFAULT_CACHE_MB = 256.0
 #: Seconds the query side waits after finding the database unreachable before it tries again: 2 s (the
 #: connection attempt itself may take libpq's connect_timeout, 2 s, in the query thread, not in a frame).
 RETRY_S = 2.0
+#: Recent frame queries whose outcomes the status looks at: 20; WARN when more than half of them (and at least
+#: :data:`LATE_MIN`) were late: the fleet then adds nothing to the frames (a link too slow for ``deadline_s``: ten
+#: candidates are ~10 MB to fetch, ~2 s at 50 Mbit/s), which the counts alone never flagged.
+LATE_WINDOW, LATE_MIN = 20, 5
 
 
 @dataclass(frozen=True)
@@ -170,6 +174,7 @@ class FleetMember:
         self._query_error = ""
         self._query_failed = False  # the last query met a FleetError other than unavailability
         self.counts = dict.fromkeys(("queries", "answered", "late", "unavailable", "candidates", "loops"), 0)
+        self._recent: deque[bool] = deque(maxlen=LATE_WINDOW)  # queries: True = late
 
     # -- uploads (the outbox) --------------------------------------------------------------------------------
     def track(self, place_map: PlaceMap, start: int) -> str:
@@ -219,6 +224,7 @@ class FleetMember:
             self.counts["queries"] += 1
             if self._busy is not None and not self._busy.done():
                 self.counts["late"] += 1
+                self._recent.append(True)
                 return []
             if time.monotonic() < self._retry_at:
                 self.counts["unavailable"] += 1
@@ -229,6 +235,7 @@ class FleetMember:
         except FutureTimeout:
             with self._lock:
                 self.counts["late"] += 1
+                self._recent.append(True)
             return []
         except FleetUnavailableError:
             with self._lock:
@@ -238,6 +245,7 @@ class FleetMember:
             return []
         with self._lock:
             self.counts["answered"] += 1
+            self._recent.append(False)
             self.counts["candidates"] += len(found)
         return found
 
@@ -311,6 +319,7 @@ class FleetMember:
         with self._lock:
             counts, error, failed = dict(self.counts), self._query_error, self._query_failed
             cached = len(self._cache)
+            late, asked = sum(self._recent), len(self._recent)
         values = {
             "fleet_robot_id": self.robot_id,
             "fleet_session": self.session,
@@ -329,6 +338,12 @@ class FleetMember:
         if error:
             levels.append("ERROR" if failed else "WARN")
             problems.append(f"fleet queries: {error}")
+        if late >= LATE_MIN and 2 * late > asked:
+            levels.append("WARN")
+            problems.append(
+                f"fleet queries: {late} of the last {asked} late (over fleet_deadline_s "
+                f"{self.settings.deadline_s:g} s): the frames go on without the fleet"
+            )
         level = "ERROR" if "ERROR" in levels else "WARN" if "WARN" in levels else "OK"
         return level, "; ".join(problems), values
 
