@@ -129,6 +129,28 @@ def test_a_store_of_another_model_stops_the_uploads_not_the_producer(outbox_db, 
     assert stored_rows(outbox_db) == []
 
 
+def test_uploads_refused_for_want_of_a_store_go_on_once_the_admin_makes_it(fleet_server, rng) -> None:
+    """A robot started before ``pnv fleet init``: ERROR (no store) while the map goes on; once the store is made,
+    the pending keyframes go up without a restart (before, the uploader thread ended at the first refusal)."""
+    with fleet_database(fleet_server, "o", init=False) as dsn:
+        with Outbox(opener(dsn), "A", threading.RLock(), new_map(), session="s1", backoff_s=BACKOFF) as box:
+            feats = keyframes(rng, 4)
+            for i, f in enumerate(feats[:2]):
+                box.add(f, i + 1)
+            assert not box.flush(5)
+            st = box.status()
+            assert (st.state, st.level, st.pending) == ("failed", "ERROR", 2) and "pnv fleet init" in st.last_error
+            init_store(dsn)
+            for i, f in enumerate(feats[2:], 2):
+                box.add(f, i + 1)
+            deadline = time.monotonic() + 30  # flush answers False at once while the state is still 'failed'
+            while box.status().pending and time.monotonic() < deadline:
+                time.sleep(0.2)
+            st = box.status()
+        assert (st.level, st.pending, st.uploaded) == ("OK", 0, 4), st
+        assert stored_rows(dsn) == [("A", "s1", i) for i in range(4)]
+
+
 def test_a_database_that_hangs_never_holds_up_the_producer(rng) -> None:
     """A server that takes the TCP connection and never answers (a hung host): each connection attempt of the
     uploader waits out its 2 s timeout, meanwhile the producer's adds take only their memory copies."""
@@ -189,6 +211,53 @@ def test_a_frozen_server_is_a_stall_warning_and_nothing_is_lost(own_server_dir: 
             st = box.status()
         assert (st.level, st.pending, st.uploaded, st.stalled) == ("OK", 0, 8, False)
         assert stored_rows(dsn) == [("A", stored_rows(dsn)[0][1], i) for i in range(8)]
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_a_member_closes_in_bounded_time_while_its_query_hangs_on_a_frozen_server(own_server_dir: Path, rng) -> None:
+    """The server frozen (SIGSTOP) with the member's query connection open: lookups answer [] within the deadline,
+    the status says WARN once most recent queries were late (before, it stayed OK while the fleet added nothing),
+    and close() returns within its timeouts leaving no thread that would hold the interpreter's exit (before, the
+    query thread was a ThreadPoolExecutor's: close() and the node's shutdown waited for the hung query forever)."""
+    from pnv_ros.fleet.member import FleetMember, FleetSettings
+    from pnv_ros.fleet.server import LocalServer
+
+    server = LocalServer(own_server_dir / "db")
+    try:
+        dsn = server.start()
+        init_store(dsn)
+        settings = FleetSettings(dsn, "A", deadline_s=0.3)
+        member = FleetMember(
+            settings, dim=512, preset=SPEED, model_id=RANDOM_MODEL, patch_dtype="float16", lock=threading.RLock()
+        )
+        member.track(new_map(), 0)
+        assert member.lookup(random_features(rng).global_desc, wait_s=30) == []  # connected: an empty store
+        assert member.counts["answered"] == 1
+        frozen = server_processes(server.pid)
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            t0 = time.perf_counter()
+            assert member.lookup(random_features(rng).global_desc) == []
+            assert member.lookup(random_features(rng).global_desc) == []  # the first is still running: at once
+            waited = time.perf_counter() - t0
+            assert member.status()[0] == "OK"  # 2 late: too few to say
+            for _ in range(3):
+                assert member.lookup(random_features(rng).global_desc) == []
+            level, problem, _ = member.status()
+            assert level == "WARN" and "5 of the last 6 late" in problem, (level, problem)
+            t0 = time.perf_counter()
+            member.close(timeout_s=1.0)
+            closing = time.perf_counter() - t0
+            stuck = [t.name for t in threading.enumerate() if t.name.startswith("fleet-") and not t.daemon]
+        finally:
+            for pid in frozen:
+                os.kill(pid, signal.SIGCONT)
+        print(f"lookups while frozen: {waited:.2f} s; close: {closing:.2f} s")
+        assert member.counts["late"] == 5 and waited < 0.6
+        assert closing < 3.0 and stuck == [], (closing, stuck)
     finally:
         server.stop()
 

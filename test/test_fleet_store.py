@@ -116,6 +116,56 @@ def test_a_store_of_another_model_or_layout_is_refused(fleet_db: str) -> None:
         FleetStore.open(fleet_db, 512, SPEED, RANDOM_MODEL, "float32")
 
 
+def test_a_robot_role_without_a_privilege_is_a_fleet_error_and_never_breaks_a_frame(fleet_db: str, rng) -> None:
+    """A robot's role that lacks a privilege (the admin's GRANT forgot one) is FleetError from the store, and a
+    FleetMember's query answers [] with an ERROR status: before, psycopg's InsufficientPrivilege went through
+    lookup into the detector's commit and every keyframe of the robot failed (review of issue 30)."""
+    import threading
+    import uuid
+
+    import psycopg
+
+    from pnv_ros.fleet.member import FleetMember, FleetSettings
+
+    init_store(fleet_db)
+    role = f"robot_{uuid.uuid4().hex[:8]}"
+    robot_dsn = re.sub(r"user=\S+", f"user={role}", fleet_db)
+    with psycopg.connect(fleet_db, autocommit=True) as c:
+        c.execute(f"CREATE ROLE {role} LOGIN")
+        c.execute(f"GRANT USAGE ON SCHEMA pnv_fleet TO {role}")
+        c.execute(f"GRANT SELECT, INSERT ON ALL TABLES IN SCHEMA pnv_fleet TO {role}")
+    try:
+        with pytest.raises(FleetError, match="permission denied for table models"):  # binding locks models
+            FleetStore.open(robot_dsn, 512, SPEED, RANDOM_MODEL)
+        with psycopg.connect(fleet_db, autocommit=True) as c:
+            c.execute(f"GRANT UPDATE ON pnv_fleet.models TO {role}")  # enough to bind the store
+        with FleetStore.open(robot_dsn, 512, SPEED, RANDOM_MODEL) as s:
+            fid, new = s.add(random_features(rng), robot_id="A", session="s", seq=0, stamp_ns=1)
+            assert new
+            with psycopg.connect(fleet_db, autocommit=True) as c:
+                c.execute(f"REVOKE SELECT ON pnv_fleet.keyframe_data FROM {role}")
+            with pytest.raises(FleetError, match="permission denied for table keyframe_data"):
+                s.fetch([fid])
+        member = FleetMember(
+            FleetSettings(robot_dsn, "B"),
+            dim=512,
+            preset=SPEED,
+            model_id=RANDOM_MODEL,
+            patch_dtype="float16",
+            lock=threading.RLock(),
+        )
+        try:
+            assert member.lookup(random_features(rng).global_desc, wait_s=30) == []
+            level, problem, _ = member.status()
+            assert level == "ERROR" and "permission denied for table keyframe_data" in problem, problem
+        finally:
+            member.close()
+    finally:
+        with psycopg.connect(fleet_db, autocommit=True) as c:
+            c.execute(f"DROP OWNED BY {role}")
+            c.execute(f"DROP ROLE {role}")
+
+
 # ------------------------------------------------------------------------------------------------ keyframes
 
 

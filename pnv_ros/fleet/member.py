@@ -18,11 +18,12 @@ answer's keyframes still land in the cache for the next frame.
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
@@ -48,6 +49,10 @@ DEFAULT_CACHE_MB = 256.0
 #: Seconds the query side waits after finding the database unreachable before it tries again: 2 s (the
 #: connection attempt itself may take libpq's connect_timeout, 2 s, in the query thread, not in a frame).
 RETRY_S = 2.0
+#: Recent frame queries whose outcomes the status looks at: 20; WARN when more than half of them (and at least
+#: :data:`LATE_MIN`) were late: the fleet then adds nothing to the frames (a link too slow for ``deadline_s``: ten
+#: candidates are ~10 MB to fetch, ~2 s at 50 Mbit/s), which the counts alone never flagged.
+LATE_WINDOW, LATE_MIN = 20, 5
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,46 @@ class FleetSettings:
                 f"fleet settings out of range: top_n {self.top_n} (>= 1), deadline_s {self.deadline_s} (> 0), "
                 f"cache_mb {self.cache_mb} (>= 0), ef_search {self.ef_search} (>= 1)"
             )
+
+
+class _QueryThread:
+    """One daemon thread that runs submitted calls in order, each answered through a Future. Not a
+    ``ThreadPoolExecutor``: its worker is joined at shutdown and at interpreter exit, so a query stuck on a hung
+    database (no answer, no error: a frozen server or a dead link) held the node's shutdown forever."""
+
+    def __init__(self, name: str) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable, *args: object) -> Future:
+        fut: Future = Future()
+        self._jobs.put((fut, fn, args))
+        return fut
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            fut, fn, args = job
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn(*args))
+            except BaseException as e:  # noqa: BLE001 - handed to the waiter through the future
+                fut.set_exception(e)
+
+    def shutdown(self, timeout_s: float) -> bool:
+        """Cancel the calls not started, stop after the running one; True when the thread ended within
+        ``timeout_s`` (else it is left running, a daemon, on its stuck call)."""
+        while True:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job[0].cancel()
+        self._jobs.put(None)
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()
 
 
 @dataclass(frozen=True)
@@ -119,7 +164,7 @@ class FleetMember:
 
         self._open_store = open_store or default_open
         self.outbox = Outbox(self._open_store, settings.robot_id, lock)
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"fleet-query-{settings.robot_id}")
+        self._pool = _QueryThread(f"fleet-query-{settings.robot_id}")
         self._store: FleetStore | None = None  # the query thread's own
         self._busy: Future | None = None
         self._cache: OrderedDict[int, FleetKeyframe] = OrderedDict()
@@ -129,6 +174,7 @@ class FleetMember:
         self._query_error = ""
         self._query_failed = False  # the last query met a FleetError other than unavailability
         self.counts = dict.fromkeys(("queries", "answered", "late", "unavailable", "candidates", "loops"), 0)
+        self._recent: deque[bool] = deque(maxlen=LATE_WINDOW)  # queries: True = late
 
     # -- uploads (the outbox) --------------------------------------------------------------------------------
     def track(self, place_map: PlaceMap, start: int) -> str:
@@ -200,6 +246,7 @@ class FleetMember:
             self.counts["queries"] += 1
             if self._busy is not None and not self._busy.done():
                 self.counts["late"] += 1
+                self._recent.append(True)
                 return []
             if time.monotonic() < self._retry_at:
                 self.counts["unavailable"] += 1
@@ -210,6 +257,7 @@ class FleetMember:
         except FutureTimeout:
             with self._lock:
                 self.counts["late"] += 1
+                self._recent.append(True)
             return []
         except FleetUnavailableError:
             with self._lock:
@@ -219,6 +267,7 @@ class FleetMember:
             return []
         with self._lock:
             self.counts["answered"] += 1
+            self._recent.append(False)
             self.counts["candidates"] += len(found)
         return found
 
@@ -242,6 +291,9 @@ class FleetMember:
         except FleetError as e:
             self._note_error(e, unavailable=False)
             raise
+        except Exception as e:  # noqa: BLE001 - anything else: reported, never raised into the caller's frame
+            self._note_error(FleetError(f"{type(e).__name__}: {e}"), unavailable=False)
+            raise FleetError(f"fleet query failed: {type(e).__name__}: {e}") from None
         with self._lock:
             self._query_error, self._query_failed = "", False
         return [FleetCandidate(kf, h.distance) for h, kf in zip(hits, kfs)]
@@ -289,6 +341,7 @@ class FleetMember:
         with self._lock:
             counts, error, failed = dict(self.counts), self._query_error, self._query_failed
             cached = len(self._cache)
+            late, asked = sum(self._recent), len(self._recent)
         values = {
             "fleet_robot_id": self.robot_id,
             "fleet_session": self.session,
@@ -307,12 +360,18 @@ class FleetMember:
         if error:
             levels.append("ERROR" if failed else "WARN")
             problems.append(f"fleet queries: {error}")
+        if late >= LATE_MIN and 2 * late > asked:
+            levels.append("WARN")
+            problems.append(
+                f"fleet queries: {late} of the last {asked} late (over fleet_deadline_s "
+                f"{self.settings.deadline_s:g} s): the frames go on without the fleet"
+            )
         level = "ERROR" if "ERROR" in levels else "WARN" if "WARN" in levels else "OK"
         return level, "; ".join(problems), values
 
     def close(self, timeout_s: float = 10.0) -> None:
-        """Stop the outbox (what is pending stays unsent) and the query thread; close the stores."""
+        """Stop the outbox (what is pending stays unsent) and the query thread, each waited for at most
+        ``timeout_s`` (a call stuck on a hung database is left to its daemon thread); close the stores."""
         self.outbox.close(timeout_s)
-        self._pool.shutdown(wait=True, cancel_futures=True)
-        if self._store is not None:
+        if self._pool.shutdown(timeout_s) and self._store is not None:
             self._store.close()

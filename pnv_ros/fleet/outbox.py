@@ -57,9 +57,11 @@ class OutboxStatus:
     """What the outbox is doing, for diagnostics.
 
     state: 'idle' (nothing pending), 'uploading', 'unavailable' (backing off after the database could not be
-    reached), 'failed' (a FleetError other than unavailability: uploads stopped), 'closed'. pending: keyframes
-    not yet confirmed by the store; uploaded: keyframes the store confirmed (``duplicates`` of them were stored
-    already: re-sends); failures: uploads or connections that found the database unreachable;
+    reached), 'failed' (a FleetError other than unavailability: no store (``pnv fleet init``), another model, a
+    missing privilege; tried again at the longest backoff, so a store its admin mends is used without a restart),
+    'closed'. pending: keyframes not yet confirmed by the store; uploaded: keyframes the store confirmed
+    (``duplicates`` of them were stored already: re-sends); failures: tries that found the database unreachable
+    or were refused;
     oldest_pending_s: seconds since the oldest pending keyframe was added (0 when none or unknown);
     retry_in_s: seconds until the next try while backing off; last_error: the last failure's message;
     edges_pending / edges_uploaded: loop edges waiting / confirmed (new or stored already); edges_dropped: loop
@@ -354,11 +356,16 @@ class Outbox:
                         store.close()  # reconnects (and re-checks the store) on the next try
                     self._backoff(e)
                     continue
-                except Exception as e:  # noqa: BLE001 - FleetError and anything else: report, stop, keep the producer going
+                except Exception as e:  # noqa: BLE001 - FleetError and anything else: report, keep the producer going
+                    if store is not None:
+                        store.close()
+                    store = None  # the next try opens (and checks) the store again: an admin may have mended it
                     with self._cv:
                         self._state, self._last_error = "failed", f"{type(e).__name__}: {e}"
+                        self._failures += 1
+                        self._retry_at = time.monotonic() + self.backoff_s[1]
                         self._cv.notify_all()
-                    return
+                    continue
                 with self._cv:
                     gen.fleet_ids[kf_id - gen.start] = fid
                     gen.added_at.pop(kf_id, None)

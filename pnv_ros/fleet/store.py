@@ -234,6 +234,8 @@ class FleetStore:
                     )
         except psycopg.OperationalError as e:
             raise FleetUnavailableError(f"lost the fleet database {redact(self.dsn)}: {_first_line(e)}") from None
+        except psycopg.Error as e:  # a refusal (no privilege, ...): no retry mends it
+            raise FleetError(f"the fleet database {redact(self.dsn)} refused: {_first_line(e)}") from None
         ref, identity, model_dim, preset, patch_dtype = row
         stored = Preset.from_dict(preset if isinstance(preset, dict) else json.loads(preset))
         check_fits(
@@ -255,7 +257,7 @@ class FleetStore:
 
     def _run(self, what: str, fn):
         """fn(connection) with connection loss turned into FleetUnavailableError (the connection is dropped and
-        the next call reconnects)."""
+        the next call reconnects) and any other database error (no privilege, ...) into FleetError."""
         import psycopg
 
         conn = self._connection()
@@ -266,6 +268,8 @@ class FleetStore:
             raise FleetUnavailableError(
                 f"{what}: lost the fleet database {redact(self.dsn)}: {_first_line(e)}"
             ) from None
+        except psycopg.Error as e:  # a refusal (no privilege, a constraint): the call did not happen
+            raise FleetError(f"{what}: the fleet database {redact(self.dsn)} refused: {_first_line(e)}") from None
 
     def close(self) -> None:
         """Close the connection (a later call opens a new one)."""

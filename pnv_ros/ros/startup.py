@@ -80,6 +80,9 @@ def fleet_from_parameters(detector: LoopClosureDetector, value: Callable[[str], 
 
 #: Seconds the node waits at shutdown for the fleet uploads still pending (~10 ms each when the database answers).
 FLEET_FLUSH_S = 10.0
+#: Seconds each fleet thread (uploads, queries) then gets to finish its call: 2 s (a call on a database that answers
+#: takes ~10-40 ms; one stuck on a hung database is left to its daemon thread, so the shutdown stays bounded).
+CLOSE_WAIT_S = 2.0
 
 
 def close_fleet(member: FleetMember, warn: Callable[[str], object], wait_s: float = FLEET_FLUSH_S) -> None:
@@ -87,7 +90,7 @@ def close_fleet(member: FleetMember, warn: Callable[[str], object], wait_s: floa
     if not member.outbox.flush(wait_s):
         left = member.outbox.status().pending
         warn(f"fleet: {left} keyframes not uploaded at shutdown (database unreachable): a saved map sends them")
-    member.close()
+    member.close(CLOSE_WAIT_S)
 
 
 def refit_vocabulary(ckpt: Path, value: Callable[[str], Any], log: Callable[[str], object]) -> Path:
