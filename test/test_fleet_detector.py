@@ -132,3 +132,48 @@ def test_keyframes_pending_when_the_map_is_saved_go_up_when_it_is_loaded(
         assert b.load_map(tmp_path / "a.npz") == 6
         assert b.fleet.outbox.flush(30) and all(r == "A" for r, _, _ in stored(dsn))  # A's keyframes are A's
         b.fleet.close()
+
+
+@pytest.mark.slow
+def test_no_fleet_loop_to_the_keyframes_just_before_a_reset_nor_to_copies_of_a_loaded_map(
+    fleet_server, default_extractor, rtab_features, tmp_path
+) -> None:
+    """After reset_map, the previous session's last exclude_recent_keyframes keyframes (the robot was there
+    seconds ago) are no fleet candidates: frames 21-30 close no loop (none revisits frames 1-20). Robot B starting
+    from robot A's saved map finds A's fleet keyframes in its own map (the same global descriptors): they are
+    left out of the fleet's candidates, and B's loops come from the loaded map, as without a fleet."""
+    with fleet_database(fleet_server, "x", init=True) as dsn:
+        a = robot(default_extractor, dsn, "A")
+        drive(a, rtab_features, range(0, 20))
+        assert a.fleet.outbox.flush(60)
+        a.reset()
+        assert drive(a, rtab_features, range(20, 30)) == []
+        drive(a, rtab_features, range(30, 40))
+        assert a.fleet.outbox.flush(60)
+        a.reset()
+        a.load_map(save_lap1(default_extractor, rtab_features, tmp_path))
+        assert a.fleet.outbox.flush(60)
+        a.fleet.close()
+
+        b = robot(default_extractor, dsn, "B")
+        b.load_map(tmp_path / "lap1.npz")
+        loops, fleet_candidates = [], 0
+        for i in LAP2:
+            r = b.process(rtab_features[i], (i + 1) * 10**9)
+            fleet_candidates += sum(c.from_fleet for c in r.candidates)
+            if r.loop is not None:
+                loops.append((i, r.loop))
+        assert fleet_candidates == 0 and b.fleet.counts["candidates"] > 0  # found in the fleet, left out as copies
+        correct = sum(int(G[i, lc.match_id]) for i, lc in loops)
+        assert loops and all(lc.match_from_loaded_map and not lc.match_from_fleet for _, lc in loops)
+        assert correct == len(loops)
+        b.fleet.close()
+
+
+def save_lap1(extractor, features: list, folder) -> str:
+    """Lap 1 as a map saved without a fleet (frames 1-40, stamps 1-40 s); its path."""
+    det = LoopClosureDetector(extractor, DetectorParams())
+    drive(det, features, LAP1)
+    path = folder / "lap1.npz"
+    det.save_map(path)
+    return str(path)

@@ -175,11 +175,20 @@ class FleetMember:
         self._query_failed = False  # the last query met a FleetError other than unavailability
         self.counts = dict.fromkeys(("queries", "answered", "late", "unavailable", "candidates", "loops"), 0)
         self._recent: deque[bool] = deque(maxlen=LATE_WINDOW)  # queries: True = late
+        self._current: tuple[str, PlaceMap, int] | None = None  # this process's session: (id, map, first id)
+        self._earlier: list[tuple[str, int]] = []  # this process's ended sessions: (id, keyframes)
 
     # -- uploads (the outbox) --------------------------------------------------------------------------------
     def track(self, place_map: PlaceMap, start: int) -> str:
-        """Upload ``place_map``'s keyframes from ``start`` (this run's first) as a new session; returns it."""
-        return self.outbox.track(place_map, None, start)
+        """Upload ``place_map``'s keyframes from ``start`` (this run's first) as a new session; returns it. The
+        session it ends (a reset or load) is remembered with its length, for :meth:`lookup`'s recency rule."""
+        with self._lock:
+            if self._current is not None:
+                session, old_map, old_start = self._current
+                self._earlier.append((session, len(old_map) - old_start))
+            session = self.outbox.track(place_map, None, start)
+            self._current = (session, place_map, start)
+        return session
 
     def resume(self, place_map: PlaceMap, saved: object, start: int) -> int:
         """A loaded map: first send what its file says an earlier run of this robot had not uploaded (``saved``:
@@ -232,9 +241,13 @@ class FleetMember:
         return -1 if found is None else found
 
     # -- queries ----------------------------------------------------------------------------------------------
-    def lookup(self, global_desc: np.ndarray, top_n: int | None = None, wait_s: float | None = None) -> list:
+    def lookup(
+        self, global_desc: np.ndarray, top_n: int | None = None, wait_s: float | None = None, recent: int = 0
+    ) -> list:
         """Fleet candidates for a query descriptor (D,): :class:`FleetCandidate` s nearest first, at most
-        ``top_n`` (default the settings'), without this robot's current session. Waits at most ``wait_s``
+        ``top_n`` (default the settings'), without this robot's current session nor the last ``recent``
+        keyframes of each earlier session of this process (before a reset or load: the robot was there seconds
+        ago; the detector passes its ``exclude_recent_keyframes``). Waits at most ``wait_s``
         (default ``deadline_s``) and returns [] when the answer is late, the query thread is still busy with a
         late one, or the database is unreachable (each counted); never raises for the network. Raises
         FleetError only for a descriptor of the wrong shape."""
@@ -251,7 +264,9 @@ class FleetMember:
             if time.monotonic() < self._retry_at:
                 self.counts["unavailable"] += 1
                 return []
-            fut = self._busy = self._pool.submit(self._answer, q, n, self.session)
+            rules = [RecentExclusion(self.robot_id, self.session, 0)]
+            rules += [RecentExclusion(self.robot_id, s, max(0, end - recent)) for s, end in self._earlier]
+            fut = self._busy = self._pool.submit(self._answer, q, n, rules)
         try:
             found = fut.result(timeout=self.settings.deadline_s if wait_s is None else wait_s)
         except FutureTimeout:
@@ -280,10 +295,10 @@ class FleetMember:
         except FutureTimeout:
             raise FleetUnavailableError(f"the fleet store did not answer within {wait_s:g} s") from None
 
-    def _answer(self, q: np.ndarray, n: int, session: str) -> list[FleetCandidate]:
-        """In the query thread: search (leaving out this session) and fetch the hits' keyframes."""
+    def _answer(self, q: np.ndarray, n: int, rules: list[RecentExclusion]) -> list[FleetCandidate]:
+        """In the query thread: search (without the ``rules``' keyframes) and fetch the hits' keyframes."""
         try:
-            hits = self._query_store().search(q, n, exclude=RecentExclusion(self.robot_id, session, 0))
+            hits = self._query_store().search(q, n, exclude=rules)
             kfs = self._fetch([h.id for h in hits])
         except FleetUnavailableError as e:
             self._note_error(e, unavailable=True)

@@ -24,6 +24,7 @@ Not thread-safe: one owner serialises calls (as :class:`~pnv_ros.place_map.Place
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -385,11 +386,12 @@ class FleetStore:
         global_desc: np.ndarray,
         top_n: int,
         *,
-        exclude: RecentExclusion | None = None,
+        exclude: RecentExclusion | Sequence[RecentExclusion] | None = None,
         exact: bool = False,
         ef_search: int | None = None,
     ) -> list[FleetHit]:
-        """The ``top_n`` keyframes nearest (L2) to a global descriptor (D,), nearest first, without ``exclude``'s.
+        """The ``top_n`` keyframes nearest (L2) to a global descriptor (D,), nearest first, without ``exclude``'s
+        (one :class:`RecentExclusion` or several).
 
         Approximate (default): the HNSW index, always (``enable_seqscan`` off: pgvector's cost estimate grows
         with ef_search, and at 10k rows the planner chose a 35 ms sequential scan over a 2 ms index scan at
@@ -410,7 +412,7 @@ class FleetStore:
         global_desc: np.ndarray,
         top_n: int,
         *,
-        exclude: RecentExclusion | None = None,
+        exclude: RecentExclusion | Sequence[RecentExclusion] | None = None,
         exact: bool = False,
         ef_search: int | None = None,
     ) -> str:
@@ -427,10 +429,10 @@ class FleetStore:
         if q.shape != (self.dim,) or not np.isfinite(q).all():
             raise FleetError(f"query descriptor of shape {q.shape} is not {self.dim} finite numbers")
         k = int(top_n)
-        where, extra = "", []
-        if exclude is not None:
-            where = "WHERE NOT (robot_id = %s AND session = %s AND seq >= %s)"
-            extra = [exclude.robot_id, exclude.session, int(exclude.from_seq)]
+        rules = [exclude] if isinstance(exclude, RecentExclusion) else list(exclude or ())
+        where = " AND ".join(["NOT (robot_id = %s AND session = %s AND seq >= %s)"] * len(rules))
+        where = f"WHERE {where}" if rules else ""
+        extra = [v for e in rules for v in (e.robot_id, e.session, int(e.from_seq))]
         sql = (
             f"SELECT id, robot_id, session, seq, stamp_ns, global <-> %b AS d FROM {_KF} {where} "
             "ORDER BY global <-> %b LIMIT %s"
