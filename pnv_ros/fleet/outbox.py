@@ -12,16 +12,17 @@ only that lock and a condition variable: it never waits for the network.
   key, so a re-send (a COMMIT whose reply was lost when the server died, or an uploader restarted from an older
   watermark) makes no duplicate; such answers are counted as ``duplicates``.
 - **Unavailable database.** On :class:`~pnv_ros.errors.FleetUnavailableError` the uploader backs off (1 s
-  doubling to 30 s by default: the decision in NOTES-30-fleet.md, short against a restart of a few seconds,
-  long enough not to flood a server's log) and retries the same keyframe; :meth:`Outbox.status` says WARN with the
+  doubling to 30 s by default: short against a restart of a few seconds, long enough not to flood a server's
+  log) and retries the same keyframe; :meth:`Outbox.status` says WARN with the
   pending count and the oldest pending keyframe's age. Any other :class:`~pnv_ros.errors.FleetError` (another
-  model in the store, another schema version) stops the uploads: ERROR; the producer carries on, local only.
+  model in the store, no store yet, a missing privilege): ERROR, retried at the longest backoff; the producer
+  carries on, local only.
 - **Generations.** :meth:`Outbox.track` starts a new map generation; the uploader first finishes the older
   generations' pending keyframes under their own sessions (it keeps a reference to their map objects).
 - **Loop edges** (:meth:`Outbox.add_loop_edge`) wait in memory until both ends are stored (their fleet ids
   known), then go up after the pending keyframes, once per unordered pair (the store's primary key).
-- **Loss.** Keyframes not uploaded when the process ends are lost unless the map is saved (the map file records
-  no watermark yet: see NOTES-30-fleet.md).
+- **Loss.** Keyframes not uploaded when the process ends are lost unless the map is saved: :meth:`watermarks`
+  says what a saved map records, and a run that loads it :meth:`track` s the rest with an ``end``.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from pnv_ros.fleet.store import FleetStore
 from pnv_ros.place_map import PlaceMap
 
 #: Seconds of the first wait after the database was unreachable, and the most: 1 s doubling to 30 s
-#: (NOTES-30-fleet.md: a local server restarts in ~3 s here; 30 s bounds a long outage's retry rate).
+#: (a local server restarts in ~3 s here, LocalServer after kill -9; 30 s bounds a long outage's retry rate).
 DEFAULT_BACKOFF_S = (1.0, 30.0)
 #: Seconds a keyframe may wait before the outbox says WARN even when no error came back: an upload takes ~10 ms
 #: (benchmarks/fleet_scale.py: 8.8 ms p50 with blobs), so 10 s of waiting means the upload is stuck (a frozen
