@@ -141,7 +141,8 @@ def test_no_fleet_loop_to_the_keyframes_just_before_a_reset_nor_to_copies_of_a_l
     """After reset_map, the previous session's last exclude_recent_keyframes keyframes (the robot was there
     seconds ago) are no fleet candidates: frames 21-30 close no loop (none revisits frames 1-20). Robot B starting
     from robot A's saved map finds A's fleet keyframes in its own map (the same global descriptors): they are
-    left out of the fleet's candidates, and B's loops come from the loaded map, as without a fleet."""
+    left out of the fleet's candidates, and B's loops come from its own map (the loaded lap 1, and its own lap for
+    frames 81-84), as without a fleet."""
     with fleet_database(fleet_server, "x", init=True) as dsn:
         a = robot(default_extractor, dsn, "A")
         drive(a, rtab_features, range(0, 20))
@@ -164,9 +165,9 @@ def test_no_fleet_loop_to_the_keyframes_just_before_a_reset_nor_to_copies_of_a_l
             if r.loop is not None:
                 loops.append((i, r.loop))
         assert fleet_candidates == 0 and b.fleet.counts["candidates"] > 0  # found in the fleet, left out as copies
-        correct = sum(int(G[i, lc.match_id]) for i, lc in loops)
-        assert loops and all(lc.match_from_loaded_map and not lc.match_from_fleet for _, lc in loops)
-        assert correct == len(loops)
+        correct = sum(int(G[i, lc.match_id]) for i, lc in loops)  # B's ids: the map's 0-39, then 40.. = frames
+        assert not any(lc.match_from_fleet for _, lc in loops) and correct == len(loops)
+        assert sum(lc.match_from_loaded_map for _, lc in loops) >= 30
         b.fleet.close()
 
 
