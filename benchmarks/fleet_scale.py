@@ -11,7 +11,8 @@ with sequence number ``i // --robots``.
 - **Insert.** All keyframes but the last ``--blob-sample`` are bulk-loaded by COPY (global descriptors only). With
   ``--index after`` (default) the store's HNSW index is dropped first and built again after the load, with
   ``--maintenance-work-mem``, as PostgreSQL's documentation advises for bulk loads; ``--index during`` keeps it
-  maintained row by row. The last ``--blob-sample`` keyframes then go through :meth:`FleetStore.add` with their
+  maintained row by row; either way the index is made with ``--hnsw-m`` / ``--hnsw-ef-construction`` (default:
+  the schema's). The last ``--blob-sample`` keyframes then go through :meth:`FleetStore.add` with their
   seed's real patches and SIFT local features (one transaction each, the index maintained): ms per keyframe at
   that size. Finally (after the searches) ``--probe`` more rows are COPYed with the index maintained and rolled
   back: the row-by-row rate at that size, to compare with the build.
@@ -27,6 +28,9 @@ with sequence number ``i // --robots``.
   the node's settings), loaded in one add but the last ``--one-at-a-time`` (added as the node adds keyframes,
   timed), one query at a time (flat: the first ``--exact-queries``), Recall@1 against numpy's unfiltered exact
   top-1 (a robot's local map holds no exclusion by robot); :meth:`PlaceMap.nbytes_per_keyframe` with real patches.
+  ``--no-local`` leaves it out (a fleet-only run: at 1M the local HNSW build is most of the time).
+- **One size again.** ``--draw-only`` sizes are drawn but not measured, so a later size gets an earlier run's
+  descriptors and queries (docs/results/fleet_hnsw_params.md: ``--sizes 100000,1000000 --draw-only 100000``).
 
 Writes fleet_scale.{json,md,png} into ``--out`` and, with ``--docs DIR``, into DIR (docs/results)::
 
