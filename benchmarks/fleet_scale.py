@@ -11,7 +11,8 @@ with sequence number ``i // --robots``.
 - **Insert.** All keyframes but the last ``--blob-sample`` are bulk-loaded by COPY (global descriptors only). With
   ``--index after`` (default) the store's HNSW index is dropped first and built again after the load, with
   ``--maintenance-work-mem``, as PostgreSQL's documentation advises for bulk loads; ``--index during`` keeps it
-  maintained row by row. The last ``--blob-sample`` keyframes then go through :meth:`FleetStore.add` with their
+  maintained row by row; either way the index is made with ``--hnsw-m`` / ``--hnsw-ef-construction`` (default:
+  the schema's). The last ``--blob-sample`` keyframes then go through :meth:`FleetStore.add` with their
   seed's real patches and SIFT local features (one transaction each, the index maintained): ms per keyframe at
   that size. Finally (after the searches) ``--probe`` more rows are COPYed with the index maintained and rolled
   back: the row-by-row rate at that size, to compare with the build.
@@ -27,6 +28,9 @@ with sequence number ``i // --robots``.
   the node's settings), loaded in one add but the last ``--one-at-a-time`` (added as the node adds keyframes,
   timed), one query at a time (flat: the first ``--exact-queries``), Recall@1 against numpy's unfiltered exact
   top-1 (a robot's local map holds no exclusion by robot); :meth:`PlaceMap.nbytes_per_keyframe` with real patches.
+  ``--no-local`` leaves it out (a fleet-only run: at 1M the local HNSW build is most of the time).
+- **One size again.** ``--draw-only`` sizes are drawn but not measured, so a later size gets an earlier run's
+  descriptors and queries (docs/results/fleet_hnsw_params.md: ``--sizes 100000,1000000 --draw-only 100000``).
 
 Writes fleet_scale.{json,md,png} into ``--out`` and, with ``--docs DIR``, into DIR (docs/results)::
 
@@ -38,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -50,6 +55,7 @@ import common
 import numpy as np
 
 from pnv_ros.features import FeatureSet, PlaceFeatures
+from pnv_ros.fleet.schema import HNSW_EF_CONSTRUCTION, HNSW_M
 from pnv_ros.fleet.server import LocalServer
 from pnv_ros.fleet.store import DEFAULT_EF_SEARCH, FleetStore, RecentExclusion, init_store
 from pnv_ros.index import GlobalIndex
@@ -176,8 +182,11 @@ def fill(store: FleetStore, seeds: Seeds, descs: np.ndarray, which: np.ndarray, 
     bulk = n - k
     res: dict = {"blob_sample": k, "bulk": bulk, "index": a.index}
     indexdef = _sql(store, "index", f"SELECT indexdef FROM pg_indexes WHERE indexname = '{HNSW_INDEX}'", True)[0]
-    if a.index == "after":
-        _sql(store, "index", f"DROP INDEX pnv_fleet.{HNSW_INDEX}")
+    indexdef = re.sub(r"WITH \(.*\)$", f"WITH (m = {a.hnsw_m}, ef_construction = {a.hnsw_ef_construction})", indexdef)
+    res["indexdef"] = indexdef
+    _sql(store, "index", f"DROP INDEX pnv_fleet.{HNSW_INDEX}")
+    if a.index == "during":
+        _sql(store, "index", indexdef)  # this run's m / ef_construction, maintained row by row
     t = time.perf_counter()
 
     def load(conn) -> None:
@@ -325,11 +334,9 @@ def configure(server: LocalServer, dsn: str, a) -> None:
     server.start()
 
 
-def run_size(n: int, seeds: Seeds, a, rng: np.random.Generator, root: Path, done=None) -> dict:
-    """One size: the fleet store's measures, then the local map's. ``done(row)`` is called with the row after
-    each of the two (the row's ``local`` empty the first time), so a long local build loses nothing."""
-    fs = seeds.sets[0][0]
-    t0 = time.perf_counter()
+def draw(n: int, seeds: Seeds, a, rng: np.random.Generator):
+    """One size's random draws, in order: the seeds of the n keyframes (n,), their descriptors (n, D) and the
+    query sets ({name: (Q, D)})."""
     which = rng.integers(0, len(seeds.globals_), n)
     descs = around(seeds.globals_, which, a.spread * seeds.step, rng)
     sets = {
@@ -338,6 +345,16 @@ def run_size(n: int, seeds: Seeds, a, rng: np.random.Generator, root: Path, done
         )
         for q in a.query_spreads
     }
+    return which, descs, sets
+
+
+def run_size(n: int, seeds: Seeds, a, rng: np.random.Generator, root: Path, done=None) -> dict:
+    """One size: the fleet store's measures, then the local map's (unless ``--no-local``). ``done(row)`` is
+    called with the row after each of the two (the row's ``local`` empty the first time), so a long local build
+    loses nothing."""
+    fs = seeds.sets[0][0]
+    t0 = time.perf_counter()
+    which, descs, sets = draw(n, seeds, a, rng)
     last_seq = (n - 1) // a.robots  # robot 0's newest keyframe
     from_seq = max(0, last_seq - a.exclude_recent + 1)
     excluded = np.arange(from_seq, last_seq + 1) * a.robots
@@ -359,6 +376,8 @@ def run_size(n: int, seeds: Seeds, a, rng: np.random.Generator, root: Path, done
     row = {"n": n, "insert": ins, "fleet": found, "local": {}, "wall_s": time.perf_counter() - t0}
     if done is not None:
         done(row)
+    if a.no_local:
+        return row
     row["local"] = local_side(seeds, descs, sets, a)
     row["wall_s"] = time.perf_counter() - t0
     if done is not None:
@@ -381,8 +400,8 @@ def page(rec: dict) -> list[str]:
         f"{rec['preset']}); synthetic ones around them at spread {a['spread']:g} x the median consecutive-frame "
         f"step. {a['robots']} robots; top-{a['top_n']}; robot 0's newest {a['exclude_recent']} keyframes left out. "
         f"Recall against numpy's exact filtered search; the database's own exact search on the first "
-        f"{a['exact_queries']} queries. PostgreSQL shared_buffers {a['shared_buffers']}, HNSW m 16, "
-        f"ef_construction 64 (the schema's), built {a['index']} the bulk load.",
+        f"{a['exact_queries']} queries. PostgreSQL shared_buffers {a['shared_buffers']}, HNSW m "
+        f"{a.get('hnsw_m', 16)}, ef_construction {a.get('hnsw_ef_construction', 64)}, built {a['index']} the bulk load.",
         "",
         "| keyframes | COPY ms/kf | index build s | ms/kf (COPY + build) | ms/kf COPY, index maintained | "
         "add with blobs ms p50 / p95 | descriptor + index B/kf | blobs B/kf | total MB/kf | local map MB/kf |",
@@ -485,10 +504,25 @@ def main() -> None:
     ap.add_argument("--exclude-recent", type=int, default=50)
     ap.add_argument("--ef", type=lambda s: [int(x) for x in s.split(",")], default=[40, 100, 200, 400, 800])
     ap.add_argument("--index", choices=("after", "during"), default="after", help="HNSW built after the load or kept")
+    ap.add_argument("--hnsw-m", type=int, default=HNSW_M, help="HNSW m of the rebuilt index (default: the schema's)")
+    ap.add_argument(
+        "--hnsw-ef-construction",
+        type=int,
+        default=HNSW_EF_CONSTRUCTION,
+        help="HNSW ef_construction of the rebuilt index (default: the schema's)",
+    )
     ap.add_argument("--maintenance-work-mem", default="6GB", help="for the index build (the graph must fit)")
     ap.add_argument("--parallel-workers", type=int, default=1, help="max_parallel_maintenance_workers")
     ap.add_argument("--shared-buffers", default="1GB", help="the local server's shared_buffers")
     ap.add_argument("--probe", type=int, default=2000, help="rows COPYed with the index maintained, rolled back")
+    ap.add_argument("--no-local", action="store_true", help="leave out the local FAISS side")
+    ap.add_argument(
+        "--draw-only",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=[],
+        help="sizes whose descriptors are drawn but not measured (an earlier run's random stream: its --sizes "
+        "before the one measured again)",
+    )
     ap.add_argument("--local-kinds", type=lambda s: s.split(","), default=["flat", "hnsw"])
     ap.add_argument("--one-at-a-time", type=int, default=1000, help="local keyframes added singly (timed)")
     ap.add_argument("--spread", type=float, default=1.0, help="synthetic noise, times the consecutive-frame step")
@@ -527,6 +561,9 @@ def main() -> None:
 
     try:
         for s in a.sizes.split(","):
+            if int(s) in a.draw_only:
+                draw(int(s), seeds, a, rng)
+                continue
             rec["rows"].append(None)
             run_size(int(s), seeds, a, rng, root, done)
     finally:

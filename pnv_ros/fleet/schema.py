@@ -29,10 +29,13 @@ from pnv_ros.errors import FleetError
 SCHEMA_VERSION = 1
 #: The PostgreSQL schema (namespace) of the tables.
 NAMESPACE = "pnv_fleet"
-#: HNSW build parameters: pgvector's defaults (m 16, ef_construction 64). Issue 30 measured on random 512-d
-#: vectors recall 0.36-0.50 at ef_search 40 and 0.90 at 400: re-measure on real descriptors
-#: (benchmarks/fleet_scale.py) before changing either.
-HNSW_M, HNSW_EF_CONSTRUCTION = 16, 64
+#: HNSW build parameters: m 24, ef_construction 100, from benchmarks/fleet_scale.py at 1M keyframes (real
+#: descriptors of the project's image sets and synthetic ones around them; docs/fleet.md, "Scale"). pgvector's
+#: defaults (m 16, ef_construction 64) topped out at Recall@1 0.925 / 0.955 (ef_search 400 / 800) for queries
+#: among the keyframes and 0.970 / 0.980 for revisits; m 24 / ef_construction 100 gives 0.990 / 0.990 and
+#: 0.985 / 0.995 for ~2 ms more a query (15.4 / 18.7 ms at 400 / 800), the same index size (2.73 GB: three
+#: nodes an 8 kB page either way) and a build of 15.4 min instead of 9.5 (2 shared cores, one parallel worker).
+HNSW_M, HNSW_EF_CONSTRUCTION = 24, 100
 #: pgvector's HNSW limit for ``vector`` columns (4,000 for ``halfvec``): index a PCA-reduced descriptor.
 MAX_INDEXED_DIM = 2000
 #: The advisory lock key that serialises schema creation (any fixed 64-bit number; this is "pnvfleet" as ASCII).

@@ -39,11 +39,12 @@ from pnv_ros.local_features import LocalFeatures
 from pnv_ros.place_map import HAS_LOCAL, HAS_POINTS, HAS_RAYS, LOCAL_RECORD, local_record
 
 #: HNSW search breadth by default: 800, from benchmarks/fleet_scale.py at 1M keyframes (real descriptors of the
-#: project's image sets and synthetic ones around them, the schema's m 16 / ef_construction 64; docs/fleet.md,
-#: "Scale"): Recall@1 against exact top-20 search still rises up to 800 (0.745 / 0.885 / 0.910 / 0.925 / 0.955
-#: at ef_search 40 / 100 / 200 / 400 / 800 for queries among the keyframes; 0.970 -> 0.980 from 400 to 800 for
-#: revisits) for 13.4 -> 16.1 ms median, small beside re-ranking a candidate; at 100k every ef_search >= 200
-#: gives 0.995-1.000 in 1.7-3.7 ms. (Issue 30's random 512-d vectors: 0.36-0.50 at 40, 0.90 at 400.)
+#: project's image sets and synthetic ones around them; docs/fleet.md, "Scale"). With the schema's m 24 /
+#: ef_construction 100, Recall@1 against exact top-20 search is 0.975 / 0.980 / 0.990 / 0.990 at ef_search
+#: 100 / 200 / 400 / 800 for queries among the keyframes and still rises from 400 to 800 for revisits (0.985 ->
+#: 0.995), for 15.4 -> 18.7 ms median, small beside re-ranking a candidate. (With m 16 / ef_construction 64 it
+#: rose up to 800 for both: 0.885 / 0.910 / 0.925 / 0.955 among keyframes; at 100k every ef_search >= 200
+#: gave 0.995-1.000 in 1.7-3.7 ms. Issue 30's random 512-d vectors: 0.36-0.50 at 40, 0.90 at 400.)
 DEFAULT_EF_SEARCH = 800
 #: Seconds to wait for a connection (libpq ``connect_timeout``): the caller (an outbox thread) retries later.
 DEFAULT_CONNECT_TIMEOUT_S = 5
