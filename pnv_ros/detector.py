@@ -69,7 +69,6 @@ from pnv_ros.place_map import PlaceMap
 
 if TYPE_CHECKING:  # the fleet's modules are imported by whoever makes a FleetMember
     from pnv_ros.fleet.member import FleetCandidate, FleetMember
-    from pnv_ros.fleet.store import FleetKeyframe
 
 #: A stamp at most this much older than the previous frame's is out of order (skipped);
 #: further back it is a clock jump (new session segment). 1 s: well above the reordering
@@ -757,7 +756,7 @@ class LoopClosureDetector:
         matcher (under the lock). Fleet keyframes of this robot that the local map holds (a loaded map that was
         uploaded) are left out: the local copy answers."""
         pairs = self._nearest(features.global_desc, limit, n, exclude_id)
-        remote = [r for r in remote if not self._held_locally(r.keyframe)]
+        remote = self._not_held_locally(remote)
         if not pairs and not remote:
             return []
         pm = self.matcher_for(matcher)
@@ -790,15 +789,15 @@ class LoopClosureDetector:
         ]
         return [out[j] for j in rerank_order(fused)]
 
-    def _held_locally(self, kf: FleetKeyframe) -> bool:
-        """A fleet keyframe the local map holds too (the same keyframe: a loaded map that was uploaded, by this
-        robot or the one whose map it is): a local keyframe with the same global descriptor, found by one
-        search of the whole map (under the lock). Not by stamp: a robot whose clock restarts at 0 repeats
-        stamps in other places."""
-        if len(self.map) == 0:
-            return False
-        dists, _ = self.map.index.search(kf.features.global_desc, 1)
-        return bool(dists.size) and float(dists[0][0]) <= SAME_DESCRIPTOR
+    def _not_held_locally(self, remote: list[FleetCandidate] | tuple) -> list[FleetCandidate]:
+        """The fleet candidates the local map does not hold too. A held one is the same keyframe (a loaded map
+        that was uploaded, by this robot or the one whose map it is): a local keyframe with the same global
+        descriptor, found by one batched search of the whole map (under the lock). Not by stamp: a robot whose
+        clock restarts at 0 repeats stamps in other places."""
+        if not remote or len(self.map) == 0:
+            return list(remote)
+        dists, _ = self.map.index.search(np.stack([r.keyframe.features.global_desc for r in remote]), 1)
+        return [r for r, d in zip(remote, dists) if not (d.size and float(d[0]) <= SAME_DESCRIPTOR)]
 
     def verify(
         self,

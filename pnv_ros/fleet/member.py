@@ -84,6 +84,11 @@ class FleetSettings:
             )
 
 
+def _nbytes(kf: FleetKeyframe) -> int:
+    """Bytes a fetched keyframe holds in the cache: its patches and global descriptor."""
+    return sum(p.nbytes for p in kf.features.patches) + kf.features.global_desc.nbytes
+
+
 class _QueryThread:
     """One daemon thread that runs submitted calls in order, each answered through a Future. Not a
     ``ThreadPoolExecutor``: its worker is joined at shutdown and at interpreter exit, so a query stuck on a hung
@@ -337,16 +342,14 @@ class FleetMember:
         return [have[i] for i in ids]
 
     def _remember(self, kf: FleetKeyframe) -> None:
-        size = sum(p.nbytes for p in kf.features.patches) + kf.features.global_desc.nbytes
-        budget = self.settings.cache_mb * 1e6
+        size, budget = _nbytes(kf), self.settings.cache_mb * 1e6
         with self._lock:
             if kf.id in self._cache or size > budget:
                 return
             self._cache[kf.id] = kf
             self._cache_bytes += size
             while self._cache_bytes > budget:
-                _, old = self._cache.popitem(last=False)
-                self._cache_bytes -= sum(p.nbytes for p in old.features.patches) + old.features.global_desc.nbytes
+                self._cache_bytes -= _nbytes(self._cache.popitem(last=False)[1])
 
     # -- state --------------------------------------------------------------------------------------------------
     def status(self) -> tuple[str, str, dict[str, str]]:
