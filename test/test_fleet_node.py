@@ -31,6 +31,7 @@ from pnv_ros.msg import LoopClosure  # noqa: E402
 from pnv_ros.srv import QueryPlace, VerifyPair  # noqa: E402
 from sensor_msgs.msg import Image  # noqa: E402
 from std_msgs.msg import Header  # noqa: E402
+from test_node import image_msg, stop_node  # noqa: E402
 
 NODE = str(Path(sys.executable).parent / "loop_closure_node")
 G = np.load(RTAB.parent / "gt_matrix.npy")  # G[i, j] = 1: frame i + 1 revisits frame j + 1
@@ -70,11 +71,7 @@ class Robot:
 
     def drive(self, frame: int) -> str:
         """Frame ``frame`` of the RTAB-Map loop stamped ``frame`` s; its answer on ~/processed."""
-        arr = np.asarray(PILImage.open(rtab_frame(frame)).convert("RGB"))
-        m = Image(height=arr.shape[0], width=arr.shape[1], encoding="rgb8", step=arr.shape[1] * 3)
-        m.header.stamp.sec, m.header.frame_id = frame, "camera"
-        m.data = arr.tobytes()
-        self.pub.publish(m)
+        self.pub.publish(image_msg(np.asarray(PILImage.open(rtab_frame(frame)).convert("RGB")), frame))
         assert spin_until(self.client, lambda: frame in self.acks, 120), f"{self.name}: frame {frame} unanswered"
         return self.acks[frame]
 
@@ -84,13 +81,7 @@ class Robot:
         return fut.result()
 
     def stop(self) -> str:
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            out, _ = self.proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            out, _ = self.proc.communicate()
-        return out
+        return stop_node(self.proc)
 
 
 def spin_until(node, cond, timeout: float) -> bool:
