@@ -206,7 +206,9 @@ def retrieval(exs: dict, data_dirs: list[Path], wanted: list[str], top_n: int) -
             res, t_q = [], []
             for i in range(len(q)):
                 t = time.perf_counter()
-                (r,) = two_stage(db, one(q, i), ex.preset, top_n=min(top_n, n_db), matcher="rapid")
+                (r,) = two_stage(
+                    db, one(q, i), ex.preset, top_n=min(top_n, n_db), matcher="rapid", bf16=ex.pooling == "fast"
+                )
                 t_q.append(time.perf_counter() - t)
                 res.append(r)
             row["engines"][k] = {

@@ -52,12 +52,12 @@ def run_bench(
 ) -> dict:
     """Seconds per extracted image, ms per re-ranked candidate (top-N batched,
     candidates as the map stores them, float16; ``exact=False``: oneDNN
-    similarity products), global search time at a few map sizes, bytes per
-    keyframe."""
+    similarity products; an extractor on a fast path re-ranks with bfloat16 ones as the detector does),
+    global search time at a few map sizes, bytes per keyframe."""
     feats = extractor.extract(list(images))
     extract_s = [median_time(lambda p=p: extractor.extract_one(p), repeats) for p in images[: min(3, len(images))]]
     pmap, cands = stored_candidates(feats, extractor.dim, extractor.preset, extractor.info.identity, top_n)
-    pm = PatchMatcher(extractor.preset, device=extractor.device, exact=exact)
+    pm = PatchMatcher(extractor.preset, device=extractor.device, exact=exact, bf16=extractor.pooling == "fast")
     rerank = median_time(lambda: pm.rerank(feats[0], cands), repeats)
     rng = np.random.default_rng(0)
     search = {}

@@ -356,12 +356,17 @@ class LoopClosureDetector:
 
     def matcher_for(self, name: str | None = None) -> PatchMatcher:
         """The (cached) matcher for a name, '' or None = the params' or preset's.
-        Matchers hold work buffers: use under the lock."""
+        Matchers hold work buffers: use under the lock. An extractor on a fast path (any precision but fp32:
+        ``FeatureExtractor.pooling`` "fast") re-ranks with bfloat16 similarity products where the device has
+        them (``PatchMatcher`` ``bf16``)."""
         m = Matcher.parse(name or self._params.matcher or self.preset.matcher)
         exact = not self._params.fast_products
-        if (m, exact) not in self._matchers:
-            self._matchers[(m, exact)] = PatchMatcher(self.preset, m, device=self.extractor.device, exact=exact)
-        return self._matchers[(m, exact)]
+        bf16 = getattr(self.extractor, "pooling", "exact") == "fast"  # the fast paths' products: bfloat16
+        if (m, exact, bf16) not in self._matchers:
+            self._matchers[(m, exact, bf16)] = PatchMatcher(
+                self.preset, m, device=self.extractor.device, exact=exact, bf16=bf16
+            )
+        return self._matchers[(m, exact, bf16)]
 
     def reset(self) -> None:
         """Empty the map (same storage options) and start a new session."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from pnv_ros.engines.spec import RuntimeSpec, variant
 from pnv_ros.errors import EngineError
 from pnv_ros.features import FeatureSet, PlaceFeatures
 from pnv_ros.images import ImageSource, image_identities, load_image
-from pnv_ros.model.backbone import BlockedBackbone
+from pnv_ros.matching import bf16_products
 from pnv_ros.model.checkpoint import load_checkpoint
 from pnv_ros.model.model_file import ModelInfo
 from pnv_ros.model.netvlad import PatchNetVLADModel
@@ -44,9 +45,8 @@ class EngineModelInfo(ModelInfo):
         return f"{base}+{self.variant}" if self.variant else base
 
 
-def _bf16_products(device: torch.device) -> bool:
-    """Whether bfloat16 matrix products are fast on ``device`` (a CUDA GPU; a CPU with AMX or AVX-512 BF16)."""
-    return device.type == "cuda" or (device.type == "cpu" and BlockedBackbone.available(torch.bfloat16))
+#: the pooling arithmetics a FeatureExtractor takes (``pooling``)
+POOLINGS = ("auto", "exact", "fast")
 
 
 def preset_size(preset: Preset) -> tuple[int, int]:
@@ -98,6 +98,11 @@ class FeatureExtractor:
             patch descriptors are bit-identical to ``patchnetvlad==0.1.8``'s, at a cost (measured +40% of the
             extraction with the performance preset, +17% speed; docs/results/pooling_exact.md). Off: they agree
             with it to ~2e-6.
+        pooling: "exact" (the float32 integral, as the reference computes it), "fast" (the same descriptors
+            from small products, no integral: ``PatchNetVLADModel._pool_fast``; bfloat16 products where the
+            device has fast ones; closer to float64 than "exact", not the reference's float32 rounding; see
+            docs/results/pooling_fast.md) or "auto" (default): "exact" at fp32, "fast" at every other
+            precision. Raises EngineError for another value.
     """
 
     def __init__(
@@ -117,6 +122,7 @@ class FeatureExtractor:
         threads: int | None = None,
         log: Callable[[str], None] | None = None,
         reference_arithmetic: bool = False,
+        pooling: str = "auto",
     ) -> None:
         self.device = torch.device(device) if device is not None else default_device()
         self.model = model.to(self.device).eval()
@@ -160,12 +166,22 @@ class FeatureExtractor:
             self.info = EngineModelInfo(
                 **{f.name: getattr(info, f.name) for f in dataclasses.fields(info)}, variant=tag
             )
-        #: the patch WPCA product: int8 engines take the bfloat16 one where the device has bfloat16 products
-        #: (AMX / AVX-512 BF16, CUDA); every other path the exact float32 one, or with ``reference_arithmetic``
-        #: the reference's own order of operations (netvlad._pool)
-        self.projection = "bf16" if self.precision == "int8" and _bf16_products(self.device) else "exact"
+        if pooling not in POOLINGS:
+            raise EngineError(f"pooling {pooling!r}: use one of {', '.join(POOLINGS)}")
+        if pooling == "auto":
+            pooling = "exact" if self.precision == "fp32" else "fast"
+        #: how pooling and patch descriptors are computed (``PatchNetVLADModel._pool``'s ``projection``): the
+        #: float32 path the exact arithmetic (bit-compatible with the reference: ``reference_arithmetic``
+        #: ``reference``), every other one ``fast`` (``_pool_fast``: no residual integral, bfloat16 products
+        #: where the device has fast ones, else float32 ``fast32``)
+        self.pooling = pooling
+        self.projection = pooling
+        if pooling == "fast" and not bf16_products(self.device):
+            self.projection = "fast32"
         if reference_arithmetic:
             self.projection = "reference"
+        #: the stages' seconds of this thread's last extraction (``last_timings``)
+        self._timings = threading.local()
         self.bf16 = engine == "torch" and self.precision == "bf16"
         self._autocast = (
             {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision) if engine == "torch" else None
@@ -186,8 +202,18 @@ class FeatureExtractor:
         size is refused here. Every preset has an input size that holds its patches (``config.validate``; the
         reference's native-resolution setting, a resize of 0, is refused there).
         """
+        t = time.perf_counter()
         pil: Image.Image = load_image(image, bit_depth=self.bit_depth)
-        return self._transform(pil), (pil.width, pil.height)
+        out = self._transform(pil), (pil.width, pil.height)
+        self._timings.value = {"preprocess": time.perf_counter() - t}
+        return out
+
+    @property
+    def last_timings(self) -> dict[str, float]:
+        """Seconds of this thread's last extraction per stage: ``preprocess`` (decoding and resizing),
+        ``backbone``, ``pooling`` (assignment and global descriptor) and ``patch_descriptors`` (all scales,
+        WPCA included); empty before the first. Batched extraction: the batch's."""
+        return dict(getattr(self._timings, "value", {}))
 
     @torch.inference_mode()
     def extract_tensors(self, batch: torch.Tensor) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -197,19 +223,26 @@ class FeatureExtractor:
         C-contiguous (the model's patches are a transposed view; each keyframe's
         (P_s, D) rows in order make re-ranking's stacking a plain copy).
         """
-        if self.backend is not None:  # the engine runs the backbone; pooling and WPCA are the model's, float32
+        t0 = time.perf_counter()
+        if self.backend is not None:  # the engine runs the backbone; pooling and WPCA are the model's
             with self._backend_lock:
                 feats = self.backend(batch)
+        else:  # the model's forward, with the stages apart: only the backbone under autocast
+            with torch.autocast(self.device.type, dtype=self._autocast or torch.bfloat16, enabled=bool(self._autocast)):
+                feats = self.model.backbone(batch.to(self.device))
+        stages = {"backbone": time.perf_counter() - t0}
+        with torch.autocast(self.device.type, enabled=False):
             glob, patches = self.model._pool(
-                feats.to(self.device, torch.float32), self.preset.patch_sizes, self.preset.strides, self.projection
+                feats.to(self.device, torch.float32),
+                self.preset.patch_sizes,
+                self.preset.strides,
+                self.projection,
+                timings=stages,
             )
-        else:
-            dtype = self._autocast or torch.bfloat16
-            with torch.autocast(self.device.type, dtype=dtype, enabled=self._autocast is not None):
-                glob, patches = self.model(
-                    batch.to(self.device), self.preset.patch_sizes, self.preset.strides, self.projection
-                )
-        return glob.float().cpu().numpy(), [p.float().cpu().contiguous().numpy() for p in patches]
+        out = glob.float().cpu().numpy(), [p.float().cpu().contiguous().numpy() for p in patches]
+        prev = getattr(self._timings, "value", {})
+        self._timings.value = {"preprocess": prev.get("preprocess", 0.0), **stages}
+        return out
 
     def extract(self, images: Sequence[ImageSource]) -> list[PlaceFeatures]:
         """Features of every image, batched. Raises ImageError naming a bad one."""

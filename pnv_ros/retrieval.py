@@ -40,16 +40,17 @@ def two_stage(
     device: str = "cpu",
     progress: bool = False,
     exact: bool = True,
+    bf16: bool = False,
 ) -> list[QueryResult]:
     """Retrieve top-N candidates per query and re-rank them by patch matching
-    (``exact=False``: oneDNN similarity products, see PatchMatcher)."""
+    (``exact=False``: oneDNN similarity products; ``bf16``: bfloat16 ones, the fast paths'; see PatchMatcher)."""
     db.check_compatible(queries)
     db.check_preset(preset, "database features")
     index = GlobalIndex(db.dim, index_kind)
     index.add(db.global_descs)
     n = top_n or preset.top_n
     dists, ids = index.search(queries.global_descs, n)
-    pm = PatchMatcher(preset, matcher, device=device, exact=exact)
+    pm = PatchMatcher(preset, matcher, device=device, exact=exact, bf16=bf16)
     db_items = [db.item(i) for i in range(len(db))]
     rng = range(len(queries))
     if progress:

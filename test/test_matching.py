@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from pnv_ros.config import get_preset
 from pnv_ros.features import PlaceFeatures
@@ -126,3 +127,43 @@ def test_fast_products_close_to_exact(real_perf_features, matcher: str) -> None:
     assert np.abs(fast.num_matches - exact.num_matches).max() <= max(2, 0.01 * exact.num_matches.max())
     np.testing.assert_allclose(fast.raw, exact.raw, rtol=0.05, atol=2.0 / preset.num_patches(2))
     assert fast.raw[0].sum() == exact.raw[0].sum()  # the self-match: every patch, no near-ties
+
+
+@pytest.fixture(scope="module")
+def default_perf_features(default_ckpt):
+    """Performance-preset features of five RTAB-Map frames, the default model (real, distinct patches: a random
+    model's patches are near-duplicates, ~0.9999 apart, below any reduced precision)."""
+    from conftest import rtab_frame
+
+    from pnv_ros.extract import FeatureExtractor
+    from pnv_ros.model.checkpoint import load_checkpoint
+
+    model, info = load_checkpoint(default_ckpt)
+    ex = FeatureExtractor(model, info, get_preset("performance"), device="cpu")
+    return ex.extract([rtab_frame(i) for i in (1, 2, 42, 43, 60)])
+
+
+@pytest.mark.parametrize("matcher", ["ransac", "rapid"])
+def test_bf16_products_close_to_exact(default_perf_features, matcher: str) -> None:
+    """bfloat16-input products (the fast paths'): the self-match keeps every patch; against other frames the
+    mutual matches move only at near-ties, so counts and scores stay close and the order of the candidates
+    (frames 2, 42 and 43 revisit frame 1; 60 does not) is kept; stacked candidates score the same."""
+    from conftest import CPU_BF16
+
+    preset = get_preset("performance")
+    q, cands = default_perf_features[0], default_perf_features
+    half = PatchMatcher(preset, matcher, bf16=True)
+    assert half.bf16 == CPU_BF16
+    exact = PatchMatcher(preset, matcher).score(q, cands)
+    fast = half.score(q, cands)
+    for s in range(3):
+        p = preset.num_patches(s)
+        assert fast.num_matches[0, s] == p and fast.raw[0, s] == exact.raw[0, s]  # itself: every patch matched
+        assert np.abs(fast.num_matches[1:, s] - exact.num_matches[1:, s]).max() <= max(3, 0.02 * p)
+    np.testing.assert_allclose(fast.raw, exact.raw, rtol=0.05, atol=2.0 / preset.num_patches(2))
+    assert np.array_equal(np.argsort(fast.raw.sum(1)[1:]), np.argsort(exact.raw.sum(1)[1:]))
+    stacked = half.score_stacked(
+        [torch.as_tensor(p) for p in q.patches],
+        [torch.as_tensor(np.stack([c.patches[s] for c in cands])) for s in range(3)],
+    )
+    np.testing.assert_array_equal(stacked.raw, fast.raw)

@@ -9,6 +9,7 @@ patch VLAD as a box sum of its integral image.
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import torch
@@ -42,6 +43,44 @@ def _column_norms(v: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
         return v.norm(2, 0, keepdim=True)
     torch.mul(v, v, out=scratch)
     return torch.from_numpy(np.sqrt(np.add.reduce(scratch.numpy(), axis=0))).unsqueeze(0)
+
+
+#: the fast pooling's product dtype per ``projection`` name (``PatchNetVLADModel._pool_fast``)
+FAST = {"fast": torch.bfloat16, "fast32": torch.float32}
+
+
+def _version(t: torch.Tensor | None) -> int:
+    """A tensor's in-place version counter (-1 for None or an inference tensor, which has none)."""
+    try:
+        return -1 if t is None else int(t._version)
+    except RuntimeError:
+        return -1
+
+
+def _windows(t: torch.Tensor, size: int, stride: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Every size x size window of a (h, w, F) contiguous grid at ``stride``, row-major: (P, size^2, F), a copy
+    (into ``out`` of that shape and dtype when given)."""
+    h, w, f = t.shape
+    rows, cols = (h - size) // stride + 1, (w - size) // stride + 1
+    s0, s1, s2 = t.stride()
+    view = t.as_strided((rows, cols, size, size, f), (stride * s0, stride * s1, s0, s1, s2))
+    if out is None:
+        return view.reshape(rows * cols, size * size, f)
+    out.view(rows, cols, size, size, f).copy_(view)
+    return out
+
+
+class _Clock:
+    """Adds the seconds since the last mark to ``timings[name]`` (nothing when ``timings`` is None)."""
+
+    def __init__(self, timings: dict[str, float] | None) -> None:
+        self.timings, self.t = timings, time.perf_counter()
+
+    def mark(self, name: str) -> None:
+        if self.timings is not None:
+            now = time.perf_counter()
+            self.timings[name] = self.timings.get(name, 0.0) + now - self.t
+            self.t = now
 
 
 class NetVLADPooling(nn.Module):
@@ -143,14 +182,28 @@ class PatchNetVLADModel(nn.Module):
         return t
 
     def _bf16_wpca(self) -> torch.Tensor:
-        """The WPCA weight as a (D, K*C) bfloat16 matrix, made once per weight tensor and version (an in-place
-        ``load_state_dict`` bumps the version)."""
-        w = self.WPCA[0].weight
-        key = (id(w), w._version, w.device)
-        cached = self._scratch.__dict__.get("wpca_bf16")
+        """The WPCA weight as a (D, K*C) bfloat16 matrix (see :meth:`_wpca_cache`)."""
+        return self._wpca_cache(torch.bfloat16)[0]
+
+    def _wpca_cache(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What the fast pooling needs of the weights, made once per weight tensor, version and ``dtype`` (an
+        in-place ``load_state_dict`` bumps the version): the WPCA weight as a (D, K*C) matrix in ``dtype``, the
+        projected centroids ``W_k c_k`` as (K, D) float32 (zeros (K, 0) without WPCA) and the centroids' squared
+        norms (K,) float32."""
+        w, cent = (self.WPCA[0].weight if self.num_pcs > 0 else None), self.pool.centroids
+        key = (id(w), _version(w), id(cent), _version(cent), cent.device, dtype)
+        cached = self._scratch.__dict__.get("wpca_low")
         if cached is None or cached[0] != key:
-            cached = (key, w.detach().reshape(w.shape[0], -1).to(torch.bfloat16).contiguous())
-            self._scratch.__dict__["wpca_bf16"] = cached
+            k, c = cent.shape
+            cent_d = cent.detach()
+            if w is None:
+                w_low, wc = cent_d.new_zeros(0, k * c, dtype=dtype), cent_d.new_zeros(k, 0)
+            else:
+                w2 = w.detach().reshape(w.shape[0], -1)
+                w_low = w2.to(dtype).contiguous()
+                wc = torch.einsum("dkc,kc->kd", w2.view(-1, k, c), cent_d).contiguous()
+            cached = (key, (w_low, wc, cent_d.square().sum(1)))
+            self._scratch.__dict__["wpca_low"] = cached
         return cached[1]
 
     @property
@@ -202,8 +255,12 @@ class PatchNetVLADModel(nn.Module):
         patch_sizes: tuple[int, ...],
         strides: tuple[int, ...],
         projection: str = "exact",
+        timings: dict[str, float] | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """feats: (B, C, h, w) float32 conv5_3 -> global (B, D) and patches, as ``forward``.
+
+        ``timings``: when given, seconds are added to its ``pooling`` (assignment, residuals and the global
+        descriptor) and ``patch_descriptors`` (every scale's, WPCA included) entries.
 
         ``projection``: how the patch descriptors' WPCA product runs. "exact" (default, every float32 path):
         as the reference rounds it. "bf16": one bfloat16 matrix product (float32 accumulation; AMX or AVX-512
@@ -212,6 +269,9 @@ class PatchNetVLADModel(nn.Module):
         "reference": the reference's arithmetic step for step (:meth:`_pool_reference`): global and patch
         descriptors bit-identical to ``patchnetvlad==0.1.8``'s on CPU float32, at a cost (see
         docs/results/pooling_exact.md); "exact" agrees with it to ~2e-6.
+        "fast" / "fast32": the same descriptors computed another way (:meth:`_pool_fast`, no residual integral),
+        its two large products in bfloat16 ("fast") or float32 ("fast32"); for every path that is not the exact
+        float32 one (``FeatureExtractor.pooling``).
 
         Pooled one image at a time: oneDNN picks its product kernels by batch size, and a box sum
         (a small difference of large integral values) turns their last-bit differences into patch
@@ -219,10 +279,15 @@ class PatchNetVLADModel(nn.Module):
         descriptor is the same whatever the batch it came in (tested); the backbone's convolutions
         are already batch-independent on CPU (bit-identical, tested)."""
         if feats.shape[0] > 1:
-            parts = [self._pool(feats[i : i + 1], patch_sizes, strides, projection) for i in range(feats.shape[0])]
+            parts = [
+                self._pool(feats[i : i + 1], patch_sizes, strides, projection, timings) for i in range(feats.shape[0])
+            ]
             return torch.cat([g for g, _ in parts]), [torch.cat(ps) for ps in zip(*(p for _, p in parts))]
+        clock = _Clock(timings)
         if projection == "reference":
-            return self._pool_reference(feats, patch_sizes, strides)
+            return self._pool_reference(feats, patch_sizes, strides, clock)
+        if projection in FAST:
+            return self._pool_fast(feats, patch_sizes, strides, FAST[projection], clock)
         b, c, h, w = feats.shape
         k = self.pool.num_clusters
         x = F.normalize(feats, p=2, dim=1)
@@ -234,10 +299,12 @@ class PatchNetVLADModel(nn.Module):
         inner.mul_(assign.unsqueeze(2))
         integral.cumsum_(dim=-1).cumsum_(dim=-2)
         global_desc = self.project(vlad_normalise(integral[..., -1, -1].clone()))
+        clock.mark("pooling")
         patches: list[torch.Tensor] = []
         flat = integral.view(b, k * c, h + 1, w + 1)
         for size, stride in zip(patch_sizes, strides):
             patches.append(self._patch_descriptors(flat, size, stride, k, c, projection))
+        clock.mark("patch_descriptors")
         return global_desc, patches
 
     def _patch_descriptors(
@@ -288,8 +355,103 @@ class PatchNetVLADModel(nn.Module):
             out += conv.bias.view(1, -1, 1)
         return F.normalize(out, p=2, dim=1).transpose(1, 2)
 
+    def _pool_fast(
+        self,
+        feats: torch.Tensor,
+        patch_sizes: tuple[int, ...],
+        strides: tuple[int, ...],
+        low: torch.dtype,
+        clock: _Clock | None = None,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """One image's descriptors without the residual integral: feats (1, C, h, w) float32 -> global (1, D),
+        patches [(1, P, D)], as :meth:`_pool`.
+
+        The (K, C, h+1, w+1) integral (~166 MB for VGG-16 at 640 x 480), its box sums and the (K*C, P) patch
+        matrix are each several passes over memory; here the same quantities come from small products:
+
+        - global VLAD: ``A^T X - diag(sum A) c`` with X (hw, C) the normalised features, A (hw, K) the
+          soft-assignment, c (K, C) the centroids;
+        - a window w's residual sum for word k, ``v_wk = sum_i a_ik (x_i - c_k)``, has the squared norm
+          ``a^T G_w a - 2 m (a . x c_k) + m^2 |c_k|^2`` (G_w the window's (p^2, p^2) Gram matrix of features,
+          m the word's mass in the window), so intra-normalisation and the L2 norm over K*C need no v_wk;
+        - WPCA is linear, so with the normalising factors s_wk folded into the assignments (beta = a s), the
+          projected patch descriptor is ``W vec(beta^T X_w) - sum_k (sum_i beta_ik) W_k c_k + b``: one batched
+          (K, p^2) x (p^2, C) product per window and one (D, K*C) x (K*C, P) product, both in ``low``
+          (bfloat16 on AMX / AVX-512 BF16 CPUs and GPUs, float32 accumulation), the centroid term in float32.
+
+        Nothing is a small difference of large values, so the result is closer to the float64 descriptors than
+        the reference's float32 integral is (measured on the RTAB-Map images, VGG-16 default: patch cosine to
+        float64 >= 0.99999998 in float32, >= 0.99997 with bfloat16 products; the reference's float32 arithmetic
+        down to 0.73 on words with little mass in a window, docs/results/pooling_fast.md).
+        """
+        _, c, h, w = feats.shape
+        k = self.pool.num_clusters
+        x = F.normalize(feats, p=2, dim=1)
+        assign = F.softmax(self.pool.conv(x), dim=1)  # (1, K, h, w)
+        cent = self.pool.centroids
+        X = x[0].permute(1, 2, 0).contiguous()  # (h, w, C)
+        A = assign[0].permute(1, 2, 0).contiguous()  # (h, w, K)
+        xf, af = X.view(h * w, c), A.view(h * w, k)
+        vlad = af.t() @ xf - af.sum(0).unsqueeze(1) * cent  # (K, C)
+        global_desc = self.project(vlad_normalise(vlad.unsqueeze(0)))
+        clock = clock or _Clock(None)
+        clock.mark("pooling")
+        xc = (xf @ cent.t()).view(h, w, k)  # x_i . c_k
+        w_low, wc, c2 = self._wpca_cache(low)
+        x_low = X if low == torch.float32 else X.to(low)
+        patches = [
+            self._patch_descriptors_fast(X, x_low, A, xc, (w_low, wc, c2), size, stride)
+            for size, stride in zip(patch_sizes, strides)
+        ]
+        clock.mark("patch_descriptors")
+        return global_desc, patches
+
+    def _patch_descriptors_fast(
+        self,
+        X: torch.Tensor,
+        x_low: torch.Tensor,
+        A: torch.Tensor,
+        xc: torch.Tensor,
+        cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        size: int,
+        stride: int,
+    ) -> torch.Tensor:
+        """One scale of :meth:`_pool_fast`. X (h, w, C) float32, x_low the same in the products' dtype, A (h, w, K)
+        assignments, xc (h, w, K) ``x_i . c_k`` -> (1, P, D) (P windows row-major; (1, P, K*C) without WPCA)."""
+        h, w, c = X.shape
+        k = A.shape[-1]
+        w_low, wc, c2 = cache
+        p = ((h - size) // stride + 1) * ((w - size) // stride + 1)
+
+        def windows(name: str, t: torch.Tensor) -> torch.Tensor:  # into a kept buffer: no fresh pages per image
+            return _windows(t, size, stride, self._buffer(f"{name}{size}_{stride}", (p, size * size, t.shape[-1]), t))
+
+        xw = windows("xw", X)  # (P, p^2, C)
+        xw_low = xw if x_low is X else windows("xw_low", x_low)
+        aw, xcw = windows("aw", A), windows("xcw", xc)  # (P, p^2, K)
+        gram = torch.bmm(xw, xw.transpose(1, 2))  # (P, p^2, p^2)
+        mass = aw.sum(1)  # (P, K)
+        sq = (torch.bmm(gram, aw) * aw).sum(1) - 2 * mass * (aw * xcw).sum(1) + mass.square() * c2
+        norms = sq.clamp_(min=0).sqrt_()  # |v_wk|, the box sums' norms (not divided by p^2)
+        inv = 1.0 / norms.clamp(min=1e-12 * size * size)  # the reference's eps on the mean, as _patch_descriptors
+        scale = inv / (norms * inv).square().sum(1, keepdim=True).sqrt().clamp(min=1e-12)  # (P, K)
+        beta = (aw * scale.unsqueeze(1)).transpose(1, 2).to(x_low.dtype)  # (P, K, p^2)
+        v = torch.bmm(beta, xw_low, out=self._buffer(f"v{size}_{stride}", (p, k, c), xw_low))  # sum_i beta_ik x_i
+        corr = mass * scale  # (P, K): sum_i beta_ik
+        if self.num_pcs <= 0:
+            out = v.float() - corr.unsqueeze(-1) * self.pool.centroids.unsqueeze(0)
+            return out.view(1, p, k * c)
+        out = torch.mm(w_low, v.view(p, k * c).t()).float()  # (D, P)
+        out -= wc.t() @ corr.t()
+        out += self.WPCA[0].bias.unsqueeze(1)
+        return F.normalize(out, p=2, dim=0).t().unsqueeze(0)
+
     def _pool_reference(
-        self, feats: torch.Tensor, patch_sizes: tuple[int, ...], strides: tuple[int, ...]
+        self,
+        feats: torch.Tensor,
+        patch_sizes: tuple[int, ...],
+        strides: tuple[int, ...],
+        clock: _Clock | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """One image's descriptors with the reference's arithmetic (``PatchNetVLAD.forward``,
         ``get_square_regions_from_integral`` and ``get_pca_encoding`` of ``patchnetvlad==0.1.8``).
@@ -311,6 +473,8 @@ class PatchNetVLADModel(nn.Module):
         res.mul_(assign.unsqueeze(2))
         glob = F.normalize(res.view(b, k, c, h * w).sum(dim=-1), p=2, dim=2).view(b, k * c)
         glob = self._project_reference(F.normalize(glob, p=2, dim=1))
+        clock = clock or _Clock(None)
+        clock.mark("pooling")
         integral = self._buffer("integral", (b, k, c, h + 1, w + 1), x, zero=True)
         torch.cumsum(res, dim=-1, out=integral[..., 1:, 1:])
         integral.cumsum_(dim=-2)
@@ -339,6 +503,7 @@ class PatchNetVLADModel(nn.Module):
                 continue
             rows_t.copy_(v3[0].t())
             patches.append(self._project_reference(rows_t).unsqueeze(0))
+        clock.mark("patch_descriptors")
         return glob, patches
 
     def _project_reference(self, vlad: torch.Tensor) -> torch.Tensor:
