@@ -175,7 +175,7 @@ class LoopClosureNode(Node):
 
     def _on_odom(self, msg: Odometry) -> None:
         p, q = msg.pose.pose.position, msg.pose.pose.orientation
-        pose = np.array([p.x, p.y, p.z, q.x, q.y, q.z, q.w])
+        pose = (p.x, p.y, p.z, q.x, q.y, q.z, q.w)  # floats: numpy per message costs more than it saves
         if not valid_pose(pose):
             self._events.add("bad_odom")
         elif not self._odom.add(
