@@ -171,9 +171,10 @@ def _f(v: float, fmt: str) -> str:
     return "n/a" if v is None or np.isnan(v) else format(v, fmt)
 
 
-def page(rows: dict[str, list[dict]], args: argparse.Namespace, argv: list[str], wall_s: float) -> list[str]:
-    """The Markdown page: per tree the medians over its runs, and new / base."""
-    base, new = rows["base"], rows["new"]
+def page(rec: dict, args: argparse.Namespace) -> list[str]:
+    """The Markdown page of a run's record (``out/node_overhead.json``): per tree the medians over its runs, and
+    new / base."""
+    base, new = rec["base"], rec["new"]
 
     def m(runs: list[dict], key: str) -> float:
         return med([r[key] for r in runs])
@@ -187,11 +188,12 @@ def page(rows: dict[str, list[dict]], args: argparse.Namespace, argv: list[str],
     L = [
         "# The node's own overhead: today's code against this checkout",
         "",
-        f"`.venv/bin/python benchmarks/node_overhead.py {' '.join(argv)}`".replace(" `", "`"),
+        f"`.venv/bin/python benchmarks/node_overhead.py {' '.join(rec['argv'])}`".replace(" `", "`"),
         "",
-        f"{utc_now()}; {machine_line()}; load average {os.getloadavg()[0]:.1f} at the end; {wall_s / 60:.0f} min. "
-        f"The live `loop_closure_node`, default VGG-16 model, speed preset, {args.engine} {args.precision}, "
-        f"{args.repeats} runs per tree alternating (base, new, ...); medians over runs. CPU in % of one core.",
+        f"{rec['when']}; {rec['machine']}; load average {rec['load_avg_end']:.1f} at the end (a shared machine); "
+        f"{rec['wall_s'] / 60:.0f} min. The live `loop_closure_node`, default VGG-16 model, speed preset, "
+        f"{args.engine} {args.precision}, {len(base)} runs per tree alternating (base, new, ...); medians over runs. "
+        "CPU in % of one core.",
         "",
         "| | base `" + args.base + "` | this checkout | new / base |",
         "|---|---|---|---|",
@@ -260,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if args.from_json:
         rec = json.loads(args.from_json.read_text())
-        write_page(args.md, page(rec, args, rec.get("argv", argv), rec.get("wall_s", float("nan"))))
+        write_page(args.md, page(rec, args))
         return 0
     start = time.time()
     tmp = Path(tempfile.mkdtemp(prefix="pnv_node_overhead_"))
@@ -291,7 +293,14 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(base_code)], check=False)
         shutil.rmtree(tmp, ignore_errors=True)
     (REPO / "out").mkdir(exist_ok=True)
-    rec = {**rows, "argv": argv, "wall_s": time.time() - start}
+    rec = {
+        **rows,
+        "argv": argv,
+        "wall_s": time.time() - start,
+        "when": utc_now(),
+        "machine": machine_line(),
+        "load_avg_end": os.getloadavg()[0],
+    }
     (REPO / "out" / "node_overhead.json").write_text(json.dumps(rec, indent=1))
     if args.profile:
         import io
@@ -301,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         pstats.Stats(str(REPO / "out" / "node_overhead.prof"), stream=buf).sort_stats("tottime").print_stats(40)
         (REPO / "out" / "node_overhead_profile.txt").write_text(buf.getvalue())
         print(buf.getvalue())
-    lines = page(rows, args, argv, time.time() - start)
+    lines = page(rec, args)
     write_page(args.md, lines)
     print("\n".join(lines))
     return 0
