@@ -47,7 +47,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -291,8 +291,11 @@ EXTRACTOR_STAGES = ("preprocess", "backbone", "pooling", "patch_descriptors")
 
 def extractor_stages(extractor: Any) -> dict[str, float]:
     """The extractor's stage seconds of this thread's last ``extract_one`` (:data:`EXTRACTOR_STAGES`, from its
-    ``last_timings``); those it does not report are left out (an extractor without ``last_timings``: none)."""
-    last = getattr(extractor, "last_timings", None) or {}
+    ``last_timings``: a mapping of stage name to seconds, this thread's); those it does not report are left out
+    (an extractor without ``last_timings``, or with one that is not a mapping: none)."""
+    last = getattr(extractor, "last_timings", None)
+    if not isinstance(last, Mapping):
+        return {}
     return {k: float(last[k]) for k in EXTRACTOR_STAGES if k in last}
 
 
