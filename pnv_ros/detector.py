@@ -47,7 +47,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -165,6 +165,12 @@ class FrameResult:
     status: 'keyframe', or why it was skipped: 'duplicate', 'out_of_order', 'too_soon',
     'no_motion', 'no_information', 'no_visual_change', 'map_changed' (reset/load while it was extracted).
     time_jump: this frame's stamp went back in time (new session segment).
+    timings: seconds per stage of a keyframe: ``decode`` (the image to an array) and ``look`` (the picture
+    tests) of a frame given as an image; the extractor's ``preprocess``, ``backbone``, ``pooling`` and
+    ``patch_descriptors`` where it reports them (:func:`extractor_stages`); ``local_features``; ``extract``
+    (patches + local features); ``retrieval`` (the fleet's candidates, ``fleet``, and the FAISS top-n);
+    ``rerank`` (patch matching); ``map_add``; ``pose`` (an accepted loop's); ``commit`` (retrieval to pose);
+    ``total`` = extract + commit (decode and look not included).
     generation: of a keyframe, the map generation it joined (bumped by reset and load; see
     :attr:`LoopClosureDetector.generation`); None for a skipped frame.
     """
@@ -276,6 +282,21 @@ class Session:
             self.times = grown
         self.times[self.n] = session_ns
         self.n += 1
+
+
+#: The extractor's own stages, as its ``last_timings`` names them (seconds of the calling thread's last
+#: ``extract_one``): what :meth:`LoopClosureDetector.process` reports beside its own.
+EXTRACTOR_STAGES = ("preprocess", "backbone", "pooling", "patch_descriptors")
+
+
+def extractor_stages(extractor: Any) -> dict[str, float]:
+    """The extractor's stage seconds of this thread's last ``extract_one`` (:data:`EXTRACTOR_STAGES`, from its
+    ``last_timings``: a mapping of stage name to seconds, this thread's); those it does not report are left out
+    (an extractor without ``last_timings``, or with one that is not a mapping: none)."""
+    last = getattr(extractor, "last_timings", None)
+    if not isinstance(last, Mapping):
+        return {}
+    return {k: float(last[k]) for k in EXTRACTOR_STAGES if k in last}
 
 
 def _rotation_angle(q1: np.ndarray, q2: np.ndarray) -> float:
@@ -500,7 +521,8 @@ class LoopClosureDetector:
                 )
             self.map.check_fits(features)  # a MapError before anything is matched or changed
             limit = self._limit(adm.session_ns, p)
-            cands = self._candidates(features, limit, p.top_n, None, None, details=True, remote=remote)
+            stages: dict[str, float] = {}
+            cands = self._candidates(features, limit, p.top_n, None, None, True, remote, stages)
             t1 = time.perf_counter()
             kf_id = self.map.add(features, adm.stamp_ns, adm.position)
             if self.fleet is not None:
@@ -508,6 +530,7 @@ class LoopClosureDetector:
             s.add(adm.session_ns)
             s.last_kf = _LastKeyframe(adm.session_ns, adm.thumb, adm.position, adm.orientation)
             self.counts["keyframes"] += 1
+            t_add = time.perf_counter() - t1
             best = max(cands, key=lambda c: c.score) if cands else None  # ties: the re-ranked order
             best = best if best is not None and best.score >= p.min_score else None
             s.history.append(None if best is None else self._history_key(best))
@@ -515,7 +538,12 @@ class LoopClosureDetector:
                 kf_id,
                 "keyframe",
                 cands,
-                timings={"rerank": t1 - t0 - t_fleet, "fleet": t_fleet},
+                timings={
+                    "retrieval": t_fleet + stages.get("retrieval", 0.0),
+                    "rerank": stages.get("rerank", 0.0),
+                    "fleet": t_fleet,
+                    "map_add": t_add,
+                },
                 time_jump=adm.time_jump,
                 generation=adm.generation,
             )
@@ -565,9 +593,13 @@ class LoopClosureDetector:
             counted (``bad_depth``): the keyframe is kept without 3-D points.
         """
         adm = self.admit(stamp_ns, position, orientation)
+        before: dict[str, float] = {}
         if adm.extract and not isinstance(image, PlaceFeatures):
+            t = time.perf_counter()
             image = decode(image) if decode is not None else np.asarray(load_image(image))
+            t_decoded = time.perf_counter()
             adm = self.look(adm, image)
+            before = {"decode": t_decoded - t, "look": time.perf_counter() - t_decoded}
         if not adm.extract:
             return FrameResult(None, adm.status, time_jump=adm.time_jump)
         t0 = time.perf_counter()
@@ -577,12 +609,14 @@ class LoopClosureDetector:
         else:
             feats = self.extractor.extract_one(image)
             t1 = time.perf_counter()
+            before.update(extractor_stages(self.extractor))
             cam, rejected = self._camera(camera, feats.image_size)
             if cam is not None or rejected:  # no camera at all: no pose can use them, so none are extracted
                 feats = replace(feats, local=self._local_features(image, cam, depth))
             t_local = time.perf_counter() - t1
         t_extract = time.perf_counter() - t0
         result = self.commit(adm, feats, cam)
+        result.timings.update(before)
         result.timings["extract"] = t_extract
         result.timings["local_features"] = t_local
         result.timings["total"] = t_extract + result.timings["commit"]
@@ -756,12 +790,18 @@ class LoopClosureDetector:
         exclude_id: int | None,
         details: bool = False,
         remote: list[FleetCandidate] | tuple = (),
+        timings: dict[str, float] | None = None,
     ) -> list[Candidate]:
         """The local top ``n`` below ``limit`` and the fleet's ``remote`` candidates, re-ranked together by one
         matcher (under the lock). Fleet keyframes of this robot that the local map holds (a loaded map that was
-        uploaded) are left out: the local copy answers."""
+        uploaded) are left out: the local copy answers. ``timings``, when given, gets the seconds of the global
+        stage (``retrieval``: FAISS top-n and the held-locally check) and of the re-ranking (``rerank``)."""
+        t0 = time.perf_counter()
         pairs = self._nearest(features.global_desc, limit, n, exclude_id)
         remote = self._not_held_locally(remote)
+        t1 = time.perf_counter()
+        if timings is not None:
+            timings["retrieval"] = t1 - t0
         if not pairs and not remote:
             return []
         pm = self.matcher_for(matcher)
@@ -792,7 +832,10 @@ class LoopClosureDetector:
             )
             for j, (i, stamp, fleet_id, robot, session, seq) in enumerate(origins)
         ]
-        return [out[j] for j in rerank_order(fused)]
+        order = [out[j] for j in rerank_order(fused)]
+        if timings is not None:
+            timings["rerank"] = time.perf_counter() - t1
+        return order
 
     def _not_held_locally(self, remote: list[FleetCandidate] | tuple) -> list[FleetCandidate]:
         """The fleet candidates the local map does not hold too. A held one is the same keyframe (a loaded map

@@ -55,14 +55,18 @@ def image_to_array(msg, *, bit_depth: int | None = None) -> np.ndarray:
     item = np.dtype(dtype).itemsize
     if step < w * ch * item:
         raise ImageError(f"step {step} is smaller than width x channels x bytes = {w * ch * item}")
-    data = bytes(msg.data) if not isinstance(msg.data, (bytes, bytearray)) else msg.data
+    try:  # the message's own buffer (rclpy: array.array; rosbags: ndarray), not a copy of it
+        data = np.frombuffer(msg.data, dtype=np.uint8)
+    except (TypeError, ValueError):  # a list of ints, a non-contiguous array
+        data = np.frombuffer(bytes(msg.data), dtype=np.uint8)
     if len(data) < h * step:
         raise ImageError(f"image data has {len(data)} bytes, height x step needs {h * step}")
     dt = np.dtype(dtype).newbyteorder(">" if msg.is_bigendian else "<")
-    rows = np.frombuffer(data, dtype=np.uint8, count=h * step).reshape(h, step)[:, : w * ch * item]
-    arr = rows.copy().view(dt).reshape(h, w, ch).astype(dtype)
-    if bgr:
-        arr = arr[:, :, [2, 1, 0] + ([3] if ch == 4 else [])]
+    rows = data[: h * step].reshape(h, step)[:, : w * ch * item]
+    pix = np.ascontiguousarray(rows).view(dt).reshape(h, w, ch)  # a view of the message when rows are unpadded
+    # one copy, which owns its pixels (the message may go): reordered for BGR, converted for the other byte order
+    arr = pix[:, :, [2, 1, 0] + ([3] if ch == 4 else [])] if bgr else pix.copy()
+    arr = arr.astype(dtype, copy=False)
     arr = to_uint8(arr, f"{msg.encoding} image", bit_depth=bit_depth)
     return arr[:, :, 0] if ch == 1 else arr
 

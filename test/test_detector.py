@@ -614,6 +614,27 @@ def test_one_pipeline_with_a_decode_callable(extractor: FeatureExtractor) -> Non
     assert decoded == [0, 1, 2] and sizes == [(512, 384)] * 3
 
 
+def test_keyframe_timings_per_stage(extractor: FeatureExtractor) -> None:
+    """Each keyframe says where its time went: decoding and the picture tests, the extractor's own stages where it
+    reports them (``last_timings``), retrieval, re-ranking and the map add; the parts fit inside their sums."""
+    from pnv_ros.detector import EXTRACTOR_STAGES
+
+    frames = [np.asarray(Image.open(rtab_frame(i)).convert("RGB")) for i in (1, 30, 60)]
+    det = LoopClosureDetector(extractor, _params(0.0, 0, min_interval_s=0.0))
+    results = [det.process(i, (i + 1) * S, decode=frames.__getitem__) for i in range(3)]
+    assert [r.keyframe_id for r in results] == [0, 1, 2]
+    reported = set(getattr(extractor, "last_timings", None) or {}) & set(EXTRACTOR_STAGES)
+    for r in results:
+        t = r.timings
+        own = {"decode", "look", "local_features", "extract", "retrieval", "fleet", "rerank", "map_add", "commit"}
+        assert set(t) == own | {"total"} | reported, sorted(t)
+        assert all(v >= 0 for v in t.values()), t
+        assert t["total"] == pytest.approx(t["extract"] + t["commit"])
+        assert t["retrieval"] + t["rerank"] + t["map_add"] <= t["commit"]
+        assert sum(t[k] for k in reported) <= t["extract"]
+    assert results[0].timings["rerank"] == 0.0 and results[2].timings["rerank"] > 0  # no candidates, then two
+
+
 def test_query_by_image_and_by_keyframe(extractor: FeatureExtractor) -> None:
     from pnv_ros.errors import ImageError
 

@@ -279,6 +279,44 @@ def test_node_keeps_a_map_it_cannot_load(ros: Client, tmp_path: Path) -> None:
     assert "not replacing site.npz" in out and beside[0].name in out
 
 
+def test_node_reports_latency_per_stage(ros: Client, tmp_path: Path) -> None:
+    """/diagnostics carries each keyframe stage's median and maximum (``latency_<stage>_p50_ms`` / ``_max_ms``):
+    decoding, the picture tests, retrieval, re-ranking and the map add beside extract / commit / total, and the
+    extractor's own stages all or none (``last_timings``)."""
+    from diagnostic_msgs.msg import DiagnosticArray
+
+    from pnv_ros.detector import EXTRACTOR_STAGES
+
+    diags: list[DiagnosticArray] = []
+    ros.node.create_subscription(DiagnosticArray, "/diagnostics", diags.append, 50)
+    node = start_node(tmp_path, "-p", "min_interval_s:=0.0")
+    ros.acks.clear()
+
+    def values() -> dict[str, str]:
+        st = [s for d in diags for s in d.status if "loop_closure" in s.name]
+        return {kv.key: kv.value for kv in st[-1].values} if st else {}
+
+    try:
+        ros.wait_ready()
+        for sec, frame in ((1, 1), (20, 21), (40, 41)):  # frame 41 can be re-ranked against 1 and 21
+            ros.pub.publish(image_msg(np.asarray(PILImage.open(rtab_frame(frame)).convert("RGB")), sec))
+            assert ros.spin_until(lambda sec=sec: any(a.stamp.sec == sec for a in ros.acks), 60), f"no ack {sec}"
+        assert [a.frame_id for a in ros.acks] == ["keyframe"] * 3
+        assert ros.spin_until(lambda: values().get("keyframes") == "3" and "latency_total_p50_ms" in values(), 10)
+    finally:
+        out = stop_node(node)
+    assert node.returncode == 0, out[-3000:]
+    vals = values()
+    ms = {k[len("latency_") : -len("_p50_ms")]: float(v) for k, v in vals.items() if k.endswith("_p50_ms")}
+    for stage in ("decode", "look", "local_features", "extract", "retrieval", "rerank", "map_add", "commit", "total"):
+        assert stage in ms and f"latency_{stage}_max_ms" in vals, (stage, sorted(ms))
+        assert 0 <= ms[stage] <= float(vals[f"latency_{stage}_max_ms"]), stage
+    assert ms["extract"] <= ms["total"] and max(ms["retrieval"], ms["rerank"], ms["map_add"]) <= ms["total"]
+    assert "pose" not in ms  # no loop was accepted: no pose timed
+    extractor = [s for s in EXTRACTOR_STAGES if s in ms]
+    assert extractor in ([], list(EXTRACTOR_STAGES)), extractor
+
+
 @pytest.mark.slow
 def test_node_compressed_odometry_pose_markers(ros: Client, tmp_path: Path) -> None:
     """Compressed input (corrupt bytes survive), odometry markers, relative pose, match image."""

@@ -247,6 +247,21 @@ def test_report_values() -> None:
     assert float(vals["max_rss_mb"]) > 0
 
 
+def test_latency_keeps_the_stages_each_keyframe_reports() -> None:
+    lat = D.Latency(maxlen=3)
+    lat.add({"extract": 0.2, "commit": 0.05, "total": 0.25, "decode": 0.001, "not_a_stage": 1.0})
+    lat.add({"extract": 0.3, "commit": 0.06, "total": 0.36, "backbone": 0.1})
+    snap = lat.snapshot()
+    assert snap["extract"] == [0.2, 0.3] and snap["decode"] == [0.001] and snap["backbone"] == [0.1]
+    assert "not_a_stage" not in snap and snap["pose"] == []
+    for _ in range(5):
+        lat.add({"extract": 1.0})
+    assert lat.snapshot()["extract"] == [1.0] * 3 and snap["extract"] == [0.2, 0.3]  # at most maxlen; a copy
+    vals = D.report_values({}, {}, {}, {}, lat.snapshot())
+    assert vals["latency_extract_p50_ms"] == "1000.0" and vals["latency_backbone_p50_ms"] == "100.0"
+    assert "latency_pose_p50_ms" not in vals
+
+
 # -- map files ---------------------------------------------------------------------------------------------------
 class _Owner:
     """A detector's map side: a save writes the keyframe count, a load takes a file that holds one."""

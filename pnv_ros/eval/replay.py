@@ -113,7 +113,7 @@ class ReplayResult:
     #: the run's exclusion window (which earlier keyframes a keyframe could match)
     exclude_recent_s: float = 0.0
     exclude_recent_keyframes: int = 0
-    #: through a node: its last /diagnostics key/values (latency_total_p50_ms ...); in-process: empty
+    #: through a node: its last /diagnostics key/values (latency_<stage>_p50_ms per stage ...); in-process: empty
     node_diagnostics: dict[str, str] = field(default_factory=dict)
     #: through a node with its pose graph (``pose_graph_node``): the graph's answer; else None
     pose_graph: PoseGraphOutput | None = None
@@ -124,6 +124,14 @@ def _thumb(rgb: np.ndarray, width: int = 320) -> np.ndarray:
 
     im = Image.fromarray(rgb if rgb.ndim == 3 else np.stack([rgb] * 3, -1))
     return np.asarray(im.resize((width, max(1, round(im.height * width / im.width)))))
+
+
+def _rerank_s(timings: dict[str, float]) -> float:
+    """A keyframe's search in the map (seconds): the FAISS top-n and its re-ranking, without the wait for the
+    fleet (what ``KeyframeRecord.t_rerank`` has always held); NaN for a frame that was not a keyframe."""
+    if "retrieval" not in timings or "rerank" not in timings:
+        return float("nan")
+    return timings["retrieval"] - timings.get("fleet", 0.0) + timings["rerank"]
 
 
 def replay_in_process(
@@ -176,7 +184,7 @@ def replay_in_process(
                         c.num_inliers if c else 0,
                         [kf_frame[x.id] for x in res.candidates],
                         res.timings.get("extract", np.nan),
-                        res.timings.get("rerank", np.nan),
+                        _rerank_s(res.timings),
                         res.timings.get("total", np.nan),
                         res.loop.relative_pose
                         if res.loop is not None and c is not None and res.loop.match_id == c.id
@@ -572,9 +580,10 @@ def replay_through_node(
     The node runs with min_score 0 so that every keyframe's best candidate is
     published; thresholds are applied afterwards, as in-process. ``engine``,
     ``precision``, ``engine_file``: the node's parameters of those names.
-    The node's last /diagnostics values (its per-keyframe latency medians over
-    its last 100 keyframes, ``latency_total_p50_ms`` ...) come back in
-    ``ReplayResult.node_diagnostics``.
+    The node's last /diagnostics values (its per-keyframe latency medians and maxima over
+    its last 100 keyframes, per stage: ``latency_<stage>_p50_ms`` / ``_max_ms`` for the stages of
+    :data:`pnv_ros.ros.diagnostics.STAGES` it measured, e.g. decode, backbone, pooling, patch_descriptors,
+    retrieval, rerank, map_add, extract, commit, total) come back in ``ReplayResult.node_diagnostics``.
 
     ``pose_graph`` (with one odometry topic in the bag): ``pose_graph_node`` runs beside it on the same odometry
     and the node's ``~/keyframes``; the replay relays it the node's accepted loops (score >= ``params.min_score``,

@@ -8,6 +8,7 @@ a ``diagnostic_msgs/DiagnosticArray``.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -42,6 +43,50 @@ WARNINGS = {
     "(odometry stopped, or stamped on another clock?)",
     **SKIPS,  # depth images skipped: keyframes without 3-D points (pnv_ros.ros.depth)
 }
+
+
+#: A keyframe's stages the node reports (``latency_<stage>_p50_ms`` / ``_max_ms``), from
+#: :class:`pnv_ros.detector.FrameResult`'s timings: decoding the message, the picture tests, the extractor's own
+#: stages (where it reports them), local features, retrieval (FAISS top-n, the fleet's wait included), re-ranking
+#: (patch matching), the map add, an accepted loop's pose; and the sums ``extract``, ``commit`` and ``total``.
+STAGES = (
+    "decode",
+    "look",
+    "preprocess",
+    "backbone",
+    "pooling",
+    "patch_descriptors",
+    "local_features",
+    "retrieval",
+    "fleet",
+    "rerank",
+    "map_add",
+    "pose",
+    "extract",
+    "commit",
+    "total",
+)
+
+
+class Latency:
+    """The last ``maxlen`` keyframes' seconds per stage (:data:`STAGES`); :meth:`add` and :meth:`snapshot`
+    from any thread. A stage a keyframe did not report (no extractor stages, no loop's pose) is not recorded."""
+
+    def __init__(self, maxlen: int = 100) -> None:
+        self._lock = threading.Lock()
+        self._series: dict[str, deque[float]] = {k: deque(maxlen=maxlen) for k in STAGES}
+
+    def add(self, timings: Mapping[str, float]) -> None:
+        """One keyframe's timings (seconds by stage name; other names ignored)."""
+        with self._lock:
+            for k, d in self._series.items():
+                if k in timings:
+                    d.append(float(timings[k]))
+
+    def snapshot(self) -> dict[str, list[float]]:
+        """Seconds per stage, oldest first (copies: safe while keyframes are added)."""
+        with self._lock:
+            return {k: list(d) for k, d in self._series.items()}
 
 
 class Level(IntEnum):
@@ -128,6 +173,14 @@ def assess(
     if silent_s > NO_INPUT_WARN_S:
         a.flag(Level.WARN, f"no image on {image_topic} for {NO_INPUT_WARN_S:.0f} s (topic, QoS?)")
     return a
+
+
+def time_jump_warning(stamp_ns: int, jumps: int) -> str:
+    """The log line for a frame whose stamp (ns) went back: the ``jumps``-th time jump, a new session segment."""
+    return (
+        f"time went back: frame stamped {stamp_ns / 1e9:.3f} s after newer frames (clock reset, use_sim_time "
+        f"restart or a looping bag); a new session segment starts (time jump {jumps})"
+    )
 
 
 def report_values(

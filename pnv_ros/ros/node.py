@@ -16,7 +16,6 @@ from __future__ import annotations
 import threading
 import time
 import traceback
-from collections import deque
 
 import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
@@ -65,7 +64,7 @@ class LoopClosureNode(Node):
         self.fleet = fleet_from_parameters(self.detector, g)  # None without fleet_dsn
         self.stats = {"bad": 0, "qos_incompatible": 0, "service_errors": 0}
         self._stats_lock = threading.Lock()
-        self.latency: dict[str, deque] = {k: deque(maxlen=100) for k in ("extract", "commit", "total")}
+        self.latency = D.Latency()  # the last 100 keyframes' seconds per stage (D.STAGES)
         self._events = D.EventLog()  # (time, kind) for the diagnostics window
         self._last_input: float | None = None  # monotonic time of the last image
         self._camera_frame = ""  # frame_id of the last image: the relative poses' frames
@@ -176,7 +175,7 @@ class LoopClosureNode(Node):
 
     def _on_odom(self, msg: Odometry) -> None:
         p, q = msg.pose.pose.position, msg.pose.pose.orientation
-        pose = np.array([p.x, p.y, p.z, q.x, q.y, q.z, q.w])
+        pose = (p.x, p.y, p.z, q.x, q.y, q.z, q.w)  # floats: numpy per message costs more than it saves
         if not valid_pose(pose):
             self._events.add("bad_odom")
         elif not self._odom.add(
@@ -241,10 +240,10 @@ class LoopClosureNode(Node):
         res = self.detector.process(msg, stamp, pos, self._camera_for, ori, decode=decode, depth=depth)
         if res.keyframe_id is None:
             return res.status
-        for k in self.latency:
-            self.latency[k].append(res.timings[k])
+        self.latency.add(res.timings)
         arr = decoded[0]
-        self._thumbs.put(res.generation, res.keyframe_id, arr)
+        if self.pub_img.get_subscription_count() > 0:  # only match images use them: none made for nobody
+            self._thumbs.put(res.generation, res.keyframe_id, arr)
         self.pub_kf.publish(C.keyframe_msg(msg.header, res.keyframe_id, res.keyframe_id + 1, odom))
         if res.loop is not None:
             self._publish_loop(msg, res.loop, (int(arr.shape[1]), int(arr.shape[0])), res.generation, pos)
@@ -267,11 +266,7 @@ class LoopClosureNode(Node):
         if jumps != self._jumps_seen:
             self._jumps_seen = jumps
             self._events.add("time_jump")
-            self.log.warning(
-                f"time went back: frame stamped {C.stamp_to_ns(msg.header.stamp) / 1e9:.3f} s after newer frames "
-                f"(clock reset, use_sim_time restart or a looping bag); a new session segment starts (time jump "
-                f"{jumps})"
-            )
+            self.log.warning(D.time_jump_warning(C.stamp_to_ns(msg.header.stamp), jumps))
 
     def _publish_loop(self, msg, lc, query_size, gen: int, pos) -> None:
         self.pub_loop.publish(C.loop_closure_msg(lc, msg.header))
@@ -286,9 +281,11 @@ class LoopClosureNode(Node):
             pic = match_picture(self._thumbs, gen, lc, self.detector.preset, query_size, match_size)
             if pic is not None:
                 self.pub_img.publish(C.array_to_image(pic, msg.header))
+        if pos is None or self.pub_markers.get_subscription_count() == 0:
+            return
         with self.detector.lock:
             pm = self.detector.map.positions[lc.match_id] if lc.match_id < len(self.detector.map) else None
-        if pos is not None and pm is not None and np.isfinite(pm).all():
+        if pm is not None and np.isfinite(pm).all():
             self._marker_id += 1
             self.pub_markers.publish(loop_marker(self._marker_id, self._odom.frame_id, pos, pm, msg.header.stamp))
 
@@ -312,7 +309,8 @@ class LoopClosureNode(Node):
         )
         st = DiagnosticStatus(level=bytes([a.level]), name="pnv_ros: loop_closure", hardware_id="pnv_ros")
         st.message = "; ".join(a.problems) or f"{det['map_keyframes']} keyframes, {det['loops']} loops"
-        vals = D.report_values(det, self.worker.snapshot(), {**self.stats, **self._depth.counts}, recent, self.latency)
+        counts = {**self.stats, **self._depth.counts}
+        vals = D.report_values(det, self.worker.snapshot(), counts, recent, self.latency.snapshot())
         st.values = [KeyValue(key=k, value=v) for k, v in vals.items()]
         arr = DiagnosticArray(status=[st])
         arr.header.stamp = self.get_clock().now().to_msg()
