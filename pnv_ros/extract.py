@@ -23,12 +23,12 @@ from pnv_ros.engines.spec import RuntimeSpec, variant
 from pnv_ros.errors import EngineError
 from pnv_ros.features import FeatureSet, PlaceFeatures
 from pnv_ros.images import ImageSource, image_identities, load_image
-from pnv_ros.matching import bf16_products
 from pnv_ros.model.checkpoint import load_checkpoint
 from pnv_ros.model.model_file import ModelInfo
 from pnv_ros.model.netvlad import PatchNetVLADModel
 from pnv_ros.model.registry import resolve_checkpoint
 from pnv_ros.preprocess import IMAGENET_MEAN, IMAGENET_STD, input_transform  # noqa: F401  (re-exported)
+from pnv_ros.products import bf16_products
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,9 +8,8 @@ batched over candidates: one (n, Pq, Pb) similarity product per chunk.
 
 from __future__ import annotations
 
-import contextlib
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -21,6 +20,7 @@ import torch
 
 from pnv_ros.config import Matcher, Preset
 from pnv_ros.features import PlaceFeatures, patch_grid, patch_keypoints
+from pnv_ros.products import bf16_fpmath, bf16_products
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -111,40 +111,6 @@ def rerank_order(fused: np.ndarray) -> np.ndarray:
 
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
-
-
-def bf16_products(device: torch.device) -> bool:
-    """Whether bfloat16 matrix products are fast on ``device``: a CUDA GPU, or a CPU whose oneDNN has AMX or
-    AVX-512 BF16 kernels (``torch.backends.mkldnn``'s bf16 support)."""
-    if device.type == "cuda":
-        return True
-    return (
-        device.type == "cpu"
-        and torch.backends.mkldnn.is_available()
-        and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    )
-
-
-_FPMATH_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def bf16_fpmath(device: torch.device) -> Iterator[None]:
-    """float32 matrix products computed from bfloat16-rounded inputs with float32 results while inside, on a CPU:
-    oneDNN's fpmath mode (``torch.backends.mkldnn.matmul.fp32_precision`` "bf16", AMX / AVX-512 BF16 kernels).
-    On other devices it changes nothing (float32 products). The setting is the process's: it is set and restored
-    under a lock, and the exact float32 paths never run inside it (a node runs one extractor, so one kind of
-    matcher)."""
-    if device.type != "cpu":
-        yield
-        return
-    with _FPMATH_LOCK:
-        old = torch.backends.mkldnn.matmul.fp32_precision
-        torch.backends.mkldnn.matmul.fp32_precision = "bf16"
-        try:
-            yield
-        finally:
-            torch.backends.mkldnn.matmul.fp32_precision = old
 
 
 def _map_threads(fn: Callable[[T], R], jobs: Sequence[T]) -> list[R]:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pnv_ros.model.backbone import ENCODER_DIM, BlockedBackbone, make_backbone
+from pnv_ros.products import float32_products
 
 
 def vlad_normalise(v: torch.Tensor) -> torch.Tensor:
@@ -384,6 +385,17 @@ class PatchNetVLADModel(nn.Module):
         float64 >= 0.99999998 in float32, >= 0.99997 with bfloat16 products; the reference's float32 arithmetic
         down to 0.73 on words with little mass in a window, docs/results/pooling_fast.md).
         """
+        with float32_products():  # float32 stays float32 while a fast matcher runs in another thread
+            return self._pool_fast_f32(feats, patch_sizes, strides, low, clock)
+
+    def _pool_fast_f32(
+        self,
+        feats: torch.Tensor,
+        patch_sizes: tuple[int, ...],
+        strides: tuple[int, ...],
+        low: torch.dtype,
+        clock: _Clock | None,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         _, c, h, w = feats.shape
         k = self.pool.num_clusters
         x = F.normalize(feats, p=2, dim=1)
