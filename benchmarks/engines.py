@@ -588,9 +588,9 @@ def node_stages_md(res: dict) -> list[str]:
         "preprocess (`ex.preprocess`), backbone (`ex.backend`, or the model's backbone on the torch engine), "
         "pooling (`model._pool` with no patch scales: the global descriptor and what it must build) and "
         "patch_descriptors (the full `model._pool` less that pooling); rerank: `PatchMatcher.score` of a frame "
-        f"against {TOP_N} others (patches float16 as the map holds them), the matcher as that tree's detector "
-        "builds it (exact products; this checkout: bfloat16 products on a fast pooling path), median over the "
-        "queries after one warm-up. Medians over frames, then over runs. In a row whose today's cell is in "
+        f"against {TOP_N} others of the timed frames (repeated when fewer; patches float16 as the map holds them), "
+        "the matcher as that tree's detector builds it (exact products; this checkout: bfloat16 products on a fast "
+        "pooling path), median over the first 6 frames as queries less one warm-up. Medians over frames, then over runs. In a row whose today's cell is in "
         "process, the ratio is of the two in-process medians (like with like); the last column sets this "
         "checkout's in-process medians beside its node's.",
         "",
