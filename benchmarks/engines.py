@@ -27,11 +27,13 @@ Engine files (ONNX, int8 calibrations) are built before the timing, once, in the
 default ``859e467``, a temporary ``git worktree`` first on the node's ``PYTHONPATH``) and this checkout, alternating
 (base, new, base, new ...; ``--repeats`` each) so the ratios are fair on a busy machine. Per tree the median over
 runs of the node's per-stage medians (``/diagnostics`` ``latency_<stage>_p50_ms``; today's code reports only
-extract / commit / total: its other stages are n/a), their ratio, and the node's F1 on the loop. Writes
-``node_stages.{md,json}`` under ``--docs``:
+extract / commit / total), their ratio, and the node's F1 on the loop. After each node run, the same tree's
+extraction stages and re-ranking timed in process (:data:`STAGES_SCRIPT`, the first ``--stage-frames`` of the
+bag's images; 0: none): they fill today's stages its node does not report (marked in process) and stand beside
+this checkout's node medians. Writes ``node_stages.{md,json}`` under ``--docs``:
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/engines.py --node-stages [--repeats 3]
-        [--families default,dinov2_vlad] [--node-engine openvino:int8] [--base 859e467]
+        [--families default,dinov2_vlad] [--node-engine openvino:int8] [--base 859e467] [--stage-frames 84]
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/engines.py [--sets rtabmap,corridor,gardenspoint]
         [--engines torch:fp32,openvino:int8,...] [--checkpoint dinov2_vlad] [--data ../shared/data] [--docs docs]
@@ -411,6 +413,76 @@ def node_run_from(code: Path, key: str, checkpoint: str | None, bag: Path) -> di
     return r
 
 
+#: ``--node-stages``' in-process timing, run as ``python -c`` with one tree first on PYTHONPATH (argv: checkpoint
+#: or "", engine, precision, frames, images folder, candidates): per frame preprocess / backbone / pooling
+#: (``_pool`` with no patch scales: the global descriptor and what it needs) / patch descriptors (the full ``_pool``
+#: less that), then re-ranking (the tree's detector's PatchMatcher, exact products; bfloat16 ones where the
+#: extractor is on a fast path and the tree has them) of a few frames against ``candidates`` others held as the
+#: map holds them (float16 patches). Prints the medians (ms) as one JSON line.
+STAGES_SCRIPT = """
+import inspect, json, statistics, sys, time
+from pathlib import Path
+import numpy as np, torch
+from pnv_ros.engines.spec import RuntimeSpec
+from pnv_ros.extract import open_extractor
+from pnv_ros.features import PlaceFeatures
+from pnv_ros.matching import PatchMatcher
+ck, engine, precision, n, folder, n_cand = sys.argv[1:7]
+torch.set_num_threads(2)  # as the node: torch's default on the 2-core machine
+ex = open_extractor(ck or None, "speed", RuntimeSpec(device="cpu", engine=engine, precision=precision))
+sizes, strides = ex.preset.patch_sizes, ex.preset.strides
+paths = sorted(Path(folder).iterdir(), key=lambda q: (len(q.stem), q.stem))[: int(n)]
+clock, t, feats = time.perf_counter, {k: [] for k in ("preprocess", "backbone", "pooling", "pool_all")}, []
+with torch.inference_mode():
+    for i, path in enumerate([paths[0], *paths]):  # the first: a warm-up, not counted
+        t0 = clock()
+        x, size = ex.preprocess(path)
+        t1 = clock()
+        f = ex.backend(x[None]) if ex.backend is not None else ex.model.backbone(x[None])
+        t2 = clock()
+        ex.model._pool(f.to(torch.float32), (), (), ex.projection)
+        t3 = clock()
+        g, ps = ex.model._pool(f.to(torch.float32), sizes, strides, ex.projection)
+        t4 = clock()
+        if i:
+            for k, v in zip(t, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+                t[k].append(v * 1e3)
+            feats.append(PlaceFeatures(g[0].float().numpy(), [p[0].float().contiguous().numpy() for p in ps], size))
+    fast = getattr(ex, "pooling", "exact") == "fast"
+    bf16 = {"bf16": fast} if "bf16" in inspect.signature(PatchMatcher).parameters else {}
+    pm = PatchMatcher(ex.preset, exact=True, **bf16)
+    stored = [PlaceFeatures(q.global_desc, [p.astype(np.float16) for p in q.patches], q.image_size) for q in feats]
+    m, rr = len(feats), []
+    for i in range(min(m, 6)):  # the first: a warm-up, not counted
+        cands = [stored[(i + 1 + j % (m - 1)) % m] for j in range(int(n_cand))]
+        t0 = clock()
+        pm.score(feats[i], cands)
+        if i:
+            rr.append((clock() - t0) * 1e3)
+med = {k: statistics.median(v) for k, v in t.items()}
+med["patch_descriptors"] = med.pop("pool_all") - med["pooling"]
+med.update(rerank=statistics.median(rr), frames=m, queries=len(rr), projection=ex.projection)
+med["matcher_bf16"] = bool(getattr(pm, "bf16", False))
+print(json.dumps(med))
+"""
+
+
+def stages_in_process(code: Path, key: str, checkpoint: str | None, frames: int) -> dict:
+    """:data:`STAGES_SCRIPT` with ``code`` first on PYTHONPATH, the node's engine and the first ``frames`` of the
+    bag's images, re-ranking against ``TOP_N`` candidates: its medians (ms) and counts. Raises
+    CalledProcessError when the script fails."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(code), "OMP_WAIT_POLICY": "PASSIVE"}
+    engine, precision = key.split(":")
+    argv = [checkpoint or "", engine, precision, str(frames), str(RTAB / "images"), str(TOP_N)]
+    # cwd = code: ``python -c`` puts its working folder before PYTHONPATH
+    cmd = [sys.executable, "-c", STAGES_SCRIPT, *argv]
+    out = subprocess.run(cmd, env=env, cwd=code, check=True, stdout=subprocess.PIPE)
+    return json.loads(out.stdout.decode().strip().splitlines()[-1])
+
+
 def node_stages(a: argparse.Namespace) -> dict:
     """``--node-stages``: per family, today's code and this checkout alternating through the live node."""
     import shutil
@@ -434,6 +506,9 @@ def node_stages(a: argparse.Namespace) -> dict:
                     r.pop("diagnostics")
                     res["runs"].setdefault(fam, {"base": [], "new": []})[tree].append(r)
                     tqdm.write(f"repeat {k + 1} {fam} {tree}: F1 {_f(r['f1'])}, stages (ms) {r['stages_ms']}")
+                    if a.stage_frames > 0:
+                        r["in_process_ms"] = stages_in_process(code, a.node_engine, ck, a.stage_frames)
+                        tqdm.write(f"  in process (ms): {r['in_process_ms']}")
     finally:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base_code)], check=False)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -441,8 +516,13 @@ def node_stages(a: argparse.Namespace) -> dict:
     return res
 
 
+#: the stages :data:`STAGES_SCRIPT` times in process
+IN_PROCESS = ("preprocess", "backbone", "pooling", "patch_descriptors", "rerank")
+
+
 def node_stages_md(res: dict) -> list[str]:
-    """The ``--node-stages`` page: per family a table of stage medians, today's code against this checkout."""
+    """The ``--node-stages`` page: per family a table of stage medians, today's code against this checkout;
+    where the node of today's code does not report a stage, its in-process median (dagger)."""
     m = res["machine"]
     L = [
         "# The live node per stage: today's code against this checkout",
@@ -460,25 +540,39 @@ def node_stages_md(res: dict) -> list[str]:
     for fam, trees in res["runs"].items():
         base, new = trees["base"], trees["new"]
 
-        def st(runs: list[dict], s: str) -> float:
-            return med([r["stages_ms"][s] for r in runs if s in r["stages_ms"]])
+        def st(runs: list[dict], s: str, key: str = "stages_ms") -> float:
+            return med([r[key][s] for r in runs if s in r.get(key, {})])
 
         L += [
             "",
             f"## {fam} ({len(base)} + {len(new)} runs)",
             "",
-            f"| stage | today's `{res['base']}` | this checkout | ratio |",
-            "|---|---|---|---|",
+            f"| stage | today's `{res['base']}` | this checkout | ratio | this checkout in process \u2020 |",
+            "|---|---|---|---|---|",
         ]
         for s in NODE_STAGES:
-            a, b = st(base, s), st(new, s)
-            L.append(f"| {s} | {_f(a, '.1f')} | {_f(b, '.1f')} | {_f(b / a if a > 0 else float('nan'), '.2f')} |")
+            a, b, c = st(base, s), st(new, s), st(new, s, "in_process_ms")
+            ai = st(base, s, "in_process_ms")
+            ip = bool(np.isnan(a) and not np.isnan(ai))  # today's node has no such stage: in process, like with like
+            cell, num, den = (f"{ai:.1f} \u2020", c, ai) if ip else (_f(a, ".1f"), b, a)
+            ratio = _f(num / den if den > 0 else float("nan"), ".2f") + (" \u2020" if ip else "")
+            L.append(f"| {s} | {cell} | {_f(b, '.1f')} | {ratio} | {_f(c, '.1f')} |")
         fa, fb = med([r["f1"] for r in base]), med([r["f1"] for r in new])
-        L.append(f"| F1 on the loop (threshold {THRESHOLD}) | {_f(fa)} | {_f(fb)} | |")
+        L.append(f"| F1 on the loop (threshold {THRESHOLD}) | {_f(fa)} | {_f(fb)} | | |")
         L.append(
             f"| keyframes | {', '.join(str(r['keyframes']) for r in base)} | "
-            f"{', '.join(str(r['keyframes']) for r in new)} | |"
+            f"{', '.join(str(r['keyframes']) for r in new)} | | |"
         )
+        ipb, ipn = (
+            [r["in_process_ms"] for r in base if "in_process_ms" in r],
+            [r["in_process_ms"] for r in new if "in_process_ms" in r],
+        )
+        if ipb or ipn:
+
+            def how(ip: list[dict]) -> str:
+                return ", ".join(f"`{r['projection']}`, {r['frames']} frames, {r['queries']} queries" for r in ip)
+
+            L.append(f"| \u2020 pooling path, frames, re-ranked queries per run | {how(ipb)} | | | {how(ipn)} |")
     L += [
         "",
         "Stages: decode (the image message to an array), look (the picture tests), the extractor's preprocess / "
@@ -486,6 +580,19 @@ def node_stages_md(res: dict) -> list[str]:
         "retrieval (FAISS top-n, fleet included), rerank (patch matching), map_add; extract = preprocess to "
         "patch descriptors and local features, commit = retrieval to map add (and a loop's pose), total = extract "
         "+ commit.",
+        "",
+        "\u2020 in process, not the node: after each node run, a subprocess with that tree first on its "
+        '`PYTHONPATH` opens the same extractor (`open_extractor(checkpoint, "speed", RuntimeSpec(device="cpu", '
+        "engine, precision))`, torch threads 2 as the node, `OMP_WAIT_POLICY=PASSIVE`, under `torch.inference_mode`) "
+        "and times per RTAB-Map frame (the bag's images, the first of them once more as an uncounted warm-up): "
+        "preprocess (`ex.preprocess`), backbone (`ex.backend`, or the model's backbone on the torch engine), "
+        "pooling (`model._pool` with no patch scales: the global descriptor and what it must build) and "
+        "patch_descriptors (the full `model._pool` less that pooling); rerank: `PatchMatcher.score` of a frame "
+        f"against {TOP_N} others of the timed frames (repeated when fewer; patches float16 as the map holds them), "
+        "the matcher as that tree's detector builds it (exact products; this checkout: bfloat16 products on a fast "
+        "pooling path), median over the first 6 frames as queries less one warm-up. Medians over frames, then over runs. In a row whose today's cell is in "
+        "process, the ratio is of the two in-process medians (like with like); the last column sets this "
+        "checkout's in-process medians beside its node's.",
         "",
     ]
     return L
@@ -804,6 +911,12 @@ def main() -> None:
     ap.add_argument("--families", default="default,dinov2_vlad", help="--node-stages: checkpoints (default = VGG-16)")
     ap.add_argument("--base", default=NODE_STAGES_BASE, help="--node-stages: today's code (a git revision)")
     ap.add_argument("--repeats", type=int, default=1, help="--node-stages: runs per tree and family, alternating")
+    ap.add_argument(
+        "--stage-frames",
+        type=int,
+        default=84,
+        help="--node-stages: frames of each tree's in-process stage timing after each node run (0: none)",
+    )
     ap.add_argument("--from-json", default=None, help="only redraw the .md and .png from this engines.json")
     ap.add_argument(
         "--floors",
