@@ -57,25 +57,43 @@ def patch_bytes(preset, dim: int) -> int:
     return n * dim * 2 + (n * 2 if preset.selects_patches else 0)
 
 
-def rerank_eval(db: FeatureSet, q: FeatureSet, gt: GroundTruth) -> dict:
-    """Recall@1/5 after re-ranking the global top 20, and the median re-rank time per query (ms)."""
+def top(db: FeatureSet, q: FeatureSet) -> tuple[np.ndarray, np.ndarray]:
+    """Global top 20 per query: distances and ids (Q, 20); selection leaves the global descriptors alone."""
     index = GlobalIndex(db.dim, "flat")
     index.add(db.global_descs)
-    n = min(TOP_N, len(db))
-    dists, ids = index.search(q.global_descs, n)
+    return index.search(q.global_descs, min(TOP_N, len(db)))
+
+
+def rerank_eval(db: FeatureSet, q: FeatureSet, gt: GroundTruth) -> dict:
+    """Recall@1/5 after re-ranking the global top 20 (and of the global order alone)."""
+    dists, ids = top(db, q)
     pm = PatchMatcher(db.preset)
     items = [db.item(i) for i in range(len(db))]
-    ranked, times = [], []
+    ranked = []
     for qi in range(len(q)):
-        cands = [items[c] for c in ids[qi]]
-        query = q.item(qi)
-        t = time.perf_counter()
-        order, _, _ = pm.rerank(query, cands, dists[qi])
-        times.append(time.perf_counter() - t)
+        order, _, _ = pm.rerank(q.item(qi), [items[c] for c in ids[qi]], dists[qi])
         ranked.append(ids[qi][order])
-    rec = recall_at_n(ranked, gt, (1, 5))
-    glob = recall_at_n([i for i in ids], gt, (1, 5))
-    return {"recall": rec, "global_recall": glob, "rerank_ms": 1000 * float(np.median(times))}
+    return {"recall": recall_at_n(ranked, gt, (1, 5)), "global_recall": recall_at_n(list(ids), gt, (1, 5))}
+
+
+def rerank_times(pairs: dict[float, tuple[FeatureSet, FeatureSet]], queries: int, rounds: int) -> dict[float, float]:
+    """Median re-rank time per query (ms, top 20) per keep fraction, the fractions interleaved query by query
+    (a shared machine's load drifts; interleaving gives every fraction the same load)."""
+    db0, q0 = next(iter(pairs.values()))
+    dists, ids = top(db0, q0)
+    setup = {}
+    for keep, (db, q) in pairs.items():
+        items = [db.item(i) for i in range(len(db))]
+        setup[keep] = (PatchMatcher(db.preset), items, q)
+    times: dict[float, list[float]] = {k: [] for k in pairs}
+    for _ in range(rounds):
+        for qi in range(min(queries, len(q0))):
+            for keep, (pm, items, q) in setup.items():
+                query, cands = q.item(qi), [items[c] for c in ids[qi]]
+                t = time.perf_counter()
+                pm.rerank(query, cands, dists[qi])
+                times[keep].append(time.perf_counter() - t)
+    return {k: 1000 * float(np.median(v)) for k, v in times.items()}
 
 
 def load_or_extract(ex, name: str, db_imgs, q_imgs, cache: Path) -> tuple[FeatureSet, FeatureSet]:
@@ -121,7 +139,7 @@ def sequence(ex, rtab: tuple, keep: float, criterion: str, bag: Path) -> dict:
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| set | criterion | keep | patch bytes / keyframe | re-rank ms / query (top 20) | R@1 | R@5 |",
+        "| set | criterion | keep | patch bytes / keyframe | re-rank ms / query (top 20, burstiness) | R@1 | R@5 |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -140,6 +158,8 @@ def main() -> None:
     ap.add_argument("--criteria", default=",".join(CRITERIA))
     ap.add_argument("--cache", default="/tmp/patch_selection", help="folder for the keep-1 features and the bag")
     ap.add_argument("--no-sequence", action="store_true")
+    ap.add_argument("--time-queries", type=int, default=20, help="queries per set timed (interleaved keeps)")
+    ap.add_argument("--time-rounds", type=int, default=3)
     ap.add_argument("--out", default="patch_selection.json")
     ap.add_argument("--docs", default="", help="write the markdown table here")
     a = ap.parse_args()
@@ -165,16 +185,24 @@ def main() -> None:
         )
         if name.startswith("rtabmap"):
             rtab = (db, q, db_imgs, q_imgs)
+        timed = {}
         for criterion in criteria:
             for keep in keeps:
                 if keep >= 1.0 and criterion != criteria[0]:
                     continue
                 d2, q2 = selected(db, keep, criterion), selected(q, keep, criterion)
+                if criterion == DEFAULT_CRITERION or keep >= 1.0:
+                    timed[keep] = (d2, q2)
                 r = rerank_eval(d2, q2, gt)
                 row = {"set": name, "criterion": criterion if keep < 1 else "(all)", "keep": keep}
                 row.update(patch_bytes=patch_bytes(d2.preset, d2.dim), **r)
                 print(json.dumps(row), flush=True)
                 rows.append(row)
+        ms = rerank_times(timed, a.time_queries, a.time_rounds)
+        for row in rows:
+            if row["set"] == name:
+                row["rerank_ms"] = ms[row["keep"]]
+        print(json.dumps({"set": name, "rerank_ms": ms}), flush=True)
     seq = []
     if rtab is not None and not a.no_sequence:
         bag = rtab_bag(cache)

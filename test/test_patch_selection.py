@@ -36,12 +36,15 @@ def half(full) -> list:
     return [select_patches(f, HALF) for f in full]
 
 
-def test_preset_field_validated_and_settable() -> None:
+def test_preset_field_validated_and_settable(tmp_path: Path) -> None:
     assert SPEED.patch_keep == 1.0 and not SPEED.selects_patches
     assert "patch_keep" not in SPEED.to_dict()  # files of all patches as before the field
     p = load_preset("speed", {"patch_keep": "0.25"})
     assert p.patch_keep == 0.25 and p.kept_patches(0) == int(np.ceil(0.25 * SPEED.num_patches(0)))
     assert type(p).from_dict(p.to_dict()) == p
+    (tmp_path / "keep.toml").write_text('preset = "performance"\npatch_keep = 0.5\n')
+    p = load_preset("speed", tmp_path / "keep.toml")  # an override file, as the node's config_file
+    assert p.patch_keep == 0.5 and p.patch_sizes == (2, 5, 8)
     for bad in (0.0, -0.5, 1.5, float("nan"), True):
         with pytest.raises(ConfigError, match="patch_keep"):
             dataclasses.replace(SPEED, patch_keep=bad)
