@@ -2,7 +2,7 @@
 
 Extracts every shared set once with the speed preset and every patch kept (``patch_keep`` 1), then derives
 each keep fraction's features from those (selection runs after extraction, ``pnv_ros.patch_selection``),
-per criterion; re-ranks the global top 20 (the node's count) and reports Recall@1/5, the median re-rank time
+per criterion (uniform, burstiness, typicality); re-ranks the global top 20 (the node's count) and reports Recall@1/5, the median re-rank time
 per query and, on the RTAB-Map loop bag, the in-process replay's precision / recall / F1 at threshold 0.12 (as
 benchmarks/engines.py's ``sequence``).
 
@@ -206,8 +206,10 @@ def main() -> None:
     seq = []
     if rtab is not None and not a.no_sequence:
         bag = rtab_bag(cache)
-        for criterion in [DEFAULT_CRITERION]:
+        for criterion in criteria[:2]:  # the default (uniform) and burstiness
             for keep in keeps:
+                if keep >= 1.0 and criterion != criteria[0]:
+                    continue
                 r = {"criterion": criterion, "keep": keep, **sequence(ex, rtab, keep, criterion, bag)}
                 print(json.dumps(r), flush=True)
                 seq.append(r)

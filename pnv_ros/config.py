@@ -92,7 +92,7 @@ class Preset:
             is the paper's patch-only order, bit-compatible with the reference; a DINOv2 model
             brings its own measured value (``dinov2_vlad.GLOBAL_WEIGHT``).
         patch_keep: fraction of each scale's patches an image keeps, in (0, 1]: extraction keeps the
-            ``ceil(patch_keep * P_s)`` most distinctive patches (:mod:`pnv_ros.patch_selection`), so maps
+            ``ceil(patch_keep * P_s)`` patches :mod:`pnv_ros.patch_selection` chooses (evenly spaced), so maps
             store fewer and re-ranking matches fewer. 1.0 (the default) keeps all, today's features bit for
             bit. Recorded in features and map files with the preset, so files of another fraction are refused.
     """
@@ -194,8 +194,8 @@ def validate(p: Preset) -> None:
         raise ConfigError(f"global_weight is {p.global_weight}: it must be a finite number >= 0 (0 = patch-only order)")
     if isinstance(p.patch_keep, bool) or not isinstance(p.patch_keep, numbers.Real) or not 0.0 < p.patch_keep <= 1.0:
         raise ConfigError(
-            f"patch_keep is {p.patch_keep!r}: it must be a fraction in (0, 1] (1 = keep every patch, 0.5 = the "
-            "most distinctive half)"
+            f"patch_keep is {p.patch_keep!r}: it must be a fraction in (0, 1] (1 = keep every patch, 0.5 = half of "
+            "them)"
         )
     h, w = p.feature_shape
     for size in p.patch_sizes:

@@ -68,8 +68,8 @@ def test_selection_keeps_count_in_grid_order(full, keep: float, criterion: str) 
 def test_burstiness_keeps_the_least_repeated(full) -> None:
     """The kept patches are those whose best non-overlapping look-alike in the image is least similar."""
     f = full[0]
-    score = distinctiveness(f.patches[0], HALF, 0)
-    (idx,) = select_patches(f, HALF).patch_index
+    score = distinctiveness(f.patches[0], HALF, 0, "burstiness")
+    (idx,) = select_patches(f, HALF, "burstiness").patch_index
     dropped = np.setdiff1d(np.arange(SPEED.num_patches(0)), idx)
     assert score[idx].max() <= score[dropped].min()
     assert score[dropped].min() > score[idx].min()  # the scores separate something on a real image
