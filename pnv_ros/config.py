@@ -12,6 +12,7 @@ from __future__ import annotations
 import configparser
 import dataclasses
 import json
+import math
 import numbers
 from dataclasses import dataclass, field, fields, replace
 from enum import Enum
@@ -90,6 +91,10 @@ class Preset:
             to the fused patch score with this weight (:meth:`PatchMatcher.fuse`). 0 (the default)
             is the paper's patch-only order, bit-compatible with the reference; a DINOv2 model
             brings its own measured value (``dinov2_vlad.GLOBAL_WEIGHT``).
+        patch_keep: fraction of each scale's patches an image keeps, in (0, 1]: extraction keeps the
+            ``ceil(patch_keep * P_s)`` patches :mod:`pnv_ros.patch_selection` chooses (evenly spaced), so maps
+            store fewer and re-ranking matches fewer. 1.0 (the default) keeps all, today's features bit for
+            bit. Recorded in features and map files with the preset, so files of another fraction are refused.
     """
 
     name: str
@@ -102,6 +107,7 @@ class Preset:
     top_n: int = 100
     backbone: str = "vgg16"
     global_weight: float = 0.0
+    patch_keep: float = 1.0
 
     def __post_init__(self) -> None:
         validate(self)
@@ -128,6 +134,15 @@ class Preset:
         rows, cols = self.grid_shape(scale)
         return rows * cols
 
+    def kept_patches(self, scale: int) -> int:
+        """Patches of scale index ``scale`` an image keeps: ``ceil(patch_keep * num_patches)``, at least 1."""
+        return max(1, math.ceil(self.patch_keep * self.num_patches(scale) - 1e-9))
+
+    @property
+    def selects_patches(self) -> bool:
+        """Whether images keep fewer than all their patches (``patch_keep`` < 1)."""
+        return self.patch_keep < 1.0
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able form (for features files, maps and run folders)."""
         d = dataclasses.asdict(self)
@@ -135,6 +150,8 @@ class Preset:
         d["patch_sizes"] = list(self.patch_sizes)
         d["strides"] = list(self.strides)
         d["patch_weights"] = list(self.patch_weights)
+        if not self.selects_patches:  # all patches kept: the dict (and files) of presets before the field
+            del d["patch_keep"]
         return d
 
     @classmethod
@@ -175,6 +192,11 @@ def validate(p: Preset) -> None:
         raise ConfigError(f"top_n is {p.top_n}: it must be at least 1")
     if not 0.0 <= p.global_weight < float("inf"):
         raise ConfigError(f"global_weight is {p.global_weight}: it must be a finite number >= 0 (0 = patch-only order)")
+    if isinstance(p.patch_keep, bool) or not isinstance(p.patch_keep, numbers.Real) or not 0.0 < p.patch_keep <= 1.0:
+        raise ConfigError(
+            f"patch_keep is {p.patch_keep!r}: it must be a fraction in (0, 1] (1 = keep every patch, 0.5 = half of "
+            "them)"
+        )
     h, w = p.feature_shape
     for size in p.patch_sizes:
         if size < 1 or size > min(h, w):
@@ -242,8 +264,9 @@ def _build(name: str, values: dict[str, Any], base: Preset | None = None) -> Pre
         for key in ("image_height", "image_width", "top_n"):
             if key in merged:
                 merged[key] = int(merged[key])
-        if "global_weight" in merged:
-            merged["global_weight"] = float(merged["global_weight"])
+        for key in ("global_weight", "patch_keep"):
+            if key in merged:
+                merged[key] = float(merged[key])
     except KeyError as e:
         raise ConfigError(f"setting {e.args[0]!r} is missing") from None
     except (TypeError, ValueError) as e:

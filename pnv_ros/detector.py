@@ -768,8 +768,9 @@ class LoopClosureDetector:
         """A stored keyframe's features (copies: safe to use outside the lock). Raises UnknownPlaceError."""
         with self.lock:
             f = self.map.get(kf_id).features  # local features: copies already
+            index = None if f.patch_index is None else [np.array(i) for i in f.patch_index]
             return PlaceFeatures(
-                f.global_desc.copy(), [np.array(p, np.float32) for p in f.patches], f.image_size, f.local
+                f.global_desc.copy(), [np.array(p, np.float32) for p in f.patches], f.image_size, f.local, index
             )
 
     def _nearest(self, global_desc: np.ndarray, limit: int, n: int, exclude_id: int | None) -> list[tuple[int, float]]:
@@ -805,8 +806,14 @@ class LoopClosureDetector:
         if not pairs and not remote:
             return []
         pm = self.matcher_for(matcher)
-        dbs = [PlaceFeatures(np.empty(0), self.map.patches(i), (0, 0)) for i, _ in pairs]
-        dbs += [PlaceFeatures(np.empty(0), r.keyframe.features.patches, (0, 0)) for r in remote]
+        dbs = [
+            PlaceFeatures(np.empty(0), self.map.patches(i), (0, 0), patch_index=self.map.patch_index(i))
+            for i, _ in pairs
+        ]
+        dbs += [
+            PlaceFeatures(np.empty(0), f.patches, (0, 0), patch_index=f.patch_index)
+            for f in (r.keyframe.features for r in remote)
+        ]
         sc = pm.score(features, dbs, details=details)
         dists = [d for _, d in pairs] + [r.distance for r in remote]
         fused = pm.fuse(sc.raw, np.array(dists))

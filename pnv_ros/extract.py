@@ -27,6 +27,7 @@ from pnv_ros.model.checkpoint import load_checkpoint
 from pnv_ros.model.model_file import ModelInfo
 from pnv_ros.model.netvlad import PatchNetVLADModel
 from pnv_ros.model.registry import resolve_checkpoint
+from pnv_ros.patch_selection import select_patches
 from pnv_ros.preprocess import IMAGENET_MEAN, IMAGENET_STD, input_transform  # noqa: F401  (re-exported)
 from pnv_ros.products import bf16_products
 
@@ -266,7 +267,7 @@ class FeatureExtractor:
     def _run(self, pending: list[tuple[torch.Tensor, tuple[int, int]]]) -> Iterator[PlaceFeatures]:
         glob, patches = self.extract_tensors(torch.stack([t for t, _ in pending]))
         for i, (_, size) in enumerate(pending):
-            yield PlaceFeatures(glob[i], [p[i] for p in patches], size)
+            yield select_patches(PlaceFeatures(glob[i], [p[i] for p in patches], size), self.preset)
 
     def extract_set(self, paths: Sequence[Path], progress: bool = False) -> FeatureSet:
         """Features of image files as a FeatureSet named by :func:`image_identities` (unique

@@ -72,15 +72,51 @@ def same_model(a: str, b: str) -> bool:
 
 
 def layout(preset: Preset) -> tuple:
-    """What of a preset shapes stored descriptors: patch sizes, strides, input size."""
-    return (tuple(preset.patch_sizes), tuple(preset.strides), preset.image_width, preset.image_height, preset.backbone)
+    """What of a preset shapes stored descriptors: patch sizes, strides, input size, backbone, kept fraction."""
+    return (
+        tuple(preset.patch_sizes),
+        tuple(preset.strides),
+        preset.image_width,
+        preset.image_height,
+        preset.backbone,
+        preset.patch_keep,
+    )
 
 
 def describe_layout(preset: Preset) -> str:
+    keep = f", keeping {preset.patch_keep:g} of the patches" if preset.selects_patches else ""
     return (
         f"preset {preset.name!r} (patch sizes {list(preset.patch_sizes)}, strides {list(preset.strides)}, "
-        f"{preset.image_width}x{preset.image_height}, {preset.backbone} features)"
+        f"{preset.image_width}x{preset.image_height}, {preset.backbone} features{keep})"
     )
+
+
+def grid_indices(patch_index: list[np.ndarray] | None, scale: int, count: int) -> np.ndarray:
+    """Grid indices (count,) of an image's stored patches of one scale: its ``patch_index[scale]``, or
+    0..count-1 when it keeps every patch (``patch_index`` None)."""
+    return np.arange(count) if patch_index is None else np.asarray(patch_index[scale])
+
+
+def check_patch_index(patch_index: list[np.ndarray] | None, preset: Preset, what: str, n: int | None = None) -> None:
+    """Raise FeaturesError unless ``patch_index`` fits the preset: None when it keeps every patch; else per
+    scale ((n,) +) (kept_patches(s),) integers, strictly increasing, within the grid."""
+    if not preset.selects_patches:
+        if patch_index is not None:
+            raise FeaturesError(f"{what} has patch indices but its preset keeps every patch")
+        return
+    if patch_index is None or len(patch_index) != len(preset.patch_sizes):
+        raise FeaturesError(f"{what} lacks the patch indices of its selected patches (preset patch_keep < 1)")
+    for s, idx in enumerate(patch_index):
+        idx = np.asarray(idx)
+        want = (preset.kept_patches(s),) if n is None else (n, preset.kept_patches(s))
+        if idx.shape != want or idx.dtype.kind not in "iu":
+            raise FeaturesError(f"{what}: patch indices of scale {s} are {idx.dtype} {idx.shape}, expected int {want}")
+        if idx.size and (
+            idx.min() < 0 or idx.max() >= preset.num_patches(s) or (np.diff(idx.astype(np.int64), axis=-1) <= 0).any()
+        ):
+            raise FeaturesError(
+                f"{what}: patch indices of scale {s} must increase strictly within 0..{preset.num_patches(s) - 1}"
+            )
 
 
 def check_fits(
@@ -125,16 +161,27 @@ class PlaceFeatures:
         local: the image's local features (SIFT keypoints, rays, depth points) for the relative pose of
             its loops (:mod:`pnv_ros.local_features`), or None. Stored with a keyframe in the map; feature
             files (:class:`FeatureSet`) do not keep them.
+        patch_index: per scale, (P'_s,) int16 grid indices (into :func:`patch_grid`'s rows, ascending) of
+            the patches kept by patch selection (``Preset.patch_keep`` < 1, :mod:`pnv_ros.patch_selection`);
+            None when every patch is kept (row i is grid patch i).
     """
 
     global_desc: np.ndarray
     patches: list[np.ndarray]
     image_size: tuple[int, int]
     local: LocalFeatures | None = None
+    patch_index: list[np.ndarray] | None = None
+
+    def grid_index(self, scale: int) -> np.ndarray:
+        """(P'_s,) grid indices of this image's stored patches of one scale."""
+        return grid_indices(self.patch_index, scale, len(self.patches[scale]))
 
     def keypoints(self, preset: Preset) -> list[np.ndarray]:
-        """Per scale, patch centres (P_s, 2) in this image's original pixels."""
-        return [to_image_pixels(patch_keypoints(preset, i), preset, self.image_size) for i in range(len(self.patches))]
+        """Per scale, patch centres (P'_s, 2) of the stored patches in this image's original pixels."""
+        return [
+            to_image_pixels(patch_keypoints(preset, i)[self.grid_index(i)], preset, self.image_size)
+            for i in range(len(self.patches))
+        ]
 
 
 @dataclass
@@ -150,6 +197,8 @@ class FeatureSet:
         image_sizes: (N, 2) int (width, height) of the original images.
         preset: the preset the patches were extracted with.
         model_id: identity of the checkpoint (name:dim:sha256 prefix).
+        patch_index: per scale, (N, P'_s) int16 grid indices of the kept patches (``preset.patch_keep``
+            < 1), or None when every image keeps every patch. Stored as ``patch_index_p{size}``.
     """
 
     names: list[str]
@@ -158,6 +207,7 @@ class FeatureSet:
     image_sizes: np.ndarray
     preset: Preset
     model_id: str
+    patch_index: list[np.ndarray] | None = None
 
     def __post_init__(self) -> None:
         seen: set[str] = set()
@@ -178,12 +228,18 @@ class FeatureSet:
     def item(self, i: int) -> PlaceFeatures:
         """Image i as PlaceFeatures."""
         w, h = (int(v) for v in self.image_sizes[i])
-        return PlaceFeatures(self.global_descs[i], [p[i] for p in self.patches], (w, h))
+        idx = None if self.patch_index is None else [a[i] for a in self.patch_index]
+        return PlaceFeatures(self.global_descs[i], [p[i] for p in self.patches], (w, h), patch_index=idx)
 
     @classmethod
     def from_places(cls, names: list[str], places: list[PlaceFeatures], preset: Preset, model_id: str) -> FeatureSet:
         if not places:
             raise FeaturesError("no features to collect")
+        index = None
+        if preset.selects_patches:
+            for p in places:
+                check_patch_index(p.patch_index, preset, "an image's features")
+            index = [np.stack([p.patch_index[s] for p in places]) for s in range(len(preset.patch_sizes))]
         return cls(
             names=list(names),
             global_descs=np.stack([p.global_desc for p in places]).astype(np.float32),
@@ -191,6 +247,7 @@ class FeatureSet:
             image_sizes=np.array([p.image_size for p in places], dtype=np.int64),
             preset=preset,
             model_id=model_id,
+            patch_index=index,
         )
 
     def save(self, path: str | Path) -> None:
@@ -212,6 +269,8 @@ class FeatureSet:
         for s, size in enumerate(self.preset.patch_sizes):
             arrays[f"patches_p{size}"] = self.patches[s]
             arrays[f"keypoints_p{size}"] = patch_keypoints(self.preset, s)
+            if self.patch_index is not None:
+                arrays[f"patch_index_p{size}"] = np.asarray(self.patch_index[s], np.int16)
         write_npz_atomic(path, arrays)
 
     @classmethod
@@ -231,6 +290,7 @@ class FeatureSet:
             names = [str(n) for n in data["names"]]
             glob = data["global"]
             patches = [data[f"patches_p{s}"] for s in preset.patch_sizes]
+            index = [data[f"patch_index_p{s}"] for s in preset.patch_sizes] if preset.selects_patches else None
             sizes = data["image_sizes"]
         except KeyError as e:
             raise FeaturesError(f"features file {path} lacks entry {e.args[0]!r}") from None
@@ -242,13 +302,14 @@ class FeatureSet:
         if glob.shape != (n, d) or d != meta.get("dim") or sizes.shape != (n, 2):
             raise FeaturesError(f"features file {path}: global descriptors {glob.shape} do not fit {n} names")
         for s, arr in enumerate(patches):
-            want = (n, preset.num_patches(s), d)
+            want = (n, preset.kept_patches(s), d)
             if arr.shape != want:
                 raise FeaturesError(
                     f"features file {path}: patches_p{preset.patch_sizes[s]} has shape {arr.shape}, expected {want}"
                 )
+        check_patch_index(index, preset, f"features file {path}", n)
         try:
-            return cls(names, glob.astype(np.float32), patches, sizes, preset, str(meta.get("model_id", "")))
+            return cls(names, glob.astype(np.float32), patches, sizes, preset, str(meta.get("model_id", "")), index)
         except FeaturesError as e:
             raise FeaturesError(f"features file {path}: {e}") from None
 

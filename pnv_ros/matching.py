@@ -41,8 +41,9 @@ class ScaleMatch:
 
     Attributes:
         score: the raw per-scale score (<= 0, lower is better).
-        db_idx: (M,) indices of mutually matched database patches, ascending.
-        query_idx: (M,) their query patches.
+        db_idx: (M,) grid indices (rows of :func:`patch_grid` / :func:`patch_keypoints`) of mutually
+            matched database patches, ascending; with patch selection the kept patches' grid indices.
+        query_idx: (M,) their query patches' grid indices.
         inliers: (M,) bool RANSAC inlier mask (all True for rapid scoring).
         homography: 3x3 db->query homography in network-input pixels, or None.
     """
@@ -229,11 +230,22 @@ class PatchMatcher:
             torch.mm(q, dbs[j].T, out=out[j])
         return out
 
-    def _rapid(self, fw: torch.Tensor, mutual: torch.Tensor, scale: int, pq: int) -> torch.Tensor:
+    def _rapid(
+        self,
+        fw: torch.Tensor,
+        mutual: torch.Tensor,
+        scale: int,
+        pq: int,
+        db_grid: torch.Tensor | None = None,
+        q_grid: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Rapid spatial scoring, vectorised over candidates (``exact=False`` on a GPU):
-        the reference's formula, float64 sums in torch's order. -> (n,) float64."""
+        the reference's formula, float64 sums in torch's order. -> (n,) float64.
+
+        db_grid (n, Pb), q_grid (Pq,): the stored patches' grid indices (patch selection), or None: all kept."""
         grid = self._grid_t[scale]
-        d = grid.unsqueeze(0) - grid[fw]  # (n, Pb, 2): db index - query index
+        db_pos = grid.unsqueeze(0) if db_grid is None else grid[db_grid]
+        d = db_pos - (grid[fw] if q_grid is None else grid[q_grid[fw]])  # (n, Pb, 2): db index - query index
         m = mutual.to(torch.float64).unsqueeze(-1)
         count = m.sum(dim=1)  # (n, 1)
         mean = (d * m).sum(dim=1) / count.clamp(min=1)
@@ -286,13 +298,18 @@ class PatchMatcher:
     ) -> Scores:
         """Raw per-scale scores of ``query`` against each candidate.
 
-        query.patches[s]: (Pq_s, D); each candidate's: (Pb_s, D).
+        query.patches[s]: (Pq_s, D); each candidate's: (Pb_s, D). With patch selection
+        (``preset.patch_keep`` < 1) each image's ``patch_index`` places its patches on the grid.
         Returns Scores with raw (N, S).
         """
         n_scales = len(self.preset.patch_sizes)
         qs = [
             torch.as_tensor(np.asarray(query.patches[s], dtype=np.float32), device=self.device) for s in range(n_scales)
         ]
+        q_index = db_index = None
+        if query.patch_index is not None or any(c.patch_index is not None for c in candidates):
+            q_index = [query.grid_index(s) for s in range(n_scales)]
+            db_index = [np.stack([c.grid_index(s) for c in candidates]) for s in range(n_scales)]
 
         def chunks(s: int):
             for start in range(0, len(candidates), self.chunk):
@@ -306,12 +323,12 @@ class PatchMatcher:
                         buf[j].copy_(torch.from_numpy(np.array(p)))
                 yield buf
 
-        return self._score(qs, [chunks(s) for s in range(n_scales)], len(candidates), details)
+        return self._score(qs, [chunks(s) for s in range(n_scales)], len(candidates), details, q_index, db_index)
 
     def _stack_buffer(self, scale: int, n: int, dim: int) -> torch.Tensor:
-        """A reused (n, P, D) float32 buffer: a fresh 30-100 MB array per chunk
+        """A reused (n, P', D) float32 buffer: a fresh 30-100 MB array per chunk
         costs more in page faults than the copy into it."""
-        p = self.preset.num_patches(scale)
+        p = self.preset.kept_patches(scale)
         buf = self._buffers.get(scale)
         if buf is None or buf.shape[0] < n or buf.shape[1:] != (p, dim):
             buf = torch.empty((self.chunk, p, dim), dtype=torch.float32, device=self.device)
@@ -319,17 +336,35 @@ class PatchMatcher:
         return buf[:n]
 
     def score_stacked(
-        self, query: Sequence[torch.Tensor], dbs: Sequence[torch.Tensor], details: bool = False
+        self,
+        query: Sequence[torch.Tensor],
+        dbs: Sequence[torch.Tensor],
+        details: bool = False,
+        q_index: Sequence[np.ndarray] | None = None,
+        db_index: Sequence[np.ndarray] | None = None,
     ) -> Scores:
         """Raw scores against candidates already stacked (on the device).
 
-        query[s]: (Pq_s, D); dbs[s]: (N, Pb_s, D) float32 on ``self.device``.
+        query[s]: (Pq_s, D); dbs[s]: (N, Pb_s, D) float32 on ``self.device``. q_index[s] (Pq_s,),
+        db_index[s] (N, Pb_s): the patches' grid indices with patch selection (both or neither).
         Nothing is copied to the device: for maps held there (GPU).
         """
         n = int(dbs[0].shape[0])
-        return self._score(list(query), [iter(d.split(self.chunk)) for d in dbs], n, details)
+        return self._score(list(query), [iter(d.split(self.chunk)) for d in dbs], n, details, q_index, db_index)
 
-    def _score(self, qs: list[torch.Tensor], chunk_iters: list, n: int, details: bool) -> Scores:
+    def _score(
+        self,
+        qs: list[torch.Tensor],
+        chunk_iters: list,
+        n: int,
+        details: bool,
+        q_index: Sequence[np.ndarray] | None = None,
+        db_index: Sequence[np.ndarray] | None = None,
+    ) -> Scores:
+        """q_index[s] (Pq_s,), db_index[s] (n, Pb_s): grid indices of the stored patches, or None (all kept):
+        matches are reported, spatially scored and given to RANSAC as grid indices."""
+        if (q_index is None) != (db_index is None):
+            raise ValueError("patch grid indices are needed for the query and the candidates alike")
         n_scales = len(qs)
         raw = np.zeros((n, n_scales))
         nm = np.zeros((n, n_scales), dtype=np.int64)
@@ -350,12 +385,21 @@ class PatchMatcher:
                 # fastest, ~0.03 ms a pair), vectorised on the device only for GPU fast products
                 rapid_exact = self.matcher is Matcher.RAPID and (self.exact or fw.device.type == "cpu")
                 if self.matcher is Matcher.RAPID and not rapid_exact:
-                    raw[start : start + size, s] = self._rapid(fw, mutual, s, pq).numpy()
+                    grids = (None, None)
+                    if db_index is not None:
+                        grids = tuple(
+                            torch.as_tensor(np.asarray(a, np.int64), device=fw.device)
+                            for a in (db_index[s][start : start + size], q_index[s])
+                        )
+                    raw[start : start + size, s] = self._rapid(fw, mutual, s, pq, *grids).numpy()
                 if self.matcher is Matcher.RANSAC or details or rapid_exact:
                     fw_np, mutual_np = fw.cpu().numpy(), mutual.cpu().numpy()
                     for j in range(size):
                         db_idx = np.flatnonzero(mutual_np[j])
                         q_idx = fw_np[j][db_idx]
+                        if db_index is not None:  # stored rows to grid indices (kept in grid order: still ascending)
+                            db_idx = np.asarray(db_index[s][start + j], np.int64)[db_idx]
+                            q_idx = np.asarray(q_index[s], np.int64)[q_idx]
                         if self.matcher is Matcher.RANSAC:
                             ransac_jobs.append((start + j, s, pq, db_idx, q_idx))
                             continue

@@ -33,6 +33,11 @@ keyframe) that the relative pose of a later loop to this keyframe needs.
   see :class:`_LocalColumn`): maps written before them (no such arrays) load
   with no local features, and an older pnv_ros reads a newer map and ignores
   them, so the file version stays 2.
+- **Patch selection** (``Preset.patch_keep`` < 1): each keyframe stores its
+  kept patches (P'_s per scale) and their grid indices, (P'_s,) int16 per
+  scale, held in RAM (2 bytes a patch) and saved as ``patch_index_p{size}``
+  (N, P'_s); the preset in the file records the fraction, so a map of another
+  fraction is refused, and an older pnv_ros refuses the preset's unknown field.
 """
 
 from __future__ import annotations
@@ -46,8 +51,8 @@ from pathlib import Path
 import numpy as np
 
 from pnv_ros.config import Preset
-from pnv_ros.errors import MapError, UnknownPlaceError
-from pnv_ros.features import PlaceFeatures, check_fits
+from pnv_ros.errors import FeaturesError, MapError, UnknownPlaceError
+from pnv_ros.features import PlaceFeatures, check_fits, check_patch_index
 from pnv_ros.index import GlobalIndex
 from pnv_ros.local_features import LocalFeatures
 from pnv_ros.storage import NpzWriter, read_npz
@@ -422,8 +427,12 @@ class PlaceMap:
         self._tmp: tempfile.TemporaryDirectory | None = None
         self.index = GlobalIndex(dim, index_kind)
         self._cols = [
-            _Column(preset.num_patches(s), self.dim, self.patch_dtype) for s in range(len(preset.patch_sizes))
+            _Column(preset.kept_patches(s), self.dim, self.patch_dtype) for s in range(len(preset.patch_sizes))
         ]
+        #: per scale (capacity, P'_s) int16 grid indices of the kept patches (patch selection), else None
+        self._pidx: list[np.ndarray] | None = None
+        if preset.selects_patches:
+            self._pidx = [np.zeros((0, c.p), np.int16) for c in self._cols]
         self._local = _LocalColumn()
         self._n = 0
         self._stamps = np.zeros(0, np.int64)
@@ -479,6 +488,9 @@ class PlaceMap:
         self._local.ram.append(local)
         i = self._n
         self._stamps[i], self._positions[i], self._sizes[i] = int(stamp_ns), pos, size
+        if self._pidx is not None:
+            for a, idx in zip(self._pidx, features.patch_index):
+                a[i] = idx
         self._n = i + 1
         self.ram_patch_bytes += sum(p.nbytes for p in patches)
         self.ram_local_bytes += local[1].nbytes
@@ -501,6 +513,10 @@ class PlaceMap:
         for c, p in zip(self._cols, features.patches):
             if tuple(np.shape(p)) != (c.p, c.d):
                 raise MapError(f"patches of shape {tuple(np.shape(p))} do not fit this map's ({c.p}, {c.d})")
+        try:
+            check_patch_index(features.patch_index, self.preset, "a keyframe's features")
+        except FeaturesError as e:
+            raise MapError(str(e)) from None
         return glob
 
     def _reserve(self, n: int) -> None:
@@ -515,6 +531,11 @@ class PlaceMap:
             self._sizes[: self._n],
         )
         self._stamps, self._positions, self._sizes = stamps, pos, sizes
+        if self._pidx is not None:
+            grown = [np.zeros((cap, a.shape[1]), np.int16) for a in self._pidx]
+            for g, a in zip(grown, self._pidx):
+                g[: self._n] = a[: self._n]
+            self._pidx = grown
 
     def _enforce_budget(self) -> None:
         """Move the oldest RAM keyframes' patches and local features to the spill files; a failure keeps them in
@@ -574,6 +595,17 @@ class PlaceMap:
         i = self._check_id(kf_id)
         return [c.row(i) for c in self._cols]
 
+    def patch_index(self, kf_id: int) -> list[np.ndarray] | None:
+        """Per scale (P'_s,) int16 grid indices of one keyframe's stored patches (read-only views), or None when
+        the map keeps every patch (``preset.patch_keep`` 1). Raises UnknownPlaceError."""
+        i = self._check_id(kf_id)
+        if self._pidx is None:
+            return None
+        out = [a[i] for a in self._pidx]
+        for v in out:
+            v.flags.writeable = False
+        return out
+
     def local_features(self, kf_id: int) -> LocalFeatures | None:
         """A keyframe's local features (contiguous copies, safe to use outside the owner's lock), or None when it
         has none (added without, or from a map written before local features). Raises UnknownPlaceError."""
@@ -589,7 +621,11 @@ class PlaceMap:
         i = self._check_id(kf_id)
         pos = self._positions[i]
         f = PlaceFeatures(
-            self.index.reconstruct(i), [c.row(i) for c in self._cols], self.image_size(i), self._local.get(i)
+            self.index.reconstruct(i),
+            [c.row(i) for c in self._cols],
+            self.image_size(i),
+            self._local.get(i),
+            self.patch_index(i),
         )
         return Keyframe(i, int(self._stamps[i]), f, None if np.isnan(pos).any() else pos.copy())
 
@@ -609,7 +645,8 @@ class PlaceMap:
         if not self._n:
             return 0.0
         local = self._local.keypoints * LOCAL_RECORD.itemsize / self._n
-        return float(self.dim * 4 + sum(c.p * c.d for c in self._cols) * self.patch_dtype.itemsize + 8) + local
+        index = sum(c.p for c in self._cols) * 2 if self._pidx is not None else 0  # int16 grid indices
+        return float(self.dim * 4 + sum(c.p * c.d for c in self._cols) * self.patch_dtype.itemsize + 8 + index) + local
 
     # -- persistence ----------------------------------------------------------------------
     def snapshot(self) -> MapSnapshot:
@@ -639,6 +676,7 @@ class PlaceMap:
             [(c.p, c.d) for c in self._cols],
             self.patch_dtype,
             self._local.snapshot(n),
+            None if self._pidx is None else [a[:n].copy() for a in self._pidx],
         )
 
     def save(self, path: str | Path) -> None:
@@ -715,7 +753,7 @@ class PlaceMap:
         )
         want = {"stamps": (count,), "global": (count, dim), "image_sizes": (count, 2), "positions": (count, 3)}
         for s, size in enumerate(preset.patch_sizes):
-            want[f"patches_p{size}"] = (count, preset.num_patches(s), dim)
+            want[f"patches_p{size}"] = (count, preset.kept_patches(s), dim)
         for k, shape in want.items():
             if k not in data:
                 raise MapError(f"map file {path} lacks its '{k}' array")
@@ -749,6 +787,16 @@ class PlaceMap:
         m._sizes[:count] = np.asarray(data["image_sizes"], np.int64)
         for c, size in zip(m._cols, preset.patch_sizes):
             c.base = data[f"patches_p{size}"]
+        if m._pidx is not None:
+            try:
+                index = [np.asarray(data[f"patch_index_p{size}"]) for size in preset.patch_sizes]
+                check_patch_index(index, preset, f"map file {path}", count)
+            except KeyError as e:
+                raise MapError(f"map file {path} lacks its {e.args[0]!r} array (patch_keep < 1)") from None
+            except FeaturesError as e:
+                raise MapError(str(e)) from None
+            for a, idx in zip(m._pidx, index):
+                a[:count] = idx
         m._local.load(path, data, count)
         # One add for all: an HNSW graph is rebuilt, not stored (0.14 ms a keyframe at 100k;
         # benchmarks/scale_index.py --one-at-a-time measured the same one by one).
@@ -785,6 +833,7 @@ class MapSnapshot:
     shapes: list[tuple[int, int]] = field(default_factory=list)
     patch_dtype: np.dtype = field(default_factory=lambda: np.dtype("float16"))
     local: _LocalSnapshot | None = None
+    patch_index: list[np.ndarray] | None = None  # per scale (N, P'_s) int16 grid indices (patch selection)
 
     def note(self, key: str, value: object) -> None:
         """Record an owner's note in the file's metadata (JSON; e.g. the fleet's upload watermarks), read back
@@ -805,6 +854,8 @@ class MapSnapshot:
             w.add("positions", self.positions)
             for size, (p, d), segs in zip(self.patch_sizes, self.shapes, self.segments):
                 w.add_blocks(f"patches_p{size}", (n, p, d), self.patch_dtype, _rows(segs, n))
+            for size, idx in zip(self.patch_sizes, self.patch_index or []):
+                w.add(f"patch_index_p{size}", np.asarray(idx[:n], np.int16))
             if self.local is not None:
                 self.local.write(w)
 

@@ -45,6 +45,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "pnv_ros.tum",  # TUM RGB-D folders (rgb.txt, depth.txt, associations) and trajectory files
             "pnv_ros.bags",  # ROS 1 / ROS 2 bags through rosbags (no ROS install)
             "pnv_ros.features",  # PlaceFeatures, FeatureSet and their files
+            "pnv_ros.patch_selection",  # keeping an image's most distinctive patches (Preset.patch_keep)
             "pnv_ros.matching",  # patch matching and re-ranking
             "pnv_ros.local_features",  # SIFT keypoints, rays and depth points of a keyframe
             "pnv_ros.loop_pose",  # a loop's relative pose from local features (METRIC with depth)

@@ -125,6 +125,8 @@ def cmd_match(args: argparse.Namespace) -> int:
         )
     if preset.global_weight == 0.0 and db.preset.global_weight:  # the model's re-ranking order, as extracted
         preset = dataclasses.replace(preset, global_weight=db.preset.global_weight)
+    if not preset.selects_patches and db.preset.selects_patches:  # the patches the files kept, as extracted
+        preset = dataclasses.replace(preset, patch_keep=db.preset.patch_keep)
     gt = None
     if args.gt:
         gt = load_ground_truth(

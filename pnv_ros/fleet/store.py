@@ -164,6 +164,11 @@ class FleetStore:
     """
 
     def __init__(self, dsn: str, dim: int, preset: Preset, model_id: str, patch_dtype: str, **options: Any) -> None:
+        if preset.selects_patches:
+            raise FleetError(
+                f"the fleet store keeps every patch of a keyframe, and preset {preset.name!r} keeps "
+                f"{preset.patch_keep:g} of them (patch_keep < 1): run the fleet with patch_keep 1"
+            )
         self.dsn, self.dim, self.preset, self.model_id = dsn, int(dim), preset, model_id
         self.patch_dtype = np.dtype(patch_dtype).newbyteorder("<")
         self.connect_timeout_s = float(options.get("connect_timeout_s", DEFAULT_CONNECT_TIMEOUT_S))
@@ -185,8 +190,8 @@ class FleetStore:
         ef_search: int = DEFAULT_EF_SEARCH,
     ) -> FleetStore:
         """Connect, check the schema version and the model (binding an empty store to this one). Raises
-        FleetError (bad DSN, no store: run ``pnv fleet init``, other version, other model or layout),
-        FleetUnavailableError."""
+        FleetError (bad DSN, no store: run ``pnv fleet init``, other version, other model or layout, a preset
+        with patch selection: ``patch_keep`` < 1 is not stored by the fleet), FleetUnavailableError."""
         if patch_dtype not in ("float16", "float32"):
             raise FleetError(f"patch_dtype {patch_dtype!r}: use float16 or float32")
         s = cls(dsn, dim, preset, model_id, patch_dtype, connect_timeout_s=connect_timeout_s, ef_search=ef_search)
