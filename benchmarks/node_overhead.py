@@ -279,10 +279,7 @@ REMOVED = [
     "",
     "## What was removed",
     "",
-    "- **Thumbnails nobody looks at.** Every keyframe was resized to 320 px and JPEG-encoded (about 2.4 ms on this "
-    "machine, more under load) for match images, also when nothing subscribed to `~/match_image`: now only while "
-    "something does (a subscriber sees pictures of loops whose two keyframes came after it subscribed). Loop "
-    "markers likewise only for a `~/loop_markers` subscriber (and no detector lock taken for them otherwise).",
+    "- **Loop markers nobody looks at.** Loop markers are built only for a `~/loop_markers` subscriber (and no detector lock taken for them otherwise). Keyframe thumbnails (resized to 320 px, about 2.4 ms a keyframe) stay: a `~/match_image` subscriber that comes later must see pictures of loops to keyframes made before it (the measurement above skipped them without a subscriber; a review found that regression and it was undone).",
     "- **Copies of the image message.** `sensor_msgs/Image` was copied to `bytes`, then copied again, converted "
     "with another copy and, for BGR, reordered with a fourth: now one copy from the message's own buffer "
     "(`image_msgs.image_to_array`, the same pixels for every encoding and byte order).",

@@ -179,8 +179,8 @@ class FeatureExtractor:
         self.projection = pooling
         if pooling == "fast" and not bf16_products(self.device):
             self.projection = "fast32"
-        if reference_arithmetic:
-            self.projection = "reference"
+        if reference_arithmetic:  # the reference's own arithmetic: an exact path whatever the precision
+            self.pooling, self.projection = "exact", "reference"
         #: the stages' seconds of this thread's last extraction (``last_timings``)
         self._timings = threading.local()
         self.bf16 = engine == "torch" and self.precision == "bf16"
@@ -213,7 +213,8 @@ class FeatureExtractor:
     def last_timings(self) -> dict[str, float]:
         """Seconds of this thread's last extraction per stage: ``preprocess`` (decoding and resizing),
         ``backbone``, ``pooling`` (assignment and global descriptor) and ``patch_descriptors`` (all scales,
-        WPCA included); empty before the first. Batched extraction: the batch's."""
+        WPCA included); empty before the first. Batched extraction: the whole batch's backbone and pooling,
+        the last image's preprocess."""
         return dict(getattr(self._timings, "value", {}))
 
     @torch.inference_mode()

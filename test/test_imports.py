@@ -29,7 +29,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "pnv_ros.camera_model",  # camera_info's K, D, model and size: undistortion, rays
             "pnv_ros.trajectory",  # stamped poses, the odometry drift model, ATE / RPE (evo), loop pose errors
             "pnv_ros.index",  # the FAISS global index
-            "pnv_ros.products",  # matrix-product precision: fast bfloat16 products, oneDNN's bf16 fpmath mode
+            "pnv_ros.products",  # matrix-product precision: where bfloat16 products are fast
             "pnv_ros.eval.ground_truth",  # ground-truth files and tolerances (pure)
             "pnv_ros.eval.metrics",  # recall and precision (pure)
             "pnv_ros.fleet",  # the fleet store's package (docstring only)

@@ -145,9 +145,9 @@ def default_perf_features(default_ckpt):
 
 @pytest.mark.parametrize("matcher", ["ransac", "rapid"])
 def test_bf16_products_close_to_exact(default_perf_features, matcher: str) -> None:
-    """bfloat16-input products (the fast paths'): the self-match keeps every patch; against other frames the
-    mutual matches move only at near-ties, so counts and scores stay close and the order of the candidates
-    (frames 2, 42 and 43 revisit frame 1; 60 does not) is kept; stacked candidates score the same."""
+    """bfloat16 products (the fast paths', with the similarity offset): the self-match keeps every patch; against
+    other frames the mutual matches move only at near-ties, so counts and scores stay close and the order of the
+    candidates (frames 2, 42 and 43 revisit frame 1; 60 does not) is kept; stacked candidates score the same."""
     from conftest import CPU_BF16
 
     preset = get_preset("performance")
@@ -159,8 +159,8 @@ def test_bf16_products_close_to_exact(default_perf_features, matcher: str) -> No
     for s in range(3):
         p = preset.num_patches(s)
         assert fast.num_matches[0, s] == p and fast.raw[0, s] == exact.raw[0, s]  # itself: every patch matched
-        assert np.abs(fast.num_matches[1:, s] - exact.num_matches[1:, s]).max() <= max(3, 0.02 * p)
-    np.testing.assert_allclose(fast.raw, exact.raw, rtol=0.05, atol=2.0 / preset.num_patches(2))
+        assert np.abs(fast.num_matches[1:, s] - exact.num_matches[1:, s]).max() <= max(3, 0.05 * p)
+    np.testing.assert_allclose(fast.raw, exact.raw, rtol=0.15, atol=2.0 / preset.num_patches(2))
     assert np.array_equal(np.argsort(fast.raw.sum(1)[1:]), np.argsort(exact.raw.sum(1)[1:]))
     stacked = half.score_stacked(
         [torch.as_tensor(p) for p in q.patches],

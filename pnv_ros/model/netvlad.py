@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from pnv_ros.model.backbone import ENCODER_DIM, BlockedBackbone, make_backbone
-from pnv_ros.products import float32_products
 
 
 def vlad_normalise(v: torch.Tensor) -> torch.Tensor:
@@ -187,12 +186,13 @@ class PatchNetVLADModel(nn.Module):
         return self._wpca_cache(torch.bfloat16)[0]
 
     def _wpca_cache(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """What the fast pooling needs of the weights, made once per weight tensor, version and ``dtype`` (an
-        in-place ``load_state_dict`` bumps the version): the WPCA weight as a (D, K*C) matrix in ``dtype``, the
+        """What the fast pooling needs of the weights: the WPCA weight as a (D, K*C) matrix in ``dtype``, the
         projected centroids ``W_k c_k`` as (K, D) float32 (zeros (K, 0) without WPCA) and the centroids' squared
-        norms (K,) float32."""
+        norms (K,) float32. Made once per weight tensor, storage, version and ``dtype``: an in-place
+        ``load_state_dict`` bumps the version, a ``.data`` assignment changes the storage; an in-place change of
+        an inference tensor (no version counter) is not seen."""
         w, cent = (self.WPCA[0].weight if self.num_pcs > 0 else None), self.pool.centroids
-        key = (id(w), _version(w), id(cent), _version(cent), cent.device, dtype)
+        key = tuple((id(t), None if t is None else t.data_ptr(), _version(t)) for t in (w, cent)) + (cent.device, dtype)
         cached = self._scratch.__dict__.get("wpca_low")
         if cached is None or cached[0] != key:
             k, c = cent.shape
@@ -380,22 +380,14 @@ class PatchNetVLADModel(nn.Module):
           (K, p^2) x (p^2, C) product per window and one (D, K*C) x (K*C, P) product, both in ``low``
           (bfloat16 on AMX / AVX-512 BF16 CPUs and GPUs, float32 accumulation), the centroid term in float32.
 
-        Nothing is a small difference of large values, so the result is closer to the float64 descriptors than
-        the reference's float32 integral is (measured on the RTAB-Map images, VGG-16 default: patch cosine to
-        float64 >= 0.99999998 in float32, >= 0.99997 with bfloat16 products; the reference's float32 arithmetic
-        down to 0.73 on words with little mass in a window, docs/results/pooling_fast.md).
+        No box sum is a difference of two integral values, so a word with little mass in a window is not
+        rounding noise here: the result is closer to the float64 descriptors than the float32 integral is
+        (RTAB-Map images, VGG-16 default: patch cosine to float64 >= 0.9999999 in float32, >= 0.99997 with
+        bfloat16 products; the float32 integral down to 0.62; docs/results/pooling_fast.md). Its own
+        conditioning limit: the squared norm and the centroid term are differences of values of the order of the
+        word's mass, so a word whose centroid nearly equals its weighted mean in a window (residual / mass below
+        ~1e-3) loses digits; on the RTAB-Map images that ratio is >= 0.23 (VGG-16 default).
         """
-        with float32_products():  # float32 stays float32 while a fast matcher runs in another thread
-            return self._pool_fast_f32(feats, patch_sizes, strides, low, clock)
-
-    def _pool_fast_f32(
-        self,
-        feats: torch.Tensor,
-        patch_sizes: tuple[int, ...],
-        strides: tuple[int, ...],
-        low: torch.dtype,
-        clock: _Clock | None,
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         _, c, h, w = feats.shape
         k = self.pool.num_clusters
         x = F.normalize(feats, p=2, dim=1)
@@ -452,7 +444,7 @@ class PatchNetVLADModel(nn.Module):
         corr = mass * scale  # (P, K): sum_i beta_ik
         if self.num_pcs <= 0:
             out = v.float() - corr.unsqueeze(-1) * self.pool.centroids.unsqueeze(0)
-            return out.view(1, p, k * c)
+            return F.normalize(out.view(1, p, k * c), p=2, dim=-1)  # unit length again after the rounding
         out = torch.mm(w_low, v.view(p, k * c).t()).float()  # (D, P)
         out -= wc.t() @ corr.t()
         out += self.WPCA[0].bias.unsqueeze(1)

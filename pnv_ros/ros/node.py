@@ -242,8 +242,7 @@ class LoopClosureNode(Node):
             return res.status
         self.latency.add(res.timings)
         arr = decoded[0]
-        if self.pub_img.get_subscription_count() > 0:  # only match images use them: none made for nobody
-            self._thumbs.put(res.generation, res.keyframe_id, arr)
+        self._thumbs.put(res.generation, res.keyframe_id, arr)  # always: a late ~/match_image subscriber sees old loops
         self.pub_kf.publish(C.keyframe_msg(msg.header, res.keyframe_id, res.keyframe_id + 1, odom))
         if res.loop is not None:
             self._publish_loop(msg, res.loop, (int(arr.shape[1]), int(arr.shape[0])), res.generation, pos)

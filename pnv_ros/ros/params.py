@@ -188,13 +188,7 @@ NODE_TABLE: tuple[Param, ...] = (
         (0.0, 1000.0),
     ),
     Param("save_map_on_shutdown", "", "map name to save at shutdown ('' = don't)", "node"),
-    Param(
-        "thumbnail_cache",
-        500,
-        "keyframe thumbnails kept for match images (oldest dropped); made only while ~/match_image has a subscriber",
-        "node",
-        (0, 100000),
-    ),
+    Param("thumbnail_cache", 500, "keyframe thumbnails kept for match images (oldest dropped)", "node", (0, 100000)),
 )
 
 #: The detector's parameters: DetectorParams' fields (defaults, help, ranges and choices from its metadata).
