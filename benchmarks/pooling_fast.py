@@ -34,7 +34,7 @@ from common import DATA, RESULTS, header, machine_line, write_json, write_md  # 
 from tqdm import tqdm  # noqa: E402
 
 from pnv_ros.extract import open_extractor  # noqa: E402
-from pnv_ros.images import list_images  # noqa: E402
+from pnv_ros.images import IMAGE_SUFFIXES  # noqa: E402
 from pnv_ros.model.checkpoint import load_checkpoint  # noqa: E402
 from pnv_ros.model.registry import resolve_checkpoint  # noqa: E402
 
@@ -43,13 +43,13 @@ SETS = ("rtabmap_samples_loop84", "corridor_vprbench", "gardenspoint_walking_sub
 
 
 def frames(data: Path, per_set: int) -> list[Path]:
-    """``per_set`` images of each shared set, spread over it (the first folder of images found in each)."""
+    """``per_set`` images of each shared set, spread over all its images (every subfolder)."""
     out = []
     for name in SETS:
         root = next((d / name for d in (data, DATA) if (d / name).is_dir()), None)
         if root is None:
             continue
-        imgs = list_images(root)
+        imgs = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)  # ref/ and query/ alike
         out += [imgs[int(i)] for i in np.linspace(0, len(imgs) - 1, per_set)]
     return out
 
