@@ -75,6 +75,7 @@ from pnv_ros.features import FeatureSet  # noqa: E402
 from pnv_ros.images import image_identities, load_image  # noqa: E402
 from pnv_ros.model.registry import resolve_checkpoint  # noqa: E402
 from pnv_ros.retrieval import two_stage  # noqa: E402
+from pnv_ros.ros.diagnostics import STAGES as DIAGNOSTIC_STAGES  # noqa: E402
 
 #: (engine, precision) run by default, in this order (the first is the reference)
 DEFAULT_ENGINES = ("torch:fp32", "onnxruntime:fp32", "openvino:fp32", "onnxruntime:int8", "openvino:int8")
@@ -379,21 +380,7 @@ def node_run(key: str, checkpoint: str | None, bag: Path) -> dict:
 #: today's code for ``--node-stages``: the commit before the node's per-stage timings (issue #31)
 NODE_STAGES_BASE = "859e467"
 #: the stages ``--node-stages`` reports, in pipeline order (``pnv_ros.ros.diagnostics.STAGES`` names)
-NODE_STAGES = (
-    "decode",
-    "look",
-    "preprocess",
-    "backbone",
-    "pooling",
-    "patch_descriptors",
-    "local_features",
-    "retrieval",
-    "rerank",
-    "map_add",
-    "extract",
-    "commit",
-    "total",
-)
+NODE_STAGES = tuple(k for k in DIAGNOSTIC_STAGES if k not in ("fleet", "pose"))  # no fleet, no camera: no pose
 
 
 def node_run_from(code: Path, key: str, checkpoint: str | None, bag: Path) -> dict:

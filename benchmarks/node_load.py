@@ -108,6 +108,30 @@ class Robot:
             nxt += 0.1
             time.sleep(max(0.0, nxt - time.monotonic()))
 
+    def drive(self, pid: int, frames, poll_s: float = 0.01) -> tuple[list[float], float]:
+        """Show the RTAB-Map ``frames`` (numbers) one after another as the camera, at 1 m a frame, each until the
+        node (process ``pid``) acknowledges a keyframe made from it (at most 120 s); then the camera stops and
+        odometry with it. -> (keyframe latencies in s, the node's CPU over the drive in % of a core)."""
+        latency = []
+        c0, t0 = cpu_seconds(pid), time.monotonic()
+        for i, f in enumerate(frames):
+            rgb = np.asarray(PILImage.open(FRAMES / f"{f}.jpg").convert("RGB"))
+            with self.lock:
+                self.x, self.rgb, self.camera_on = float(i), rgb, True
+                shown, since = time.monotonic(), time.time_ns()
+            end = shown + 120
+            while time.monotonic() < end:
+                hit = [a for a in self.acks[-50:] if a[1] > since and a[2] == "keyframe"]
+                if hit:
+                    latency.append(hit[0][0] - shown)
+                    break
+                time.sleep(poll_s)
+        cpu = 100 * (cpu_seconds(pid) - c0) / (time.monotonic() - t0)
+        with self.lock:
+            self.camera_on = False
+        self.odom_hz = 0.0
+        return latency, cpu
+
     def _odometry(self) -> None:
         nxt = time.monotonic()
         while not self.stop.is_set():
@@ -145,24 +169,7 @@ def run_node(kind: str, robot: Robot, window: float, frames: list[int]) -> dict:
                     flush=True,
                 )
             robot.odom_hz = 100.0
-            latency = []
-            c0, t0 = cpu_seconds(proc.pid), time.monotonic()
-            for i, f in enumerate(frames):
-                rgb = np.asarray(PILImage.open(FRAMES / f"{f}.jpg").convert("RGB"))
-                with robot.lock:
-                    robot.x, robot.rgb, robot.camera_on = float(i), rgb, True
-                    shown, since = time.monotonic(), time.time_ns()
-                end = shown + 120
-                while time.monotonic() < end:
-                    hit = [a for a in robot.acks[-50:] if a[1] > since and a[2] == "keyframe"]
-                    if hit:
-                        latency.append(hit[0][0] - shown)
-                        break
-                    time.sleep(0.01)
-            out["drive_cpu_percent"] = 100 * (cpu_seconds(proc.pid) - c0) / (time.monotonic() - t0)
-            with robot.lock:
-                robot.camera_on = False
-            robot.odom_hz = 0.0
+            latency, out["drive_cpu_percent"] = robot.drive(proc.pid, frames)
             out["keyframe_latency_s"] = latency
             time.sleep(1.5)  # the next diagnostics: the node's own timings of the keyframes above
             out["node_timings_ms"] = {k: float(v) for k, v in robot.diag_values.items() if k.startswith("latency_")}

@@ -45,9 +45,9 @@ import numpy as np  # noqa: E402
 import rclpy  # noqa: E402
 from common import RESULTS, machine_line  # noqa: E402
 from common import write_md as write_page  # noqa: E402
-from node_load import FRAMES, Robot, cpu_seconds  # noqa: E402
-from PIL import Image as PILImage  # noqa: E402
+from node_load import Robot, cpu_seconds  # noqa: E402
 
+from pnv_ros.ros.diagnostics import STAGES as DIAGNOSTIC_STAGES  # noqa: E402
 from pnv_ros.storage import utc_now  # noqa: E402
 
 #: today's code: the commit before the node's per-stage timings and overhead removal (issue #31)
@@ -114,7 +114,9 @@ def rclpy_floor(robot: Robot, window: float) -> float:
         proc.wait()
 
 
-#: the stages reported on the page (the base code has only the last three)
+#: the stages reported on the page (the base code has only the last three): the node's, less the fleet's wait and
+#: a loop's pose (none in this drive)
+STAGES = tuple(k for k in DIAGNOSTIC_STAGES if k not in ("fleet", "pose"))
 STAGES = (
     "decode",
     "look",
@@ -159,24 +161,7 @@ def run_node(code: Path, robot: Robot, args: argparse.Namespace, profile: Path |
                 c0, t0 = cpu_seconds(proc.pid), time.monotonic()
                 time.sleep(args.window)
                 out[f"cpu_{name}"] = 100 * (cpu_seconds(proc.pid) - c0) / (time.monotonic() - t0)
-            latency = []
-            c0, t0 = cpu_seconds(proc.pid), time.monotonic()
-            for i, f in enumerate(range(1, 1 + args.frames)):
-                rgb = np.asarray(PILImage.open(FRAMES / f"{f}.jpg").convert("RGB"))
-                with robot.lock:
-                    robot.x, robot.rgb, robot.camera_on = float(i), rgb, True
-                    shown, since = time.monotonic(), time.time_ns()
-                end = shown + 120
-                while time.monotonic() < end:
-                    hit = [a for a in robot.acks[-50:] if a[1] > since and a[2] == "keyframe"]
-                    if hit:
-                        latency.append(hit[0][0] - shown)
-                        break
-                    time.sleep(0.005)
-            out["cpu_drive"] = 100 * (cpu_seconds(proc.pid) - c0) / (time.monotonic() - t0)
-            with robot.lock:
-                robot.camera_on = False
-            robot.odom_hz = 0.0
+            latency, out["cpu_drive"] = robot.drive(proc.pid, range(1, 1 + args.frames), poll_s=0.005)
             out["keyframe_latency_s"] = latency
             robot.diag.clear()
             robot.diag.wait(5)  # the next diagnostics: the node's own timings of the keyframes above
