@@ -114,23 +114,9 @@ def rclpy_floor(robot: Robot, window: float) -> float:
         proc.wait()
 
 
-#: the stages reported on the page (the base code has only the last three): the node's, less the fleet's wait and
-#: a loop's pose (none in this drive)
-STAGES = tuple(k for k in DIAGNOSTIC_STAGES if k not in ("fleet", "pose"))
-STAGES = (
-    "decode",
-    "look",
-    "preprocess",
-    "backbone",
-    "pooling",
-    "patch_descriptors",
-    "retrieval",
-    "rerank",
-    "map_add",
-    "extract",
-    "commit",
-    "total",
-)
+#: the stages reported on the page (the base code has only the last three): the node's, less the fleet's wait, a
+#: loop's pose and local features (none in this drive: no fleet, no camera_info)
+STAGES = tuple(k for k in DIAGNOSTIC_STAGES if k not in ("fleet", "pose", "local_features"))
 
 
 def run_node(code: Path, robot: Robot, args: argparse.Namespace, profile: Path | None = None) -> dict:
