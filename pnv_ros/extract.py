@@ -86,8 +86,8 @@ class FeatureExtractor:
             engine and device allow (``engines.check_engine`` refuses the rest).
             ``bf16=True`` is ``engine="torch", precision="bf16"``. int8 features
             carry a tagged model identity (``engines.variant``): maps and feature
-            files keep them apart from float32 ones; their patch WPCA runs as a
-            bfloat16 product where the device has fast ones (``projection``).
+            files keep them apart from float32 ones. Every precision but fp32
+            pools with the fast pooling (``pooling``).
         engine_file: a ready engine file (a TensorRT plan from ``trtexec``, an
             ONNX or OpenVINO IR file of the backbone) instead of the cached build.
         engine_cache: where engine files are built and kept (default: the

@@ -7,8 +7,8 @@ descriptor format and maps and matching are unchanged. A float32 engine's featur
 largest value) and global descriptors agree with torch's within 1e-4 (``pnv export`` and test/test_engines.py
 check it); its patch descriptors agree as closely as torch's own agree with themselves after one float32
 rounding step of the feature map (:func:`rounding_floor`: a trained vocabulary makes them that sensitive).
-int8 engines also run the patch WPCA product in bfloat16 where the CPU has AMX or AVX-512 BF16
-(``FeatureExtractor.projection``); their features carry a tagged model identity (:func:`variant`).
+At every precision but fp32 the pooling is the fast one (``FeatureExtractor.pooling``: no integral image,
+bfloat16 products where the device has them); int8 features carry a tagged model identity (:func:`variant`).
 
 Engines and precisions (:func:`check_engine` refuses the rest, naming what works):
 

@@ -181,10 +181,6 @@ class PatchNetVLADModel(nn.Module):
                 cache[name] = t
         return t
 
-    def _bf16_wpca(self) -> torch.Tensor:
-        """The WPCA weight as a (D, K*C) bfloat16 matrix (see :meth:`_wpca_cache`)."""
-        return self._wpca_cache(torch.bfloat16)[0]
-
     def _wpca_cache(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """What the fast pooling needs of the weights: the WPCA weight as a (D, K*C) matrix in ``dtype``, the
         projected centroids ``W_k c_k`` as (K, D) float32 (zeros (K, 0) without WPCA) and the centroids' squared
@@ -344,7 +340,7 @@ class PatchNetVLADModel(nn.Module):
             return v.transpose(1, 2)
         conv = self.WPCA[0]
         if projection == "bf16":
-            w16 = self._bf16_wpca()
+            w16 = self._wpca_cache(torch.bfloat16)[0]
             out = torch.matmul(w16, v.to(torch.bfloat16)).float()  # (B, D, P)
             out += conv.bias.view(1, -1, 1)
         elif v.device.type == "cpu":
